@@ -1,0 +1,682 @@
+//! One token: its persisted state, login state, and objects.
+//!
+//! Every change to persisted state runs through [`Token::commit`]: take the
+//! store's inter-process lock, pick up another process's writes, apply the
+//! change to a copy, write the copy atomically, and only then make it the
+//! in-memory state. A failed write therefore changes nothing.
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::object::{self, Material, Object, Template};
+use crate::sm2key::Sm2PrivateKey;
+use crate::store::{self, FileStamp, PinRecord, SlotStore, StoredObject, SymKey, TokenFile};
+use pkcs11_sys::*;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+static NEXT_OBJECT_HANDLE: AtomicU64 = AtomicU64::new(1);
+
+fn new_object_handle() -> CK_OBJECT_HANDLE {
+    NEXT_OBJECT_HANDLE.fetch_add(1, Ordering::Relaxed) as CK_OBJECT_HANDLE
+}
+
+const SO_ROLE: &str = "svs-softtoken so pin";
+const USER_ROLE: &str = "svs-softtoken user pin";
+
+/// Who is logged in to a token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Login {
+    So,
+    User,
+}
+
+/// A token object's entry: the live object and, for private keys, the
+/// sealed value that goes back to disk unchanged.
+#[derive(Clone, Debug)]
+struct Entry {
+    object: Object,
+    sealed: Option<Vec<u8>>,
+    /// `Some(session)` for a session object.
+    owner: Option<CK_SESSION_HANDLE>,
+}
+
+/// The in-memory state of one slot's token.
+#[derive(Debug)]
+pub struct Token {
+    store: SlotStore,
+    stamp: Option<FileStamp>,
+    file: Option<TokenFile>,
+    entries: HashMap<CK_OBJECT_HANDLE, Entry>,
+    handle_of_uid: HashMap<u64, CK_OBJECT_HANDLE>,
+    login: Option<Login>,
+    token_key: Option<SymKey>,
+    config: Arc<Config>,
+}
+
+fn aad(uid: u64) -> Vec<u8> {
+    format!("svs-softtoken object {uid}").into_bytes()
+}
+
+fn to_stored(e: &Entry) -> StoredObject {
+    StoredObject {
+        uid: e.object.uid,
+        attrs: e
+            .object
+            .attrs
+            .iter()
+            .map(|(t, v)| (format!("{t:x}"), store::to_hex(v)))
+            .collect(),
+        sealed: e.sealed.clone(),
+    }
+}
+
+fn from_stored(s: &StoredObject, token_key: Option<&SymKey>) -> Result<(Object, Option<Vec<u8>>)> {
+    let mut attrs = BTreeMap::new();
+    for (t, v) in &s.attrs {
+        let t = CK_ATTRIBUTE_TYPE::from_str_radix(t, 16).map_err(|_| Error::DeviceError)?;
+        attrs.insert(t, store::from_hex(v).ok_or(Error::DeviceError)?);
+    }
+    let mut object = Object {
+        uid: s.uid,
+        attrs,
+        material: Material::None,
+    };
+    let point = || -> Result<Arc<crate::sm2key::Sm2PublicKey>> {
+        let der = object.attrs.get(&CKA_EC_POINT).ok_or(Error::DeviceError)?;
+        let raw = der.get(2..).ok_or(Error::DeviceError)?;
+        Ok(Arc::new(
+            crate::sm2key::Sm2PublicKey::from_uncompressed(raw).map_err(|_| Error::DeviceError)?,
+        ))
+    };
+    object.material = match object.class() {
+        CKO_PUBLIC_KEY => Material::Public(point()?),
+        CKO_PRIVATE_KEY => {
+            let sealed = s.sealed.as_ref().ok_or(Error::DeviceError)?;
+            match token_key {
+                Some(k) => {
+                    let value = store::open(k, &aad(s.uid), sealed).ok_or(Error::DeviceError)?;
+                    let secret = Arc::new(Sm2PrivateKey::from_bytes(&value)?);
+                    Material::Private {
+                        public: Arc::new(secret.public().clone()),
+                        secret: Some(secret),
+                    }
+                }
+                None => Material::Private {
+                    public: point()?,
+                    secret: None,
+                },
+            }
+        }
+        _ => Material::None,
+    };
+    Ok((object, s.sealed.clone()))
+}
+
+/// PKCS#11 PINs are printable; control characters are a caller's mistake.
+fn check_pin(config: &Config, pin: &[u8]) -> Result<()> {
+    if pin.len() < config.pin_min_len || pin.len() > config.pin_max_len {
+        return Err(Error::PinLenRange);
+    }
+    if pin.iter().any(|b| *b < 0x20 || *b == 0x7f) {
+        return Err(Error::PinInvalid);
+    }
+    Ok(())
+}
+
+/// Flags for one PIN's failure count.
+fn pin_flags(failures: u32, max: u32, low: CK_FLAGS, last: CK_FLAGS, locked: CK_FLAGS) -> CK_FLAGS {
+    if failures >= max {
+        locked
+    } else if failures + 1 == max {
+        last | low
+    } else if failures > 0 {
+        low
+    } else {
+        0
+    }
+}
+
+/// What `C_GetTokenInfo` needs of the token.
+#[derive(Debug)]
+pub struct TokenSummary {
+    pub label: [u8; 32],
+    pub serial: [u8; 16],
+    pub flags: CK_FLAGS,
+}
+
+impl Token {
+    /// Loads a slot's token; a missing file is an empty slot.
+    pub fn load(config: Arc<Config>, slot: usize) -> Result<Token> {
+        let mut t = Token {
+            store: SlotStore::new(&config.store_dir, slot),
+            stamp: None,
+            file: None,
+            entries: HashMap::new(),
+            handle_of_uid: HashMap::new(),
+            login: None,
+            token_key: None,
+            config,
+        };
+        t.reload()?;
+        Ok(t)
+    }
+
+    /// Re-reads the file if another process changed it.
+    pub fn refresh(&mut self) -> Result<()> {
+        if self.store.stamp() != self.stamp {
+            self.reload()?;
+        }
+        Ok(())
+    }
+
+    fn reload(&mut self) -> Result<()> {
+        let loaded = self.store.read()?;
+        let (file, stamp) = match loaded {
+            Some((f, s)) => (Some(f), s),
+            None => (None, None),
+        };
+        let same_token = match (&self.file, &file) {
+            (Some(a), Some(b)) => a.serial == b.serial,
+            _ => false,
+        };
+        if !same_token {
+            self.login = None;
+            self.token_key = None;
+            self.entries
+                .retain(|_, e| e.owner.is_some() && file.is_some());
+        }
+        let mut entries: HashMap<_, _> = self
+            .entries
+            .drain()
+            .filter(|(_, e)| e.owner.is_some())
+            .collect();
+        if let Some(f) = &file {
+            for s in &f.objects {
+                let (object, sealed) = from_stored(s, self.token_key.as_ref())?;
+                let handle = *self
+                    .handle_of_uid
+                    .entry(s.uid)
+                    .or_insert_with(new_object_handle);
+                entries.insert(
+                    handle,
+                    Entry {
+                        object,
+                        sealed,
+                        owner: None,
+                    },
+                );
+            }
+        }
+        self.entries = entries;
+        self.file = file;
+        self.stamp = stamp;
+        Ok(())
+    }
+
+    /// Runs a change of persisted state all-or-nothing (see the module doc).
+    fn commit<R>(&mut self, change: impl FnOnce(&mut TokenFile) -> Result<R>) -> Result<R> {
+        let lock = self.store.lock()?;
+        self.refresh()?;
+        let mut next = self.file.clone().ok_or(Error::TokenNotRecognized)?;
+        let result = change(&mut next);
+        // A failed PIN check still has to record its failure count.
+        if result.is_ok() || next != *self.file.as_ref().ok_or(Error::GeneralError)? {
+            self.stamp = self.store.write(&lock, &next)?;
+            self.file = Some(next);
+        }
+        result
+    }
+
+    fn persist_objects(&mut self) -> Result<()> {
+        let mut objects: Vec<StoredObject> = self
+            .entries
+            .values()
+            .filter(|e| e.owner.is_none())
+            .map(to_stored)
+            .collect();
+        objects.sort_by_key(|o| o.uid);
+        self.commit(|f| {
+            f.objects = objects;
+            Ok(())
+        })
+    }
+
+    pub fn is_initialized(&self) -> bool {
+        self.file.is_some()
+    }
+
+    pub fn login_state(&self) -> Option<Login> {
+        self.login
+    }
+
+    pub fn summary(&self) -> TokenSummary {
+        let max = self.config.max_login_failures;
+        let mut flags = CKF_RNG | CKF_LOGIN_REQUIRED;
+        let mut label = [b' '; 32];
+        let mut serial = [b' '; 16];
+        if let Some(f) = &self.file {
+            flags |= CKF_TOKEN_INITIALIZED;
+            label.copy_from_slice(&f.label);
+            let s = f.serial.as_bytes();
+            serial[..s.len().min(16)].copy_from_slice(&s[..s.len().min(16)]);
+            if f.user.is_some() {
+                flags |= CKF_USER_PIN_INITIALIZED;
+            }
+            flags |= pin_flags(
+                f.user_failures,
+                max,
+                CKF_USER_PIN_COUNT_LOW,
+                CKF_USER_PIN_FINAL_TRY,
+                CKF_USER_PIN_LOCKED,
+            );
+            flags |= pin_flags(
+                f.so_failures,
+                max,
+                CKF_SO_PIN_COUNT_LOW,
+                CKF_SO_PIN_FINAL_TRY,
+                CKF_SO_PIN_LOCKED,
+            );
+        }
+        TokenSummary {
+            label,
+            serial,
+            flags,
+        }
+    }
+
+    /// `C_InitToken`: a new token in an empty slot, or a wiped one when the
+    /// SO PIN of the current token is given.
+    pub fn init(&mut self, so_pin: &[u8], label: [u8; 32]) -> Result<()> {
+        check_pin(&self.config, so_pin)?;
+        let lock = self.store.lock()?;
+        self.refresh()?;
+        if let Some(current) = self.file.clone() {
+            drop(lock);
+            // Re-initialising proves the SO PIN first, with its counter.
+            let config = self.config.clone();
+            self.commit(|f| verify_pin(f, &current.so, so_pin, Login::So, &config))?;
+        } else {
+            drop(lock);
+        }
+        let token_key = store::random_key()?;
+        let so = PinRecord::new(so_pin, SO_ROLE, &token_key, self.config.kdf_iterations)?;
+        let mut serial_bytes = [0u8; 8];
+        getrandom::fill(&mut serial_bytes).map_err(|_| Error::DeviceError)?;
+        let file = TokenFile::new(label, store::to_hex(&serial_bytes), so);
+        let lock = self.store.lock()?;
+        self.stamp = self.store.write(&lock, &file)?;
+        self.file = Some(file);
+        self.entries.clear();
+        self.login = None;
+        self.token_key = None;
+        Ok(())
+    }
+
+    /// `C_Login` for the SO or the user.
+    pub fn login(&mut self, who: Login, pin: &[u8]) -> Result<()> {
+        if let Some(current) = self.login {
+            return Err(if current == who {
+                Error::UserAlreadyLoggedIn
+            } else {
+                Error::UserAnotherAlreadyLoggedIn
+            });
+        }
+        let config = self.config.clone();
+        let key = self.commit(|f| {
+            let record = match who {
+                Login::So => f.so.clone(),
+                Login::User => f.user.clone().ok_or(Error::UserPinNotInitialized)?,
+            };
+            verify_pin(f, &record, pin, who, &config)
+        })?;
+        self.token_key = Some(key);
+        self.login = Some(who);
+        if who == Login::User {
+            self.unlock_private_keys()?;
+        }
+        Ok(())
+    }
+
+    fn unlock_private_keys(&mut self) -> Result<()> {
+        let key = self.token_key.as_ref().ok_or(Error::UserNotLoggedIn)?;
+        for e in self.entries.values_mut() {
+            if let (Some(sealed), Material::Private { .. }) = (&e.sealed, &e.object.material) {
+                let value =
+                    store::open(key, &aad(e.object.uid), sealed).ok_or(Error::DeviceError)?;
+                let secret = Arc::new(Sm2PrivateKey::from_bytes(&value)?);
+                e.object.material = Material::Private {
+                    public: Arc::new(secret.public().clone()),
+                    secret: Some(secret),
+                };
+            }
+        }
+        Ok(())
+    }
+
+    /// `C_Logout`: forget the token key and every decrypted private key, and
+    /// destroy private session objects.
+    pub fn logout(&mut self) -> Result<()> {
+        if self.login.take().is_none() {
+            return Err(Error::UserNotLoggedIn);
+        }
+        self.token_key = None;
+        self.entries
+            .retain(|_, e| !(e.owner.is_some() && e.object.is_private()));
+        for e in self.entries.values_mut() {
+            if let Material::Private { public, .. } = &e.object.material {
+                e.object.material = Material::Private {
+                    public: public.clone(),
+                    secret: None,
+                };
+            }
+        }
+        Ok(())
+    }
+
+    /// What happens when the last session closes or the token is pulled.
+    pub fn drop_login(&mut self) {
+        let _ = self.logout();
+    }
+
+    /// `C_InitPIN` (the SO sets the user PIN; clears a user lock).
+    pub fn init_pin(&mut self, pin: &[u8]) -> Result<()> {
+        if self.login != Some(Login::So) {
+            return Err(Error::UserNotLoggedIn);
+        }
+        check_pin(&self.config, pin)?;
+        let key = self.token_key.clone().ok_or(Error::UserNotLoggedIn)?;
+        let record = PinRecord::new(pin, USER_ROLE, &key, self.config.kdf_iterations)?;
+        self.commit(|f| {
+            f.user = Some(record);
+            f.user_failures = 0;
+            Ok(())
+        })
+    }
+
+    /// `C_SetPIN`: the SO's PIN when the SO is logged in, else the user's.
+    pub fn set_pin(&mut self, old: &[u8], new: &[u8]) -> Result<()> {
+        check_pin(&self.config, new)?;
+        let who = if self.login == Some(Login::So) {
+            Login::So
+        } else {
+            Login::User
+        };
+        let config = self.config.clone();
+        self.commit(|f| {
+            let record = match who {
+                Login::So => f.so.clone(),
+                Login::User => f.user.clone().ok_or(Error::UserPinNotInitialized)?,
+            };
+            let key = verify_pin(f, &record, old, who, &config)?;
+            let (role, iterations) = match who {
+                Login::So => (SO_ROLE, config.kdf_iterations),
+                Login::User => (USER_ROLE, config.kdf_iterations),
+            };
+            let rec = PinRecord::new(new, role, &key, iterations)?;
+            match who {
+                Login::So => f.so = rec,
+                Login::User => f.user = Some(rec),
+            }
+            Ok(())
+        })
+    }
+
+    /// Whether a session in this login state may see the object.
+    fn visible(&self, e: &Entry) -> bool {
+        !e.object.is_private() || self.login == Some(Login::User)
+    }
+
+    /// An object the caller may see.
+    pub fn object(&self, handle: CK_OBJECT_HANDLE) -> Result<&Object> {
+        let e = self
+            .entries
+            .get(&handle)
+            .ok_or(Error::ObjectHandleInvalid)?;
+        if !self.visible(e) {
+            return Err(Error::ObjectHandleInvalid);
+        }
+        Ok(&e.object)
+    }
+
+    /// Handles of visible objects matching a template, in a stable order.
+    pub fn find(&self, template: &Template) -> Vec<CK_OBJECT_HANDLE> {
+        let mut v: Vec<_> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| self.visible(e) && e.object.matches(template))
+            .map(|(h, _)| *h)
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    fn check_may_create(&self, object: &Object, rw: bool) -> Result<()> {
+        if object.is_token() && !rw {
+            return Err(Error::SessionReadOnly);
+        }
+        if object.is_private() && self.login != Some(Login::User) {
+            return Err(Error::UserNotLoggedIn);
+        }
+        Ok(())
+    }
+
+    fn next_uid(&mut self, object: &Object) -> Result<u64> {
+        if !object.is_token() {
+            return Ok(NEXT_OBJECT_HANDLE.fetch_add(1, Ordering::Relaxed));
+        }
+        self.commit(|f| {
+            let uid = f.next_uid;
+            f.next_uid += 1;
+            Ok(uid)
+        })
+    }
+
+    fn insert(
+        &mut self,
+        mut object: Object,
+        session: CK_SESSION_HANDLE,
+    ) -> Result<CK_OBJECT_HANDLE> {
+        let handle = new_object_handle();
+        let owner = (!object.is_token()).then_some(session);
+        let mut sealed = None;
+        if object.is_token() {
+            object.uid = self.next_uid(&object)?;
+            if let Material::Private {
+                secret: Some(secret),
+                ..
+            } = &object.material
+            {
+                let key = self.token_key.as_ref().ok_or(Error::UserNotLoggedIn)?;
+                sealed = Some(store::seal(
+                    key,
+                    &aad(object.uid),
+                    secret.to_bytes().as_ref(),
+                )?);
+            }
+            self.handle_of_uid.insert(object.uid, handle);
+        }
+        self.entries.insert(
+            handle,
+            Entry {
+                object,
+                sealed,
+                owner,
+            },
+        );
+        Ok(handle)
+    }
+
+    /// Persists (for token objects) after an insert; undoes the insert when
+    /// the write fails.
+    fn insert_all(
+        &mut self,
+        objects: Vec<Object>,
+        rw: bool,
+        session: CK_SESSION_HANDLE,
+    ) -> Result<Vec<CK_OBJECT_HANDLE>> {
+        for o in &objects {
+            self.check_may_create(o, rw)?;
+        }
+        let any_token = objects.iter().any(Object::is_token);
+        let mut handles = Vec::new();
+        for o in objects {
+            match self.insert(o, session) {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    for h in &handles {
+                        self.entries.remove(h);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        if any_token {
+            if let Err(e) = self.persist_objects() {
+                for h in &handles {
+                    self.entries.remove(h);
+                }
+                return Err(e);
+            }
+        }
+        Ok(handles)
+    }
+
+    /// `C_CreateObject`.
+    pub fn create(
+        &mut self,
+        template: &Template,
+        rw: bool,
+        session: CK_SESSION_HANDLE,
+    ) -> Result<CK_OBJECT_HANDLE> {
+        self.require_initialized()?;
+        let object = object::create(0, template)?;
+        Ok(self.insert_all(vec![object], rw, session)?[0])
+    }
+
+    /// `C_GenerateKeyPair`: (public, private) handles.
+    pub fn generate_pair(
+        &mut self,
+        public_template: &Template,
+        private_template: &Template,
+        rw: bool,
+        session: CK_SESSION_HANDLE,
+    ) -> Result<(CK_OBJECT_HANDLE, CK_OBJECT_HANDLE)> {
+        self.require_initialized()?;
+        if self.login != Some(Login::User) {
+            // A private key needs the token key, which only the user's PIN
+            // opens.
+            return Err(Error::UserNotLoggedIn);
+        }
+        let (public, private) = object::generate_pair(0, 0, public_template, private_template)?;
+        let h = self.insert_all(vec![public, private], rw, session)?;
+        Ok((h[0], h[1]))
+    }
+
+    /// `C_DestroyObject`.
+    pub fn destroy(&mut self, handle: CK_OBJECT_HANDLE, rw: bool) -> Result<()> {
+        let object = self.object(handle)?;
+        if object.is_token() && !rw {
+            return Err(Error::SessionReadOnly);
+        }
+        if !object.bool(CKA_DESTROYABLE) {
+            return Err(Error::ActionProhibited);
+        }
+        let is_token = object.is_token();
+        let removed = self
+            .entries
+            .remove(&handle)
+            .ok_or(Error::ObjectHandleInvalid)?;
+        if is_token {
+            if let Err(e) = self.persist_objects() {
+                self.entries.insert(handle, removed);
+                return Err(e);
+            }
+            self.handle_of_uid.remove(&removed.object.uid);
+        }
+        Ok(())
+    }
+
+    /// `C_SetAttributeValue`.
+    pub fn set_attributes(
+        &mut self,
+        handle: CK_OBJECT_HANDLE,
+        template: &Template,
+        rw: bool,
+    ) -> Result<()> {
+        let object = self.object(handle)?;
+        if object.is_token() && !rw {
+            return Err(Error::SessionReadOnly);
+        }
+        let is_token = object.is_token();
+        let mut changed = object.clone();
+        changed.set(template)?;
+        let entry = self
+            .entries
+            .get_mut(&handle)
+            .ok_or(Error::ObjectHandleInvalid)?;
+        let before = std::mem::replace(&mut entry.object, changed);
+        if is_token {
+            if let Err(e) = self.persist_objects() {
+                if let Some(entry) = self.entries.get_mut(&handle) {
+                    entry.object = before;
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops every session object (the token was pulled).
+    pub fn close_all_session_objects(&mut self) {
+        self.entries.retain(|_, e| e.owner.is_none());
+    }
+
+    /// Drops the session objects a closing session owned.
+    pub fn close_session(&mut self, session: CK_SESSION_HANDLE) {
+        self.entries.retain(|_, e| e.owner != Some(session));
+    }
+
+    fn require_initialized(&self) -> Result<()> {
+        if self.file.is_none() {
+            return Err(Error::TokenNotRecognized);
+        }
+        Ok(())
+    }
+}
+
+/// Checks a PIN against its record, counting failures in `f` (which the
+/// caller persists either way) and refusing a locked PIN.
+fn verify_pin(
+    f: &mut TokenFile,
+    record: &PinRecord,
+    pin: &[u8],
+    who: Login,
+    config: &Config,
+) -> Result<SymKey> {
+    let failures = match who {
+        Login::So => &mut f.so_failures,
+        Login::User => &mut f.user_failures,
+    };
+    if *failures >= config.max_login_failures {
+        return Err(Error::PinLocked);
+    }
+    let role = match who {
+        Login::So => SO_ROLE,
+        Login::User => USER_ROLE,
+    };
+    if pin.len() < config.pin_min_len || pin.len() > config.pin_max_len {
+        *failures += 1;
+        return Err(Error::PinIncorrect);
+    }
+    match record.unwrap_key(pin, role) {
+        Some(key) => {
+            *failures = 0;
+            Ok(key)
+        }
+        None => {
+            *failures += 1;
+            Err(Error::PinIncorrect)
+        }
+    }
+}
