@@ -23,8 +23,25 @@ const LIBRARY_VERSION: CK_VERSION = CK_VERSION { major: 0, minor: 1 };
 
 /// Runs one call: fault gate, panic guard, error mapping.
 fn entry(function: &str, body: impl FnOnce() -> Result<()>) -> CK_RV {
+    run(function, None, body)
+}
+
+/// [`entry`] for a call on a session's active operation.
+fn entry_in(
+    function: &str,
+    session: CK_SESSION_HANDLE,
+    body: impl FnOnce() -> Result<()>,
+) -> CK_RV {
+    run(function, Some(session), body)
+}
+
+fn run(
+    function: &str,
+    session: Option<CK_SESSION_HANDLE>,
+    body: impl FnOnce() -> Result<()>,
+) -> CK_RV {
     match catch_unwind(AssertUnwindSafe(|| {
-        module::gate(function)?;
+        module::gate(function, session)?;
         body()
     })) {
         Ok(Ok(())) => CKR_OK,
@@ -724,7 +741,7 @@ unsafe extern "C" fn C_Sign(
     pSignature: CK_BYTE_PTR,
     pulSignatureLen: CK_ULONG_PTR,
 ) -> CK_RV {
-    entry("C_Sign", || {
+    entry_in("C_Sign", hSession, || {
         // SAFETY: caller-provided buffers.
         let data = unsafe { input(pData, ulDataLen) }?;
         // SAFETY: as above.
@@ -740,7 +757,7 @@ unsafe extern "C" fn C_SignUpdate(
     pPart: CK_BYTE_PTR,
     ulPartLen: CK_ULONG,
 ) -> CK_RV {
-    entry("C_SignUpdate", || {
+    entry_in("C_SignUpdate", hSession, || {
         // SAFETY: caller-provided buffer.
         let data = unsafe { input(pPart, ulPartLen) }?;
         module::sign_update(hSession, data)
@@ -752,7 +769,7 @@ unsafe extern "C" fn C_SignFinal(
     pSignature: CK_BYTE_PTR,
     pulSignatureLen: CK_ULONG_PTR,
 ) -> CK_RV {
-    entry("C_SignFinal", || {
+    entry_in("C_SignFinal", hSession, || {
         // SAFETY: caller-provided buffers.
         let cap = unsafe { capacity(pSignature, pulSignatureLen) }?;
         let out = module::sign_final(hSession, cap)?;
@@ -780,7 +797,7 @@ unsafe extern "C" fn C_Verify(
     pSignature: CK_BYTE_PTR,
     ulSignatureLen: CK_ULONG,
 ) -> CK_RV {
-    entry("C_Verify", || {
+    entry_in("C_Verify", hSession, || {
         // SAFETY: caller-provided buffers.
         let data = unsafe { input(pData, ulDataLen) }?;
         // SAFETY: as above.
@@ -794,7 +811,7 @@ unsafe extern "C" fn C_VerifyUpdate(
     pPart: CK_BYTE_PTR,
     ulPartLen: CK_ULONG,
 ) -> CK_RV {
-    entry("C_VerifyUpdate", || {
+    entry_in("C_VerifyUpdate", hSession, || {
         // SAFETY: caller-provided buffer.
         let data = unsafe { input(pPart, ulPartLen) }?;
         module::verify_update(hSession, data)
@@ -806,7 +823,7 @@ unsafe extern "C" fn C_VerifyFinal(
     pSignature: CK_BYTE_PTR,
     ulSignatureLen: CK_ULONG,
 ) -> CK_RV {
-    entry("C_VerifyFinal", || {
+    entry_in("C_VerifyFinal", hSession, || {
         // SAFETY: caller-provided buffer.
         let sig = unsafe { input(pSignature, ulSignatureLen) }?;
         module::verify_final(hSession, sig)
@@ -831,7 +848,7 @@ unsafe extern "C" fn C_Digest(
     pDigest: CK_BYTE_PTR,
     pulDigestLen: CK_ULONG_PTR,
 ) -> CK_RV {
-    entry("C_Digest", || {
+    entry_in("C_Digest", hSession, || {
         // SAFETY: caller-provided buffers.
         let data = unsafe { input(pData, ulDataLen) }?;
         // SAFETY: as above.
@@ -847,7 +864,7 @@ unsafe extern "C" fn C_DigestUpdate(
     pPart: CK_BYTE_PTR,
     ulPartLen: CK_ULONG,
 ) -> CK_RV {
-    entry("C_DigestUpdate", || {
+    entry_in("C_DigestUpdate", hSession, || {
         // SAFETY: caller-provided buffer.
         let data = unsafe { input(pPart, ulPartLen) }?;
         module::digest_update(hSession, data)
@@ -863,7 +880,7 @@ unsafe extern "C" fn C_DigestFinal(
     pDigest: CK_BYTE_PTR,
     pulDigestLen: CK_ULONG_PTR,
 ) -> CK_RV {
-    entry("C_DigestFinal", || {
+    entry_in("C_DigestFinal", hSession, || {
         // SAFETY: caller-provided buffers.
         let cap = unsafe { capacity(pDigest, pulDigestLen) }?;
         let out = module::digest_final(hSession, cap)?;

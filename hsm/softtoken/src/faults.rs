@@ -20,16 +20,13 @@ pub const FAULTS_ENV: &str = "SVS_SOFTTOKEN_FAULTS";
 pub const FAULTS_FILE_ENV: &str = "SVS_SOFTTOKEN_FAULTS_FILE";
 
 /// Functions a `*` rule leaves alone: without them a client could not even
-/// find the module or see that the token is gone.
+/// load the module.
 const EXEMPT_FROM_WILDCARD: &[&str] = &[
     "C_Initialize",
     "C_Finalize",
     "C_GetFunctionList",
     "C_GetInterfaceList",
     "C_GetInterface",
-    "C_GetInfo",
-    "C_GetSlotList",
-    "C_GetSlotInfo",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +45,25 @@ struct Rule {
     count: Option<u64>,
     seen: AtomicU64,
     fired: AtomicU64,
+    /// Whether the latest matching call fired (token presence for rules
+    /// that fire at a rate).
+    last_fired: AtomicBool,
+}
+
+impl Rule {
+    fn spent(&self) -> bool {
+        self.count
+            .is_some_and(|c| self.fired.load(Ordering::Relaxed) >= c)
+    }
+
+    /// A removal rule keeps the token out from its first firing until it is
+    /// spent (or, at a rate below 1, while its latest call fired).
+    fn holds_token_out(&self) -> bool {
+        self.action == Action::TokenNotPresent
+            && self.fired.load(Ordering::Relaxed) > 0
+            && !self.spent()
+            && (self.rate >= 1.0 || self.last_fired.load(Ordering::Relaxed))
+    }
 }
 
 /// What a fired rule asks of the call.
@@ -111,6 +127,7 @@ impl FaultPlan {
                 count: None,
                 seen: AtomicU64::new(0),
                 fired: AtomicU64::new(0),
+                last_fired: AtomicBool::new(false),
             };
             for trigger in parts
                 .next()
@@ -144,10 +161,9 @@ impl FaultPlan {
         self.rules.is_empty()
     }
 
-    /// Applies the plan to one call: stalls inline, returns a failure to
-    /// report, and tells whether a token-removal rule matched at all.
-    fn apply(&self, function: &str) -> (Option<Fired>, bool) {
-        let mut removal_matched = false;
+    /// Applies the plan to one call: stalls inline, and returns what the
+    /// first firing failure rule asks for.
+    fn apply(&self, function: &str) -> Option<Fired> {
         for rule in &self.rules {
             let matches = match &rule.function {
                 Some(f) => f == function,
@@ -157,28 +173,25 @@ impl FaultPlan {
                 continue;
             }
             let seen = rule.seen.fetch_add(1, Ordering::Relaxed) + 1;
-            if seen <= rule.after {
-                continue;
-            }
-            if let Some(count) = rule.count {
-                if rule.fired.load(Ordering::Relaxed) >= count {
-                    continue;
-                }
-            }
-            if rule.rate < 1.0 && next_unit_random() >= rule.rate {
+            let fire = seen > rule.after
+                && !rule.spent()
+                && (rule.rate >= 1.0 || next_unit_random() < rule.rate);
+            rule.last_fired.store(fire, Ordering::Relaxed);
+            if !fire {
                 continue;
             }
             rule.fired.fetch_add(1, Ordering::Relaxed);
             match rule.action {
                 Action::Stall(d) => std::thread::sleep(d),
-                Action::Fail(rv) => return (Some(Fired::Fail(rv)), removal_matched),
-                Action::TokenNotPresent => {
-                    removal_matched = true;
-                    return (Some(Fired::TokenRemoved), removal_matched);
-                }
+                Action::Fail(rv) => return Some(Fired::Fail(rv)),
+                Action::TokenNotPresent => return Some(Fired::TokenRemoved),
             }
         }
-        (None, removal_matched)
+        None
+    }
+
+    fn holds_token_out(&self) -> bool {
+        self.rules.iter().any(Rule::holds_token_out)
     }
 }
 
@@ -207,7 +220,6 @@ struct WatchedFile {
 static ACTIVE: AtomicBool = AtomicBool::new(false);
 static PLAN: RwLock<Option<Arc<FaultPlan>>> = RwLock::new(None);
 static WATCHED: Mutex<Option<WatchedFile>> = Mutex::new(None);
-static TOKEN_REMOVED: AtomicBool = AtomicBool::new(false);
 
 /// How often the watched file's modification time is looked at.
 const FILE_POLL: Duration = Duration::from_millis(20);
@@ -233,7 +245,6 @@ pub fn clear() {
     if let Ok(mut guard) = PLAN.write() {
         *guard = None;
     }
-    TOKEN_REMOVED.store(false, Ordering::Release);
     refresh_active();
 }
 
@@ -250,7 +261,6 @@ pub(crate) fn initialise(config_rules: &str) -> Result<(), String> {
     if let Ok(mut guard) = WATCHED.lock() {
         *guard = watched;
     }
-    TOKEN_REMOVED.store(false, Ordering::Release);
     refresh_active();
     Ok(())
 }
@@ -273,32 +283,24 @@ fn watched_plan() -> Option<Arc<FaultPlan>> {
     Some(watched.plan.clone())
 }
 
+fn plans() -> [Option<Arc<FaultPlan>>; 2] {
+    [PLAN.read().ok().and_then(|p| p.clone()), watched_plan()]
+}
+
 /// Consults every rule for one call of `function`.
 pub(crate) fn check(function: &str) -> Option<Fired> {
     if !ACTIVE.load(Ordering::Acquire) {
         return None;
     }
-    let mut removal_matched = false;
-    let mut result = None;
-    let plans = [PLAN.read().ok().and_then(|p| p.clone()), watched_plan()];
-    for plan in plans.iter().flatten() {
-        let (fired, removal) = plan.apply(function);
-        removal_matched |= removal;
-        if fired.is_some() {
-            result = fired;
-            break;
-        }
-    }
-    let counts_for_presence = !EXEMPT_FROM_WILDCARD.contains(&function);
-    if counts_for_presence {
-        TOKEN_REMOVED.store(removal_matched, Ordering::Release);
-    }
-    result
+    plans()
+        .iter()
+        .flatten()
+        .find_map(|plan| plan.apply(function))
 }
 
-/// Whether a token-removal rule fired on the latest call it saw.
+/// Whether a token-removal rule keeps the token out right now.
 pub(crate) fn token_removed() -> bool {
-    ACTIVE.load(Ordering::Acquire) && TOKEN_REMOVED.load(Ordering::Acquire)
+    ACTIVE.load(Ordering::Acquire) && plans().iter().flatten().any(|p| p.holds_token_out())
 }
 
 #[cfg(test)]
@@ -337,15 +339,30 @@ mod tests {
     #[test]
     fn after_and_count_bound_the_firing() {
         let plan = FaultPlan::parse("C_Sign:rv=0x30:after=2,count=2").unwrap();
-        let fired: Vec<bool> = (0..6).map(|_| plan.apply("C_Sign").0.is_some()).collect();
+        let fired: Vec<bool> = (0..6).map(|_| plan.apply("C_Sign").is_some()).collect();
         assert_eq!(fired, [false, false, true, true, false, false]);
-        assert_eq!(plan.apply("C_Verify").0, None);
+        assert_eq!(plan.apply("C_Verify"), None);
     }
 
     #[test]
-    fn wildcard_spares_discovery_functions() {
+    fn wildcard_spares_only_loading_functions() {
         let plan = FaultPlan::parse("*:device_error").unwrap();
-        assert_eq!(plan.apply("C_GetSlotList").0, None);
-        assert_eq!(plan.apply("C_Sign").0, Some(Fired::Fail(CKR_DEVICE_ERROR)));
+        assert_eq!(plan.apply("C_GetFunctionList"), None);
+        assert_eq!(
+            plan.apply("C_GetSlotList"),
+            Some(Fired::Fail(CKR_DEVICE_ERROR))
+        );
+        assert_eq!(plan.apply("C_Sign"), Some(Fired::Fail(CKR_DEVICE_ERROR)));
+    }
+
+    #[test]
+    fn removal_holds_until_spent() {
+        let plan = FaultPlan::parse("C_Sign:token_not_present:count=2").unwrap();
+        assert!(!plan.holds_token_out());
+        assert_eq!(plan.apply("C_Sign"), Some(Fired::TokenRemoved));
+        assert!(plan.holds_token_out());
+        assert_eq!(plan.apply("C_Sign"), Some(Fired::TokenRemoved));
+        assert!(!plan.holds_token_out());
+        assert_eq!(plan.apply("C_Sign"), None);
     }
 }

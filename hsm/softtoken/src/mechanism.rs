@@ -68,7 +68,6 @@ impl SignMechanism {
             CKM_SM3_SM2_Z_DER => (Input::MessageWithZ, true),
             CKM_SM2_SIGN => (Input::Digest, true),
             CKM_SM2_SIGN_NO_DER => (Input::Digest, false),
-            CKM_SM2_KEY_PAIR_GEN | CKM_SM3 => return Err(Error::KeyFunctionNotPermitted),
             _ => return Err(Error::MechanismInvalid),
         };
         let id = match input {

@@ -76,18 +76,58 @@ fn lock<T>(l: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>> {
     l.lock().map_err(|_| Error::GeneralError)
 }
 
-/// Applies fault injection to one call; a removal rule pulls the token.
-pub fn gate(function: &str) -> Result<()> {
+thread_local! {
+    /// Set when a removal rule fired on this thread's current call, so that
+    /// slot queries made by that very call report the token absent.
+    static PULLED_NOW: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The functions whose failure ends the session's active operation
+/// (PKCS#11: every error but CKR_BUFFER_TOO_SMALL does).
+fn operation_ended_by(function: &str) -> Option<fn(&mut SessionState)> {
+    match function {
+        "C_Sign" | "C_SignUpdate" | "C_SignFinal" => Some(|st| st.sign = None),
+        "C_Verify" | "C_VerifyUpdate" | "C_VerifyFinal" => Some(|st| st.verify = None),
+        "C_Digest" | "C_DigestUpdate" | "C_DigestFinal" => Some(|st| st.digest = None),
+        _ => None,
+    }
+}
+
+/// Applies fault injection to one call. A removal rule pulls the token; an
+/// injected failure of a crypto call ends that session's operation, as a
+/// real token's failure would. Slot queries are not failed by a removal:
+/// they report the token absent instead.
+pub fn gate(function: &str, session: Option<CK_SESSION_HANDLE>) -> Result<()> {
+    PULLED_NOW.with(|p| p.set(false));
     match faults::check(function) {
         None => Ok(()),
-        Some(Fired::Fail(rv)) => Err(Error::Injected(rv)),
+        Some(Fired::Fail(rv)) => {
+            if let (Some(h), Some(end)) = (session, operation_ended_by(function)) {
+                if let Ok(s) = module().and_then(|m| m.session(h)) {
+                    if let Ok(mut st) = s.state.lock() {
+                        end(&mut st);
+                    }
+                }
+            }
+            Err(Error::Injected(rv))
+        }
         Some(Fired::TokenRemoved) => {
             if let Ok(m) = module() {
                 m.pull_tokens();
             }
-            Err(Error::TokenNotPresent)
+            match function {
+                "C_GetInfo" | "C_GetSlotList" | "C_GetSlotInfo" => {
+                    PULLED_NOW.with(|p| p.set(true));
+                    Ok(())
+                }
+                _ => Err(Error::TokenNotPresent),
+            }
         }
     }
+}
+
+fn token_absent() -> bool {
+    faults::token_removed() || PULLED_NOW.with(|p| p.get())
 }
 
 impl Module {
@@ -187,7 +227,7 @@ pub fn ensure_initialized() -> Result<()> {
 
 pub fn slot_list(token_present: bool) -> Result<Vec<CK_SLOT_ID>> {
     let m = module()?;
-    if token_present && faults::token_removed() {
+    if token_present && token_absent() {
         return Ok(Vec::new());
     }
     Ok((0..m.tokens.len() as CK_SLOT_ID).collect())
@@ -197,7 +237,7 @@ pub fn slot_list(token_present: bool) -> Result<Vec<CK_SLOT_ID>> {
 pub fn slot_present(slot: CK_SLOT_ID) -> Result<bool> {
     let m = module()?;
     m.token(slot)?;
-    Ok(!faults::token_removed())
+    Ok(!token_absent())
 }
 
 /// Everything `C_GetTokenInfo` reports.
@@ -214,7 +254,7 @@ pub struct TokenInfo {
 
 pub fn token_info(slot: CK_SLOT_ID) -> Result<TokenInfo> {
     let m = module()?;
-    if faults::token_removed() {
+    if token_absent() {
         return Err(Error::TokenNotPresent);
     }
     let summary = {
@@ -281,7 +321,7 @@ pub fn open_session(slot: CK_SLOT_ID, flags: CK_FLAGS) -> Result<CK_SESSION_HAND
     if flags & CKF_SERIAL_SESSION == 0 {
         return Err(Error::SessionParallelNotSupported);
     }
-    if faults::token_removed() {
+    if token_absent() {
         return Err(Error::TokenNotPresent);
     }
     let rw = flags & CKF_RW_SESSION != 0;

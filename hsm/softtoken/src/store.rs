@@ -128,7 +128,6 @@ pub struct TokenFile {
     pub user: Option<PinRecord>,
     pub so_failures: u32,
     pub user_failures: u32,
-    pub next_uid: u64,
     pub objects: Vec<StoredObject>,
 }
 
@@ -142,7 +141,6 @@ impl TokenFile {
             user: None,
             so_failures: 0,
             user_failures: 0,
-            next_uid: 1,
             objects: Vec::new(),
         }
     }

@@ -11,7 +11,7 @@ use crate::object::{self, Material, Object, Template};
 use crate::sm2key::Sm2PrivateKey;
 use crate::store::{self, FileStamp, PinRecord, SlotStore, StoredObject, SymKey, TokenFile};
 use pkcs11_sys::*;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -171,20 +171,29 @@ impl Token {
     }
 
     fn reload(&mut self) -> Result<()> {
-        let loaded = self.store.read()?;
-        let (file, stamp) = match loaded {
+        let (file, stamp) = match self.store.read()? {
             Some((f, s)) => (Some(f), s),
             None => (None, None),
         };
+        self.adopt(file, stamp)
+    }
+
+    /// Makes `file` the in-memory state: token objects are rebuilt from it
+    /// (keeping their handles), session objects stay.
+    fn adopt(&mut self, file: Option<TokenFile>, stamp: Option<FileStamp>) -> Result<()> {
         let same_token = match (&self.file, &file) {
             (Some(a), Some(b)) => a.serial == b.serial,
             _ => false,
         };
         if !same_token {
+            // Another process re-initialised the token: our login, keys,
+            // handles and session objects belonged to the old one.
             self.login = None;
             self.token_key = None;
-            self.entries
-                .retain(|_, e| e.owner.is_some() && file.is_some());
+            self.handle_of_uid.clear();
+            if self.file.is_some() {
+                self.entries.clear();
+            }
         }
         let mut entries: HashMap<_, _> = self
             .entries
@@ -207,6 +216,8 @@ impl Token {
                     },
                 );
             }
+            let live: HashSet<u64> = f.objects.iter().map(|o| o.uid).collect();
+            self.handle_of_uid.retain(|uid, _| live.contains(uid));
         }
         self.entries = entries;
         self.file = file;
@@ -215,31 +226,20 @@ impl Token {
     }
 
     /// Runs a change of persisted state all-or-nothing (see the module doc).
+    /// The change sees the file as it is on disk now, so two processes
+    /// sharing a store never overwrite each other's objects.
     fn commit<R>(&mut self, change: impl FnOnce(&mut TokenFile) -> Result<R>) -> Result<R> {
         let lock = self.store.lock()?;
         self.refresh()?;
-        let mut next = self.file.clone().ok_or(Error::TokenNotRecognized)?;
+        let current = self.file.clone().ok_or(Error::TokenNotRecognized)?;
+        let mut next = current.clone();
         let result = change(&mut next);
         // A failed PIN check still has to record its failure count.
-        if result.is_ok() || next != *self.file.as_ref().ok_or(Error::GeneralError)? {
-            self.stamp = self.store.write(&lock, &next)?;
-            self.file = Some(next);
+        if next != current {
+            let stamp = self.store.write(&lock, &next)?;
+            self.adopt(Some(next), stamp)?;
         }
         result
-    }
-
-    fn persist_objects(&mut self) -> Result<()> {
-        let mut objects: Vec<StoredObject> = self
-            .entries
-            .values()
-            .filter(|e| e.owner.is_none())
-            .map(to_stored)
-            .collect();
-        objects.sort_by_key(|o| o.uid);
-        self.commit(|f| {
-            f.objects = objects;
-            Ok(())
-        })
     }
 
     pub fn is_initialized(&self) -> bool {
@@ -289,28 +289,28 @@ impl Token {
     /// SO PIN of the current token is given.
     pub fn init(&mut self, so_pin: &[u8], label: [u8; 32]) -> Result<()> {
         check_pin(&self.config, so_pin)?;
+        // One lock for the whole: the SO PIN check and the new token must
+        // not interleave with another process's writes.
         let lock = self.store.lock()?;
         self.refresh()?;
         if let Some(current) = self.file.clone() {
-            drop(lock);
-            // Re-initialising proves the SO PIN first, with its counter.
-            let config = self.config.clone();
-            self.commit(|f| verify_pin(f, &current.so, so_pin, Login::So, &config))?;
-        } else {
-            drop(lock);
+            // Re-initialising proves the current SO PIN, with its counter.
+            let mut counted = current.clone();
+            let verified = verify_pin(&mut counted, &current.so, so_pin, Login::So, &self.config);
+            if counted != current {
+                let stamp = self.store.write(&lock, &counted)?;
+                self.adopt(Some(counted), stamp)?;
+            }
+            verified?;
         }
         let token_key = store::random_key()?;
         let so = PinRecord::new(so_pin, SO_ROLE, &token_key, self.config.kdf_iterations)?;
         let mut serial_bytes = [0u8; 8];
         getrandom::fill(&mut serial_bytes).map_err(|_| Error::DeviceError)?;
         let file = TokenFile::new(label, store::to_hex(&serial_bytes), so);
-        let lock = self.store.lock()?;
-        self.stamp = self.store.write(&lock, &file)?;
-        self.file = Some(file);
-        self.entries.clear();
-        self.login = None;
-        self.token_key = None;
-        Ok(())
+        let stamp = self.store.write(&lock, &file)?;
+        // A new serial: `adopt` drops the old token's login, keys and objects.
+        self.adopt(Some(file), stamp)
     }
 
     /// `C_Login` for the SO or the user.
@@ -461,54 +461,8 @@ impl Token {
         Ok(())
     }
 
-    fn next_uid(&mut self, object: &Object) -> Result<u64> {
-        if !object.is_token() {
-            return Ok(NEXT_OBJECT_HANDLE.fetch_add(1, Ordering::Relaxed));
-        }
-        self.commit(|f| {
-            let uid = f.next_uid;
-            f.next_uid += 1;
-            Ok(uid)
-        })
-    }
-
-    fn insert(
-        &mut self,
-        mut object: Object,
-        session: CK_SESSION_HANDLE,
-    ) -> Result<CK_OBJECT_HANDLE> {
-        let handle = new_object_handle();
-        let owner = (!object.is_token()).then_some(session);
-        let mut sealed = None;
-        if object.is_token() {
-            object.uid = self.next_uid(&object)?;
-            if let Material::Private {
-                secret: Some(secret),
-                ..
-            } = &object.material
-            {
-                let key = self.token_key.as_ref().ok_or(Error::UserNotLoggedIn)?;
-                sealed = Some(store::seal(
-                    key,
-                    &aad(object.uid),
-                    secret.to_bytes().as_ref(),
-                )?);
-            }
-            self.handle_of_uid.insert(object.uid, handle);
-        }
-        self.entries.insert(
-            handle,
-            Entry {
-                object,
-                sealed,
-                owner,
-            },
-        );
-        Ok(handle)
-    }
-
-    /// Persists (for token objects) after an insert; undoes the insert when
-    /// the write fails.
+    /// Adds new objects: token objects through one commit (sealing private
+    /// values under the token key), session objects in memory.
     fn insert_all(
         &mut self,
         objects: Vec<Object>,
@@ -518,28 +472,68 @@ impl Token {
         for o in &objects {
             self.check_may_create(o, rw)?;
         }
-        let any_token = objects.iter().any(Object::is_token);
-        let mut handles = Vec::new();
-        for o in objects {
-            match self.insert(o, session) {
-                Ok(h) => handles.push(h),
-                Err(e) => {
-                    for h in &handles {
-                        self.entries.remove(h);
+        let mut stored = Vec::new();
+        let mut placed = Vec::new();
+        for mut object in objects {
+            // Random ids need no coordination between processes.
+            object.uid = getrandom::u64().map_err(|_| Error::DeviceError)?;
+            if object.is_token() {
+                let sealed = match &object.material {
+                    Material::Private {
+                        secret: Some(secret),
+                        ..
+                    } => {
+                        let key = self.token_key.as_ref().ok_or(Error::UserNotLoggedIn)?;
+                        Some(store::seal(
+                            key,
+                            &aad(object.uid),
+                            secret.to_bytes().as_ref(),
+                        )?)
                     }
-                    return Err(e);
-                }
+                    _ => None,
+                };
+                placed.push((object.uid, None));
+                stored.push(to_stored(&Entry {
+                    object,
+                    sealed,
+                    owner: None,
+                }));
+            } else {
+                let handle = new_object_handle();
+                placed.push((object.uid, Some(handle)));
+                self.entries.insert(
+                    handle,
+                    Entry {
+                        object,
+                        sealed: None,
+                        owner: Some(session),
+                    },
+                );
             }
         }
-        if any_token {
-            if let Err(e) = self.persist_objects() {
-                for h in &handles {
-                    self.entries.remove(h);
+        if !stored.is_empty() {
+            let committed = self.commit(|f| {
+                f.objects.extend(stored);
+                Ok(())
+            });
+            if let Err(e) = committed {
+                for h in placed.iter().filter_map(|(_, h)| *h) {
+                    self.entries.remove(&h);
                 }
                 return Err(e);
             }
         }
-        Ok(handles)
+        placed
+            .into_iter()
+            .map(|(uid, h)| match h {
+                Some(h) => Ok(h),
+                None => self
+                    .handle_of_uid
+                    .get(&uid)
+                    .copied()
+                    .ok_or(Error::GeneralError),
+            })
+            .collect()
     }
 
     /// `C_CreateObject`.
@@ -582,19 +576,16 @@ impl Token {
         if !object.bool(CKA_DESTROYABLE) {
             return Err(Error::ActionProhibited);
         }
-        let is_token = object.is_token();
-        let removed = self
-            .entries
-            .remove(&handle)
-            .ok_or(Error::ObjectHandleInvalid)?;
-        if is_token {
-            if let Err(e) = self.persist_objects() {
-                self.entries.insert(handle, removed);
-                return Err(e);
-            }
-            self.handle_of_uid.remove(&removed.object.uid);
+        if object.is_token() {
+            let uid = object.uid;
+            self.commit(|f| {
+                f.objects.retain(|o| o.uid != uid);
+                Ok(())
+            })
+        } else {
+            self.entries.remove(&handle);
+            Ok(())
         }
-        Ok(())
     }
 
     /// `C_SetAttributeValue`.
@@ -608,23 +599,34 @@ impl Token {
         if object.is_token() && !rw {
             return Err(Error::SessionReadOnly);
         }
-        let is_token = object.is_token();
         let mut changed = object.clone();
         changed.set(template)?;
         let entry = self
             .entries
-            .get_mut(&handle)
+            .get(&handle)
             .ok_or(Error::ObjectHandleInvalid)?;
-        let before = std::mem::replace(&mut entry.object, changed);
-        if is_token {
-            if let Err(e) = self.persist_objects() {
-                if let Some(entry) = self.entries.get_mut(&handle) {
-                    entry.object = before;
-                }
-                return Err(e);
+        if changed.is_token() {
+            let stored = to_stored(&Entry {
+                object: changed,
+                sealed: entry.sealed.clone(),
+                owner: None,
+            });
+            self.commit(|f| {
+                let slot = f
+                    .objects
+                    .iter_mut()
+                    .find(|o| o.uid == stored.uid)
+                    // Destroyed by another process meanwhile.
+                    .ok_or(Error::ObjectHandleInvalid)?;
+                *slot = stored;
+                Ok(())
+            })
+        } else {
+            if let Some(entry) = self.entries.get_mut(&handle) {
+                entry.object = changed;
             }
+            Ok(())
         }
-        Ok(())
     }
 
     /// Drops every session object (the token was pulled).
