@@ -15,6 +15,8 @@ mod certificate;
 pub mod config;
 pub mod error;
 pub mod faults;
+#[doc(hidden)]
+pub mod fuzzing;
 mod mechanism;
 mod module;
 mod object;

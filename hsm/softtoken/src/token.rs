@@ -42,7 +42,6 @@ struct Entry {
 }
 
 /// The in-memory state of one slot's token.
-#[derive(Debug)]
 pub struct Token {
     store: SlotStore,
     stamp: Option<FileStamp>,
@@ -71,7 +70,10 @@ fn to_stored(e: &Entry) -> StoredObject {
     }
 }
 
-fn from_stored(s: &StoredObject, token_key: Option<&SymKey>) -> Result<(Object, Option<Vec<u8>>)> {
+pub(crate) fn from_stored(
+    s: &StoredObject,
+    token_key: Option<&SymKey>,
+) -> Result<(Object, Option<Vec<u8>>)> {
     let mut attrs = BTreeMap::new();
     for (t, v) in &s.attrs {
         let t = CK_ATTRIBUTE_TYPE::from_str_radix(t, 16).map_err(|_| Error::DeviceError)?;
@@ -134,6 +136,18 @@ fn pin_flags(failures: u32, max: u32, low: CK_FLAGS, last: CK_FLAGS, locked: CK_
         low
     } else {
         0
+    }
+}
+
+impl std::fmt::Debug for Token {
+    // Hand-written so that the token key can never be printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Token")
+            .field("store", &self.store)
+            .field("initialized", &self.file.is_some())
+            .field("objects", &self.entries.len())
+            .field("login", &self.login)
+            .finish_non_exhaustive()
     }
 }
 
