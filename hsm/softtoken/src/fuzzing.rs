@@ -79,15 +79,14 @@ pub fn signature_and_point(data: &[u8]) {
     let _ = crate::sm2key::decode_signature(data, true);
     let _ = crate::sm2key::decode_signature(data, false);
     let _ = crate::certificate::parse(data);
-    if let Ok(p) = crate::sm2key::Sm2PublicKey::from_uncompressed(data.get(..65).unwrap_or(data)) {
-        if let (Some(e), Some(sig)) = (data.get(65..97), data.get(97..)) {
-            if let (Ok(e), Ok(sig)) = (
-                <[u8; 32]>::try_from(e),
-                crate::sm2key::decode_signature(sig, true),
-            ) {
-                let _ = p.verify_e(&e, &sig);
-            }
-        }
+    if let Ok(p) = crate::sm2key::Sm2PublicKey::from_uncompressed(data.get(..65).unwrap_or(data))
+        && let (Some(e), Some(sig)) = (data.get(65..97), data.get(97..))
+        && let (Ok(e), Ok(sig)) = (
+            <[u8; 32]>::try_from(e),
+            crate::sm2key::decode_signature(sig, true),
+        )
+    {
+        let _ = p.verify_e(&e, &sig);
     }
 }
 

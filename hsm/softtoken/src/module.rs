@@ -102,12 +102,11 @@ pub fn gate(function: &str, session: Option<CK_SESSION_HANDLE>) -> Result<()> {
     match faults::check(function) {
         None => Ok(()),
         Some(Fired::Fail(rv)) => {
-            if let (Some(h), Some(end)) = (session, operation_ended_by(function)) {
-                if let Ok(s) = module().and_then(|m| m.session(h)) {
-                    if let Ok(mut st) = s.state.lock() {
-                        end(&mut st);
-                    }
-                }
+            if let (Some(h), Some(end)) = (session, operation_ended_by(function))
+                && let Ok(s) = module().and_then(|m| m.session(h))
+                && let Ok(mut st) = s.state.lock()
+            {
+                end(&mut st);
             }
             Err(Error::Injected(rv))
         }
@@ -196,12 +195,11 @@ pub fn initialize() -> Result<()> {
     let config = Arc::new(config);
     let mut tokens = Vec::with_capacity(config.slots);
     for slot in 0..config.slots {
-        let token = Token::load(config.clone(), slot).map_err(|e| {
+        let token = Token::load(config.clone(), slot).inspect_err(|e| {
             eprintln!(
                 "svs-softtoken: cannot load slot {slot} from {}: {e:?}",
                 config.store_dir.display()
             );
-            e
         })?;
         tokens.push(RwLock::new(token));
     }

@@ -138,10 +138,10 @@ fn random_nonzero_scalar() -> Result<Zeroizing<Scalar>> {
         let mut bytes = Zeroizing::new([0u8; 32]);
         getrandom::fill(bytes.as_mut()).map_err(|_| Error::DeviceError)?;
         let candidate: Option<Scalar> = Scalar::from_repr(FieldBytes::from(*bytes)).into();
-        if let Some(s) = candidate {
-            if !bool::from(s.is_zero()) {
-                return Ok(Zeroizing::new(s));
-            }
+        if let Some(s) = candidate
+            && !bool::from(s.is_zero())
+        {
+            return Ok(Zeroizing::new(s));
         }
     }
 }

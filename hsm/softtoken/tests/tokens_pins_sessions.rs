@@ -492,6 +492,17 @@ fn config_invalid_values_fail_initialize() {
             "pin_min_len = 10\npin_max_len = 8\nkdf_iterations = 1000\n",
         ),
         ("syntax", "slots = = 1\n"),
+        ("pinmax", "pin_max_len = 256\nkdf_iterations = 1000\n"),
+        ("pinmin0", "pin_min_len = 0\nkdf_iterations = 1000\n"),
+        (
+            "failures0",
+            "max_login_failures = 0\nkdf_iterations = 1000\n",
+        ),
+        (
+            "failures101",
+            "max_login_failures = 101\nkdf_iterations = 1000\n",
+        ),
+        ("type", "slots = \"two\"\nkdf_iterations = 1000\n"),
     ] {
         let opts = ChildOpts {
             raw_conf: Some(conf.into()),
