@@ -1,0 +1,443 @@
+//! API v1 wire types and the decoding of their fields: base64, digests,
+//! distinguishing IDs, signatures, public keys and certificates. Pure
+//! functions; the handlers in [`crate::app`] put them together.
+
+use der::{Decode, Encode};
+use serde::{Deserialize, Serialize};
+use svs_hsm::SignatureEncoding;
+use svs_hsm::signature::{der_to_raw, raw_to_der};
+
+use crate::error::SvsError;
+
+/// Wire form of a signature encoding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encoding {
+    /// DER `SEQUENCE { r INTEGER, s INTEGER }` (GM/T 0009).
+    #[default]
+    Der,
+    /// r ‖ s, 64 bytes.
+    Raw,
+}
+
+impl From<Encoding> for SignatureEncoding {
+    fn from(e: Encoding) -> Self {
+        match e {
+            Encoding::Der => SignatureEncoding::Der,
+            Encoding::Raw => SignatureEncoding::Raw,
+        }
+    }
+}
+
+/// `POST /v1/sign` body (and one item of `/v1/sign/batch`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignRequest {
+    /// Exposed key name.
+    pub key: String,
+    /// Message, base64.
+    #[serde(default)]
+    pub data: Option<String>,
+    /// Ready e = SM3(Z ‖ M), base64 of 32 bytes.
+    #[serde(default)]
+    pub digest: Option<String>,
+    /// Distinguishing ID (with `data` only).
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Signature encoding wanted.
+    #[serde(default)]
+    pub encoding: Option<Encoding>,
+}
+
+/// `POST /v1/verify` body (and one item of `/v1/verify/batch`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyRequest {
+    /// Exposed key name of the signer.
+    #[serde(default)]
+    pub key: Option<String>,
+    /// Signer's SubjectPublicKeyInfo: PEM, or base64 DER.
+    #[serde(default)]
+    pub public_key: Option<String>,
+    /// Signer's certificate: PEM, or base64 DER.
+    #[serde(default)]
+    pub certificate: Option<String>,
+    /// Message, base64.
+    #[serde(default)]
+    pub data: Option<String>,
+    /// Ready e, base64 of 32 bytes.
+    #[serde(default)]
+    pub digest: Option<String>,
+    /// Signature, base64.
+    pub signature: String,
+    /// Distinguishing ID (with `data` only).
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Encoding of `signature`.
+    #[serde(default)]
+    pub encoding: Option<Encoding>,
+}
+
+/// `{"items": [...]}` of a batch; items are decoded one by one so that one
+/// bad item fails alone.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRequest {
+    /// The items, in order.
+    pub items: Vec<serde_json::Value>,
+}
+
+/// A sign answer.
+#[derive(Debug, Serialize)]
+pub struct SignResponse {
+    /// Exposed key name.
+    pub key: String,
+    /// Signature, base64.
+    pub signature: String,
+    /// Its encoding.
+    pub encoding: Encoding,
+}
+
+/// A verify answer.
+#[derive(Debug, Serialize)]
+pub struct VerifyResponse {
+    /// Whether the signature verifies.
+    pub valid: bool,
+}
+
+/// Parses JSON into `T`, naming the problem without echoing input.
+pub fn from_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, SvsError> {
+    serde_json::from_slice(bytes).map_err(json_error)
+}
+
+/// Decodes one batch item.
+pub fn from_value<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T, SvsError> {
+    serde_json::from_value(v).map_err(json_error)
+}
+
+fn json_error(e: serde_json::Error) -> SvsError {
+    // serde_json's messages name fields and types, and quote at most the
+    // unknown field's name or a variant: no payload values.
+    // serde_json quotes offending values between backticks ("invalid type:
+    // integer `42`"); only field names (unknown/missing field) are kept.
+    let msg = e.to_string();
+    let msg = match msg.find(" at line ") {
+        Some(i) => &msg[..i],
+        None => &msg[..],
+    };
+    let keep_quoted = msg.starts_with("unknown field") || msg.starts_with("missing field");
+    let mut out = String::with_capacity(msg.len());
+    for (i, part) in msg.split('`').enumerate() {
+        if i % 2 == 0 || keep_quoted {
+            out.push_str(part);
+        } else {
+            out.push('…');
+        }
+    }
+    if e.is_syntax() || e.is_eof() {
+        out = format!("body is not valid JSON: {out}");
+    }
+    SvsError::MalformedRequest(out)
+}
+
+/// Standard base64 (with padding) of `field`.
+pub fn b64(field: &'static str, s: &str) -> Result<Vec<u8>, SvsError> {
+    use base64ct::{Base64, Encoding as _};
+    Base64::decode_vec(s).map_err(|_| SvsError::InvalidBase64(field))
+}
+
+/// Standard base64 encoding.
+pub fn to_b64(bytes: &[u8]) -> String {
+    use base64ct::{Base64, Encoding as _};
+    Base64::encode_string(bytes)
+}
+
+/// What is signed or verified: the message (with its ID) or a ready digest.
+#[derive(Debug)]
+pub enum Input {
+    /// The message and the distinguishing ID.
+    Data {
+        /// Message bytes.
+        data: Vec<u8>,
+        /// ID bytes.
+        id: Vec<u8>,
+    },
+    /// e, 32 bytes.
+    Digest([u8; 32]),
+}
+
+impl Input {
+    /// Decodes `data`/`digest`/`id`.
+    pub fn decode(
+        data: Option<&str>,
+        digest: Option<&str>,
+        id: Option<&str>,
+        default_id: &[u8],
+    ) -> Result<Input, SvsError> {
+        match (data, digest) {
+            (Some(_), Some(_)) => Err(SvsError::InvalidRequest(
+                "give either data or digest, not both".into(),
+            )),
+            (None, None) => Err(SvsError::InvalidRequest(
+                "data or digest is required".into(),
+            )),
+            (None, Some(d)) => {
+                if id.is_some() {
+                    return Err(SvsError::InvalidRequest(
+                        "id applies to data only: a digest already includes Z".into(),
+                    ));
+                }
+                let d = b64("digest", d)?;
+                let n = d.len();
+                Ok(Input::Digest(
+                    d.try_into().map_err(|_| SvsError::InvalidDigest(n))?,
+                ))
+            }
+            (Some(data), None) => {
+                let id = match id {
+                    None => default_id.to_vec(),
+                    Some("") => {
+                        return Err(SvsError::InvalidId("must not be empty".into()));
+                    }
+                    // ENTL is a 16-bit count of bits.
+                    Some(id) if id.len() > 8191 => {
+                        return Err(SvsError::InvalidId("longer than 8191 bytes".into()));
+                    }
+                    Some(id) => id.as_bytes().to_vec(),
+                };
+                Ok(Input::Data {
+                    data: b64("data", data)?,
+                    id,
+                })
+            }
+        }
+    }
+
+    /// SM3 of what the caller sent (for the audit trail).
+    pub fn audit_digest(&self) -> [u8; 32] {
+        match self {
+            Input::Data { data, .. } => crate::audit::sm3(data),
+            Input::Digest(d) => crate::audit::sm3(d),
+        }
+    }
+}
+
+/// Decodes a signature in the declared encoding (DER is strict).
+pub fn decode_signature(b64_sig: &str, encoding: Encoding) -> Result<[u8; 64], SvsError> {
+    let bytes = b64("signature", b64_sig)?;
+    match encoding {
+        Encoding::Der => der_to_raw(&bytes).map_err(|e| SvsError::InvalidSignature(e.to_string())),
+        Encoding::Raw => bytes.try_into().map_err(|v: Vec<u8>| {
+            SvsError::InvalidSignature(format!("raw signature must be 64 bytes, got {}", v.len()))
+        }),
+    }
+}
+
+/// Encodes raw r‖s as asked.
+pub fn encode_signature(raw: &[u8; 64], encoding: Encoding) -> Vec<u8> {
+    match encoding {
+        Encoding::Der => raw_to_der(raw),
+        Encoding::Raw => raw.to_vec(),
+    }
+}
+
+/// PEM with 64-column lines.
+pub fn pem(label: &str, der: &[u8]) -> String {
+    let b64 = to_b64(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(chunk).unwrap_or_default());
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
+/// DER from PEM with the given label, or from plain base64.
+fn pem_or_b64(field: &'static str, label: &str, s: &str) -> Result<Vec<u8>, SvsError> {
+    let s = s.trim();
+    if let Some(rest) = s.strip_prefix("-----BEGIN ") {
+        let begin = format!("{label}-----");
+        let end = format!("-----END {label}-----");
+        let body = rest
+            .strip_prefix(begin.as_str())
+            .and_then(|r| r.trim_end().strip_suffix(end.as_str()))
+            .ok_or(SvsError::InvalidBase64(field))?;
+        let compact: String = body.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+        b64(field, &compact)
+    } else {
+        b64(field, s)
+    }
+}
+
+const EC_PUBLIC_KEY: der::asn1::ObjectIdentifier =
+    der::asn1::ObjectIdentifier::new_unwrap("1.2.840.10045.2.1");
+const SM2_CURVE: der::asn1::ObjectIdentifier =
+    der::asn1::ObjectIdentifier::new_unwrap("1.2.156.10197.1.301");
+
+/// The uncompressed SM2 point of a DER SubjectPublicKeyInfo, checked to be
+/// on the curve and not the point at infinity.
+pub fn sm2_point_from_spki(spki_der: &[u8]) -> Result<Vec<u8>, SvsError> {
+    let bad = |m: &str| SvsError::InvalidPublicKey(m.to_string());
+    let spki = spki::SubjectPublicKeyInfoRef::from_der(spki_der)
+        .map_err(|_| bad("not a DER SubjectPublicKeyInfo"))?;
+    let alg = spki.algorithm.oid;
+    let curve = spki
+        .algorithm
+        .parameters
+        .as_ref()
+        .and_then(|p| p.decode_as::<der::asn1::ObjectIdentifier>().ok());
+    // Some encoders put the SM2 OID in the algorithm itself.
+    let is_sm2 = (alg == EC_PUBLIC_KEY && curve == Some(SM2_CURVE)) || alg == SM2_CURVE;
+    if !is_sm2 {
+        return Err(bad(
+            "not an SM2 key (expected id-ecPublicKey with curve 1.2.156.10197.1.301)",
+        ));
+    }
+    let bits = spki
+        .subject_public_key
+        .as_bytes()
+        .ok_or_else(|| bad("public key bit string is not whole bytes"))?;
+    sm2_point(bits)
+}
+
+/// Validates a SEC1 point (compressed or not) and returns it uncompressed.
+pub fn sm2_point(sec1: &[u8]) -> Result<Vec<u8>, SvsError> {
+    use sm2::elliptic_curve::sec1::ToSec1Point;
+    let pk = sm2::PublicKey::from_sec1_bytes(sec1).map_err(|_| {
+        SvsError::InvalidPublicKey(
+            "point is not on the SM2 curve, or is the point at infinity".into(),
+        )
+    })?;
+    Ok(pk.to_sec1_point(false).as_bytes().to_vec())
+}
+
+/// The SM2 point of a `public_key` field (PEM or base64 SPKI).
+pub fn public_key_field(s: &str) -> Result<Vec<u8>, SvsError> {
+    let der = pem_or_b64("public_key", "PUBLIC KEY", s)?;
+    sm2_point_from_spki(&der)
+}
+
+/// The SM2 point of a `certificate` field (PEM or base64 DER). The
+/// certificate is parsed for its key only; chain and validity are not judged.
+pub fn certificate_field(s: &str) -> Result<Vec<u8>, SvsError> {
+    let der = pem_or_b64("certificate", "CERTIFICATE", s)?;
+    let cert = x509_cert::Certificate::from_der(&der)
+        .map_err(|_| SvsError::InvalidCertificate("not a DER X.509 certificate".into()))?;
+    let spki = cert
+        .tbs_certificate()
+        .subject_public_key_info()
+        .to_der()
+        .map_err(|_| SvsError::InvalidCertificate("cannot re-encode its public key".into()))?;
+    sm2_point_from_spki(&spki).map_err(|e| SvsError::InvalidCertificate(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point() -> Vec<u8> {
+        let sk = sm2::SecretKey::from_slice(&[3u8; 32]).unwrap();
+        use sm2::elliptic_curve::sec1::ToSec1Point;
+        sk.public_key().to_sec1_point(false).as_bytes().to_vec()
+    }
+
+    #[test]
+    fn inputs_decode_or_say_why() {
+        let d32 = to_b64(&[1u8; 32]);
+        assert!(matches!(
+            Input::decode(None, Some(&d32), None, b"x").unwrap(),
+            Input::Digest(_)
+        ));
+        assert_eq!(
+            Input::decode(None, Some(&to_b64(&[1u8; 31])), None, b"x").unwrap_err(),
+            SvsError::InvalidDigest(31)
+        );
+        assert_eq!(
+            Input::decode(Some("!!"), None, None, b"x").unwrap_err(),
+            SvsError::InvalidBase64("data")
+        );
+        assert!(matches!(
+            Input::decode(Some("AA=="), Some(&d32), None, b"x"),
+            Err(SvsError::InvalidRequest(_))
+        ));
+        assert!(matches!(
+            Input::decode(None, None, None, b"x"),
+            Err(SvsError::InvalidRequest(_))
+        ));
+        assert!(matches!(
+            Input::decode(None, Some(&d32), Some("alice"), b"x"),
+            Err(SvsError::InvalidRequest(_))
+        ));
+        assert!(matches!(
+            Input::decode(Some("AA=="), None, Some(""), b"x"),
+            Err(SvsError::InvalidId(_))
+        ));
+        let Input::Data { data, id } = Input::decode(Some("AAE="), None, None, b"def").unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!((data, id), (vec![0, 1], b"def".to_vec()));
+    }
+
+    #[test]
+    fn signatures_must_be_in_the_declared_encoding() {
+        let raw = [0x11u8; 64];
+        let der = raw_to_der(&raw);
+        assert_eq!(decode_signature(&to_b64(&der), Encoding::Der).unwrap(), raw);
+        assert_eq!(decode_signature(&to_b64(&raw), Encoding::Raw).unwrap(), raw);
+        assert!(matches!(
+            decode_signature(&to_b64(&raw), Encoding::Der),
+            Err(SvsError::InvalidSignature(_))
+        ));
+        assert!(matches!(
+            decode_signature(&to_b64(&der), Encoding::Raw),
+            Err(SvsError::InvalidSignature(_))
+        ));
+        assert!(matches!(
+            decode_signature("%%%", Encoding::Der),
+            Err(SvsError::InvalidBase64("signature"))
+        ));
+    }
+
+    #[test]
+    fn public_keys_parse_from_pem_and_base64_and_bad_points_are_refused() {
+        let p = point();
+        let spki = svs_hsm::keys::spki_for_point(svs_hsm::Algorithm::Sm2, &p);
+        assert_eq!(public_key_field(&pem("PUBLIC KEY", &spki)).unwrap(), p);
+        assert_eq!(public_key_field(&to_b64(&spki)).unwrap(), p);
+        // Off the curve.
+        let mut off = p.clone();
+        off[64] ^= 1;
+        let spki_off = svs_hsm::keys::spki_for_point(svs_hsm::Algorithm::Sm2, &off);
+        assert!(matches!(
+            public_key_field(&to_b64(&spki_off)),
+            Err(SvsError::InvalidPublicKey(_))
+        ));
+        // The point at infinity.
+        assert!(sm2_point(&[0]).is_err());
+        // A P-256 key is not an SM2 key.
+        let p256 = svs_hsm::keys::spki_for_point(svs_hsm::Algorithm::EcdsaP256, &p);
+        assert!(public_key_field(&to_b64(&p256)).is_err());
+        assert!(matches!(
+            public_key_field("-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----"),
+            Err(SvsError::InvalidBase64(_))
+        ));
+        assert!(matches!(
+            certificate_field(&to_b64(b"not a certificate")),
+            Err(SvsError::InvalidCertificate(_))
+        ));
+    }
+
+    #[test]
+    fn json_errors_do_not_echo_values() {
+        let e = from_json::<SignRequest>(br#"{"key":"k","data":"c2VjcmV0","extra":"TOPSECRET"}"#)
+            .unwrap_err();
+        assert!(matches!(e, SvsError::MalformedRequest(_)));
+        assert!(!e.to_string().contains("TOPSECRET"));
+        let e = from_json::<SignRequest>(br#"{"key":"k","data":12345678}"#).unwrap_err();
+        assert!(!e.to_string().contains("12345678"), "{e}");
+        let e = from_json::<SignRequest>(b"{not json").unwrap_err();
+        assert!(matches!(e, SvsError::MalformedRequest(_)));
+    }
+}

@@ -1,0 +1,930 @@
+//! svsd's configuration: one TOML file (plus an optional entities file that
+//! svs-provision edits), read in two stages. Stage one deserialises each
+//! section on its own into raw structs that reject unknown keys; stage two
+//! checks values and cross-references and produces [`Config`] with real
+//! defaults. Every problem found in either stage is reported at once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use svs_hsm::HsmConfig;
+
+use crate::error::SvsError;
+
+/// The operations an entity can be granted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Operation {
+    /// Signing with a token key.
+    Sign,
+    /// Verifying a signature.
+    Verify,
+}
+
+impl Operation {
+    /// The name used in config, audit records and errors.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::Sign => "sign",
+            Operation::Verify => "verify",
+        }
+    }
+}
+
+/// Whether an entity may currently use the service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EntityStatus {
+    /// Served.
+    #[default]
+    Active,
+    /// Refused with 403 `entity_suspended`.
+    Suspended,
+}
+
+/// How an entity's client certificate is recognised.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ClientMatch {
+    /// SHA-256 of the whole DER certificate.
+    CertificateSha256([u8; 32]),
+    /// SHA-256 of the DER SubjectPublicKeyInfo (survives re-issuing with the same key).
+    SpkiSha256([u8; 32]),
+    /// Subject DN issued by the CA whose subject DN is `issuer` (both RFC 4514
+    /// strings, compared after normalisation; see [`normalise_dn`]).
+    Subject {
+        /// Subject DN of the client certificate.
+        subject: String,
+        /// Subject DN of the issuing CA (one of the client CA bundle).
+        issuer: String,
+    },
+}
+
+/// Token-bucket parameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimit {
+    /// Sustained operations per second.
+    pub per_second: f64,
+    /// Bucket size: operations allowed in a burst.
+    pub burst: u32,
+}
+
+/// One application entity, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EntityConfig {
+    /// Unique name (appears in audit records and logs).
+    pub name: String,
+    /// Active or suspended.
+    pub status: EntityStatus,
+    /// How its client certificate is recognised.
+    pub client: ClientMatch,
+    /// Exposed key names it may use.
+    pub keys: BTreeSet<String>,
+    /// Operations it may perform.
+    pub operations: BTreeSet<Operation>,
+    /// Token bucket; none means unlimited.
+    pub rate: Option<RateLimit>,
+    /// Requests in flight at once; none means unlimited.
+    pub max_concurrent: Option<usize>,
+}
+
+/// A key the API exposes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyExposure {
+    /// The token object's name as svs-hsm reports it (CKA_LABEL).
+    pub object: String,
+}
+
+/// TLS files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// Server certificate chain, PEM (leaf first).
+    pub certificate: PathBuf,
+    /// Server private key, PEM (PKCS#8, SEC1 or PKCS#1).
+    pub private_key: PathBuf,
+    /// CA bundle that client certificates must chain to, PEM.
+    pub client_ca: PathBuf,
+}
+
+/// Request limits and timeouts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+    /// Most items in one batch.
+    pub max_batch_items: usize,
+    /// TLS handshake deadline.
+    pub handshake_timeout: Duration,
+    /// Deadline for a request's headers (HTTP/1.1), also the keep-alive idle limit.
+    pub header_timeout: Duration,
+    /// Deadline for a request's body once headers arrived.
+    pub body_timeout: Duration,
+    /// Deadline for the whole handling of one request.
+    pub request_timeout: Duration,
+    /// Open connections at once; further clients wait in the listen backlog.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 1 << 20,
+            max_batch_items: 256,
+            handshake_timeout: Duration::from_secs(5),
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            max_connections: 4096,
+        }
+    }
+}
+
+/// The audit trail's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditConfig {
+    /// Directory of the trail files.
+    pub dir: PathBuf,
+    /// A file is rotated once it reaches this size.
+    pub max_file_bytes: u64,
+    /// Most records committed by one fsync.
+    pub max_group_records: usize,
+    /// How often the chain head is signed; none disables checkpoints.
+    pub checkpoint_interval: Option<Duration>,
+    /// Token object (CKA_LABEL) of the audit key; required for checkpoints.
+    pub checkpoint_key: Option<String>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from (reloaded on SIGHUP).
+    pub path: PathBuf,
+    /// HTTPS listeners.
+    pub listen: Vec<SocketAddr>,
+    /// Plain-HTTP listener serving only /healthz and /readyz (for probes
+    /// that hold no client certificate); none when not configured.
+    pub health_listen: Option<SocketAddr>,
+    /// TLS files.
+    pub tls: TlsFiles,
+    /// How long SIGTERM waits for in-flight requests.
+    pub grace_period: Duration,
+    /// Run as root anyway.
+    pub allow_root: bool,
+    /// svs-hsm's section, as is.
+    pub hsm: HsmConfig,
+    /// The soft token's own config file, for the embedded module.
+    pub embedded_token_config: Option<PathBuf>,
+    /// API key name → token object.
+    pub keys: BTreeMap<String, KeyExposure>,
+    /// Limits.
+    pub limits: Limits,
+    /// Audit trail.
+    pub audit: AuditConfig,
+    /// Period of the background self-tests.
+    pub selftest_interval: Duration,
+    /// The separate entities file, if any.
+    pub entities_file: Option<PathBuf>,
+    /// All entities (inline and from the file).
+    pub entities: Vec<EntityConfig>,
+}
+
+// ---------------------------------------------------------------- stage one
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Vec<String>,
+    #[serde(default)]
+    health_listen: Option<String>,
+    #[serde(default)]
+    grace_period_ms: Option<u64>,
+    #[serde(default)]
+    allow_root: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    certificate: PathBuf,
+    private_key: PathBuf,
+    client_ca: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEmbeddedToken {
+    config: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKey {
+    object: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_body_bytes: Option<usize>,
+    max_batch_items: Option<usize>,
+    handshake_timeout_ms: Option<u64>,
+    header_timeout_ms: Option<u64>,
+    body_timeout_ms: Option<u64>,
+    request_timeout_ms: Option<u64>,
+    max_connections: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    dir: PathBuf,
+    max_file_bytes: Option<u64>,
+    max_group_records: Option<usize>,
+    checkpoint_interval_s: Option<u64>,
+    checkpoint_key: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSelftest {
+    interval_s: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRate {
+    per_second: f64,
+    burst: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEntity {
+    name: String,
+    #[serde(default)]
+    status: EntityStatus,
+    #[serde(default)]
+    certificate_sha256: Option<String>,
+    #[serde(default)]
+    spki_sha256: Option<String>,
+    #[serde(default)]
+    subject: Option<String>,
+    #[serde(default)]
+    issuer: Option<String>,
+    #[serde(default)]
+    keys: Vec<String>,
+    operations: Vec<Operation>,
+    #[serde(default)]
+    rate: Option<RawRate>,
+    #[serde(default)]
+    max_concurrent: Option<usize>,
+}
+
+const SECTIONS: &[&str] = &[
+    "server",
+    "tls",
+    "hsm",
+    "embedded_token",
+    "keys",
+    "limits",
+    "audit",
+    "selftest",
+    "entities_file",
+    "entity",
+];
+
+/// Collects errors instead of stopping at the first.
+#[derive(Debug, Default)]
+struct Errors(Vec<String>);
+
+impl Errors {
+    fn push(&mut self, e: impl Into<String>) {
+        self.0.push(e.into());
+    }
+    fn section<T: serde::de::DeserializeOwned>(
+        &mut self,
+        table: &toml::Table,
+        name: &str,
+    ) -> Option<T> {
+        let value = table.get(name)?.clone();
+        match T::deserialize(value) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.push(format!("[{name}]: {}", e.message().trim()));
+                None
+            }
+        }
+    }
+    fn required<T: serde::de::DeserializeOwned>(
+        &mut self,
+        table: &toml::Table,
+        name: &str,
+    ) -> Option<T> {
+        if !table.contains_key(name) {
+            self.push(format!("[{name}] is missing"));
+            return None;
+        }
+        self.section(table, name)
+    }
+}
+
+fn parse_table(text: &str, what: &Path) -> Result<toml::Table, SvsError> {
+    text.parse::<toml::Table>()
+        .map_err(|e| SvsError::Config(vec![format!("{}: {}", what.display(), e.message())]))
+}
+
+fn read(path: &Path) -> Result<String, SvsError> {
+    std::fs::read_to_string(path)
+        .map_err(|e| SvsError::Config(vec![format!("cannot read {}: {e}", path.display())]))
+}
+
+fn resolve(base: &Path, p: PathBuf) -> PathBuf {
+    if p.is_absolute() { p } else { base.join(p) }
+}
+
+fn ms(v: Option<u64>, default: Duration, name: &str, errors: &mut Errors) -> Duration {
+    match v {
+        None => default,
+        Some(0) => {
+            errors.push(format!("[limits] {name} must be > 0"));
+            default
+        }
+        Some(v) => Duration::from_millis(v),
+    }
+}
+
+/// Parses a SHA-256 fingerprint: 64 hex digits, optionally colon-separated
+/// (as `openssl x509 -fingerprint -sha256` prints it).
+pub fn parse_fingerprint(s: &str) -> Option<[u8; 32]> {
+    let hex: String = s.chars().filter(|c| *c != ':').collect();
+    if hex.len() != 64 || !hex.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Normalises an RFC 4514 DN for comparison: attribute types upper-case,
+/// no spaces around `,` `+` `=`. Values keep their case.
+pub fn normalise_dn(dn: &str) -> String {
+    let mut out = String::with_capacity(dn.len());
+    for (i, rdn) in dn.split(',').enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        match rdn.split_once('=') {
+            Some((t, v)) => {
+                out.push_str(&t.trim().to_ascii_uppercase());
+                out.push('=');
+                out.push_str(v.trim());
+            }
+            None => out.push_str(rdn.trim()),
+        }
+    }
+    out
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+fn entity(
+    raw: RawEntity,
+    where_: &str,
+    keys: &BTreeMap<String, KeyExposure>,
+    errors: &mut Errors,
+) -> Option<EntityConfig> {
+    let before = errors.0.len();
+    let label = format!("{where_} entity {:?}", raw.name);
+    if !valid_name(&raw.name) {
+        errors.push(format!(
+            "{label}: name must be 1-128 characters of A-Z a-z 0-9 - _ . :"
+        ));
+    }
+    let methods = usize::from(raw.certificate_sha256.is_some())
+        + usize::from(raw.spki_sha256.is_some())
+        + usize::from(raw.subject.is_some() || raw.issuer.is_some());
+    let client = if methods != 1 {
+        errors.push(format!(
+            "{label}: set exactly one of certificate_sha256, spki_sha256, or subject + issuer"
+        ));
+        None
+    } else if let Some(fp) = &raw.certificate_sha256 {
+        let parsed = parse_fingerprint(fp).map(ClientMatch::CertificateSha256);
+        if parsed.is_none() {
+            errors.push(format!("{label}: certificate_sha256 must be 64 hex digits"));
+        }
+        parsed
+    } else if let Some(fp) = &raw.spki_sha256 {
+        let parsed = parse_fingerprint(fp).map(ClientMatch::SpkiSha256);
+        if parsed.is_none() {
+            errors.push(format!("{label}: spki_sha256 must be 64 hex digits"));
+        }
+        parsed
+    } else {
+        match (&raw.subject, &raw.issuer) {
+            (Some(s), Some(i)) if !s.trim().is_empty() && !i.trim().is_empty() => {
+                Some(ClientMatch::Subject {
+                    subject: normalise_dn(s),
+                    issuer: normalise_dn(i),
+                })
+            }
+            _ => {
+                errors.push(format!(
+                    "{label}: subject matching needs both a non-empty subject and issuer"
+                ));
+                None
+            }
+        }
+    };
+    for k in &raw.keys {
+        if !keys.contains_key(k) {
+            errors.push(format!("{label}: key {k:?} is not in [keys]"));
+        }
+    }
+    if raw.operations.is_empty() {
+        errors.push(format!("{label}: operations must not be empty"));
+    }
+    if raw.operations.contains(&Operation::Sign) && raw.keys.is_empty() {
+        errors.push(format!("{label}: may sign but has no keys"));
+    }
+    let rate = raw.rate.and_then(|r| {
+        if !(r.per_second.is_finite() && r.per_second > 0.0) {
+            errors.push(format!("{label}: rate.per_second must be > 0"));
+            return None;
+        }
+        let burst = r
+            .burst
+            .unwrap_or_else(|| r.per_second.ceil().max(1.0) as u32);
+        if burst == 0 {
+            errors.push(format!("{label}: rate.burst must be > 0"));
+            return None;
+        }
+        Some(RateLimit {
+            per_second: r.per_second,
+            burst,
+        })
+    });
+    if raw.max_concurrent == Some(0) {
+        errors.push(format!("{label}: max_concurrent must be > 0"));
+    }
+    if errors.0.len() != before {
+        return None;
+    }
+    Some(EntityConfig {
+        name: raw.name,
+        status: raw.status,
+        client: client?,
+        keys: raw.keys.into_iter().collect(),
+        operations: raw.operations.into_iter().collect(),
+        rate,
+        max_concurrent: raw.max_concurrent,
+    })
+}
+
+fn entities_from(
+    value: Option<&toml::Value>,
+    where_: &str,
+    keys: &BTreeMap<String, KeyExposure>,
+    errors: &mut Errors,
+) -> Vec<EntityConfig> {
+    let Some(value) = value else {
+        return Vec::new();
+    };
+    let Some(list) = value.as_array() else {
+        errors.push(format!(
+            "{where_}: `entity` must be an array of tables ([[entity]])"
+        ));
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (i, item) in list.iter().enumerate() {
+        match RawEntity::deserialize(item.clone()) {
+            Ok(raw) => {
+                if let Some(e) = entity(raw, where_, keys, errors) {
+                    out.push(e);
+                }
+            }
+            Err(e) => errors.push(format!(
+                "{where_} entity #{}: {}",
+                i + 1,
+                e.message().trim()
+            )),
+        }
+    }
+    out
+}
+
+/// Reads the entities file on its own (svs-provision uses this to check its
+/// edits). Keys are checked against `keys`.
+pub fn load_entities_file(
+    path: &Path,
+    keys: &BTreeMap<String, KeyExposure>,
+) -> Result<Vec<EntityConfig>, SvsError> {
+    let table = parse_table(&read(path)?, path)?;
+    let mut errors = Errors::default();
+    for k in table.keys() {
+        if k != "entity" {
+            errors.push(format!("{}: unknown key {k:?}", path.display()));
+        }
+    }
+    let list = entities_from(
+        table.get("entity"),
+        &path.display().to_string(),
+        keys,
+        &mut errors,
+    );
+    if errors.0.is_empty() {
+        Ok(list)
+    } else {
+        Err(SvsError::Config(errors.0))
+    }
+}
+
+impl Config {
+    /// Reads and validates the file; relative paths are relative to its directory.
+    pub fn load(path: &Path) -> Result<Config, SvsError> {
+        let text = read(path)?;
+        Config::from_toml(&text, path)
+    }
+
+    /// Validates TOML text as if read from `path`.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Config, SvsError> {
+        let table = parse_table(text, path)?;
+        let base = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let mut errors = Errors::default();
+        for k in table.keys() {
+            if !SECTIONS.contains(&k.as_str()) {
+                errors.push(format!("unknown top-level key {k:?}"));
+            }
+        }
+        let server: Option<RawServer> = errors.required(&table, "server");
+        let tls: Option<RawTls> = errors.required(&table, "tls");
+        let hsm: Option<HsmConfig> = errors.required(&table, "hsm");
+        let embedded: Option<RawEmbeddedToken> = errors.section(&table, "embedded_token");
+        let raw_keys: Option<BTreeMap<String, RawKey>> = errors.section(&table, "keys");
+        let limits: Option<RawLimits> = errors.section(&table, "limits");
+        let audit: Option<RawAudit> = errors.required(&table, "audit");
+        let selftest: Option<RawSelftest> = errors.section(&table, "selftest");
+        let entities_file: Option<PathBuf> = errors.section(&table, "entities_file");
+
+        // [server]
+        let mut listen = Vec::new();
+        let mut health_listen = None;
+        if let Some(s) = &server {
+            if s.listen.is_empty() {
+                errors.push("[server] listen must name at least one address");
+            }
+            for a in &s.listen {
+                match a.parse::<SocketAddr>() {
+                    Ok(a) => listen.push(a),
+                    Err(_) => errors.push(format!("[server] listen: {a:?} is not ip:port")),
+                }
+            }
+            if let Some(h) = &s.health_listen {
+                match h.parse::<SocketAddr>() {
+                    Ok(a) => health_listen = Some(a),
+                    Err(_) => errors.push(format!("[server] health_listen: {h:?} is not ip:port")),
+                }
+            }
+        }
+
+        // [keys]
+        let mut keys = BTreeMap::new();
+        for (name, k) in raw_keys.unwrap_or_default() {
+            if !valid_name(&name) {
+                errors.push(format!(
+                    "[keys] {name:?}: name must be 1-128 characters of A-Z a-z 0-9 - _ . :"
+                ));
+            }
+            if k.object.is_empty() {
+                errors.push(format!("[keys] {name:?}: object must not be empty"));
+            }
+            keys.insert(name, KeyExposure { object: k.object });
+        }
+        if keys.is_empty() && table.contains_key("keys") {
+            errors.push("[keys] exposes no key");
+        }
+
+        // [limits]
+        let defaults = Limits::default();
+        let l = limits.unwrap_or_default();
+        let limits = Limits {
+            max_body_bytes: l.max_body_bytes.unwrap_or(defaults.max_body_bytes),
+            max_batch_items: l.max_batch_items.unwrap_or(defaults.max_batch_items),
+            handshake_timeout: ms(
+                l.handshake_timeout_ms,
+                defaults.handshake_timeout,
+                "handshake_timeout_ms",
+                &mut errors,
+            ),
+            header_timeout: ms(
+                l.header_timeout_ms,
+                defaults.header_timeout,
+                "header_timeout_ms",
+                &mut errors,
+            ),
+            body_timeout: ms(
+                l.body_timeout_ms,
+                defaults.body_timeout,
+                "body_timeout_ms",
+                &mut errors,
+            ),
+            request_timeout: ms(
+                l.request_timeout_ms,
+                defaults.request_timeout,
+                "request_timeout_ms",
+                &mut errors,
+            ),
+            max_connections: l.max_connections.unwrap_or(defaults.max_connections),
+        };
+        if limits.max_body_bytes < 256 {
+            errors.push("[limits] max_body_bytes must be at least 256");
+        }
+        if limits.max_batch_items == 0 {
+            errors.push("[limits] max_batch_items must be > 0");
+        }
+        if limits.max_connections == 0 {
+            errors.push("[limits] max_connections must be > 0");
+        }
+
+        // [audit]
+        let audit = audit.map(|a| {
+            let max_file_bytes = a.max_file_bytes.unwrap_or(64 << 20);
+            if max_file_bytes < 4096 {
+                errors.push("[audit] max_file_bytes must be at least 4096");
+            }
+            let max_group_records = a.max_group_records.unwrap_or(4096);
+            if max_group_records == 0 {
+                errors.push("[audit] max_group_records must be > 0");
+            }
+            let checkpoint_interval = match a.checkpoint_interval_s.unwrap_or(300) {
+                0 => None,
+                s => Some(Duration::from_secs(s)),
+            };
+            if checkpoint_interval.is_some() && a.checkpoint_key.is_none() {
+                errors.push(
+                    "[audit] checkpoints need checkpoint_key (set checkpoint_interval_s = 0 to disable them)",
+                );
+            }
+            if let Some(k) = &a.checkpoint_key
+                && keys.values().any(|e| &e.object == k)
+            {
+                errors.push(format!(
+                    "[audit] checkpoint_key {k:?} must not also be exposed in [keys]"
+                ));
+            }
+            AuditConfig {
+                dir: resolve(&base, a.dir),
+                max_file_bytes,
+                max_group_records,
+                checkpoint_interval,
+                checkpoint_key: a.checkpoint_key,
+            }
+        });
+
+        let selftest_interval = match selftest.and_then(|s| s.interval_s) {
+            None => Duration::from_secs(300),
+            Some(0) => {
+                errors.push("[selftest] interval_s must be > 0");
+                Duration::from_secs(300)
+            }
+            Some(s) => Duration::from_secs(s),
+        };
+
+        // Entities: inline, then the separate file.
+        let mut entities = entities_from(table.get("entity"), "inline", &keys, &mut errors);
+        let entities_file = entities_file.map(|p| resolve(&base, p));
+        if let Some(file) = &entities_file {
+            match load_entities_file(file, &keys) {
+                Ok(list) => entities.extend(list),
+                Err(SvsError::Config(list)) => errors.0.extend(list),
+                Err(other) => errors.push(other.to_string()),
+            }
+        }
+        let mut names = BTreeSet::new();
+        let mut matchers = BTreeMap::new();
+        for e in &entities {
+            if !names.insert(e.name.clone()) {
+                errors.push(format!("entity {:?} is defined twice", e.name));
+            }
+            if let Some(other) = matchers.insert(format!("{:?}", e.client), e.name.clone()) {
+                errors.push(format!(
+                    "entities {other:?} and {:?} match the same client certificate",
+                    e.name
+                ));
+            }
+        }
+
+        if !errors.0.is_empty() {
+            return Err(SvsError::Config(errors.0));
+        }
+        let (Some(server), Some(tls), Some(hsm), Some(audit)) = (server, tls, hsm, audit) else {
+            return Err(SvsError::Internal("a required section vanished".into()));
+        };
+        Ok(Config {
+            path: path.to_path_buf(),
+            listen,
+            health_listen,
+            tls: TlsFiles {
+                certificate: resolve(&base, tls.certificate),
+                private_key: resolve(&base, tls.private_key),
+                client_ca: resolve(&base, tls.client_ca),
+            },
+            grace_period: Duration::from_millis(server.grace_period_ms.unwrap_or(10_000)),
+            allow_root: server.allow_root,
+            hsm,
+            embedded_token_config: embedded.map(|e| resolve(&base, e.config)),
+            keys,
+            limits,
+            audit,
+            selftest_interval,
+            entities_file,
+            entities,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FP: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+
+    fn good() -> String {
+        format!(
+            r#"
+[server]
+listen = ["127.0.0.1:8443"]
+[tls]
+certificate = "server.pem"
+private_key = "server.key"
+client_ca = "/etc/svs/ca.pem"
+[hsm]
+module = "embedded"
+token_label = "svs"
+pin = {{ file = "/run/pin" }}
+[keys]
+demo = {{ object = "demo" }}
+[audit]
+dir = "audit"
+checkpoint_key = "svs-audit"
+[[entity]]
+name = "app1"
+certificate_sha256 = "{FP}"
+keys = ["demo"]
+operations = ["sign", "verify"]
+rate = {{ per_second = 10.0, burst = 20 }}
+max_concurrent = 4
+[[entity]]
+name = "app2"
+status = "suspended"
+subject = "CN = app2, o=Example"
+issuer = "CN=SVS CA"
+operations = ["verify"]
+"#
+        )
+    }
+
+    #[test]
+    fn a_good_file_gets_defaults_and_resolved_paths() {
+        let c = Config::from_toml(&good(), Path::new("/etc/svs/svsd.toml")).unwrap();
+        assert_eq!(c.listen, vec!["127.0.0.1:8443".parse().unwrap()]);
+        assert_eq!(c.tls.certificate, PathBuf::from("/etc/svs/server.pem"));
+        assert_eq!(c.tls.client_ca, PathBuf::from("/etc/svs/ca.pem"));
+        assert_eq!(c.audit.dir, PathBuf::from("/etc/svs/audit"));
+        assert_eq!(c.limits, Limits::default());
+        assert_eq!(c.audit.checkpoint_interval, Some(Duration::from_secs(300)));
+        assert_eq!(c.entities.len(), 2);
+        assert_eq!(
+            c.entities[0].client,
+            ClientMatch::CertificateSha256([
+                0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd,
+                0xee, 0xff, 0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb,
+                0xcc, 0xdd, 0xee, 0xff
+            ])
+        );
+        assert_eq!(
+            c.entities[1].client,
+            ClientMatch::Subject {
+                subject: "CN=app2,O=Example".into(),
+                issuer: "CN=SVS CA".into()
+            }
+        );
+        assert_eq!(c.entities[1].status, EntityStatus::Suspended);
+        assert_eq!(c.entities[0].rate.unwrap().burst, 20);
+    }
+
+    #[test]
+    fn every_error_is_reported_at_once() {
+        let text = r#"
+bogus = 1
+[server]
+listen = ["nonsense"]
+colour = "blue"
+[tls]
+certificate = "a"
+private_key = "b"
+[hsm]
+modul = "embedded"
+[keys]
+demo = { object = "" }
+[limits]
+max_batch_items = 0
+body_timeout_ms = 0
+[[entity]]
+name = "bad name!"
+operations = ["sign"]
+keys = ["nope"]
+[[entity]]
+name = "x"
+operations = ["dance"]
+"#;
+        let Err(SvsError::Config(errs)) = Config::from_toml(text, Path::new("/x/svsd.toml")) else {
+            panic!("expected errors")
+        };
+        let all = errs.join("\n");
+        for needle in [
+            "unknown top-level key \"bogus\"",
+            "[server]",
+            "colour",
+            "[tls]",
+            "client_ca",
+            "[hsm]",
+            "modul",
+            "object must not be empty",
+            "max_batch_items",
+            "body_timeout_ms",
+            "[audit] is missing",
+            "name must be",
+            "exactly one of",
+            "\"nope\" is not in [keys]",
+            "entity #2",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn duplicates_and_shared_certificates_are_refused() {
+        let mut text = good();
+        text.push_str(&format!(
+            "[[entity]]\nname = \"app1\"\ncertificate_sha256 = \"{FP}\"\noperations = [\"verify\"]\n"
+        ));
+        let Err(SvsError::Config(errs)) = Config::from_toml(&text, Path::new("/x.toml")) else {
+            panic!()
+        };
+        let all = errs.join("\n");
+        assert!(all.contains("defined twice"), "{all}");
+        assert!(all.contains("match the same client certificate"), "{all}");
+    }
+
+    #[test]
+    fn entities_file_is_merged_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("entities.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "[[entity]]\nname = \"ext\"\nspki_sha256 = \"{}\"\nkeys = [\"demo\"]\noperations = [\"sign\"]\n",
+                FP.replace("00", "01")
+            ),
+        )
+        .unwrap();
+        let text = good().replacen("[server]", "entities_file = \"entities.toml\"\n[server]", 1);
+        let c = Config::from_toml(&text, &dir.path().join("svsd.toml")).unwrap();
+        assert_eq!(c.entities.len(), 3);
+        assert_eq!(c.entities[2].name, "ext");
+        std::fs::write(&file, "[[entity]]\nname = \"ext\"\nsurprise = 1\n").unwrap();
+        let Err(SvsError::Config(errs)) = Config::from_toml(&text, &dir.path().join("svsd.toml"))
+        else {
+            panic!()
+        };
+        assert!(errs.join("\n").contains("surprise"));
+    }
+
+    #[test]
+    fn fingerprints_and_dns_normalise() {
+        let colons = FP
+            .as_bytes()
+            .chunks(2)
+            .map(|c| std::str::from_utf8(c).unwrap().to_uppercase())
+            .collect::<Vec<_>>()
+            .join(":");
+        assert_eq!(parse_fingerprint(&colons), parse_fingerprint(FP));
+        assert!(parse_fingerprint("abc").is_none());
+        assert!(parse_fingerprint(&"zz".repeat(32)).is_none());
+        assert_eq!(normalise_dn(" cn = A B ,o=X"), "CN=A B,O=X");
+    }
+}

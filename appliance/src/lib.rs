@@ -1,0 +1,18 @@
+//! svsd, the SVS signing daemon, as a library: everything but argument
+//! parsing lives here so it can be tested without a process or an HSM.
+//!
+//! See docs/svsd.md for the configuration, the API and the audit format.
+
+pub mod api;
+pub mod app;
+pub mod audit;
+pub mod backend;
+pub mod config;
+pub mod daemon;
+pub mod dev;
+pub mod error;
+pub mod policy;
+pub mod server;
+pub mod tls;
+
+pub use error::SvsError;

@@ -1,0 +1,365 @@
+//! Application entities at run time: who a client certificate belongs to,
+//! what it may do, and its rate and concurrency limits.
+//!
+//! A [`Policy`] is immutable and swapped whole on reload; the limiter state
+//! (token buckets, in-flight counts) lives in [`EntityLimiter`]s that a new
+//! policy takes over from the old one by entity name, so a reload neither
+//! refills buckets nor forgets requests in flight.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use der::{Decode, Encode};
+use sha2::{Digest, Sha256};
+
+use crate::config::{ClientMatch, EntityConfig, EntityStatus, Operation, RateLimit, normalise_dn};
+use crate::error::SvsError;
+
+/// What the server knows of a verified client certificate; computed once per
+/// connection, matched against the current policy on every request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientIdentity {
+    /// SHA-256 of the DER certificate.
+    pub certificate_sha256: [u8; 32],
+    /// SHA-256 of its DER SubjectPublicKeyInfo.
+    pub spki_sha256: [u8; 32],
+    /// Subject DN, normalised RFC 4514.
+    pub subject: String,
+    /// Issuer DN, normalised RFC 4514.
+    pub issuer: String,
+}
+
+impl ClientIdentity {
+    /// Reads the identity out of a DER certificate.
+    pub fn from_der(der: &[u8]) -> Result<ClientIdentity, SvsError> {
+        let cert = x509_cert::Certificate::from_der(der)
+            .map_err(|e| SvsError::InvalidCertificate(e.to_string()))?;
+        let tbs = cert.tbs_certificate();
+        let spki = tbs
+            .subject_public_key_info()
+            .to_der()
+            .map_err(|e| SvsError::InvalidCertificate(e.to_string()))?;
+        Ok(ClientIdentity {
+            certificate_sha256: Sha256::digest(der).into(),
+            spki_sha256: Sha256::digest(&spki).into(),
+            subject: normalise_dn(&tbs.subject().to_string()),
+            issuer: normalise_dn(&tbs.issuer().to_string()),
+        })
+    }
+}
+
+/// Lower-case hex.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+/// Rate and concurrency state of one entity, kept across reloads.
+#[derive(Debug)]
+pub struct EntityLimiter {
+    bucket: Mutex<Bucket>,
+    in_flight: AtomicUsize,
+}
+
+impl EntityLimiter {
+    fn new(rate: Option<RateLimit>) -> EntityLimiter {
+        EntityLimiter {
+            bucket: Mutex::new(Bucket {
+                tokens: rate.map_or(0.0, |r| f64::from(r.burst)),
+                last: Instant::now(),
+            }),
+            in_flight: AtomicUsize::new(0),
+        }
+    }
+
+    /// Takes `n` tokens (a batch asks for one per item, capped at the burst
+    /// size so that a batch larger than the burst can still pass once the
+    /// bucket is full).
+    fn take(&self, rate: RateLimit, n: usize, now: Instant) -> Result<(), SvsError> {
+        let mut b = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
+        let burst = f64::from(rate.burst);
+        let elapsed = now.saturating_duration_since(b.last).as_secs_f64();
+        b.tokens = (b.tokens + elapsed * rate.per_second).min(burst);
+        b.last = now;
+        let need = (n as f64).min(burst);
+        if b.tokens >= need {
+            b.tokens -= need;
+            Ok(())
+        } else {
+            let wait = (need - b.tokens) / rate.per_second;
+            Err(SvsError::RateLimited {
+                retry_after: Duration::from_secs_f64(wait),
+            })
+        }
+    }
+}
+
+/// Holds one of an entity's concurrency slots; released on drop.
+#[derive(Debug)]
+pub struct InFlight(Arc<EntityLimiter>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// One entity as the request path sees it.
+#[derive(Debug)]
+pub struct Entity {
+    /// Its configuration.
+    pub config: EntityConfig,
+    limiter: Arc<EntityLimiter>,
+}
+
+impl Entity {
+    /// The entity's name.
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// Refuses a suspended entity.
+    pub fn check_active(&self) -> Result<(), SvsError> {
+        match self.config.status {
+            EntityStatus::Active => Ok(()),
+            EntityStatus::Suspended => Err(SvsError::EntitySuspended(self.config.name.clone())),
+        }
+    }
+
+    /// Admits a request of `items` operations: rate limit, then a
+    /// concurrency slot held until the returned guard drops.
+    pub fn admit(&self, items: usize) -> Result<InFlight, SvsError> {
+        self.admit_at(items, Instant::now())
+    }
+
+    fn admit_at(&self, items: usize, now: Instant) -> Result<InFlight, SvsError> {
+        let prev = self.limiter.in_flight.fetch_add(1, Ordering::AcqRel);
+        let guard = InFlight(self.limiter.clone());
+        if let Some(max) = self.config.max_concurrent
+            && prev >= max
+        {
+            return Err(SvsError::TooManyConcurrent);
+        }
+        if let Some(rate) = self.config.rate {
+            self.limiter.take(rate, items, now)?;
+        }
+        Ok(guard)
+    }
+
+    /// May this entity perform `op` at all?
+    pub fn check_operation(&self, op: Operation) -> Result<(), SvsError> {
+        if self.config.operations.contains(&op) {
+            Ok(())
+        } else {
+            Err(SvsError::OperationNotAllowed(op.as_str()))
+        }
+    }
+
+    /// May this entity use exposed key `key` (which must exist) for `op`?
+    pub fn check_key(&self, key: &str, op: Operation) -> Result<(), SvsError> {
+        self.check_operation(op)?;
+        if self.config.keys.contains(key) {
+            Ok(())
+        } else {
+            Err(SvsError::KeyNotAllowed(key.to_owned()))
+        }
+    }
+
+    /// The keys it may use.
+    pub fn keys(&self) -> &BTreeSet<String> {
+        &self.config.keys
+    }
+}
+
+/// All entities, indexed by the ways a certificate can match.
+#[derive(Debug, Default)]
+pub struct Policy {
+    entities: Vec<Arc<Entity>>,
+    by_certificate: HashMap<[u8; 32], usize>,
+    by_spki: HashMap<[u8; 32], usize>,
+    by_subject: HashMap<(String, String), usize>,
+}
+
+impl Policy {
+    /// Builds a policy, taking over the limiter state of same-named
+    /// entities from `previous`.
+    pub fn new(entities: &[EntityConfig], previous: Option<&Policy>) -> Policy {
+        let mut p = Policy::default();
+        for (i, config) in entities.iter().enumerate() {
+            let limiter = previous
+                .and_then(|old| old.entities.iter().find(|e| e.config.name == config.name))
+                .map(|e| e.limiter.clone())
+                .unwrap_or_else(|| Arc::new(EntityLimiter::new(config.rate)));
+            match &config.client {
+                ClientMatch::CertificateSha256(fp) => {
+                    p.by_certificate.insert(*fp, i);
+                }
+                ClientMatch::SpkiSha256(fp) => {
+                    p.by_spki.insert(*fp, i);
+                }
+                ClientMatch::Subject { subject, issuer } => {
+                    p.by_subject.insert((subject.clone(), issuer.clone()), i);
+                }
+            }
+            p.entities.push(Arc::new(Entity {
+                config: config.clone(),
+                limiter,
+            }));
+        }
+        p
+    }
+
+    /// The entity a client certificate belongs to. The most specific match
+    /// wins: whole certificate, then public key, then subject within CA.
+    pub fn identify(&self, id: &ClientIdentity) -> Result<Arc<Entity>, SvsError> {
+        self.by_certificate
+            .get(&id.certificate_sha256)
+            .or_else(|| self.by_spki.get(&id.spki_sha256))
+            .or_else(|| {
+                self.by_subject
+                    .get(&(id.subject.clone(), id.issuer.clone()))
+            })
+            .map(|&i| self.entities[i].clone())
+            .ok_or(SvsError::Unauthenticated)
+    }
+
+    /// Number of entities.
+    pub fn len(&self) -> usize {
+        self.entities.len()
+    }
+
+    /// True when no entity is configured.
+    pub fn is_empty(&self) -> bool {
+        self.entities.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entity(name: &str, client: ClientMatch) -> EntityConfig {
+        EntityConfig {
+            name: name.into(),
+            status: EntityStatus::Active,
+            client,
+            keys: ["k1".to_string()].into(),
+            operations: [Operation::Sign].into(),
+            rate: Some(RateLimit {
+                per_second: 10.0,
+                burst: 5,
+            }),
+            max_concurrent: Some(2),
+        }
+    }
+
+    fn id(cert: u8, spki: u8, subject: &str) -> ClientIdentity {
+        ClientIdentity {
+            certificate_sha256: [cert; 32],
+            spki_sha256: [spki; 32],
+            subject: subject.into(),
+            issuer: "CN=CA".into(),
+        }
+    }
+
+    #[test]
+    fn identifies_by_certificate_spki_or_subject() {
+        let p = Policy::new(
+            &[
+                entity("a", ClientMatch::CertificateSha256([1; 32])),
+                entity("b", ClientMatch::SpkiSha256([2; 32])),
+                entity(
+                    "c",
+                    ClientMatch::Subject {
+                        subject: "CN=c".into(),
+                        issuer: "CN=CA".into(),
+                    },
+                ),
+            ],
+            None,
+        );
+        assert_eq!(p.identify(&id(1, 9, "x")).unwrap().name(), "a");
+        assert_eq!(p.identify(&id(9, 2, "x")).unwrap().name(), "b");
+        assert_eq!(p.identify(&id(9, 9, "CN=c")).unwrap().name(), "c");
+        assert_eq!(
+            p.identify(&id(9, 9, "CN=d")).unwrap_err(),
+            SvsError::Unauthenticated
+        );
+        let mut other_ca = id(9, 9, "CN=c");
+        other_ca.issuer = "CN=Other".into();
+        assert!(p.identify(&other_ca).is_err());
+    }
+
+    #[test]
+    fn authorisation_matrix() {
+        let p = Policy::new(
+            &[entity("a", ClientMatch::CertificateSha256([1; 32]))],
+            None,
+        );
+        let e = p.identify(&id(1, 0, "")).unwrap();
+        assert!(e.check_key("k1", Operation::Sign).is_ok());
+        assert_eq!(
+            e.check_key("k2", Operation::Sign).unwrap_err(),
+            SvsError::KeyNotAllowed("k2".into())
+        );
+        assert_eq!(
+            e.check_key("k1", Operation::Verify).unwrap_err(),
+            SvsError::OperationNotAllowed("verify")
+        );
+        let mut suspended = entity("a", ClientMatch::CertificateSha256([1; 32]));
+        suspended.status = EntityStatus::Suspended;
+        let p2 = Policy::new(&[suspended], Some(&p));
+        assert!(matches!(
+            p2.identify(&id(1, 0, "")).unwrap().check_active(),
+            Err(SvsError::EntitySuspended(_))
+        ));
+    }
+
+    #[test]
+    fn token_bucket_refills_at_the_configured_rate() {
+        let p = Policy::new(
+            &[entity("a", ClientMatch::CertificateSha256([1; 32]))],
+            None,
+        );
+        let e = p.identify(&id(1, 0, "")).unwrap();
+        let t0 = Instant::now();
+        for _ in 0..5 {
+            drop(e.admit_at(1, t0).unwrap());
+        }
+        let Err(SvsError::RateLimited { retry_after }) = e.admit_at(1, t0) else {
+            panic!("bucket should be empty")
+        };
+        assert!(retry_after <= Duration::from_millis(100) && retry_after > Duration::ZERO);
+        // 10/s: after 100 ms one token is back.
+        drop(e.admit_at(1, t0 + Duration::from_millis(100)).unwrap());
+        assert!(e.admit_at(1, t0 + Duration::from_millis(100)).is_err());
+        // A batch bigger than the burst passes on a full bucket.
+        drop(e.admit_at(50, t0 + Duration::from_secs(10)).unwrap());
+    }
+
+    #[test]
+    fn concurrency_cap_counts_guards_and_survives_reload() {
+        let mut cfg = entity("a", ClientMatch::CertificateSha256([1; 32]));
+        cfg.rate = None;
+        let p = Policy::new(std::slice::from_ref(&cfg), None);
+        let e = p.identify(&id(1, 0, "")).unwrap();
+        let g1 = e.admit(1).unwrap();
+        let g2 = e.admit(1).unwrap();
+        assert_eq!(e.admit(1).unwrap_err(), SvsError::TooManyConcurrent);
+        // The new policy sees the two requests still in flight.
+        let p2 = Policy::new(&[cfg], Some(&p));
+        let e2 = p2.identify(&id(1, 0, "")).unwrap();
+        assert_eq!(e2.admit(1).unwrap_err(), SvsError::TooManyConcurrent);
+        drop(g1);
+        let g3 = e2.admit(1).unwrap();
+        drop((g2, g3));
+        assert!(e2.admit(1).is_ok());
+    }
+}

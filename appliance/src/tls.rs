@@ -1,0 +1,263 @@
+//! TLS: the rustls server configuration (TLS 1.3 and 1.2, HTTP/2 and
+//! HTTP/1.1 by ALPN, client certificate required and verified against the
+//! configured CA bundle), and a development PKI.
+//!
+//! TLS certificates are ECDSA P-256: rustls has no SM2. The SM2 keys are the
+//! signing keys in the token, not the transport's.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::RootCertStore;
+use rustls::server::{ServerConfig, WebPkiClientVerifier};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use sha2::{Digest, Sha256};
+
+use crate::config::TlsFiles;
+use crate::error::SvsError;
+
+fn cfg_err(m: String) -> SvsError {
+    SvsError::Config(vec![m])
+}
+
+fn read_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, SvsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| cfg_err(format!("{what} {}: {e}", path.display())))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| cfg_err(format!("{what} {}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(cfg_err(format!(
+            "{what} {}: no certificate",
+            path.display()
+        )));
+    }
+    Ok(certs)
+}
+
+/// The crypto provider svsd uses (ring).
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Builds the server configuration from the TLS files. Errors name the file.
+pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, SvsError> {
+    let chain = read_certs(&files.certificate, "tls certificate")?;
+    // The private key's bytes never reach an error message.
+    let key = PrivateKeyDer::from_pem_file(&files.private_key).map_err(|_| {
+        cfg_err(format!(
+            "tls private_key {}: cannot read a PEM private key",
+            files.private_key.display()
+        ))
+    })?;
+    let mut roots = RootCertStore::empty();
+    for ca in read_certs(&files.client_ca, "tls client_ca")? {
+        roots
+            .add(ca)
+            .map_err(|e| cfg_err(format!("tls client_ca {}: {e}", files.client_ca.display())))?;
+    }
+    let provider = provider();
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| cfg_err(format!("client certificate verifier: {e}")))?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| cfg_err(format!("TLS versions: {e}")))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| cfg_err(format!("tls certificate/private_key: {e}")))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Lower-case hex SHA-256 of DER bytes (a certificate's fingerprint).
+pub fn sha256_hex(der: &[u8]) -> String {
+    crate::policy::hex(&Sha256::digest(der))
+}
+
+/// A development PKI: a CA, server and client certificates (ECDSA P-256).
+pub mod devpki {
+    use std::path::{Path, PathBuf};
+
+    use rcgen::{
+        BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+        IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    };
+
+    use crate::error::SvsError;
+
+    fn err(e: impl std::fmt::Display) -> SvsError {
+        SvsError::Io(format!("dev PKI: {e}"))
+    }
+
+    /// A CA that can issue more certificates.
+    pub struct DevCa {
+        params: CertificateParams,
+        key: KeyPair,
+        /// The CA certificate, PEM.
+        pub cert_pem: String,
+    }
+
+    impl std::fmt::Debug for DevCa {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("DevCa").finish_non_exhaustive()
+        }
+    }
+
+    /// An issued certificate and its key.
+    #[derive(Debug, Clone)]
+    pub struct Issued {
+        /// Certificate, PEM.
+        pub cert_pem: String,
+        /// Certificate, DER.
+        pub cert_der: Vec<u8>,
+        /// Private key, PKCS#8 PEM.
+        pub key_pem: String,
+    }
+
+    fn ca_params(cn: &str) -> Result<CertificateParams, SvsError> {
+        let mut p = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "SVS development");
+        dn.push(DnType::CommonName, cn);
+        p.distinguished_name = dn;
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        Ok(p)
+    }
+
+    impl DevCa {
+        /// A new CA named `cn`.
+        pub fn generate(cn: &str) -> Result<DevCa, SvsError> {
+            let key = KeyPair::generate().map_err(err)?;
+            let params = ca_params(cn)?;
+            let cert_pem = params.self_signed(&key).map_err(err)?.pem();
+            Ok(DevCa {
+                params,
+                key,
+                cert_pem,
+            })
+        }
+
+        /// Saves `ca.pem` and `ca-key.pem` in `dir`.
+        pub fn save(&self, dir: &Path) -> Result<(), SvsError> {
+            write(&dir.join("ca.pem"), &self.cert_pem, false)?;
+            write(&dir.join("ca-key.pem"), &self.key.serialize_pem(), true)
+        }
+
+        /// Loads a CA saved by [`DevCa::save`] with common name `cn`.
+        pub fn load(dir: &Path, cn: &str) -> Result<DevCa, SvsError> {
+            let key_pem = std::fs::read_to_string(dir.join("ca-key.pem")).map_err(err)?;
+            let cert_pem = std::fs::read_to_string(dir.join("ca.pem")).map_err(err)?;
+            Ok(DevCa {
+                params: ca_params(cn)?,
+                key: KeyPair::from_pem(&key_pem).map_err(err)?,
+                cert_pem,
+            })
+        }
+
+        fn issue(&self, params: CertificateParams) -> Result<Issued, SvsError> {
+            let key = KeyPair::generate().map_err(err)?;
+            let issuer = Issuer::from_params(&self.params, &self.key);
+            let cert = params.signed_by(&key, &issuer).map_err(err)?;
+            Ok(Issued {
+                cert_pem: cert.pem(),
+                cert_der: cert.der().to_vec(),
+                key_pem: key.serialize_pem(),
+            })
+        }
+
+        /// A server certificate for `names` (DNS names or IP addresses).
+        pub fn server(&self, names: &[&str]) -> Result<Issued, SvsError> {
+            let mut p =
+                CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                    .map_err(err)?;
+            p.distinguished_name
+                .push(DnType::CommonName, names.first().copied().unwrap_or("svsd"));
+            p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+            self.issue(p)
+        }
+
+        /// A client certificate with common name `cn`.
+        pub fn client(&self, cn: &str) -> Result<Issued, SvsError> {
+            let mut p = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+            let mut dn = DistinguishedName::new();
+            dn.push(DnType::OrganizationName, "SVS development");
+            dn.push(DnType::CommonName, cn);
+            p.distinguished_name = dn;
+            p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            self.issue(p)
+        }
+    }
+
+    /// Writes a file; `secret` ones are created 0600.
+    pub fn write(path: &Path, content: &str, secret: bool) -> Result<(), SvsError> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(if secret { 0o600 } else { 0o644 })
+            .open(path)
+            .map_err(|e| err(format!("{}: {e}", path.display())))?;
+        f.write_all(content.as_bytes())
+            .map_err(|e| err(format!("{}: {e}", path.display())))
+    }
+
+    /// Writes `<name>.pem` and `<name>-key.pem`; returns their paths.
+    pub fn save_issued(
+        dir: &Path,
+        name: &str,
+        issued: &Issued,
+    ) -> Result<(PathBuf, PathBuf), SvsError> {
+        let cert = dir.join(format!("{name}.pem"));
+        let key = dir.join(format!("{name}-key.pem"));
+        write(&cert, &issued.cert_pem, false)?;
+        write(&key, &issued.key_pem, true)?;
+        Ok((cert, key))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::devpki::*;
+    use super::*;
+    use crate::policy::ClientIdentity;
+
+    #[test]
+    fn dev_pki_builds_a_server_config_and_client_identities() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = DevCa::generate("SVS dev CA").unwrap();
+        ca.save(dir.path()).unwrap();
+        let server = ca.server(&["localhost", "127.0.0.1"]).unwrap();
+        let (cert, key) = save_issued(dir.path(), "server", &server).unwrap();
+        let files = TlsFiles {
+            certificate: cert,
+            private_key: key,
+            client_ca: dir.path().join("ca.pem"),
+        };
+        let config = server_config(&files).unwrap();
+        assert_eq!(config.alpn_protocols[0], b"h2");
+
+        // A reloaded CA issues certificates under the same name.
+        let ca2 = DevCa::load(dir.path(), "SVS dev CA").unwrap();
+        let client = ca2.client("app1").unwrap();
+        let id = ClientIdentity::from_der(&client.cert_der).unwrap();
+        assert_eq!(id.subject, "CN=app1,O=SVS development");
+        assert_eq!(id.issuer, "CN=SVS dev CA,O=SVS development");
+        assert_eq!(
+            crate::policy::hex(&id.certificate_sha256),
+            sha256_hex(&client.cert_der)
+        );
+
+        let bad = TlsFiles {
+            certificate: dir.path().join("missing.pem"),
+            ..files
+        };
+        let Err(SvsError::Config(e)) = server_config(&bad) else {
+            panic!()
+        };
+        assert!(e[0].contains("missing.pem"));
+    }
+}

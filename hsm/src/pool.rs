@@ -1,0 +1,737 @@
+//! A fixed set of worker threads, each owning one logged-in session.
+//!
+//! PKCS#11 calls block, so they never run on the async runtime: callers put
+//! a job on a bounded queue and await a oneshot. A full queue is an explicit
+//! `Busy`; each job has a deadline. Workers classify failures (see
+//! [`crate::error::rv_info`]) and recover their own session with capped
+//! exponential backoff, retrying an idempotent job once.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use crate::error::{HsmError, Result, RvClass};
+
+/// What the pool needs from a token. Implemented for PKCS#11 by
+/// [`crate::token::Token`]; tests can supply doubles.
+pub trait SessionFactory: Send + Sync + 'static {
+    /// A logged-in session, owned by one worker at a time.
+    type Session: Send + 'static;
+    /// Opens a new session and logs in if needed.
+    fn open(&self) -> Result<Self::Session>;
+    /// Logs the session in again after the token forgot the login.
+    fn relogin(&self, session: &mut Self::Session) -> Result<()>;
+    /// A cheap call that fails when the session is no longer usable.
+    fn probe(&self, session: &mut Self::Session) -> Result<()>;
+}
+
+/// Hooks for metrics; the daemon implements them (with `prometheus`), this
+/// crate only calls them. Every method has an empty default.
+pub trait HsmMetrics: Send + Sync {
+    /// Jobs waiting in the queue, after a change.
+    fn queue_depth(&self, _depth: usize) {}
+    /// Sessions currently running a job, after a change.
+    fn sessions_in_use(&self, _in_use: usize) {}
+    /// Time a job waited in the queue before a worker took it.
+    fn queue_wait(&self, _wait: Duration) {}
+    /// Duration of one attempt of an operation; `mechanism` is the PKCS#11
+    /// mechanism number when the operation has one.
+    fn operation(&self, _op: &'static str, _mechanism: Option<u64>, _latency: Duration, _ok: bool) {
+    }
+    /// An error, labelled by CKR name or error kind.
+    fn error(&self, _label: &'static str) {}
+    /// A recovery step taken by a worker.
+    fn recovery(&self, _class: RvClass) {}
+}
+
+/// Metrics that go nowhere.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoMetrics;
+impl HsmMetrics for NoMetrics {}
+
+/// Pool sizing and timing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    /// Worker threads, one session each.
+    pub size: usize,
+    /// Jobs that may wait; beyond that callers get `Busy`.
+    pub queue_depth: usize,
+    /// Deadline of a job from submission (queue wait included).
+    pub op_timeout_ms: u64,
+    /// First delay before reopening a failed session.
+    pub backoff_initial_ms: u64,
+    /// Longest delay between reopen attempts.
+    pub backoff_max_ms: u64,
+    /// How often an idle worker checks its session is still alive.
+    pub probe_interval_ms: u64,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            size: 2,
+            queue_depth: 1024,
+            op_timeout_ms: 5000,
+            backoff_initial_ms: 50,
+            backoff_max_ms: 5000,
+            probe_interval_ms: 1000,
+        }
+    }
+}
+
+/// Coarse pool state for readiness probes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthState {
+    /// Every worker has a working session.
+    Up,
+    /// Some workers are recovering or stuck, or the last job failed.
+    Degraded,
+    /// No worker has a session.
+    Down,
+}
+
+/// A snapshot of the pool's health.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Health {
+    /// Overall state.
+    pub state: HealthState,
+    /// Worker count.
+    pub workers: usize,
+    /// Workers holding an open session.
+    pub sessions_open: usize,
+    /// Workers running a job for longer than the operation timeout.
+    pub workers_stuck: usize,
+    /// Jobs waiting.
+    pub queue_depth: usize,
+    /// When a job last succeeded.
+    pub last_success: Option<SystemTime>,
+    /// The last error (never contains a PIN).
+    pub last_error: Option<String>,
+    /// When it happened.
+    pub last_error_at: Option<SystemTime>,
+}
+
+trait Task<S>: Send {
+    fn attempt(&mut self, session: &mut S) -> Result<()>;
+    fn fail(self: Box<Self>, error: HsmError);
+    fn meta(&self) -> &JobMeta;
+}
+
+struct JobMeta {
+    op: &'static str,
+    mechanism: Option<u64>,
+    idempotent: bool,
+    enqueued: Instant,
+    deadline: Instant,
+}
+
+struct TypedTask<S, T, F>
+where
+    F: FnMut(&mut S) -> Result<T> + Send,
+{
+    work: F,
+    reply: Option<oneshot::Sender<Result<T>>>,
+    meta: JobMeta,
+    _session: std::marker::PhantomData<fn(&mut S)>,
+}
+
+impl<S, T, F> Task<S> for TypedTask<S, T, F>
+where
+    T: Send,
+    F: FnMut(&mut S) -> Result<T> + Send,
+{
+    fn attempt(&mut self, session: &mut S) -> Result<()> {
+        let value = (self.work)(session)?;
+        if let Some(reply) = self.reply.take() {
+            // The caller may have timed out and gone: nothing to do then.
+            let _ = reply.send(Ok(value));
+        }
+        Ok(())
+    }
+
+    fn fail(mut self: Box<Self>, error: HsmError) {
+        if let Some(reply) = self.reply.take() {
+            let _ = reply.send(Err(error));
+        }
+    }
+
+    fn meta(&self) -> &JobMeta {
+        &self.meta
+    }
+}
+
+type Job<S> = Box<dyn Task<S>>;
+
+#[derive(Default)]
+struct HealthRecord {
+    sessions_open: Vec<bool>,
+    busy_since: Vec<Option<Instant>>,
+    last_success: Option<SystemTime>,
+    last_error: Option<String>,
+    last_error_at: Option<SystemTime>,
+    last_was_error: bool,
+}
+
+struct Shared {
+    health: Mutex<HealthRecord>,
+    in_use: AtomicUsize,
+    metrics: Arc<dyn HsmMetrics>,
+    config: PoolConfig,
+}
+
+impl Shared {
+    fn record<R>(&self, f: impl FnOnce(&mut HealthRecord) -> R) -> R {
+        f(&mut self.health.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+/// The worker pool. Dropping it stops the workers once their current job ends.
+pub struct SessionPool<F: SessionFactory> {
+    tx: Option<Sender<Job<F::Session>>>,
+    rx_len: Receiver<Job<F::Session>>,
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl<F: SessionFactory> std::fmt::Debug for SessionPool<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionPool")
+            .field("config", &self.shared.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<F: SessionFactory> SessionPool<F> {
+    /// Starts `config.size` workers; each opens its session right away.
+    pub fn start(
+        factory: Arc<F>,
+        config: PoolConfig,
+        metrics: Arc<dyn HsmMetrics>,
+    ) -> Result<SessionPool<F>> {
+        if config.size == 0 || config.queue_depth == 0 {
+            return Err(HsmError::Config(
+                "pool size and queue depth must be at least 1".into(),
+            ));
+        }
+        let (tx, rx) = crossbeam_channel::bounded::<Job<F::Session>>(config.queue_depth);
+        let shared = Arc::new(Shared {
+            health: Mutex::new(HealthRecord {
+                sessions_open: vec![false; config.size],
+                busy_since: vec![None; config.size],
+                ..Default::default()
+            }),
+            in_use: AtomicUsize::new(0),
+            metrics,
+            config: config.clone(),
+        });
+        let mut workers = Vec::with_capacity(config.size);
+        for index in 0..config.size {
+            let worker = Worker {
+                index,
+                factory: factory.clone(),
+                shared: shared.clone(),
+                rx: rx.clone(),
+                session: None,
+                backoff: Backoff::new(&config),
+                last_probe: Instant::now(),
+            };
+            let handle = std::thread::Builder::new()
+                .name(format!("hsm-worker-{index}"))
+                .spawn(move || worker.run())
+                .map_err(|e| HsmError::Config(format!("cannot start worker thread: {e}")))?;
+            workers.push(handle);
+        }
+        Ok(SessionPool {
+            tx: Some(tx),
+            rx_len: rx,
+            shared,
+            workers,
+        })
+    }
+
+    /// Runs `work` on a worker's session and awaits its result.
+    ///
+    /// `idempotent` work is retried once on a fresh session after a session-
+    /// or token-level failure; other work fails with the error.
+    pub async fn run<T, W>(
+        &self,
+        op: &'static str,
+        mechanism: Option<u64>,
+        idempotent: bool,
+        work: W,
+    ) -> Result<T>
+    where
+        T: Send + 'static,
+        W: FnMut(&mut F::Session) -> Result<T> + Send + 'static,
+    {
+        let timeout = Duration::from_millis(self.shared.config.op_timeout_ms);
+        let now = Instant::now();
+        let (reply, rx) = oneshot::channel();
+        let job: Job<F::Session> = Box::new(TypedTask {
+            work,
+            reply: Some(reply),
+            meta: JobMeta {
+                op,
+                mechanism,
+                idempotent,
+                enqueued: now,
+                deadline: now + timeout,
+            },
+            _session: std::marker::PhantomData,
+        });
+        let tx = self.tx.as_ref().ok_or(HsmError::Shutdown)?;
+        match tx.try_send(job) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                self.shared.metrics.error("busy");
+                return Err(HsmError::Busy {
+                    retry_after: self.retry_after(),
+                });
+            }
+            Err(TrySendError::Disconnected(_)) => return Err(HsmError::Shutdown),
+        }
+        self.shared.metrics.queue_depth(self.rx_len.len());
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(HsmError::Shutdown),
+            Err(_) => {
+                self.shared.metrics.error("timeout");
+                Err(HsmError::Timeout(timeout))
+            }
+        }
+    }
+
+    fn retry_after(&self) -> Duration {
+        // Roughly the time to drain a full queue at one job per millisecond
+        // per worker, but at least a second so clients do not hammer.
+        let drain = self.shared.config.queue_depth as u64 / self.shared.config.size as u64;
+        Duration::from_millis(drain.max(1000))
+    }
+
+    /// Current health.
+    pub fn health(&self) -> Health {
+        let timeout = Duration::from_millis(self.shared.config.op_timeout_ms);
+        let queue_depth = self.rx_len.len();
+        self.shared.record(|h| {
+            let workers = h.sessions_open.len();
+            let sessions_open = h.sessions_open.iter().filter(|o| **o).count();
+            let workers_stuck = h
+                .busy_since
+                .iter()
+                .flatten()
+                .filter(|t| t.elapsed() > timeout)
+                .count();
+            let state = if sessions_open == 0 {
+                HealthState::Down
+            } else if sessions_open < workers || workers_stuck > 0 || h.last_was_error {
+                HealthState::Degraded
+            } else {
+                HealthState::Up
+            };
+            Health {
+                state,
+                workers,
+                sessions_open,
+                workers_stuck,
+                queue_depth,
+                last_success: h.last_success,
+                last_error: h.last_error.clone(),
+                last_error_at: h.last_error_at,
+            }
+        })
+    }
+
+    /// Pool configuration.
+    pub fn config(&self) -> &PoolConfig {
+        &self.shared.config
+    }
+}
+
+impl<F: SessionFactory> Drop for SessionPool<F> {
+    fn drop(&mut self) {
+        self.tx = None;
+        // Workers stuck in a stalled PKCS#11 call would block a join forever;
+        // they exit on their own once the call returns.
+        self.workers.clear();
+    }
+}
+
+struct Backoff {
+    initial: Duration,
+    max: Duration,
+    current: Duration,
+    next_try: Instant,
+}
+
+impl Backoff {
+    fn new(config: &PoolConfig) -> Backoff {
+        let initial = Duration::from_millis(config.backoff_initial_ms.max(1));
+        Backoff {
+            initial,
+            max: Duration::from_millis(config.backoff_max_ms).max(initial),
+            current: initial,
+            next_try: Instant::now(),
+        }
+    }
+
+    fn failed(&mut self) {
+        self.next_try = Instant::now() + self.current;
+        self.current = (self.current * 2).min(self.max);
+    }
+
+    fn reset(&mut self) {
+        self.current = self.initial;
+        self.next_try = Instant::now();
+    }
+}
+
+struct Worker<F: SessionFactory> {
+    index: usize,
+    factory: Arc<F>,
+    shared: Arc<Shared>,
+    rx: Receiver<Job<F::Session>>,
+    session: Option<F::Session>,
+    backoff: Backoff,
+    last_probe: Instant,
+}
+
+impl<F: SessionFactory> Worker<F> {
+    fn run(mut self) {
+        let probe_every = Duration::from_millis(self.shared.config.probe_interval_ms.max(10));
+        let _ = self.ensure_session(None);
+        loop {
+            match self.rx.recv_timeout(probe_every) {
+                Ok(job) => {
+                    self.shared.metrics.queue_depth(self.rx.len());
+                    self.handle(job);
+                }
+                Err(RecvTimeoutError::Timeout) => self.idle(),
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+    }
+
+    // Idle time is used to notice a dead session (or bring one back) before
+    // a caller's job has to pay for it.
+    fn idle(&mut self) {
+        let probe_every = Duration::from_millis(self.shared.config.probe_interval_ms);
+        if self.last_probe.elapsed() < probe_every {
+            return;
+        }
+        self.last_probe = Instant::now();
+        let Some(session) = self.session.as_mut() else {
+            let _ = self.ensure_session(None);
+            return;
+        };
+        let Err(e) = self.factory.probe(session) else {
+            return;
+        };
+        self.note_error(&e);
+        match e.rv_class() {
+            Some(RvClass::CallerError) => {}
+            Some(RvClass::Relogin) => {
+                self.shared.metrics.recovery(RvClass::Relogin);
+                let relogged = self.session.as_mut().map(|s| self.factory.relogin(s));
+                if !matches!(relogged, Some(Ok(()))) {
+                    self.drop_session(RvClass::RetrySession);
+                }
+            }
+            class => self.drop_session(class.unwrap_or(RvClass::Fatal)),
+        }
+    }
+
+    fn set_open(&self, open: bool) {
+        let index = self.index;
+        self.shared.record(|h| h.sessions_open[index] = open);
+    }
+
+    fn drop_session(&mut self, class: RvClass) {
+        self.shared.metrics.recovery(class);
+        // Dropping closes it; a close on a dead session fails harmlessly.
+        self.session = None;
+        self.set_open(false);
+    }
+
+    fn note_error(&self, e: &HsmError) {
+        self.shared.metrics.error(e.metric_label());
+        let text = e.to_string();
+        self.shared.record(|h| {
+            h.last_error = Some(text);
+            h.last_error_at = Some(SystemTime::now());
+            h.last_was_error = true;
+        });
+    }
+
+    /// Opens a session unless one is open, waiting out the backoff but never
+    /// past `deadline`.
+    fn ensure_session(&mut self, deadline: Option<Instant>) -> Result<()> {
+        loop {
+            if self.session.is_some() {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if self.backoff.next_try > now {
+                match deadline {
+                    Some(d) if self.backoff.next_try < d => {
+                        std::thread::sleep(self.backoff.next_try - now)
+                    }
+                    _ => {
+                        let last = self
+                            .shared
+                            .record(|h| h.last_error.clone())
+                            .unwrap_or_default();
+                        return Err(HsmError::Unavailable(format!(
+                            "token session is being recovered: {last}"
+                        )));
+                    }
+                }
+            }
+            match self.factory.open() {
+                Ok(s) => {
+                    self.session = Some(s);
+                    self.backoff.reset();
+                    self.set_open(true);
+                    tracing::info!(worker = self.index, "HSM session open");
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::warn!(worker = self.index, error = %e, "cannot open HSM session");
+                    self.note_error(&e);
+                    self.backoff.failed();
+                    if deadline.is_none() {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, mut job: Job<F::Session>) {
+        let meta = job.meta();
+        let (deadline, idempotent, op, mechanism) =
+            (meta.deadline, meta.idempotent, meta.op, meta.mechanism);
+        let budget = meta.deadline - meta.enqueued;
+        self.shared.metrics.queue_wait(meta.enqueued.elapsed());
+        let mut retried = false;
+        loop {
+            if Instant::now() >= deadline {
+                job.fail(HsmError::Timeout(budget));
+                return;
+            }
+            if let Err(e) = self.ensure_session(Some(deadline)) {
+                job.fail(e);
+                return;
+            }
+            let Some(session) = self.session.as_mut() else {
+                continue;
+            };
+            let in_use = self.shared.in_use.fetch_add(1, Ordering::Relaxed) + 1;
+            self.shared.metrics.sessions_in_use(in_use);
+            let index = self.index;
+            let started = Instant::now();
+            self.shared.record(|h| h.busy_since[index] = Some(started));
+            let result = job.attempt(session);
+            self.shared.record(|h| h.busy_since[index] = None);
+            let in_use = self.shared.in_use.fetch_sub(1, Ordering::Relaxed) - 1;
+            self.shared.metrics.sessions_in_use(in_use);
+            self.shared
+                .metrics
+                .operation(op, mechanism, started.elapsed(), result.is_ok());
+            let error = match result {
+                Ok(()) => {
+                    self.shared.record(|h| {
+                        h.last_success = Some(SystemTime::now());
+                        h.last_was_error = false;
+                    });
+                    return;
+                }
+                Err(e) => e,
+            };
+            self.note_error(&error);
+            let class = error.rv_class();
+            match class {
+                None | Some(RvClass::CallerError) => {
+                    job.fail(error);
+                    return;
+                }
+                Some(RvClass::Relogin) => {
+                    self.shared.metrics.recovery(RvClass::Relogin);
+                    let relogged = self.session.as_mut().map(|s| self.factory.relogin(s));
+                    if !matches!(relogged, Some(Ok(()))) {
+                        self.drop_session(RvClass::RetrySession);
+                    }
+                }
+                Some(c @ (RvClass::RetrySession | RvClass::TokenGone)) => self.drop_session(c),
+                Some(RvClass::Fatal) => {
+                    self.drop_session(RvClass::Fatal);
+                    job.fail(error);
+                    return;
+                }
+            }
+            if !idempotent || retried {
+                job.fail(error);
+                return;
+            }
+            tracing::info!(worker = self.index, error = %error, "retrying once on a recovered session");
+            retried = true;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU64;
+
+    /// Sessions are numbers; `fail_next` makes the next attempt fail with a code.
+    struct FakeFactory {
+        opened: AtomicU64,
+        refuse_open: Mutex<u32>,
+    }
+
+    impl SessionFactory for FakeFactory {
+        type Session = u64;
+        fn open(&self) -> Result<u64> {
+            let mut refuse = self.refuse_open.lock().unwrap();
+            if *refuse > 0 {
+                *refuse -= 1;
+                return Err(rv_error(0xE0));
+            }
+            Ok(self.opened.fetch_add(1, Ordering::SeqCst) + 1)
+        }
+        fn relogin(&self, _: &mut u64) -> Result<()> {
+            Ok(())
+        }
+        fn probe(&self, _: &mut u64) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    fn rv_error(code: u64) -> HsmError {
+        HsmError::Pkcs11 {
+            rv: crate::error::rv_info_from_code(code).unwrap(),
+            function: "Test".into(),
+        }
+    }
+
+    fn pool(
+        size: usize,
+        queue: usize,
+        timeout_ms: u64,
+    ) -> (Arc<FakeFactory>, SessionPool<FakeFactory>) {
+        let f = Arc::new(FakeFactory {
+            opened: AtomicU64::new(0),
+            refuse_open: Mutex::new(0),
+        });
+        let cfg = PoolConfig {
+            size,
+            queue_depth: queue,
+            op_timeout_ms: timeout_ms,
+            backoff_initial_ms: 5,
+            backoff_max_ms: 20,
+            probe_interval_ms: 50,
+        };
+        (
+            f.clone(),
+            SessionPool::start(f, cfg, Arc::new(NoMetrics)).unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn retries_idempotent_work_once_on_a_new_session() {
+        let (f, pool) = pool(1, 4, 2000);
+        let mut first = true;
+        let session = pool
+            .run("t", None, true, move |s: &mut u64| {
+                if std::mem::take(&mut first) {
+                    return Err(rv_error(0xB3)); // SESSION_HANDLE_INVALID
+                }
+                Ok(*s)
+            })
+            .await
+            .unwrap();
+        assert_eq!(session, 2, "second attempt ran on a reopened session");
+        assert_eq!(f.opened.load(Ordering::SeqCst), 2);
+
+        // Non-idempotent work is not retried.
+        let e = pool
+            .run("t", None, false, |_: &mut u64| -> Result<()> {
+                Err(rv_error(0x30))
+            })
+            .await;
+        assert_eq!(e.unwrap_err().ck_rv(), Some(0x30));
+        // Caller errors keep the session.
+        pool.run("t", None, true, |_: &mut u64| Ok(()))
+            .await
+            .unwrap();
+        let before = f.opened.load(Ordering::SeqCst);
+        let e = pool
+            .run("t", None, true, |_: &mut u64| -> Result<()> {
+                Err(rv_error(0x70))
+            })
+            .await;
+        assert_eq!(e.unwrap_err().ck_rv(), Some(0x70));
+        assert_eq!(f.opened.load(Ordering::SeqCst), before);
+    }
+
+    #[tokio::test]
+    async fn busy_and_timeout() {
+        let (_f, pool) = pool(1, 1, 300);
+        let pool = Arc::new(pool);
+        let p = pool.clone();
+        let slow = tokio::spawn(async move {
+            p.run("slow", None, true, |_: &mut u64| {
+                std::thread::sleep(Duration::from_millis(500));
+                Ok(())
+            })
+            .await
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let p = pool.clone();
+        let queued =
+            tokio::spawn(async move { p.run("q", None, true, |_: &mut u64| Ok(())).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let busy = pool.run("b", None, true, |_: &mut u64| Ok(())).await;
+        assert!(matches!(busy, Err(HsmError::Busy { .. })), "{busy:?}");
+        assert!(matches!(slow.await.unwrap(), Err(HsmError::Timeout(_))));
+        assert!(matches!(queued.await.unwrap(), Err(HsmError::Timeout(_))));
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        pool.run("after", None, true, |_: &mut u64| Ok(()))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn token_gone_recovers_with_backoff() {
+        let (f, pool) = pool(2, 8, 2000);
+        *f.refuse_open.lock().unwrap() = 3;
+        let mut first = true;
+        let r = pool
+            .run("t", None, true, move |s: &mut u64| {
+                if std::mem::take(&mut first) {
+                    return Err(rv_error(0xE0)); // TOKEN_NOT_PRESENT
+                }
+                Ok(*s)
+            })
+            .await;
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!(
+            pool.health()
+                .last_error
+                .as_deref()
+                .map(|e| e.contains("CKR_TOKEN_NOT_PRESENT")),
+            Some(true)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let h = pool.health();
+        assert_eq!(h.state, HealthState::Up, "{h:?}");
+        assert_eq!(h.sessions_open, 2);
+    }
+}

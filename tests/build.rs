@@ -1,0 +1,10 @@
+//! svs-bench measures the soft token in-process through svs-hsm
+//! (`Pkcs11::new_from_self`), which needs the token's PKCS#11 entry points
+//! in the executable's dynamic symbol table.
+
+fn main() {
+    for symbol in ["C_GetFunctionList", "C_GetInterfaceList", "C_GetInterface"] {
+        println!("cargo:rustc-link-arg-bins=-Wl,--export-dynamic-symbol={symbol}");
+    }
+    println!("cargo:rerun-if-changed=build.rs");
+}

@@ -1,0 +1,207 @@
+//! Load generator for svsd: compares HTTPS sign throughput (single and
+//! batched, HTTP/1.1 and HTTP/2 keep-alive) with the in-process token
+//! throughput on the same cores, measures latency at half of peak, RSS with
+//! many connections, and time from start to ready.
+//!
+//! `cargo run --release -p svs-e2e --bin svs-bench -- [--clients N] [--seconds S]`
+
+#![allow(clippy::unwrap_used, clippy::print_stdout)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use serde_json::json;
+use svs_e2e::{Install, b64};
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// Concurrent clients (connections).
+    #[arg(long, default_value_t = 16)]
+    clients: usize,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 3)]
+    seconds: u64,
+    /// Items per batch.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// Connections for the RSS measurement.
+    #[arg(long, default_value_t = 1000)]
+    connections: usize,
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Signatures per second through svs-hsm in this process, `workers` callers.
+async fn in_process(install: &Install, seconds: u64, workers: usize) -> f64 {
+    let token_conf = install.dir.join("softtoken.toml");
+    let text = std::fs::read_to_string(&install.config).unwrap();
+    let pin = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("pin = { file = \""))
+        .and_then(|l| l.strip_suffix("\" }"))
+        .unwrap()
+        .to_owned();
+    let cfg = svs_hsm::HsmConfig::from_toml(&format!(
+        "module = \"embedded\"\ntoken_label = \"svs-dev\"\npin = {{ file = \"{pin}\" }}\n[pool]\nsize = 2\n"
+    ))
+    .unwrap();
+    // The same soft token as svsd's, linked into this executable.
+    std::hint::black_box(svs_softtoken::C_GetFunctionList as *const ());
+    let hsm = tokio::task::spawn_blocking(move || {
+        svs_softtoken::set_config_path(Some(token_conf));
+        svs_hsm::Hsm::open(&cfg, Arc::new(svs_hsm::NoMetrics)).unwrap()
+    })
+    .await
+    .unwrap();
+    let hsm = Arc::new(hsm);
+    hsm.refresh_keys().await.unwrap();
+    let count = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for _ in 0..workers {
+        let (hsm, count, stop) = (hsm.clone(), count.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                hsm.sign(
+                    "demo",
+                    None,
+                    b"benchmark message of 64 bytes ......................",
+                    svs_hsm::SignatureEncoding::Der,
+                )
+                .await
+                .unwrap();
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    let start = Instant::now();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Signatures/s over HTTPS with `clients` connections; `batch` items per request.
+async fn http(
+    d: &svs_e2e::Daemon,
+    clients: usize,
+    h2: bool,
+    batch: usize,
+    seconds: u64,
+    pace: Option<Duration>,
+) -> (f64, Vec<Duration>) {
+    let count = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    let item =
+        json!({"key":"demo","data":b64(b"benchmark message of 64 bytes ......................")});
+    for _ in 0..clients {
+        let mut c = d.client(h2).await;
+        let (count, stop, item) = (count.clone(), stop.clone(), item.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut next = Instant::now();
+            while !stop.load(Ordering::Relaxed) {
+                if let Some(p) = pace {
+                    tokio::time::sleep_until(next.into()).await;
+                    next += p;
+                }
+                let t = Instant::now();
+                let (s, _, _) = if batch > 1 {
+                    c.post(
+                        "/v1/sign/batch",
+                        &json!({"items": vec![item.clone(); batch]}),
+                    )
+                    .await
+                    .unwrap()
+                } else {
+                    c.post("/v1/sign", &item).await.unwrap()
+                };
+                assert_eq!(s, 200);
+                lat.push(t.elapsed());
+                count.fetch_add(batch as u64, Ordering::Relaxed);
+            }
+            lat
+        }));
+    }
+    let start = Instant::now();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.unwrap());
+    }
+    lat.sort();
+    (
+        count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64(),
+        lat,
+    )
+}
+
+fn pct(l: &[Duration], p: f64) -> Duration {
+    l.get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or_default()
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let install = Install::new();
+    install.edit_config(|t| {
+        t.replace("checkpoint_interval_s = 60", "checkpoint_interval_s = 0")
+            .replace("checkpoint_key = \"svs-audit\"\n", "")
+    });
+    let token = in_process(&install, args.seconds, args.clients).await;
+    println!(
+        "in-process token (svs-hsm pool, {} callers): {token:.0} sign/s",
+        args.clients
+    );
+
+    let t0 = Instant::now();
+    let d = install.start().await;
+    println!("start to ready: {} ms", t0.elapsed().as_millis());
+    for h2 in [false, true] {
+        let proto = if h2 { "HTTP/2" } else { "HTTP/1.1" };
+        let (single, _) = http(&d, args.clients, h2, 1, args.seconds, None).await;
+        let (batched, _) = http(&d, args.clients, h2, args.batch, args.seconds, None).await;
+        println!(
+            "{proto}: single {single:.0}/s ({:.2} × token, target ≥ 0.6); batch of {} {batched:.0}/s ({:.2} × token, target ≥ 0.85)",
+            single / token,
+            args.batch,
+            batched / token
+        );
+        if !h2 {
+            // Half of the single-request peak, paced evenly over the clients.
+            let per_client = Duration::from_secs_f64(args.clients as f64 / (single / 2.0));
+            let (rate, lat) = http(&d, args.clients, h2, 1, args.seconds, Some(per_client)).await;
+            println!(
+                "{proto} at half peak ({rate:.0}/s): p50 {:?}, p99 {:?} (target p99 ≤ 2 ms)",
+                pct(&lat, 0.5),
+                pct(&lat, 0.99)
+            );
+        }
+    }
+    let mut conns = Vec::new();
+    for _ in 0..args.connections {
+        let mut c = d.client(false).await;
+        c.get("/healthz").await.unwrap();
+        conns.push(c);
+    }
+    println!(
+        "RSS with {} open connections: {} MiB (target ≤ 64)",
+        conns.len(),
+        rss_kib(d.child.id()) / 1024
+    );
+}

@@ -1,0 +1,887 @@
+//! End-to-end tests: the real svsd binary on a `--dev` installation
+//! (embedded soft token, dev PKI), driven over HTTPS with client certificates.
+
+#![allow(clippy::unwrap_used, clippy::print_stdout)]
+
+use std::collections::HashSet;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use svs_e2e::*;
+use tokio::io::AsyncWriteExt;
+
+const HELLO: &str = "aGVsbG8="; // "hello"
+
+fn entity(name: &str, fp: &str, keys: &[&str], ops: &[&str], extra: &str) -> String {
+    format!(
+        "[[entity]]\nname = \"{name}\"\ncertificate_sha256 = \"{fp}\"\nkeys = {keys:?}\noperations = {ops:?}\n{extra}\n"
+    )
+}
+
+fn expose_other(install: &Install) {
+    install.edit_config(|t| t.replace("[keys]\n", "[keys]\nother = { object = \"other\" }\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_endpoint_and_every_bad_input() {
+    let install = Install::new();
+    install.edit_config(|t| {
+        t.replace(
+            "max_body_bytes = 1048576",
+            "max_body_bytes = 4096\nheader_timeout_ms = 1000\nbody_timeout_ms = 1000",
+        )
+        .replace("max_batch_items = 256", "max_batch_items = 4")
+    });
+    let d = install.start().await;
+    for h2 in [false, true] {
+        let mut c = d.client(h2).await;
+        // sign: data (DER default, raw), digest, custom id.
+        let (s, _, v) = c
+            .post("/v1/sign", &json!({"key":"demo","data":HELLO}))
+            .await
+            .unwrap();
+        assert_eq!((s, v["encoding"].as_str()), (200, Some("der")), "{v}");
+        let der_sig = v["signature"].as_str().unwrap().to_owned();
+        let (s, _, v) = c
+            .post(
+                "/v1/sign",
+                &json!({"key":"demo","data":HELLO,"encoding":"raw","id":"alice@example"}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(s, 200);
+        assert_eq!(unb64(v["signature"].as_str().unwrap()).len(), 64);
+        let raw_alice = v["signature"].as_str().unwrap().to_owned();
+        let (s, _, v) = c
+            .post("/v1/sign", &json!({"key":"demo","digest":b64(&[7u8; 32])}))
+            .await
+            .unwrap();
+        assert_eq!(s, 200, "{v}");
+        let digest_sig = v["signature"].as_str().unwrap().to_owned();
+
+        // verify: by key, by public key, true and false answers.
+        let ok = |v: &Value| v["valid"].as_bool();
+        let (s, _, v) = c
+            .post(
+                "/v1/verify",
+                &json!({"key":"demo","data":HELLO,"signature":der_sig}),
+            )
+            .await
+            .unwrap();
+        assert_eq!((s, ok(&v)), (200, Some(true)));
+        let (s, _, v) = c
+            .post(
+                "/v1/verify",
+                &json!({"key":"demo","data":b64(b"hullo"),"signature":der_sig}),
+            )
+            .await
+            .unwrap();
+        assert_eq!((s, ok(&v)), (200, Some(false)));
+        let (_, _, v) = c
+            .post("/v1/verify", &json!({"key":"demo","data":HELLO,"id":"alice@example","encoding":"raw","signature":raw_alice}))
+            .await
+            .unwrap();
+        assert_eq!(ok(&v), Some(true));
+        let (_, _, v) = c
+            .post(
+                "/v1/verify",
+                &json!({"key":"demo","digest":b64(&[7u8; 32]),"signature":digest_sig}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(ok(&v), Some(true));
+        let (s, _, k) = c.get("/v1/keys/demo").await.unwrap();
+        assert_eq!(s, 200);
+        let pem = k["public_key"].as_str().unwrap();
+        let (_, _, v) = c
+            .post(
+                "/v1/verify",
+                &json!({"public_key":pem,"data":HELLO,"signature":der_sig}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(ok(&v), Some(true));
+
+        // batches keep order; each item has its own answer or error.
+        let (s, _, v) = c
+            .post("/v1/sign/batch", &json!({"items":[{"key":"demo","data":HELLO},{"key":"nope","data":HELLO},{"key":"demo","digest":"AAAA"}]}))
+            .await
+            .unwrap();
+        assert_eq!(s, 200);
+        let r = v["results"].as_array().unwrap();
+        assert!(r[0]["signature"].is_string());
+        assert_eq!(r[1]["error"]["code"], "unknown_key");
+        assert_eq!(r[2]["error"]["code"], "invalid_digest");
+        let (s, _, v) = c
+            .post("/v1/verify/batch", &json!({"items":[{"key":"demo","data":HELLO,"signature":der_sig},{"key":"demo","data":"AA==","signature":der_sig},{"key":"demo"}]}))
+            .await
+            .unwrap();
+        assert_eq!(s, 200);
+        let r = v["results"].as_array().unwrap();
+        assert_eq!(
+            (r[0]["valid"].as_bool(), r[1]["valid"].as_bool()),
+            (Some(true), Some(false))
+        );
+        assert_eq!(r[2]["error"]["code"], "malformed_request");
+
+        // keys, probes.
+        let (s, _, v) = c.get("/v1/keys").await.unwrap();
+        assert_eq!((s, v["keys"][0]["name"].as_str()), (200, Some("demo")));
+        assert_eq!(c.get("/healthz").await.unwrap().0, 200);
+        assert_eq!(c.get("/readyz").await.unwrap().0, 200);
+
+        // Bad input: each a clear 4xx with its code.
+        let off_curve = {
+            let mut spki = unb64(
+                &pem.lines()
+                    .filter(|l| !l.starts_with("-----"))
+                    .collect::<String>(),
+            );
+            let n = spki.len();
+            spki[n - 1] ^= 1;
+            b64(&spki)
+        };
+        let mut infinity = unb64(
+            &pem.lines()
+                .filter(|l| !l.starts_with("-----"))
+                .collect::<String>(),
+        );
+        infinity.truncate(infinity.len() - 66);
+        let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+            ("/v1/sign", b"{not json".to_vec(), 400, "malformed_request"),
+            (
+                "/v1/sign",
+                br#"{"key":"demo","data":"aGVsbG8=","extra":1}"#.to_vec(),
+                400,
+                "malformed_request",
+            ),
+            (
+                "/v1/sign",
+                br#"{"key":"demo","data":"***"}"#.to_vec(),
+                400,
+                "invalid_base64",
+            ),
+            (
+                "/v1/sign",
+                br#"{"key":"demo","digest":"AAAA"}"#.to_vec(),
+                400,
+                "invalid_digest",
+            ),
+            (
+                "/v1/sign",
+                br#"{"key":"demo","data":"aGVsbG8=","encoding":"pem"}"#.to_vec(),
+                400,
+                "malformed_request",
+            ),
+            (
+                "/v1/sign",
+                br#"{"key":"nope","data":"aGVsbG8="}"#.to_vec(),
+                404,
+                "unknown_key",
+            ),
+            (
+                "/v1/verify",
+                json!({"key":"demo","data":HELLO,"signature":b64(&[1u8; 64])})
+                    .to_string()
+                    .into_bytes(),
+                400,
+                "invalid_signature",
+            ),
+            (
+                "/v1/verify",
+                json!({"public_key":off_curve,"data":HELLO,"signature":der_sig})
+                    .to_string()
+                    .into_bytes(),
+                400,
+                "invalid_public_key",
+            ),
+            (
+                "/v1/verify",
+                json!({"public_key":b64(&infinity),"data":HELLO,"signature":der_sig})
+                    .to_string()
+                    .into_bytes(),
+                400,
+                "invalid_public_key",
+            ),
+            (
+                "/v1/verify",
+                json!({"certificate":b64(b"garbage"),"data":HELLO,"signature":der_sig})
+                    .to_string()
+                    .into_bytes(),
+                400,
+                "invalid_certificate",
+            ),
+            (
+                "/v1/verify",
+                json!({"key":"demo","public_key":pem,"data":HELLO,"signature":der_sig})
+                    .to_string()
+                    .into_bytes(),
+                400,
+                "invalid_request",
+            ),
+            (
+                "/v1/sign",
+                json!({"key":"demo","data":b64(&[0u8; 8192])})
+                    .to_string()
+                    .into_bytes(),
+                413,
+                "body_too_large",
+            ),
+            (
+                "/v1/sign/batch",
+                json!({"items":[{},{},{},{},{}]}).to_string().into_bytes(),
+                413,
+                "batch_too_large",
+            ),
+            ("/v1/nothing", b"{}".to_vec(), 404, "not_found"),
+        ];
+        for (path, body, status, code) in cases {
+            let (s, _, v) = c
+                .request("POST", path, Some("application/json"), body)
+                .await
+                .unwrap();
+            assert_eq!(
+                (s, v["error"]["code"].as_str()),
+                (status, Some(code)),
+                "{path} {v}"
+            );
+            assert!(
+                v["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| !m.is_empty())
+            );
+        }
+        let (s, _, v) = c.get("/v1/sign").await.unwrap();
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (405, Some("method_not_allowed"))
+        );
+        let (s, _, v) = c
+            .request("POST", "/v1/sign", Some("text/plain"), b"{}".to_vec())
+            .await
+            .unwrap();
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (415, Some("unsupported_media_type"))
+        );
+        // The connection is still good after all that.
+        assert_eq!(c.get("/healthz").await.unwrap().0, 200);
+    }
+
+    // Certificates from the dev CA verify as certificate input (ECDSA → refused as not SM2).
+    let mut c = d.client(false).await;
+    let client_pem = std::fs::read_to_string(install.dir.join("client.pem")).unwrap();
+    let (s, _, v) = c
+        .post(
+            "/v1/verify",
+            &json!({"certificate":client_pem,"data":HELLO,"signature":b64(&[0x30, 0])}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (400, Some("invalid_certificate")),
+        "{v}"
+    );
+
+    // Slow clients: headers not finished in time → 408 or closed; body not finished → 408.
+    let cfg = tls_config(&d.ca, Some(&d.client), false);
+    let mut t = tls_stream(d.addr, cfg.clone()).await.unwrap();
+    t.write_all(b"POST /v1/sign HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let r = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read_to_end(&mut t, &mut buf),
+    )
+    .await;
+    assert!(
+        r.is_ok(),
+        "a client that never finishes its headers is cut off"
+    );
+    let text = String::from_utf8_lossy(&buf);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "{text}"
+    );
+    let mut t = tls_stream(d.addr, cfg).await.unwrap();
+    t.write_all(b"POST /v1/sign HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"key\"").await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read(&mut t, &mut buf),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("request_timeout"));
+
+    // Still alive and ready.
+    let mut c = d.client(true).await;
+    assert_eq!(c.get("/readyz").await.unwrap().0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorisation_matrix_and_unknown_clients() {
+    let install = Install::new();
+    expose_other(&install);
+    let dev = install.dev_client();
+    let signer = install.issue_client("signer");
+    let verifier = install.issue_client("verifier");
+    let stranger = install.issue_client("stranger");
+    let by_subject = install.issue_client("by-subject");
+    install.write_entities(&format!(
+        "{}{}{}[[entity]]\nname = \"subj\"\nsubject = \"CN=by-subject,O=SVS development\"\nissuer = \"CN=SVS dev CA,O=SVS development\"\nkeys = [\"other\"]\noperations = [\"sign\"]\n",
+        entity("dev-client", &dev.sha256, &["demo"], &["sign", "verify"], ""),
+        entity("signer", &signer.sha256, &["demo"], &["sign"], ""),
+        entity("verifier", &verifier.sha256, &["demo", "other"], &["verify"], ""),
+    ));
+    let d = install.start().await;
+    let sig = {
+        let mut c = d.client(false).await;
+        c.post("/v1/sign", &json!({"key":"demo","data":HELLO}))
+            .await
+            .unwrap()
+            .2["signature"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    // (client, key, op) → expected status
+    let matrix: Vec<(&ClientCert, &str, &str, u16)> = vec![
+        (&dev, "demo", "sign", 200),
+        (&dev, "demo", "verify", 200),
+        (&dev, "other", "sign", 403),
+        (&dev, "other", "verify", 403),
+        (&dev, "missing", "sign", 404),
+        (&signer, "demo", "sign", 200),
+        (&signer, "demo", "verify", 403),
+        (&signer, "other", "sign", 403),
+        (&verifier, "demo", "sign", 403),
+        (&verifier, "demo", "verify", 200),
+        (&verifier, "other", "verify", 200),
+        (&verifier, "other", "sign", 403),
+        (&by_subject, "other", "sign", 200),
+        (&by_subject, "demo", "sign", 403),
+        (&stranger, "demo", "sign", 401),
+        (&stranger, "demo", "verify", 401),
+    ];
+    for (who, key, op, want) in matrix {
+        let mut c = Client::connect(d.addr, &d.ca, who, false).await.unwrap();
+        let body = if op == "sign" {
+            json!({"key":key,"data":HELLO})
+        } else {
+            json!({"key":key,"data":HELLO,"signature":sig})
+        };
+        let (s, _, v) = c.post(&format!("/v1/{op}"), &body).await.unwrap();
+        assert_eq!(s, want, "{} {key} {op}: {v}", who.cert.display());
+    }
+    // GET /v1/keys lists only the keys an entity may use.
+    let mut c = Client::connect(d.addr, &d.ca, &verifier, true)
+        .await
+        .unwrap();
+    let (_, _, v) = c.get("/v1/keys").await.unwrap();
+    let names: Vec<_> = v["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names, ["demo", "other"]);
+    let mut c = Client::connect(d.addr, &d.ca, &signer, true).await.unwrap();
+    assert_eq!(c.get("/v1/keys/other").await.unwrap().0, 403);
+    assert_eq!(c.get("/v1/keys/missing").await.unwrap().0, 404);
+
+    // No client certificate, or one from another CA: the handshake refuses.
+    let no_cert = tls_config(&d.ca, None, false);
+    let refused = match Client::connect_with(d.addr, no_cert, false).await {
+        Err(_) => true,
+        Ok(mut c) => c.get("/healthz").await.is_err(),
+    };
+    assert!(refused, "a client without a certificate must be refused");
+    let other_ca = svs_appliance::tls::devpki::DevCa::generate("Rogue CA").unwrap();
+    let rogue = other_ca.client("dev-client").unwrap();
+    let (cert, key) =
+        svs_appliance::tls::devpki::save_issued(&install.dir, "rogue", &rogue).unwrap();
+    let rogue = ClientCert {
+        cert,
+        key,
+        sha256: String::new(),
+    };
+    let refused = match Client::connect(d.addr, &d.ca, &rogue, false).await {
+        Err(_) => true,
+        Ok(mut c) => c.get("/healthz").await.is_err(),
+    };
+    assert!(refused, "a certificate from another CA must be refused");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_suspension_and_refused_reload() {
+    let install = Install::new();
+    let dev = install.dev_client();
+    let limited = install.issue_client("limited");
+    let entities = |status: &str| {
+        format!(
+            "{}{}",
+            entity(
+                "dev-client",
+                &dev.sha256,
+                &["demo"],
+                &["sign", "verify"],
+                ""
+            ),
+            entity(
+                "limited",
+                &limited.sha256,
+                &["demo"],
+                &["sign"],
+                &format!("status = \"{status}\"\nrate = {{ per_second = 1.0, burst = 3 }}")
+            ),
+        )
+    };
+    install.write_entities(&entities("active"));
+    let d = install.start().await;
+    let mut c = Client::connect(d.addr, &d.ca, &limited, false)
+        .await
+        .unwrap();
+    let sign = json!({"key":"demo","data":HELLO});
+    for _ in 0..3 {
+        assert_eq!(c.post("/v1/sign", &sign).await.unwrap().0, 200);
+    }
+    let (s, h, v) = c.post("/v1/sign", &sign).await.unwrap();
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (429, Some("rate_limited"))
+    );
+    let retry: u64 = h["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=2).contains(&retry));
+
+    // Suspension takes effect on SIGHUP, on the existing connection too.
+    install.write_entities(&entities("suspended"));
+    d.signal("HUP");
+    let mut suspended = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (s, _, v) = c.post("/v1/sign", &sign).await.unwrap();
+        if s == 403 {
+            assert_eq!(v["error"]["code"], "entity_suspended");
+            suspended = true;
+            break;
+        }
+    }
+    assert!(suspended);
+
+    // An invalid new config is refused; the old one keeps serving.
+    install.write_entities("[[entity]]\nname = \"broken\"\nbogus = true\n");
+    d.signal("HUP");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut dc = d.client(false).await;
+    assert_eq!(dc.post("/v1/sign", &sign).await.unwrap().0, 200);
+    assert!(d.log_text().contains("reload refused"), "{}", d.log_text());
+    assert_eq!(c.post("/v1/sign", &sign).await.unwrap().0, 403);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_under_load_fails_no_request() {
+    let install = Install::new();
+    let d = install.start().await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let mut c = d.client(i % 2 == 0).await;
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut bad) = (0, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match c
+                    .post("/v1/sign", &json!({"key":"demo","data":HELLO}))
+                    .await
+                {
+                    Ok((200, _, _)) => ok += 1,
+                    other => bad.push(format!("{other:?}")),
+                }
+            }
+            (ok, bad)
+        }));
+    }
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // Re-issue the server certificate too: new connections get it.
+        let ca =
+            svs_appliance::tls::devpki::DevCa::load(&install.dir, svs_appliance::dev::DEV_CA_NAME)
+                .unwrap();
+        let server = ca.server(&["localhost", "127.0.0.1"]).unwrap();
+        svs_appliance::tls::devpki::save_issued(&install.dir, "server", &server).unwrap();
+        d.signal("HUP");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // New connections work after the reloads.
+    assert_eq!(d.client(false).await.get("/readyz").await.unwrap().0, 200);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for t in tasks {
+        let (ok, bad) = t.await.unwrap();
+        assert!(bad.is_empty(), "{bad:?}");
+        total += ok;
+    }
+    assert!(total > 50, "only {total} requests");
+    assert_eq!(
+        d.log_text().matches("configuration reloaded").count(),
+        5,
+        "{}",
+        d.log_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_requests_in_flight() {
+    let install = Install::new();
+    // Every C_Sign stalls 700 ms (after the self-tests' first signatures).
+    let mut d = install
+        .start_with_env(&[("SVS_SOFTTOKEN_FAULTS", "C_Sign:stall=700:after=2")])
+        .await;
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let mut c = d.client(false).await;
+        tasks.push(tokio::spawn(async move {
+            c.post("/v1/sign", &json!({"key":"demo","data":HELLO}))
+                .await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    d.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // No new connections once draining.
+    assert!(
+        Client::connect(d.addr, &d.ca, &d.client, false)
+            .await
+            .is_err()
+    );
+    for t in tasks {
+        let (s, _, v) = t.await.unwrap().unwrap();
+        assert_eq!(s, 200, "{v}");
+    }
+    let st = d.wait(Duration::from_secs(10)).expect("svsd did not exit");
+    assert!(st.success());
+    let r = svs_appliance::audit::verify_dir(&install.audit_dir(), None).unwrap();
+    assert!(r.records >= 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_chain_survives_kill_9_and_holds_every_signature_handed_out() {
+    let install = Install::new();
+    let d = install.start().await;
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let mut c = d.client(i % 2 == 1).await;
+        tasks.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            for n in 0.. {
+                let data = format!("client {i} message {n}");
+                match c
+                    .post(
+                        "/v1/sign",
+                        &json!({"key":"demo","data":b64(data.as_bytes())}),
+                    )
+                    .await
+                {
+                    Ok((200, _, v)) => {
+                        let sig = unb64(v["signature"].as_str().unwrap());
+                        got.push((sm3_hex(data.as_bytes()), sm3_hex(&sig)));
+                    }
+                    _ => break,
+                }
+            }
+            got
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    d.signal("KILL");
+    let mut received = Vec::new();
+    for t in tasks {
+        received.extend(t.await.unwrap());
+    }
+    drop(d);
+    assert!(received.len() > 20, "{}", received.len());
+    // A restart cuts a torn tail (never acknowledged) and continues the chain.
+    let d = install.start().await;
+    drop(d);
+    let report = svs_appliance::audit::verify_dir(&install.audit_dir(), None).unwrap();
+    let mut in_trail = HashSet::new();
+    for f in std::fs::read_dir(install.audit_dir()).unwrap() {
+        for line in std::fs::read_to_string(f.unwrap().path()).unwrap().lines() {
+            let v: Value = serde_json::from_str(line).unwrap();
+            if v["outcome"] == "ok" {
+                in_trail.insert((
+                    v["input_sm3"].as_str().unwrap().to_owned(),
+                    v["output_sm3"].as_str().unwrap().to_owned(),
+                ));
+            }
+        }
+    }
+    for r in &received {
+        assert!(
+            in_trail.contains(r),
+            "signature handed out but not in the trail: {r:?}"
+        );
+    }
+    println!(
+        "{} signatures received, all in a trail of {} records",
+        received.len(),
+        report.records
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payloads_never_reach_the_log_or_the_trail() {
+    let install = Install::new();
+    let d = install.start_with_env(&[("RUST_LOG", "trace")]).await;
+    let secret = b"PASSPORT E12345678 ZHANG SAN";
+    let mut c = d.client(false).await;
+    let _ = c
+        .post("/v1/sign", &json!({"key":"demo","data":b64(secret)}))
+        .await
+        .unwrap();
+    let _ = c
+        .post(
+            "/v1/sign",
+            &json!({"key":"demo","data":b64(secret),"bogus":"PASSPORT"}),
+        )
+        .await
+        .unwrap();
+    let _ = c
+        .post(
+            "/v1/verify",
+            &json!({"key":"demo","data":b64(secret),"signature":"PASSPORT"}),
+        )
+        .await
+        .unwrap();
+    let _ = c
+        .post("/v1/sign", &json!({"key":"demo","data":42424242}))
+        .await
+        .unwrap();
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let log = d.log_text();
+    let mut trail = String::new();
+    for f in std::fs::read_dir(install.audit_dir()).unwrap() {
+        trail.push_str(&std::fs::read_to_string(f.unwrap().path()).unwrap());
+    }
+    for haystack in [&log, &trail] {
+        assert!(!haystack.contains("PASSPORT"));
+        assert!(!haystack.contains("E12345678"));
+        assert!(!haystack.contains(&b64(secret)));
+        assert!(!haystack.contains("42424242"));
+    }
+    assert!(
+        trail.contains(&sm3_hex(secret)),
+        "the trail holds the SM3 of the input"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interop_with_openssl_and_gmssl() {
+    let openssl = have_tool(Command::new("openssl").arg("version"), "openssl");
+    let gmssl = have_tool(
+        Command::new("python3").args(["-c", "import gmssl.sm2"]),
+        "python3 gmssl",
+    );
+    if !openssl && !gmssl {
+        return;
+    }
+    let install = Install::new();
+    let d = install.start().await;
+    let mut c = d.client(false).await;
+    let work = install.dir.join("interop");
+    std::fs::create_dir_all(&work).unwrap();
+    let msg = b"interop message for SM2 with the default ID";
+    std::fs::write(work.join("msg.bin"), msg).unwrap();
+    let (_, _, k) = c.get("/v1/keys/demo").await.unwrap();
+    std::fs::write(work.join("pub.pem"), k["public_key"].as_str().unwrap()).unwrap();
+    let (_, _, v) = c
+        .post("/v1/sign", &json!({"key":"demo","data":b64(msg)}))
+        .await
+        .unwrap();
+    let der = unb64(v["signature"].as_str().unwrap());
+    std::fs::write(work.join("sig.der"), &der).unwrap();
+    if openssl {
+        let st = Command::new("openssl")
+            .args([
+                "pkeyutl",
+                "-verify",
+                "-pubin",
+                "-inkey",
+                "pub.pem",
+                "-rawin",
+                "-in",
+                "msg.bin",
+                "-sigfile",
+                "sig.der",
+                "-digest",
+                "sm3",
+                "-pkeyopt",
+                "distid:1234567812345678",
+            ])
+            .current_dir(&work)
+            .output()
+            .unwrap();
+        assert!(
+            st.status.success(),
+            "openssl rejects the API's signature: {}",
+            String::from_utf8_lossy(&st.stdout)
+        );
+        // The other way: OpenSSL signs, the API verifies.
+        let ok = |args: &[&str]| {
+            let o = Command::new("openssl")
+                .args(args)
+                .current_dir(&work)
+                .output()
+                .unwrap();
+            assert!(
+                o.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        };
+        ok(&[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:SM2",
+            "-out",
+            "key.pem",
+        ]);
+        ok(&["pkey", "-in", "key.pem", "-pubout", "-out", "ossl-pub.pem"]);
+        ok(&[
+            "pkeyutl",
+            "-sign",
+            "-inkey",
+            "key.pem",
+            "-rawin",
+            "-in",
+            "msg.bin",
+            "-digest",
+            "sm3",
+            "-pkeyopt",
+            "distid:1234567812345678",
+            "-out",
+            "ossl.sig",
+        ]);
+        let pubpem = std::fs::read_to_string(work.join("ossl-pub.pem")).unwrap();
+        let sig = std::fs::read(work.join("ossl.sig")).unwrap();
+        let (s, _, v) = c
+            .post(
+                "/v1/verify",
+                &json!({"public_key":pubpem,"data":b64(msg),"signature":b64(&sig)}),
+            )
+            .await
+            .unwrap();
+        assert_eq!((s, v["valid"].as_bool()), (200, Some(true)), "{v}");
+        let (_, _, v) = c
+            .post(
+                "/v1/verify",
+                &json!({"public_key":pubpem,"data":b64(b"other"),"signature":b64(&sig)}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(v["valid"].as_bool(), Some(false));
+    }
+    if gmssl {
+        let (_, _, v) = c
+            .post(
+                "/v1/sign",
+                &json!({"key":"demo","data":b64(msg),"encoding":"raw"}),
+            )
+            .await
+            .unwrap();
+        let raw = unb64(v["signature"].as_str().unwrap());
+        let spki = unb64(
+            &k["public_key"]
+                .as_str()
+                .unwrap()
+                .lines()
+                .filter(|l| !l.starts_with("-----"))
+                .collect::<String>(),
+        );
+        let point = &spki[spki.len() - 64..];
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        let script = format!(
+            "from gmssl import sm2\nc = sm2.CryptSM2(private_key='', public_key='{}')\nimport sys\nsys.exit(0 if c.verify_with_sm3('{}', bytes.fromhex('{}')) else 1)\n",
+            hex(point),
+            hex(&raw),
+            hex(msg)
+        );
+        let st = Command::new("python3")
+            .args(["-c", &script])
+            .status()
+            .unwrap();
+        assert!(st.success(), "gmssl rejects the API's signature");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dev_mode_curl_commands_work_as_printed() {
+    if !have_tool(Command::new("curl").arg("--version"), "curl") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let out_path = tmp.path().join("out.txt");
+    let mut child = Command::new(svsd_bin())
+        .args([
+            "--dev",
+            "--allow-root",
+            "--dev-port",
+            &port.to_string(),
+            "--dev-dir",
+        ])
+        .arg(tmp.path().join("dev"))
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut printed = String::new();
+    let mut ready = false;
+    for _ in 0..200 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        printed = std::fs::read_to_string(&out_path).unwrap_or_default();
+        if printed.contains("/v1/verify") {
+            let st = Command::new("curl")
+                .args(["-sk", &format!("https://127.0.0.1:{port}/healthz")])
+                .status();
+            // Without a client certificate curl fails the handshake; any answer means it listens.
+            ready = st.is_ok() && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+            if ready {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                break;
+            }
+        }
+    }
+    assert!(ready, "{printed}");
+    let sign: String = printed
+        .lines()
+        .find(|l| l.starts_with("curl") && l.contains("/v1/sign"))
+        .unwrap()
+        .into();
+    let out = Command::new("sh").args(["-c", &sign]).output().unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["signature"].is_string(), "{v}");
+    let block: Vec<&str> = printed
+        .lines()
+        .skip_while(|l| !l.starts_with("SIG="))
+        .take(2)
+        .collect();
+    let out = Command::new("sh")
+        .args(["-c", &block.join("\n")])
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["valid"], true);
+    let _ = child.kill();
+    let _ = child.wait();
+}
