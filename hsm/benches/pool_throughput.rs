@@ -4,7 +4,8 @@
 //! `openssl speed sm2`. Prints ratios measured side by side in one run.
 //!
 //! `cargo bench -p svs-hsm --bench pool_throughput` (SVS_BENCH_SECONDS to
-//! change the 3 s per measurement).
+//! change the 3 s per measurement; SVS_BENCH_ONLY=direct1|pool1 to run one
+//! configuration alone, for a profiler).
 
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
@@ -190,6 +191,12 @@ fn main() {
         })
     };
 
+    // For profiling one configuration alone (e.g. under `perf record`).
+    match std::env::var("SVS_BENCH_ONLY").as_deref() {
+        Ok("direct1") => return println!("direct, 1 thread: {:.0} ops/s", direct(1)),
+        Ok("pool1") => return println!("pool, 1 worker: {:.0} ops/s", through_pool(hsm, 16)),
+        _ => {}
+    }
     let hsm2 = open_hsm(dir.path(), 2, false);
     let hsm1v = open_hsm(dir.path(), 1, true);
     let hsm2v = open_hsm(dir.path(), 2, true);

@@ -259,6 +259,9 @@ pub enum HsmError {
     /// The pool has been shut down.
     #[error("HSM pool shut down")]
     Shutdown,
+    /// A job panicked on a worker (a bug); the worker replaced its session.
+    #[error("HSM job {0} panicked")]
+    WorkerPanic(&'static str),
     /// cryptoki failed outside of a PKCS#11 call (conversion, missing symbol…).
     #[error("cryptoki: {0}")]
     Cryptoki(String),
@@ -272,6 +275,8 @@ impl HsmError {
             // A signature that fails the host check is treated like a session
             // fault: retry once elsewhere rather than hand it out.
             HsmError::FaultySignature(_) => Some(RvClass::RetrySession),
+            // The session may be mid-operation: replace it, do not retry.
+            HsmError::WorkerPanic(_) => Some(RvClass::Fatal),
             _ => None,
         }
     }
@@ -302,6 +307,7 @@ impl HsmError {
             HsmError::VerifyFailed => "verify_failed",
             HsmError::Encoding(_) => "encoding",
             HsmError::Shutdown => "shutdown",
+            HsmError::WorkerPanic(_) => "worker_panic",
             HsmError::Cryptoki(_) => "cryptoki",
         }
     }

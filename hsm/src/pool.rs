@@ -537,7 +537,11 @@ impl<F: SessionFactory> Worker<F> {
             let index = self.index;
             let started = Instant::now();
             self.shared.record(|h| h.busy_since[index] = Some(started));
-            let result = job.attempt(session);
+            // A panic inside a job must not take the worker (and its share
+            // of the pool) down with it.
+            let result =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.attempt(session)))
+                    .unwrap_or(Err(HsmError::WorkerPanic(op)));
             self.shared.record(|h| h.busy_since[index] = None);
             let in_use = self.shared.in_use.fetch_sub(1, Ordering::Relaxed) - 1;
             self.shared.metrics.sessions_in_use(in_use);
@@ -554,22 +558,28 @@ impl<F: SessionFactory> Worker<F> {
                 }
                 Err(e) => e,
             };
-            self.note_error(&error);
             let class = error.rv_class();
             match class {
+                // A bad request says nothing about the token's health.
                 None | Some(RvClass::CallerError) => {
+                    self.shared.metrics.error(error.metric_label());
                     job.fail(error);
                     return;
                 }
                 Some(RvClass::Relogin) => {
+                    self.note_error(&error);
                     self.shared.metrics.recovery(RvClass::Relogin);
                     let relogged = self.session.as_mut().map(|s| self.factory.relogin(s));
                     if !matches!(relogged, Some(Ok(()))) {
                         self.drop_session(RvClass::RetrySession);
                     }
                 }
-                Some(c @ (RvClass::RetrySession | RvClass::TokenGone)) => self.drop_session(c),
+                Some(c @ (RvClass::RetrySession | RvClass::TokenGone)) => {
+                    self.note_error(&error);
+                    self.drop_session(c);
+                }
                 Some(RvClass::Fatal) => {
+                    self.note_error(&error);
                     self.drop_session(RvClass::Fatal);
                     job.fail(error);
                     return;
@@ -679,6 +689,35 @@ mod tests {
             .await;
         assert_eq!(e.unwrap_err().ck_rv(), Some(0x70));
         assert_eq!(f.opened.load(Ordering::SeqCst), before);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_job_fails_alone_and_caller_errors_keep_health() {
+        let (f, pool) = pool(1, 4, 2000);
+        let e = pool
+            .run("boom", None, true, |_: &mut u64| -> Result<()> {
+                panic!("test panic")
+            })
+            .await;
+        assert!(matches!(e, Err(HsmError::WorkerPanic("boom"))), "{e:?}");
+        assert_eq!(
+            pool.run("t", None, true, |s: &mut u64| Ok(*s))
+                .await
+                .unwrap(),
+            2
+        );
+        assert_eq!(
+            f.opened.load(Ordering::SeqCst),
+            2,
+            "session replaced after the panic"
+        );
+        let e = pool
+            .run("t", None, true, |_: &mut u64| -> Result<()> {
+                Err(rv_error(0x21))
+            })
+            .await;
+        assert_eq!(e.unwrap_err().ck_rv(), Some(0x21));
+        assert_eq!(pool.health().state, HealthState::Up);
     }
 
     #[tokio::test]
