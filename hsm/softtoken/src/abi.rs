@@ -58,8 +58,13 @@ fn pad<const N: usize>(text: &str) -> [u8; N] {
     out
 }
 
+/// A caller's length; anything a slice cannot have (over `isize::MAX`,
+/// e.g. `CK_UNAVAILABLE_INFORMATION`) is a bad argument.
 fn len(v: CK_ULONG) -> Result<usize> {
-    usize::try_from(v).map_err(|_| Error::ArgumentsBad)
+    usize::try_from(v)
+        .ok()
+        .filter(|n| isize::try_from(*n).is_ok())
+        .ok_or(Error::ArgumentsBad)
 }
 
 /// A caller's input buffer; NULL is allowed only for length 0.

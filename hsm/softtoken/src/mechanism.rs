@@ -122,9 +122,10 @@ pub struct SignOperation {
     key: Arc<Sm2PrivateKey>,
     hasher: Option<Sm3>,
     multi_part: bool,
-    /// A signature made for a call whose buffer was too small, returned
-    /// as-is to the retry so the caller gets the signature it was sized for.
-    pending: Option<Vec<u8>>,
+    /// A signature made for a call whose buffer was too small, with the e
+    /// it signs: a retry over the same input gets the signature it was
+    /// sized for, a retry over other input gets a new one.
+    pending: Option<([u8; 32], Vec<u8>)>,
 }
 
 impl SignOperation {
@@ -155,20 +156,22 @@ impl SignOperation {
         }
     }
 
-    /// The signature for `C_Sign` (data) or `C_SignFinal` (None), made once.
+    /// The signature for `C_Sign` (data) or `C_SignFinal` (None).
     pub fn signature(&mut self, data: Option<&[u8]>) -> Result<Vec<u8>> {
-        if let Some(sig) = &self.pending {
-            return Ok(sig.clone());
-        }
         let e = match data {
             Some(_) if self.multi_part => return Err(Error::OperationActive),
             Some(d) => e_of(self.hasher.clone(), d)?,
             None if self.hasher.is_none() => return Err(Error::FunctionNotSupported),
             None => e_of(self.hasher.clone(), &[])?,
         };
+        if let Some((pending_e, sig)) = &self.pending
+            && *pending_e == e
+        {
+            return Ok(sig.clone());
+        }
         let sig = self.key.sign_e(&e)?;
         let bytes = sm2key::encode_signature(&sig, self.mechanism.der);
-        self.pending = Some(bytes.clone());
+        self.pending = Some((e, bytes.clone()));
         Ok(bytes)
     }
 }
@@ -290,7 +293,12 @@ mod tests {
         assert_eq!(op.signature(Some(&[0u8; 31])), Err(Error::DataLenRange));
         let sig = op.signature(Some(&[1u8; 32])).unwrap();
         assert_eq!(sig.len(), 64);
-        // A retry after "buffer too small" gets the same signature.
+        // A retry after "buffer too small" gets the same signature; a
+        // retry over another digest gets a signature over that digest.
         assert_eq!(op.signature(Some(&[1u8; 32])).unwrap(), sig);
+        let other = op.signature(Some(&[2u8; 32])).unwrap();
+        let parsed = sm2key::decode_signature(&other, false).unwrap();
+        assert!(key.public().verify_e(&[2u8; 32], &parsed));
+        assert!(!key.public().verify_e(&[1u8; 32], &parsed));
     }
 }

@@ -164,17 +164,6 @@ impl Module {
             .map(|(h, s)| (*h, s.clone()))
             .collect())
     }
-
-    /// Ends every crypto operation of the slot's sessions (after logout:
-    /// an operation must not outlive the login that allowed it).
-    fn reset_operations(&self, slot: usize) -> Result<()> {
-        for (_, s) in self.sessions_of(slot)? {
-            let mut st = lock(&s.state)?;
-            st.sign = None;
-            st.verify = None;
-        }
-        Ok(())
-    }
 }
 
 // --- general ---------------------------------------------------------------
@@ -402,14 +391,27 @@ pub fn login(h: CK_SESSION_HANDLE, user: CK_USER_TYPE, pin: &[u8]) -> Result<()>
     if who == Login::So && m.sessions_of(s.slot)?.iter().any(|(_, s)| !s.rw) {
         return Err(Error::SessionReadOnlyExists);
     }
-    write(&m.tokens[s.slot])?.login(who, pin)
+    let token = &m.tokens[s.slot];
+    let record = write(token)?.login_begin(who)?;
+    // The slow PIN key derivation runs without the slot lock.
+    let unwrapped = record.unwrap_key(pin, crate::token::role(who));
+    write(token)?.login_finish(who, &record, pin, unwrapped)
 }
 
 pub fn logout(h: CK_SESSION_HANDLE) -> Result<()> {
     let m = module()?;
     let s = m.session(h)?;
-    write(&m.tokens[s.slot])?.logout()?;
-    m.reset_operations(s.slot)
+    let sessions = m.sessions_of(s.slot)?;
+    let mut t = write(&m.tokens[s.slot])?;
+    t.logout()?;
+    // Under the slot lock, so no C_SignInit can slip an operation in
+    // between the logout and this reset.
+    for (_, s) in sessions {
+        let mut st = lock(&s.state)?;
+        st.sign = None;
+        st.verify = None;
+    }
+    Ok(())
 }
 
 // --- objects -------------------------------------------------------------------
@@ -437,7 +439,7 @@ pub fn attribute_values(
     h: CK_SESSION_HANDLE,
     object: CK_OBJECT_HANDLE,
     types: &[CK_ATTRIBUTE_TYPE],
-) -> Result<Vec<Result<Vec<u8>>>> {
+) -> Result<Vec<Result<zeroize::Zeroizing<Vec<u8>>>>> {
     let m = module()?;
     let s = m.session(h)?;
     let t = read(&m.tokens[s.slot])?;
@@ -516,8 +518,11 @@ pub fn sign_init(
 ) -> Result<()> {
     let m = module()?;
     let s = m.session(h)?;
+    let mechanism = SignMechanism::new(mech, param)?;
+    // The slot lock is held until the operation is installed, so a logout
+    // cannot come in between (lock order: token → session).
+    let t = read(&m.tokens[s.slot])?;
     let secret = {
-        let t = read(&m.tokens[s.slot])?;
         let o = t.object(key).map_err(|_| Error::KeyHandleInvalid)?;
         if o.class() != CKO_PRIVATE_KEY || o.ulong(CKA_KEY_TYPE) != Some(crate::vendor::CKK_SM2) {
             return Err(Error::KeyTypeInconsistent);
@@ -533,12 +538,12 @@ pub fn sign_init(
             _ => return Err(Error::UserNotLoggedIn),
         }
     };
-    let mechanism = SignMechanism::new(mech, param)?;
     let mut st = lock(&s.state)?;
     if st.sign.is_some() {
         return Err(Error::OperationActive);
     }
     st.sign = Some(SignOperation::new(mechanism, secret)?);
+    drop(t);
     Ok(())
 }
 

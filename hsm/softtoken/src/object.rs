@@ -6,6 +6,7 @@ use crate::vendor::{CKK_SM2, CKM_SM2_KEY_PAIR_GEN, SM2_EC_PARAMS};
 use pkcs11_sys::*;
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use zeroize::Zeroizing;
 
 /// Attribute values in the byte layout the C ABI uses (`CK_BBOOL` one byte,
 /// `CK_ULONG` native).
@@ -198,8 +199,9 @@ impl Object {
             .all(|(t, v)| self.attrs.get(t).is_some_and(|mine| mine == v))
     }
 
-    /// The value `C_GetAttributeValue` returns for one attribute.
-    pub fn get(&self, t: CK_ATTRIBUTE_TYPE) -> Result<Vec<u8>> {
+    /// The value `C_GetAttributeValue` returns for one attribute (wiped
+    /// when dropped: it may be an exported private value).
+    pub fn get(&self, t: CK_ATTRIBUTE_TYPE) -> Result<Zeroizing<Vec<u8>>> {
         if t == CKA_VALUE && self.class() == CKO_PRIVATE_KEY {
             if self.bool(CKA_SENSITIVE) || !self.bool(CKA_EXTRACTABLE) {
                 return Err(Error::AttributeSensitive);
@@ -208,13 +210,14 @@ impl Object {
                 Material::Private {
                     secret: Some(secret),
                     ..
-                } => Ok(secret.to_bytes().to_vec()),
+                } => Ok(Zeroizing::new(secret.to_bytes().to_vec())),
                 _ => Err(Error::AttributeSensitive),
             };
         }
         self.attrs
             .get(&t)
             .cloned()
+            .map(Zeroizing::new)
             .ok_or(Error::AttributeTypeInvalid)
     }
 
@@ -529,7 +532,7 @@ mod tests {
     fn set_attribute_rules() {
         let (_, mut private) = generate_pair(1, 2, &[], &[]).unwrap();
         private.set(&t(&[(CKA_LABEL, b"new".to_vec())])).unwrap();
-        assert_eq!(private.get(CKA_LABEL).unwrap(), b"new");
+        assert_eq!(private.get(CKA_LABEL).unwrap().as_slice(), b"new");
         assert_eq!(
             private.set(&t(&[(CKA_SENSITIVE, bool_(false))])),
             Err(Error::AttributeReadOnly)
@@ -544,7 +547,7 @@ mod tests {
                 .set(&t(&[(CKA_LABEL, b"x".to_vec()), (CKA_LOCAL, bool_(false))]))
                 .is_err()
         );
-        assert_eq!(private.get(CKA_LABEL).unwrap(), b"new");
+        assert_eq!(private.get(CKA_LABEL).unwrap().as_slice(), b"new");
     }
 
     #[test]
@@ -561,7 +564,7 @@ mod tests {
                 ]),
             )
             .unwrap();
-            assert_eq!(o.get(CKA_EC_POINT).unwrap(), p.ec_point_der());
+            assert_eq!(*o.get(CKA_EC_POINT).unwrap(), p.ec_point_der());
         }
         let mut bad = p.point().to_vec();
         bad[10] ^= 0x55;

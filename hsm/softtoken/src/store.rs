@@ -221,6 +221,9 @@ impl SlotStore {
         if file.version != FORMAT_VERSION {
             return Err(Error::TokenNotRecognized);
         }
+        if file.label.len() != 32 || file.serial.len() > 16 {
+            return Err(Error::DeviceError);
+        }
         Ok(Some((file, stamp)))
     }
 

@@ -24,6 +24,14 @@ fn new_object_handle() -> CK_OBJECT_HANDLE {
 const SO_ROLE: &str = "svs-softtoken so pin";
 const USER_ROLE: &str = "svs-softtoken user pin";
 
+/// The associated data that binds a wrapped token key to its role.
+pub fn role(who: Login) -> &'static str {
+    match who {
+        Login::So => SO_ROLE,
+        Login::User => USER_ROLE,
+    }
+}
+
 /// Who is logged in to a token.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Login {
@@ -209,14 +217,42 @@ impl Token {
                 self.entries.clear();
             }
         }
-        let mut entries: HashMap<_, _> = self
-            .entries
-            .drain()
-            .filter(|(_, e)| e.owner.is_some())
-            .collect();
+        let mut entries: HashMap<_, _> = HashMap::new();
+        // Decrypted keys whose sealed value did not change are kept, so a
+        // reload costs no unsealing and no scalar multiplication.
+        let mut unlocked: HashMap<u64, (Vec<u8>, Material)> = HashMap::new();
+        for (h, e) in self.entries.drain() {
+            if e.owner.is_some() {
+                entries.insert(h, e);
+            } else if let (
+                Some(sealed),
+                Material::Private {
+                    secret: Some(_), ..
+                },
+            ) = (&e.sealed, &e.object.material)
+            {
+                unlocked.insert(e.object.uid, (sealed.clone(), e.object.material.clone()));
+            }
+        }
+        // Only a user's login opens private keys; the SO holds the token key
+        // to set PINs, never to use keys.
+        let key = match self.login {
+            Some(Login::User) => self.token_key.as_ref(),
+            _ => None,
+        };
         if let Some(f) = &file {
             for s in &f.objects {
-                let (object, sealed) = from_stored(s, self.token_key.as_ref())?;
+                let reuse = unlocked
+                    .remove(&s.uid)
+                    .filter(|(sealed, _)| Some(sealed) == s.sealed.as_ref());
+                let (object, sealed) = match reuse {
+                    Some((_, material)) => {
+                        let (mut object, sealed) = from_stored(s, None)?;
+                        object.material = material;
+                        (object, sealed)
+                    }
+                    None => from_stored(s, key)?,
+                };
                 let handle = *self
                     .handle_of_uid
                     .entry(s.uid)
@@ -244,7 +280,9 @@ impl Token {
     /// sharing a store never overwrite each other's objects.
     fn commit<R>(&mut self, change: impl FnOnce(&mut TokenFile) -> Result<R>) -> Result<R> {
         let lock = self.store.lock()?;
-        self.refresh()?;
+        // Re-read unconditionally: a file stamp (mtime, size, inode) can
+        // repeat across quick writes, and the change must see the real file.
+        self.reload()?;
         let current = self.file.clone().ok_or(Error::TokenNotRecognized)?;
         let mut next = current.clone();
         let result = change(&mut next);
@@ -327,8 +365,10 @@ impl Token {
         self.adopt(Some(file), stamp)
     }
 
-    /// `C_Login` for the SO or the user.
-    pub fn login(&mut self, who: Login, pin: &[u8]) -> Result<()> {
+    /// First half of `C_Login`, under the slot lock: the PIN record to
+    /// check. The slow key derivation then runs without the lock (see
+    /// `module::login`), so signers on this slot are not held up by it.
+    pub fn login_begin(&mut self, who: Login) -> Result<PinRecord> {
         if let Some(current) = self.login {
             return Err(if current == who {
                 Error::UserAlreadyLoggedIn
@@ -336,36 +376,79 @@ impl Token {
                 Error::UserAnotherAlreadyLoggedIn
             });
         }
+        self.refresh()?;
+        let f = self.file.as_ref().ok_or(Error::TokenNotRecognized)?;
+        let (record, failures) = match who {
+            Login::So => (f.so.clone(), f.so_failures),
+            Login::User => (
+                f.user.clone().ok_or(Error::UserPinNotInitialized)?,
+                f.user_failures,
+            ),
+        };
+        if failures >= self.config.max_login_failures {
+            return Err(Error::PinLocked);
+        }
+        Ok(record)
+    }
+
+    /// Second half of `C_Login`: records the outcome of the check made on
+    /// `record` and, on success, logs in. All or nothing: a failure leaves
+    /// nobody logged in.
+    pub fn login_finish(
+        &mut self,
+        who: Login,
+        record: &PinRecord,
+        pin: &[u8],
+        unwrapped: Option<SymKey>,
+    ) -> Result<()> {
+        if self.login.is_some() {
+            // Another thread of this application logged in meanwhile.
+            return Err(Error::UserAlreadyLoggedIn);
+        }
         let config = self.config.clone();
         let key = self.commit(|f| {
-            let record = match who {
+            let current = match who {
                 Login::So => f.so.clone(),
                 Login::User => f.user.clone().ok_or(Error::UserPinNotInitialized)?,
             };
-            verify_pin(f, &record, pin, who, &config)
+            if current != *record {
+                // The PIN changed while we derived: check against the new one.
+                return verify_pin(f, &current, pin, who, &config);
+            }
+            record_outcome(f, who, unwrapped, pin, &config)
         })?;
+        let materials = match who {
+            Login::User => self.unseal_all(&key)?,
+            Login::So => Vec::new(),
+        };
+        for (handle, material) in materials {
+            if let Some(e) = self.entries.get_mut(&handle) {
+                e.object.material = material;
+            }
+        }
         self.token_key = Some(key);
         self.login = Some(who);
-        if who == Login::User {
-            self.unlock_private_keys()?;
-        }
         Ok(())
     }
 
-    fn unlock_private_keys(&mut self) -> Result<()> {
-        let key = self.token_key.as_ref().ok_or(Error::UserNotLoggedIn)?;
-        for e in self.entries.values_mut() {
+    /// Every private key of the token, decrypted, or an error if any fails.
+    fn unseal_all(&self, key: &SymKey) -> Result<Vec<(CK_OBJECT_HANDLE, Material)>> {
+        let mut out = Vec::new();
+        for (h, e) in &self.entries {
             if let (Some(sealed), Material::Private { .. }) = (&e.sealed, &e.object.material) {
                 let value =
                     store::open(key, &aad(e.object.uid), sealed).ok_or(Error::DeviceError)?;
                 let secret = Arc::new(Sm2PrivateKey::from_bytes(&value)?);
-                e.object.material = Material::Private {
-                    public: Arc::new(secret.public().clone()),
-                    secret: Some(secret),
-                };
+                out.push((
+                    *h,
+                    Material::Private {
+                        public: Arc::new(secret.public().clone()),
+                        secret: Some(secret),
+                    },
+                ));
             }
         }
-        Ok(())
+        Ok(out)
     }
 
     /// `C_Logout`: forget the token key and every decrypted private key, and
@@ -400,8 +483,13 @@ impl Token {
         }
         check_pin(&self.config, pin)?;
         let key = self.token_key.clone().ok_or(Error::UserNotLoggedIn)?;
+        let serial = self.file.as_ref().map(|f| f.serial.clone());
         let record = PinRecord::new(pin, USER_ROLE, &key, self.config.kdf_iterations)?;
         self.commit(|f| {
+            // Re-initialised by another process: our token key is not its.
+            if Some(&f.serial) != serial.as_ref() {
+                return Err(Error::UserNotLoggedIn);
+            }
             f.user = Some(record);
             f.user_failures = 0;
             Ok(())
@@ -423,11 +511,7 @@ impl Token {
                 Login::User => f.user.clone().ok_or(Error::UserPinNotInitialized)?,
             };
             let key = verify_pin(f, &record, old, who, &config)?;
-            let (role, iterations) = match who {
-                Login::So => (SO_ROLE, config.kdf_iterations),
-                Login::User => (USER_ROLE, config.kdf_iterations),
-            };
-            let rec = PinRecord::new(new, role, &key, iterations)?;
+            let rec = PinRecord::new(new, role(who), &key, config.kdf_iterations)?;
             match who {
                 Login::So => f.so = rec,
                 Login::User => f.user = Some(rec),
@@ -613,34 +697,32 @@ impl Token {
         if object.is_token() && !rw {
             return Err(Error::SessionReadOnly);
         }
-        let mut changed = object.clone();
-        changed.set(template)?;
-        let entry = self
-            .entries
-            .get(&handle)
-            .ok_or(Error::ObjectHandleInvalid)?;
-        if changed.is_token() {
-            let stored = to_stored(&Entry {
-                object: changed,
-                sealed: entry.sealed.clone(),
-                owner: None,
-            });
-            self.commit(|f| {
-                let slot = f
-                    .objects
-                    .iter_mut()
-                    .find(|o| o.uid == stored.uid)
-                    // Destroyed by another process meanwhile.
-                    .ok_or(Error::ObjectHandleInvalid)?;
-                *slot = stored;
-                Ok(())
-            })
-        } else {
+        if !object.is_token() {
+            let mut changed = object.clone();
+            changed.set(template)?;
             if let Some(entry) = self.entries.get_mut(&handle) {
                 entry.object = changed;
             }
-            Ok(())
+            return Ok(());
         }
+        let uid = object.uid;
+        // Applied to the object as stored now, so another process's change
+        // (say CKA_SENSITIVE false → true) is neither lost nor undone.
+        self.commit(|f| {
+            let stored = f
+                .objects
+                .iter_mut()
+                .find(|o| o.uid == uid)
+                .ok_or(Error::ObjectHandleInvalid)?;
+            let (mut fresh, sealed) = from_stored(stored, None)?;
+            fresh.set(template)?;
+            *stored = to_stored(&Entry {
+                object: fresh,
+                sealed,
+                owner: None,
+            });
+            Ok(())
+        })
     }
 
     /// Drops every session object (the token was pulled).
@@ -677,15 +759,11 @@ fn verify_pin(
     if *failures >= config.max_login_failures {
         return Err(Error::PinLocked);
     }
-    let role = match who {
-        Login::So => SO_ROLE,
-        Login::User => USER_ROLE,
-    };
     if pin.len() < config.pin_min_len || pin.len() > config.pin_max_len {
         *failures += 1;
         return Err(Error::PinIncorrect);
     }
-    match record.unwrap_key(pin, role) {
+    match record.unwrap_key(pin, role(who)) {
         Some(key) => {
             *failures = 0;
             Ok(key)
@@ -694,5 +772,169 @@ fn verify_pin(
             *failures += 1;
             Err(Error::PinIncorrect)
         }
+    }
+}
+
+/// Records the result of a PIN check made outside the lock (see
+/// [`Token::login_begin`]), with the same counting as [`verify_pin`].
+fn record_outcome(
+    f: &mut TokenFile,
+    who: Login,
+    unwrapped: Option<SymKey>,
+    pin: &[u8],
+    config: &Config,
+) -> Result<SymKey> {
+    let failures = match who {
+        Login::So => &mut f.so_failures,
+        Login::User => &mut f.user_failures,
+    };
+    if *failures >= config.max_login_failures {
+        return Err(Error::PinLocked);
+    }
+    let in_range = pin.len() >= config.pin_min_len && pin.len() <= config.pin_max_len;
+    match unwrapped {
+        Some(key) if in_range => {
+            *failures = 0;
+            Ok(key)
+        }
+        _ => {
+            *failures += 1;
+            Err(Error::PinIncorrect)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::object::{bool_, ulong};
+
+    fn config(dir: &std::path::Path) -> Arc<Config> {
+        Arc::new(Config {
+            store_dir: dir.to_path_buf(),
+            kdf_iterations: 1000,
+            ..Config::default()
+        })
+    }
+
+    fn login(t: &mut Token, who: Login, pin: &[u8]) -> Result<()> {
+        let record = t.login_begin(who)?;
+        let unwrapped = record.unwrap_key(pin, role(who));
+        t.login_finish(who, &record, pin, unwrapped)
+    }
+
+    fn has_secret(t: &Token, h: CK_OBJECT_HANDLE) -> bool {
+        matches!(
+            t.entries[&h].object.material,
+            Material::Private {
+                secret: Some(_),
+                ..
+            }
+        )
+    }
+
+    /// A token with a user PIN and one token key pair; (public, private).
+    fn token_with_key(t: &mut Token) -> (CK_OBJECT_HANDLE, CK_OBJECT_HANDLE) {
+        t.init(b"so-pin", [b' '; 32]).unwrap();
+        login(t, Login::So, b"so-pin").unwrap();
+        t.init_pin(b"user-pin").unwrap();
+        t.logout().unwrap();
+        login(t, Login::User, b"user-pin").unwrap();
+        let token = vec![(CKA_TOKEN, bool_(true))];
+        let private = vec![
+            (CKA_TOKEN, bool_(true)),
+            (CKA_SENSITIVE, bool_(false)),
+            (CKA_EXTRACTABLE, bool_(true)),
+            (CKA_PRIVATE, bool_(false)),
+        ];
+        t.generate_pair(&token, &private, true, 1).unwrap()
+    }
+
+    #[test]
+    fn only_a_user_login_opens_private_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = Token::load(config(dir.path()), 0).unwrap();
+        let (_, private) = token_with_key(&mut t);
+        assert!(has_secret(&t, private));
+        t.logout().unwrap();
+        assert!(!has_secret(&t, private));
+        login(&mut t, Login::So, b"so-pin").unwrap();
+        // The SO's own commit re-reads the token: keys must stay sealed.
+        t.init_pin(b"user-pin-2").unwrap();
+        assert!(!has_secret(&t, private));
+        assert_eq!(
+            t.object(private).unwrap().get(CKA_VALUE),
+            Err(Error::AttributeSensitive)
+        );
+    }
+
+    #[test]
+    fn wrong_pins_count_and_lock_without_logging_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = Token::load(config(dir.path()), 0).unwrap();
+        token_with_key(&mut t);
+        t.logout().unwrap();
+        for _ in 0..4 {
+            assert_eq!(
+                login(&mut t, Login::User, b"nope"),
+                Err(Error::PinIncorrect)
+            );
+            assert_eq!(t.login_state(), None);
+        }
+        assert_eq!(
+            login(&mut t, Login::User, b"nope"),
+            Err(Error::PinIncorrect)
+        );
+        assert_eq!(
+            login(&mut t, Login::User, b"user-pin"),
+            Err(Error::PinLocked)
+        );
+        assert!(t.summary().flags & CKF_USER_PIN_LOCKED != 0);
+    }
+
+    #[test]
+    fn a_stale_copy_cannot_undo_another_process_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = Token::load(config(dir.path()), 0).unwrap();
+        let (_, private) = token_with_key(&mut a);
+        // A second "process" on the same store makes the key sensitive.
+        let mut b = Token::load(config(dir.path()), 0).unwrap();
+        login(&mut b, Login::User, b"user-pin").unwrap();
+        let hb = b.find(&vec![(CKA_CLASS, ulong(CKO_PRIVATE_KEY))])[0];
+        b.set_attributes(hb, &vec![(CKA_SENSITIVE, bool_(true))], true)
+            .unwrap();
+        // The first, without refreshing, renames it: sensitivity must stay.
+        a.set_attributes(private, &vec![(CKA_LABEL, b"renamed".to_vec())], true)
+            .unwrap();
+        let o = a.object(private).unwrap();
+        assert!(o.bool(CKA_SENSITIVE));
+        assert_eq!(o.get(CKA_LABEL).unwrap().as_slice(), b"renamed");
+        b.refresh().unwrap();
+        assert!(b.object(hb).unwrap().bool(CKA_SENSITIVE));
+        // And the reverse change is refused on the fresh value.
+        assert_eq!(
+            a.set_attributes(private, &vec![(CKA_SENSITIVE, bool_(false))], true),
+            Err(Error::AttributeReadOnly)
+        );
+    }
+
+    #[test]
+    fn objects_created_by_two_processes_are_both_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = Token::load(config(dir.path()), 0).unwrap();
+        token_with_key(&mut a);
+        let mut b = Token::load(config(dir.path()), 0).unwrap();
+        login(&mut b, Login::User, b"user-pin").unwrap();
+        let data = |label: &[u8]| {
+            vec![
+                (CKA_CLASS, ulong(CKO_DATA)),
+                (CKA_TOKEN, bool_(true)),
+                (CKA_LABEL, label.to_vec()),
+            ]
+        };
+        a.create(&data(b"from-a"), true, 1).unwrap();
+        b.create(&data(b"from-b"), true, 2).unwrap();
+        a.refresh().unwrap();
+        assert_eq!(a.find(&vec![(CKA_CLASS, ulong(CKO_DATA))]).len(), 2);
     }
 }
