@@ -232,6 +232,10 @@ pub enum HsmError {
     /// No signing key of that name.
     #[error("unknown key {0:?}")]
     UnknownKey(String),
+    /// The token's key under this CKA_ID is not the one discovered (deleted
+    /// and re-created meanwhile); keys must be refreshed before it signs.
+    #[error("key {0} changed on the token since discovery: refresh keys")]
+    KeyChanged(String),
     /// The request is malformed (wrong digest length, bad signature encoding…).
     #[error("invalid input: {0}")]
     InvalidInput(String),
@@ -299,6 +303,7 @@ impl HsmError {
             HsmError::TokenNotFound(_) => "token_not_found",
             HsmError::MissingMechanism { .. } => "missing_mechanism",
             HsmError::UnknownKey(_) => "unknown_key",
+            HsmError::KeyChanged(_) => "key_changed",
             HsmError::InvalidInput(_) => "invalid_input",
             HsmError::Busy { .. } => "busy",
             HsmError::Timeout(_) => "timeout",

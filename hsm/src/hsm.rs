@@ -228,7 +228,7 @@ impl Hsm {
                 Some(mechanism_code),
                 true,
                 move |s: &mut TokenSession| {
-                    let handle = s.private_key(&profile, &key.id)?;
+                    let handle = s.private_key(&profile, &key.id, &key.public_point)?;
                     let out = s
                         .session
                         .sign(&keys::mechanism(mechanism_code)?, handle, &digest)?;

@@ -147,6 +147,12 @@ pub(crate) fn discover(session: &Session, profile: &VendorProfile) -> Result<Vec
         )?;
         let id = attr_bytes(&attrs, AttributeType::Id).unwrap_or_default();
         let label = attr_bytes(&attrs, AttributeType::Label).unwrap_or_default();
+        // Keys are re-found by CKA_ID at signing time: a key without one, or
+        // sharing one, could be confused with another and is not served.
+        if id.is_empty() {
+            tracing::warn!(key = %key_name(&label, &id), "private key without CKA_ID: skipped");
+            continue;
+        }
         // Some vendors omit CKA_EC_PARAMS on SM2 keys; when present it must
         // name the profile's curve, so a P-256 profile skips other EC curves.
         if let Some(params) = attr_bytes(&attrs, AttributeType::EcParams)
@@ -177,6 +183,17 @@ pub(crate) fn discover(session: &Session, profile: &VendorProfile) -> Result<Vec
             id,
         });
     }
+    let mut seen = std::collections::HashMap::new();
+    for k in &keys {
+        *seen.entry(k.id.clone()).or_insert(0usize) += 1;
+    }
+    keys.retain(|k| {
+        let unique = seen[&k.id] == 1;
+        if !unique {
+            tracing::warn!(key = %k.name, id = %hex(&k.id), "several private keys share this CKA_ID: skipped");
+        }
+        unique
+    });
     keys.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(keys)
 }
@@ -268,10 +285,16 @@ fn chain_for(id: &[u8], certs: &[(Vec<u8>, Vec<u8>)]) -> Vec<Vec<u8>> {
 
 /// The private-key handle for a key, re-found by CKA_ID (handles do not
 /// survive a token coming back).
+///
+/// When the token states the key's public key (CKA_PUBLIC_KEY_INFO or
+/// CKA_EC_POINT on the private key), it must be `expected_point`: a key
+/// deleted and re-created under the same CKA_ID since discovery must not
+/// sign digests computed with the old key's Z.
 pub(crate) fn find_private_key(
     session: &Session,
     profile: &VendorProfile,
     id: &[u8],
+    expected_point: &[u8],
 ) -> Result<ObjectHandle> {
     let handles = session.find_objects(&[
         Attribute::Class(ObjectClass::PRIVATE_KEY),
@@ -279,7 +302,22 @@ pub(crate) fn find_private_key(
         Attribute::Id(id.to_vec()),
     ])?;
     match handles.as_slice() {
-        [h] => Ok(*h),
+        [h] => {
+            let attrs = session
+                .get_attributes(*h, &[AttributeType::PublicKeyInfo, AttributeType::EcPoint])
+                .unwrap_or_default();
+            let stated = attr_bytes(&attrs, AttributeType::PublicKeyInfo)
+                .and_then(|spki| point_from_spki(&spki, profile.algorithm))
+                .or_else(|| {
+                    attr_bytes(&attrs, AttributeType::EcPoint).and_then(|v| point_from_ec_point(&v))
+                });
+            match stated {
+                Some(point) if point != expected_point => {
+                    Err(HsmError::KeyChanged(format!("id:{}", hex(id))))
+                }
+                _ => Ok(*h),
+            }
+        }
         [] => Err(HsmError::UnknownKey(format!("id:{}", hex(id)))),
         _ => Err(HsmError::Config(format!(
             "several private keys share CKA_ID {}",
@@ -304,7 +342,21 @@ pub(crate) fn generate(
         )));
     }
     let id = match id {
-        Some(id) => id,
+        Some(id) if id.is_empty() => {
+            return Err(HsmError::InvalidInput(
+                "a key's CKA_ID must not be empty".into(),
+            ));
+        }
+        Some(id) => {
+            let taken = session.find_objects(&[Attribute::Id(id.clone())])?;
+            if !taken.is_empty() {
+                return Err(HsmError::InvalidInput(format!(
+                    "CKA_ID {} is in use by another object",
+                    hex(&id)
+                )));
+            }
+            id
+        }
         None => session.generate_random_vec(16)?,
     };
     let ktype = key_type(profile.key_type)?;

@@ -122,6 +122,8 @@ trait Task<S>: Send {
     fn attempt(&mut self, session: &mut S) -> Result<()>;
     fn fail(self: Box<Self>, error: HsmError);
     fn meta(&self) -> &JobMeta;
+    /// The caller stopped waiting (timed out, or its request was dropped).
+    fn abandoned(&self) -> bool;
 }
 
 struct JobMeta {
@@ -164,6 +166,10 @@ where
 
     fn meta(&self) -> &JobMeta {
         &self.meta
+    }
+
+    fn abandoned(&self) -> bool {
+        self.reply.as_ref().is_none_or(|r| r.is_closed())
     }
 }
 
@@ -407,13 +413,35 @@ impl<F: SessionFactory> Worker<F> {
         let probe_every = Duration::from_millis(self.shared.config.probe_interval_ms.max(10));
         let _ = self.ensure_session(None);
         loop {
-            match self.rx.recv_timeout(probe_every) {
-                Ok(job) => {
-                    self.shared.metrics.queue_depth(self.rx.len());
-                    self.handle(job);
+            // Jobs are guarded in `handle`; this guards the rest (module
+            // calls while opening or probing, the daemon's metrics hooks),
+            // so a panic costs a session, never the worker.
+            let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                match self.rx.recv_timeout(probe_every) {
+                    Ok(job) => {
+                        self.shared.metrics.queue_depth(self.rx.len());
+                        self.handle(job);
+                        true
+                    }
+                    Err(RecvTimeoutError::Timeout) => {
+                        self.idle();
+                        true
+                    }
+                    Err(RecvTimeoutError::Disconnected) => false,
                 }
-                Err(RecvTimeoutError::Timeout) => self.idle(),
-                Err(RecvTimeoutError::Disconnected) => break,
+            }));
+            match step {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(_) => {
+                    tracing::error!(
+                        worker = self.index,
+                        "HSM worker panicked; reopening its session"
+                    );
+                    self.shared.metrics.error("worker_panic");
+                    self.session = None;
+                    self.set_open(false);
+                }
             }
         }
     }
@@ -521,6 +549,11 @@ impl<F: SessionFactory> Worker<F> {
         self.shared.metrics.queue_wait(meta.enqueued.elapsed());
         let mut retried = false;
         loop {
+            if job.abandoned() {
+                // Nobody would receive the result; a key generation or an
+                // import done now would surprise the caller's retry.
+                return;
+            }
             if Instant::now() >= deadline {
                 job.fail(HsmError::Timeout(budget));
                 return;
@@ -718,6 +751,38 @@ mod tests {
             .await;
         assert_eq!(e.unwrap_err().ck_rv(), Some(0x21));
         assert_eq!(pool.health().state, HealthState::Up);
+    }
+
+    #[tokio::test]
+    async fn work_whose_caller_left_is_not_run() {
+        let (_f, pool) = pool(1, 4, 5000);
+        let pool = Arc::new(pool);
+        let ran = Arc::new(AtomicU64::new(0));
+        let p = pool.clone();
+        let slow = tokio::spawn(async move {
+            p.run("slow", None, true, |_: &mut u64| {
+                std::thread::sleep(Duration::from_millis(300));
+                Ok(())
+            })
+            .await
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let r = ran.clone();
+        let gave_up = tokio::time::timeout(
+            Duration::from_millis(50),
+            pool.run("generate", None, false, move |_: &mut u64| {
+                r.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }),
+        )
+        .await;
+        assert!(gave_up.is_err(), "the caller gave up waiting");
+        slow.await.unwrap().unwrap();
+        // The worker is free again; the abandoned job must not have run.
+        pool.run("after", None, true, |_: &mut u64| Ok(()))
+            .await
+            .unwrap();
+        assert_eq!(ran.load(Ordering::SeqCst), 0);
     }
 
     #[tokio::test]

@@ -14,7 +14,7 @@ use cryptoki::types::AuthPin;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use crate::error::{HsmError, Result};
+use crate::error::{HsmError, Result, RvInfo, rv_info};
 use crate::keys;
 use crate::pool::SessionFactory;
 use crate::profile::{ModuleIdentity, ProfileTable, VendorProfile};
@@ -146,6 +146,10 @@ pub struct Token {
     profile: VendorProfile,
     identity: ModuleIdentity,
     max_sessions: Option<u64>,
+    /// Set once the token refused the PIN. Every further `C_Login` with the
+    /// same PIN would count another failure and soon lock the PIN for every
+    /// application, so none is attempted until the process restarts.
+    pin_refused: Mutex<Option<RvInfo>>,
 }
 
 impl std::fmt::Debug for Token {
@@ -211,6 +215,7 @@ impl Token {
             profile,
             identity,
             max_sessions,
+            pin_refused: Mutex::new(None),
         };
         // Logging in once here turns a wrong PIN into a start-up error
         // instead of a pool that keeps failing.
@@ -252,10 +257,30 @@ impl Token {
     }
 
     fn login(&self, session: &Session) -> Result<()> {
+        let mut refused = self.pin_refused.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(rv) = *refused {
+            return Err(HsmError::Pkcs11 {
+                rv,
+                function: "C_Login (not tried again: the token refused this PIN earlier; \
+                           fix the PIN source and restart)"
+                    .into(),
+            });
+        }
         let pin = AuthPin::from(self.pin.as_str());
         match session.login(UserType::User, Some(&pin)) {
             // Login is per application and token: another worker did it.
             Ok(()) | Err(CryptokiError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
+            Err(CryptokiError::Pkcs11(
+                rv @ (RvError::PinIncorrect
+                | RvError::PinInvalid
+                | RvError::PinLenRange
+                | RvError::PinExpired
+                | RvError::PinLocked),
+                f,
+            )) => {
+                *refused = Some(rv_info(&rv));
+                Err(CryptokiError::Pkcs11(rv, f).into())
+            }
             Err(e) => Err(e.into()),
         }
     }
@@ -272,11 +297,16 @@ pub struct TokenSession {
 
 impl TokenSession {
     /// The private-key handle for a CKA_ID, found once per session.
-    pub fn private_key(&mut self, profile: &VendorProfile, id: &[u8]) -> Result<ObjectHandle> {
+    pub fn private_key(
+        &mut self,
+        profile: &VendorProfile,
+        id: &[u8],
+        point: &[u8],
+    ) -> Result<ObjectHandle> {
         if let Some(h) = self.handles.get(id) {
             return Ok(*h);
         }
-        let h = match keys::find_private_key(&self.session, profile, id) {
+        let h = match keys::find_private_key(&self.session, profile, id, point) {
             // Private objects vanish from searches when the login is lost:
             // that is a login problem, not a missing key.
             Err(HsmError::UnknownKey(k)) => {

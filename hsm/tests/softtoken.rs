@@ -425,14 +425,10 @@ fn softtoken_by_path() {
     if !common::in_child() {
         return spawn("softtoken_by_path");
     }
-    // target/<profile>/deps/<test> → target/<profile>/libsvs_softtoken.so
+    // The module cargo built for this run is beside the test executable in
+    // target/<profile>/deps/; the copy one level up is not always refreshed.
     let exe = std::env::current_exe().unwrap();
-    let lib = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("libsvs_softtoken.so");
+    let lib = exe.parent().unwrap().join("libsvs_softtoken.so");
     assert!(
         lib.exists(),
         "{} missing: build svs-softtoken first",
@@ -452,6 +448,120 @@ fn softtoken_by_path() {
             "1234567812345678",
             b"m",
             &s
+        ));
+    });
+}
+
+/// A PIN changed under a running pool: the pool logs in with its old PIN
+/// once, is refused, and does not try again — retrying would lock the new
+/// PIN for every application after a handful of attempts.
+#[test]
+fn changed_pin_is_not_retried_into_a_lockout() {
+    if !common::in_child() {
+        return spawn("changed_pin_is_not_retried_into_a_lockout");
+    }
+    let module = embedded();
+    init_token(&module);
+    runtime().block_on(async {
+        let hsm = Hsm::open(&config(module.clone()), Arc::new(NoMetrics)).unwrap();
+        hsm.generate_key("k", None).await.unwrap();
+        hsm.sign("k", None, b"before", SignatureEncoding::Der)
+            .await
+            .unwrap();
+        // Another application changes the PIN, and the login is lost.
+        let pkcs11 = load_module(&module).unwrap();
+        let slot = pkcs11.get_all_slots().unwrap()[0];
+        let s = pkcs11.open_rw_session(slot).unwrap();
+        s.set_pin(&AuthPin::from(USER_PIN), &AuthPin::from("new-user-pin"))
+            .unwrap();
+        s.logout().unwrap();
+        // Work keeps arriving for a while, and idle probes keep running.
+        let until = Instant::now() + Duration::from_millis(1500);
+        while Instant::now() < until {
+            assert!(
+                hsm.sign("k", None, b"after", SignatureEncoding::Der)
+                    .await
+                    .is_err()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let info = pkcs11.get_token_info(slot).unwrap();
+        assert!(!info.user_pin_locked(), "the pool locked the PIN");
+        assert!(
+            !info.user_pin_final_try(),
+            "the pool retried a refused PIN: {:?}",
+            hsm.health()
+        );
+        // The new PIN still works for the officer who set it.
+        s.login(UserType::User, Some(&AuthPin::from("new-user-pin")))
+            .unwrap();
+    });
+}
+
+/// A key deleted and re-created under the same CKA_ID after discovery
+/// never signs a digest made for the old key; an ID in use is refused.
+#[test]
+fn a_replaced_key_does_not_sign_for_the_old_one() {
+    if !common::in_child() {
+        return spawn("a_replaced_key_does_not_sign_for_the_old_one");
+    }
+    let module = embedded();
+    init_token(&module);
+    runtime().block_on(async {
+        let hsm = Hsm::open(&config(module.clone()), Arc::new(NoMetrics)).unwrap();
+        let old = hsm
+            .generate_key("k", Some(b"key-1".to_vec()))
+            .await
+            .unwrap();
+        let taken = hsm.generate_key("other", Some(b"key-1".to_vec())).await;
+        assert!(matches!(taken, Err(HsmError::InvalidInput(_))), "{taken:?}");
+
+        // Another application replaces the key behind the pool's back.
+        let pkcs11 = load_module(&module).unwrap();
+        let slot = pkcs11.get_all_slots().unwrap()[0];
+        let s = pkcs11.open_rw_session(slot).unwrap();
+        for h in s
+            .find_objects(&[cryptoki::object::Attribute::Id(b"key-1".to_vec())])
+            .unwrap()
+        {
+            s.destroy_object(h).unwrap();
+        }
+        let sm2 = cryptoki::object::KeyType::new_vendor_defined(0x8000_0004).unwrap();
+        let keygen = cryptoki::mechanism::Mechanism::VendorDefined(
+            cryptoki::mechanism::vendor_defined::VendorDefinedMechanism::new::<()>(
+                cryptoki::mechanism::MechanismType::new_vendor_defined(0x8000_8001).unwrap(),
+                None,
+            ),
+        );
+        use cryptoki::object::Attribute as A;
+        s.generate_key_pair(
+            &keygen,
+            &[A::Token(true), A::KeyType(sm2), A::Id(b"key-1".to_vec())],
+            &[
+                A::Token(true),
+                A::KeyType(sm2),
+                A::Id(b"key-1".to_vec()),
+                A::Label(b"k".to_vec()),
+                A::Sign(true),
+            ],
+        )
+        .unwrap();
+
+        let r = hsm.sign("k", None, b"m", SignatureEncoding::Der).await;
+        assert!(matches!(r, Err(HsmError::KeyChanged(_))), "{r:?}");
+        // After a refresh the new key is served, with its own Z.
+        hsm.refresh_keys().await.unwrap();
+        let new = hsm.key("k").unwrap();
+        assert_ne!(new.public_point, old.public_point);
+        let sig = hsm
+            .sign("k", None, b"m", SignatureEncoding::Der)
+            .await
+            .unwrap();
+        assert!(sm2_verifies(
+            &new.public_point,
+            "1234567812345678",
+            b"m",
+            &sig
         ));
     });
 }
