@@ -159,6 +159,7 @@ pub struct FileStamp {
 #[derive(Debug, Clone)]
 pub struct SlotStore {
     dir: PathBuf,
+    root: PathBuf,
 }
 
 /// An exclusive lock on a slot's store; released on drop.
@@ -171,7 +172,26 @@ impl SlotStore {
     pub fn new(store_dir: &Path, slot: usize) -> Self {
         SlotStore {
             dir: store_dir.join(format!("slot-{slot}")),
+            root: store_dir.to_path_buf(),
         }
+    }
+
+    /// Gives a file or directory this process created to the owner of the
+    /// store. An officer running the provisioning tool as root must not
+    /// leave token files that the daemon's own user cannot open. Only root
+    /// can change owners; for anyone else this does nothing.
+    fn hand_to_store_owner(&self, path: &Path) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let we_are_root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+        if !we_are_root {
+            return Ok(());
+        }
+        let owner = std::fs::metadata(&self.root).map_err(|_| Error::DeviceError)?;
+        if owner.uid() == 0 && owner.gid() == 0 {
+            return Ok(());
+        }
+        std::os::unix::fs::chown(path, Some(owner.uid()), Some(owner.gid()))
+            .map_err(|_| Error::DeviceError)
     }
 
     fn token_path(&self) -> PathBuf {
@@ -182,17 +202,23 @@ impl SlotStore {
     /// first use.
     pub fn lock(&self) -> Result<StoreLock> {
         use std::os::unix::fs::DirBuilderExt;
+        let fresh = !self.dir.exists();
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(&self.dir)
             .map_err(|_| Error::DeviceError)?;
+        if fresh {
+            self.hand_to_store_owner(&self.dir)?;
+        }
+        let lock_path = self.dir.join(".lock");
         let file = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
-            .open(self.dir.join(".lock"))
+            .open(&lock_path)
             .map_err(|_| Error::DeviceError)?;
+        self.hand_to_store_owner(&lock_path)?;
         file.lock().map_err(|_| Error::DeviceError)?;
         Ok(StoreLock { _file: file })
     }
@@ -243,6 +269,7 @@ impl SlotStore {
         f.write_all(&json).map_err(|_| Error::DeviceError)?;
         f.sync_all().map_err(|_| Error::DeviceError)?;
         drop(f);
+        self.hand_to_store_owner(&tmp)?;
         std::fs::rename(&tmp, self.token_path()).map_err(|_| Error::DeviceError)?;
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
@@ -336,6 +363,28 @@ mod tests {
         assert!(!dir.path().join("slot-0/token.json.tmp").exists());
         std::fs::write(dir.path().join("slot-0/token.json"), b"{garbage").unwrap();
         assert_eq!(store.read().unwrap_err(), Error::DeviceError);
+    }
+
+    #[test]
+    fn files_written_by_root_belong_to_the_store_owner() {
+        use std::os::unix::fs::MetadataExt;
+        if !std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0) {
+            eprintln!("SKIP: only root can hand files to another owner");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        // 65534: nobody/nogroup, as the daemon's own user would be.
+        std::os::unix::fs::chown(dir.path(), Some(65534), Some(65534)).unwrap();
+        let store = SlotStore::new(dir.path(), 0);
+        let lock = store.lock().unwrap();
+        let so = PinRecord::new(b"so-pin", "so", &random_key().unwrap(), 1000).unwrap();
+        store
+            .write(&lock, &TokenFile::new([b' '; 32], "1".into(), so))
+            .unwrap();
+        for p in ["slot-0", "slot-0/.lock", "slot-0/token.json"] {
+            let m = std::fs::metadata(dir.path().join(p)).unwrap();
+            assert_eq!((m.uid(), m.gid()), (65534, 65534), "{p}");
+        }
     }
 
     #[test]
