@@ -11,6 +11,7 @@ use serde_json::json;
 use svs_hsm::KeyInfo;
 use svs_hsm::signature::{DEFAULT_SM2_ID, SoftwareVerifier};
 
+use crate::anomaly::{AnomalyConfig, Flip};
 use crate::api::{
     self, BatchRequest, Encoding, Input, SignRequest, SignResponse, VerifyRequest, VerifyResponse,
 };
@@ -18,6 +19,7 @@ use crate::audit::{AuditEvent, AuditTrail};
 use crate::backend::SigningBackend;
 use crate::config::{Config, KeyExposure, Limits, Operation};
 use crate::error::SvsError;
+use crate::metrics::{self, Metrics};
 use crate::policy::{ClientIdentity, Entity, Policy};
 
 /// The parts of the configuration a reload may change.
@@ -29,6 +31,20 @@ pub struct Runtime {
     pub keys: BTreeMap<String, KeyExposure>,
     /// Limits.
     pub limits: Limits,
+    /// Abnormal-traffic detection.
+    pub anomaly: AnomalyConfig,
+}
+
+impl Runtime {
+    /// The `key` metric label for a key name a client gave: configured
+    /// names as they are, anything else one bucket.
+    pub fn key_label<'a>(&'a self, key: Option<&'a str>) -> &'a str {
+        match key {
+            None => metrics::NONE,
+            Some(k) if self.keys.contains_key(k) => k,
+            Some(_) => metrics::UNKNOWN,
+        }
+    }
 }
 
 /// An answer, ready for any transport.
@@ -134,6 +150,29 @@ impl Route {
     pub fn is_probe(&self) -> bool {
         matches!(self, Route::Healthz | Route::Readyz)
     }
+
+    /// The signing-API operation of the route, if it is one.
+    pub fn operation(&self) -> Option<Operation> {
+        match self {
+            Route::Sign | Route::SignBatch => Some(Operation::Sign),
+            Route::Verify | Route::VerifyBatch => Some(Operation::Verify),
+            _ => None,
+        }
+    }
+
+    /// The `operation` label of HTTP metrics (never the key name in the path).
+    pub fn metric_name(&self) -> &'static str {
+        match self {
+            Route::Sign => "sign",
+            Route::SignBatch => "sign_batch",
+            Route::Verify => "verify",
+            Route::VerifyBatch => "verify_batch",
+            Route::Keys => "keys",
+            Route::Key(_) => "key",
+            Route::Healthz => "healthz",
+            Route::Readyz => "readyz",
+        }
+    }
 }
 
 /// Counters exported by `/metrics`-style logging and the benchmark.
@@ -157,6 +196,7 @@ pub struct App {
     audit: Arc<AuditTrail>,
     selftest: Mutex<Result<(), String>>,
     draining: AtomicBool,
+    metrics: Arc<Metrics>,
     /// Counters.
     pub counters: Counters,
 }
@@ -177,6 +217,18 @@ fn micros(since: Instant) -> u64 {
 impl App {
     /// State for `config`, with `backend` and an opened audit trail.
     pub fn new(config: &Config, backend: Arc<dyn SigningBackend>, audit: Arc<AuditTrail>) -> App {
+        App::with_metrics(config, backend, audit, Arc::new(Metrics::new()))
+    }
+
+    /// Like [`App::new`], counting into `metrics` (which the HSM pool may
+    /// already be feeding).
+    pub fn with_metrics(
+        config: &Config,
+        backend: Arc<dyn SigningBackend>,
+        audit: Arc<AuditTrail>,
+        metrics: Arc<Metrics>,
+    ) -> App {
+        metrics.register_audit(audit.stats());
         App {
             backend,
             verifier: SoftwareVerifier::new(),
@@ -184,10 +236,12 @@ impl App {
                 policy: Policy::new(&config.entities, None),
                 keys: config.keys.clone(),
                 limits: config.limits.clone(),
+                anomaly: config.anomaly.clone(),
             })),
             audit,
             selftest: Mutex::new(Err("self-tests have not run yet".into())),
             draining: AtomicBool::new(false),
+            metrics,
             counters: Counters::default(),
         }
     }
@@ -208,6 +262,11 @@ impl App {
     /// The backend.
     pub fn backend(&self) -> &Arc<dyn SigningBackend> {
         &self.backend
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Checks that every exposed key exists in the backend.
@@ -234,6 +293,7 @@ impl App {
             policy,
             keys: config.keys.clone(),
             limits: config.limits.clone(),
+            anomaly: config.anomaly.clone(),
         });
         Ok(())
     }
@@ -245,6 +305,7 @@ impl App {
 
     /// Records a self-test result.
     pub fn set_selftest(&self, result: Result<(), String>) {
+        self.metrics.selftest(result.is_ok());
         if let Err(why) = &result {
             self.counters
                 .selftest_failures
@@ -286,16 +347,43 @@ impl App {
         if route.is_probe() {
             return Ok(());
         }
-        self.entity(client)?;
-        if route.has_body() {
+        // Identified even when suspended, so the refusal counts for the entity.
+        let found = client
+            .ok_or(SvsError::Unauthenticated)
+            .and_then(|c| self.runtime().policy.identify(c));
+        let result = found.as_ref().map_err(Clone::clone).and_then(|e| {
+            e.check_active()?;
             let json = content_type
                 .and_then(|c| c.split(';').next())
                 .is_some_and(|c| c.trim().eq_ignore_ascii_case("application/json"));
-            if !json {
+            if route.has_body() && !json {
                 return Err(SvsError::UnsupportedMediaType);
             }
+            Ok(())
+        });
+        if let (Err(e), Some(op)) = (&result, route.operation()) {
+            self.refused(found.ok().as_deref(), op, e);
         }
-        Ok(())
+        result
+    }
+
+    /// Counts a request refused before its items were looked at.
+    fn refused(&self, entity: Option<&Entity>, op: Operation, e: &SvsError) {
+        let name = entity.map_or(metrics::UNKNOWN, Entity::name);
+        self.metrics
+            .operation(op.as_str(), name, metrics::NONE, e.wire().code);
+        if let Some(entity) = entity {
+            entity.traffic().record(1, 1);
+        }
+    }
+
+    /// Counts one finished item: metrics and the entity's traffic.
+    fn observed(&self, entity: &Entity, rt: &Runtime, ev: &AuditEvent) {
+        let key = rt.key_label(ev.key.as_deref());
+        self.metrics
+            .operation(ev.op, entity.name(), key, &ev.outcome);
+        let failed = !matches!(ev.outcome.as_str(), "ok" | "valid" | "invalid");
+        entity.traffic().record(1, u64::from(failed));
     }
 
     /// Handles one request whose body has been read.
@@ -385,14 +473,55 @@ impl App {
         client: Option<&ClientIdentity>,
         body: &[u8],
     ) -> Result<Reply, SvsError> {
-        let entity = self.entity(client)?;
         let op = match route {
             Route::Sign | Route::SignBatch => Operation::Sign,
             _ => Operation::Verify,
         };
         let batch = matches!(route, Route::SignBatch | Route::VerifyBatch);
-        entity.check_operation(op)?;
+        let entity = self
+            .entity(client)
+            .inspect_err(|e| self.refused(None, op, e))?;
         let rt = self.runtime();
+        let (items, _in_flight) = self
+            .admit(&entity, &rt, batch, op, body)
+            .inspect_err(|e| self.refused(Some(&entity), op, e))?;
+        let results: Vec<ItemResult> = match op {
+            Operation::Sign => self.sign_items(&entity, &rt, items).await,
+            Operation::Verify => self.verify_items(&entity, &rt, items).await?,
+        };
+        for (_, ev) in &results {
+            self.observed(&entity, &rt, ev);
+        }
+        let (values, events): (Vec<_>, Vec<_>) = results.into_iter().unzip();
+        // The answer leaves only once its records are on disk.
+        self.audit.append(events).await?;
+        if batch {
+            let values: Vec<_> = values
+                .into_iter()
+                .map(|v| v.unwrap_or_else(|e| e.to_json()))
+                .collect();
+            Ok(Reply::ok(json!({ "results": values })))
+        } else {
+            // A single request answers an error with its own HTTP status.
+            values
+                .into_iter()
+                .next()
+                .unwrap_or_else(|| Err(SvsError::Internal("no result".into())))
+                .map(Reply::ok)
+        }
+    }
+
+    /// Everything between identification and the items: operation granted,
+    /// body parsed, limits and anomaly throttle, readiness.
+    fn admit(
+        &self,
+        entity: &Entity,
+        rt: &Runtime,
+        batch: bool,
+        op: Operation,
+        body: &[u8],
+    ) -> Result<(Vec<serde_json::Value>, crate::policy::InFlight), SvsError> {
+        entity.check_operation(op)?;
         // Parse first: the item count decides how many tokens to take.
         let items = if batch {
             let b: BatchRequest = api::from_json(body)?;
@@ -412,33 +541,71 @@ impl App {
                     .map_err(|_| SvsError::MalformedRequest("body is not valid JSON".into()))?,
             ]
         };
-        let _in_flight = entity.admit(items.len())?;
+        let in_flight = entity.admit(items.len()).inspect_err(|e| {
+            let reason = match e {
+                SvsError::TooManyConcurrent => "concurrency",
+                _ => "rate",
+            };
+            self.metrics.rate_limited(entity.name(), reason);
+        })?;
+        if rt.anomaly.enabled {
+            entity
+                .traffic()
+                .admit(items.len(), Instant::now())
+                .inspect_err(|_| self.metrics.rate_limited(entity.name(), "anomaly"))?;
+        }
         // Nothing is signed unaudited, nor while self-tests fail.
         match op {
             Operation::Sign => self.readiness()?,
             Operation::Verify => self.audit.check()?,
         }
-        let results: Vec<ItemResult> = match op {
-            Operation::Sign => self.sign_items(&entity, &rt, items).await,
-            Operation::Verify => self.verify_items(&entity, &rt, items).await?,
-        };
-        let (values, events): (Vec<_>, Vec<_>) = results.into_iter().unzip();
-        // The answer leaves only once its records are on disk.
-        self.audit.append(events).await?;
-        if batch {
-            let values: Vec<_> = values
-                .into_iter()
-                .map(|v| v.unwrap_or_else(|e| e.to_json()))
-                .collect();
-            Ok(Reply::ok(json!({ "results": values })))
-        } else {
-            // A single request answers an error with its own HTTP status.
-            values
-                .into_iter()
-                .next()
-                .unwrap_or_else(|| Err(SvsError::Internal("no result".into())))
-                .map(Reply::ok)
+        Ok((items, in_flight))
+    }
+
+    /// One second of anomaly detection: moves every entity's windows and
+    /// logs and audits each verdict that changed. Returns the changes.
+    pub async fn anomaly_tick(&self) -> Vec<(String, Flip)> {
+        let rt = self.runtime();
+        let now = Instant::now();
+        let mut changed = Vec::new();
+        for e in rt.policy.entities() {
+            if rt.anomaly.enabled {
+                for flip in e.traffic().tick(&rt.anomaly, now) {
+                    changed.push((e.name().to_owned(), flip));
+                }
+            } else {
+                e.traffic().disable();
+            }
         }
+        for (entity, f) in &changed {
+            let state = if f.abnormal { "abnormal" } else { "normal" };
+            let v = &f.view;
+            if f.abnormal {
+                tracing::warn!(
+                    entity = %entity,
+                    check = f.check.as_str(),
+                    short_rate = v.short_rate,
+                    baseline = v.baseline,
+                    error_ratio = v.error_ratio,
+                    throttled = v.throttled,
+                    "ALARM abnormal traffic from entity"
+                );
+            } else {
+                tracing::info!(entity = %entity, check = f.check.as_str(), "entity traffic back to normal");
+            }
+            let detail = format!(
+                "entity={entity} check={} state={state} short_rate={:.3} baseline={:.3} error_ratio={:.3} throttled={}",
+                f.check.as_str(),
+                v.short_rate,
+                v.baseline,
+                v.error_ratio,
+                v.throttled
+            );
+            if let Err(e) = self.audit.note("anomaly", detail).await {
+                tracing::error!(error = %e, "cannot record an anomaly verdict in the audit trail");
+            }
+        }
+        changed
     }
 
     fn event(entity: &Entity, op: Operation, key: Option<&str>) -> AuditEvent {

@@ -21,7 +21,6 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -370,13 +369,38 @@ enum Job {
     },
 }
 
-/// Counters for metrics and the benchmark.
-#[derive(Debug, Default)]
+/// Counters for metrics and the benchmark. Prometheus handles, created
+/// unregistered with the trail and registered by [`crate::metrics::Metrics`].
+#[derive(Debug)]
 pub struct AuditStats {
     /// Records made durable.
-    pub records: AtomicU64,
-    /// fsyncs done.
-    pub syncs: AtomicU64,
+    pub records: prometheus::IntCounter,
+    /// Group commits (one fsync each).
+    pub fsyncs: prometheus::IntCounter,
+    /// Writes or fsyncs that failed (each breaks the trail).
+    pub write_errors: prometheus::IntCounter,
+    /// Duration of a group commit: write plus fsync.
+    pub fsync_seconds: prometheus::Histogram,
+}
+
+impl Default for AuditStats {
+    fn default() -> Self {
+        let counter = |name: &str, help: &str| {
+            prometheus::IntCounter::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"))
+        };
+        AuditStats {
+            records: counter("svs_audit_records_total", "Audit records made durable."),
+            fsyncs: counter(
+                "svs_audit_fsyncs_total",
+                "Audit group commits (one fsync each).",
+            ),
+            write_errors: counter(
+                "svs_audit_write_errors_total",
+                "Audit writes or fsyncs that failed (each stops signing).",
+            ),
+            fsync_seconds: crate::metrics::fsync_histogram(),
+        }
+    }
 }
 
 /// Handle to the trail; cheap to share.
@@ -473,13 +497,18 @@ impl Writer {
         let result = if buf.is_empty() {
             Ok(())
         } else {
-            self.sink.append(buf).and_then(|()| self.sink.sync())
+            let started = std::time::Instant::now();
+            let r = self.sink.append(buf).and_then(|()| self.sink.sync());
+            self.stats
+                .fsync_seconds
+                .observe(started.elapsed().as_secs_f64());
+            r
         };
         match result {
             Ok(()) => {
-                self.stats.records.fetch_add(count, Ordering::Relaxed);
+                self.stats.records.inc_by(count);
                 if count > 0 {
-                    self.stats.syncs.fetch_add(1, Ordering::Relaxed);
+                    self.stats.fsyncs.inc();
                 }
                 for (ack, seq) in acks {
                     let _ = ack.send(Ok(seq));
@@ -490,10 +519,12 @@ impl Writer {
                 if self.sink.len() >= self.max_file_bytes
                     && let Err(e) = self.sink.rotate(self.seq + 1)
                 {
+                    self.stats.write_errors.inc();
                     self.fail(format!("cannot start a new audit file: {e}"));
                 }
             }
             Err(e) => {
+                self.stats.write_errors.inc();
                 let why = format!("write/fsync failed: {e}");
                 self.fail(why.clone());
                 for (ack, _) in acks {

@@ -28,6 +28,10 @@ pub trait SigningBackend: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<[u8; 64], SvsError>>;
     /// Whether the backend can sign right now; the reason when not.
     fn health(&self) -> Result<(), String>;
+    /// The session pool's state, for metrics; none for backends without one.
+    fn pool_health(&self) -> Option<svs_hsm::Health> {
+        None
+    }
 }
 
 impl SigningBackend for Hsm {
@@ -61,6 +65,10 @@ impl SigningBackend for Hsm {
                     .unwrap_or_default()
             )),
         }
+    }
+
+    fn pool_health(&self) -> Option<svs_hsm::Health> {
+        Some(Hsm::health(self))
     }
 }
 

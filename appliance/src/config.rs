@@ -188,6 +188,10 @@ pub struct Config {
     pub entities_file: Option<PathBuf>,
     /// All entities (inline and from the file).
     pub entities: Vec<EntityConfig>,
+    /// The metrics listener (docs/monitoring.md).
+    pub metrics: crate::metrics::MetricsConfig,
+    /// Abnormal-traffic detection (docs/monitoring.md).
+    pub anomaly: crate::anomaly::AnomalyConfig,
 }
 
 // ---------------------------------------------------------------- stage one
@@ -293,6 +297,8 @@ const SECTIONS: &[&str] = &[
     "selftest",
     "entities_file",
     "entity",
+    "metrics",
+    "anomaly",
 ];
 
 /// Collects errors instead of stopping at the first.
@@ -578,6 +584,15 @@ impl Config {
         let audit: Option<RawAudit> = errors.required(&table, "audit");
         let selftest: Option<RawSelftest> = errors.section(&table, "selftest");
         let entities_file: Option<PathBuf> = errors.section(&table, "entities_file");
+        let raw_metrics: Option<crate::metrics::RawMetrics> = errors.section(&table, "metrics");
+        let raw_anomaly: Option<crate::anomaly::RawAnomaly> = errors.section(&table, "anomaly");
+        let metrics = crate::metrics::MetricsConfig::from_raw(
+            raw_metrics.unwrap_or_default(),
+            &base,
+            &mut errors.0,
+        );
+        let anomaly =
+            crate::anomaly::AnomalyConfig::from_raw(raw_anomaly.unwrap_or_default(), &mut errors.0);
 
         // [server]
         let mut listen = Vec::new();
@@ -752,6 +767,8 @@ impl Config {
             selftest_interval,
             entities_file,
             entities,
+            metrics,
+            anomaly,
         })
     }
 }

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use hyper_util::server::graceful::GracefulShutdown;
 use sd_notify::NotifyState;
-use svs_hsm::{Hsm, ModuleSource, NoMetrics};
+use svs_hsm::{Hsm, HsmMetrics, ModuleSource, NoMetrics};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
@@ -19,6 +19,7 @@ use crate::audit::AuditTrail;
 use crate::backend::SigningBackend;
 use crate::config::Config;
 use crate::error::SvsError;
+use crate::metrics::Metrics;
 use crate::server;
 
 /// Options from the command line.
@@ -51,6 +52,11 @@ pub fn check_user(config: &Config, opts: &RunOptions) -> Result<(), SvsError> {
 
 /// Opens the HSM of `config` and discovers its keys. Blocking.
 pub fn open_hsm(config: &Config) -> Result<Hsm, SvsError> {
+    open_hsm_with(config, Arc::new(NoMetrics))
+}
+
+/// [`open_hsm`], reporting the pool's metrics to `metrics`. Blocking.
+pub fn open_hsm_with(config: &Config, metrics: Arc<dyn HsmMetrics>) -> Result<Hsm, SvsError> {
     if config.hsm.module == ModuleSource::Embedded {
         // Keep the linker from dropping the soft token's entry points, which
         // `Pkcs11::new_from_self` looks up in this executable.
@@ -59,7 +65,7 @@ pub fn open_hsm(config: &Config) -> Result<Hsm, SvsError> {
             svs_softtoken::set_config_path(Some(path.clone()));
         }
     }
-    Hsm::open(&config.hsm, Arc::new(NoMetrics)).map_err(SvsError::from)
+    Hsm::open(&config.hsm, metrics).map_err(SvsError::from)
 }
 
 fn tls_acceptor(config: &Config) -> Result<TlsAcceptor, SvsError> {
@@ -72,9 +78,15 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), SvsError> {
     check_user(&config, &opts)?;
     // Everything that can be wrong with the files is found before the HSM is touched.
     let acceptor = tls_acceptor(&config)?;
+    let metrics_tls = match &config.metrics.tls {
+        Some(t) => Some(TlsAcceptor::from(crate::tls::metrics_server_config(t)?)),
+        None => None,
+    };
 
+    let metrics = Arc::new(Metrics::new());
     let hsm_config = config.clone();
-    let hsm = tokio::task::spawn_blocking(move || open_hsm(&hsm_config))
+    let hsm_metrics = metrics.clone();
+    let hsm = tokio::task::spawn_blocking(move || open_hsm_with(&hsm_config, hsm_metrics))
         .await
         .map_err(|e| SvsError::Internal(e.to_string()))??;
     let hsm = Arc::new(hsm);
@@ -87,7 +99,7 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), SvsError> {
         .await
         .map_err(|e| SvsError::Internal(e.to_string()))??;
     let audit = Arc::new(audit);
-    let app = Arc::new(App::new(&config, backend, audit.clone()));
+    let app = Arc::new(App::with_metrics(&config, backend, audit.clone(), metrics));
     app.check_keys(&config.keys)?;
     if let Some(k) = &config.audit.checkpoint_key
         && app.backend().key(k).is_none()
@@ -105,6 +117,10 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), SvsError> {
 
     let listeners = server::bind(&config.listen).await?;
     let probe_listener = match config.health_listen {
+        Some(a) => server::bind(&[a]).await?.pop(),
+        None => None,
+    };
+    let metrics_listener = match config.metrics.listen {
         Some(a) => server::bind(&[a]).await?.pop(),
         None => None,
     };
@@ -127,6 +143,19 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), SvsError> {
     if let Some(l) = probe_listener {
         tracing::info!(addr = ?config.health_listen, "listening (plain HTTP, /healthz and /readyz only)");
         tokio::spawn(server::serve_probes(app.clone(), l, stop_rx.clone()));
+    }
+    if let Some(l) = metrics_listener {
+        tracing::info!(
+            addr = ?config.metrics.listen,
+            tls = metrics_tls.is_some(),
+            "listening (metrics: /metrics)"
+        );
+        tokio::spawn(server::serve_metrics(
+            app.clone(),
+            l,
+            metrics_tls,
+            stop_rx.clone(),
+        ));
     }
 
     // Ready only after login and self-tests.
@@ -237,6 +266,19 @@ fn spawn_duties(app: &Arc<App>, config: &Config, stop: watch::Receiver<bool>) {
         loop {
             tokio::select! {
                 _ = tick.tick() => { let _ = a.run_selftests().await; }
+                _ = s.changed() => return,
+            }
+        }
+    });
+    // Abnormal-traffic detection: windows move once a second.
+    let a = app.clone();
+    let mut s = stop.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => { a.anomaly_tick().await; }
                 _ = s.changed() => return,
             }
         }

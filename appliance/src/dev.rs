@@ -39,6 +39,8 @@ pub struct DevSetup {
     pub config: PathBuf,
     /// The listen address.
     pub addr: std::net::SocketAddr,
+    /// The metrics listen address.
+    pub metrics_addr: std::net::SocketAddr,
 }
 
 fn err(e: impl std::fmt::Display) -> SvsError {
@@ -51,8 +53,14 @@ fn random_pin() -> Result<Zeroizing<String>, SvsError> {
     Ok(Zeroizing::new(crate::policy::hex(bytes.as_ref())))
 }
 
-/// Creates a dev installation in `dir` (wiping an earlier one). Blocking.
+/// Creates a dev installation in `dir` (wiping an earlier one), with
+/// metrics on the default port. Blocking.
 pub fn init(dir: &Path, port: u16) -> Result<DevSetup, SvsError> {
+    init_with_metrics(dir, port, 9464)
+}
+
+/// [`init`] with the metrics listener on 127.0.0.1:`metrics_port`.
+pub fn init_with_metrics(dir: &Path, port: u16, metrics_port: u16) -> Result<DevSetup, SvsError> {
     if dir.exists() {
         if !dir.join(MARKER).exists() && std::fs::read_dir(dir).map_err(err)?.next().is_some() {
             return Err(err(format!(
@@ -162,6 +170,7 @@ pub fn init(dir: &Path, port: u16) -> Result<DevSetup, SvsError> {
         false,
     )?;
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let metrics_addr = std::net::SocketAddr::from(([127, 0, 0, 1], metrics_port));
     let config = dir.join("svsd.toml");
     write(
         &config,
@@ -202,12 +211,23 @@ checkpoint_interval_s = 60
 
 [selftest]
 interval_s = 300
+
+[metrics]
+listen = "{metrics_addr}"
+
+[anomaly]
+enforce = false
 "#,
             pin = dir.join("pin").display()
         ),
         false,
     )?;
-    Ok(DevSetup { dir, config, addr })
+    Ok(DevSetup {
+        dir,
+        config,
+        addr,
+        metrics_addr,
+    })
 }
 
 impl DevSetup {
@@ -224,7 +244,11 @@ impl DevSetup {
              \n\
              # sign, then verify that signature:\n\
              SIG=$({base} -d '{{\"key\":\"demo\",\"data\":\"aGVsbG8=\"}}' {url}/v1/sign | sed -E 's/.*\"signature\":\"([^\"]+)\".*/\\1/')\n\
-             {base} -d \"{{\\\"key\\\":\\\"demo\\\",\\\"data\\\":\\\"aGVsbG8=\\\",\\\"signature\\\":\\\"$SIG\\\"}}\" {url}/v1/verify\n"
+             {base} -d \"{{\\\"key\\\":\\\"demo\\\",\\\"data\\\":\\\"aGVsbG8=\\\",\\\"signature\\\":\\\"$SIG\\\"}}\" {url}/v1/verify\n\
+             \n\
+             # metrics (Prometheus text format):\n\
+             curl -sS http://{}/metrics\n",
+            self.metrics_addr
         )
     }
 }

@@ -3,6 +3,7 @@
 //!
 //! See docs/svsd.md for the configuration, the API and the audit format.
 
+pub mod anomaly;
 pub mod api;
 pub mod app;
 pub mod audit;
@@ -11,6 +12,7 @@ pub mod config;
 pub mod daemon;
 pub mod dev;
 pub mod error;
+pub mod metrics;
 pub mod policy;
 pub mod server;
 pub mod tls;

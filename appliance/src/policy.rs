@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use der::{Decode, Encode};
 use sha2::{Digest, Sha256};
 
+use crate::anomaly::Traffic;
 use crate::config::{ClientMatch, EntityConfig, EntityStatus, Operation, RateLimit, normalise_dn};
 use crate::error::SvsError;
 
@@ -66,6 +67,7 @@ struct Bucket {
 pub struct EntityLimiter {
     bucket: Mutex<Bucket>,
     in_flight: AtomicUsize,
+    traffic: Traffic,
 }
 
 impl EntityLimiter {
@@ -76,6 +78,7 @@ impl EntityLimiter {
                 last: Instant::now(),
             }),
             in_flight: AtomicUsize::new(0),
+            traffic: Traffic::default(),
         }
     }
 
@@ -176,6 +179,11 @@ impl Entity {
     pub fn keys(&self) -> &BTreeSet<String> {
         &self.config.keys
     }
+
+    /// Its traffic record for anomaly detection (kept across reloads).
+    pub fn traffic(&self) -> &Traffic {
+        &self.limiter.traffic
+    }
 }
 
 /// All entities, indexed by the ways a certificate can match.
@@ -228,6 +236,11 @@ impl Policy {
             })
             .map(|&i| self.entities[i].clone())
             .ok_or(SvsError::Unauthenticated)
+    }
+
+    /// Every entity, in configuration order.
+    pub fn entities(&self) -> &[Arc<Entity>] {
+        &self.entities
     }
 
     /// Number of entities.

@@ -75,11 +75,15 @@ pub async fn handle(
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let start = Instant::now();
     let head_only = req.method() == hyper::Method::HEAD;
+    let operation =
+        Route::parse(req.method().as_str(), req.uri().path()).map_or("other", |r| r.metric_name());
     let reply = handle_inner(&app, client.as_ref().as_ref(), probes_only, req).await;
     let reply = reply.unwrap_or_else(Reply::from);
+    let elapsed = start.elapsed();
+    app.metrics().http(operation, reply.status, elapsed);
     tracing::debug!(
         status = reply.status,
-        latency_us = start.elapsed().as_micros() as u64,
+        latency_us = elapsed.as_micros() as u64,
         "request"
     );
     Ok(response(reply, head_only))
@@ -215,6 +219,97 @@ pub async fn serve_probes(app: Arc<App>, listener: TcpListener, mut stop: watch:
                 handle(svc_app.clone(), Arc::new(None), true, req)
             });
             let _ = builder(&app).serve_connection(TokioIo::new(tcp), svc).await;
+        });
+    }
+}
+
+/// Connections the metrics listener serves at once; more wait in the backlog.
+const METRICS_CONNECTIONS: usize = 16;
+
+async fn metrics_request(
+    app: Arc<App>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let (status, ctype, body) = match (req.method(), req.uri().path()) {
+        (&hyper::Method::GET | &hyper::Method::HEAD, "/metrics") => {
+            // Gathering and encoding is CPU work proportional to the series
+            // count: it runs on a blocking thread, never a runtime worker.
+            let a = app.clone();
+            match tokio::task::spawn_blocking(move || a.metrics().render(&a)).await {
+                Ok(text) => (200, prometheus::TEXT_FORMAT, Bytes::from(text)),
+                Err(_) => (500, "text/plain", Bytes::from_static(b"render failed\n")),
+            }
+        }
+        (_, "/metrics") => (405, "text/plain", Bytes::from_static(b"GET /metrics\n")),
+        _ => (
+            404,
+            "text/plain",
+            Bytes::from_static(b"not found: try /metrics\n"),
+        ),
+    };
+    let body = if req.method() == hyper::Method::HEAD {
+        Bytes::new()
+    } else {
+        body
+    };
+    let mut resp = Response::new(Full::new(body));
+    *resp.status_mut() =
+        hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(ctype));
+    Ok(resp)
+}
+
+/// Serves `/metrics` (plain HTTP, or TLS when `tls` is set) until `stop`.
+/// Separate from the API listeners and their connection cap: scrapers can
+/// neither take the API's connections nor be starved by API clients.
+pub async fn serve_metrics(
+    app: Arc<App>,
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let connections = Arc::new(Semaphore::new(METRICS_CONNECTIONS));
+    loop {
+        let permit = tokio::select! {
+            p = connections.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            _ = stop.changed() => return,
+        };
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let app = app.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let svc_app = app.clone();
+            let svc = hyper::service::service_fn(move |req| metrics_request(svc_app.clone(), req));
+            let b = builder(&app);
+            let result = match tls {
+                None => b.serve_connection(TokioIo::new(tcp), svc).await,
+                Some(acceptor) => {
+                    let handshake = app.runtime().limits.handshake_timeout;
+                    match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
+                        Ok(Ok(s)) => b.serve_connection(TokioIo::new(s), svc).await,
+                        Ok(Err(e)) => {
+                            tracing::info!(%peer, error = %e, "metrics TLS handshake refused");
+                            return;
+                        }
+                        Err(_) => return,
+                    }
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "metrics connection ended with an error");
+            }
         });
     }
 }

@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::TlsFiles;
 use crate::error::SvsError;
+use crate::metrics::MetricsTls;
 
 fn cfg_err(m: String) -> SvsError {
     SvsError::Config(vec![m])
@@ -42,30 +43,62 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// Builds the server configuration from the TLS files. Errors name the file.
 pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, SvsError> {
-    let chain = read_certs(&files.certificate, "tls certificate")?;
+    build(
+        &files.certificate,
+        &files.private_key,
+        Some(&files.client_ca),
+        "tls",
+    )
+}
+
+/// The metrics listener's TLS: like the API's, but a client certificate is
+/// required only when a client CA is configured (a scraper may have none).
+pub fn metrics_server_config(files: &MetricsTls) -> Result<Arc<ServerConfig>, SvsError> {
+    build(
+        &files.certificate,
+        &files.private_key,
+        files.client_ca.as_deref(),
+        "metrics tls",
+    )
+}
+
+fn build(
+    certificate: &Path,
+    private_key: &Path,
+    client_ca: Option<&Path>,
+    what: &str,
+) -> Result<Arc<ServerConfig>, SvsError> {
+    let chain = read_certs(certificate, &format!("{what} certificate"))?;
     // The private key's bytes never reach an error message.
-    let key = PrivateKeyDer::from_pem_file(&files.private_key).map_err(|_| {
+    let key = PrivateKeyDer::from_pem_file(private_key).map_err(|_| {
         cfg_err(format!(
-            "tls private_key {}: cannot read a PEM private key",
-            files.private_key.display()
+            "{what} private_key {}: cannot read a PEM private key",
+            private_key.display()
         ))
     })?;
-    let mut roots = RootCertStore::empty();
-    for ca in read_certs(&files.client_ca, "tls client_ca")? {
-        roots
-            .add(ca)
-            .map_err(|e| cfg_err(format!("tls client_ca {}: {e}", files.client_ca.display())))?;
-    }
     let provider = provider();
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .map_err(|e| cfg_err(format!("client certificate verifier: {e}")))?;
-    let mut config = ServerConfig::builder_with_provider(provider)
+    let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| cfg_err(format!("TLS versions: {e}")))?
-        .with_client_cert_verifier(verifier)
+        .map_err(|e| cfg_err(format!("TLS versions: {e}")))?;
+    let builder = match client_ca {
+        Some(client_ca) => {
+            let mut roots = RootCertStore::empty();
+            for ca in read_certs(client_ca, &format!("{what} client_ca"))? {
+                roots.add(ca).map_err(|e| {
+                    cfg_err(format!("{what} client_ca {}: {e}", client_ca.display()))
+                })?;
+            }
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                    .build()
+                    .map_err(|e| cfg_err(format!("client certificate verifier: {e}")))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder
         .with_single_cert(chain, key)
-        .map_err(|e| cfg_err(format!("tls certificate/private_key: {e}")))?;
+        .map_err(|e| cfg_err(format!("{what} certificate/private_key: {e}")))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }

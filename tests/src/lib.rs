@@ -81,6 +81,8 @@ pub struct Install {
     pub config: PathBuf,
     /// HTTPS address.
     pub addr: SocketAddr,
+    /// Metrics address (plain HTTP).
+    pub metrics_addr: SocketAddr,
 }
 
 impl Install {
@@ -89,9 +91,12 @@ impl Install {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("dev");
         let port = free_port();
+        let metrics_port = free_port();
         let out = Command::new(svsd_bin())
             .args(["--dev", "--dev-init-only", "--allow-root", "--dev-port"])
             .arg(port.to_string())
+            .arg("--dev-metrics-port")
+            .arg(metrics_port.to_string())
             .arg("--dev-dir")
             .arg(&dir)
             .output()
@@ -107,6 +112,7 @@ impl Install {
             dir,
             tmp,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            metrics_addr: SocketAddr::from(([127, 0, 0, 1], metrics_port)),
         }
     }
 

@@ -28,6 +28,9 @@ struct Args {
     /// Port for --dev.
     #[arg(long, default_value_t = 8443)]
     dev_port: u16,
+    /// Metrics port for --dev (127.0.0.1).
+    #[arg(long, default_value_t = 9464)]
+    dev_metrics_port: u16,
     /// With --dev: create the installation, print its config path, and exit.
     #[arg(long, requires = "dev")]
     dev_init_only: bool,
@@ -60,7 +63,7 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<(), SvsError> {
     let config_path = if args.dev {
-        let setup = dev::init(&args.dev_dir, args.dev_port)?;
+        let setup = dev::init_with_metrics(&args.dev_dir, args.dev_port, args.dev_metrics_port)?;
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "dev installation in {}", setup.dir.display());
         let _ = writeln!(out, "config: {}", setup.config.display());

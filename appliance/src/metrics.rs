@@ -1,0 +1,699 @@
+//! Prometheus metrics (docs/monitoring.md): the registry, what the request
+//! path and the HSM pool count, and what a scrape reads from the daemon's
+//! state.
+//!
+//! Cardinality stays bounded: an `entity` label is a configured entity name
+//! or [`UNKNOWN`]; a `key` label is a configured key name, [`UNKNOWN`] for a
+//! name the client made up, or [`NONE`]; `outcome` and `code` come from the
+//! fixed error table; HSM labels are `&'static str`s of svs-hsm or one of a
+//! capped set of mechanism numbers. Nothing a client sends verbatim, and no
+//! personal data (certificate subjects, addresses), becomes a label.
+//!
+//! The request path only touches atomics and the metric vectors' read
+//! locks. A scrape refreshes gauges and encodes the text on a blocking
+//! thread, serialised by its own lock, so a slow or busy scraper never
+//! holds anything the signing path waits for.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use der::Decode;
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use serde::Deserialize;
+use svs_hsm::{HealthState, HsmMetrics, RvClass};
+
+use crate::app::App;
+
+/// Label value for an entity or key that is not configured.
+pub const UNKNOWN: &str = "_unknown";
+/// Label value where there is no key (verification with a given public key,
+/// or a request refused before its key was read).
+pub const NONE: &str = "_none";
+
+/// Default metrics address: loopback, Prometheus' exporter port range.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9464";
+
+/// Most distinct mechanism numbers given their own label value.
+const MAX_MECHANISMS: usize = 16;
+
+/// `[metrics]`, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// Where /metrics is served; none when disabled.
+    pub listen: Option<SocketAddr>,
+    /// TLS for the metrics listener; plain HTTP when none.
+    pub tls: Option<MetricsTls>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: DEFAULT_LISTEN.parse().ok(),
+            tls: None,
+        }
+    }
+}
+
+/// TLS files of the metrics listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsTls {
+    /// Server certificate chain, PEM.
+    pub certificate: PathBuf,
+    /// Its private key, PEM.
+    pub private_key: PathBuf,
+    /// When set, scrapers must present a certificate chaining to this bundle.
+    pub client_ca: Option<PathBuf>,
+}
+
+/// `[metrics]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawMetrics {
+    enabled: Option<bool>,
+    listen: Option<String>,
+    tls: Option<RawMetricsTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetricsTls {
+    certificate: PathBuf,
+    private_key: PathBuf,
+    client_ca: Option<PathBuf>,
+}
+
+impl MetricsConfig {
+    /// Stage two of `[metrics]`; relative paths are relative to `base`.
+    pub(crate) fn from_raw(raw: RawMetrics, base: &Path, errors: &mut Vec<String>) -> Self {
+        let at = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        let listen_text = raw.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+        let listen = match listen_text.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                errors.push(format!("[metrics] listen: {listen_text:?} is not ip:port"));
+                None
+            }
+        };
+        MetricsConfig {
+            listen: if raw.enabled.unwrap_or(true) {
+                listen
+            } else {
+                None
+            },
+            tls: raw.tls.map(|t| MetricsTls {
+                certificate: at(t.certificate),
+                private_key: at(t.private_key),
+                client_ca: t.client_ca.map(at),
+            }),
+        }
+    }
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let v = IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| bug(name, e));
+    register(r, v.clone());
+    v
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    let v = GaugeVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| bug(name, e));
+    register(r, v.clone());
+    v
+}
+
+fn int_gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let v = IntGaugeVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| bug(name, e));
+    register(r, v.clone());
+    v
+}
+
+fn int_gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let v = IntGauge::new(name, help).unwrap_or_else(|e| bug(name, e));
+    register(r, v.clone());
+    v
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> Gauge {
+    let v = Gauge::new(name, help).unwrap_or_else(|e| bug(name, e));
+    register(r, v.clone());
+    v
+}
+
+fn histogram_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: &[f64],
+) -> HistogramVec {
+    let v = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        labels,
+    )
+    .unwrap_or_else(|e| bug(name, e));
+    register(r, v.clone());
+    v
+}
+
+/// Names and label sets are constants of this file, so a failure to build
+/// or register one is a programming error that every test run would show.
+fn bug<T>(name: &str, e: prometheus::Error) -> T {
+    panic!("metric {name}: {e}")
+}
+
+fn register<C: prometheus::core::Collector + 'static>(r: &Registry, c: C) {
+    if let Err(e) = r.register(Box::new(c)) {
+        bug::<()>("registration", e);
+    }
+}
+
+/// Latency buckets for requests and HSM calls, in seconds: 0.5 ms to 10 s.
+/// 0.1 s is a bucket boundary because the shipped SLO alert is defined on it.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// fsync and queue-wait buckets: 50 µs to 5 s.
+const SHORT_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
+];
+
+/// A histogram for the audit writer's fsyncs, made before the registry
+/// exists (the trail is opened on its own) and registered later.
+pub fn fsync_histogram() -> Histogram {
+    Histogram::with_opts(
+        HistogramOpts::new(
+            "svs_audit_fsync_duration_seconds",
+            "Duration of one audit group commit (write and fsync).",
+        )
+        .buckets(SHORT_BUCKETS.to_vec()),
+    )
+    .unwrap_or_else(|e| bug("svs_audit_fsync_duration_seconds", e))
+}
+
+/// The daemon's metrics.
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    http_requests: IntCounterVec,
+    request_seconds: HistogramVec,
+    rate_limited: IntCounterVec,
+    key_usage: IntCounterVec,
+    hsm_seconds: HistogramVec,
+    hsm_errors: IntCounterVec,
+    hsm_recoveries: IntCounterVec,
+    hsm_queue_depth: IntGauge,
+    hsm_queue_wait: Histogram,
+    hsm_in_use: AtomicUsize,
+    hsm_sessions: IntGaugeVec,
+    hsm_health: IntGaugeVec,
+    hsm_logged_in: IntGauge,
+    hsm_stuck: IntGauge,
+    hsm_last_success: Gauge,
+    selftest_ok: IntGauge,
+    selftest_failures: IntCounter,
+    selftest_last: Gauge,
+    ready: IntGauge,
+    audit_writable: IntGauge,
+    cert_expiry: GaugeVec,
+    entity_anomaly: IntGaugeVec,
+    entity_rate: GaugeVec,
+    entity_error_ratio: GaugeVec,
+    entity_throttled: IntGaugeVec,
+    entities: IntGauge,
+    mechanisms: Mutex<Vec<u64>>,
+    render: Mutex<()>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+fn unix_seconds(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs_f64()
+}
+
+/// notAfter of a DER certificate, in Unix seconds.
+pub fn certificate_not_after(der: &[u8]) -> Option<f64> {
+    let cert = x509_cert::Certificate::from_der(der).ok()?;
+    Some(
+        cert.tbs_certificate()
+            .validity()
+            .not_after
+            .to_unix_duration()
+            .as_secs_f64(),
+    )
+}
+
+impl Metrics {
+    /// A registry with every metric (process metrics included on Linux).
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        #[cfg(target_os = "linux")]
+        register(
+            &r,
+            prometheus::process_collector::ProcessCollector::for_self(),
+        );
+        let build = IntGaugeVec::new(
+            Opts::new("svs_build_info", "Build of svsd (value is always 1)."),
+            &["version"],
+        )
+        .unwrap_or_else(|e| bug("svs_build_info", e));
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        register(&r, build);
+        let hsm_sessions = int_gauge_vec(
+            &r,
+            "svs_hsm_sessions",
+            "HSM pool sessions by state (in_use: running a job; idle: open, waiting).",
+            &["state"],
+        );
+        Metrics {
+            requests: counter_vec(
+                &r,
+                "svs_requests_total",
+                "Signing API operations (a batch item counts as one) by operation, entity, key and outcome (ok, valid, invalid or the error code).",
+                &["operation", "entity", "key", "outcome"],
+            ),
+            http_requests: counter_vec(
+                &r,
+                "svs_http_requests_total",
+                "HTTP requests on the API listeners by operation (route) and status code.",
+                &["operation", "code"],
+            ),
+            request_seconds: histogram_vec(
+                &r,
+                "svs_request_duration_seconds",
+                "Time from request headers to the answer, by operation (route).",
+                &["operation"],
+                LATENCY_BUCKETS,
+            ),
+            rate_limited: counter_vec(
+                &r,
+                "svs_rate_limited_total",
+                "Requests refused by an entity's limits (rate, concurrency, or anomaly throttle).",
+                &["entity", "reason"],
+            ),
+            key_usage: counter_vec(
+                &r,
+                "svs_key_operations_total",
+                "Completed operations per exposed key.",
+                &["key", "operation"],
+            ),
+            hsm_seconds: histogram_vec(
+                &r,
+                "svs_hsm_operation_duration_seconds",
+                "Duration of one attempt of an HSM operation, by operation and PKCS#11 mechanism.",
+                &["operation", "mechanism"],
+                LATENCY_BUCKETS,
+            ),
+            hsm_errors: counter_vec(
+                &r,
+                "svs_hsm_errors_total",
+                "HSM errors by CK_RV name or error kind.",
+                &["rv"],
+            ),
+            hsm_recoveries: counter_vec(
+                &r,
+                "svs_hsm_recoveries_total",
+                "Recovery steps taken by HSM pool workers, by class.",
+                &["class"],
+            ),
+            hsm_queue_depth: int_gauge(
+                &r,
+                "svs_hsm_queue_depth",
+                "Jobs waiting for an HSM session.",
+            ),
+            hsm_queue_wait: {
+                let h = Histogram::with_opts(
+                    HistogramOpts::new(
+                        "svs_hsm_queue_wait_seconds",
+                        "Time a job waited for an HSM session.",
+                    )
+                    .buckets(SHORT_BUCKETS.to_vec()),
+                )
+                .unwrap_or_else(|e| bug("svs_hsm_queue_wait_seconds", e));
+                register(&r, h.clone());
+                h
+            },
+            hsm_in_use: AtomicUsize::new(0),
+            hsm_sessions,
+            hsm_health: int_gauge_vec(
+                &r,
+                "svs_hsm_health",
+                "HSM pool health: 1 for the current state (up, degraded, down), 0 for the others.",
+                &["state"],
+            ),
+            hsm_logged_in: int_gauge(
+                &r,
+                "svs_hsm_logged_in",
+                "1 while at least one pool session is open and logged in.",
+            ),
+            hsm_stuck: int_gauge(
+                &r,
+                "svs_hsm_workers_stuck",
+                "Pool workers running one job for longer than the operation timeout.",
+            ),
+            hsm_last_success: gauge(
+                &r,
+                "svs_hsm_last_success_timestamp_seconds",
+                "When an HSM job last succeeded (Unix time; 0 = never).",
+            ),
+            selftest_ok: int_gauge(
+                &r,
+                "svs_selftest_ok",
+                "1 while the last self-test run passed.",
+            ),
+            selftest_failures: {
+                let c =
+                    IntCounter::new("svs_selftest_failures_total", "Self-test runs that failed.")
+                        .unwrap_or_else(|e| bug("svs_selftest_failures_total", e));
+                register(&r, c.clone());
+                c
+            },
+            selftest_last: gauge(
+                &r,
+                "svs_selftest_last_run_timestamp_seconds",
+                "When self-tests last ran (Unix time; 0 = not yet).",
+            ),
+            ready: int_gauge(
+                &r,
+                "svs_ready",
+                "1 while /readyz is 200: self-tests passed, HSM usable, audit trail writable, not draining.",
+            ),
+            audit_writable: int_gauge(
+                &r,
+                "svs_audit_writable",
+                "1 while the audit trail can be written; 0 once a write or fsync failed (signing stops).",
+            ),
+            cert_expiry: gauge_vec(
+                &r,
+                "svs_key_certificate_expiry_timestamp_seconds",
+                "notAfter of each exposed key's certificate (Unix time); absent for keys without one.",
+                &["key"],
+            ),
+            entity_anomaly: int_gauge_vec(
+                &r,
+                "svs_entity_anomaly",
+                "1 while an entity's traffic is judged abnormal by the check (rate, errors).",
+                &["entity", "check"],
+            ),
+            entity_rate: gauge_vec(
+                &r,
+                "svs_entity_request_rate",
+                "An entity's requests per second: over the short window, and its baseline.",
+                &["entity", "window"],
+            ),
+            entity_error_ratio: gauge_vec(
+                &r,
+                "svs_entity_error_ratio",
+                "Share of an entity's requests in the short window that were refused or failed.",
+                &["entity"],
+            ),
+            entity_throttled: int_gauge_vec(
+                &r,
+                "svs_entity_throttled",
+                "1 while an entity is throttled to its baseline (anomaly enforcement).",
+                &["entity"],
+            ),
+            entities: int_gauge(&r, "svs_entities", "Configured entities."),
+            mechanisms: Mutex::new(Vec::new()),
+            render: Mutex::new(()),
+            registry: r,
+        }
+    }
+
+    /// Registers the audit trail's own counters.
+    pub fn register_audit(&self, stats: &crate::audit::AuditStats) {
+        register(&self.registry, stats.records.clone());
+        register(&self.registry, stats.fsyncs.clone());
+        register(&self.registry, stats.write_errors.clone());
+        register(&self.registry, stats.fsync_seconds.clone());
+    }
+
+    /// One API operation (or a refused request) and its outcome.
+    pub fn operation(&self, operation: &str, entity: &str, key: &str, outcome: &str) {
+        self.requests
+            .with_label_values(&[operation, entity, key, outcome])
+            .inc();
+        if matches!(outcome, "ok" | "valid" | "invalid") && key != NONE && key != UNKNOWN {
+            self.key_usage.with_label_values(&[key, operation]).inc();
+        }
+    }
+
+    /// One HTTP request on an API listener.
+    pub fn http(&self, operation: &str, status: u16, elapsed: Duration) {
+        let mut code = [0u8; 3];
+        let code = status_text(status, &mut code);
+        self.http_requests
+            .with_label_values(&[operation, code])
+            .inc();
+        self.request_seconds
+            .with_label_values(&[operation])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// A request refused by an entity's limits.
+    pub fn rate_limited(&self, entity: &str, reason: &'static str) {
+        self.rate_limited.with_label_values(&[entity, reason]).inc();
+    }
+
+    /// A self-test run ended.
+    pub fn selftest(&self, ok: bool) {
+        if !ok {
+            self.selftest_failures.inc();
+        }
+        self.selftest_ok.set(i64::from(ok));
+        self.selftest_last.set(unix_seconds(SystemTime::now()));
+    }
+
+    fn mechanism_label(&self, mechanism: Option<u64>) -> String {
+        let Some(m) = mechanism else {
+            return NONE.to_owned();
+        };
+        let mut seen = self.mechanisms.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.contains(&m) || seen.len() < MAX_MECHANISMS {
+            if !seen.contains(&m) {
+                seen.push(m);
+            }
+            format!("0x{m:08x}")
+        } else {
+            "other".to_owned()
+        }
+    }
+
+    /// Reads the daemon's state into the gauges, then encodes every metric
+    /// in the Prometheus text format. Blocking (call off the runtime).
+    pub fn render(&self, app: &App) -> Vec<u8> {
+        let _one_at_a_time = self.render.lock().unwrap_or_else(|p| p.into_inner());
+        self.refresh(app);
+        let families = self.registry.gather();
+        let mut out = Vec::with_capacity(32 << 10);
+        if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        out
+    }
+
+    fn refresh(&self, app: &App) {
+        self.ready.set(i64::from(app.readiness().is_ok()));
+        self.audit_writable
+            .set(i64::from(app.audit().check().is_ok()));
+        let (state, open, stuck, last_success) = match app.backend().pool_health() {
+            Some(h) => (h.state, h.sessions_open, h.workers_stuck, h.last_success),
+            None => match app.backend().health() {
+                Ok(()) => (HealthState::Up, 1, 0, None),
+                Err(_) => (HealthState::Down, 0, 0, None),
+            },
+        };
+        for (s, name) in [
+            (HealthState::Up, "up"),
+            (HealthState::Degraded, "degraded"),
+            (HealthState::Down, "down"),
+        ] {
+            self.hsm_health
+                .with_label_values(&[name])
+                .set(i64::from(s == state));
+        }
+        self.hsm_logged_in.set(i64::from(open > 0));
+        self.hsm_stuck.set(stuck as i64);
+        self.hsm_last_success
+            .set(last_success.map_or(0.0, unix_seconds));
+        let in_use = self.hsm_in_use.load(Ordering::Relaxed);
+        self.hsm_sessions
+            .with_label_values(&["in_use"])
+            .set(in_use as i64);
+        self.hsm_sessions
+            .with_label_values(&["idle"])
+            .set(open.saturating_sub(in_use) as i64);
+
+        let rt = app.runtime();
+        // Rebuilt each scrape so entities and keys removed by a reload vanish.
+        self.cert_expiry.reset();
+        for (name, exposure) in &rt.keys {
+            if let Some(t) = app.backend().key(&exposure.object).and_then(|k| {
+                k.certificate_chain
+                    .first()
+                    .and_then(|c| certificate_not_after(c))
+            }) {
+                self.cert_expiry.with_label_values(&[name]).set(t);
+            }
+        }
+        self.entity_anomaly.reset();
+        self.entity_rate.reset();
+        self.entity_error_ratio.reset();
+        self.entity_throttled.reset();
+        self.entities.set(rt.policy.len() as i64);
+        for e in rt.policy.entities() {
+            let v = e.traffic().view();
+            let name = e.name();
+            self.entity_anomaly
+                .with_label_values(&[name, "rate"])
+                .set(i64::from(v.rate_abnormal));
+            self.entity_anomaly
+                .with_label_values(&[name, "errors"])
+                .set(i64::from(v.errors_abnormal));
+            self.entity_rate
+                .with_label_values(&[name, "short"])
+                .set(v.short_rate);
+            self.entity_rate
+                .with_label_values(&[name, "baseline"])
+                .set(v.baseline);
+            self.entity_error_ratio
+                .with_label_values(&[name])
+                .set(v.error_ratio);
+            self.entity_throttled
+                .with_label_values(&[name])
+                .set(i64::from(v.throttled));
+        }
+    }
+}
+
+/// The three digits of an HTTP status without allocating.
+fn status_text(status: u16, buf: &mut [u8; 3]) -> &str {
+    let s = status.clamp(100, 999);
+    buf[0] = b'0' + (s / 100) as u8;
+    buf[1] = b'0' + (s / 10 % 10) as u8;
+    buf[2] = b'0' + (s % 10) as u8;
+    std::str::from_utf8(buf).unwrap_or("500")
+}
+
+impl HsmMetrics for Metrics {
+    fn queue_depth(&self, depth: usize) {
+        self.hsm_queue_depth.set(depth as i64);
+    }
+
+    fn sessions_in_use(&self, in_use: usize) {
+        self.hsm_in_use.store(in_use, Ordering::Relaxed);
+    }
+
+    fn queue_wait(&self, wait: Duration) {
+        self.hsm_queue_wait.observe(wait.as_secs_f64());
+    }
+
+    fn operation(&self, op: &'static str, mechanism: Option<u64>, latency: Duration, _ok: bool) {
+        let m = self.mechanism_label(mechanism);
+        self.hsm_seconds
+            .with_label_values(&[op, &m])
+            .observe(latency.as_secs_f64());
+    }
+
+    fn error(&self, label: &'static str) {
+        self.hsm_errors.with_label_values(&[label]).inc();
+    }
+
+    fn recovery(&self, class: RvClass) {
+        let name = match class {
+            RvClass::CallerError => "caller_error",
+            RvClass::RetrySession => "retry_session",
+            RvClass::Relogin => "relogin",
+            RvClass::TokenGone => "token_gone",
+            RvClass::Fatal => "fatal",
+        };
+        self.hsm_recoveries.with_label_values(&[name]).inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_codes_render_without_allocation() {
+        let mut b = [0u8; 3];
+        assert_eq!(status_text(200, &mut b), "200");
+        assert_eq!(status_text(429, &mut b), "429");
+        assert_eq!(status_text(5, &mut b), "100");
+    }
+
+    #[test]
+    fn mechanism_labels_are_capped() {
+        let m = Metrics::new();
+        assert_eq!(m.mechanism_label(None), NONE);
+        assert_eq!(m.mechanism_label(Some(0x8000_8104)), "0x80008104");
+        for i in 0..40 {
+            m.mechanism_label(Some(i));
+        }
+        assert_eq!(m.mechanism_label(Some(1000)), "other");
+        // A number seen early keeps its own label.
+        assert_eq!(m.mechanism_label(Some(0x8000_8104)), "0x80008104");
+    }
+
+    #[test]
+    fn key_usage_counts_only_completed_operations_on_configured_keys() {
+        let m = Metrics::new();
+        m.operation("sign", "a", "demo", "ok");
+        m.operation("sign", "a", "demo", "rate_limited");
+        m.operation("verify", "a", NONE, "valid");
+        m.operation("sign", UNKNOWN, UNKNOWN, "unknown_key");
+        assert_eq!(m.key_usage.with_label_values(&["demo", "sign"]).get(), 1);
+        assert_eq!(
+            m.requests
+                .with_label_values(&["sign", "a", "demo", "rate_limited"])
+                .get(),
+            1
+        );
+        let families = m.registry.gather();
+        let usage = families
+            .iter()
+            .find(|f| f.name() == "svs_key_operations_total")
+            .map(|f| f.get_metric().len());
+        assert_eq!(usage, Some(1));
+    }
+
+    #[test]
+    fn config_defaults_disable_and_errors() {
+        let mut errors = Vec::new();
+        let c = MetricsConfig::from_raw(RawMetrics::default(), Path::new("/etc/svs"), &mut errors);
+        assert_eq!(c, MetricsConfig::default());
+        assert_eq!(c.listen, Some("127.0.0.1:9464".parse().unwrap()));
+        let raw: RawMetrics = toml::from_str(
+            "enabled = false\n[tls]\ncertificate = \"m.pem\"\nprivate_key = \"/k.pem\"\n",
+        )
+        .unwrap();
+        let c = MetricsConfig::from_raw(raw, Path::new("/etc/svs"), &mut errors);
+        assert!(errors.is_empty());
+        assert_eq!(c.listen, None);
+        let tls = c.tls.unwrap();
+        assert_eq!(tls.certificate, PathBuf::from("/etc/svs/m.pem"));
+        assert_eq!(tls.private_key, PathBuf::from("/k.pem"));
+        let raw: RawMetrics = toml::from_str("listen = \"nowhere\"").unwrap();
+        MetricsConfig::from_raw(raw, Path::new("/"), &mut errors);
+        assert_eq!(errors.len(), 1);
+        assert!(toml::from_str::<RawMetrics>("port = 1").is_err());
+    }
+}

@@ -1,0 +1,311 @@
+//! `audit verify` and `audit show`: the auditor's commands. Neither needs a
+//! PIN: the trail is read from disk and the audit key's public half is a
+//! public token object (or a file).
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Value, json};
+use svs_appliance::audit::{BreakKind, ChainBreak, trail_files, verify_dir};
+
+use crate::Report;
+use crate::error::{ProvisionError, Result};
+
+/// Where the audit key's public key comes from.
+#[derive(Debug, Clone)]
+pub enum AuditKey {
+    /// An uncompressed point already read (from a file or the token).
+    Point {
+        /// The point.
+        point: Vec<u8>,
+        /// Where it came from, for the report.
+        source: String,
+    },
+    /// Checkpoint signatures are not checked (structure and hashes only).
+    Skip,
+}
+
+fn describe(kind: &BreakKind) -> String {
+    match kind {
+        BreakKind::Malformed => "the line is not an audit record".into(),
+        BreakKind::Tampered => {
+            "the record was altered: its content does not match its own hash".into()
+        }
+        BreakKind::Deleted { from, to } if from == to => {
+            format!("record {from} is missing (deleted)")
+        }
+        BreakKind::Deleted { from, to } => format!("records {from} to {to} are missing (deleted)"),
+        BreakKind::Reordered { expected } => {
+            format!("records are out of order (seq {expected} was expected here)")
+        }
+        BreakKind::ChainMismatch => {
+            "the record does not chain to the one before it (replaced, or files mixed)".into()
+        }
+        BreakKind::BadCheckpoint => "a checkpoint's head or signature does not check out".into(),
+        BreakKind::TornTail => {
+            "the last line is incomplete (a crash while writing; it was never acknowledged)".into()
+        }
+        BreakKind::BadFileName => "the file's name does not match its first record".into(),
+    }
+}
+
+fn kind_name(kind: &BreakKind) -> &'static str {
+    match kind {
+        BreakKind::Malformed => "malformed",
+        BreakKind::Tampered => "tampered",
+        BreakKind::Deleted { .. } => "deleted",
+        BreakKind::Reordered { .. } => "reordered",
+        BreakKind::ChainMismatch => "chain_mismatch",
+        BreakKind::BadCheckpoint => "bad_checkpoint",
+        BreakKind::TornTail => "torn_tail",
+        BreakKind::BadFileName => "bad_file_name",
+    }
+}
+
+/// The message for a break: where, what, and what to do.
+pub fn break_message(b: &ChainBreak) -> String {
+    format!(
+        "audit trail BROKEN at {}:{}{}: {} ({}; {}). Records before this line check out. Keep the files unchanged as evidence and report it",
+        b.file.display(),
+        b.line,
+        b.seq.map(|s| format!(" (seq {s})")).unwrap_or_default(),
+        describe(&b.kind),
+        kind_name(&b.kind),
+        b.detail
+    )
+}
+
+/// `audit verify`.
+pub fn verify(dir: &Path, key: &AuditKey) -> Result<Report> {
+    if !dir.is_dir() {
+        return Err(ProvisionError::NotFound(format!(
+            "audit directory {} does not exist (svsd's [audit] dir)",
+            dir.display()
+        )));
+    }
+    let point = match key {
+        AuditKey::Point { point, .. } => Some(point.as_slice()),
+        AuditKey::Skip => None,
+    };
+    let report =
+        verify_dir(dir, point).map_err(|b| ProvisionError::AuditBroken(break_message(&b)))?;
+    if report.records == 0 {
+        return Err(ProvisionError::NotFound(format!(
+            "no audit records in {} (files are named audit-<seq>.jsonl)",
+            dir.display()
+        )));
+    }
+    let sigs = match key {
+        AuditKey::Point { source, .. } => {
+            format!("checkpoint signatures verified with {source}")
+        }
+        AuditKey::Skip => "checkpoint signatures NOT checked (--skip-signatures)".into(),
+    };
+    Ok(Report {
+        text: format!(
+            "audit trail in {} intact: {} records in {} files (seq {}..{}), {} checkpoints, {sigs}\nhead: {}\n",
+            dir.display(),
+            report.records,
+            report.files,
+            report.first_seq,
+            report.last_seq,
+            report.checkpoints,
+            report.head
+        ),
+        json: json!({
+            "intact": true,
+            "dir": dir,
+            "files": report.files,
+            "records": report.records,
+            "first_seq": report.first_seq,
+            "last_seq": report.last_seq,
+            "checkpoints": report.checkpoints,
+            "signatures_checked": matches!(key, AuditKey::Point { .. }),
+            "head": report.head,
+        }),
+    })
+}
+
+/// Filters of `audit show`.
+#[derive(Debug, Clone, Default)]
+pub struct ShowFilter {
+    /// Records at or after this time (RFC 3339 or a date, UTC).
+    pub since: Option<String>,
+    /// Records before this time.
+    pub until: Option<String>,
+    /// Only this entity.
+    pub entity: Option<String>,
+    /// Only this key.
+    pub key: Option<String>,
+    /// Only this record type (op, start, stop, reload, selftest, checkpoint).
+    pub kind: Option<String>,
+    /// Only the last N matching records.
+    pub last: Option<usize>,
+}
+
+fn check_time(s: &str) -> Result<()> {
+    // The trail's times are `YYYY-MM-DDTHH:MM:SS.ffffffZ`, which order as
+    // text; a prefix of that form compares correctly against them.
+    let ok = s.len() >= 4
+        && s.bytes().enumerate().all(|(i, b)| match i {
+            4 | 7 => b == b'-',
+            10 => b == b'T',
+            13 | 16 => b == b':',
+            19 => b == b'.' || b == b'Z',
+            _ => b.is_ascii_digit() || b == b'Z',
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(ProvisionError::Usage(format!(
+            "time {s:?}: use UTC as 2026-01-31 or 2026-01-31T08:00:00Z"
+        )))
+    }
+}
+
+/// `audit show`: records matching the filter, oldest first.
+pub fn show(dir: &Path, f: &ShowFilter) -> Result<Report> {
+    for t in [&f.since, &f.until].into_iter().flatten() {
+        check_time(t)?;
+    }
+    let files = trail_files(dir).map_err(|e| {
+        ProvisionError::NotFound(format!(
+            "cannot list audit directory {}: {e}",
+            dir.display()
+        ))
+    })?;
+    let mut out: Vec<Value> = Vec::new();
+    let mut unreadable = 0usize;
+    for (_, path) in &files {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ProvisionError::Io(format!("cannot read {}: {e}", path.display())))?;
+        for line in text.lines() {
+            let Ok(v) = serde_json::from_str::<Value>(line) else {
+                unreadable += 1;
+                continue;
+            };
+            let field = |k: &str| v.get(k).and_then(Value::as_str);
+            let time = field("time").unwrap_or("");
+            // A bound written to the second (…:00Z) must not sort after
+            // records with fractions of that second (…:00.5Z): compare
+            // without the bound's Z.
+            if f.since
+                .as_deref()
+                .is_some_and(|s| time < s.trim_end_matches('Z'))
+            {
+                continue;
+            }
+            if f.until
+                .as_deref()
+                .is_some_and(|u| time >= u.trim_end_matches('Z'))
+            {
+                continue;
+            }
+            if f.entity
+                .as_deref()
+                .is_some_and(|e| field("entity") != Some(e))
+            {
+                continue;
+            }
+            if f.key.as_deref().is_some_and(|k| field("key") != Some(k)) {
+                continue;
+            }
+            if f.kind.as_deref().is_some_and(|k| field("type") != Some(k)) {
+                continue;
+            }
+            out.push(v);
+        }
+    }
+    if let Some(n) = f.last
+        && out.len() > n
+    {
+        out.drain(..out.len() - n);
+    }
+    let mut text = String::new();
+    for v in &out {
+        let s = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("-").to_owned();
+        let seq = v.get("seq").and_then(Value::as_u64).unwrap_or(0);
+        let extra = match v.get("type").and_then(Value::as_str) {
+            Some("op") => format!(
+                "{} {} key={} outcome={} {}us",
+                s("entity"),
+                s("op"),
+                s("key"),
+                s("outcome"),
+                v.get("latency_us").and_then(Value::as_u64).unwrap_or(0)
+            ),
+            Some("checkpoint") => format!(
+                "head_seq={} key={}",
+                v.get("head_seq").and_then(Value::as_u64).unwrap_or(0),
+                s("key")
+            ),
+            _ => s("detail"),
+        };
+        text.push_str(&format!(
+            "{seq:>8} {} {:<10} {extra}\n",
+            s("time"),
+            s("type")
+        ));
+    }
+    if out.is_empty() {
+        text.push_str("no matching records\n");
+    }
+    if unreadable > 0 {
+        text.push_str(&format!(
+            "note: {unreadable} lines were not readable records; run `svs-provision audit verify` to locate damage\n"
+        ));
+    }
+    text.push_str("(this listing does not check the hash chain: `audit verify` does)\n");
+    Ok(Report {
+        text,
+        json: json!({"records": out, "unreadable_lines": unreadable}),
+    })
+}
+
+/// The audit directory: `--dir`, else svsd's `[audit] dir`.
+pub fn dir_from(
+    dir: Option<PathBuf>,
+    config: Option<&svs_appliance::config::Config>,
+) -> Result<PathBuf> {
+    dir.or_else(|| config.map(|c| c.audit.dir.clone())).ok_or_else(|| {
+        ProvisionError::Usage(
+            "which audit trail? give --dir DIR, or --config /etc/svs/svsd.toml to use svsd's [audit] dir".into(),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_checked() {
+        for ok in [
+            "2026-01-31",
+            "2026-01-31T08:00:00Z",
+            "2026-01-31T08:00:00.000001Z",
+            "2026",
+        ] {
+            assert!(check_time(ok).is_ok(), "{ok}");
+        }
+        for bad in ["yesterday", "31/01/2026", "2026-1-31"] {
+            assert!(check_time(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn break_messages_locate_the_damage() {
+        let b = ChainBreak {
+            file: PathBuf::from("/a/audit-00000000000000000001.jsonl"),
+            line: 7,
+            seq: Some(7),
+            kind: BreakKind::Deleted { from: 5, to: 6 },
+            detail: "expected seq 5, found 7".into(),
+        };
+        let m = break_message(&b);
+        assert!(
+            m.contains("audit-00000000000000000001.jsonl:7 (seq 7)"),
+            "{m}"
+        );
+        assert!(m.contains("records 5 to 6 are missing"), "{m}");
+    }
+}

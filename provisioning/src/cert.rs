@@ -1,0 +1,376 @@
+//! `cert import`: stores the certificate a CA issued for a token key, with
+//! the key's CKA_ID so that svsd serves it with the key, plus its chain.
+//! Everything is checked before the token is touched; a failure while
+//! writing removes what this run had written.
+
+use std::path::Path;
+use std::time::SystemTime;
+
+use cryptoki::object::{Attribute, CertificateType, ObjectClass, ObjectHandle};
+use cryptoki::session::Session;
+use der::{Decode, Encode};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use svs_hsm::keys::hex;
+use x509_cert::Certificate;
+
+use crate::Report;
+use crate::csr::{ECDSA_WITH_SHA256, SM3_WITH_SM2};
+use crate::error::{ProvisionError, Result};
+use crate::keys::{self, Key, cert_point};
+use crate::pin::PinReader;
+use crate::token::Opened;
+
+/// Reads one or more certificates from a PEM (or a single DER) file.
+pub fn read_certificates(path: &Path) -> Result<Vec<(Vec<u8>, Certificate)>> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| ProvisionError::NotFound(format!("cannot read {}: {e}", path.display())))?;
+    let bad = |why: String| {
+        ProvisionError::Certificate(format!(
+            "{}: {why}; expected a PEM file with -----BEGIN CERTIFICATE----- blocks (or one DER certificate)",
+            path.display()
+        ))
+    };
+    let mut ders = Vec::new();
+    // A DER certificate starts with a SEQUENCE tag; PEM starts with text.
+    if bytes.first() == Some(&0x30) {
+        ders.push(bytes.clone());
+    } else {
+        let text = std::str::from_utf8(&bytes).map_err(|_| bad("not text and not DER".into()))?;
+        const BEGIN: &str = "-----BEGIN ";
+        let mut rest = text;
+        while let Some(start) = rest.find(BEGIN) {
+            let block = &rest[start..];
+            let end_marker = block
+                .find("-----END ")
+                .ok_or_else(|| bad("a PEM block has no END line".into()))?;
+            let after = block[end_marker + 9..]
+                .find("-----")
+                .map(|i| end_marker + 9 + i + 5)
+                .ok_or_else(|| bad("a PEM END line is cut short".into()))?;
+            let (label, der) = der::pem::decode_vec(&block.as_bytes()[..after])
+                .map_err(|e| bad(format!("PEM block is damaged ({e})")))?;
+            if label == "CERTIFICATE" {
+                ders.push(der);
+            } else {
+                return Err(bad(format!("found a {label} block, not a certificate")));
+            }
+            rest = &block[after..];
+        }
+    }
+    if ders.is_empty() {
+        return Err(bad("no certificate found".into()));
+    }
+    ders.into_iter()
+        .enumerate()
+        .map(|(i, der)| {
+            let c = Certificate::from_der(&der)
+                .map_err(|e| bad(format!("certificate #{} does not parse ({e})", i + 1)))?;
+            Ok((der, c))
+        })
+        .collect()
+}
+
+fn validity_problem(c: &Certificate, now: SystemTime) -> Option<String> {
+    let v = c.tbs_certificate().validity();
+    let nb = v.not_before.to_system_time();
+    let na = v.not_after.to_system_time();
+    let t = svs_appliance::audit::rfc3339;
+    if now < nb {
+        Some(format!("is not valid before {} (now {})", t(nb), t(now)))
+    } else if now > na {
+        Some(format!("expired at {} (now {})", t(na), t(now)))
+    } else {
+        None
+    }
+}
+
+/// Checks that `issuer` signed `cert` (SM3withSM2 with the default ID, or
+/// ecdsa-with-SHA256); `None` when the algorithm is not one we check.
+fn issued_by(cert: &Certificate, issuer: &Certificate) -> Option<bool> {
+    let tbs = cert.tbs_certificate().to_der().ok()?;
+    let sig = cert.signature().as_bytes()?;
+    let oid = cert.signature_algorithm().oid;
+    let alg = if oid == SM3_WITH_SM2 {
+        svs_hsm::Algorithm::Sm2
+    } else if oid == ECDSA_WITH_SHA256 {
+        svs_hsm::Algorithm::EcdsaP256
+    } else {
+        return None;
+    };
+    let point = cert_point(&issuer.to_der().ok()?, alg)?;
+    Some(
+        svs_hsm::signature::SoftwareVerifier::new()
+            .verify_message(alg, &point, svs_hsm::signature::DEFAULT_SM2_ID, &tbs, sig)
+            .is_ok(),
+    )
+}
+
+fn find_cert_by_value(session: &Session, der: &[u8]) -> Result<Vec<ObjectHandle>> {
+    session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::CERTIFICATE),
+            Attribute::Value(der.to_vec()),
+        ])
+        .map_err(|e| ProvisionError::pkcs11(e, "searching certificates", "user"))
+}
+
+fn template(label: &str, id: Option<&[u8]>, der: &[u8], c: &Certificate) -> Result<Vec<Attribute>> {
+    let tbs = c.tbs_certificate();
+    let mut t = vec![
+        Attribute::Class(ObjectClass::CERTIFICATE),
+        Attribute::CertificateType(CertificateType::X_509),
+        Attribute::Token(true),
+        Attribute::Private(false),
+        Attribute::Label(label.as_bytes().to_vec()),
+        Attribute::Subject(tbs.subject().to_der()?),
+        Attribute::Issuer(tbs.issuer().to_der()?),
+        Attribute::SerialNumber(tbs.serial_number().to_der()?),
+        Attribute::Value(der.to_vec()),
+    ];
+    if let Some(id) = id {
+        t.push(Attribute::Id(id.to_vec()));
+    }
+    Ok(t)
+}
+
+/// Options of `cert import`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ImportOptions {
+    /// Accept an expired or not-yet-valid certificate.
+    pub force: bool,
+    /// Replace a certificate the key already has.
+    pub replace: bool,
+}
+
+/// `cert import`.
+pub fn import(
+    opened: &Opened,
+    pins: &mut PinReader,
+    label: &str,
+    file: &Path,
+    chain: Option<&Path>,
+    opts: ImportOptions,
+) -> Result<Report> {
+    // Files first: a malformed file must not cost a PIN attempt.
+    let mut certs = read_certificates(file)?;
+    let (leaf_der, leaf) = certs.remove(0);
+    let mut chain_certs = certs;
+    if let Some(c) = chain {
+        chain_certs.extend(read_certificates(c)?);
+    }
+    let now = SystemTime::now();
+    if let Some(problem) = validity_problem(&leaf, now)
+        && !opts.force
+    {
+        return Err(ProvisionError::Certificate(format!(
+            "the certificate in {} {problem}; nothing was stored. Ask the CA for a current one (or pass --force to store it anyway)",
+            file.display()
+        )));
+    }
+    if !chain_certs.is_empty() {
+        let issuer = leaf.tbs_certificate().issuer();
+        match chain_certs
+            .iter()
+            .find(|(_, c)| c.tbs_certificate().subject() == issuer)
+        {
+            None => {
+                return Err(ProvisionError::Certificate(format!(
+                    "the chain does not contain the certificate's issuer {}; chain subjects: {}. Nothing was stored",
+                    issuer,
+                    chain_certs
+                        .iter()
+                        .map(|(_, c)| c.tbs_certificate().subject().to_string())
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                )));
+            }
+            Some((_, ca)) => {
+                if issued_by(&leaf, ca) == Some(false) {
+                    return Err(ProvisionError::Certificate(format!(
+                        "the certificate's signature does not verify with the public key of {}; it was not issued by that CA. Nothing was stored",
+                        issuer
+                    )));
+                }
+            }
+        }
+    }
+
+    let session = opened.user_session(pins)?;
+    let key: Key = keys::find(&session, &opened.profile, label, &opened.label)?;
+    let cert_key = cert_point(&leaf_der, key.algorithm);
+    if cert_key.as_deref() != Some(key.point.as_slice()) {
+        let cert_fp = hex(&Sha256::digest(
+            leaf.tbs_certificate().subject_public_key_info().to_der()?,
+        ));
+        return Err(ProvisionError::Certificate(format!(
+            "the certificate in {} is for another key: its public key has spki_sha256 {cert_fp}, key '{label}' has {}. Nothing was stored; check that the CA answered the request made with `svs-provision csr --label {label}`",
+            file.display(),
+            key.fingerprint()
+        )));
+    }
+    if key.id.is_empty() {
+        return Err(ProvisionError::Usage(format!(
+            "key '{label}' has no CKA_ID, so a certificate cannot be tied to it"
+        )));
+    }
+    let existing = session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::CERTIFICATE),
+            Attribute::Id(key.id.clone()),
+        ])
+        .map_err(|e| ProvisionError::pkcs11(e, "searching certificates", "user"))?;
+    let same = key.certificate.as_deref() == Some(leaf_der.as_slice());
+    if !existing.is_empty() && !same && !opts.replace {
+        let old = key
+            .certificate
+            .as_deref()
+            .and_then(keys::cert_summary)
+            .map(|c| {
+                format!(
+                    " (subject {}, expires {})",
+                    c["subject"].as_str().unwrap_or(""),
+                    c["not_after"].as_str().unwrap_or("")
+                )
+            })
+            .unwrap_or_default();
+        return Err(ProvisionError::AlreadyExists(format!(
+            "key '{label}' already has a certificate{old}; pass --replace to replace it. Nothing was stored"
+        )));
+    }
+
+    let mut created: Vec<ObjectHandle> = Vec::new();
+    let result = (|| -> Result<usize> {
+        if !same {
+            created.push(
+                session
+                    .create_object(&template(label, Some(&key.id), &leaf_der, &leaf)?)
+                    .map_err(|e| ProvisionError::pkcs11(e, "storing the certificate", "user"))?,
+            );
+        }
+        let mut chain_stored = 0;
+        for (der, c) in &chain_certs {
+            if !find_cert_by_value(&session, der)?.is_empty() {
+                continue;
+            }
+            let ca_label = format!("ca:{}", &hex(&Sha256::digest(der))[..16]);
+            created.push(
+                session
+                    .create_object(&template(&ca_label, None, der, c)?)
+                    .map_err(|e| {
+                        ProvisionError::pkcs11(e, "storing a chain certificate", "user")
+                    })?,
+            );
+            chain_stored += 1;
+        }
+        Ok(chain_stored)
+    })();
+    let chain_stored = match result {
+        Ok(n) => n,
+        Err(e) => {
+            for h in created {
+                let _ = session.destroy_object(h);
+            }
+            return Err(e);
+        }
+    };
+    // Only once the new certificate is in place does the old one go.
+    if !same {
+        for h in existing {
+            session
+                .destroy_object(h)
+                .map_err(|e| ProvisionError::pkcs11(e, "removing the old certificate", "user"))?;
+        }
+    }
+    let warn = validity_problem(&leaf, now)
+        .map(|p| format!("WARNING: the certificate {p} (stored because of --force)\n"))
+        .unwrap_or_default();
+    let subject = leaf.tbs_certificate().subject().to_string();
+    Ok(Report {
+        text: format!(
+            "{warn}{} certificate {subject} for key '{label}' on token '{}'{}\n",
+            if same { "already stored:" } else { "stored" },
+            opened.label,
+            if chain_stored > 0 {
+                format!(", plus {chain_stored} chain certificate(s)")
+            } else {
+                String::new()
+            }
+        ),
+        json: json!({
+            "label": label,
+            "subject": subject,
+            "already_stored": same,
+            "chain_stored": chain_stored,
+            "forced": validity_problem(&leaf, now).is_some(),
+            "certificate": keys::cert_summary(&leaf_der),
+        }),
+    })
+}
+
+/// Used by `audit verify`: the uncompressed point of a PEM public key or
+/// certificate file.
+pub fn point_from_file(path: &Path) -> Result<Vec<u8>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ProvisionError::NotFound(format!("cannot read {}: {e}", path.display())))?;
+    if text.contains("BEGIN CERTIFICATE") {
+        let (der, _) = read_certificates(path)?.remove(0);
+        return cert_point(&der, svs_hsm::Algorithm::Sm2).ok_or_else(|| {
+            ProvisionError::Certificate(format!("{}: not an SM2 certificate", path.display()))
+        });
+    }
+    let (label, der) = der::pem::decode_vec(text.trim().as_bytes()).map_err(|e| {
+        ProvisionError::Usage(format!(
+            "{}: not a PEM public key or certificate ({e})",
+            path.display()
+        ))
+    })?;
+    if label != "PUBLIC KEY" {
+        return Err(ProvisionError::Usage(format!(
+            "{}: a {label} block, expected PUBLIC KEY or CERTIFICATE",
+            path.display()
+        )));
+    }
+    let spki = spki::SubjectPublicKeyInfoRef::from_der(&der)?;
+    let bits = spki
+        .subject_public_key
+        .as_bytes()
+        .filter(|b| b.len() == 65 && b[0] == 4)
+        .ok_or_else(|| {
+            ProvisionError::Usage(format!(
+                "{}: not an uncompressed EC public key",
+                path.display()
+            ))
+        })?;
+    Ok(bits.to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn malformed_files_are_refused_with_the_file_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("bad.pem");
+        std::fs::write(
+            &p,
+            "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let e = read_certificates(&p).unwrap_err();
+        assert_eq!(e.exit_code(), 7);
+        assert!(e.to_string().contains("bad.pem"), "{e}");
+        std::fs::write(&p, "hello").unwrap();
+        assert!(read_certificates(&p).is_err());
+        std::fs::write(
+            &p,
+            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let e = read_certificates(&p).unwrap_err();
+        assert!(e.to_string().contains("PRIVATE KEY"), "{e}");
+        let e = read_certificates(&dir.path().join("missing.pem")).unwrap_err();
+        assert_eq!(e.exit_code(), 3);
+    }
+}

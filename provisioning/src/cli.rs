@@ -1,0 +1,735 @@
+//! The command line (clap) and the dispatch to the library's commands.
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+use svs_hsm::{ModuleSource, Pkcs11Uri};
+
+use crate::Report;
+use crate::audit::{AuditKey, ShowFilter};
+use crate::entities::{NewEntity, Reload};
+use crate::error::{ProvisionError, Result};
+use crate::pin::{PinFiles, PinReader};
+use crate::token::{Opened, Target};
+
+const AFTER_HELP: &str = "\
+PINs are never taken as arguments. Each PIN comes from its file option
+(--pin-file, --so-pin-file, --new-pin-file), else from a prompt without echo
+when standard input is a terminal (new PINs are asked twice), else from
+standard input, one PIN per line, in the order the command needs them:
+  token init: new SO PIN            pin init: SO PIN, new user PIN
+  pin change: current PIN, new PIN  other commands: user PIN
+
+Exit codes: 0 success, 2 usage or bad input, 3 not found, 4 already exists,
+5 wrong PIN, 6 PIN locked, 7 certificate refused, 8 svsd configuration,
+9 token or module failure, 10 audit trail broken, 11 self-test failed,
+12 I/O, 13 not confirmed. A refused command changes nothing.";
+
+/// SVS provisioning: tokens, PINs, keys, certificate requests, certificates,
+/// entities, audit verification and self-tests, for security officers and auditors.
+#[derive(Debug, Parser)]
+#[command(name = "svs-provision", version, after_help = AFTER_HELP)]
+pub struct Cli {
+    /// PKCS#11 module: a library path, or "embedded" for the built-in SM2
+    /// soft token (configured by $SVS_SOFTTOKEN_CONF or svsd's config).
+    /// Default: svsd's [hsm] module with --config, else embedded.
+    #[arg(long, global = true, value_name = "PATH|embedded")]
+    pub module: Option<String>,
+    /// Token: its label, or a PKCS#11 URI (pkcs11:token=…). Default: svsd's
+    /// [hsm] token with --config, else the only initialised token.
+    #[arg(long, global = true, value_name = "LABEL|URI")]
+    pub token: Option<String>,
+    /// Vendor profile (svs-softtoken, sansec, tass, thales-luna, ibm-ep11,
+    /// ecdsa-p256) or "auto". Default: svsd's, else auto.
+    #[arg(long, global = true, value_name = "NAME")]
+    pub profile: Option<String>,
+    /// svsd's configuration file: supplies the module, token, profile,
+    /// audit directory and entities file defaults.
+    #[arg(long, short = 'c', global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Print the result as JSON on standard output (errors too).
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// File holding the user PIN.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub pin_file: Option<PathBuf>,
+    /// File holding the SO PIN (for `token init`: the new SO PIN).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub so_pin_file: Option<PathBuf>,
+    /// File holding the new PIN for `pin init` / `pin change`.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub new_pin_file: Option<PathBuf>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Initialise or inspect tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Set or change PINs.
+    #[command(subcommand)]
+    Pin(PinCmd),
+    /// Generate, list, show, export and delete signing keys.
+    #[command(subcommand)]
+    Key(KeyCmd),
+    /// Make a PKCS#10 certificate request for a key, signed inside the
+    /// token (SM3withSM2 with the default ID; ECDSA keys: ecdsa-with-SHA256).
+    /// Needs the user PIN.
+    Csr(CsrArgs),
+    /// Store certificates issued for keys.
+    #[command(subcommand)]
+    Cert(CertCmd),
+    /// Manage application entities in svsd's entities file (needs --config).
+    #[command(subcommand)]
+    Entity(EntityCmd),
+    /// Verify and read the audit trail (no PIN needed).
+    #[command(subcommand)]
+    Audit(AuditCmd),
+    /// Run the known-answer and pairwise self-tests svsd runs, on the token
+    /// (needs the user PIN).
+    Selftest {
+        /// Keys to test (default: every key with a private key).
+        #[arg(long = "label", value_name = "NAME")]
+        labels: Vec<String>,
+    },
+}
+
+/// `token …`
+#[derive(Debug, Subcommand)]
+pub enum TokenCmd {
+    /// Give an empty token a label and an SO PIN (on the soft token: the
+    /// first empty slot, or --slot). An initialised token is refused unless
+    /// --reinit, which destroys every key on it and needs its SO PIN.
+    Init {
+        /// The new token label (1-32 bytes).
+        #[arg(long)]
+        label: String,
+        /// Slot to initialise (default: the first empty token).
+        #[arg(long)]
+        slot: Option<u64>,
+        /// Re-initialise a token that holds keys (destroys them all).
+        #[arg(long)]
+        reinit: bool,
+        /// Do not ask for confirmation (with --reinit).
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Show tokens: label, serial, PIN state, vendor profile, mechanisms.
+    /// No PIN needed.
+    Info,
+}
+
+/// `pin …`
+#[derive(Debug, Subcommand)]
+pub enum PinCmd {
+    /// The SO sets the user PIN (also clears a user-PIN lock).
+    Init,
+    /// Change your own PIN: the user's, or with --so the SO's.
+    Change {
+        /// Change the SO PIN instead of the user PIN.
+        #[arg(long)]
+        so: bool,
+    },
+}
+
+/// `key …`
+#[derive(Debug, Subcommand)]
+pub enum KeyCmd {
+    /// Generate a key pair in the token (SM2, or the profile's algorithm);
+    /// the private key is sensitive and can never be exported. Prints its
+    /// id and public key. Needs the user PIN.
+    Generate {
+        /// Key label (what svsd's [keys] and the API call it).
+        #[arg(long)]
+        label: String,
+    },
+    /// List keys: label, id, algorithm, public-key fingerprint, certificate
+    /// subject and expiry. No PIN needed (with --login, also checks that each
+    /// private key is present).
+    List {
+        /// Log in as the user to see private keys too.
+        #[arg(long)]
+        login: bool,
+    },
+    /// Show one key and its public key. No PIN needed.
+    Show {
+        /// Key label.
+        #[arg(long)]
+        label: String,
+    },
+    /// Write the public key as PEM SubjectPublicKeyInfo. No PIN needed.
+    ExportPublic {
+        /// Key label.
+        #[arg(long)]
+        label: String,
+        /// Output file (default: standard output).
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+    },
+    /// Delete a key: private key, public key and certificate. Asks you to
+    /// type the label unless --yes. Needs the user PIN.
+    Delete {
+        /// Key label.
+        #[arg(long)]
+        label: String,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+/// `csr` arguments.
+#[derive(Debug, Args)]
+pub struct CsrArgs {
+    /// Key label.
+    #[arg(long)]
+    pub label: String,
+    /// Subject, RFC 4514, most specific first: "CN=signer-01,O=Bank A,C=CN".
+    #[arg(long)]
+    pub subject: String,
+    /// Subject alternative names: DNS:name, IP:address, email:address, URI:uri
+    /// (repeat, or separate with commas).
+    #[arg(long = "san", value_name = "TYPE:VALUE")]
+    pub sans: Vec<String>,
+    /// Key usage (critical): digitalSignature, nonRepudiation, … (repeat or comma-separate).
+    #[arg(long = "key-usage", value_name = "USAGE")]
+    pub key_usage: Vec<String>,
+    /// Output file (default: standard output).
+    #[arg(long, short)]
+    pub out: Option<PathBuf>,
+}
+
+/// `cert …`
+#[derive(Debug, Subcommand)]
+pub enum CertCmd {
+    /// Store the certificate issued for a key, with the key's id. Refuses a
+    /// certificate for another key, an expired or not-yet-valid one (--force
+    /// overrides only the dates), and a chain that did not issue it. Needs
+    /// the user PIN.
+    Import {
+        /// Key label.
+        #[arg(long)]
+        label: String,
+        /// The certificate (PEM or DER; further PEM blocks count as chain).
+        #[arg(long)]
+        file: PathBuf,
+        /// CA certificates (PEM), stored too so svsd serves the chain.
+        #[arg(long)]
+        chain: Option<PathBuf>,
+        /// Store even if expired or not yet valid.
+        #[arg(long)]
+        force: bool,
+        /// Replace the certificate the key already has.
+        #[arg(long)]
+        replace: bool,
+    },
+}
+
+/// How to tell svsd.
+#[derive(Debug, Args)]
+pub struct ReloadArgs {
+    /// Send SIGHUP to this svsd process (checked to be svsd).
+    #[arg(long, value_name = "PID", conflicts_with_all = ["pid_file", "no_reload"])]
+    pub pid: Option<i32>,
+    /// Send SIGHUP to the process whose id is in this file.
+    #[arg(long, value_name = "FILE", conflicts_with = "no_reload")]
+    pub pid_file: Option<PathBuf>,
+    /// Change the file only; reload svsd later yourself.
+    #[arg(long)]
+    pub no_reload: bool,
+}
+
+impl ReloadArgs {
+    fn how(&self) -> Reload {
+        if self.no_reload {
+            Reload::No
+        } else if let Some(p) = self.pid {
+            Reload::Pid(p)
+        } else if let Some(f) = &self.pid_file {
+            Reload::PidFile(f.clone())
+        } else {
+            Reload::Auto
+        }
+    }
+}
+
+/// `entity …`. Each change rewrites the entities file atomically, then asks
+/// svsd to reload (`systemctl reload svsd` when systemd runs it, --pid, or
+/// --pid-file).
+#[derive(Debug, Subcommand)]
+pub enum EntityCmd {
+    /// Add an entity recognised by its client certificate.
+    Add {
+        /// Entity name.
+        #[arg(long)]
+        name: String,
+        /// The entity's client certificate (PEM or DER).
+        #[arg(long)]
+        cert: PathBuf,
+        /// Recognise the client by its public key only (survives re-issuing
+        /// with the same key) instead of the whole certificate.
+        #[arg(long)]
+        match_key: bool,
+        /// Keys it may use (names from svsd's [keys]), comma-separated.
+        #[arg(long, value_delimiter = ',', value_name = "K1,K2")]
+        keys: Vec<String>,
+        /// Operations: sign, verify (comma-separated).
+        #[arg(long, value_delimiter = ',', value_name = "OPS", required = true)]
+        ops: Vec<String>,
+        /// Rate limit, e.g. 200/s.
+        #[arg(long, value_name = "R/s")]
+        rate: Option<String>,
+        /// Burst size for the rate limit (default: one second's worth).
+        #[arg(long)]
+        burst: Option<u32>,
+        /// Requests in flight at once.
+        #[arg(long)]
+        max_concurrent: Option<usize>,
+        /// Add it suspended.
+        #[arg(long)]
+        suspended: bool,
+        #[command(flatten)]
+        reload: ReloadArgs,
+    },
+    /// List entities.
+    List,
+    /// Suspend an entity (its requests are refused from the reload on).
+    Suspend {
+        /// Entity name.
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        reload: ReloadArgs,
+    },
+    /// Resume a suspended entity.
+    Resume {
+        /// Entity name.
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        reload: ReloadArgs,
+    },
+    /// Remove an entity (asks you to type its name unless --yes).
+    Remove {
+        /// Entity name.
+        #[arg(long)]
+        name: String,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+        #[command(flatten)]
+        reload: ReloadArgs,
+    },
+}
+
+/// `audit …`
+#[derive(Debug, Subcommand)]
+pub enum AuditCmd {
+    /// Walk the hash chain of every record and check every checkpoint
+    /// signature; report the first break precisely (exit code 10).
+    Verify {
+        /// Audit directory (default: svsd's [audit] dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The audit key's public key or certificate (PEM).
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["key", "skip_signatures"])]
+        public_key: Option<PathBuf>,
+        /// The audit key's label on the token (default: svsd's
+        /// [audit] checkpoint_key with --config). Reads only its public half.
+        #[arg(long, value_name = "LABEL", conflicts_with = "skip_signatures")]
+        key: Option<String>,
+        /// Check hashes and order only, not checkpoint signatures.
+        #[arg(long)]
+        skip_signatures: bool,
+    },
+    /// List records, oldest first (does not verify them: `audit verify` does).
+    Show {
+        /// Audit directory (default: svsd's [audit] dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// From this time on (UTC: 2026-01-31 or 2026-01-31T08:00:00Z).
+        #[arg(long)]
+        since: Option<String>,
+        /// Before this time.
+        #[arg(long)]
+        until: Option<String>,
+        /// Only this entity.
+        #[arg(long)]
+        entity: Option<String>,
+        /// Only this key.
+        #[arg(long)]
+        key: Option<String>,
+        /// Only this record type: op, start, stop, reload, selftest, checkpoint.
+        #[arg(long = "type", value_name = "TYPE")]
+        kind: Option<String>,
+        /// Only the last N matching records.
+        #[arg(long, value_name = "N")]
+        last: Option<usize>,
+    },
+}
+
+/// What `run` hands back: the report, and whether its text is data for
+/// standard output (a PEM) rather than a message.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The report.
+    pub report: Report,
+    /// A note for standard error when the text is data.
+    pub note: Option<String>,
+}
+
+impl From<Report> for Outcome {
+    fn from(report: Report) -> Self {
+        Outcome { report, note: None }
+    }
+}
+
+fn target(cli: &Cli, config: Option<&svs_appliance::config::Config>) -> Result<Target> {
+    let mut t = Target {
+        profile: "auto".into(),
+        ..Target::default()
+    };
+    if let Some(c) = config {
+        t.module = c.hsm.module.clone();
+        t.label = c.hsm.token_label.clone();
+        t.serial = c.hsm.token_serial.clone();
+        t.uri = c.hsm.uri.as_deref().map(Pkcs11Uri::parse).transpose()?;
+        t.profile = c.hsm.profile.clone();
+        t.profiles = c.hsm.profiles.clone();
+        t.embedded_config = c.embedded_token_config.clone();
+    }
+    if let Some(m) = &cli.module {
+        t.module = if m == "embedded" {
+            ModuleSource::Embedded
+        } else {
+            let p = PathBuf::from(m);
+            if !p.exists() {
+                return Err(ProvisionError::NotFound(format!(
+                    "PKCS#11 module {m} does not exist (give the vendor's library path, or \"embedded\")"
+                )));
+            }
+            ModuleSource::Path(p)
+        };
+    }
+    if let Some(tok) = &cli.token {
+        t.label = None;
+        t.serial = None;
+        t.uri = None;
+        if tok.starts_with("pkcs11:") {
+            let uri = Pkcs11Uri::parse(tok)?;
+            if uri.has_pin_value {
+                return Err(ProvisionError::Usage(
+                    "the PKCS#11 URI carries pin-value: PINs are never given on the command line; use --pin-file or the prompt".into(),
+                ));
+            }
+            if let Some(p) = &uri.module_path {
+                t.module = ModuleSource::Path(p.into());
+            }
+            t.uri = Some(uri);
+        } else {
+            t.label = Some(tok.clone());
+        }
+    }
+    if let Some(p) = &cli.profile {
+        t.profile = p.clone();
+    }
+    Ok(t)
+}
+
+fn write_out(path: &Path, text: &str) -> Result<()> {
+    std::fs::write(path, text)
+        .map_err(|e| ProvisionError::Io(format!("cannot write {}: {e}", path.display())))
+}
+
+fn need_config(
+    cli: &Cli,
+    config: Option<svs_appliance::config::Config>,
+) -> Result<(PathBuf, svs_appliance::config::Config)> {
+    match (cli.config.clone(), config) {
+        (Some(p), Some(c)) => Ok((p, c)),
+        _ => Err(ProvisionError::Usage(
+            "entities live in svsd's configuration: give --config /etc/svs/svsd.toml".into(),
+        )),
+    }
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<Outcome> {
+    let config = cli
+        .config
+        .as_deref()
+        .map(crate::entities::load_config)
+        .transpose()?;
+    let mut pins = PinReader::new(PinFiles {
+        user: cli.pin_file.clone(),
+        so: cli.so_pin_file.clone(),
+        new: cli.new_pin_file.clone(),
+    });
+    let t = target(&cli, config.as_ref())?;
+    match &cli.command {
+        Command::Token(TokenCmd::Init {
+            label,
+            slot,
+            reinit,
+            yes,
+        }) => Ok(crate::token::init(&t, label, *slot, *reinit, *yes, &mut pins)?.into()),
+        Command::Token(TokenCmd::Info) => Ok(crate::token::info(&t)?.into()),
+        Command::Pin(PinCmd::Init) => Ok(crate::token::pin_init(&t, &mut pins)?.into()),
+        Command::Pin(PinCmd::Change { so }) => {
+            Ok(crate::token::pin_change(&t, *so, &mut pins)?.into())
+        }
+        Command::Key(cmd) => {
+            let opened = Opened::open(&t)?;
+            match cmd {
+                KeyCmd::Generate { label } => {
+                    Ok(crate::keys::generate(&opened, &mut pins, label)?.into())
+                }
+                KeyCmd::List { login } => Ok(crate::keys::list(
+                    &opened,
+                    if *login { Some(&mut pins) } else { None },
+                )?
+                .into()),
+                KeyCmd::Show { label } => Ok(crate::keys::show(&opened, label)?.into()),
+                KeyCmd::ExportPublic { label, out } => {
+                    let (key, pem) = crate::keys::export_public(&opened, label)?;
+                    let json = serde_json::json!({
+                        "label": label,
+                        "spki_sha256": key.fingerprint(),
+                        "public_key": pem,
+                    });
+                    match out {
+                        Some(path) => {
+                            write_out(path, &pem)?;
+                            Ok(Report {
+                                text: format!(
+                                    "public key of '{label}' written to {} (spki_sha256 {})\n",
+                                    path.display(),
+                                    key.fingerprint()
+                                ),
+                                json,
+                            }
+                            .into())
+                        }
+                        None => Ok(Outcome {
+                            report: Report { text: pem, json },
+                            note: None,
+                        }),
+                    }
+                }
+                KeyCmd::Delete { label, yes } => {
+                    // Deleting a key svsd still serves would take signing
+                    // (or audit checkpoints) down at its next start.
+                    if let Some(c) = &config {
+                        let exposed: Vec<&String> = c
+                            .keys
+                            .iter()
+                            .filter(|(_, k)| &k.object == label)
+                            .map(|(name, _)| name)
+                            .collect();
+                        if !exposed.is_empty() || c.audit.checkpoint_key.as_ref() == Some(label) {
+                            return Err(ProvisionError::Usage(format!(
+                                "key '{label}' is in use by svsd ({}); remove it from {} first. Nothing was deleted",
+                                if exposed.is_empty() {
+                                    "it is the audit checkpoint key".to_string()
+                                } else {
+                                    format!("exposed in [keys] as {exposed:?}")
+                                },
+                                c.path.display()
+                            )));
+                        }
+                    }
+                    Ok(crate::keys::delete(&opened, &mut pins, label, *yes)?.into())
+                }
+            }
+        }
+        Command::Csr(a) => {
+            let opened = Opened::open(&t)?;
+            let opts = crate::csr::CsrOptions {
+                subject: a.subject.clone(),
+                sans: a.sans.clone(),
+                key_usage: a.key_usage.clone(),
+            };
+            let (pem, report) = crate::csr::csr(&opened, &mut pins, &a.label, &opts)?;
+            match &a.out {
+                Some(path) => {
+                    write_out(path, &pem)?;
+                    Ok(Report {
+                        text: format!("{}written to {}\n", report.text, path.display()),
+                        json: report.json,
+                    }
+                    .into())
+                }
+                None => Ok(Outcome {
+                    note: Some(report.text),
+                    report: Report {
+                        text: pem,
+                        json: report.json,
+                    },
+                }),
+            }
+        }
+        Command::Cert(CertCmd::Import {
+            label,
+            file,
+            chain,
+            force,
+            replace,
+        }) => {
+            let opened = Opened::open(&t)?;
+            Ok(crate::cert::import(
+                &opened,
+                &mut pins,
+                label,
+                file,
+                chain.as_deref(),
+                crate::cert::ImportOptions {
+                    force: *force,
+                    replace: *replace,
+                },
+            )?
+            .into())
+        }
+        Command::Entity(cmd) => {
+            let (path, _) = need_config(&cli, config)?;
+            match cmd {
+                EntityCmd::Add {
+                    name,
+                    cert,
+                    match_key,
+                    keys,
+                    ops,
+                    rate,
+                    burst,
+                    max_concurrent,
+                    suspended,
+                    reload,
+                } => Ok(crate::entities::add(
+                    &path,
+                    &NewEntity {
+                        name: name.clone(),
+                        cert: cert.clone(),
+                        match_certificate: !match_key,
+                        keys: keys.clone(),
+                        ops: ops.clone(),
+                        rate: rate.clone(),
+                        burst: *burst,
+                        max_concurrent: *max_concurrent,
+                        suspended: *suspended,
+                    },
+                    &reload.how(),
+                )?
+                .into()),
+                EntityCmd::List => Ok(crate::entities::list(&path)?.into()),
+                EntityCmd::Suspend { name, reload } => {
+                    Ok(crate::entities::set_status(&path, name, true, &reload.how())?.into())
+                }
+                EntityCmd::Resume { name, reload } => {
+                    Ok(crate::entities::set_status(&path, name, false, &reload.how())?.into())
+                }
+                EntityCmd::Remove { name, yes, reload } => {
+                    Ok(crate::entities::remove(&path, name, *yes, &reload.how())?.into())
+                }
+            }
+        }
+        Command::Audit(AuditCmd::Verify {
+            dir,
+            public_key,
+            key,
+            skip_signatures,
+        }) => {
+            let dir = crate::audit::dir_from(dir.clone(), config.as_ref())?;
+            let audit_key = if *skip_signatures {
+                AuditKey::Skip
+            } else if let Some(f) = public_key {
+                AuditKey::Point {
+                    point: crate::cert::point_from_file(f)?,
+                    source: f.display().to_string(),
+                }
+            } else {
+                let label = key
+                    .clone()
+                    .or_else(|| config.as_ref().and_then(|c| c.audit.checkpoint_key.clone()))
+                    .ok_or_else(|| {
+                        ProvisionError::Usage(
+                            "which audit key? give --public-key FILE, --key LABEL (read from the token), --config (svsd's checkpoint_key), or --skip-signatures".into(),
+                        )
+                    })?;
+                let opened = Opened::open(&t)?;
+                let session = opened.public_session()?;
+                let k = crate::keys::find(&session, &opened.profile, &label, &opened.label)?;
+                AuditKey::Point {
+                    point: k.point.clone(),
+                    source: format!("key '{label}' (spki_sha256 {})", k.fingerprint()),
+                }
+            };
+            Ok(crate::audit::verify(&dir, &audit_key)?.into())
+        }
+        Command::Audit(AuditCmd::Show {
+            dir,
+            since,
+            until,
+            entity,
+            key,
+            kind,
+            last,
+        }) => {
+            let dir = crate::audit::dir_from(dir.clone(), config.as_ref())?;
+            Ok(crate::audit::show(
+                &dir,
+                &ShowFilter {
+                    since: since.clone(),
+                    until: until.clone(),
+                    entity: entity.clone(),
+                    key: key.clone(),
+                    kind: kind.clone(),
+                    last: *last,
+                },
+            )?
+            .into())
+        }
+        Command::Selftest { labels } => {
+            let opened = Opened::open(&t)?;
+            let mut labels = labels.clone();
+            if labels.is_empty()
+                && let Some(c) = &config
+            {
+                // The keys svsd tests: the exposed ones and the audit key.
+                labels = c.keys.values().map(|k| k.object.clone()).collect();
+                labels.extend(c.audit.checkpoint_key.clone());
+            }
+            Ok(crate::selftest::run(&opened, &mut pins, &labels)?.into())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn command_line_is_consistent_and_has_no_pin_argument() {
+        Cli::command().debug_assert();
+        let help = Cli::command().render_long_help().to_string();
+        assert!(!help.contains("--pin "), "{help}");
+        assert!(help.contains("Exit codes"), "{help}");
+    }
+
+    #[test]
+    fn uri_with_pin_value_is_refused() {
+        let cli = Cli::parse_from([
+            "svs-provision",
+            "--token",
+            "pkcs11:token=svs?pin-value=1234",
+            "token",
+            "info",
+        ]);
+        let e = target(&cli, None).unwrap_err();
+        assert!(e.to_string().contains("pin-value"), "{e}");
+        assert!(!e.to_string().contains("1234"), "{e}");
+    }
+}

@@ -1,0 +1,586 @@
+//! `entity add|list|suspend|resume|remove`: edits the entities file that
+//! svsd reads (svsd.toml's `entities_file`), then asks svsd to reload.
+//!
+//! An edit is: lock, re-read, change, write a temporary file beside it,
+//! fsync, check it with svsd's own loader (`load_entities_file`) plus the
+//! cross-checks svsd makes against inline entities, rename over the old
+//! file, fsync the directory. Any failure before the rename leaves the file
+//! as it was.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use svs_appliance::config::{Config, EntityConfig, EntityStatus, load_entities_file};
+use svs_hsm::keys::hex;
+
+use crate::Report;
+use crate::error::{ProvisionError, Result};
+
+/// How to tell svsd to re-read its files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reload {
+    /// `systemctl reload svsd` when systemd runs an active svsd, else a note.
+    Auto,
+    /// SIGHUP to this process (checked to be svsd).
+    Pid(i32),
+    /// SIGHUP to the process whose id is in this file.
+    PidFile(PathBuf),
+    /// `systemctl reload svsd`.
+    Systemd,
+    /// Do not reload.
+    No,
+}
+
+/// What `entity add` is given.
+#[derive(Debug, Clone)]
+pub struct NewEntity {
+    /// Entity name.
+    pub name: String,
+    /// The client certificate (PEM or DER).
+    pub cert: PathBuf,
+    /// Match the whole certificate (false: only its public key, which
+    /// survives re-issuing with the same key).
+    pub match_certificate: bool,
+    /// Exposed key names.
+    pub keys: Vec<String>,
+    /// Operations.
+    pub ops: Vec<String>,
+    /// "R/s" or "R".
+    pub rate: Option<String>,
+    /// Token-bucket size.
+    pub burst: Option<u32>,
+    /// Requests in flight.
+    pub max_concurrent: Option<usize>,
+    /// Start suspended.
+    pub suspended: bool,
+}
+
+/// svsd's configuration, loaded for its keys and entities file.
+pub fn load_config(path: &Path) -> Result<Config> {
+    Config::load(path).map_err(|e| {
+        ProvisionError::Config(format!(
+            "{}: {e}\nFix svsd's configuration first (svsd --check-config -c {0} checks it)",
+            path.display()
+        ))
+    })
+}
+
+fn entities_path(config: &Config) -> Result<PathBuf> {
+    config.entities_file.clone().ok_or_else(|| {
+        ProvisionError::Config(format!(
+            "{} has no entities_file: add `entities_file = \"entities.toml\"` at its top (and create that file) so that entities can be managed with svs-provision",
+            config.path.display()
+        ))
+    })
+}
+
+/// Parses "200/s", "200", "0.5/s".
+pub fn parse_rate(s: &str) -> Result<f64> {
+    let n = s.trim().strip_suffix("/s").unwrap_or(s.trim());
+    match n.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(ProvisionError::Usage(format!(
+            "rate {s:?}: give operations per second, e.g. --rate 200/s"
+        ))),
+    }
+}
+
+fn status_name(s: EntityStatus) -> &'static str {
+    match s {
+        EntityStatus::Active => "active",
+        EntityStatus::Suspended => "suspended",
+    }
+}
+
+fn entity_json(e: &EntityConfig, source: &str) -> Value {
+    let client = match &e.client {
+        svs_appliance::config::ClientMatch::CertificateSha256(h) => {
+            json!({"certificate_sha256": hex(h)})
+        }
+        svs_appliance::config::ClientMatch::SpkiSha256(h) => json!({"spki_sha256": hex(h)}),
+        svs_appliance::config::ClientMatch::Subject { subject, issuer } => {
+            json!({"subject": subject, "issuer": issuer})
+        }
+    };
+    json!({
+        "name": e.name,
+        "status": status_name(e.status),
+        "client": client,
+        "keys": e.keys,
+        "operations": e.operations.iter().map(|o| o.as_str()).collect::<Vec<_>>(),
+        "rate": e.rate.map(|r| json!({"per_second": r.per_second, "burst": r.burst})),
+        "max_concurrent": e.max_concurrent,
+        "source": source,
+    })
+}
+
+/// `entity list`.
+pub fn list(config_path: &Path) -> Result<Report> {
+    let config = load_config(config_path)?;
+    let file_names: BTreeSet<String> = match &config.entities_file {
+        Some(p) => load_entities_file(p, &config.keys)
+            .map(|l| l.into_iter().map(|e| e.name).collect())
+            .unwrap_or_default(),
+        None => BTreeSet::new(),
+    };
+    let mut text = String::new();
+    let mut items = Vec::new();
+    for e in &config.entities {
+        let source = if file_names.contains(&e.name) {
+            "entities_file"
+        } else {
+            "svsd.toml"
+        };
+        text.push_str(&format!(
+            "{}  {}  keys [{}]  ops [{}]{}{}\n",
+            e.name,
+            status_name(e.status),
+            e.keys.iter().cloned().collect::<Vec<_>>().join(","),
+            e.operations
+                .iter()
+                .map(|o| o.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+            e.rate
+                .map(|r| format!("  rate {}/s burst {}", r.per_second, r.burst))
+                .unwrap_or_default(),
+            if source == "svsd.toml" {
+                "  (inline in svsd.toml: edit that file to change it)"
+            } else {
+                ""
+            }
+        ));
+        items.push(entity_json(e, source));
+    }
+    if items.is_empty() {
+        text.push_str("no entities\n");
+    }
+    Ok(Report {
+        text,
+        json: json!({"entities": items}),
+    })
+}
+
+/// `entity add`.
+pub fn add(config_path: &Path, new: &NewEntity, reload: &Reload) -> Result<Report> {
+    let config = load_config(config_path)?;
+    for k in &new.keys {
+        if !config.keys.contains_key(k) {
+            return Err(ProvisionError::NotFound(format!(
+                "key {k:?} is not exposed by svsd; exposed keys ([keys] in {}): {}",
+                config.path.display(),
+                config.keys.keys().cloned().collect::<Vec<_>>().join(", ")
+            )));
+        }
+    }
+    for op in &new.ops {
+        if op != "sign" && op != "verify" {
+            return Err(ProvisionError::Usage(format!(
+                "unknown operation {op:?}; operations are sign and verify"
+            )));
+        }
+    }
+    if config.entities.iter().any(|e| e.name == new.name) {
+        return Err(ProvisionError::AlreadyExists(format!(
+            "an entity named {:?} exists already; choose another name (or remove it first)",
+            new.name
+        )));
+    }
+    let (der, cert) = crate::cert::read_certificates(&new.cert)?.remove(0);
+    let (field, fp) = if new.match_certificate {
+        ("certificate_sha256", hex(&Sha256::digest(&der)))
+    } else {
+        use der::Encode;
+        let spki = cert.tbs_certificate().subject_public_key_info().to_der()?;
+        ("spki_sha256", hex(&Sha256::digest(spki)))
+    };
+    let rate = new.rate.as_deref().map(parse_rate).transpose()?;
+    if rate.is_none() && new.burst.is_some() {
+        return Err(ProvisionError::Usage("--burst needs --rate".into()));
+    }
+    let mut table = toml::Table::new();
+    table.insert("name".into(), new.name.clone().into());
+    if new.suspended {
+        table.insert("status".into(), "suspended".into());
+    }
+    table.insert(field.into(), fp.clone().into());
+    table.insert(
+        "keys".into(),
+        toml::Value::Array(new.keys.iter().map(|k| k.clone().into()).collect()),
+    );
+    table.insert(
+        "operations".into(),
+        toml::Value::Array(new.ops.iter().map(|o| o.clone().into()).collect()),
+    );
+    if let Some(r) = rate {
+        let mut t = toml::Table::new();
+        t.insert("per_second".into(), r.into());
+        if let Some(b) = new.burst {
+            t.insert("burst".into(), i64::from(b).into());
+        }
+        table.insert("rate".into(), t.into());
+    }
+    if let Some(m) = new.max_concurrent {
+        table.insert("max_concurrent".into(), (m as i64).into());
+    }
+    let path = entities_path(&config)?;
+    let name = new.name.clone();
+    edit(&config, &path, move |list| {
+        if list
+            .iter()
+            .any(|t| t.get("name").and_then(|n| n.as_str()) == Some(&name))
+        {
+            return Err(ProvisionError::AlreadyExists(format!(
+                "an entity named {name:?} exists already"
+            )));
+        }
+        list.push(table);
+        Ok(())
+    })?;
+    let outcome = do_reload(reload)?;
+    Ok(Report {
+        text: format!(
+            "entity {:?} added ({field} {fp}, keys [{}], ops [{}]){}\n{}",
+            new.name,
+            new.keys.join(","),
+            new.ops.join(","),
+            if new.suspended { ", suspended" } else { "" },
+            outcome.text
+        ),
+        json: json!({"name": new.name, field: fp, "reload": outcome.json}),
+    })
+}
+
+/// `entity suspend` / `entity resume`.
+pub fn set_status(
+    config_path: &Path,
+    name: &str,
+    suspended: bool,
+    reload: &Reload,
+) -> Result<Report> {
+    let config = load_config(config_path)?;
+    let path = entities_path(&config)?;
+    let owned = name.to_owned();
+    edit(&config, &path, move |list| {
+        let t = find_entity(list, &owned)?;
+        if suspended {
+            t.insert("status".into(), "suspended".into());
+        } else {
+            t.remove("status");
+        }
+        Ok(())
+    })?;
+    let outcome = do_reload(reload)?;
+    let state = if suspended { "suspended" } else { "active" };
+    Ok(Report {
+        text: format!("entity {name:?} is now {state}\n{}", outcome.text),
+        json: json!({"name": name, "status": state, "reload": outcome.json}),
+    })
+}
+
+/// `entity remove`.
+pub fn remove(config_path: &Path, name: &str, yes: bool, reload: &Reload) -> Result<Report> {
+    let config = load_config(config_path)?;
+    let path = entities_path(&config)?;
+    // Fail on an unknown name before asking anything.
+    if !config.entities.iter().any(|e| e.name == name) {
+        return Err(not_found(name, &config));
+    }
+    if !yes {
+        crate::pin::confirm(
+            &format!(
+                "Removing entity {name:?}: its client will be refused from the next reload on."
+            ),
+            name,
+        )?;
+    }
+    let owned = name.to_owned();
+    edit(&config, &path, move |list| {
+        find_entity(list, &owned)?;
+        list.retain(|t| t.get("name").and_then(|n| n.as_str()) != Some(owned.as_str()));
+        Ok(())
+    })?;
+    let outcome = do_reload(reload)?;
+    Ok(Report {
+        text: format!("entity {name:?} removed\n{}", outcome.text),
+        json: json!({"name": name, "removed": true, "reload": outcome.json}),
+    })
+}
+
+fn not_found(name: &str, config: &Config) -> ProvisionError {
+    ProvisionError::NotFound(format!(
+        "no entity named {name:?}; entities: {}",
+        if config.entities.is_empty() {
+            "none".to_string()
+        } else {
+            config
+                .entities
+                .iter()
+                .map(|e| e.name.clone())
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    ))
+}
+
+fn find_entity<'a>(list: &'a mut [toml::Table], name: &str) -> Result<&'a mut toml::Table> {
+    let names: Vec<String> = list
+        .iter()
+        .filter_map(|t| t.get("name").and_then(|n| n.as_str()).map(str::to_owned))
+        .collect();
+    list.iter_mut()
+        .find(|t| t.get("name").and_then(|n| n.as_str()) == Some(name))
+        .ok_or_else(|| {
+            ProvisionError::NotFound(format!(
+                "no entity named {name:?} in the entities file (entities there: {}); entities written inline in svsd.toml are edited in that file",
+                if names.is_empty() { "none".into() } else { names.join(", ") }
+            ))
+        })
+}
+
+const HEADER: &str = "# Application entities, read by svsd (entities_file in svsd.toml).\n\
+# Managed with `svs-provision entity ...`, which rewrites this file atomically\n\
+# and asks svsd to reload; comments other than this header are not kept.\n\n";
+
+/// Locks, re-reads, changes and atomically replaces the entities file.
+fn edit(
+    config: &Config,
+    path: &Path,
+    change: impl FnOnce(&mut Vec<toml::Table>) -> Result<()>,
+) -> Result<()> {
+    let io = |what: &str, e: std::io::Error| {
+        ProvisionError::Io(format!(
+            "{what} {}: {e}; the file was not changed",
+            path.display()
+        ))
+    };
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    // A lock file beside it, not the file itself: the file is replaced by
+    // rename, so a lock on it would not exclude the next editor.
+    let lock_path = dir.join(format!(
+        ".{}.lock",
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("entities")
+    ));
+    let lock = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| io("cannot lock", e))?;
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
+        .map_err(|e| io("cannot lock", e.into()))?;
+
+    // Re-read under the lock: another editor may have just written.
+    let text = std::fs::read_to_string(path).map_err(|e| io("cannot read", e))?;
+    let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+        ProvisionError::Config(format!(
+            "{} is not valid TOML ({}); fix it by hand first",
+            path.display(),
+            e.message()
+        ))
+    })?;
+    let mut list: Vec<toml::Table> = match table.remove("entity") {
+        None => Vec::new(),
+        Some(toml::Value::Array(items)) => items
+            .into_iter()
+            .map(|v| match v {
+                toml::Value::Table(t) => Ok(t),
+                _ => Err(ProvisionError::Config(format!(
+                    "{}: `entity` must be an array of tables",
+                    path.display()
+                ))),
+            })
+            .collect::<Result<_>>()?,
+        Some(_) => {
+            return Err(ProvisionError::Config(format!(
+                "{}: `entity` must be an array of tables ([[entity]])",
+                path.display()
+            )));
+        }
+    };
+    let before: Vec<EntityConfig> = load_entities_file(path, &config.keys).unwrap_or_default();
+    change(&mut list)?;
+    table.insert(
+        "entity".into(),
+        toml::Value::Array(list.into_iter().map(toml::Value::Table).collect()),
+    );
+    let body = toml::to_string(&table)
+        .map_err(|e| ProvisionError::Config(format!("cannot write the entities file: {e}")))?;
+
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".entities-")
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .map_err(|e| io("cannot create a temporary file beside", e))?;
+    if let Ok(meta) = std::fs::metadata(path) {
+        let _ = tmp.as_file().set_permissions(meta.permissions());
+    }
+    tmp.write_all(HEADER.as_bytes())
+        .and_then(|_| tmp.write_all(body.as_bytes()))
+        .and_then(|_| tmp.as_file().sync_all())
+        .map_err(|e| io("cannot write a temporary file beside", e))?;
+
+    // svsd's own checks, on exactly the bytes that will be renamed in.
+    let after = load_entities_file(tmp.path(), &config.keys).map_err(|e| {
+        ProvisionError::Config(format!(
+            "the edited entities file would be refused by svsd, so it was not written: {e}"
+        ))
+    })?;
+    cross_check(config, &before, &after)?;
+
+    tmp.persist(path)
+        .map_err(|e| io("cannot replace", e.error))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io("cannot sync the directory of", e))?;
+    Ok(())
+}
+
+/// The checks svsd makes across inline entities and the file's.
+fn cross_check(config: &Config, before: &[EntityConfig], after: &[EntityConfig]) -> Result<()> {
+    let from_file: BTreeSet<&str> = before.iter().map(|e| e.name.as_str()).collect();
+    let inline = config
+        .entities
+        .iter()
+        .filter(|e| !from_file.contains(e.name.as_str()));
+    let mut names = BTreeSet::new();
+    let mut clients: BTreeMap<String, String> = BTreeMap::new();
+    for e in inline.chain(after.iter()) {
+        if !names.insert(e.name.clone()) {
+            return Err(ProvisionError::AlreadyExists(format!(
+                "entity {:?} would be defined twice; nothing was changed",
+                e.name
+            )));
+        }
+        if let Some(other) = clients.insert(format!("{:?}", e.client), e.name.clone()) {
+            return Err(ProvisionError::AlreadyExists(format!(
+                "entities {other:?} and {:?} would match the same client certificate; nothing was changed",
+                e.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+struct ReloadOutcome {
+    text: String,
+    json: Value,
+}
+
+fn proc_name(pid: i32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|s| s.trim_end().to_owned())
+}
+
+fn sighup(pid: i32) -> Result<ReloadOutcome> {
+    let failed = |why: String| {
+        ProvisionError::Io(format!(
+            "the entities file was updated, but svsd was not told: {why}. Reload it with `systemctl reload svsd` (or `kill -HUP <svsd pid>`)"
+        ))
+    };
+    match proc_name(pid) {
+        Some(n) if n == "svsd" => {}
+        Some(n) => return Err(failed(format!("process {pid} is {n:?}, not svsd"))),
+        None => return Err(failed(format!("there is no process {pid}"))),
+    }
+    let p = rustix::process::Pid::from_raw(pid)
+        .ok_or_else(|| failed(format!("{pid} is not a process id")))?;
+    rustix::process::kill_process(p, rustix::process::Signal::HUP)
+        .map_err(|e| failed(format!("SIGHUP to {pid}: {e}")))?;
+    Ok(ReloadOutcome {
+        text: format!(
+            "svsd (pid {pid}) asked to reload (SIGHUP); its log says whether it accepted the change\n"
+        ),
+        json: json!({"method": "sighup", "pid": pid, "sent": true}),
+    })
+}
+
+fn systemctl(args: &[&str]) -> bool {
+    std::process::Command::new("systemctl")
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn do_reload(how: &Reload) -> Result<ReloadOutcome> {
+    match how {
+        Reload::No => Ok(ReloadOutcome {
+            text: "svsd not reloaded (--no-reload): run `systemctl reload svsd` when ready\n"
+                .into(),
+            json: json!({"method": "none", "sent": false}),
+        }),
+        Reload::Pid(pid) => sighup(*pid),
+        Reload::PidFile(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ProvisionError::Io(format!(
+                    "the entities file was updated, but svsd's pid file {} cannot be read ({e}); reload svsd by hand",
+                    path.display()
+                ))
+            })?;
+            let pid = text.trim().parse::<i32>().map_err(|_| {
+                ProvisionError::Io(format!(
+                    "the entities file was updated, but {} does not hold a process id; reload svsd by hand",
+                    path.display()
+                ))
+            })?;
+            sighup(pid)
+        }
+        Reload::Systemd => {
+            if systemctl(&["reload", "svsd"]) {
+                Ok(ReloadOutcome {
+                    text: "svsd reloaded (systemctl reload svsd)\n".into(),
+                    json: json!({"method": "systemd", "sent": true}),
+                })
+            } else {
+                Err(ProvisionError::Io(
+                    "the entities file was updated, but `systemctl reload svsd` failed; see `systemctl status svsd`".into(),
+                ))
+            }
+        }
+        Reload::Auto => {
+            if Path::new("/run/systemd/system").exists()
+                && systemctl(&["is-active", "--quiet", "svsd"])
+            {
+                return do_reload(&Reload::Systemd);
+            }
+            Ok(ReloadOutcome {
+                text: "note: no svsd running under systemd was found, so none was reloaded; pass --pid PID to signal one, or reload it by hand\n".into(),
+                json: json!({"method": "none", "sent": false}),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates() {
+        assert_eq!(parse_rate("200/s").unwrap(), 200.0);
+        assert_eq!(parse_rate("0.5").unwrap(), 0.5);
+        for bad in ["", "0", "-1/s", "fast", "NaN"] {
+            assert!(parse_rate(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn sighup_refuses_a_process_that_is_not_svsd() {
+        let me = std::process::id() as i32;
+        let e = sighup(me).err().expect("must refuse");
+        assert!(e.to_string().contains("not svsd"), "{e}");
+    }
+}

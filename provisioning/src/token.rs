@@ -1,0 +1,574 @@
+//! Which module and token to act on, and the token-level commands:
+//! `token init`, `token info`, `pin init`, `pin change`.
+//!
+//! svs-hsm's `Token`/`Hsm` are built for the daemon (a user session pool);
+//! the security officer's operations (C_InitToken, C_InitPIN, C_SetPIN) and
+//! one-shot sessions are done here directly on cryptoki, with svs-hsm's
+//! module loader so that module handling is the same in both programs.
+
+use std::path::PathBuf;
+
+use cryptoki::context::Pkcs11;
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::{Limit, Slot, TokenInfo};
+use cryptoki::types::AuthPin;
+use serde_json::{Value, json};
+use svs_hsm::profile::{ModuleIdentity, ProfileOverride, ProfileTable};
+use svs_hsm::{ModuleSource, Pkcs11Uri, VendorProfile};
+use zeroize::Zeroizing;
+
+use crate::Report;
+use crate::error::{ProvisionError, Result};
+use crate::pin::{PinReader, Role};
+
+/// Where to find the token: from the command line, else from svsd's config.
+#[derive(Debug, Clone, Default)]
+pub struct Target {
+    /// The PKCS#11 module.
+    pub module: ModuleSource,
+    /// Token label.
+    pub label: Option<String>,
+    /// Token serial number.
+    pub serial: Option<String>,
+    /// A PKCS#11 URI selecting the token.
+    pub uri: Option<Pkcs11Uri>,
+    /// Vendor profile name, or "auto".
+    pub profile: String,
+    /// Profile overrides from svsd's config.
+    pub profiles: Vec<ProfileOverride>,
+    /// The soft token's config file (svsd's `[embedded_token] config`).
+    pub embedded_config: Option<PathBuf>,
+}
+
+impl Target {
+    fn selects(&self) -> bool {
+        self.label.is_some()
+            || self.serial.is_some()
+            || self.uri.as_ref().is_some_and(Pkcs11Uri::selects_token)
+    }
+
+    fn matches(&self, slot: Slot, info: &TokenInfo, lib: &cryptoki::context::Info) -> bool {
+        let eq = |want: &Option<String>, have: &str| {
+            want.as_deref()
+                .is_none_or(|w| w.trim_end() == have.trim_end())
+        };
+        let uri_ok = self.uri.as_ref().is_none_or(|u| {
+            eq(&u.token, info.label())
+                && eq(&u.serial, info.serial_number())
+                && eq(&u.manufacturer, info.manufacturer_id())
+                && eq(&u.model, info.model())
+                && eq(&u.library_manufacturer, lib.manufacturer_id())
+                && eq(&u.library_description, lib.library_description())
+                && u.slot_id.is_none_or(|id| id == slot.id())
+        });
+        eq(&self.label, info.label()) && eq(&self.serial, info.serial_number()) && uri_ok
+    }
+
+    fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(l) = &self.label {
+            parts.push(format!("'{l}'"));
+        }
+        if let Some(s) = &self.serial {
+            parts.push(format!("serial {s:?}"));
+        }
+        if let Some(u) = &self.uri {
+            parts.push(u.describe());
+        }
+        parts.join(" ")
+    }
+
+    fn module_name(&self) -> String {
+        match &self.module {
+            ModuleSource::Embedded => "the built-in soft token".into(),
+            ModuleSource::Path(p) => p.display().to_string(),
+        }
+    }
+
+    /// Loads (once per process) and initialises the module.
+    pub fn load(&self) -> Result<Pkcs11> {
+        if let (ModuleSource::Embedded, Some(conf)) = (&self.module, &self.embedded_config) {
+            svs_softtoken::set_config_path(Some(conf.clone()));
+        }
+        svs_hsm::token::load_module(&self.module).map_err(|e| match e {
+            svs_hsm::HsmError::Pkcs11 { rv, .. } if self.module == ModuleSource::Embedded => {
+                ProvisionError::Config(format!(
+                    "the built-in soft token did not start ({}): check its configuration file (SVS_SOFTTOKEN_CONF or svsd's [embedded_token] config); the token printed the reason above",
+                    rv.name
+                ))
+            }
+            other => other.into(),
+        })
+    }
+}
+
+/// Every slot with a token, with what the token says about itself.
+pub fn tokens(pkcs11: &Pkcs11) -> Result<Vec<(Slot, TokenInfo)>> {
+    let slots = pkcs11
+        .get_slots_with_token()
+        .map_err(|e| ProvisionError::pkcs11(e, "listing slots", "user"))?;
+    let mut out = Vec::new();
+    for slot in slots {
+        if let Ok(info) = pkcs11.get_token_info(slot) {
+            out.push((slot, info));
+        }
+    }
+    Ok(out)
+}
+
+fn present(list: &[(Slot, TokenInfo)]) -> String {
+    let names: Vec<String> = list
+        .iter()
+        .map(|(s, i)| {
+            if i.token_initialized() {
+                format!("'{}' (slot {})", i.label().trim_end(), s.id())
+            } else {
+                format!("an empty token (slot {})", s.id())
+            }
+        })
+        .collect();
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(", ")
+    }
+}
+
+/// The chosen token: every criterion given must match exactly one slot;
+/// with none, the only initialised token.
+pub fn select(pkcs11: &Pkcs11, target: &Target) -> Result<(Slot, TokenInfo)> {
+    let lib = pkcs11
+        .get_library_info()
+        .map_err(|e| ProvisionError::pkcs11(e, "reading the module's information", "user"))?;
+    let all = tokens(pkcs11)?;
+    let found: Vec<&(Slot, TokenInfo)> = all
+        .iter()
+        .filter(|(slot, info)| {
+            if target.selects() {
+                target.matches(*slot, info, &lib)
+            } else {
+                info.token_initialized()
+            }
+        })
+        .collect();
+    match found.as_slice() {
+        [one] => Ok((one.0, one.1.clone())),
+        [] if target.selects() => Err(ProvisionError::NotFound(format!(
+            "token {} not found in {}; tokens present: {}",
+            target.describe(),
+            target.module_name(),
+            present(&all)
+        ))),
+        [] => Err(ProvisionError::NotFound(format!(
+            "no initialised token in {}; tokens present: {}. Create one with `svs-provision token init --label NAME`",
+            target.module_name(),
+            present(&all)
+        ))),
+        many => Err(ProvisionError::Usage(format!(
+            "{} tokens match in {}: {}; choose one with --token LABEL",
+            many.len(),
+            target.module_name(),
+            present(&many.iter().map(|t| (*t).clone()).collect::<Vec<_>>())
+        ))),
+    }
+}
+
+/// A token opened for key work: the module, the slot and the vendor profile.
+#[derive(Debug)]
+pub struct Opened {
+    /// The module.
+    pub pkcs11: Pkcs11,
+    /// The token's slot.
+    pub slot: Slot,
+    /// The token's label (trimmed).
+    pub label: String,
+    /// The vendor profile in use.
+    pub profile: VendorProfile,
+}
+
+impl Opened {
+    /// Loads the module, selects the token, picks the profile.
+    pub fn open(target: &Target) -> Result<Opened> {
+        let pkcs11 = target.load()?;
+        let (slot, info) = select(&pkcs11, target)?;
+        let profile = profile_for(&pkcs11, &info, target)?;
+        Ok(Opened {
+            label: info.label().trim_end().to_owned(),
+            pkcs11,
+            slot,
+            profile,
+        })
+    }
+
+    /// A read-write session without login: public objects only.
+    pub fn public_session(&self) -> Result<Session> {
+        self.pkcs11
+            .open_rw_session(self.slot)
+            .or_else(|_| self.pkcs11.open_ro_session(self.slot))
+            .map_err(|e| ProvisionError::pkcs11(e, "opening a session", "user"))
+    }
+
+    /// A read-write session logged in as the user.
+    pub fn user_session(&self, pins: &mut PinReader) -> Result<Session> {
+        let session = self
+            .pkcs11
+            .open_rw_session(self.slot)
+            .map_err(|e| ProvisionError::pkcs11(e, "opening a session", "user"))?;
+        let pin = pins.current(Role::User)?;
+        login(&session, UserType::User, &pin, &self.label)?;
+        Ok(session)
+    }
+}
+
+fn login(session: &Session, who: UserType, pin: &Zeroizing<String>, label: &str) -> Result<()> {
+    let role = if matches!(who, UserType::So) {
+        "SO"
+    } else {
+        "user"
+    };
+    match session.login(who, Some(&AuthPin::new(pin.as_str().into()))) {
+        Ok(()) => Ok(()),
+        // Login is per application: a session of ours is already logged in.
+        Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => {
+            Ok(())
+        }
+        Err(e) => Err(ProvisionError::pkcs11(
+            e,
+            &format!("logging in to token '{label}' as {role}"),
+            role,
+        )),
+    }
+}
+
+/// The vendor profile: by name, or recognised from what the module says.
+pub fn profile_for(pkcs11: &Pkcs11, info: &TokenInfo, target: &Target) -> Result<VendorProfile> {
+    let table = ProfileTable::with_overrides(&target.profiles)?;
+    let names = || {
+        table
+            .profiles()
+            .iter()
+            .map(|p| p.name.clone())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if target.profile != "auto" {
+        return table.get(&target.profile).cloned().ok_or_else(|| {
+            ProvisionError::Usage(format!(
+                "unknown profile {:?}; profiles: {}",
+                target.profile,
+                names()
+            ))
+        });
+    }
+    let lib = pkcs11
+        .get_library_info()
+        .map_err(|e| ProvisionError::pkcs11(e, "reading the module's information", "user"))?;
+    let identity = ModuleIdentity {
+        library_manufacturer: lib.manufacturer_id().trim_end().to_owned(),
+        library_description: lib.library_description().trim_end().to_owned(),
+        token_manufacturer: info.manufacturer_id().trim_end().to_owned(),
+        token_model: info.model().trim_end().to_owned(),
+    };
+    table.recognise(&identity).cloned().ok_or_else(|| {
+        ProvisionError::Usage(format!(
+            "cannot tell which vendor profile this module speaks (manufacturer {:?}, model {:?}); pass --profile with one of: {}",
+            identity.token_manufacturer,
+            identity.token_model,
+            names()
+        ))
+    })
+}
+
+fn limit(l: Limit) -> Value {
+    match l {
+        Limit::Max(n) => json!(n),
+        Limit::Infinite => json!("unlimited"),
+        Limit::Unavailable => Value::Null,
+    }
+}
+
+fn token_json(slot: Slot, info: &TokenInfo) -> Value {
+    json!({
+        "slot": slot.id(),
+        "initialized": info.token_initialized(),
+        "label": info.label().trim_end(),
+        "manufacturer": info.manufacturer_id().trim_end(),
+        "model": info.model().trim_end(),
+        "serial": info.serial_number().trim_end(),
+        "user_pin_initialized": info.user_pin_initialized(),
+        "user_pin_count_low": info.user_pin_count_low(),
+        "user_pin_final_try": info.user_pin_final_try(),
+        "user_pin_locked": info.user_pin_locked(),
+        "so_pin_count_low": info.so_pin_count_low(),
+        "so_pin_final_try": info.so_pin_final_try(),
+        "so_pin_locked": info.so_pin_locked(),
+        "pin_min_len": info.min_pin_length(),
+        "pin_max_len": info.max_pin_length(),
+        "max_sessions": limit(info.max_session_count()),
+        "rng": info.rng(),
+    })
+}
+
+fn pin_state(info: &TokenInfo) -> String {
+    let mut s = Vec::new();
+    if !info.user_pin_initialized() {
+        s.push("user PIN not set");
+    } else if info.user_pin_locked() {
+        s.push("user PIN LOCKED");
+    } else if info.user_pin_final_try() {
+        s.push("user PIN: one try left");
+    } else if info.user_pin_count_low() {
+        s.push("user PIN: wrong PINs entered recently");
+    } else {
+        s.push("user PIN set");
+    }
+    if info.so_pin_locked() {
+        s.push("SO PIN LOCKED");
+    } else if info.so_pin_final_try() {
+        s.push("SO PIN: one try left");
+    } else if info.so_pin_count_low() {
+        s.push("SO PIN: wrong PINs entered recently");
+    }
+    s.join(", ")
+}
+
+/// `token info`: the selected token, or every token when none is selected.
+pub fn info(target: &Target) -> Result<Report> {
+    let pkcs11 = target.load()?;
+    let lib = pkcs11
+        .get_library_info()
+        .map_err(|e| ProvisionError::pkcs11(e, "reading the module's information", "user"))?;
+    let list = if target.selects() {
+        vec![select(&pkcs11, target)?]
+    } else {
+        tokens(&pkcs11)?
+    };
+    let mut text = format!(
+        "module: {} ({} {})\n",
+        target.module_name(),
+        lib.manufacturer_id().trim_end(),
+        lib.library_description().trim_end()
+    );
+    let mut items = Vec::new();
+    for (slot, info) in &list {
+        let mut j = token_json(*slot, info);
+        if info.token_initialized() {
+            text.push_str(&format!(
+                "slot {}: token '{}'  manufacturer {:?}  model {:?}  serial {:?}\n  {}; PIN length {}..{}\n",
+                slot.id(),
+                info.label().trim_end(),
+                info.manufacturer_id().trim_end(),
+                info.model().trim_end(),
+                info.serial_number().trim_end(),
+                pin_state(info),
+                info.min_pin_length(),
+                info.max_pin_length(),
+            ));
+            match profile_for(&pkcs11, info, target) {
+                Ok(p) => {
+                    let missing = missing_mechanisms(&pkcs11, *slot, &p);
+                    text.push_str(&format!("  profile {} ({:?})", p.name, p.algorithm));
+                    if missing.is_empty() {
+                        text.push_str(", mechanisms present\n");
+                    } else {
+                        text.push_str(&format!(", MISSING mechanisms: {}\n", missing.join(", ")));
+                    }
+                    j["profile"] = json!(p.name);
+                    j["missing_mechanisms"] = json!(missing);
+                }
+                Err(e) => {
+                    text.push_str(&format!("  profile: {e}\n"));
+                    j["profile"] = Value::Null;
+                }
+            }
+        } else {
+            text.push_str(&format!(
+                "slot {}: empty token (create one with `svs-provision token init --label NAME`)\n",
+                slot.id()
+            ));
+        }
+        items.push(j);
+    }
+    Ok(Report {
+        json: json!({
+            "module": target.module_name(),
+            "library": lib.library_description().trim_end(),
+            "tokens": items,
+        }),
+        text,
+    })
+}
+
+fn missing_mechanisms(pkcs11: &Pkcs11, slot: Slot, p: &VendorProfile) -> Vec<String> {
+    let mut out = Vec::new();
+    for (role, code) in [
+        ("keygen", p.keygen_mechanism),
+        ("sign_digest", p.sign_digest_mechanism),
+    ] {
+        let ok = svs_hsm::keys::mechanism_type(code)
+            .ok()
+            .and_then(|t| pkcs11.get_mechanism_info(slot, t).ok())
+            .is_some();
+        if !ok {
+            out.push(format!("{role} {code:#x}"));
+        }
+    }
+    out
+}
+
+/// `token init`: gives an empty token (or, with `reinit`, an existing one
+/// whose SO PIN is known, losing every object) a label and an SO PIN.
+pub fn init(
+    target: &Target,
+    label: &str,
+    slot_id: Option<u64>,
+    reinit: bool,
+    yes: bool,
+    pins: &mut PinReader,
+) -> Result<Report> {
+    if label.is_empty() || label.len() > 32 {
+        return Err(ProvisionError::Usage(
+            "a token label must be 1 to 32 bytes long (PKCS#11 pads it to 32)".into(),
+        ));
+    }
+    let pkcs11 = target.load()?;
+    let all = tokens(&pkcs11)?;
+    if let Some((s, _)) = all.iter().find(|(s, i)| {
+        i.token_initialized() && i.label().trim_end() == label && Some(s.id()) != slot_id
+    }) {
+        return Err(ProvisionError::AlreadyExists(format!(
+            "a token labelled '{label}' exists already (slot {}); labels must be unique. Tokens present: {}",
+            s.id(),
+            present(&all)
+        )));
+    }
+    let chosen = match slot_id {
+        Some(id) => all.iter().find(|(s, _)| s.id() == id).ok_or_else(|| {
+            ProvisionError::NotFound(format!(
+                "slot {id} has no token; tokens present: {}",
+                present(&all)
+            ))
+        })?,
+        None => all
+            .iter()
+            .find(|(_, i)| !i.token_initialized())
+            .ok_or_else(|| {
+                ProvisionError::NotFound(format!(
+                    "no empty token to initialise in {}; tokens present: {}. To wipe one, name it with --slot N --reinit",
+                    target.module_name(),
+                    present(&all)
+                ))
+            })?,
+    };
+    let (slot, info) = chosen;
+    if info.token_initialized() {
+        if !reinit {
+            return Err(ProvisionError::AlreadyExists(format!(
+                "slot {} already holds token '{}'; re-initialising it destroys every key on it. If that is really wanted, add --reinit (the current SO PIN is needed)",
+                slot.id(),
+                info.label().trim_end()
+            )));
+        }
+        if !yes {
+            crate::pin::confirm(
+                &format!(
+                    "Re-initialising token '{}' in slot {} DESTROYS EVERY KEY AND CERTIFICATE ON IT.",
+                    info.label().trim_end(),
+                    slot.id()
+                ),
+                info.label().trim_end(),
+            )?;
+        }
+    }
+    let so_pin = if info.token_initialized() {
+        // C_InitToken of an initialised token checks the current SO PIN and
+        // keeps it.
+        pins.current(Role::So)?
+    } else {
+        pins.new_pin(Role::So, true, info.min_pin_length(), info.max_pin_length())?
+    };
+    crate::progress(&format!(
+        "initialising token '{label}' in slot {}…",
+        slot.id()
+    ));
+    pkcs11
+        .init_token(*slot, &AuthPin::new(so_pin.as_str().into()), label)
+        .map_err(|e| {
+            ProvisionError::pkcs11(e, &format!("initialising slot {}", slot.id()), "SO")
+        })?;
+    Ok(Report {
+        text: format!(
+            "token '{label}' initialised in slot {}. Next: set the user PIN with `svs-provision --token {label} pin init`\n",
+            slot.id()
+        ),
+        json: json!({"token": label, "slot": slot.id(), "initialized": true}),
+    })
+}
+
+/// `pin init`: the SO sets (or resets, clearing a lock) the user PIN.
+pub fn pin_init(target: &Target, pins: &mut PinReader) -> Result<Report> {
+    let pkcs11 = target.load()?;
+    let (slot, info) = select(&pkcs11, target)?;
+    let label = info.label().trim_end().to_owned();
+    let session = pkcs11
+        .open_rw_session(slot)
+        .map_err(|e| ProvisionError::pkcs11(e, "opening a session", "SO"))?;
+    let so = pins.current(Role::So)?;
+    login(&session, UserType::So, &so, &label)?;
+    let new = pins.new_pin(
+        Role::User,
+        false,
+        info.min_pin_length(),
+        info.max_pin_length(),
+    );
+    let result = new.and_then(|new| {
+        session
+            .init_pin(&AuthPin::new(new.as_str().into()))
+            .map_err(|e| ProvisionError::pkcs11(e, "setting the user PIN", "user"))
+    });
+    let _ = session.logout();
+    result?;
+    Ok(Report {
+        text: format!("user PIN of token '{label}' set\n"),
+        json: json!({"token": label, "user_pin_initialized": true}),
+    })
+}
+
+/// `pin change`: the user (or, with `so`, the SO) changes their own PIN.
+pub fn pin_change(target: &Target, so: bool, pins: &mut PinReader) -> Result<Report> {
+    let pkcs11 = target.load()?;
+    let (slot, info) = select(&pkcs11, target)?;
+    let label = info.label().trim_end().to_owned();
+    let (role, who) = if so {
+        (Role::So, UserType::So)
+    } else {
+        (Role::User, UserType::User)
+    };
+    let session = pkcs11
+        .open_rw_session(slot)
+        .map_err(|e| ProvisionError::pkcs11(e, "opening a session", role.name()))?;
+    let old = pins.current(role)?;
+    login(&session, who, &old, &label)?;
+    let result = pins
+        .new_pin(role, false, info.min_pin_length(), info.max_pin_length())
+        .and_then(|new| {
+            session
+                .set_pin(
+                    &AuthPin::new(old.as_str().into()),
+                    &AuthPin::new(new.as_str().into()),
+                )
+                .map_err(|e| {
+                    ProvisionError::pkcs11(
+                        e,
+                        &format!("changing the {} PIN", role.name()),
+                        role.name(),
+                    )
+                })
+        });
+    let _ = session.logout();
+    result?;
+    Ok(Report {
+        text: format!("{} PIN of token '{label}' changed\n", role.name()),
+        json: json!({"token": label, "changed": role.name()}),
+    })
+}

@@ -1,0 +1,485 @@
+//! The whole enrollment on the built-in SM2 soft token, as a security
+//! officer does it, against the real svsd: generate → csr → an OpenSSL SM2
+//! CA issues the certificate → cert import → entity add → svsd serves and
+//! signs with the key → audit verify; then tampering with the trail is
+//! located, and every refused input leaves the token unchanged.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{DISTID, key_state, prov, sh, sm2_ca, sm2_issue};
+use serde_json::json;
+use svs_e2e::{Client, Install, b64, unb64};
+
+fn lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn write_lines(path: &Path, l: &[String]) {
+    std::fs::write(path, l.join("\n") + "\n").unwrap();
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrollment_flow_with_svsd_and_audit_verification() {
+    let install = Install::new();
+    let dir = install.dir.clone();
+    let work = install.tmp.path().to_path_buf();
+    let config = install.config.to_str().unwrap().to_owned();
+    let pin = dir.join("pin");
+    let pin = pin.to_str().unwrap();
+    let base = ["--config", config.as_str(), "--pin-file", pin];
+    let with = |extra: &[&str]| -> Vec<String> {
+        base.iter().chain(extra).map(|s| s.to_string()).collect()
+    };
+    let run = |extra: &[&str]| {
+        let args = with(extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        prov(&args, &[], "")
+    };
+
+    // Generate: SM2, with an id and a public key.
+    let gen_out = run(&["--json", "key", "generate", "--label", "enrolled"])
+        .ok()
+        .json();
+    assert_eq!(gen_out["algorithm"], "SM2");
+    assert_eq!(gen_out["id"].as_str().unwrap().len(), 32);
+    assert!(
+        gen_out["public_key"]
+            .as_str()
+            .unwrap()
+            .starts_with("-----BEGIN PUBLIC KEY-----")
+    );
+
+    // CSR signed through the token, checked by OpenSSL with the default ID.
+    let req = work.join("req.pem");
+    run(&[
+        "csr",
+        "--label",
+        "enrolled",
+        "--subject",
+        "CN=enrolled,O=Test Unit,C=CN",
+        "--san",
+        "DNS:signer.example",
+        "--key-usage",
+        "digitalSignature,nonRepudiation",
+        "--out",
+        req.to_str().unwrap(),
+    ])
+    .ok();
+    let text = sh(
+        &work,
+        "openssl",
+        &[
+            "req", "-in", "req.pem", "-verify", "-noout", "-text", "-vfyopt", DISTID,
+        ],
+    );
+    assert!(
+        text.contains("verify OK") || text.contains("self-signature verify OK"),
+        "{text}"
+    );
+    assert!(text.contains("SM2-with-SM3"), "{text}");
+    assert!(text.contains("DNS:signer.example"), "{text}");
+
+    // An SM2 CA made with the OpenSSL CLI issues it; also an expired one,
+    // and one for a key that is not the token's.
+    sm2_ca(&work);
+    sm2_issue(&work, "req.pem", "cert.pem", "30");
+    sm2_issue(&work, "req.pem", "expired.pem", "-1");
+    sh(
+        &work,
+        "openssl",
+        &[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:SM2",
+            "-out",
+            "stranger.key",
+        ],
+    );
+    sh(
+        &work,
+        "openssl",
+        &[
+            "req",
+            "-new",
+            "-key",
+            "stranger.key",
+            "-sm3",
+            "-sigopt",
+            DISTID,
+            "-subj",
+            "/CN=stranger",
+            "-out",
+            "stranger.csr",
+        ],
+    );
+    sm2_issue(&work, "stranger.csr", "stranger.pem", "30");
+    std::fs::write(
+        work.join("malformed.pem"),
+        "-----BEGIN CERTIFICATE-----\nMIIB!!!\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    std::fs::write(work.join("wrong-pin"), "not-the-pin\n").unwrap();
+
+    // Refused inputs: each a clear message, its exit code, token unchanged.
+    let before = key_state(&base, &[]);
+    let p = |f: &str| work.join(f).to_str().unwrap().to_owned();
+    run(&[
+        "cert",
+        "import",
+        "--label",
+        "enrolled",
+        "--file",
+        &p("expired.pem"),
+    ])
+    .fails(7, "expired at");
+    run(&[
+        "cert",
+        "import",
+        "--label",
+        "enrolled",
+        "--file",
+        &p("stranger.pem"),
+    ])
+    .fails(7, "is for another key");
+    run(&[
+        "cert",
+        "import",
+        "--label",
+        "enrolled",
+        "--file",
+        &p("malformed.pem"),
+    ])
+    .fails(7, "malformed.pem");
+    run(&[
+        "cert",
+        "import",
+        "--label",
+        "nosuch",
+        "--file",
+        &p("cert.pem"),
+    ])
+    .fails(3, "no key labelled 'nosuch'");
+    run(&["key", "generate", "--label", "enrolled"]).fails(4, "exists already");
+    run(&["csr", "--label", "nosuch", "--subject", "CN=x"]).fails(3, "keys present:");
+    run(&["csr", "--label", "enrolled", "--subject", "garbage"]).fails(2, "RFC 4514");
+    prov(
+        &[
+            "--config",
+            &config,
+            "--pin-file",
+            &p("wrong-pin"),
+            "key",
+            "generate",
+            "--label",
+            "x",
+        ],
+        &[],
+        "",
+    )
+    .fails(5, "user PIN is wrong");
+    prov(
+        &["--config", &config, "--token", "nosuch", "key", "list"],
+        &[],
+        "",
+    )
+    .fails(
+        3,
+        "token 'nosuch' not found in the built-in soft token; tokens present: 'svs-dev' (slot 0)",
+    );
+    assert_eq!(
+        key_state(&base, &[]),
+        before,
+        "refused commands changed the token"
+    );
+
+    // Import with the chain; svsd will serve both.
+    let imported = run(&[
+        "--json",
+        "cert",
+        "import",
+        "--label",
+        "enrolled",
+        "--file",
+        &p("cert.pem"),
+        "--chain",
+        &p("ca.pem"),
+    ])
+    .ok()
+    .json();
+    assert_eq!(imported["chain_stored"], 1);
+    let listed = key_state(&base, &[]);
+    let k = listed["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["label"] == "enrolled")
+        .unwrap()
+        .clone();
+    assert_eq!(k["certificate"]["subject"], "CN=enrolled,O=Test Unit,C=CN");
+    run(&[
+        "cert",
+        "import",
+        "--label",
+        "enrolled",
+        "--file",
+        &p("cert.pem"),
+    ])
+    .ok();
+    run(&["key", "delete", "--label", "svs-audit", "--yes"]).fails(2, "audit checkpoint key");
+    assert_eq!(key_state(&base, &[])["keys"].as_array().unwrap().len(), 4);
+    let pubkey = work.join("pub.pem");
+    run(&[
+        "key",
+        "export-public",
+        "--label",
+        "enrolled",
+        "--out",
+        pubkey.to_str().unwrap(),
+    ])
+    .ok();
+
+    // Expose the key (svsd.toml is the lead's), frequent checkpoints, then the entity.
+    install.edit_config(|t| {
+        t.replace("[keys]\n", "[keys]\nenrolled = { object = \"enrolled\" }\n")
+            .replace("checkpoint_interval_s = 60", "checkpoint_interval_s = 1")
+    });
+    let app = install.issue_client("app1");
+    let entities_before = std::fs::read_to_string(dir.join("entities.toml")).unwrap();
+    run(&[
+        "entity",
+        "add",
+        "--name",
+        "app1",
+        "--cert",
+        app.cert.to_str().unwrap(),
+        "--keys",
+        "nosuch",
+        "--ops",
+        "sign",
+        "--no-reload",
+    ])
+    .fails(3, "not exposed by svsd");
+    run(&[
+        "entity",
+        "add",
+        "--name",
+        "dev-client",
+        "--cert",
+        app.cert.to_str().unwrap(),
+        "--keys",
+        "enrolled",
+        "--ops",
+        "sign",
+        "--no-reload",
+    ])
+    .fails(4, "exists already");
+    run(&[
+        "entity",
+        "add",
+        "--name",
+        "app1",
+        "--cert",
+        &p("malformed.pem"),
+        "--keys",
+        "enrolled",
+        "--ops",
+        "sign",
+        "--no-reload",
+    ])
+    .fails(7, "malformed.pem");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("entities.toml")).unwrap(),
+        entities_before
+    );
+    run(&[
+        "entity",
+        "add",
+        "--name",
+        "app1",
+        "--cert",
+        app.cert.to_str().unwrap(),
+        "--keys",
+        "enrolled",
+        "--ops",
+        "sign,verify",
+        "--rate",
+        "100/s",
+        "--no-reload",
+    ])
+    .ok();
+    let ents = run(&["--json", "entity", "list"]).ok().json();
+    let a = ents["entities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "app1")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        a["client"]["certificate_sha256"],
+        app.sha256.replace(':', "").to_lowercase()
+    );
+    assert_eq!(a["rate"]["per_second"], 100.0);
+
+    // svsd serves the key and its chain, and signs with it for app1.
+    let daemon = install.start().await;
+    let mut c = Client::connect(daemon.addr, &daemon.ca, &app, false)
+        .await
+        .unwrap();
+    let (st, _, body) = c.get("/v1/keys/enrolled").await.unwrap();
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(
+        body["public_key"].as_str().unwrap().trim(),
+        std::fs::read_to_string(&pubkey).unwrap().trim()
+    );
+    let chain = body["certificate_chain"].as_str().unwrap();
+    assert_eq!(chain.matches("BEGIN CERTIFICATE").count(), 2, "{chain}");
+    let msg = b"enrolled and signing";
+    let (st, _, body) = c
+        .post("/v1/sign", &json!({"key": "enrolled", "data": b64(msg)}))
+        .await
+        .unwrap();
+    assert_eq!(st, 200, "{body}");
+    std::fs::write(work.join("msg.bin"), msg).unwrap();
+    std::fs::write(
+        work.join("sig.der"),
+        unb64(body["signature"].as_str().unwrap()),
+    )
+    .unwrap();
+    sh(
+        &work,
+        "openssl",
+        &[
+            "pkeyutl", "-verify", "-pubin", "-inkey", "pub.pem", "-rawin", "-in", "msg.bin",
+            "-sigfile", "sig.der", "-digest", "sm3", "-pkeyopt", DISTID,
+        ],
+    );
+
+    // Suspend through SIGHUP to svsd's pid: refused at once after the reload.
+    let pid = daemon.child.id().to_string();
+    run(&["entity", "suspend", "--name", "app1", "--pid", &pid]).ok();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut c = Client::connect(daemon.addr, &daemon.ca, &app, false)
+            .await
+            .unwrap();
+        let (st, _, body) = c
+            .post("/v1/sign", &json!({"key": "enrolled", "data": b64(msg)}))
+            .await
+            .unwrap();
+        if st == 403 {
+            assert_eq!(body["error"]["code"], "entity_suspended");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "suspension not applied: {st} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    run(&["entity", "resume", "--name", "app1", "--pid", &pid]).ok();
+    run(&["entity", "suspend", "--name", "app1", "--pid", "1"]).fails(12, "not svsd");
+    // Let at least one checkpoint be written, then stop svsd.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    daemon.signal("TERM");
+    drop(daemon);
+
+    // The auditor: no PIN; audit key's public half read from the token.
+    let audit_dir = install.audit_dir();
+    let v = prov(&["--config", &config, "--json", "audit", "verify"], &[], "")
+        .ok()
+        .json();
+    assert_eq!(v["intact"], true);
+    assert!(v["checkpoints"].as_u64().unwrap() >= 1, "{v}");
+    assert!(v["records"].as_u64().unwrap() >= 5, "{v}");
+    let shown = prov(
+        &[
+            "--config", &config, "--json", "audit", "show", "--entity", "app1", "--key", "enrolled",
+        ],
+        &[],
+        "",
+    )
+    .ok()
+    .json();
+    assert!(
+        shown["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["entity"] == "app1" && r["key"] == "enrolled")
+    );
+    assert!(!shown["records"].as_array().unwrap().is_empty());
+    // The wrong key for checkpoints is a break too.
+    prov(
+        &["--config", &config, "audit", "verify", "--key", "enrolled"],
+        &[],
+        "",
+    )
+    .fails(10, "bad_checkpoint");
+
+    // Tampering, deleting, reordering: detected and located.
+    let file = svs_appliance::audit::trail_files(&audit_dir).unwrap()[0]
+        .1
+        .clone();
+    let name = file.file_name().unwrap().to_owned();
+    let original = lines(&file);
+    assert!(original.len() >= 5);
+    let case = |what: &str, f: &dyn Fn(&mut Vec<String>)| {
+        let d = work.join(what);
+        copy_dir(&audit_dir, &d);
+        let mut l = original.clone();
+        f(&mut l);
+        write_lines(&d.join(&name), &l);
+        prov(
+            &[
+                "--config",
+                &config,
+                "audit",
+                "verify",
+                "--dir",
+                d.to_str().unwrap(),
+            ],
+            &[],
+            "",
+        )
+    };
+    let r = case("tampered", &|l| {
+        // One byte inside record 3's time.
+        let mut b = l[2].clone().into_bytes();
+        let i = l[2].find("\"time\":\"").unwrap() + 9;
+        b[i] = if b[i] == b'1' { b'2' } else { b'1' };
+        l[2] = String::from_utf8(b).unwrap();
+    });
+    let r = r.fails(10, "the record was altered");
+    assert!(
+        r.stderr
+            .contains(&format!("{}:3 (seq 3)", name.to_str().unwrap())),
+        "{}",
+        r.stderr
+    );
+    let r = case("deleted", &|l| {
+        l.remove(2);
+    })
+    .fails(10, "record 3 is missing");
+    assert!(r.stderr.contains(":3 (seq 4)"), "{}", r.stderr);
+    case("reordered", &|l| l.swap(2, 3)).fails(10, "out of order");
+}

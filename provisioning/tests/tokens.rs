@@ -1,0 +1,437 @@
+//! Token, PIN and key lifecycle on the soft token (configured through
+//! SVS_SOFTTOKEN_CONF, PINs piped on standard input as a script would), and
+//! the enrollment steps on SoftHSMv2 with the ecdsa-p256 profile.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::Path;
+
+use common::{key_state, prov, sh};
+
+#[test]
+fn token_pin_and_key_lifecycle_on_the_soft_token() {
+    let tmp = tempfile::tempdir().unwrap();
+    let conf = tmp.path().join("softtoken.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "store_dir = \"{}\"\nslots = 2\nkdf_iterations = 1000\nmax_login_failures = 3\n",
+            tmp.path().join("store").display()
+        ),
+    )
+    .unwrap();
+    let conf = conf.to_str().unwrap().to_owned();
+    let env = [("SVS_SOFTTOKEN_CONF", conf.as_str())];
+    let p = |args: &[&str], stdin: &str| prov(args, &env, stdin);
+
+    let info = p(&["--json", "token", "info"], "").ok().json();
+    assert_eq!(info["tokens"].as_array().unwrap().len(), 2);
+    assert_eq!(info["tokens"][0]["initialized"], false);
+    p(&["token", "init", "--label", "t1"], "so-pin-0001\n").ok();
+    p(&["token", "init", "--label", "t1"], "so-pin-0002\n")
+        .fails(4, "a token labelled 't1' exists already");
+    p(&["token", "init", "--label", "t2", "--slot", "0"], "x\n").fails(4, "--reinit");
+    p(&["token", "init", "--label", "t2"], "123\n").fails(2, "must be 4 to");
+    p(&["--token", "t1", "key", "list", "--login"], "anything\n").fails(3, "pin init");
+
+    // The SO sets the user PIN; a wrong SO PIN changes nothing.
+    p(
+        &["--token", "t1", "pin", "init"],
+        "wrong-so\nuser-pin-0001\n",
+    )
+    .fails(5, "SO PIN is wrong");
+    p(
+        &["--token", "t1", "pin", "init"],
+        "so-pin-0001\nuser-pin-0001\n",
+    )
+    .ok();
+    let gen_out = p(
+        &["--token", "t1", "--json", "key", "generate", "--label", "a"],
+        "user-pin-0001\n",
+    )
+    .ok()
+    .json();
+    assert_eq!(gen_out["private_key_present"], true);
+    p(
+        &["--token", "t1", "key", "generate", "--label", "bad label"],
+        "",
+    )
+    .fails(2, "invalid key label");
+
+    // The user changes the PIN; the old one no longer works; a too-short
+    // new PIN is refused before the token is asked.
+    p(
+        &["--token", "t1", "pin", "change"],
+        "user-pin-0001\nuser-pin-0002\n",
+    )
+    .ok();
+    p(
+        &["--token", "t1", "key", "list", "--login"],
+        "user-pin-0001\n",
+    )
+    .fails(5, "user PIN is wrong");
+    p(&["--token", "t1", "pin", "change"], "user-pin-0002\n12\n").fails(2, "4 to");
+    p(
+        &["--token", "t1", "key", "list", "--login"],
+        "user-pin-0002\n",
+    )
+    .ok();
+
+    // Wrong PINs lock the user PIN; the SO clears the lock with pin init.
+    p(&["--token", "t1", "key", "list", "--login"], "nope-1\n").fails(5, "wrong");
+    p(&["--token", "t1", "key", "list", "--login"], "nope-2\n").fails(5, "wrong");
+    p(&["--token", "t1", "key", "list", "--login"], "nope-3\n");
+    p(
+        &["--token", "t1", "key", "list", "--login"],
+        "user-pin-0002\n",
+    )
+    .fails(6, "locked");
+    let info = p(&["--token", "t1", "--json", "token", "info"], "")
+        .ok()
+        .json();
+    assert_eq!(info["tokens"][0]["user_pin_locked"], true);
+    let before = key_state(&["--token", "t1"], &env);
+    p(
+        &["--token", "t1", "pin", "init"],
+        "so-pin-0001\nuser-pin-0003\n",
+    )
+    .ok();
+    assert_eq!(
+        key_state(&["--token", "t1"], &env),
+        before,
+        "pin init must not touch keys"
+    );
+
+    // Delete needs confirmation: without a terminal and without --yes, nothing happens.
+    p(
+        &["--token", "t1", "key", "delete", "--label", "a"],
+        "user-pin-0003\n",
+    )
+    .fails(13, "--yes");
+    assert_eq!(key_state(&["--token", "t1"], &env), before);
+    p(
+        &[
+            "--token", "t1", "key", "delete", "--label", "nosuch", "--yes",
+        ],
+        "user-pin-0003\n",
+    )
+    .fails(3, "keys present: 'a'");
+    p(
+        &["--token", "t1", "key", "delete", "--label", "a", "--yes"],
+        "user-pin-0003\n",
+    )
+    .ok();
+    assert!(
+        key_state(&["--token", "t1"], &env)["keys"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+
+    // The SO changes the SO PIN.
+    p(
+        &["--token", "t1", "pin", "change", "--so"],
+        "so-pin-0001\nso-pin-0002\n",
+    )
+    .ok();
+    p(
+        &["--token", "t1", "pin", "init"],
+        "so-pin-0001\nuser-pin-0004\n",
+    )
+    .fails(5, "SO PIN is wrong");
+    p(
+        &["--token", "t1", "pin", "init"],
+        "so-pin-0002\nuser-pin-0004\n",
+    )
+    .ok();
+    // Re-initialising wipes keys, so it needs --reinit and a confirmation.
+    p(
+        &["--token", "t1", "key", "generate", "--label", "b"],
+        "user-pin-0004\n",
+    )
+    .ok();
+    p(
+        &["token", "init", "--label", "t1", "--slot", "0", "--reinit"],
+        "so-pin-0002\n",
+    )
+    .fails(13, "--yes");
+    assert_eq!(
+        key_state(&["--token", "t1"], &env)["keys"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+const SOFTHSM: &str = "/usr/lib/softhsm/libsofthsm2.so";
+
+#[test]
+fn enrollment_steps_on_softhsm_with_ecdsa_p256() {
+    if !Path::new(SOFTHSM).exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "softhsm2 is required under CI"
+        );
+        eprintln!("SKIP: {SOFTHSM} not installed");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path();
+    std::fs::create_dir(work.join("tokens")).unwrap();
+    std::fs::write(
+        work.join("softhsm2.conf"),
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+            work.join("tokens").display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(work.join("so"), "so-pin-0001\n").unwrap();
+    std::fs::write(work.join("user"), "user-pin-0001\n").unwrap();
+    std::fs::write(work.join("wrong"), "wrong-pin\n").unwrap();
+    let conf = work.join("softhsm2.conf").to_str().unwrap().to_owned();
+    let env = [("SOFTHSM2_CONF", conf.as_str())];
+    let f = |n: &str| work.join(n).to_str().unwrap().to_owned();
+    let (so, user, wrong) = (f("so"), f("user"), f("wrong"));
+    let common = [
+        "--module",
+        SOFTHSM,
+        "--profile",
+        "ecdsa-p256",
+        "--token",
+        "svs-hsm",
+    ];
+    let p = |extra: &[&str]| {
+        let mut a: Vec<&str> = common.to_vec();
+        a.extend_from_slice(extra);
+        prov(&a, &env, "")
+    };
+
+    prov(
+        &[
+            "--module",
+            SOFTHSM,
+            "--so-pin-file",
+            &so,
+            "token",
+            "init",
+            "--label",
+            "svs-hsm",
+        ],
+        &env,
+        "",
+    )
+    .ok();
+    p(&["--so-pin-file", &so, "--new-pin-file", &user, "pin", "init"]).ok();
+    let key = p(&[
+        "--pin-file",
+        &user,
+        "--json",
+        "key",
+        "generate",
+        "--label",
+        "p256",
+    ])
+    .ok()
+    .json();
+    assert_eq!(key["algorithm"], "ECDSA-P256");
+    p(&["--pin-file", &wrong, "key", "generate", "--label", "x"]).fails(5, "user PIN is wrong");
+    p(&["--pin-file", &user, "key", "generate", "--label", "p256"]).fails(4, "exists already");
+
+    p(&[
+        "--pin-file",
+        &user,
+        "csr",
+        "--label",
+        "p256",
+        "--subject",
+        "CN=p256,O=Test Unit,C=CN",
+        "--out",
+        &f("req.pem"),
+    ])
+    .ok();
+    let text = sh(
+        work,
+        "openssl",
+        &["req", "-in", "req.pem", "-verify", "-noout", "-text"],
+    );
+    assert!(text.contains("ecdsa-with-SHA256"), "{text}");
+    sh(
+        work,
+        "openssl",
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-sha256",
+            "-subj",
+            "/CN=P-256 CA",
+            "-days",
+            "30",
+            "-out",
+            "ca.pem",
+        ],
+    );
+    sh(
+        work,
+        "openssl",
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "req.pem",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-sha256",
+            "-days",
+            "30",
+            "-set_serial",
+            "7",
+            "-out",
+            "cert.pem",
+        ],
+    );
+    sh(
+        work,
+        "openssl",
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "req.pem",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-sha256",
+            "-days",
+            "-1",
+            "-set_serial",
+            "8",
+            "-out",
+            "expired.pem",
+        ],
+    );
+
+    let before = key_state(&common, &env);
+    p(&[
+        "--pin-file",
+        &user,
+        "cert",
+        "import",
+        "--label",
+        "p256",
+        "--file",
+        &f("ca.pem"),
+    ])
+    .fails(7, "is for another key");
+    p(&[
+        "--pin-file",
+        &user,
+        "cert",
+        "import",
+        "--label",
+        "p256",
+        "--file",
+        &f("expired.pem"),
+    ])
+    .fails(7, "expired");
+    assert_eq!(key_state(&common, &env), before);
+    p(&[
+        "--pin-file",
+        &user,
+        "cert",
+        "import",
+        "--label",
+        "p256",
+        "--file",
+        &f("expired.pem"),
+        "--force",
+    ])
+    .ok();
+    p(&[
+        "--pin-file",
+        &user,
+        "cert",
+        "import",
+        "--label",
+        "p256",
+        "--file",
+        &f("cert.pem"),
+        "--chain",
+        &f("ca.pem"),
+    ])
+    .fails(4, "--replace");
+    p(&[
+        "--pin-file",
+        &user,
+        "cert",
+        "import",
+        "--label",
+        "p256",
+        "--file",
+        &f("cert.pem"),
+        "--chain",
+        &f("ca.pem"),
+        "--replace",
+    ])
+    .ok();
+    let listed = key_state(&common, &env);
+    assert_eq!(
+        listed["keys"][0]["certificate"]["subject"],
+        "CN=p256,O=Test Unit,C=CN"
+    );
+    let fingerprint = sh(
+        work,
+        "openssl",
+        &[
+            "x509",
+            "-in",
+            "cert.pem",
+            "-noout",
+            "-fingerprint",
+            "-sha256",
+        ],
+    );
+    assert!(
+        fingerprint
+            .to_lowercase()
+            .replace(':', "")
+            .contains(listed["keys"][0]["certificate"]["sha256"].as_str().unwrap()),
+        "{fingerprint} {listed}"
+    );
+
+    let st = p(&["--pin-file", &user, "selftest"]).ok();
+    assert!(
+        st.stdout.contains("PASS  key 'p256' pairwise sign/verify"),
+        "{}",
+        st.stdout
+    );
+    p(&[
+        "--pin-file",
+        &user,
+        "key",
+        "delete",
+        "--label",
+        "p256",
+        "--yes",
+    ])
+    .ok();
+    assert!(
+        key_state(&common, &env)["keys"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+}
