@@ -218,9 +218,12 @@ impl Traffic {
         let elapsed = now.saturating_duration_since(t.last).as_secs_f64();
         t.tokens = (t.tokens + elapsed * t.per_second).min(burst);
         t.last = now;
+        // Every item costs a token. A batch larger than the bucket passes only
+        // on a full bucket and leaves it in debt, so that batching cannot
+        // exceed the throttle's rate.
         let need = (n as f64).min(burst);
         if t.tokens >= need {
-            t.tokens -= need;
+            t.tokens -= n as f64;
             Ok(())
         } else {
             Err(SvsError::RateLimited {
@@ -460,6 +463,23 @@ mod tests {
         run(&t, &c, 20, 5, 0);
         assert!(!t.view().throttled);
         assert!(t.admit(1000, Instant::now()).is_ok());
+    }
+
+    #[test]
+    fn a_throttled_batch_costs_one_token_per_item() {
+        let t = Traffic::default();
+        let now = Instant::now();
+        t.set_throttle(Some(2.0), now);
+        t.throttled.store(true, Ordering::Relaxed);
+        // A full bucket (2) lets a batch of 20 through, 18 tokens in debt...
+        assert!(t.admit(20, now).is_ok());
+        // ...so nothing passes until the debt is paid at 2/s: 9.5 s for one.
+        let Err(SvsError::RateLimited { retry_after }) = t.admit(1, now + Duration::from_secs(9))
+        else {
+            panic!("the debt must be paid first")
+        };
+        assert!(retry_after > Duration::from_millis(400), "{retry_after:?}");
+        assert!(t.admit(1, now + Duration::from_millis(9500)).is_ok());
     }
 
     #[test]

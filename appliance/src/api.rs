@@ -78,13 +78,90 @@ pub struct VerifyRequest {
     pub encoding: Option<Encoding>,
 }
 
-/// `{"items": [...]}` of a batch; items are decoded one by one so that one
-/// bad item fails alone.
+/// The one key of a batch body, `{"items": [...]}`.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BatchRequest {
-    /// The items, in order.
-    pub items: Vec<serde_json::Value>,
+#[serde(field_identifier, rename_all = "lowercase")]
+enum BatchField {
+    Items,
+}
+
+/// Error text that marks "too many items" inside a serde error, so the
+/// parse can stop at the first item over the limit.
+const TOO_MANY_ITEMS: &str = "svs: too many batch items";
+
+/// Reads `{"items": [...]}` and stops at item `max + 1`: a batch over the
+/// limit is refused while it is parsed, before the rest of it becomes
+/// JSON values. Items stay raw values so that one bad item fails alone.
+struct BatchSeed {
+    max: usize,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for BatchSeed {
+    type Value = Vec<serde_json::Value>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for BatchSeed {
+    type Value = Vec<serde_json::Value>;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an object with items")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+        let mut items = None;
+        while let Some(BatchField::Items) = m.next_key()? {
+            if items.is_some() {
+                return Err(serde::de::Error::duplicate_field("items"));
+            }
+            items = Some(m.next_value_seed(ItemsSeed { max: self.max })?);
+        }
+        items.ok_or_else(|| serde::de::Error::missing_field("items"))
+    }
+}
+
+struct ItemsSeed {
+    max: usize,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for ItemsSeed {
+    type Value = Vec<serde_json::Value>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for ItemsSeed {
+    type Value = Vec<serde_json::Value>;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a sequence of items")
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(v) = seq.next_element::<serde_json::Value>()? {
+            if out.len() == self.max {
+                return Err(serde::de::Error::custom(TOO_MANY_ITEMS));
+            }
+            out.push(v);
+        }
+        Ok(out)
+    }
+}
+
+/// Parses a batch body: at most `max` items (more is `batch_too_large`),
+/// each still undecoded.
+pub fn batch_items(body: &[u8], max: usize) -> Result<Vec<serde_json::Value>, SvsError> {
+    use serde::de::DeserializeSeed;
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let items = BatchSeed { max }.deserialize(&mut de).map_err(|e| {
+        if e.to_string().starts_with(TOO_MANY_ITEMS) {
+            SvsError::BatchTooLarge { max }
+        } else {
+            json_error(e)
+        }
+    })?;
+    de.end().map_err(json_error)?;
+    Ok(items)
 }
 
 /// A sign answer.
@@ -116,28 +193,48 @@ pub fn from_value<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Resul
 }
 
 fn json_error(e: serde_json::Error) -> SvsError {
-    // serde_json's messages name fields and types, and quote at most the
-    // unknown field's name or a variant: no payload values.
-    // serde_json quotes offending values between backticks ("invalid type:
-    // integer `42`"); only field names (unknown/missing field) are kept.
-    let msg = e.to_string();
-    let msg = match msg.find(" at line ") {
-        Some(i) => &msg[..i],
-        None => &msg[..],
+    // serde_json quotes the offending value in its messages, between
+    // backticks (`invalid type: integer `42``) or double quotes (`invalid
+    // type: string "…"`), and names unknown fields and variants, which are
+    // client text too. The message is rebuilt from what svsd itself defines:
+    // the error's category, the unexpected value's type, and what was
+    // expected (field, variant and type names of the API).
+    let full = e.to_string();
+    let msg = full.find(" at line ").map_or(&full[..], |i| &full[..i]);
+    let (head, expected) = match msg.find(", expected ") {
+        Some(i) => (&msg[..i], Some(&msg[i + 2..])),
+        None => (msg, None),
     };
-    let keep_quoted = msg.starts_with("unknown field") || msg.starts_with("missing field");
-    let mut out = String::with_capacity(msg.len());
-    for (i, part) in msg.split('`').enumerate() {
-        if i % 2 == 0 || keep_quoted {
-            out.push_str(part);
-        } else {
-            out.push('…');
-        }
+    let own_name = head.starts_with("missing field") || head.starts_with("duplicate field");
+    let mut out = if own_name {
+        // The field name comes from the API's types, not from the client.
+        head.to_owned()
+    } else {
+        // Everything from the first quote on is the client's value or name.
+        head.find(['`', '"'])
+            .map_or(head, |i| &head[..i])
+            .trim_end()
+            .to_owned()
+    };
+    if let Some(x) = expected {
+        out.push_str(", ");
+        out.push_str(&mask_double_quoted(x));
     }
     if e.is_syntax() || e.is_eof() {
         out = format!("body is not valid JSON: {out}");
     }
     SvsError::MalformedRequest(out)
+}
+
+/// Replaces every double-quoted segment with `…` (what serde writes after
+/// "expected" names types, fields and variants in backticks; anything in
+/// double quotes would be a value).
+fn mask_double_quoted(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for (i, part) in s.split('"').enumerate() {
+        out.push_str(if i % 2 == 0 { part } else { "…" });
+    }
+    out
 }
 
 /// Standard base64 (with padding) of `field`.
@@ -439,5 +536,67 @@ mod tests {
         assert!(!e.to_string().contains("12345678"), "{e}");
         let e = from_json::<SignRequest>(b"{not json").unwrap_err();
         assert!(matches!(e, SvsError::MalformedRequest(_)));
+    }
+
+    const PII: &str = "110101199003074512";
+
+    #[test]
+    fn bare_string_values_are_not_echoed() {
+        // A batch item that is a bare string.
+        let items = batch_items(format!(r#"{{"items":["{PII}"]}}"#).as_bytes(), 8).unwrap();
+        let e = from_value::<SignRequest>(items[0].clone()).unwrap_err();
+        let m = e.to_json().to_string();
+        assert!(!m.contains(PII), "{m}");
+        assert!(m.contains("invalid type: string"), "{m}");
+        // "items" itself a string.
+        let e = batch_items(format!(r#"{{"items":"{PII}"}}"#).as_bytes(), 8).unwrap_err();
+        let m = e.to_json().to_string();
+        assert!(
+            !m.contains(PII) && matches!(e, SvsError::MalformedRequest(_)),
+            "{m}"
+        );
+        // A string where a number or an enum is expected, an unknown field
+        // and an unknown variant: the client's text never comes back.
+        for body in [
+            format!(r#"{{"key":"k","data":"aGk=","encoding":"{PII}"}}"#),
+            format!(r#"{{"key":"k","data":"aGk=","{PII}":1}}"#),
+            format!(r#"{{"key":["{PII}"]}}"#),
+            format!(r#"{{"items":[],"{PII}":1}}"#),
+        ] {
+            let e = from_json::<SignRequest>(body.as_bytes()).unwrap_err();
+            assert!(!e.to_string().contains(PII), "{e}");
+            if let Err(e) = batch_items(body.as_bytes(), 8) {
+                assert!(!e.to_string().contains(PII), "{e}");
+            }
+        }
+        let e = from_json::<SignRequest>(br#"{"data":"aGk="}"#).unwrap_err();
+        assert!(e.to_string().contains("missing field `key`"), "{e}");
+    }
+
+    #[test]
+    fn a_batch_is_cut_at_its_limit_while_parsed() {
+        let body = |n: usize| {
+            let items: Vec<_> = (0..n).map(|_| r#"{"key":"k"}"#).collect();
+            format!(r#"{{"items":[{}]}}"#, items.join(","))
+        };
+        assert_eq!(batch_items(body(3).as_bytes(), 3).unwrap().len(), 3);
+        assert_eq!(
+            batch_items(body(4).as_bytes(), 3).unwrap_err(),
+            SvsError::BatchTooLarge { max: 3 }
+        );
+        // Even when the rest would not parse: it is never looked at.
+        let cut = format!("{}, !!garbage", &body(4)[..body(4).len() - 2]);
+        assert_eq!(
+            batch_items(cut.as_bytes(), 3).unwrap_err(),
+            SvsError::BatchTooLarge { max: 3 }
+        );
+        assert!(matches!(
+            batch_items(br#"{"items":[1]} x"#, 3),
+            Err(SvsError::MalformedRequest(_))
+        ));
+        assert!(matches!(
+            batch_items(br#"{}"#, 3),
+            Err(SvsError::MalformedRequest(m)) if m.contains("missing field `items`")
+        ));
     }
 }

@@ -5,22 +5,21 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 use svs_hsm::KeyInfo;
 use svs_hsm::signature::{DEFAULT_SM2_ID, SoftwareVerifier};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::anomaly::{AnomalyConfig, Flip};
-use crate::api::{
-    self, BatchRequest, Encoding, Input, SignRequest, SignResponse, VerifyRequest, VerifyResponse,
-};
+use crate::api::{self, Encoding, Input, SignRequest, SignResponse, VerifyRequest, VerifyResponse};
 use crate::audit::{AuditEvent, AuditTrail};
 use crate::backend::SigningBackend;
 use crate::config::{Config, KeyExposure, Limits, Operation};
-use crate::error::SvsError;
+use crate::error::{NotReady, SvsError};
 use crate::metrics::{self, Metrics};
-use crate::policy::{ClientIdentity, Entity, Policy};
+use crate::policy::{ClientIdentity, Entity, InFlight, Policy};
 
 /// The parts of the configuration a reload may change.
 #[derive(Debug)]
@@ -59,7 +58,7 @@ pub struct Reply {
 }
 
 impl Reply {
-    fn ok(body: serde_json::Value) -> Reply {
+    pub(crate) fn ok(body: serde_json::Value) -> Reply {
         Reply {
             status: 200,
             body,
@@ -78,6 +77,32 @@ impl From<SvsError> for Reply {
         }
     }
 }
+
+/// What the checks made before a body is read decided, held for the whole
+/// request: the runtime snapshot every later step uses (one policy, one key
+/// set, one set of limits), the entity, and its concurrency slot (released
+/// on drop, on every path).
+#[derive(Debug)]
+pub struct Admission {
+    rt: Arc<Runtime>,
+    entity: Option<Arc<Entity>>,
+    _in_flight: Option<InFlight>,
+}
+
+impl Admission {
+    /// The runtime snapshot of this request.
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.rt
+    }
+
+    /// The entity, for routes other than the probes.
+    pub fn entity(&self) -> Option<&Entity> {
+        self.entity.as_deref()
+    }
+}
+
+/// The audit trail's entity for a refused client no entity claims.
+pub const UNKNOWN_ENTITY: &str = "_unknown";
 
 /// The routes of API v1.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -194,9 +219,12 @@ pub struct App {
     verifier: SoftwareVerifier,
     runtime: RwLock<Arc<Runtime>>,
     audit: Arc<AuditTrail>,
-    selftest: Mutex<Result<(), String>>,
+    /// `None` until the first self-test run finishes.
+    selftest: Mutex<Option<Result<(), String>>>,
     draining: AtomicBool,
     metrics: Arc<Metrics>,
+    /// Request bodies held in memory, in bytes, all connections together.
+    body_budget: Arc<Semaphore>,
     /// Counters.
     pub counters: Counters,
 }
@@ -239,9 +267,10 @@ impl App {
                 anomaly: config.anomaly.clone(),
             })),
             audit,
-            selftest: Mutex::new(Err("self-tests have not run yet".into())),
+            selftest: Mutex::new(None),
             draining: AtomicBool::new(false),
             metrics,
+            body_budget: Arc::new(Semaphore::new(config.limits.max_inflight_body_bytes)),
             counters: Counters::default(),
         }
     }
@@ -285,8 +314,21 @@ impl App {
 
     /// Installs the entities, keys and limits of a new, valid configuration.
     /// Limiter state carries over; requests in flight finish under the old.
-    pub fn reload(&self, config: &Config) -> Result<(), SvsError> {
+    /// A key newly exposed (or moved to another token object) must pass the
+    /// pairwise self-test first, as every key did before READY; otherwise
+    /// the reload is refused and the old configuration keeps serving.
+    pub async fn reload(&self, config: &Config) -> Result<(), SvsError> {
         self.check_keys(&config.keys)?;
+        let current = self.runtime();
+        for (name, k) in &config.keys {
+            if current.keys.get(name) != Some(k) {
+                self.pairwise(name, &k.object).await.map_err(|e| {
+                    SvsError::Config(vec![format!(
+                        "self-test of a newly exposed key failed: {e}"
+                    )])
+                })?;
+            }
+        }
         let mut slot = self.runtime.write().unwrap_or_else(|p| p.into_inner());
         let policy = Policy::new(&config.entities, Some(&slot.policy));
         *slot = Arc::new(Runtime {
@@ -312,7 +354,7 @@ impl App {
                 .fetch_add(1, Ordering::Relaxed);
             tracing::error!(reason = %why, "ALARM self-test failed: not ready, signing refused");
         }
-        *self.selftest.lock().unwrap_or_else(|p| p.into_inner()) = result;
+        *self.selftest.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
     }
 
     /// Ready to sign: self-tests passed, HSM up, audit writable, not draining.
@@ -320,37 +362,62 @@ impl App {
         if self.draining.load(Ordering::SeqCst) {
             return Err(SvsError::ShuttingDown);
         }
-        self.selftest
+        match self
+            .selftest
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
-            .map_err(SvsError::NotReady)?;
-        self.backend.health().map_err(SvsError::NotReady)?;
+        {
+            None => {
+                return Err(SvsError::NotReady(
+                    NotReady::SelftestsPending,
+                    "self-tests have not run yet".into(),
+                ));
+            }
+            Some(Err(why)) => return Err(SvsError::NotReady(NotReady::SelftestsFailed, why)),
+            Some(Ok(())) => {}
+        }
+        self.backend
+            .health()
+            .map_err(|why| SvsError::NotReady(NotReady::HsmUnavailable, why))?;
         self.audit.check()
     }
 
-    /// Entity for a client, refused unless known and active.
-    pub fn entity(&self, client: Option<&ClientIdentity>) -> Result<Arc<Entity>, SvsError> {
-        let client = client.ok_or(SvsError::Unauthenticated)?;
-        let e = self.runtime().policy.identify(client)?;
-        e.check_active()?;
-        Ok(e)
+    /// Reserves `bytes` of the in-memory body budget for one request body;
+    /// `server_busy` when it is spent (a client cannot make the daemon hold
+    /// more than `max_inflight_body_bytes` of bodies, however many streams).
+    pub fn reserve_body(&self, bytes: usize) -> Result<OwnedSemaphorePermit, SvsError> {
+        u32::try_from(bytes)
+            .ok()
+            .and_then(|n| self.body_budget.clone().try_acquire_many_owned(n).ok())
+            .ok_or(SvsError::ServerBusy {
+                retry_after: Duration::from_secs(1),
+            })
     }
 
-    /// Checks done before the body is read: route, method, client.
-    pub fn precheck(
+    /// Checks done before the body is read: client, entity status, content
+    /// type; for signing-API routes also the operation grant, a concurrency
+    /// slot and a non-empty token bucket, so that a refused client never
+    /// gets its body read. A refusal is counted and audited.
+    pub async fn precheck(
         &self,
         route: &Route,
         client: Option<&ClientIdentity>,
         content_type: Option<&str>,
-    ) -> Result<(), SvsError> {
+    ) -> Result<Admission, SvsError> {
+        // One snapshot for identification and everything after it.
+        let rt = self.runtime();
         if route.is_probe() {
-            return Ok(());
+            return Ok(Admission {
+                rt,
+                entity: None,
+                _in_flight: None,
+            });
         }
         // Identified even when suspended, so the refusal counts for the entity.
         let found = client
             .ok_or(SvsError::Unauthenticated)
-            .and_then(|c| self.runtime().policy.identify(c));
+            .and_then(|c| rt.policy.identify(c));
         let result = found.as_ref().map_err(Clone::clone).and_then(|e| {
             e.check_active()?;
             let json = content_type
@@ -359,44 +426,79 @@ impl App {
             if route.has_body() && !json {
                 return Err(SvsError::UnsupportedMediaType);
             }
-            Ok(())
+            match route.operation() {
+                Some(op) => {
+                    e.check_operation(op)?;
+                    e.reserve().map(Some).inspect_err(|err| {
+                        self.metrics.rate_limited(e.name(), limit_reason(err));
+                    })
+                }
+                None => Ok(None),
+            }
         });
-        if let (Err(e), Some(op)) = (&result, route.operation()) {
-            self.refused(found.ok().as_deref(), op, e);
+        match result {
+            Ok(in_flight) => Ok(Admission {
+                rt,
+                entity: found.ok(),
+                _in_flight: in_flight,
+            }),
+            Err(e) => {
+                self.refuse(route, found.ok().as_deref(), &e).await;
+                Err(e)
+            }
         }
-        result
     }
 
-    /// Counts a request refused before its items were looked at.
-    fn refused(&self, entity: Option<&Entity>, op: Operation, e: &SvsError) {
+    /// Counts and audits a request refused before its items were looked at:
+    /// one `op` record with the entity (or `_unknown`), the route's
+    /// operation and the error code; no key name, no payload.
+    pub async fn refuse(&self, route: &Route, entity: Option<&Entity>, e: &SvsError) {
         let name = entity.map_or(metrics::UNKNOWN, Entity::name);
-        self.metrics
-            .operation(op.as_str(), name, metrics::NONE, e.wire().code);
+        let code = e.wire().code;
+        if let Some(op) = route.operation() {
+            self.metrics
+                .operation(op.as_str(), name, metrics::NONE, code);
+        }
         if let Some(entity) = entity {
             entity.traffic().record(1, 1);
+        }
+        let ev = AuditEvent {
+            entity: entity.map_or(UNKNOWN_ENTITY, Entity::name).to_owned(),
+            op: route
+                .operation()
+                .map_or(route.metric_name(), Operation::as_str),
+            key: None,
+            input_sm3: None,
+            output_sm3: None,
+            outcome: code.into(),
+            latency_us: 0,
+        };
+        if let Err(err) = self.audit.append(vec![ev]).await {
+            tracing::error!(error = %err, "cannot record a refused request in the audit trail");
         }
     }
 
     /// Counts one finished item: metrics and the entity's traffic.
     fn observed(&self, entity: &Entity, rt: &Runtime, ev: &AuditEvent) {
-        let key = rt.key_label(ev.key.as_deref());
+        // A made-up key name is not in the record: it counts as `_unknown`.
+        let key = match ev.key.as_deref() {
+            None if ev.outcome == "unknown_key" => metrics::UNKNOWN,
+            k => rt.key_label(k),
+        };
         self.metrics
             .operation(ev.op, entity.name(), key, &ev.outcome);
         let failed = !matches!(ev.outcome.as_str(), "ok" | "valid" | "invalid");
         entity.traffic().record(1, u64::from(failed));
     }
 
-    /// Handles one request whose body has been read.
-    pub async fn handle(
-        self: &Arc<Self>,
-        route: Route,
-        client: Option<&ClientIdentity>,
-        body: &[u8],
-    ) -> Reply {
-        match self.dispatch(route, client, body).await {
+    /// Handles one request admitted by [`App::precheck`] whose body has
+    /// been read.
+    pub async fn handle(self: &Arc<Self>, route: Route, adm: &Admission, body: &[u8]) -> Reply {
+        match self.dispatch(route, adm, body).await {
             Ok(r) => r,
             Err(e) => {
                 self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                e.log_details();
                 Reply::from(e)
             }
         }
@@ -405,17 +507,17 @@ impl App {
     async fn dispatch(
         self: &Arc<Self>,
         route: Route,
-        client: Option<&ClientIdentity>,
+        adm: &Admission,
         body: &[u8],
     ) -> Result<Reply, SvsError> {
+        let rt = &adm.rt;
         match route {
             Route::Healthz => Ok(Reply::ok(json!({"status": "alive"}))),
             Route::Readyz => self
                 .readiness()
                 .map(|()| Reply::ok(json!({"status": "ready"}))),
             Route::Keys => {
-                let e = self.entity(client)?;
-                let rt = self.runtime();
+                let e = adm.entity().ok_or(SvsError::Unauthenticated)?;
                 let keys: Vec<_> = rt
                     .keys
                     .iter()
@@ -428,8 +530,7 @@ impl App {
                 Ok(Reply::ok(json!({ "keys": keys })))
             }
             Route::Key(name) => {
-                let e = self.entity(client)?;
-                let rt = self.runtime();
+                let e = adm.entity().ok_or(SvsError::Unauthenticated)?;
                 let exposure = rt
                     .keys
                     .get(&name)
@@ -455,7 +556,7 @@ impl App {
                 })))
             }
             Route::Sign | Route::SignBatch | Route::Verify | Route::VerifyBatch => {
-                self.operation(route, client, body).await
+                self.operation(route, adm, body).await
             }
         }
     }
@@ -470,7 +571,7 @@ impl App {
     async fn operation(
         self: &Arc<Self>,
         route: Route,
-        client: Option<&ClientIdentity>,
+        adm: &Admission,
         body: &[u8],
     ) -> Result<Reply, SvsError> {
         let op = match route {
@@ -478,13 +579,15 @@ impl App {
             _ => Operation::Verify,
         };
         let batch = matches!(route, Route::SignBatch | Route::VerifyBatch);
-        let entity = self
-            .entity(client)
-            .inspect_err(|e| self.refused(None, op, e))?;
-        let rt = self.runtime();
-        let (items, _in_flight) = self
-            .admit(&entity, &rt, batch, op, body)
-            .inspect_err(|e| self.refused(Some(&entity), op, e))?;
+        let entity = adm.entity.clone().ok_or(SvsError::Unauthenticated)?;
+        let rt = adm.rt.clone();
+        let items = match self.admit(&entity, &rt, batch, op, body) {
+            Ok(items) => items,
+            Err(e) => {
+                self.refuse(&route, Some(&entity), &e).await;
+                return Err(e);
+            }
+        };
         let results: Vec<ItemResult> = match op {
             Operation::Sign => self.sign_items(&entity, &rt, items).await,
             Operation::Verify => self.verify_items(&entity, &rt, items).await?,
@@ -511,8 +614,9 @@ impl App {
         }
     }
 
-    /// Everything between identification and the items: operation granted,
-    /// body parsed, limits and anomaly throttle, readiness.
+    /// Everything between the body and the items: body parsed, one token
+    /// per item, anomaly throttle, readiness. (Operation grant and the
+    /// concurrency slot were taken before the body was read.)
     fn admit(
         &self,
         entity: &Entity,
@@ -520,34 +624,23 @@ impl App {
         batch: bool,
         op: Operation,
         body: &[u8],
-    ) -> Result<(Vec<serde_json::Value>, crate::policy::InFlight), SvsError> {
-        entity.check_operation(op)?;
+    ) -> Result<Vec<serde_json::Value>, SvsError> {
         // Parse first: the item count decides how many tokens to take.
         let items = if batch {
-            let b: BatchRequest = api::from_json(body)?;
-            if b.items.len() > rt.limits.max_batch_items {
-                return Err(SvsError::BatchTooLarge {
-                    got: b.items.len(),
-                    max: rt.limits.max_batch_items,
-                });
-            }
-            if b.items.is_empty() {
+            let items = api::batch_items(body, rt.limits.max_batch_items)?;
+            if items.is_empty() {
                 return Err(SvsError::InvalidRequest("items must not be empty".into()));
             }
-            b.items
+            items
         } else {
             vec![
                 serde_json::from_slice(body)
                     .map_err(|_| SvsError::MalformedRequest("body is not valid JSON".into()))?,
             ]
         };
-        let in_flight = entity.admit(items.len()).inspect_err(|e| {
-            let reason = match e {
-                SvsError::TooManyConcurrent => "concurrency",
-                _ => "rate",
-            };
-            self.metrics.rate_limited(entity.name(), reason);
-        })?;
+        entity
+            .charge(items.len())
+            .inspect_err(|e| self.metrics.rate_limited(entity.name(), limit_reason(e)))?;
         if rt.anomaly.enabled {
             entity
                 .traffic()
@@ -559,7 +652,7 @@ impl App {
             Operation::Sign => self.readiness()?,
             Operation::Verify => self.audit.check()?,
         }
-        Ok((items, in_flight))
+        Ok(items)
     }
 
     /// One second of anomaly detection: moves every entity's windows and
@@ -679,7 +772,9 @@ impl App {
         ev: &mut AuditEvent,
     ) -> Result<SignResponse, SvsError> {
         let req: SignRequest = api::from_value(item)?;
-        ev.key = Some(req.key.clone());
+        // The client's key name reaches the trail only when it names an
+        // exposed key: anything else is client text (possibly personal data).
+        ev.key = rt.keys.contains_key(&req.key).then(|| req.key.clone());
         let (info, object) = self.resolve_key(entity, rt, &req.key, Operation::Sign)?;
         let input = Input::decode(
             req.data.as_deref(),
@@ -775,16 +870,17 @@ impl App {
         ev: &mut AuditEvent,
     ) -> Result<bool, SvsError> {
         let req: VerifyRequest = api::from_value(item)?;
-        let point = match (&req.key, &req.public_key, &req.certificate) {
+        let (point, algorithm) = match (&req.key, &req.public_key, &req.certificate) {
             (Some(k), None, None) => {
-                ev.key = Some(k.clone());
-                self.resolve_key(entity, rt, k, Operation::Verify)?
-                    .0
-                    .public_point
-                    .clone()
+                // As for sign: only an exposed key's name is recorded.
+                ev.key = rt.keys.contains_key(k).then(|| k.clone());
+                let info = self.resolve_key(entity, rt, k, Operation::Verify)?.0;
+                // The key's own algorithm: an exposed key may be ECDSA P-256.
+                (info.public_point.clone(), info.algorithm)
             }
-            (None, Some(pk), None) => api::public_key_field(pk)?,
-            (None, None, Some(c)) => api::certificate_field(c)?,
+            // Public keys and certificates in the request are SM2 only (v1).
+            (None, Some(pk), None) => (api::public_key_field(pk)?, svs_hsm::Algorithm::Sm2),
+            (None, None, Some(c)) => (api::certificate_field(c)?, svs_hsm::Algorithm::Sm2),
             _ => {
                 return Err(SvsError::InvalidRequest(
                     "give exactly one of key, public_key, certificate".into(),
@@ -799,7 +895,6 @@ impl App {
         )?;
         ev.input_sm3 = Some(input.audit_digest());
         let raw = api::decode_signature(&req.signature, req.encoding.unwrap_or(Encoding::Der))?;
-        let algorithm = svs_hsm::Algorithm::Sm2;
         let digest = match &input {
             Input::Digest(d) => *d,
             Input::Data { data, id } => self
@@ -844,31 +939,37 @@ impl App {
         }
         self.audit.check().map_err(|e| e.to_string())?;
         let rt = self.runtime();
-        let message = b"SVS self-test: SM2 pairwise consistency";
         for (name, k) in &rt.keys {
-            let info = self
-                .backend
-                .key(&k.object)
-                .ok_or_else(|| format!("key {name:?}: token object {:?} not found", k.object))?;
-            let digest = self
-                .verifier
-                .digest(info.algorithm, &info.public_point, DEFAULT_SM2_ID, message)
-                .map_err(|e| format!("key {name:?}: {e}"))?;
-            let raw = self
-                .backend
-                .sign_digest(&k.object, digest)
-                .await
-                .map_err(|e| format!("key {name:?}: sign: {e}"))?;
-            if !crate::backend::verify_raw(&self.verifier, &info, &digest, &raw) {
-                return Err(format!(
-                    "key {name:?}: pairwise test signature does not verify"
-                ));
-            }
-            let mut wrong = digest;
-            wrong[0] ^= 1;
-            if crate::backend::verify_raw(&self.verifier, &info, &wrong, &raw) {
-                return Err(format!("key {name:?}: verification accepts a wrong digest"));
-            }
+            self.pairwise(name, &k.object).await?;
+        }
+        Ok(())
+    }
+
+    /// Sign/verify pairwise test of one exposed key, plus a negative check.
+    async fn pairwise(&self, name: &str, object: &str) -> Result<(), String> {
+        let message = b"SVS self-test: SM2 pairwise consistency";
+        let info = self
+            .backend
+            .key(object)
+            .ok_or_else(|| format!("key {name:?}: token object {object:?} not found"))?;
+        let digest = self
+            .verifier
+            .digest(info.algorithm, &info.public_point, DEFAULT_SM2_ID, message)
+            .map_err(|e| format!("key {name:?}: {e}"))?;
+        let raw = self
+            .backend
+            .sign_digest(object, digest)
+            .await
+            .map_err(|e| format!("key {name:?}: sign: {e}"))?;
+        if !crate::backend::verify_raw(&self.verifier, &info, &digest, &raw) {
+            return Err(format!(
+                "key {name:?}: pairwise test signature does not verify"
+            ));
+        }
+        let mut wrong = digest;
+        wrong[0] ^= 1;
+        if crate::backend::verify_raw(&self.verifier, &info, &wrong, &raw) {
+            return Err(format!("key {name:?}: verification accepts a wrong digest"));
         }
         Ok(())
     }
@@ -895,5 +996,385 @@ impl App {
             )
             .await?;
         Ok(seq)
+    }
+}
+
+/// The `reason` label of a limiter refusal.
+fn limit_reason(e: &SvsError) -> &'static str {
+    match e {
+        SvsError::TooManyConcurrent => "concurrency",
+        _ => "rate",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::path::Path;
+
+    use super::*;
+    use crate::backend::{BoxFuture, SoftBackend};
+
+    /// SoftBackend plus, optionally, an ECDSA P-256 key `p256` (verify only).
+    struct TestBackend {
+        soft: SoftBackend,
+        p256: Arc<KeyInfo>,
+    }
+
+    impl SigningBackend for TestBackend {
+        fn key(&self, object: &str) -> Option<Arc<KeyInfo>> {
+            if object == "p256" {
+                return Some(self.p256.clone());
+            }
+            self.soft.key(object)
+        }
+        fn sign_digest(
+            &self,
+            object: &str,
+            digest: [u8; 32],
+        ) -> BoxFuture<'_, Result<[u8; 64], SvsError>> {
+            self.soft.sign_digest(object, digest)
+        }
+        fn health(&self) -> Result<(), String> {
+            self.soft.health()
+        }
+    }
+
+    const FP: &str = "0101010101010101010101010101010101010101010101010101010101010101";
+
+    fn client() -> ClientIdentity {
+        ClientIdentity {
+            certificate_sha256: [1; 32],
+            spki_sha256: [0; 32],
+            subject: "CN=app1".into(),
+            issuer: "CN=CA".into(),
+            not_after: std::time::SystemTime::now() + Duration::from_secs(3600),
+        }
+    }
+
+    fn config(dir: &Path, keys: &str, entity_keys: &[&str], extra: &str) -> Config {
+        let text = format!(
+            r#"
+[server]
+listen = ["127.0.0.1:8443"]
+[tls]
+certificate = "s.pem"
+private_key = "s.key"
+client_ca = "ca.pem"
+[hsm]
+module = "embedded"
+token_label = "svs"
+pin = {{ file = "/run/pin" }}
+[keys]
+demo = {{ object = "demo" }}
+{keys}
+[audit]
+dir = "audit"
+checkpoint_interval_s = 0
+[anomaly]
+enabled = false
+[[entity]]
+name = "app1"
+certificate_sha256 = "{FP}"
+keys = {entity_keys:?}
+operations = ["sign", "verify"]
+{extra}
+"#
+        );
+        Config::from_toml(&text, &dir.join("svsd.toml")).unwrap()
+    }
+
+    struct Fixture {
+        _tmp: tempfile::TempDir,
+        dir: std::path::PathBuf,
+        app: Arc<App>,
+        p256: rcgen::KeyPair,
+    }
+
+    fn fixture(keys: &str, entity_keys: &[&str], extra: &str) -> Fixture {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let cfg = config(&dir, keys, entity_keys, extra);
+        let p256 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let point = p256.public_key_raw().to_vec();
+        let info = KeyInfo {
+            name: "p256".into(),
+            id: vec![9],
+            algorithm: svs_hsm::Algorithm::EcdsaP256,
+            spki_der: svs_hsm::keys::spki_for_point(svs_hsm::Algorithm::EcdsaP256, &point),
+            public_point: point,
+            certificate_chain: Vec::new(),
+        };
+        let backend = Arc::new(TestBackend {
+            soft: SoftBackend::new(&["demo", "other"]),
+            p256: Arc::new(info),
+        });
+        let audit = Arc::new(AuditTrail::open(&cfg.audit).unwrap());
+        let app = Arc::new(App::new(&cfg, backend, audit));
+        Fixture {
+            _tmp: tmp,
+            dir,
+            app,
+            p256,
+        }
+    }
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    async fn call(app: &Arc<App>, route: Route, body: &serde_json::Value) -> Reply {
+        let body = serde_json::to_vec(body).unwrap();
+        match app
+            .precheck(&route, Some(&client()), Some("application/json"))
+            .await
+        {
+            Ok(adm) => app.handle(route, &adm, &body).await,
+            Err(e) => Reply::from(e),
+        }
+    }
+
+    /// The `op` records of the trail.
+    fn records(dir: &Path) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        for (_, f) in crate::audit::trail_files(&dir.join("audit")).unwrap() {
+            for line in std::fs::read_to_string(f).unwrap().lines() {
+                let v: serde_json::Value = serde_json::from_str(line).unwrap();
+                if v["type"] == "op" {
+                    out.push(v);
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn readyz_names_the_reason_category_and_keeps_details_out() {
+        let f = fixture("", &["demo"], "");
+        rt().block_on(async {
+            let message = |r: Reply| (r.status, r.body["error"]["message"].clone());
+            let r = call(&f.app, Route::Readyz, &json!({})).await;
+            assert_eq!(message(r), (503, json!("self-tests pending")));
+            f.app
+                .set_selftest(Err("pairwise test of key demo: CKR_DEVICE_ERROR".into()));
+            let r = call(&f.app, Route::Readyz, &json!({})).await;
+            assert_eq!(message(r), (503, json!("self-tests failed")));
+            f.app.run_selftests().await.unwrap();
+            let r = call(&f.app, Route::Readyz, &json!({})).await;
+            assert_eq!(r.status, 200);
+            f.app.start_draining();
+            let r = call(&f.app, Route::Readyz, &json!({})).await;
+            assert_eq!(message(r), (503, json!("shutting down")));
+        });
+    }
+
+    #[test]
+    fn unknown_key_names_never_reach_the_trail() {
+        let f = fixture("", &["demo"], "");
+        let pii = "110101199003074512";
+        rt().block_on(async {
+            f.app.run_selftests().await.unwrap();
+            let r = call(&f.app, Route::Sign, &json!({"key": pii, "data": "aGk="})).await;
+            assert_eq!(r.status, 404);
+            let r = call(
+                &f.app,
+                Route::Verify,
+                &json!({"key": pii, "data": "aGk=", "signature": "AA=="}),
+            )
+            .await;
+            assert_eq!(r.status, 404);
+            let r = call(&f.app, Route::Sign, &json!({"key": "demo", "data": "aGk="})).await;
+            assert_eq!(r.status, 200);
+        });
+        let recs = records(&f.dir);
+        let text = serde_json::to_string(&recs).unwrap();
+        assert!(!text.contains(pii), "{text}");
+        assert_eq!(recs.len(), 3, "{text}");
+        assert_eq!(recs[0]["outcome"], "unknown_key");
+        assert!(recs[0].get("key").is_none());
+        assert_eq!(recs[2]["key"], "demo");
+    }
+
+    #[test]
+    fn verify_by_key_uses_the_keys_algorithm() {
+        let f = fixture("p256 = { object = \"p256\" }", &["demo", "p256"], "");
+        let msg = b"hello p256";
+        let sig = rcgen::SigningKey::sign(&f.p256, msg).unwrap();
+        rt().block_on(async {
+            let r = call(
+                &f.app,
+                Route::Verify,
+                &json!({"key": "p256", "data": api::to_b64(msg), "signature": api::to_b64(&sig)}),
+            )
+            .await;
+            assert_eq!(r.status, 200, "{:?}", r.body);
+            assert_eq!(r.body["valid"], true, "{:?}", r.body);
+            let r = call(
+                &f.app,
+                Route::Verify,
+                &json!({"key": "p256", "data": api::to_b64(b"other"), "signature": api::to_b64(&sig)}),
+            )
+            .await;
+            assert_eq!(r.body["valid"], false, "{:?}", r.body);
+        });
+    }
+
+    #[test]
+    fn refusals_leave_one_audit_record_each_without_key_or_payload() {
+        let f = fixture("", &["demo"], "rate = { per_second = 0.001, burst = 1 }");
+        rt().block_on(async {
+            f.app.run_selftests().await.unwrap();
+            // Unknown client.
+            let adm = f
+                .app
+                .precheck(&Route::Sign, None, Some("application/json"))
+                .await;
+            assert_eq!(adm.unwrap_err(), SvsError::Unauthenticated);
+            // Malformed body.
+            let r = f
+                .app
+                .precheck(&Route::Sign, Some(&client()), Some("application/json"))
+                .await
+                .unwrap();
+            let reply = f
+                .app
+                .handle(Route::Sign, &r, b"{\"key\":\"secret-key\"")
+                .await;
+            assert_eq!(reply.status, 400);
+            drop(r);
+            // Batch too large.
+            let items: Vec<_> = (0..300)
+                .map(|_| json!({"key": "demo", "data": "aGk="}))
+                .collect();
+            let reply = call(&f.app, Route::SignBatch, &json!({ "items": items })).await;
+            assert_eq!(reply.body["error"]["code"], "batch_too_large");
+            // One request passes, then the bucket (burst 1) is empty: refused
+            // before the body.
+            let ok = call(&f.app, Route::Sign, &json!({"key": "demo", "data": "aGk="})).await;
+            assert_eq!(ok.status, 200);
+            let limited = call(&f.app, Route::Sign, &json!({"key": "demo", "data": "aGk="})).await;
+            assert_eq!(limited.body["error"]["code"], "rate_limited");
+        });
+        let recs = records(&f.dir);
+        let outcomes: Vec<_> = recs
+            .iter()
+            .map(|r| {
+                (
+                    r["entity"].as_str().unwrap(),
+                    r["outcome"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            outcomes,
+            [
+                ("_unknown", "unauthenticated"),
+                ("app1", "malformed_request"),
+                ("app1", "batch_too_large"),
+                ("app1", "ok"),
+                ("app1", "rate_limited"),
+            ]
+        );
+        for r in &recs[..3] {
+            assert!(
+                r.get("key").is_none() && r.get("input_sm3").is_none(),
+                "{r}"
+            );
+            assert_eq!(r["op"], "sign");
+        }
+        assert!(!serde_json::to_string(&recs).unwrap().contains("secret-key"));
+    }
+
+    #[test]
+    fn the_concurrency_slot_is_taken_before_the_body_and_released_on_every_path() {
+        let f = fixture("", &["demo"], "max_concurrent = 1");
+        rt().block_on(async {
+            let first = f
+                .app
+                .precheck(&Route::Sign, Some(&client()), Some("application/json"))
+                .await
+                .unwrap();
+            // A second request is refused before any body is read.
+            let second = f
+                .app
+                .precheck(&Route::Verify, Some(&client()), Some("application/json"))
+                .await;
+            assert_eq!(second.unwrap_err(), SvsError::TooManyConcurrent);
+            // The first ends in an error: its slot is back.
+            let reply = f.app.handle(Route::Sign, &first, b"not json").await;
+            assert_eq!(reply.status, 400);
+            drop(first);
+            assert!(
+                f.app
+                    .precheck(&Route::Sign, Some(&client()), Some("application/json"))
+                    .await
+                    .is_ok()
+            );
+        });
+    }
+
+    #[test]
+    fn a_request_uses_the_runtime_it_was_admitted_under() {
+        let f = fixture("", &["demo"], "");
+        rt().block_on(async {
+            f.app.run_selftests().await.unwrap();
+            let adm = f
+                .app
+                .precheck(&Route::Sign, Some(&client()), Some("application/json"))
+                .await
+                .unwrap();
+            // A reload takes the key from the entity between admission and
+            // handling.
+            let cfg = config(&f.dir, "other = { object = \"other\" }", &["other"], "");
+            f.app.reload(&cfg).await.unwrap();
+            let body = serde_json::to_vec(&json!({"key": "demo", "data": "aGk="})).unwrap();
+            let reply = f.app.handle(Route::Sign, &adm, &body).await;
+            assert_eq!(reply.status, 200, "one snapshot decides the whole request");
+        });
+    }
+
+    #[test]
+    fn a_reload_exposing_a_key_that_fails_its_self_test_is_refused() {
+        let f = fixture("", &["demo"], "");
+        rt().block_on(async {
+            // "p256" cannot sign through this backend: its pairwise test fails.
+            let cfg = config(
+                &f.dir,
+                "p256 = { object = \"p256\" }",
+                &["demo", "p256"],
+                "",
+            );
+            let err = f.app.reload(&cfg).await.unwrap_err();
+            assert!(matches!(err, SvsError::Config(_)), "{err:?}");
+            assert!(!f.app.runtime().keys.contains_key("p256"));
+            // Another key that passes is installed.
+            let cfg = config(
+                &f.dir,
+                "other = { object = \"other\" }",
+                &["demo", "other"],
+                "",
+            );
+            f.app.reload(&cfg).await.unwrap();
+            assert!(f.app.runtime().keys.contains_key("other"));
+        });
+    }
+
+    #[test]
+    fn the_body_budget_is_shared_and_given_back() {
+        let f = fixture("", &["demo"], "");
+        let budget = f.app.runtime().limits.max_inflight_body_bytes;
+        let a = f.app.reserve_body(budget - 100).unwrap();
+        let Err(SvsError::ServerBusy { retry_after }) = f.app.reserve_body(200) else {
+            panic!("over budget")
+        };
+        assert!(retry_after > Duration::ZERO);
+        let b = f.app.reserve_body(100).unwrap();
+        drop((a, b));
+        assert!(f.app.reserve_body(budget).is_ok());
     }
 }

@@ -279,13 +279,25 @@ impl Sink for FileSink {
     }
 }
 
-/// Reads where the chain stands (last seq and hash), cutting off a torn
-/// last line left by a crash in the middle of a write. Such a line was
-/// never acknowledged: its answer was held back until the fsync.
+/// Reads where the chain stands (last seq and hash) after cutting off what
+/// a crash left at the end of the newest file.
+///
+/// A crash during a group commit can leave a torn line, zero-filled blocks
+/// or garbage followed by complete lines of the same group (the file system
+/// may persist later blocks before earlier ones). None of it was
+/// acknowledged: answers wait for the fsync. So the newest file is checked
+/// from its start and cut at the first invalid record; otherwise the next
+/// records would chain onto the damage and leave a permanent break that
+/// looks like tampering. The cut bytes are kept beside the trail
+/// (`….jsonl.cut-<unix time>`, not part of it) rather than destroyed.
+///
+/// Damage a crash cannot cause (a complete, self-consistent record out of
+/// sequence; a well-formed record altered with its successor still chained
+/// to it) is not cut: it stays in place as evidence for `audit verify`.
 fn recover(dir: &Path) -> Result<(u64, [u8; 32], Option<u64>), SvsError> {
     let io = |e: std::io::Error| SvsError::AuditUnavailable(format!("{}: {e}", dir.display()));
     let files = trail_files(dir).map_err(io)?;
-    for (first_seq, path) in files.iter().rev() {
+    for (n, (first_seq, path)) in files.iter().rev().enumerate() {
         let mut f = OpenOptions::new()
             .read(true)
             .write(true)
@@ -293,16 +305,46 @@ fn recover(dir: &Path) -> Result<(u64, [u8; 32], Option<u64>), SvsError> {
             .map_err(io)?;
         let mut bytes = Vec::new();
         f.read_to_end(&mut bytes).map_err(io)?;
-        let keep = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        let last_newline = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        // Older files were complete and fsync'd before the next one began.
+        let keep = if n > 0 {
+            last_newline
+        } else {
+            match crash_cut(&bytes, *first_seq) {
+                Cut::Nothing => bytes.len(),
+                Cut::At(p) => p,
+                Cut::Evidence(why) => {
+                    tracing::error!(
+                        file = %path.display(),
+                        reason = %why,
+                        "ALARM audit: the newest file is damaged in a way a crash cannot cause; left in place for `svs-provision audit verify`"
+                    );
+                    last_newline
+                }
+            }
+        };
         if keep != bytes.len() {
+            let aside = path.with_file_name(format!(
+                "{}.cut-{}",
+                file_name(*first_seq),
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or(Duration::ZERO)
+                    .as_secs()
+            ));
+            let mut a = File::create(&aside).map_err(io)?;
+            a.write_all(&bytes[keep..]).map_err(io)?;
+            a.sync_all().map_err(io)?;
             tracing::warn!(
                 file = %path.display(),
                 bytes = bytes.len() - keep,
-                "audit: cutting off a torn last record (unacknowledged, written during a crash)"
+                kept_in = %aside.display(),
+                "audit: cutting off an incomplete last write (unacknowledged, left by a crash)"
             );
             f.set_len(keep as u64).map_err(io)?;
             f.seek(SeekFrom::End(0)).map_err(io)?;
             f.sync_all().map_err(io)?;
+            sync_dir(dir).map_err(io)?;
         }
         let text = &bytes[..keep];
         let Some(last) = text.split(|b| *b == b'\n').rev().find(|l| !l.is_empty()) else {
@@ -320,6 +362,61 @@ fn recover(dir: &Path) -> Result<(u64, [u8; 32], Option<u64>), SvsError> {
         return Ok((seq, hash, Some(*first_seq)));
     }
     Ok((0, GENESIS, None))
+}
+
+/// What start-up recovery does with the newest file.
+#[derive(Debug, PartialEq, Eq)]
+enum Cut {
+    /// Every line is a valid record in sequence.
+    Nothing,
+    /// Cut here: from this byte on lies what a crash left.
+    At(usize),
+    /// Invalid, but not as a crash leaves it.
+    Evidence(String),
+}
+
+fn crash_cut(bytes: &[u8], first_seq: u64) -> Cut {
+    let mut expected: Option<(u64, [u8; 32])> = None;
+    let mut offset = 0;
+    let lines: Vec<&[u8]> = bytes.split_inclusive(|b| *b == b'\n').collect();
+    for (i, raw) in lines.iter().enumerate() {
+        let at = offset;
+        offset += raw.len();
+        let Some(line) = raw.strip_suffix(b"\n") else {
+            return Cut::At(at);
+        };
+        let Some((body, hash)) = split_line(line) else {
+            return Cut::At(at);
+        };
+        let parsed: Option<Body> = serde_json::from_slice(&body).ok();
+        let Some(b) = parsed else {
+            return Cut::At(at);
+        };
+        if sm3(&body) != hash {
+            // A well-formed record whose successor chains to its hash
+            // field was complete once, then altered.
+            let successor_chains = lines
+                .get(i + 1)
+                .and_then(|n| split_line(n.strip_suffix(b"\n")?))
+                .and_then(|(nb, _)| serde_json::from_slice::<Body>(&nb).ok())
+                .is_some_and(|n| n.prev == hex(&hash));
+            if successor_chains {
+                return Cut::Evidence(format!("line {}: record altered", i + 1));
+            }
+            return Cut::At(at);
+        }
+        // A complete record that checks out by itself but not in sequence
+        // was deleted, moved or replaced: never what a crash writes.
+        let in_sequence = match expected {
+            None => b.seq == first_seq,
+            Some((seq, h)) => b.seq == seq + 1 && b.prev == hex(&h),
+        };
+        if !in_sequence {
+            return Cut::Evidence(format!("line {}: seq {} out of sequence", i + 1, b.seq));
+        }
+        expected = Some((b.seq, hash));
+    }
+    Cut::Nothing
 }
 
 /// Splits a line into its hashed body (with `}` restored) and its hash.
@@ -697,12 +794,28 @@ pub enum BreakKind {
     /// `prev` does not name the previous record's hash (a record was
     /// replaced with a consistent but foreign one, or files were mixed).
     ChainMismatch,
-    /// A checkpoint's head or signature does not check out.
+    /// A checkpoint's head or signature does not check out, or its head
+    /// cannot be checked against the chain.
     BadCheckpoint,
-    /// The last line is incomplete (a crash during a write; never acknowledged).
+    /// An incomplete line that is not the end of the newest file (the end
+    /// of the newest file is a write in progress: a warning, not a break).
     TornTail,
     /// A file's name does not match its first record.
     BadFileName,
+    /// The trail does not start at seq 1: records `1..first_seq` are gone
+    /// (oldest files deleted or archived) and nothing anchors the first
+    /// record's `prev`. Accepted only with [`VerifyOptions::from_seq`].
+    MissingStart {
+        /// Seq of the first record present.
+        first_seq: u64,
+    },
+    /// With the audit key: records after `after` are covered by no signed
+    /// checkpoint for longer than the checkpoint interval allows; they (and
+    /// whatever should follow them) could have been rewritten.
+    Unsigned {
+        /// The last seq a verified checkpoint covers (0: none).
+        after: u64,
+    },
 }
 
 /// The first place where the trail is broken.
@@ -743,14 +856,75 @@ pub struct ChainReport {
     pub last_seq: u64,
     /// Hash of the last record (hex).
     pub head: String,
+    /// Time of the last record.
+    pub last_time: String,
     /// Checkpoints found; their signatures were checked when a key was given.
     pub checkpoints: u64,
+    /// With a key: the highest seq a signature-verified checkpoint covers,
+    /// its head checked against the chain.
+    pub signed_through: Option<u64>,
+    /// Time of the checkpoint record giving `signed_through`.
+    pub signed_at: Option<String>,
+    /// Checkpoints (seq, head_seq) whose head lies before the first record
+    /// kept (a pruned trail): their signature was checked, their head
+    /// could not be, and they cover nothing here.
+    pub unchecked_heads: Vec<(u64, u64)>,
+    /// Records `1..first_seq` were acknowledged as pruned (`from_seq`).
+    pub pruned: bool,
+    /// Things that are not breaks but deserve a look (a write in progress).
+    pub warnings: Vec<String>,
 }
+
+/// How strictly [`verify_dir_with`] checks.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct VerifyOptions<'k> {
+    /// The audit key's uncompressed SM2 point: checkpoint signatures are
+    /// verified and the trail must be covered by them (see `checkpoint_interval`).
+    pub key: Option<&'k [u8]>,
+    /// svsd's `[audit] checkpoint_interval_s`. With a key, the records
+    /// after the newest verified checkpoint may span at most this plus
+    /// [`CHECKPOINT_SLACK`]; `None` with a key: any uncovered record beyond
+    /// the newest checkpoint's own is a break.
+    pub checkpoint_interval: Option<Duration>,
+    /// The officer acknowledges that records before this seq were pruned:
+    /// a trail starting exactly here is accepted (its first `prev` cannot be
+    /// checked). Without it a trail must start at seq 1 with a zero `prev`.
+    pub from_seq: Option<u64>,
+    /// svsd is running: with a key and an interval, the newest verified
+    /// checkpoint must also be recent at this time (catches a cut tail,
+    /// e.g. deleted newest files, which the trail alone cannot show).
+    pub live_at: Option<SystemTime>,
+}
+
+/// Allowance on top of the checkpoint interval: the checkpoint record is
+/// written after the HSM signed (bounded by the HSM timeout) and the timer
+/// may fire late under load.
+pub const CHECKPOINT_SLACK: Duration = Duration::from_secs(60);
+
+/// How many of the most recent record hashes are kept to check checkpoint
+/// heads. svsd signs the head it just read, so only records committed while
+/// the HSM signed lie between a head and its checkpoint; a head further
+/// back than this cannot be checked and is refused (32 MiB at most).
+const HEAD_WINDOW: usize = 1 << 20;
 
 /// Verifies every file of the trail in `dir`, in order, as one chain.
 /// With `checkpoint_key` (the audit key's uncompressed SM2 point), checkpoint
 /// signatures are verified too. Returns the first break, located precisely.
+/// Same as [`verify_dir_with`] with only the key set.
 pub fn verify_dir(dir: &Path, checkpoint_key: Option<&[u8]>) -> Result<ChainReport, ChainBreak> {
+    verify_dir_with(
+        dir,
+        &VerifyOptions {
+            key: checkpoint_key,
+            ..VerifyOptions::default()
+        },
+    )
+}
+
+/// Verifies every file of the trail in `dir`, in order, as one chain, and
+/// with a key that signed checkpoints cover it. Returns the first break,
+/// located precisely.
+pub fn verify_dir_with(dir: &Path, opts: &VerifyOptions<'_>) -> Result<ChainReport, ChainBreak> {
     let files = trail_files(dir).map_err(|e| ChainBreak {
         file: dir.to_path_buf(),
         line: 0,
@@ -758,8 +932,16 @@ pub fn verify_dir(dir: &Path, checkpoint_key: Option<&[u8]>) -> Result<ChainRepo
         kind: BreakKind::Malformed,
         detail: format!("cannot list: {e}"),
     })?;
-    let mut v = Verifier::new(checkpoint_key);
-    for (first_seq, path) in &files {
+    verify_files(&files, opts, HEAD_WINDOW)
+}
+
+fn verify_files(
+    files: &[(u64, PathBuf)],
+    opts: &VerifyOptions<'_>,
+    window_cap: usize,
+) -> Result<ChainReport, ChainBreak> {
+    let mut v = Verifier::new(opts, window_cap);
+    for (n, (first_seq, path)) in files.iter().enumerate() {
         let bytes = std::fs::read(path).map_err(|e| ChainBreak {
             file: path.clone(),
             line: 0,
@@ -767,33 +949,66 @@ pub fn verify_dir(dir: &Path, checkpoint_key: Option<&[u8]>) -> Result<ChainRepo
             kind: BreakKind::Malformed,
             detail: format!("cannot read: {e}"),
         })?;
-        v.file(path, *first_seq, &bytes)?;
+        v.file(path, *first_seq, &bytes, n + 1 == files.len())?;
     }
     v.report.files = files.len();
+    if let Some(path) = files.last().map(|(_, p)| p) {
+        v.coverage(path)?;
+    }
     Ok(v.report)
 }
 
 struct Verifier<'k> {
-    key: Option<&'k [u8]>,
+    opts: VerifyOptions<'k>,
     verifier: svs_hsm::signature::SoftwareVerifier,
     prev: Option<(u64, [u8; 32])>,
-    // Recent hashes by seq, to check checkpoint heads (bounded).
-    recent: std::collections::VecDeque<(u64, [u8; 32])>,
+    // Hashes of the most recent records (`window_first` is the seq of the
+    // front), to check checkpoint heads.
+    window: std::collections::VecDeque<[u8; 32]>,
+    window_first: u64,
+    window_cap: usize,
+    // (checkpoint record's seq, its time) giving `signed_through`.
+    newest_signed: Option<(u64, String)>,
+    // Line of the last record (for coverage breaks).
+    last_line: usize,
+    first_time: Option<String>,
     report: ChainReport,
 }
 
 impl<'k> Verifier<'k> {
-    fn new(key: Option<&'k [u8]>) -> Self {
+    fn new(opts: &VerifyOptions<'k>, window_cap: usize) -> Self {
         Verifier {
-            key,
+            opts: *opts,
             verifier: svs_hsm::signature::SoftwareVerifier::new(),
             prev: None,
-            recent: Default::default(),
+            window: Default::default(),
+            window_first: 0,
+            window_cap,
+            newest_signed: None,
+            last_line: 0,
+            first_time: None,
             report: ChainReport::default(),
         }
     }
 
-    fn file(&mut self, path: &Path, first_seq: u64, bytes: &[u8]) -> Result<(), ChainBreak> {
+    fn remember(&mut self, seq: u64, hash: [u8; 32]) {
+        if self.window.is_empty() {
+            self.window_first = seq;
+        }
+        self.window.push_back(hash);
+        if self.window.len() > self.window_cap {
+            self.window.pop_front();
+            self.window_first += 1;
+        }
+    }
+
+    fn file(
+        &mut self,
+        path: &Path,
+        first_seq: u64,
+        bytes: &[u8],
+        newest: bool,
+    ) -> Result<(), ChainBreak> {
         let lines: Vec<&[u8]> = bytes.split_inclusive(|b| *b == b'\n').collect();
         for (i, raw) in lines.iter().enumerate() {
             let brk = |seq, kind, detail: String| ChainBreak {
@@ -804,10 +1019,23 @@ impl<'k> Verifier<'k> {
                 detail,
             };
             let Some(line) = raw.strip_suffix(b"\n") else {
+                // Only the end of the newest file can be a write in
+                // progress (or a crash svsd cuts at its next start); a
+                // record is acknowledged only once it is complete and
+                // fsync'd, so this line holds nothing acknowledged.
+                if newest {
+                    self.report.warnings.push(format!(
+                        "{}:{}: incomplete last line ({} bytes): a write in progress, or a crash svsd cuts at its next start; not counted",
+                        path.display(),
+                        i + 1,
+                        raw.len()
+                    ));
+                    return Ok(());
+                }
                 return Err(brk(
                     None,
                     BreakKind::TornTail,
-                    "incomplete last line".into(),
+                    "incomplete last line in a file that is not the newest".into(),
                 ));
             };
             let Some((body, hash)) = split_line(line) else {
@@ -833,24 +1061,10 @@ impl<'k> Verifier<'k> {
                     "record is not valid JSON of the audit schema".into(),
                 ));
             };
-            if i == 0 && b.seq != first_seq {
-                return Err(brk(
-                    seq,
-                    BreakKind::BadFileName,
-                    format!("file is named for seq {first_seq} but starts at {}", b.seq),
-                ));
-            }
             match self.prev {
-                None => {
-                    if b.seq == 1 && b.prev != hex(&GENESIS) {
-                        return Err(brk(
-                            seq,
-                            BreakKind::ChainMismatch,
-                            "first record's prev is not zero".into(),
-                        ));
-                    }
-                    self.report.first_seq = b.seq;
-                }
+                None => self
+                    .first_record(&b, first_seq, i == 0)
+                    .map_err(|(kind, detail)| brk(seq, kind, detail))?,
                 Some((pseq, phash)) => {
                     let expected = pseq + 1;
                     if b.seq > expected {
@@ -889,36 +1103,118 @@ impl<'k> Verifier<'k> {
                     }
                 }
             }
+            // Checked after the chain: records deleted at the start of a
+            // file show as Deleted, not as a misnamed file.
+            if i == 0 && b.seq != first_seq {
+                return Err(brk(
+                    seq,
+                    BreakKind::BadFileName,
+                    format!("file is named for seq {first_seq} but starts at {}", b.seq),
+                ));
+            }
             if b.kind == "checkpoint" {
                 self.checkpoint(&b)
                     .map_err(|d| brk(seq, BreakKind::BadCheckpoint, d))?;
                 self.report.checkpoints += 1;
             }
             self.prev = Some((b.seq, hash));
-            self.recent.push_back((b.seq, hash));
-            if self.recent.len() > 1 << 16 {
-                self.recent.pop_front();
-            }
+            self.remember(b.seq, hash);
             self.report.records += 1;
             self.report.last_seq = b.seq;
             self.report.head = hex(&hash);
+            self.report.last_time = b.time;
+            self.last_line = i + 1;
         }
         Ok(())
     }
 
-    fn checkpoint(&self, b: &Body) -> Result<(), String> {
+    /// The trail's first record: it must be seq 1 with a zero `prev`, or
+    /// the officer must have acknowledged the pruning (`from_seq`).
+    fn first_record(
+        &mut self,
+        b: &Body,
+        file_seq: u64,
+        first_line: bool,
+    ) -> Result<(), (BreakKind, String)> {
+        if b.seq == 0 {
+            return Err((BreakKind::Malformed, "seq 0 does not exist".into()));
+        }
+        if first_line && b.seq > file_seq {
+            // The file's first records are gone (its name says where it began).
+            return Err((
+                BreakKind::Deleted {
+                    from: file_seq,
+                    to: b.seq - 1,
+                },
+                format!("file is named for seq {file_seq} but starts at {}", b.seq),
+            ));
+        }
+        match self.opts.from_seq {
+            Some(n) if n != b.seq => {
+                return Err((
+                    BreakKind::MissingStart { first_seq: b.seq },
+                    format!(
+                        "--from-seq {n} was given, but the trail starts at seq {}",
+                        b.seq
+                    ),
+                ));
+            }
+            Some(_) if b.seq > 1 => self.report.pruned = true,
+            _ if b.seq == 1 => {
+                if b.prev != hex(&GENESIS) {
+                    return Err((
+                        BreakKind::ChainMismatch,
+                        "first record's prev is not zero".into(),
+                    ));
+                }
+            }
+            _ => {
+                return Err((
+                    BreakKind::MissingStart { first_seq: b.seq },
+                    format!(
+                        "the trail starts at seq {}, not 1: records 1..{} are missing and nothing anchors this record's prev",
+                        b.seq,
+                        b.seq - 1
+                    ),
+                ));
+            }
+        }
+        // A checkpoint of the record just before the first one kept can
+        // still be checked: its hash is this record's prev.
+        if let Some(p) = unhex32(b.prev.as_bytes()) {
+            self.remember(b.seq - 1, p);
+        }
+        self.report.first_seq = b.seq;
+        self.first_time = Some(b.time.clone());
+        Ok(())
+    }
+
+    fn checkpoint(&mut self, b: &Body) -> Result<(), String> {
         let (Some(head_seq), Some(head), Some(sig)) = (b.head_seq, &b.head, &b.signature) else {
             return Err("checkpoint lacks head_seq, head or signature".into());
         };
         let head_bytes = unhex32(head.as_bytes()).ok_or("head is not 64 hex digits")?;
-        match self.recent.iter().find(|(s, _)| *s == head_seq) {
-            Some((_, h)) if *h == head_bytes => {}
-            Some(_) => return Err(format!("head does not match the hash of seq {head_seq}")),
-            None if head_seq >= b.seq => return Err("checkpoint names a later record".into()),
-            // Too old to be in the window (or archived): cannot be checked here.
-            None => {}
+        if head_seq >= b.seq {
+            return Err("checkpoint names a later record".into());
         }
-        if let Some(point) = self.key {
+        // Every head must be checked against the chain: a signature alone
+        // says nothing about the records here. Only a head before the
+        // first record kept (a pruned trail) cannot be, and is reported.
+        let checked = if head_seq >= self.window_first && !self.window.is_empty() {
+            let h = self.window[(head_seq - self.window_first) as usize];
+            if h != head_bytes {
+                return Err(format!("head does not match the hash of seq {head_seq}"));
+            }
+            true
+        } else if head_seq < self.report.first_seq {
+            false
+        } else {
+            return Err(format!(
+                "head seq {head_seq} is more than {} records before its checkpoint and cannot be checked",
+                self.window_cap
+            ));
+        };
+        if let Some(point) = self.opts.key {
             let sig = unhex(sig).ok_or("signature is not hex")?;
             self.verifier
                 .verify_message(
@@ -929,9 +1225,106 @@ impl<'k> Verifier<'k> {
                     &sig,
                 )
                 .map_err(|_| "checkpoint signature does not verify".to_string())?;
+            if checked {
+                self.report.signed_through = Some(head_seq);
+                self.report.signed_at = Some(b.time.clone());
+                self.newest_signed = Some((b.seq, b.time.clone()));
+            } else {
+                self.report.unchecked_heads.push((b.seq, head_seq));
+            }
         }
         Ok(())
     }
+
+    /// With a key: the records after the newest verified checkpoint must
+    /// not span more than the checkpoint interval allows. svsd signs the
+    /// head every interval even when idle, so a longer unsigned tail means
+    /// checkpoints were dropped (or never written: an HSM fault).
+    fn coverage(&self, newest_file: &Path) -> Result<(), ChainBreak> {
+        if self.opts.key.is_none() || self.report.records == 0 {
+            return Ok(());
+        }
+        let after = self.report.signed_through.unwrap_or(0);
+        let brk = |detail: String| ChainBreak {
+            file: newest_file.to_path_buf(),
+            line: self.last_line,
+            seq: Some(self.report.last_seq),
+            kind: BreakKind::Unsigned { after },
+            detail,
+        };
+        let (cp_seq, cp_time) = match &self.newest_signed {
+            Some((s, t)) => (*s, t.as_str()),
+            None => (0, ""),
+        };
+        let Some(interval) = self.opts.checkpoint_interval else {
+            // Unknown interval: nothing may follow the newest checkpoint.
+            if self.report.last_seq > cp_seq {
+                return Err(brk(format!(
+                    "records after seq {after} are covered by no signed checkpoint"
+                )));
+            }
+            return Ok(());
+        };
+        let allowed = interval + CHECKPOINT_SLACK;
+        // With no checkpoint at all, the uncovered span starts at the first record.
+        let from = if cp_seq == 0 {
+            self.first_time()
+        } else {
+            parse_rfc3339(cp_time)
+        };
+        let (Some(from), Some(last)) = (from, parse_rfc3339(&self.report.last_time)) else {
+            return Err(brk("a record's time cannot be read".into()));
+        };
+        let span = last.saturating_sub(from);
+        if self.report.last_seq > cp_seq && span > allowed {
+            return Err(brk(format!(
+                "records after seq {after} are covered by no signed checkpoint: they span {}s, the checkpoint interval allows {}s",
+                span.as_secs(),
+                allowed.as_secs()
+            )));
+        }
+        if let Some(now) = self.opts.live_at {
+            let now = now.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
+            let age = now.saturating_sub(from);
+            if age > allowed {
+                return Err(brk(format!(
+                    "svsd is said to be running, but the newest signed checkpoint (covering seq {after}) is {}s old and the checkpoint interval allows {}s: later records are missing or unsigned",
+                    age.as_secs(),
+                    allowed.as_secs()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn first_time(&self) -> Option<Duration> {
+        self.first_time.as_deref().and_then(parse_rfc3339)
+    }
+}
+
+/// Parses the trail's own time format (`YYYY-MM-DDTHH:MM:SS.ffffffZ`) into
+/// time since the epoch.
+fn parse_rfc3339(s: &str) -> Option<Duration> {
+    let b = s.as_bytes();
+    if b.len() != 27 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[26] != b'Z' {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
+    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hh, mm, ss, us) = (num(11..13)?, num(14..16)?, num(17..19)?, num(20..26)?);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+        return None;
+    }
+    // Howard Hinnant's days-from-civil.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + hh * 3600 + mm * 60 + ss;
+    Some(Duration::from_secs(u64::try_from(secs).ok()?) + Duration::from_micros(us as u64))
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
@@ -1092,20 +1485,378 @@ mod tests {
     }
 
     #[test]
-    fn a_torn_tail_is_reported_and_cut_on_reopen() {
+    fn a_torn_tail_of_the_newest_file_is_a_warning_and_cut_on_reopen() {
         let dir = tempfile::tempdir().unwrap();
         write(dir.path(), 5, 1 << 20);
         let path = only_file(dir.path());
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(b"{\"seq\":6,\"time\":\"2").unwrap();
         drop(f);
+        // The live trail: a write in progress, not a break.
+        let r = verify_dir(dir.path(), None).unwrap();
+        assert_eq!(r.last_seq, 5);
+        assert!(r.warnings[0].contains("write in progress"), "{r:?}");
+        write(dir.path(), 3, 1 << 20);
+        let r = verify_dir(dir.path(), None).unwrap();
+        assert_eq!(r.last_seq, 8);
+        assert!(r.warnings.is_empty(), "{r:?}");
+    }
+
+    #[test]
+    fn a_torn_line_in_an_older_file_is_a_break() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), 100, 4096);
+        let files = trail_files(dir.path()).unwrap();
+        let path = &files[0].1;
+        let mut bytes = std::fs::read(path).unwrap();
+        bytes.truncate(bytes.len() - 10);
+        std::fs::write(path, bytes).unwrap();
         assert_eq!(
             verify_dir(dir.path(), None).unwrap_err().kind,
             BreakKind::TornTail
         );
-        write(dir.path(), 3, 1 << 20);
-        let r = verify_dir(dir.path(), None).unwrap();
-        assert_eq!(r.last_seq, 8);
+    }
+
+    #[test]
+    fn records_deleted_at_the_start_of_a_file_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), 100, 4096);
+        let files = trail_files(dir.path()).unwrap();
+        let cut = |path: &Path, n: usize| {
+            let text = std::fs::read_to_string(path).unwrap();
+            let rest: Vec<&str> = text.lines().skip(n).collect();
+            std::fs::write(path, rest.join("\n") + "\n").unwrap();
+        };
+        let second = files[1].0;
+        cut(&files[1].1, 2);
+        let b = verify_dir(dir.path(), None).unwrap_err();
+        assert_eq!(
+            (b.kind, b.line),
+            (
+                BreakKind::Deleted {
+                    from: second,
+                    to: second + 1
+                },
+                1
+            )
+        );
+        // The same at the very first file.
+        cut(&files[0].1, 3);
+        let b = verify_dir(dir.path(), None).unwrap_err();
+        assert_eq!(b.kind, BreakKind::Deleted { from: 1, to: 3 });
+    }
+
+    #[test]
+    fn a_trail_not_starting_at_seq_1_is_refused_unless_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), 100, 4096);
+        let files = trail_files(dir.path()).unwrap();
+        std::fs::remove_file(&files[0].1).unwrap();
+        let first = files[1].0;
+        let b = verify_dir(dir.path(), None).unwrap_err();
+        assert_eq!(b.kind, BreakKind::MissingStart { first_seq: first });
+        assert!(b.detail.contains("not 1"), "{b}");
+        let with = |from_seq| {
+            verify_dir_with(
+                dir.path(),
+                &VerifyOptions {
+                    from_seq: Some(from_seq),
+                    ..Default::default()
+                },
+            )
+        };
+        let r = with(first).unwrap();
+        assert!(r.pruned);
+        assert_eq!((r.first_seq, r.last_seq), (first, 100));
+        assert_eq!(
+            with(first - 1).unwrap_err().kind,
+            BreakKind::MissingStart { first_seq: first }
+        );
+    }
+
+    /// Builds trails with chosen times and checkpoints signed by a test key.
+    struct Forge {
+        seq: u64,
+        head: [u8; 32],
+        lines: Vec<String>,
+        signer: sm2::dsa::SigningKey,
+        t0: SystemTime,
+    }
+
+    impl Forge {
+        fn new() -> (Forge, Vec<u8>) {
+            let sk = sm2::SecretKey::from_slice(&[5u8; 32]).unwrap();
+            let point = sk.public_key().to_sec1_bytes().to_vec();
+            let signer = sm2::dsa::SigningKey::new("1234567812345678", &sk).unwrap();
+            let f = Forge {
+                seq: 0,
+                head: GENESIS,
+                lines: Vec::new(),
+                signer,
+                t0: UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+            };
+            (f, point)
+        }
+        fn push(&mut self, entry: &Entry, at_s: u64) {
+            self.seq += 1;
+            let (line, hash) = render(
+                self.seq,
+                &self.head,
+                entry,
+                self.t0 + Duration::from_secs(at_s),
+            );
+            self.lines.push(line);
+            self.head = hash;
+        }
+        fn ops(&mut self, n: usize, at_s: u64) {
+            for i in 0..n {
+                self.push(&Entry::Op(event(i)), at_s);
+            }
+        }
+        fn sign(&self, head_seq: u64, head: &[u8; 32]) -> Vec<u8> {
+            use sm2::dsa::signature::Signer;
+            let sig: sm2::dsa::Signature = self.signer.sign(&checkpoint_message(head_seq, head));
+            svs_hsm::signature::raw_to_der(&sig.to_bytes().as_slice().try_into().unwrap())
+        }
+        fn checkpoint(&mut self, at_s: u64) {
+            let (seq, head) = (self.seq, self.head);
+            self.checkpoint_of(seq, head, at_s);
+        }
+        fn checkpoint_of(&mut self, head_seq: u64, head: [u8; 32], at_s: u64) {
+            let signature = self.sign(head_seq, &head);
+            self.push(
+                &Entry::Checkpoint {
+                    head_seq,
+                    head,
+                    key: "svs-audit".into(),
+                    signature,
+                },
+                at_s,
+            );
+        }
+        fn write(&self, dir: &Path, first_seq: u64) {
+            let from = (first_seq - 1) as usize;
+            std::fs::write(dir.join(file_name(first_seq)), self.lines[from..].concat()).unwrap();
+        }
+    }
+
+    fn keyed(point: &[u8], interval_s: u64) -> VerifyOptions<'_> {
+        VerifyOptions {
+            key: Some(point),
+            checkpoint_interval: Some(Duration::from_secs(interval_s)),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_honest_trail_is_covered_by_its_checkpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut f, point) = Forge::new();
+        for k in 0..5 {
+            f.ops(10, k * 300);
+            f.checkpoint(k * 300 + 1);
+        }
+        // Idle for a while, then stopped: svsd still signed every interval.
+        f.checkpoint(1500);
+        f.checkpoint(1800);
+        f.push(
+            &Entry::Note {
+                kind: "stop",
+                detail: "svsd stopped".into(),
+            },
+            1900,
+        );
+        f.write(dir.path(), 1);
+        let r = verify_dir_with(dir.path(), &keyed(&point, 300)).unwrap();
+        assert_eq!(r.checkpoints, 7);
+        assert_eq!(r.signed_through, Some(56));
+        assert!(r.signed_at.is_some());
+    }
+
+    #[test]
+    fn a_rewritten_tail_with_its_checkpoints_dropped_is_refused_with_the_key() {
+        let (mut f, point) = Forge::new();
+        f.ops(10, 0);
+        f.checkpoint(1);
+        // From here on the attacker rewrote everything and recomputed the
+        // chain; later checkpoints could not be forged, so none are left.
+        f.ops(20, 100);
+        f.ops(20, 5000);
+        let dir = tempfile::tempdir().unwrap();
+        f.write(dir.path(), 1);
+        let b = verify_dir_with(dir.path(), &keyed(&point, 300)).unwrap_err();
+        assert_eq!(b.kind, BreakKind::Unsigned { after: 10 });
+        assert!(b.detail.contains("covered by no signed checkpoint"), "{b}");
+        assert_eq!(b.seq, Some(51));
+        // With an unknown interval nothing may follow the newest checkpoint.
+        let opts = VerifyOptions {
+            key: Some(&point),
+            ..Default::default()
+        };
+        assert_eq!(
+            verify_dir_with(dir.path(), &opts).unwrap_err().kind,
+            BreakKind::Unsigned { after: 10 }
+        );
+        // A trail without any checkpoint at all, older than an interval.
+        let (mut g, _) = Forge::new();
+        g.ops(5, 0);
+        g.ops(5, 1000);
+        let dir = tempfile::tempdir().unwrap();
+        g.write(dir.path(), 1);
+        assert_eq!(
+            verify_dir_with(dir.path(), &keyed(&point, 300))
+                .unwrap_err()
+                .kind,
+            BreakKind::Unsigned { after: 0 }
+        );
+        // Without the key only the chain is checked, and it holds.
+        assert!(verify_dir(dir.path(), None).is_ok());
+    }
+
+    #[test]
+    fn a_cut_tail_shows_against_the_clock_when_svsd_is_running() {
+        let (mut f, point) = Forge::new();
+        f.ops(10, 0);
+        f.checkpoint(1);
+        f.ops(2, 10);
+        let dir = tempfile::tempdir().unwrap();
+        f.write(dir.path(), 1);
+        let mut opts = keyed(&point, 300);
+        assert!(verify_dir_with(dir.path(), &opts).is_ok());
+        opts.live_at = Some(f.t0 + Duration::from_secs(200));
+        assert!(verify_dir_with(dir.path(), &opts).is_ok());
+        opts.live_at = Some(f.t0 + Duration::from_secs(3600));
+        let b = verify_dir_with(dir.path(), &opts).unwrap_err();
+        assert_eq!(b.kind, BreakKind::Unsigned { after: 10 });
+    }
+
+    #[test]
+    fn checkpoint_heads_must_be_checked_against_the_chain() {
+        let (mut f, point) = Forge::new();
+        f.ops(10, 0);
+        let h5 = {
+            let l = &f.lines[4];
+            unhex32(&l.as_bytes()[l.len() - 67..l.len() - 3]).unwrap()
+        };
+        // Head 5, signed, but 6 records later: outside a window of 4.
+        f.checkpoint_of(5, h5, 1);
+        let dir = tempfile::tempdir().unwrap();
+        f.write(dir.path(), 1);
+        let files = trail_files(dir.path()).unwrap();
+        let opts = keyed(&point, 300);
+        let b = verify_files(&files, &opts, 4).unwrap_err();
+        assert_eq!((&b.kind, b.seq), (&BreakKind::BadCheckpoint, Some(11)));
+        assert!(b.detail.contains("cannot be checked"), "{b}");
+        assert_eq!(
+            verify_files(&files, &opts, 16).unwrap().signed_through,
+            Some(5)
+        );
+        // A wrong head inside the window.
+        let (mut g, _) = Forge::new();
+        g.ops(3, 0);
+        g.checkpoint_of(2, [7; 32], 1);
+        let dir = tempfile::tempdir().unwrap();
+        g.write(dir.path(), 1);
+        let b = verify_dir_with(dir.path(), &opts).unwrap_err();
+        assert_eq!(b.kind, BreakKind::BadCheckpoint);
+    }
+
+    #[test]
+    fn a_pruned_trail_reports_checkpoints_it_cannot_check() {
+        let (mut f, point) = Forge::new();
+        f.ops(10, 0);
+        f.checkpoint(1); // seq 11, head 10
+        f.ops(5, 2);
+        f.checkpoint_of(3, [1; 32], 3); // seq 17: head before the pruned start
+        f.checkpoint(4); // seq 18, head 17
+        let dir = tempfile::tempdir().unwrap();
+        f.write(dir.path(), 10);
+        let mut opts = keyed(&point, 300);
+        opts.from_seq = Some(10);
+        let r = verify_dir_with(dir.path(), &opts).unwrap();
+        assert_eq!(r.unchecked_heads, vec![(17, 3)]);
+        assert_eq!(r.signed_through, Some(17));
+        // Head 9 lies just before the first record kept: checked via its prev.
+        let (mut g, _) = Forge::new();
+        g.ops(10, 0);
+        let h9 = {
+            let l = &g.lines[8];
+            unhex32(&l.as_bytes()[l.len() - 67..l.len() - 3]).unwrap()
+        };
+        g.checkpoint_of(9, h9, 1);
+        let dir = tempfile::tempdir().unwrap();
+        g.write(dir.path(), 10);
+        let r = verify_dir_with(dir.path(), &opts).unwrap();
+        assert_eq!(r.signed_through, Some(9));
+        assert!(r.unchecked_heads.is_empty());
+    }
+
+    #[test]
+    fn time_parses_back() {
+        let t = UNIX_EPOCH + Duration::from_micros(1_709_251_199_123_456);
+        assert_eq!(
+            parse_rfc3339(&rfc3339(t)),
+            Some(Duration::from_micros(1_709_251_199_123_456))
+        );
+        assert_eq!(parse_rfc3339("2024-02-29T23:59:59Z"), None);
+    }
+
+    #[test]
+    fn start_up_cuts_crash_debris_before_a_complete_last_line() {
+        for debris in [
+            vec![0u8; 300],
+            b"{\"seq\":6,\"ti\x07\xff garbage\n".to_vec(),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            write(dir.path(), 5, 1 << 20);
+            let path = only_file(dir.path());
+            // The rest of the same group reached the disk, the middle did not.
+            let (line, _) = render(7, &[3; 32], &Entry::Op(event(7)), SystemTime::now());
+            let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+            f.write_all(&debris).unwrap();
+            f.write_all(line.as_bytes()).unwrap();
+            drop(f);
+            write(dir.path(), 3, 1 << 20);
+            let r = verify_dir(dir.path(), None).unwrap();
+            assert_eq!((r.records, r.last_seq), (8, 8));
+            // The cut bytes are kept beside the trail, outside it.
+            let aside: Vec<_> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().contains(".jsonl.cut-"))
+                .collect();
+            assert_eq!(aside.len(), 1);
+            let kept = std::fs::read(aside[0].path()).unwrap();
+            assert!(kept.ends_with(line.as_bytes()));
+        }
+    }
+
+    #[test]
+    fn start_up_leaves_damage_no_crash_causes_in_place() {
+        // An altered record followed by its chained successor: evidence.
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), 5, 1 << 20);
+        let path = only_file(dir.path());
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, text.replacen("\"ok\"", "\"ko\"", 3)).unwrap();
+        write(dir.path(), 2, 1 << 20);
+        let b = verify_dir(dir.path(), None).unwrap_err();
+        assert_eq!((b.kind, b.line), (BreakKind::Tampered, 1));
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 7);
+        // A deleted record: complete lines out of sequence.
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), 5, 1 << 20);
+        let path = only_file(dir.path());
+        let lines: Vec<String> = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(String::from)
+            .collect();
+        let kept = [&lines[..2], &lines[3..]].concat();
+        std::fs::write(&path, kept.join("\n") + "\n").unwrap();
+        write(dir.path(), 1, 1 << 20);
+        let b = verify_dir(dir.path(), None).unwrap_err();
+        assert_eq!(b.kind, BreakKind::Deleted { from: 3, to: 3 });
     }
 
     struct FailingSink;

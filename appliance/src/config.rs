@@ -117,14 +117,27 @@ pub struct Limits {
     pub max_batch_items: usize,
     /// TLS handshake deadline.
     pub handshake_timeout: Duration,
-    /// Deadline for a request's headers (HTTP/1.1), also the keep-alive idle limit.
+    /// Deadline for a request's headers (HTTP/1.1).
     pub header_timeout: Duration,
     /// Deadline for a request's body once headers arrived.
     pub body_timeout: Duration,
     /// Deadline for the whole handling of one request.
     pub request_timeout: Duration,
-    /// Open connections at once; further clients wait in the listen backlog.
+    /// Established (handshaken) connections at once. Restart-only: the
+    /// semaphore is sized at start.
     pub max_connections: usize,
+    /// TLS handshakes in flight at once; further clients wait in the listen
+    /// backlog. Restart-only.
+    pub max_handshakes: usize,
+    /// A connection with no request in flight for this long is closed
+    /// (HTTP/1.1 keep-alive and HTTP/2 alike).
+    pub idle_timeout: Duration,
+    /// A connection is closed gracefully (in-flight requests finish) once
+    /// this old: bounds how long a connection outlives a reload.
+    pub max_connection_age: Duration,
+    /// Request bodies held in memory at once, all connections together;
+    /// beyond it requests get 503 `server_busy`. Restart-only.
+    pub max_inflight_body_bytes: usize,
 }
 
 impl Default for Limits {
@@ -137,6 +150,10 @@ impl Default for Limits {
             body_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
             max_connections: 4096,
+            max_handshakes: 64,
+            idle_timeout: Duration::from_secs(60),
+            max_connection_age: Duration::from_secs(600),
+            max_inflight_body_bytes: 64 << 20,
         }
     }
 }
@@ -238,6 +255,10 @@ struct RawLimits {
     body_timeout_ms: Option<u64>,
     request_timeout_ms: Option<u64>,
     max_connections: Option<usize>,
+    max_handshakes: Option<usize>,
+    idle_timeout_ms: Option<u64>,
+    max_connection_age_ms: Option<u64>,
+    max_inflight_body_bytes: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -663,6 +684,22 @@ impl Config {
                 &mut errors,
             ),
             max_connections: l.max_connections.unwrap_or(defaults.max_connections),
+            max_handshakes: l.max_handshakes.unwrap_or(defaults.max_handshakes),
+            idle_timeout: ms(
+                l.idle_timeout_ms,
+                defaults.idle_timeout,
+                "idle_timeout_ms",
+                &mut errors,
+            ),
+            max_connection_age: ms(
+                l.max_connection_age_ms,
+                defaults.max_connection_age,
+                "max_connection_age_ms",
+                &mut errors,
+            ),
+            max_inflight_body_bytes: l
+                .max_inflight_body_bytes
+                .unwrap_or(defaults.max_inflight_body_bytes),
         };
         if limits.max_body_bytes < 256 {
             errors.push("[limits] max_body_bytes must be at least 256");
@@ -672,6 +709,20 @@ impl Config {
         }
         if limits.max_connections == 0 {
             errors.push("[limits] max_connections must be > 0");
+        }
+        if limits.max_handshakes == 0 {
+            errors.push("[limits] max_handshakes must be > 0");
+        }
+        if limits.max_inflight_body_bytes < limits.max_body_bytes {
+            errors.push("[limits] max_inflight_body_bytes must be at least max_body_bytes");
+        }
+        // The budget is a semaphore of bytes and a request reserves its
+        // bytes in one u32 call.
+        if limits.max_body_bytes > u32::MAX as usize {
+            errors.push("[limits] max_body_bytes must be below 4 GiB");
+        }
+        if limits.max_inflight_body_bytes > (1 << 40) {
+            errors.push("[limits] max_inflight_body_bytes must be at most 1 TiB");
         }
 
         // [audit]

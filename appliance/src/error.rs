@@ -39,11 +39,10 @@ pub enum SvsError {
     /// The request body is larger than the configured maximum.
     #[error("request body exceeds {0} bytes")]
     BodyTooLarge(usize),
-    /// A batch with more items than the configured maximum.
-    #[error("batch of {got} items exceeds the maximum of {max}")]
+    /// A batch with more items than the configured maximum (counting
+    /// stops at the first item over it).
+    #[error("batch exceeds the maximum of {max} items")]
     BatchTooLarge {
-        /// Items sent.
-        got: usize,
         /// Configured maximum.
         max: usize,
     },
@@ -92,15 +91,30 @@ pub enum SvsError {
     /// The HSM did not answer in time.
     #[error("HSM operation timed out")]
     HsmTimeout,
+    /// The whole handling of a request (after its body arrived) took longer
+    /// than `request_timeout_ms`: queues anywhere, not only the HSM's.
+    #[error("request not handled within {0:?}")]
+    RequestTimeout(Duration),
+    /// The server's budget of request bodies held in memory is spent.
+    #[error("server busy")]
+    ServerBusy {
+        /// Suggested delay.
+        retry_after: Duration,
+    },
     /// The HSM is down or failed (details go to the log, not to clients).
     #[error("HSM unavailable: {0}")]
     HsmUnavailable(String),
     /// The audit trail cannot be written: nothing is signed unaudited.
     #[error("audit trail unavailable: {0}")]
     AuditUnavailable(String),
-    /// Self-tests have not passed (or failed since).
-    #[error("not ready: {0}")]
-    NotReady(String),
+    /// Not ready to sign: the category is what clients see, the detail
+    /// (paths, the HSM's last error, self-test output) only the log.
+    #[error("not ready: {0}: {1}")]
+    NotReady(NotReady, String),
+    /// The token refused the PIN at start-up: fatal, because every retry is
+    /// another failed login on the way to locking the PIN.
+    #[error("the token refused the PIN: {0}")]
+    PinRefused(String),
     /// The daemon is draining for shutdown.
     #[error("shutting down")]
     ShuttingDown,
@@ -113,6 +127,72 @@ pub enum SvsError {
     /// A bug or an unexpected state.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// What an unprovisioned installation lacks, in the words clients and
+/// operators see (no paths: those are in the log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Missing {
+    /// The API's (or the metrics listener's) certificate, key or client CA.
+    Tls,
+    /// The HSM user PIN (file or systemd credential).
+    Pin,
+    /// No token with the configured label/serial.
+    Token,
+    /// Configured keys (or the audit checkpoint key) not on the token.
+    Keys,
+}
+
+impl std::fmt::Display for Missing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Missing::Tls => "TLS files",
+            Missing::Pin => "HSM PIN",
+            Missing::Token => "token",
+            Missing::Keys => "keys",
+        })
+    }
+}
+
+/// Why svsd is not ready, as a fixed category: the one text /readyz, API
+/// clients and systemd's STATUS= show.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotReady {
+    /// Start-up found parts of the installation missing (sorted, no duplicates).
+    NotProvisioned(Vec<Missing>),
+    /// The HSM cannot be reached, or its sessions are not logged in.
+    HsmUnavailable,
+    /// The start-up self-tests have not finished.
+    SelftestsPending,
+    /// A self-test failed (at start or periodically).
+    SelftestsFailed,
+}
+
+impl NotReady {
+    /// Not provisioned: `missing`, in a stable order.
+    pub fn not_provisioned(mut missing: Vec<Missing>) -> NotReady {
+        missing.sort();
+        missing.dedup();
+        NotReady::NotProvisioned(missing)
+    }
+}
+
+impl std::fmt::Display for NotReady {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NotReady::NotProvisioned(missing) => {
+                let list: Vec<String> = missing.iter().map(ToString::to_string).collect();
+                write!(
+                    f,
+                    "not provisioned: {} missing \u{2014} run svs-provision",
+                    list.join(", ")
+                )
+            }
+            NotReady::HsmUnavailable => f.write_str("HSM unavailable or not logged in"),
+            NotReady::SelftestsPending => f.write_str("self-tests pending"),
+            NotReady::SelftestsFailed => f.write_str("self-tests failed"),
+        }
+    }
 }
 
 /// Every code [`SvsError::wire`] can produce (the OpenAPI document lists them).
@@ -140,6 +220,7 @@ pub const ALL_CODES: &[&str] = &[
     "too_many_concurrent_requests",
     "hsm_busy",
     "hsm_timeout",
+    "server_busy",
     "hsm_unavailable",
     "audit_unavailable",
     "not_ready",
@@ -194,9 +275,14 @@ impl SvsError {
             SvsError::TooManyConcurrent => (429, "too_many_concurrent_requests", Some(1)),
             SvsError::HsmBusy { retry_after } => (503, "hsm_busy", Some(secs_up(*retry_after))),
             SvsError::HsmTimeout => (504, "hsm_timeout", None),
+            SvsError::RequestTimeout(_) => (504, "request_timeout", None),
+            SvsError::ServerBusy { retry_after } => {
+                (503, "server_busy", Some(secs_up(*retry_after)))
+            }
             SvsError::HsmUnavailable(_) => (503, "hsm_unavailable", Some(1)),
             SvsError::AuditUnavailable(_) => (503, "audit_unavailable", None),
-            SvsError::NotReady(_) => (503, "not_ready", Some(1)),
+            SvsError::NotReady(..) => (503, "not_ready", Some(1)),
+            SvsError::PinRefused(_) => (503, "hsm_unavailable", None),
             SvsError::ShuttingDown => (503, "shutting_down", Some(1)),
             SvsError::Config(_) => (500, "configuration_error", None),
             SvsError::Io(_) => (500, "internal_error", None),
@@ -209,14 +295,74 @@ impl SvsError {
         }
     }
 
-    /// The message sent to clients: internal details stay in the log.
+    /// The message sent to clients: internal details (OS errors, paths, the
+    /// HSM's last error, self-test output) stay in the log.
     pub fn client_message(&self) -> String {
         match self {
             SvsError::HsmUnavailable(_) => "HSM unavailable".into(),
+            SvsError::PinRefused(_) => "HSM unavailable or not logged in".into(),
+            SvsError::AuditUnavailable(_) => {
+                "audit trail not writable: nothing is signed unaudited (details in the svsd log)"
+                    .into()
+            }
+            SvsError::NotReady(reason, _) => reason.to_string(),
             SvsError::Io(_) | SvsError::Internal(_) | SvsError::Config(_) => {
                 "internal error".into()
             }
             other => other.to_string(),
+        }
+    }
+
+    /// Logs the details of a server-side failure (5xx) that its client
+    /// message leaves out. Client errors are not logged: they would let
+    /// clients fill the log.
+    pub fn log_details(&self) {
+        let w = self.wire();
+        if w.status >= 500 {
+            tracing::warn!(code = w.code, error = %self, "request failed");
+        }
+    }
+
+    /// The process exit status when this error ends svsd: 78 (EX_CONFIG,
+    /// sysexits.h) when restarting cannot help: the configuration is
+    /// invalid, or the token refused the PIN (a restart would be one more
+    /// failed login towards locking it; the unit's
+    /// RestartPreventExitStatus=78 stops systemd from retrying); 1 otherwise.
+    /// Exhaustive on purpose, like [`SvsError::wire`].
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            SvsError::Config(_) | SvsError::PinRefused(_) => 78,
+            SvsError::MalformedRequest(_)
+            | SvsError::InvalidRequest(_)
+            | SvsError::InvalidBase64(_)
+            | SvsError::InvalidDigest(_)
+            | SvsError::InvalidSignature(_)
+            | SvsError::InvalidPublicKey(_)
+            | SvsError::InvalidCertificate(_)
+            | SvsError::InvalidId(_)
+            | SvsError::BodyTooLarge(_)
+            | SvsError::BatchTooLarge { .. }
+            | SvsError::BodyTimeout(_)
+            | SvsError::UnsupportedMediaType
+            | SvsError::NotFound
+            | SvsError::MethodNotAllowed
+            | SvsError::Unauthenticated
+            | SvsError::EntitySuspended(_)
+            | SvsError::UnknownKey(_)
+            | SvsError::KeyNotAllowed(_)
+            | SvsError::OperationNotAllowed(_)
+            | SvsError::RateLimited { .. }
+            | SvsError::TooManyConcurrent
+            | SvsError::HsmBusy { .. }
+            | SvsError::HsmTimeout
+            | SvsError::RequestTimeout(_)
+            | SvsError::ServerBusy { .. }
+            | SvsError::HsmUnavailable(_)
+            | SvsError::AuditUnavailable(_)
+            | SvsError::NotReady(..)
+            | SvsError::ShuttingDown
+            | SvsError::Io(_)
+            | SvsError::Internal(_) => 1,
         }
     }
 
@@ -234,11 +380,27 @@ impl From<HsmError> for SvsError {
             HsmError::Busy { retry_after } => SvsError::HsmBusy { retry_after },
             HsmError::Timeout(_) => SvsError::HsmTimeout,
             HsmError::Config(m) => SvsError::Config(vec![format!("hsm: {m}")]),
+            HsmError::Pkcs11 { rv, function } if is_pin_refusal(rv.name) => {
+                SvsError::PinRefused(format!("{function}: {}", rv.name))
+            }
             // Everything else is a token-side failure; the CK_RV name is in
             // the message for the log, clients see only "HSM unavailable".
             other => SvsError::HsmUnavailable(other.to_string()),
         }
     }
+}
+
+/// The CK_RVs by which a token refuses a PIN: logging in again with the
+/// same PIN cannot succeed and counts towards the lockout.
+fn is_pin_refusal(rv_name: &str) -> bool {
+    matches!(
+        rv_name,
+        "CKR_PIN_INCORRECT"
+            | "CKR_PIN_INVALID"
+            | "CKR_PIN_LEN_RANGE"
+            | "CKR_PIN_EXPIRED"
+            | "CKR_PIN_LOCKED"
+    )
 }
 
 #[cfg(test)]
@@ -275,11 +437,7 @@ mod tests {
             ),
             (SvsError::InvalidId("x".into()), 400, "invalid_id"),
             (SvsError::BodyTooLarge(10), 413, "body_too_large"),
-            (
-                SvsError::BatchTooLarge { got: 3, max: 2 },
-                413,
-                "batch_too_large",
-            ),
+            (SvsError::BatchTooLarge { max: 2 }, 413, "batch_too_large"),
             (SvsError::BodyTimeout(d), 408, "request_timeout"),
             (
                 SvsError::UnsupportedMediaType,
@@ -313,13 +471,20 @@ mod tests {
             ),
             (SvsError::HsmBusy { retry_after: d }, 503, "hsm_busy"),
             (SvsError::HsmTimeout, 504, "hsm_timeout"),
+            (SvsError::RequestTimeout(d), 504, "request_timeout"),
+            (SvsError::ServerBusy { retry_after: d }, 503, "server_busy"),
             (SvsError::HsmUnavailable("x".into()), 503, "hsm_unavailable"),
             (
                 SvsError::AuditUnavailable("x".into()),
                 503,
                 "audit_unavailable",
             ),
-            (SvsError::NotReady("x".into()), 503, "not_ready"),
+            (
+                SvsError::NotReady(NotReady::SelftestsPending, "x".into()),
+                503,
+                "not_ready",
+            ),
+            (SvsError::PinRefused("x".into()), 503, "hsm_unavailable"),
             (SvsError::ShuttingDown, 503, "shutting_down"),
             (
                 SvsError::Config(vec!["x".into()]),
@@ -374,5 +539,88 @@ mod tests {
             SvsError::from(HsmError::UnknownKey("k".into())),
             SvsError::UnknownKey("k".into())
         );
+        let audit = SvsError::AuditUnavailable(
+            "/var/lib/svs/audit: Permission denied (os error 13)".into(),
+        );
+        let m = audit.client_message();
+        assert!(!m.contains("/var") && !m.contains("os error"), "{m}");
+        let nr = SvsError::NotReady(
+            NotReady::HsmUnavailable,
+            "HSM pool down, last error: CKR_PIN_LOCKED at /dev/x".into(),
+        );
+        let m = nr.client_message();
+        assert!(!m.contains("CKR") && !m.contains("/dev"), "{m}");
+        assert_eq!(nr.to_json()["error"]["message"], m.as_str());
+    }
+
+    #[test]
+    fn not_ready_clients_see_only_the_fixed_category() {
+        let cases = [
+            (
+                NotReady::not_provisioned(vec![Missing::Pin, Missing::Tls, Missing::Pin]),
+                "not provisioned: TLS files, HSM PIN missing \u{2014} run svs-provision",
+            ),
+            (
+                NotReady::not_provisioned(vec![Missing::Keys, Missing::Token]),
+                "not provisioned: token, keys missing \u{2014} run svs-provision",
+            ),
+            (NotReady::HsmUnavailable, "HSM unavailable or not logged in"),
+            (NotReady::SelftestsPending, "self-tests pending"),
+            (NotReady::SelftestsFailed, "self-tests failed"),
+        ];
+        for (reason, text) in cases {
+            let e = SvsError::NotReady(reason, "cannot read /etc/svs/tls/server.pem".into());
+            assert_eq!(e.client_message(), text);
+            assert_eq!(e.to_json()["error"]["message"], text);
+            // The detail is for the log.
+            assert!(e.to_string().contains("/etc/svs/tls/server.pem"));
+        }
+        assert_eq!(SvsError::ShuttingDown.client_message(), "shutting down");
+        assert!(
+            SvsError::AuditUnavailable("/var/lib/svs/audit: EROFS".into())
+                .client_message()
+                .starts_with("audit trail not writable")
+        );
+    }
+
+    #[test]
+    fn exit_code_is_78_only_where_a_restart_cannot_help() {
+        for (err, _, _) in one_of_each() {
+            let want = match err {
+                SvsError::Config(_) | SvsError::PinRefused(_) => 78,
+                _ => 1,
+            };
+            assert_eq!(err.exit_code(), want, "{err:?}");
+        }
+        for (code, name) in [
+            (0xa0, "CKR_PIN_INCORRECT"),
+            (0xa1, "CKR_PIN_INVALID"),
+            (0xa2, "CKR_PIN_LEN_RANGE"),
+            (0xa3, "CKR_PIN_EXPIRED"),
+            (0xa4, "CKR_PIN_LOCKED"),
+        ] {
+            let rv = svs_hsm::error::rv_info_from_code(code).unwrap();
+            assert_eq!(rv.name, name);
+            let e = SvsError::from(HsmError::Pkcs11 {
+                rv,
+                function: "C_Login".into(),
+            });
+            assert_eq!(e.exit_code(), 78, "{name}");
+            assert_eq!(e.wire().code, "hsm_unavailable");
+        }
+        // A token that is merely gone is worth waiting for, not fatal.
+        let gone = svs_hsm::error::rv_info_from_code(0xe0).unwrap();
+        let e = SvsError::from(HsmError::Pkcs11 {
+            rv: gone,
+            function: "C_OpenSession".into(),
+        });
+        assert_eq!(e.exit_code(), 1);
+    }
+
+    #[test]
+    fn a_whole_request_timeout_is_not_an_hsm_timeout() {
+        let e = SvsError::RequestTimeout(Duration::from_secs(30));
+        assert_eq!(e.wire().code, "request_timeout");
+        assert_ne!(e.wire().code, SvsError::HsmTimeout.wire().code);
     }
 }

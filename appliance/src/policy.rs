@@ -30,6 +30,9 @@ pub struct ClientIdentity {
     pub subject: String,
     /// Issuer DN, normalised RFC 4514.
     pub issuer: String,
+    /// End of the certificate's validity: checked on every request, as a
+    /// connection may outlive its certificate.
+    pub not_after: std::time::SystemTime,
 }
 
 impl ClientIdentity {
@@ -47,7 +50,18 @@ impl ClientIdentity {
             spki_sha256: Sha256::digest(&spki).into(),
             subject: normalise_dn(&tbs.subject().to_string()),
             issuer: normalise_dn(&tbs.issuer().to_string()),
+            not_after: tbs.validity().not_after.to_system_time(),
         })
+    }
+
+    /// Refuses a certificate past its notAfter (TLS checked it only at the
+    /// handshake).
+    pub fn check_valid_at(&self, now: std::time::SystemTime) -> Result<(), SvsError> {
+        if now > self.not_after {
+            Err(SvsError::Unauthenticated)
+        } else {
+            Ok(())
+        }
     }
 }
 
@@ -82,25 +96,50 @@ impl EntityLimiter {
         }
     }
 
-    /// Takes `n` tokens (a batch asks for one per item, capped at the burst
-    /// size so that a batch larger than the burst can still pass once the
-    /// bucket is full).
-    fn take(&self, rate: RateLimit, n: usize, now: Instant) -> Result<(), SvsError> {
+    fn refill(&self, rate: RateLimit, now: Instant) -> std::sync::MutexGuard<'_, Bucket> {
         let mut b = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
-        let burst = f64::from(rate.burst);
         let elapsed = now.saturating_duration_since(b.last).as_secs_f64();
-        b.tokens = (b.tokens + elapsed * rate.per_second).min(burst);
+        b.tokens = (b.tokens + elapsed * rate.per_second).min(f64::from(rate.burst));
         b.last = now;
-        let need = (n as f64).min(burst);
+        b
+    }
+
+    /// Takes `n` tokens, one per item. A batch larger than the burst passes
+    /// only on a full bucket and leaves it in debt (negative), so batching
+    /// cannot beat the configured rate; Retry-After includes the debt.
+    fn take(&self, rate: RateLimit, n: usize, now: Instant) -> Result<(), SvsError> {
+        let mut b = self.refill(rate, now);
+        let need = (n as f64).min(f64::from(rate.burst));
         if b.tokens >= need {
-            b.tokens -= need;
+            b.tokens -= n as f64;
             Ok(())
         } else {
-            let wait = (need - b.tokens) / rate.per_second;
-            Err(SvsError::RateLimited {
-                retry_after: Duration::from_secs_f64(wait),
-            })
+            Err(rate_limited(rate, need - b.tokens))
         }
+    }
+
+    /// Refuses when not even one token is there (nor the bucket full, for a
+    /// zero burst), without taking any: the check made before a body is read.
+    fn peek(&self, rate: RateLimit, now: Instant) -> Result<(), SvsError> {
+        let b = self.refill(rate, now);
+        let need = 1f64.min(f64::from(rate.burst));
+        if b.tokens >= need {
+            Ok(())
+        } else {
+            Err(rate_limited(rate, need - b.tokens))
+        }
+    }
+}
+
+fn rate_limited(rate: RateLimit, missing: f64) -> SvsError {
+    let wait = if rate.per_second > 0.0 {
+        missing / rate.per_second
+    } else {
+        f64::from(u32::MAX)
+    };
+    SvsError::RateLimited {
+        retry_after: Duration::try_from_secs_f64(wait)
+            .unwrap_or(Duration::from_secs(u64::from(u32::MAX))),
     }
 }
 
@@ -136,13 +175,14 @@ impl Entity {
         }
     }
 
-    /// Admits a request of `items` operations: rate limit, then a
-    /// concurrency slot held until the returned guard drops.
-    pub fn admit(&self, items: usize) -> Result<InFlight, SvsError> {
-        self.admit_at(items, Instant::now())
+    /// Admits a request before its body is read: a concurrency slot, held
+    /// until the returned guard drops, and at least one token in the bucket
+    /// (none is taken yet: the item count is not known).
+    pub fn reserve(&self) -> Result<InFlight, SvsError> {
+        self.reserve_at(Instant::now())
     }
 
-    fn admit_at(&self, items: usize, now: Instant) -> Result<InFlight, SvsError> {
+    fn reserve_at(&self, now: Instant) -> Result<InFlight, SvsError> {
         let prev = self.limiter.in_flight.fetch_add(1, Ordering::AcqRel);
         let guard = InFlight(self.limiter.clone());
         if let Some(max) = self.config.max_concurrent
@@ -151,9 +191,29 @@ impl Entity {
             return Err(SvsError::TooManyConcurrent);
         }
         if let Some(rate) = self.config.rate {
-            self.limiter.take(rate, items, now)?;
+            self.limiter.peek(rate, now)?;
         }
         Ok(guard)
+    }
+
+    /// Charges a parsed request of `items` operations to the token bucket.
+    pub fn charge(&self, items: usize) -> Result<(), SvsError> {
+        self.charge_at(items, Instant::now())
+    }
+
+    fn charge_at(&self, items: usize, now: Instant) -> Result<(), SvsError> {
+        match self.config.rate {
+            Some(rate) => self.limiter.take(rate, items, now),
+            None => Ok(()),
+        }
+    }
+
+    /// Test helper: reserve and charge in one go.
+    #[cfg(test)]
+    fn admit_at(&self, items: usize, now: Instant) -> Result<InFlight, SvsError> {
+        let g = self.reserve_at(now)?;
+        self.charge_at(items, now)?;
+        Ok(g)
     }
 
     /// May this entity perform `op` at all?
@@ -279,6 +339,7 @@ mod tests {
             spki_sha256: [spki; 32],
             subject: subject.into(),
             issuer: "CN=CA".into(),
+            not_after: std::time::SystemTime::now() + Duration::from_secs(3600),
         }
     }
 
@@ -358,21 +419,64 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_pays_one_token_per_item_and_the_debt_holds_the_rate() {
+        let p = Policy::new(
+            &[entity("a", ClientMatch::CertificateSha256([1; 32]))],
+            None,
+        );
+        let e = p.identify(&id(1, 0, "")).unwrap();
+        let t0 = Instant::now();
+        // 10/s, burst 5: a full bucket admits a batch of 50, 45 in debt.
+        drop(e.admit_at(50, t0).unwrap());
+        // 4 s later the bucket is still 5 short: refused, before the body
+        // too, and Retry-After covers the debt.
+        let t4 = t0 + Duration::from_secs(4);
+        let Err(SvsError::RateLimited { retry_after }) = e.reserve_at(t4) else {
+            panic!("the debt must hold the rate")
+        };
+        assert!(retry_after >= Duration::from_millis(500), "{retry_after:?}");
+        assert!(e.admit_at(1, t4).is_err());
+        // After 4.6 s (46 tokens back) one request passes.
+        drop(e.admit_at(1, t0 + Duration::from_millis(4600)).unwrap());
+        // Over 10 s: 50 + 5 + 1 at most, never 25x the rate.
+        let mut passed = 0;
+        for ms in (4700..10_000).step_by(10) {
+            if e.admit_at(1, t0 + Duration::from_millis(ms)).is_ok() {
+                passed += 1;
+            }
+        }
+        assert!(passed <= 55, "{passed}");
+    }
+
+    #[test]
+    fn reserve_holds_a_concurrency_slot_before_the_body() {
+        let mut cfg = entity("a", ClientMatch::CertificateSha256([1; 32]));
+        cfg.rate = None;
+        let p = Policy::new(&[cfg], None);
+        let e = p.identify(&id(1, 0, "")).unwrap();
+        let g1 = e.reserve().unwrap();
+        let g2 = e.reserve().unwrap();
+        assert_eq!(e.reserve().unwrap_err(), SvsError::TooManyConcurrent);
+        drop(g1);
+        drop((g2, e.reserve().unwrap()));
+    }
+
+    #[test]
     fn concurrency_cap_counts_guards_and_survives_reload() {
         let mut cfg = entity("a", ClientMatch::CertificateSha256([1; 32]));
         cfg.rate = None;
         let p = Policy::new(std::slice::from_ref(&cfg), None);
         let e = p.identify(&id(1, 0, "")).unwrap();
-        let g1 = e.admit(1).unwrap();
-        let g2 = e.admit(1).unwrap();
-        assert_eq!(e.admit(1).unwrap_err(), SvsError::TooManyConcurrent);
+        let g1 = e.reserve().unwrap();
+        let g2 = e.reserve().unwrap();
+        assert_eq!(e.reserve().unwrap_err(), SvsError::TooManyConcurrent);
         // The new policy sees the two requests still in flight.
         let p2 = Policy::new(&[cfg], Some(&p));
         let e2 = p2.identify(&id(1, 0, "")).unwrap();
-        assert_eq!(e2.admit(1).unwrap_err(), SvsError::TooManyConcurrent);
+        assert_eq!(e2.reserve().unwrap_err(), SvsError::TooManyConcurrent);
         drop(g1);
-        let g3 = e2.admit(1).unwrap();
+        let g3 = e2.reserve().unwrap();
         drop((g2, g3));
-        assert!(e2.admit(1).is_ok());
+        assert!(e2.reserve().is_ok());
     }
 }

@@ -1,30 +1,176 @@
-//! The HTTPS listener: TLS handshake with a deadline, the client's identity
-//! taken once per connection, HTTP/1.1 or HTTP/2 by ALPN, bodies read with
-//! a size cap and a deadline, graceful drain on shutdown.
+//! The HTTPS listener: TLS handshakes bounded in number and time, a
+//! connection slot only for a client that completed one, the client's
+//! identity taken once per connection and re-checked per request (validity,
+//! and the client CA after a reload), HTTP/1.1 or HTTP/2 by ALPN, bodies
+//! read after the entity was admitted, with a size cap, a shared byte budget
+//! and a deadline; idle and aged connections closed gracefully; graceful
+//! drain on shutdown.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use hyper::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulConnection, GracefulShutdown};
+use rustls::server::danger::ClientCertVerifier;
+use rustls_pki_types::{CertificateDer, UnixTime};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Notify, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::app::{App, Reply, Route};
+use crate::config::Limits;
 use crate::error::SvsError;
 use crate::policy::ClientIdentity;
+use crate::tls::ApiTls;
 
-/// The TLS configuration in use; replaced on reload, read per connection,
-/// so established connections keep theirs.
-pub type TlsSlot = Arc<RwLock<TlsAcceptor>>;
+/// HTTP/2 streams per connection: with bodies read only after admission and
+/// a shared body budget, 32 is plenty for one client and bounds what one
+/// connection can make the server hold.
+const H2_MAX_STREAMS: u32 = 32;
+
+/// Plain-HTTP probe connections served at once; more wait in the backlog.
+const PROBE_CONNECTIONS: usize = 16;
+
+/// One TLS configuration of the API listener and its generation number
+/// (incremented by every reload).
+pub struct TlsGeneration {
+    /// Counts reloads; connections remember the one they were made under.
+    pub generation: u64,
+    /// Accepts new connections.
+    pub acceptor: TlsAcceptor,
+    /// Re-checks client certificates of connections made under an older
+    /// generation.
+    pub client_verifier: Arc<dyn ClientCertVerifier>,
+}
+
+impl TlsGeneration {
+    /// Generation `generation` of the API's TLS.
+    pub fn new(generation: u64, tls: ApiTls) -> TlsGeneration {
+        TlsGeneration {
+            generation,
+            acceptor: TlsAcceptor::from(tls.config),
+            client_verifier: tls.client_verifier,
+        }
+    }
+}
+
+impl std::fmt::Debug for TlsGeneration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsGeneration")
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The TLS configuration in use; replaced on reload, read at each accept
+/// and by requests on connections of an older generation.
+pub type TlsSlot = Arc<RwLock<Arc<TlsGeneration>>>;
+
+/// The semaphores an HTTPS accept loop takes: handshakes in flight, and
+/// established connections. Sized at start (restart-only).
+#[derive(Debug, Clone)]
+pub struct Gates {
+    /// Established connections.
+    pub connections: Arc<Semaphore>,
+    /// TLS handshakes in flight.
+    pub handshakes: Arc<Semaphore>,
+}
+
+impl Gates {
+    /// Gates sized by `limits`.
+    pub fn new(limits: &Limits) -> Gates {
+        Gates {
+            connections: Arc::new(Semaphore::new(limits.max_connections)),
+            handshakes: Arc::new(Semaphore::new(limits.max_handshakes)),
+        }
+    }
+}
+
+/// The client certificate of one TLS connection.
+struct Peer {
+    identity: Option<ClientIdentity>,
+    chain: Vec<CertificateDer<'static>>,
+    /// The newest TLS generation whose client CA accepted the chain.
+    checked: AtomicU64,
+}
+
+impl Peer {
+    /// The identity a request on this connection may use now: a
+    /// certificate still within its validity, whose chain the current
+    /// client CA accepts (checked once per reload, as the connection may
+    /// predate it). None answers 401 and closes the connection.
+    fn current(&self, tls: &TlsGeneration, now: SystemTime) -> Option<&ClientIdentity> {
+        let id = self.identity.as_ref()?;
+        id.check_valid_at(now).ok()?;
+        if self.checked.load(Ordering::Acquire) != tls.generation {
+            let (leaf, intermediates) = self.chain.split_first()?;
+            let at = UnixTime::since_unix_epoch(now.duration_since(SystemTime::UNIX_EPOCH).ok()?);
+            tls.client_verifier
+                .verify_client_cert(leaf, intermediates, at)
+                .ok()?;
+            self.checked.store(tls.generation, Ordering::Release);
+        }
+        Some(id)
+    }
+}
+
+/// Activity of one connection, for the idle timer and early close.
+struct Activity {
+    in_flight: AtomicUsize,
+    last_done: Mutex<Instant>,
+    close: Notify,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            in_flight: AtomicUsize::new(0),
+            last_done: Mutex::new(Instant::now()),
+            close: Notify::new(),
+        }
+    }
+
+    fn begin(&self) -> ActiveRequest<'_> {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        ActiveRequest(self)
+    }
+
+    /// When the connection becomes idle-expired, if nothing happens meanwhile.
+    fn idle_deadline(&self, idle: Duration) -> Instant {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            Instant::now() + idle
+        } else {
+            *self.last_done.lock().unwrap_or_else(|p| p.into_inner()) + idle
+        }
+    }
+}
+
+struct ActiveRequest<'a>(&'a Activity);
+
+impl Drop for ActiveRequest<'_> {
+    fn drop(&mut self) {
+        *self.0.last_done.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Everything a request on one connection needs.
+struct ConnCtx {
+    app: Arc<App>,
+    /// The API's TLS (None on the plain-HTTP probe listener).
+    tls: Option<TlsSlot>,
+    peer: Option<Peer>,
+    probes_only: bool,
+    activity: Activity,
+}
 
 fn response(reply: Reply, head_only: bool) -> Response<Full<Bytes>> {
     let body = if head_only {
@@ -45,16 +191,15 @@ fn response(reply: Reply, head_only: bool) -> Response<Full<Bytes>> {
     resp
 }
 
+/// Reads at most `limit` bytes (what was reserved from the body budget);
+/// `max` is the configured cap, named in the error.
 async fn read_body(
     body: Incoming,
-    declared: Option<u64>,
+    limit: usize,
     max: usize,
     deadline: Duration,
 ) -> Result<Bytes, SvsError> {
-    if declared.is_some_and(|n| n > max as u64) {
-        return Err(SvsError::BodyTooLarge(max));
-    }
-    let collected = tokio::time::timeout(deadline, Limited::new(body, max).collect())
+    let collected = tokio::time::timeout(deadline, Limited::new(body, limit).collect())
         .await
         .map_err(|_| SvsError::BodyTimeout(deadline))?;
     match collected {
@@ -66,37 +211,53 @@ async fn read_body(
     }
 }
 
+/// Whether an answer ends the connection: a client no entity claims (or
+/// whose certificate no longer passes), or a suspended entity, is not kept
+/// connected to retry at leisure.
+fn closes_connection(reply: &Reply) -> bool {
+    reply.status == 401 || reply.body["error"]["code"] == "entity_suspended"
+}
+
 /// Handles one HTTP request.
-pub async fn handle(
-    app: Arc<App>,
-    client: Arc<Option<ClientIdentity>>,
-    probes_only: bool,
+async fn handle(
+    ctx: Arc<ConnCtx>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    let _active = ctx.activity.begin();
     let start = Instant::now();
     let head_only = req.method() == hyper::Method::HEAD;
+    let http1 = req.version() < hyper::Version::HTTP_2;
     let operation =
         Route::parse(req.method().as_str(), req.uri().path()).map_or("other", |r| r.metric_name());
-    let reply = handle_inner(&app, client.as_ref().as_ref(), probes_only, req).await;
-    let reply = reply.unwrap_or_else(Reply::from);
+    let reply = handle_inner(&ctx, req).await.unwrap_or_else(|e| {
+        e.log_details();
+        Reply::from(e)
+    });
     let elapsed = start.elapsed();
-    app.metrics().http(operation, reply.status, elapsed);
+    ctx.app.metrics().http(operation, reply.status, elapsed);
     tracing::debug!(
         status = reply.status,
         latency_us = elapsed.as_micros() as u64,
         "request"
     );
-    Ok(response(reply, head_only))
+    let close = closes_connection(&reply);
+    let mut resp = response(reply, head_only);
+    if close {
+        if http1 {
+            resp.headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+        // HTTP/2: GOAWAY once this answer is out (the connection's driver
+        // shuts it down gracefully).
+        ctx.activity.close.notify_one();
+    }
+    Ok(resp)
 }
 
-async fn handle_inner(
-    app: &Arc<App>,
-    client: Option<&ClientIdentity>,
-    probes_only: bool,
-    req: Request<Incoming>,
-) -> Result<Reply, SvsError> {
+async fn handle_inner(ctx: &ConnCtx, req: Request<Incoming>) -> Result<Reply, SvsError> {
+    let app = &ctx.app;
     let route = Route::parse(req.method().as_str(), req.uri().path())?;
-    if probes_only && !route.is_probe() {
+    if ctx.probes_only && !route.is_probe() {
         return Err(SvsError::NotFound);
     }
     let content_type = req
@@ -104,31 +265,52 @@ async fn handle_inner(
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    app.precheck(&route, client, content_type.as_deref())?;
-    let limits = app.runtime().limits.clone();
-    let body = if route.has_body() {
+    let client = match (&ctx.peer, &ctx.tls) {
+        (Some(peer), Some(tls)) => {
+            let current = tls.read().unwrap_or_else(|p| p.into_inner()).clone();
+            peer.current(&current, SystemTime::now())
+        }
+        _ => None,
+    };
+    // Identity, entity, operation, concurrency slot and rate: all before
+    // a byte of the body is read.
+    let adm = app
+        .precheck(&route, client, content_type.as_deref())
+        .await?;
+    let limits = adm.runtime().limits.clone();
+    let (body, _budget) = if route.has_body() {
         let declared = req
             .headers()
             .get(CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        read_body(
-            req.into_body(),
-            declared,
-            limits.max_body_bytes,
-            limits.body_timeout,
-        )
-        .await?
+        let max = limits.max_body_bytes;
+        let read = async {
+            if declared.is_some_and(|n| n > max as u64) {
+                return Err(SvsError::BodyTooLarge(max));
+            }
+            // Without a Content-Length the whole cap is reserved.
+            let reserve = declared.map_or(max, |n| n as usize);
+            let budget = app.reserve_body(reserve)?;
+            let body = read_body(req.into_body(), reserve, max, limits.body_timeout).await?;
+            Ok((body, Some(budget)))
+        };
+        match read.await {
+            Ok(x) => x,
+            Err(e) => {
+                app.refuse(&route, adm.entity(), &e).await;
+                return Err(e);
+            }
+        }
     } else {
-        Bytes::new()
+        (Bytes::new(), None)
     };
-    tokio::time::timeout(limits.request_timeout, app.handle(route, client, &body))
+    tokio::time::timeout(limits.request_timeout, app.handle(route, &adm, &body))
         .await
-        .map_err(|_| SvsError::HsmTimeout)
+        .map_err(|_| SvsError::RequestTimeout(limits.request_timeout))
 }
 
-fn builder(app: &App) -> auto::Builder<TokioExecutor> {
-    let limits = app.runtime().limits.clone();
+fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
@@ -136,9 +318,57 @@ fn builder(app: &App) -> auto::Builder<TokioExecutor> {
         .keep_alive(true);
     b.http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(256)
-        .keep_alive_interval(Some(Duration::from_secs(30)));
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(10));
     b
+}
+
+/// Drives one connection: closes it gracefully (requests in flight finish)
+/// when it has been idle for `idle_timeout`, reaches `max_connection_age`,
+/// answered a refused client, or the daemon stops. hyper has no idle timer
+/// for HTTP/2 and a keep-alive one for HTTP/1.1 only between requests
+/// whose headers time out, so one timer here serves both.
+async fn drive<C>(
+    conn: C,
+    activity: &Activity,
+    limits: &Limits,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), C::Error>
+where
+    C: GracefulConnection,
+{
+    let mut conn = std::pin::pin!(conn);
+    let age_deadline = tokio::time::Instant::now() + limits.max_connection_age;
+    let mut stopping = *stop.borrow();
+    let why = loop {
+        if stopping {
+            break "shutdown";
+        }
+        let idle_at = tokio::time::Instant::from_std(activity.idle_deadline(limits.idle_timeout));
+        tokio::select! {
+            r = conn.as_mut() => return r,
+            _ = activity.close.notified() => break "refused client",
+            _ = tokio::time::sleep_until(age_deadline) => break "maximum age",
+            _ = tokio::time::sleep_until(idle_at) => {
+                if activity.in_flight.load(Ordering::Acquire) == 0
+                    && activity.idle_deadline(limits.idle_timeout) <= Instant::now()
+                {
+                    break "idle";
+                }
+            }
+            r = stop.changed() => stopping = r.is_err() || *stop.borrow(),
+        }
+    };
+    tracing::debug!(reason = why, "closing connection");
+    conn.as_mut().graceful_shutdown();
+    // Requests in flight finish; none can take longer than its body and
+    // handling deadlines, after which the connection is dropped.
+    let hard = limits.body_timeout + limits.request_timeout + Duration::from_secs(1);
+    match tokio::time::timeout(hard, conn).await {
+        Ok(r) => r,
+        Err(_) => Ok(()),
+    }
 }
 
 /// Accepts HTTPS connections on `listener` until `stop` turns true.
@@ -146,17 +376,17 @@ pub async fn serve_tls(
     app: Arc<App>,
     listener: TcpListener,
     tls: TlsSlot,
-    connections: Arc<Semaphore>,
+    gates: Gates,
     graceful: Arc<GracefulShutdown>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
-        // Backpressure: beyond the connection cap, clients wait in the backlog.
-        let permit = tokio::select! {
-            p = connections.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+        // Backpressure: beyond the handshake cap, clients wait in the backlog.
+        let handshake_permit = tokio::select! {
+            p = gates.handshakes.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
             _ = stop.changed() => return,
         };
-        let (tcp, peer) = tokio::select! {
+        let (tcp, peer_addr) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
@@ -168,38 +398,63 @@ pub async fn serve_tls(
             _ = stop.changed() => return,
         };
         let _ = tcp.set_nodelay(true);
-        let acceptor = tls.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let current = tls.read().unwrap_or_else(|p| p.into_inner()).clone();
         let app = app.clone();
+        let tls = tls.clone();
+        let connections = gates.connections.clone();
         let watcher = graceful.watcher();
+        let stop = stop.clone();
         tokio::spawn(async move {
-            let _permit = permit;
-            let handshake = app.runtime().limits.handshake_timeout;
-            let stream = match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
+            // Counts this connection in the drain until the task ends.
+            let _watcher = watcher;
+            let limits = app.runtime().limits.clone();
+            let handshake = limits.handshake_timeout;
+            let stream = match tokio::time::timeout(handshake, current.acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
-                    tracing::info!(%peer, error = %e, "TLS handshake refused");
+                    tracing::info!(peer = %peer_addr, error = %e, "TLS handshake refused");
                     return;
                 }
                 Err(_) => {
-                    tracing::info!(%peer, "TLS handshake timed out");
+                    tracing::info!(peer = %peer_addr, "TLS handshake timed out");
                     return;
                 }
             };
-            let client = stream
+            // A connection slot only for a client that completed the
+            // handshake. Waiting for one keeps the handshake permit, so the
+            // waiters stay bounded too.
+            let _permit = match tokio::time::timeout(handshake, connections.acquire_owned()).await {
+                Ok(Ok(p)) => p,
+                _ => {
+                    tracing::info!(peer = %peer_addr, "no connection slot free: closed");
+                    return;
+                }
+            };
+            drop(handshake_permit);
+            let chain: Vec<CertificateDer<'static>> = stream
                 .get_ref()
                 .1
                 .peer_certificates()
-                .and_then(|c| c.first())
-                .and_then(|c| ClientIdentity::from_der(c).ok());
-            let client = Arc::new(client);
-            let svc_app = app.clone();
-            let svc = hyper::service::service_fn(move |req| {
-                handle(svc_app.clone(), client.clone(), false, req)
+                .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+                .unwrap_or_default();
+            let identity = chain.first().and_then(|c| ClientIdentity::from_der(c).ok());
+            let ctx = Arc::new(ConnCtx {
+                app,
+                tls: Some(tls),
+                peer: Some(Peer {
+                    identity,
+                    chain,
+                    checked: AtomicU64::new(current.generation),
+                }),
+                probes_only: false,
+                activity: Activity::new(),
             });
-            let b = builder(&app);
-            let conn = b.serve_connection(TokioIo::new(stream), svc).into_owned();
-            if let Err(e) = watcher.watch(conn).await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            let svc_ctx = ctx.clone();
+            let svc = hyper::service::service_fn(move |req| handle(svc_ctx.clone(), req));
+            let b = builder(&limits);
+            let conn = b.serve_connection(TokioIo::new(stream), svc);
+            if let Err(e) = drive(conn, &ctx.activity, &limits, stop).await {
+                tracing::debug!(peer = %peer_addr, error = %e, "connection ended with an error");
             }
         });
     }
@@ -207,18 +462,92 @@ pub async fn serve_tls(
 
 /// Plain-HTTP listener for /healthz and /readyz only.
 pub async fn serve_probes(app: Arc<App>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+    let connections = Arc::new(Semaphore::new(PROBE_CONNECTIONS));
     loop {
-        let (tcp, _) = tokio::select! {
-            r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+        let permit = tokio::select! {
+            p = connections.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
             _ = stop.changed() => return,
         };
+        let (tcp, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // E.g. out of file descriptors: do not spin.
+                    tracing::warn!(error = %e, "probe accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let stop = stop.clone();
         let app = app.clone();
         tokio::spawn(async move {
-            let svc_app = app.clone();
-            let svc = hyper::service::service_fn(move |req| {
-                handle(svc_app.clone(), Arc::new(None), true, req)
+            let _permit = permit;
+            let limits = app.runtime().limits.clone();
+            let ctx = Arc::new(ConnCtx {
+                app,
+                tls: None,
+                peer: None,
+                probes_only: true,
+                activity: Activity::new(),
             });
-            let _ = builder(&app).serve_connection(TokioIo::new(tcp), svc).await;
+            let svc_ctx = ctx.clone();
+            let svc = hyper::service::service_fn(move |req| handle(svc_ctx.clone(), req));
+            let b = builder(&limits);
+            let conn = b.serve_connection(TokioIo::new(tcp), svc);
+            let _ = drive(conn, &ctx.activity, &limits, stop).await;
+        });
+    }
+}
+
+/// Serves the probe listener while svsd waits to be provisioned (or for its
+/// HSM): /healthz 200, /readyz 503 with `reason`, nothing else. There is no
+/// App yet, so this is not [`serve_probes`]. Returns the listener when `stop`
+/// fires so that the full start serves on the same socket: the port never
+/// closes between the two phases, and a probe never sees "connection refused".
+pub async fn serve_waiting_probes(
+    listener: TcpListener,
+    reason: watch::Receiver<SvsError>,
+    limits: Limits,
+    mut stop: watch::Receiver<bool>,
+) -> TcpListener {
+    let connections = Arc::new(Semaphore::new(PROBE_CONNECTIONS));
+    loop {
+        let permit = tokio::select! {
+            p = connections.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return listener },
+            _ = stop.changed() => return listener,
+        };
+        let tcp = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    tracing::warn!(error = %e, "probe accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return listener,
+        };
+        let (stop, reason, limits) = (stop.clone(), reason.clone(), limits.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let activity = Arc::new(Activity::new());
+            let act = activity.clone();
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let _active = act.begin();
+                let head_only = req.method() == hyper::Method::HEAD;
+                let reply = match Route::parse(req.method().as_str(), req.uri().path()) {
+                    Ok(Route::Healthz) => Reply::ok(serde_json::json!({"status": "alive"})),
+                    Ok(Route::Readyz) => Reply::from(reason.borrow().clone()),
+                    Ok(_) => Reply::from(SvsError::NotFound),
+                    Err(e) => Reply::from(e),
+                };
+                std::future::ready(Ok::<_, Infallible>(response(reply, head_only)))
+            });
+            let b = builder(&limits);
+            let conn = b.serve_connection(TokioIo::new(tcp), svc);
+            let _ = drive(conn, &activity, &limits, stop).await;
         });
     }
 }
@@ -292,7 +621,7 @@ pub async fn serve_metrics(
             let _permit = permit;
             let svc_app = app.clone();
             let svc = hyper::service::service_fn(move |req| metrics_request(svc_app.clone(), req));
-            let b = builder(&app);
+            let b = builder(&app.runtime().limits);
             let result = match tls {
                 None => b.serve_connection(TokioIo::new(tcp), svc).await,
                 Some(acceptor) => {
@@ -325,4 +654,64 @@ pub async fn bind(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, SvsError> {
         );
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::config::TlsFiles;
+    use crate::tls::devpki::{DevCa, save_issued};
+
+    fn generation(dir: &std::path::Path, ca: &DevCa, generation: u64) -> TlsGeneration {
+        ca.save(dir).unwrap();
+        let server = ca.server(&["localhost"]).unwrap();
+        let (certificate, private_key) = save_issued(dir, "server", &server).unwrap();
+        let files = TlsFiles {
+            certificate,
+            private_key,
+            client_ca: dir.join("ca.pem"),
+        };
+        TlsGeneration::new(generation, crate::tls::api_tls(&files).unwrap())
+    }
+
+    #[test]
+    fn a_connection_is_rechecked_against_the_current_client_ca_and_validity() {
+        let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let ca1 = DevCa::generate("CA one").unwrap();
+        let ca2 = DevCa::generate("CA two").unwrap();
+        let gen0 = generation(d1.path(), &ca1, 0);
+        let issued = ca1.client("app1").unwrap();
+        let der = CertificateDer::from(issued.cert_der.clone());
+        let peer = Peer {
+            identity: Some(ClientIdentity::from_der(&der).unwrap()),
+            chain: vec![der],
+            checked: AtomicU64::new(0),
+        };
+        let now = SystemTime::now();
+        assert!(peer.current(&gen0, now).is_some());
+        // Reloaded with the same CA: still accepted (and checked once).
+        let gen1 = generation(d1.path(), &ca1, 1);
+        assert!(peer.current(&gen1, now).is_some());
+        assert_eq!(peer.checked.load(Ordering::Relaxed), 1);
+        // Reloaded with another client CA: the old connection loses its client.
+        let gen2 = generation(d2.path(), &ca2, 2);
+        assert!(peer.current(&gen2, now).is_none());
+        // Past the certificate's notAfter, even under the CA that issued it.
+        let not_after = peer.identity.as_ref().unwrap().not_after;
+        assert!(
+            peer.current(&gen1, not_after + Duration::from_secs(1))
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn refused_clients_lose_their_connection() {
+        let r = |e: SvsError| closes_connection(&Reply::from(e));
+        assert!(r(SvsError::Unauthenticated));
+        assert!(r(SvsError::EntitySuspended("a".into())));
+        assert!(!r(SvsError::KeyNotAllowed("k".into())));
+        assert!(!r(SvsError::TooManyConcurrent));
+    }
 }

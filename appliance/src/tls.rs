@@ -9,6 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use rustls::RootCertStore;
+use rustls::server::danger::ClientCertVerifier;
 use rustls::server::{ServerConfig, WebPkiClientVerifier};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -41,14 +42,42 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Builds the server configuration from the TLS files. Errors name the file.
-pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, SvsError> {
-    build(
+/// The API listener's TLS: the rustls configuration and its client
+/// certificate verifier, kept so that connections made under an older
+/// configuration can be checked against the current client CA.
+#[derive(Clone)]
+pub struct ApiTls {
+    /// The server configuration.
+    pub config: Arc<ServerConfig>,
+    /// Verifies client certificates against the configured client CA.
+    pub client_verifier: Arc<dyn ClientCertVerifier>,
+}
+
+impl std::fmt::Debug for ApiTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiTls").finish_non_exhaustive()
+    }
+}
+
+/// Builds the API's TLS from the files. Errors name the file.
+pub fn api_tls(files: &TlsFiles) -> Result<ApiTls, SvsError> {
+    let (config, verifier) = build(
         &files.certificate,
         &files.private_key,
         Some(&files.client_ca),
         "tls",
-    )
+    )?;
+    let client_verifier =
+        verifier.ok_or_else(|| SvsError::Internal("no client certificate verifier".into()))?;
+    Ok(ApiTls {
+        config,
+        client_verifier,
+    })
+}
+
+/// Builds the server configuration from the TLS files. Errors name the file.
+pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, SvsError> {
+    api_tls(files).map(|t| t.config)
 }
 
 /// The metrics listener's TLS: like the API's, but a client certificate is
@@ -60,14 +89,17 @@ pub fn metrics_server_config(files: &MetricsTls) -> Result<Arc<ServerConfig>, Sv
         files.client_ca.as_deref(),
         "metrics tls",
     )
+    .map(|(c, _)| c)
 }
+
+type Verifier = Arc<dyn ClientCertVerifier>;
 
 fn build(
     certificate: &Path,
     private_key: &Path,
     client_ca: Option<&Path>,
     what: &str,
-) -> Result<Arc<ServerConfig>, SvsError> {
+) -> Result<(Arc<ServerConfig>, Option<Verifier>), SvsError> {
     let chain = read_certs(certificate, &format!("{what} certificate"))?;
     // The private key's bytes never reach an error message.
     let key = PrivateKeyDer::from_pem_file(private_key).map_err(|_| {
@@ -80,6 +112,7 @@ fn build(
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| cfg_err(format!("TLS versions: {e}")))?;
+    let mut client_verifier: Option<Verifier> = None;
     let builder = match client_ca {
         Some(client_ca) => {
             let mut roots = RootCertStore::empty();
@@ -92,6 +125,7 @@ fn build(
                 WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
                     .build()
                     .map_err(|e| cfg_err(format!("client certificate verifier: {e}")))?;
+            client_verifier = Some(verifier.clone());
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),
@@ -100,7 +134,7 @@ fn build(
         .with_single_cert(chain, key)
         .map_err(|e| cfg_err(format!("{what} certificate/private_key: {e}")))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), client_verifier))
 }
 
 /// Lower-case hex SHA-256 of DER bytes (a certificate's fingerprint).

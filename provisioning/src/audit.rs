@@ -5,7 +5,11 @@
 use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
-use svs_appliance::audit::{BreakKind, ChainBreak, trail_files, verify_dir};
+use std::time::{Duration, SystemTime};
+
+use svs_appliance::audit::{
+    BreakKind, CHECKPOINT_SLACK, ChainBreak, VerifyOptions, trail_files, verify_dir_with,
+};
 
 use crate::Report;
 use crate::error::{ProvisionError, Result};
@@ -45,6 +49,13 @@ fn describe(kind: &BreakKind) -> String {
             "the last line is incomplete (a crash while writing; it was never acknowledged)".into()
         }
         BreakKind::BadFileName => "the file's name does not match its first record".into(),
+        BreakKind::MissingStart { first_seq } => format!(
+            "the trail starts at seq {first_seq}, not 1: records 1 to {} are missing (oldest files deleted or archived) and nothing anchors the first record kept. If they were archived on purpose, verify with --from-seq {first_seq}",
+            first_seq.saturating_sub(1)
+        ),
+        BreakKind::Unsigned { after } => format!(
+            "records after seq {after} are covered by no signed checkpoint although svsd signs one every checkpoint interval: checkpoints were removed (and those records possibly rewritten), or svsd could not sign (see its log for ALARM)"
+        ),
     }
 }
 
@@ -58,13 +69,22 @@ fn kind_name(kind: &BreakKind) -> &'static str {
         BreakKind::BadCheckpoint => "bad_checkpoint",
         BreakKind::TornTail => "torn_tail",
         BreakKind::BadFileName => "bad_file_name",
+        BreakKind::MissingStart { .. } => "missing_start",
+        BreakKind::Unsigned { .. } => "unsigned_tail",
     }
 }
 
 /// The message for a break: where, what, and what to do.
 pub fn break_message(b: &ChainBreak) -> String {
+    let before = match b.kind {
+        // The chain itself held up to the end; the signatures did not.
+        BreakKind::Unsigned { .. } => {
+            "The chain is consistent, but that proves nothing against someone who can rewrite the files"
+        }
+        _ => "Records before this line check out",
+    };
     format!(
-        "audit trail BROKEN at {}:{}{}: {} ({}; {}). Records before this line check out. Keep the files unchanged as evidence and report it",
+        "audit trail BROKEN at {}:{}{}: {} ({}; {}). {before}. Keep the files unchanged as evidence and report it",
         b.file.display(),
         b.line,
         b.seq.map(|s| format!(" (seq {s})")).unwrap_or_default(),
@@ -74,8 +94,19 @@ pub fn break_message(b: &ChainBreak) -> String {
     )
 }
 
+/// What `audit verify` demands beyond the chain.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyArgs {
+    /// svsd's checkpoint interval (from its config or the command line).
+    pub checkpoint_interval: Option<Duration>,
+    /// Records before this seq were pruned on purpose.
+    pub from_seq: Option<u64>,
+    /// svsd is running: the newest checkpoint must be recent.
+    pub live: bool,
+}
+
 /// `audit verify`.
-pub fn verify(dir: &Path, key: &AuditKey) -> Result<Report> {
+pub fn verify(dir: &Path, key: &AuditKey, args: &VerifyArgs) -> Result<Report> {
     if !dir.is_dir() {
         return Err(ProvisionError::NotFound(format!(
             "audit directory {} does not exist (svsd's [audit] dir)",
@@ -86,31 +117,71 @@ pub fn verify(dir: &Path, key: &AuditKey) -> Result<Report> {
         AuditKey::Point { point, .. } => Some(point.as_slice()),
         AuditKey::Skip => None,
     };
+    let opts = VerifyOptions {
+        key: point,
+        checkpoint_interval: args.checkpoint_interval,
+        from_seq: args.from_seq,
+        live_at: args.live.then(SystemTime::now),
+    };
     let report =
-        verify_dir(dir, point).map_err(|b| ProvisionError::AuditBroken(break_message(&b)))?;
+        verify_dir_with(dir, &opts).map_err(|b| ProvisionError::AuditBroken(break_message(&b)))?;
     if report.records == 0 {
         return Err(ProvisionError::NotFound(format!(
             "no audit records in {} (files are named audit-<seq>.jsonl)",
             dir.display()
         )));
     }
-    let sigs = match key {
+    let mut text = format!(
+        "audit trail in {} intact: {} records in {} files (seq {}..{}), {} checkpoints\n",
+        dir.display(),
+        report.records,
+        report.files,
+        report.first_seq,
+        report.last_seq,
+        report.checkpoints,
+    );
+    match key {
         AuditKey::Point { source, .. } => {
-            format!("checkpoint signatures verified with {source}")
+            text.push_str(&format!("checkpoint signatures verified with {source}\n"));
+            match (report.signed_through, &report.signed_at) {
+                (Some(seq), Some(at)) => text.push_str(&format!(
+                    "signed through seq {seq} (checkpoint written {at}); the {} records after it are within the checkpoint interval{}\n",
+                    report.last_seq - seq,
+                    args.checkpoint_interval
+                        .map(|i| format!(" ({}s + {}s)", i.as_secs(), CHECKPOINT_SLACK.as_secs()))
+                        .unwrap_or_default()
+                )),
+                _ => text.push_str(
+                    "no signed checkpoint yet: the trail is younger than the checkpoint interval\n",
+                ),
+            }
+            for (cp, head) in &report.unchecked_heads {
+                text.push_str(&format!(
+                    "note: checkpoint seq {cp} signs head seq {head}, before the first record kept: its signature checks out, its head cannot be checked here\n"
+                ));
+            }
+            if !args.live {
+                text.push_str(
+                    "note: newest records or files removed cannot be told from a trail that ends there; while svsd runs, add --live to compare the newest checkpoint with the clock\n",
+                );
+            }
         }
-        AuditKey::Skip => "checkpoint signatures NOT checked (--skip-signatures)".into(),
-    };
-    Ok(Report {
-        text: format!(
-            "audit trail in {} intact: {} records in {} files (seq {}..{}), {} checkpoints, {sigs}\nhead: {}\n",
-            dir.display(),
-            report.records,
-            report.files,
-            report.first_seq,
-            report.last_seq,
-            report.checkpoints,
-            report.head
+        AuditKey::Skip => text.push_str(
+            "NOTE: checkpoint signatures NOT checked (--skip-signatures). The unkeyed SM3 chain proves order and integrity against accidents, NOT against someone who can rewrite the files: give the audit key for that\n",
         ),
+    }
+    if report.pruned {
+        text.push_str(&format!(
+            "note: records before seq {} were pruned (--from-seq): the first record kept is not anchored to the start of the trail\n",
+            report.first_seq
+        ));
+    }
+    for w in &report.warnings {
+        text.push_str(&format!("warning: {w}\n"));
+    }
+    text.push_str(&format!("head: {}\n", report.head));
+    Ok(Report {
+        text,
         json: json!({
             "intact": true,
             "dir": dir,
@@ -120,6 +191,12 @@ pub fn verify(dir: &Path, key: &AuditKey) -> Result<Report> {
             "last_seq": report.last_seq,
             "checkpoints": report.checkpoints,
             "signatures_checked": matches!(key, AuditKey::Point { .. }),
+            "signed_through": report.signed_through,
+            "signed_at": report.signed_at,
+            "unchecked_checkpoint_heads": report.unchecked_heads.iter().map(|(c, h)| json!({"seq": c, "head_seq": h})).collect::<Vec<_>>(),
+            "pruned_before": report.pruned.then_some(report.first_seq),
+            "live": args.live,
+            "warnings": report.warnings,
             "head": report.head,
         }),
     })
@@ -290,6 +367,58 @@ mod tests {
         for bad in ["yesterday", "31/01/2026", "2026-1-31"] {
             assert!(check_time(bad).is_err(), "{bad}");
         }
+    }
+
+    fn trail(dir: &Path, notes: usize) {
+        let trail = svs_appliance::audit::AuditTrail::open(&svs_appliance::config::AuditConfig {
+            dir: dir.to_path_buf(),
+            max_file_bytes: 1024,
+            max_group_records: 64,
+            checkpoint_interval: None,
+            checkpoint_key: None,
+        })
+        .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        for _ in 0..notes {
+            rt.block_on(trail.note("selftest", "ok".into())).unwrap();
+        }
+        trail.close();
+    }
+
+    #[test]
+    fn unkeyed_verification_says_what_it_does_not_prove() {
+        let dir = tempfile::tempdir().unwrap();
+        trail(dir.path(), 3);
+        let r = verify(dir.path(), &AuditKey::Skip, &VerifyArgs::default()).unwrap();
+        assert!(
+            r.text
+                .contains("NOT against someone who can rewrite the files"),
+            "{}",
+            r.text
+        );
+    }
+
+    #[test]
+    fn a_trail_without_its_oldest_file_fails_unless_pruning_is_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        trail(dir.path(), 30);
+        let files = trail_files(dir.path()).unwrap();
+        std::fs::remove_file(&files[0].1).unwrap();
+        let first = files[1].0;
+        let e = verify(dir.path(), &AuditKey::Skip, &VerifyArgs::default()).unwrap_err();
+        assert_eq!(e.exit_code(), 10);
+        let m = e.to_string();
+        assert!(m.contains(&format!("starts at seq {first}, not 1")), "{m}");
+        assert!(m.contains(&format!("--from-seq {first}")), "{m}");
+        let args = VerifyArgs {
+            from_seq: Some(first),
+            ..Default::default()
+        };
+        let r = verify(dir.path(), &AuditKey::Skip, &args).unwrap();
+        assert!(r.text.contains("were pruned"), "{}", r.text);
+        assert_eq!(r.json["pruned_before"], first);
     }
 
     #[test]

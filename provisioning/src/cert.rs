@@ -134,10 +134,91 @@ fn template(label: &str, id: Option<&[u8]>, der: &[u8], c: &Certificate) -> Resu
     Ok(t)
 }
 
+/// Checks the chain before anything is stored: every chain certificate is
+/// within its validity period, and each link from the certificate up to
+/// the last issuer found in the chain is signed by that issuer. A wrong
+/// signature is always refused; a date problem or a signature that cannot
+/// be checked (an algorithm other than SM3withSM2 / ecdsa-with-SHA256) is
+/// refused unless `force`, and then returned as a warning: an unchecked
+/// link proves nothing, so it must not pass silently.
+fn check_chain(
+    leaf: &Certificate,
+    chain: &[(Vec<u8>, Certificate)],
+    now: SystemTime,
+    force: bool,
+) -> Result<Vec<String>> {
+    let mut warnings = Vec::new();
+    let mut soft = |problem: String| -> Result<()> {
+        if force {
+            warnings.push(problem);
+            Ok(())
+        } else {
+            Err(ProvisionError::Certificate(format!(
+                "{problem}. Nothing was stored (pass --force to store it anyway)"
+            )))
+        }
+    };
+    for (_, c) in chain {
+        if let Some(p) = validity_problem(c, now) {
+            soft(format!(
+                "chain certificate {} {p}",
+                c.tbs_certificate().subject()
+            ))?;
+        }
+    }
+    if chain.is_empty() {
+        return Ok(warnings);
+    }
+    let mut cur = leaf;
+    // Each step moves to another chain certificate; a chain cannot be
+    // longer than the file, so this also ends on a loop of issuers.
+    for step in 0..=chain.len() {
+        let issuer_name = cur.tbs_certificate().issuer();
+        let self_signed = cur.tbs_certificate().subject() == issuer_name;
+        let Some((_, ca)) = chain
+            .iter()
+            .find(|(_, c)| c.tbs_certificate().subject() == issuer_name)
+        else {
+            if step == 0 {
+                return Err(ProvisionError::Certificate(format!(
+                    "the chain does not contain the certificate's issuer {}; chain subjects: {}. Nothing was stored",
+                    issuer_name,
+                    chain
+                        .iter()
+                        .map(|(_, c)| c.tbs_certificate().subject().to_string())
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                )));
+            }
+            // The top of the chain given: its issuer is trusted elsewhere.
+            break;
+        };
+        let subject = cur.tbs_certificate().subject();
+        match issued_by(cur, ca) {
+            Some(true) => {}
+            Some(false) => {
+                return Err(ProvisionError::Certificate(format!(
+                    "the signature on {subject} does not verify with the public key of {issuer_name}; it was not issued by that CA. Nothing was stored"
+                )));
+            }
+            None => soft(format!(
+                "the signature on {subject} by {issuer_name} cannot be checked (signature algorithm {} is not SM3withSM2 or ecdsa-with-SHA256)",
+                cur.signature_algorithm().oid
+            ))?,
+        }
+        if self_signed {
+            break;
+        }
+        cur = ca;
+    }
+    Ok(warnings)
+}
+
 /// Options of `cert import`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ImportOptions {
-    /// Accept an expired or not-yet-valid certificate.
+    /// Accept an expired or not-yet-valid certificate or chain
+    /// certificate, or a chain signature that cannot be checked.
     pub force: bool,
     /// Replace a certificate the key already has.
     pub replace: bool,
@@ -168,33 +249,7 @@ pub fn import(
             file.display()
         )));
     }
-    if !chain_certs.is_empty() {
-        let issuer = leaf.tbs_certificate().issuer();
-        match chain_certs
-            .iter()
-            .find(|(_, c)| c.tbs_certificate().subject() == issuer)
-        {
-            None => {
-                return Err(ProvisionError::Certificate(format!(
-                    "the chain does not contain the certificate's issuer {}; chain subjects: {}. Nothing was stored",
-                    issuer,
-                    chain_certs
-                        .iter()
-                        .map(|(_, c)| c.tbs_certificate().subject().to_string())
-                        .collect::<Vec<_>>()
-                        .join("; ")
-                )));
-            }
-            Some((_, ca)) => {
-                if issued_by(&leaf, ca) == Some(false) {
-                    return Err(ProvisionError::Certificate(format!(
-                        "the certificate's signature does not verify with the public key of {}; it was not issued by that CA. Nothing was stored",
-                        issuer
-                    )));
-                }
-            }
-        }
-    }
+    let chain_warnings = check_chain(&leaf, &chain_certs, now, opts.force)?;
 
     let session = opened.user_session(pins)?;
     let key: Key = keys::find(&session, &opened.profile, label, &opened.label)?;
@@ -282,9 +337,12 @@ pub fn import(
                 .map_err(|e| ProvisionError::pkcs11(e, "removing the old certificate", "user"))?;
         }
     }
-    let warn = validity_problem(&leaf, now)
+    let mut warn = validity_problem(&leaf, now)
         .map(|p| format!("WARNING: the certificate {p} (stored because of --force)\n"))
         .unwrap_or_default();
+    for w in &chain_warnings {
+        warn.push_str(&format!("WARNING: {w} (stored because of --force)\n"));
+    }
     let subject = leaf.tbs_certificate().subject().to_string();
     Ok(Report {
         text: format!(
@@ -302,7 +360,8 @@ pub fn import(
             "subject": subject,
             "already_stored": same,
             "chain_stored": chain_stored,
-            "forced": validity_problem(&leaf, now).is_some(),
+            "forced": validity_problem(&leaf, now).is_some() || !chain_warnings.is_empty(),
+            "chain_warnings": chain_warnings,
             "certificate": keys::cert_summary(&leaf_der),
         }),
     })
@@ -372,5 +431,104 @@ mod tests {
         assert!(e.to_string().contains("PRIVATE KEY"), "{e}");
         let e = read_certificates(&dir.path().join("missing.pem")).unwrap_err();
         assert_eq!(e.exit_code(), 3);
+    }
+
+    /// Runs openssl in `dir`; the tests that use it need it (as the
+    /// enrollment tests do).
+    fn openssl(dir: &Path, args: &str) {
+        let st = std::process::Command::new("openssl")
+            .args(args.split_whitespace())
+            .current_dir(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl");
+        assert!(st.success(), "openssl {args}");
+    }
+
+    fn cert(dir: &Path, name: &str) -> Certificate {
+        read_certificates(&dir.join(name)).unwrap().remove(0).1
+    }
+
+    fn chain(dir: &Path, names: &[&str]) -> Vec<(Vec<u8>, Certificate)> {
+        names
+            .iter()
+            .flat_map(|n| read_certificates(&dir.join(n)).unwrap())
+            .collect()
+    }
+
+    /// root (10 years) → inter (1 day) → leaf (30 days), all P-256; a
+    /// second root with the same name but another key; an RSA root.
+    fn pki(dir: &Path) {
+        let ec = "-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes";
+        openssl(
+            dir,
+            &format!("req -x509 {ec} -keyout root.key -out root.pem -days 3650 -subj /CN=Root"),
+        );
+        openssl(
+            dir,
+            &format!("req -x509 {ec} -keyout fake.key -out fake.pem -days 3650 -subj /CN=Root"),
+        );
+        openssl(
+            dir,
+            "req -x509 -newkey rsa:2048 -nodes -keyout rsa.key -out rsa.pem -days 3650 -subj /CN=RsaRoot",
+        );
+        openssl(
+            dir,
+            &format!("req {ec} -keyout inter.key -out inter.csr -subj /CN=Inter"),
+        );
+        let ext = dir.join("ca.ext");
+        std::fs::write(&ext, "basicConstraints=critical,CA:TRUE\n").unwrap();
+        openssl(
+            dir,
+            "x509 -req -in inter.csr -CA root.pem -CAkey root.key -CAcreateserial -days 1 -extfile ca.ext -out inter.pem",
+        );
+        openssl(
+            dir,
+            "x509 -req -in inter.csr -CA rsa.pem -CAkey rsa.key -CAcreateserial -days 3650 -extfile ca.ext -out inter-rsa.pem",
+        );
+        openssl(
+            dir,
+            &format!("req {ec} -keyout leaf.key -out leaf.csr -subj /CN=Leaf"),
+        );
+        openssl(
+            dir,
+            "x509 -req -in leaf.csr -CA inter.pem -CAkey inter.key -CAcreateserial -days 30 -out leaf.pem",
+        );
+    }
+
+    #[test]
+    fn the_whole_chain_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        pki(d);
+        let leaf = cert(d, "leaf.pem");
+        let now = SystemTime::now();
+        assert!(
+            check_chain(&leaf, &chain(d, &["inter.pem", "root.pem"]), now, false)
+                .unwrap()
+                .is_empty()
+        );
+        // Beyond the direct issuer: the intermediate was not signed by this root.
+        let e = check_chain(&leaf, &chain(d, &["inter.pem", "fake.pem"]), now, true).unwrap_err();
+        assert!(e.to_string().contains("CN=Inter does not verify"), "{e}");
+        // A chain certificate out of its validity period (the intermediate
+        // lives one day; the leaf 30).
+        let later = now + std::time::Duration::from_secs(3 * 86_400);
+        let e =
+            check_chain(&leaf, &chain(d, &["inter.pem", "root.pem"]), later, false).unwrap_err();
+        assert!(
+            e.to_string().contains("chain certificate CN=Inter expired"),
+            "{e}"
+        );
+        assert_eq!(e.exit_code(), 7);
+        let w = check_chain(&leaf, &chain(d, &["inter.pem", "root.pem"]), later, true).unwrap();
+        assert_eq!(w.len(), 1, "{w:?}");
+        // A signature that cannot be checked (RSA) is refused unless --force.
+        let inter_rsa = cert(d, "inter-rsa.pem");
+        let e = check_chain(&inter_rsa, &chain(d, &["rsa.pem"]), now, false).unwrap_err();
+        assert!(e.to_string().contains("cannot be checked"), "{e}");
+        let w = check_chain(&inter_rsa, &chain(d, &["rsa.pem"]), now, true).unwrap();
+        assert!(w[0].contains("cannot be checked"), "{w:?}");
     }
 }

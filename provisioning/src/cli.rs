@@ -207,9 +207,9 @@ pub struct CsrArgs {
 #[derive(Debug, Subcommand)]
 pub enum CertCmd {
     /// Store the certificate issued for a key, with the key's id. Refuses a
-    /// certificate for another key, an expired or not-yet-valid one (--force
-    /// overrides only the dates), and a chain that did not issue it. Needs
-    /// the user PIN.
+    /// certificate for another key, an expired or not-yet-valid one or chain
+    /// certificate, a chain signature it cannot check (--force overrides
+    /// only these two), and a chain that did not issue it. Needs the user PIN.
     Import {
         /// Key label.
         #[arg(long)]
@@ -220,7 +220,8 @@ pub enum CertCmd {
         /// CA certificates (PEM), stored too so svsd serves the chain.
         #[arg(long)]
         chain: Option<PathBuf>,
-        /// Store even if expired or not yet valid.
+        /// Store even if it or a chain certificate is expired or not yet
+        /// valid, or a chain signature uses an algorithm that cannot be checked.
         #[arg(long)]
         force: bool,
         /// Replace the certificate the key already has.
@@ -342,9 +343,23 @@ pub enum AuditCmd {
         /// [audit] checkpoint_key with --config). Reads only its public half.
         #[arg(long, value_name = "LABEL", conflicts_with = "skip_signatures")]
         key: Option<String>,
-        /// Check hashes and order only, not checkpoint signatures.
+        /// Check hashes and order only, not checkpoint signatures (this
+        /// does not detect deliberate rewriting of the files).
         #[arg(long)]
         skip_signatures: bool,
+        /// svsd's checkpoint interval in seconds (default: svsd's [audit]
+        /// checkpoint_interval_s with --config, else svsd's default 300).
+        /// Records after the newest signed checkpoint may span no longer.
+        #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+        checkpoint_interval: Option<u64>,
+        /// The trail was pruned on purpose and starts at this seq: accept
+        /// that records before it are missing (default: it must start at 1).
+        #[arg(long, value_name = "SEQ", value_parser = clap::value_parser!(u64).range(2..))]
+        from_seq: Option<u64>,
+        /// svsd is running: the newest signed checkpoint must also be recent
+        /// by the clock (shows newest records or files removed).
+        #[arg(long, conflicts_with = "skip_signatures")]
+        live: bool,
     },
     /// List records, oldest first (does not verify them: `audit verify` does).
     Show {
@@ -640,8 +655,26 @@ pub fn run(cli: Cli) -> Result<Outcome> {
             public_key,
             key,
             skip_signatures,
+            checkpoint_interval,
+            from_seq,
+            live,
         }) => {
             let dir = crate::audit::dir_from(dir.clone(), config.as_ref())?;
+            let interval = match (checkpoint_interval, &config) {
+                (Some(s), _) => Some(std::time::Duration::from_secs(*s)),
+                (None, Some(c)) => c.audit.checkpoint_interval,
+                (None, None) => Some(std::time::Duration::from_secs(300)),
+            };
+            if interval.is_none() && !*skip_signatures {
+                return Err(ProvisionError::Usage(
+                    "svsd's configuration writes no checkpoints (checkpoint_interval_s = 0), so no signature covers the trail: give --checkpoint-interval if it did write them, or --skip-signatures".into(),
+                ));
+            }
+            let args = crate::audit::VerifyArgs {
+                checkpoint_interval: interval,
+                from_seq: *from_seq,
+                live: *live,
+            };
             let audit_key = if *skip_signatures {
                 AuditKey::Skip
             } else if let Some(f) = public_key {
@@ -666,7 +699,7 @@ pub fn run(cli: Cli) -> Result<Outcome> {
                     source: format!("key '{label}' (spki_sha256 {})", k.fingerprint()),
                 }
             };
-            Ok(crate::audit::verify(&dir, &audit_key)?.into())
+            Ok(crate::audit::verify(&dir, &audit_key, &args)?.into())
         }
         Command::Audit(AuditCmd::Show {
             dir,

@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -241,7 +242,7 @@ pub fn add(config_path: &Path, new: &NewEntity, reload: &Reload) -> Result<Repor
         list.push(table);
         Ok(())
     })?;
-    let outcome = do_reload(reload)?;
+    let outcome = do_reload(reload, &config.audit.dir)?;
     Ok(Report {
         text: format!(
             "entity {:?} added ({field} {fp}, keys [{}], ops [{}]){}\n{}",
@@ -274,7 +275,7 @@ pub fn set_status(
         }
         Ok(())
     })?;
-    let outcome = do_reload(reload)?;
+    let outcome = do_reload(reload, &config.audit.dir)?;
     let state = if suspended { "suspended" } else { "active" };
     Ok(Report {
         text: format!("entity {name:?} is now {state}\n{}", outcome.text),
@@ -304,7 +305,7 @@ pub fn remove(config_path: &Path, name: &str, yes: bool, reload: &Reload) -> Res
         list.retain(|t| t.get("name").and_then(|n| n.as_str()) != Some(owned.as_str()));
         Ok(())
     })?;
-    let outcome = do_reload(reload)?;
+    let outcome = do_reload(reload, &config.audit.dir)?;
     Ok(Report {
         text: format!("entity {name:?} removed\n{}", outcome.text),
         json: json!({"name": name, "removed": true, "reload": outcome.json}),
@@ -476,33 +477,40 @@ struct ReloadOutcome {
     json: Value,
 }
 
+/// How long svsd gets to record a reload: it re-reads its files, builds
+/// the TLS acceptor and fsyncs one audit record.
+const RELOAD_WAIT: Duration = Duration::from_secs(5);
+
+fn not_reloaded(why: String) -> ProvisionError {
+    ProvisionError::NotReloaded(format!(
+        "the entities file was updated, but {why}. Until svsd reloads, it keeps serving the previous entities: fix the cause, then `systemctl reload svsd` (or `kill -HUP <svsd pid>`) and check `svs-provision audit show --type reload --last 1`"
+    ))
+}
+
 fn proc_name(pid: i32) -> Option<String> {
     std::fs::read_to_string(format!("/proc/{pid}/comm"))
         .ok()
         .map(|s| s.trim_end().to_owned())
 }
 
-fn sighup(pid: i32) -> Result<ReloadOutcome> {
-    let failed = |why: String| {
-        ProvisionError::Io(format!(
-            "the entities file was updated, but svsd was not told: {why}. Reload it with `systemctl reload svsd` (or `kill -HUP <svsd pid>`)"
-        ))
-    };
+fn sighup(pid: i32) -> Result<()> {
     match proc_name(pid) {
         Some(n) if n == "svsd" => {}
-        Some(n) => return Err(failed(format!("process {pid} is {n:?}, not svsd"))),
-        None => return Err(failed(format!("there is no process {pid}"))),
+        Some(n) => {
+            return Err(not_reloaded(format!(
+                "svsd was not told: process {pid} is {n:?}, not svsd"
+            )));
+        }
+        None => {
+            return Err(not_reloaded(format!(
+                "svsd was not told: there is no process {pid}"
+            )));
+        }
     }
     let p = rustix::process::Pid::from_raw(pid)
-        .ok_or_else(|| failed(format!("{pid} is not a process id")))?;
+        .ok_or_else(|| not_reloaded(format!("svsd was not told: {pid} is not a process id")))?;
     rustix::process::kill_process(p, rustix::process::Signal::HUP)
-        .map_err(|e| failed(format!("SIGHUP to {pid}: {e}")))?;
-    Ok(ReloadOutcome {
-        text: format!(
-            "svsd (pid {pid}) asked to reload (SIGHUP); its log says whether it accepted the change\n"
-        ),
-        json: json!({"method": "sighup", "pid": pid, "sent": true}),
-    })
+        .map_err(|e| not_reloaded(format!("svsd was not told: SIGHUP to {pid}: {e}")))
 }
 
 fn systemctl(args: &[&str]) -> bool {
@@ -515,52 +523,140 @@ fn systemctl(args: &[&str]) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-fn do_reload(how: &Reload) -> Result<ReloadOutcome> {
-    match how {
-        Reload::No => Ok(ReloadOutcome {
-            text: "svsd not reloaded (--no-reload): run `systemctl reload svsd` when ready\n"
-                .into(),
-            json: json!({"method": "none", "sent": false}),
-        }),
-        Reload::Pid(pid) => sighup(*pid),
-        Reload::PidFile(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| {
-                ProvisionError::Io(format!(
-                    "the entities file was updated, but svsd's pid file {} cannot be read ({e}); reload svsd by hand",
-                    path.display()
-                ))
-            })?;
-            let pid = text.trim().parse::<i32>().map_err(|_| {
-                ProvisionError::Io(format!(
-                    "the entities file was updated, but {} does not hold a process id; reload svsd by hand",
-                    path.display()
-                ))
-            })?;
-            sighup(pid)
+/// The seq of the newest complete record in the trail (0 when empty).
+fn audit_mark(dir: &Path) -> std::io::Result<u64> {
+    let files = svs_appliance::audit::trail_files(dir)?;
+    for (_, path) in files.iter().rev() {
+        let text = std::fs::read(path)?;
+        let complete = text
+            .iter()
+            .rposition(|b| *b == b'\n')
+            .map_or(&text[..0], |i| &text[..i]);
+        if let Some(last) = complete
+            .split(|b| *b == b'\n')
+            .rev()
+            .find(|l| !l.is_empty())
+        {
+            return Ok(serde_json::from_slice::<Value>(last)
+                .ok()
+                .and_then(|v| v.get("seq")?.as_u64())
+                .unwrap_or(0));
         }
-        Reload::Systemd => {
-            if systemctl(&["reload", "svsd"]) {
-                Ok(ReloadOutcome {
-                    text: "svsd reloaded (systemctl reload svsd)\n".into(),
-                    json: json!({"method": "systemd", "sent": true}),
-                })
-            } else {
-                Err(ProvisionError::Io(
-                    "the entities file was updated, but `systemctl reload svsd` failed; see `systemctl status svsd`".into(),
-                ))
+    }
+    Ok(0)
+}
+
+/// The seq of a `reload` record after `mark`, if svsd wrote one.
+fn reload_after(dir: &Path, mark: u64) -> Option<u64> {
+    let files = svs_appliance::audit::trail_files(dir).ok()?;
+    // Only the file holding `mark` and later ones can hold newer records.
+    let start = files.iter().rposition(|(s, _)| *s <= mark).unwrap_or(0);
+    for (_, path) in &files[start..] {
+        let text = std::fs::read_to_string(path).ok()?;
+        for line in text.lines() {
+            let Ok(v) = serde_json::from_str::<Value>(line) else {
+                continue;
+            };
+            let seq = v.get("seq").and_then(Value::as_u64).unwrap_or(0);
+            if seq > mark && v.get("type").and_then(Value::as_str) == Some("reload") {
+                return Some(seq);
             }
         }
+    }
+    None
+}
+
+/// Waits for svsd's `reload` audit record: svsd writes it only once the
+/// new configuration is installed, and writes nothing when it refuses one
+/// (the previous configuration keeps serving). A signal delivered, or
+/// `systemctl reload` returning, says neither.
+fn confirm(dir: &Path, mark: u64, wait: Duration) -> Option<u64> {
+    let deadline = Instant::now() + wait;
+    loop {
+        if let Some(seq) = reload_after(dir, mark) {
+            return Some(seq);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn do_reload(how: &Reload, audit_dir: &Path) -> Result<ReloadOutcome> {
+    do_reload_within(how, audit_dir, RELOAD_WAIT)
+}
+
+fn do_reload_within(how: &Reload, audit_dir: &Path, wait: Duration) -> Result<ReloadOutcome> {
+    let pid = match how {
+        Reload::No => {
+            return Ok(ReloadOutcome {
+                text: "svsd not reloaded (--no-reload): run `systemctl reload svsd` when ready\n"
+                    .into(),
+                json: json!({"method": "none", "sent": false, "confirmed": false}),
+            });
+        }
+        Reload::Pid(pid) => Some(*pid),
+        Reload::PidFile(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                not_reloaded(format!(
+                    "svsd's pid file {} cannot be read ({e})",
+                    path.display()
+                ))
+            })?;
+            Some(text.trim().parse::<i32>().map_err(|_| {
+                not_reloaded(format!("{} does not hold a process id", path.display()))
+            })?)
+        }
+        Reload::Systemd => None,
         Reload::Auto => {
             if Path::new("/run/systemd/system").exists()
                 && systemctl(&["is-active", "--quiet", "svsd"])
             {
-                return do_reload(&Reload::Systemd);
+                None
+            } else {
+                return Err(not_reloaded(
+                    "no svsd running under systemd was found, so none was asked to reload; pass --pid PID or --pid-file FILE to signal one, or --no-reload if none should be".into(),
+                ));
             }
+        }
+    };
+    let mark = audit_mark(audit_dir).map_err(|e| {
+        not_reloaded(format!(
+            "svsd was not asked: its audit trail {} cannot be read ({e}), so a reload could not be confirmed",
+            audit_dir.display()
+        ))
+    })?;
+    let method = match pid {
+        Some(pid) => {
+            sighup(pid)?;
+            json!({"method": "sighup", "pid": pid})
+        }
+        None => {
+            if !systemctl(&["reload", "svsd"]) {
+                return Err(not_reloaded(
+                    "`systemctl reload svsd` failed (see `systemctl status svsd`)".into(),
+                ));
+            }
+            json!({"method": "systemd"})
+        }
+    };
+    let who = pid.map_or("svsd".to_string(), |p| format!("svsd (pid {p})"));
+    match confirm(audit_dir, mark, wait) {
+        Some(seq) => {
+            let mut j = method;
+            j["sent"] = true.into();
+            j["confirmed"] = true.into();
+            j["audit_seq"] = seq.into();
             Ok(ReloadOutcome {
-                text: "note: no svsd running under systemd was found, so none was reloaded; pass --pid PID to signal one, or reload it by hand\n".into(),
-                json: json!({"method": "none", "sent": false}),
+                text: format!("{who} reloaded (confirmed by its reload audit record, seq {seq})\n"),
+                json: j,
             })
         }
+        None => Err(not_reloaded(format!(
+            "{who} was asked to reload and did not confirm within {}s (no new `reload` audit record): it refused the new configuration (its log says why) or is not running",
+            wait.as_secs()
+        ))),
     }
 }
 
@@ -580,7 +676,59 @@ mod tests {
     #[test]
     fn sighup_refuses_a_process_that_is_not_svsd() {
         let me = std::process::id() as i32;
-        let e = sighup(me).err().expect("must refuse");
+        let e = sighup(me).expect_err("must refuse");
         assert!(e.to_string().contains("not svsd"), "{e}");
+        assert_eq!(e.exit_code(), 14);
+    }
+
+    fn trail_with(dir: &Path, kinds: &[&'static str]) {
+        let trail = svs_appliance::audit::AuditTrail::open(&svs_appliance::config::AuditConfig {
+            dir: dir.to_path_buf(),
+            max_file_bytes: 1 << 20,
+            max_group_records: 64,
+            checkpoint_interval: None,
+            checkpoint_key: None,
+        })
+        .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        for k in kinds {
+            rt.block_on(trail.note(k, "test".into())).unwrap();
+        }
+        trail.close();
+    }
+
+    #[test]
+    fn a_reload_counts_only_once_svsd_recorded_it() {
+        let dir = tempfile::tempdir().unwrap();
+        trail_with(dir.path(), &["start", "reload", "selftest"]);
+        let mark = audit_mark(dir.path()).unwrap();
+        assert_eq!(mark, 3);
+        // An older reload record does not confirm a new request.
+        let quick = Duration::from_millis(200);
+        assert_eq!(confirm(dir.path(), mark, quick), None);
+        trail_with(dir.path(), &["anomaly", "reload"]);
+        assert_eq!(confirm(dir.path(), mark, quick), Some(5));
+    }
+
+    #[test]
+    fn no_svsd_to_ask_is_a_failure_unless_no_reload_was_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let quick = Duration::from_millis(200);
+        if !(Path::new("/run/systemd/system").exists()
+            && systemctl(&["is-active", "--quiet", "svsd"]))
+        {
+            let e = do_reload_within(&Reload::Auto, dir.path(), quick)
+                .err()
+                .expect("nothing to ask must not pass");
+            assert_eq!(e.exit_code(), 14, "{e}");
+        }
+        assert!(do_reload_within(&Reload::No, dir.path(), quick).is_ok());
+        // No such process: nothing was asked.
+        let e = do_reload_within(&Reload::Pid(i32::MAX), dir.path(), quick)
+            .err()
+            .unwrap();
+        assert_eq!(e.exit_code(), 14, "{e}");
     }
 }

@@ -46,6 +46,10 @@ pub enum ProvisionError {
     /// The operator declined a confirmation, or none could be asked.
     #[error("{0}")]
     Cancelled(String),
+    /// A file svsd reads was changed, but svsd did not confirm that it
+    /// took the change (no svsd to ask, signal failed, or reload refused).
+    #[error("{0}")]
+    NotReloaded(String),
 }
 
 /// Result with the crate's error.
@@ -69,6 +73,7 @@ impl ProvisionError {
             ProvisionError::SelftestFailed(_) => 11,
             ProvisionError::Io(_) => 12,
             ProvisionError::Cancelled(_) => 13,
+            ProvisionError::NotReloaded(_) => 14,
         }
     }
 
@@ -87,6 +92,7 @@ impl ProvisionError {
             ProvisionError::SelftestFailed(_) => "selftest_failed",
             ProvisionError::Io(_) => "io",
             ProvisionError::Cancelled(_) => "cancelled",
+            ProvisionError::NotReloaded(_) => "not_reloaded",
         }
     }
 

@@ -5,7 +5,8 @@
 //!
 //! PINs only live in `Zeroizing` buffers; nothing here formats one.
 
-use std::io::{Read, Write};
+use std::io::Write;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 
 use rustix::termios::{self, LocalModes, OptionalActions};
@@ -153,14 +154,21 @@ fn read_file(path: &Path) -> Result<Zeroizing<String>> {
 
 /// One line of standard input, without its line ending; `None` at EOF.
 fn read_stdin_line() -> Result<Option<Zeroizing<String>>> {
-    // Byte by byte into a buffer reserved up front, so that no reallocation
-    // leaves a copy of the PIN behind in freed memory.
+    read_line_fd(std::io::stdin().as_fd())
+}
+
+/// One line read from `fd`, without its line ending; `None` at EOF.
+fn read_line_fd(fd: BorrowedFd<'_>) -> Result<Option<Zeroizing<String>>> {
+    // Straight from the descriptor, one byte per read: std's `Stdin` reads
+    // ahead into its own 8 KiB buffer, which is never zeroized and would
+    // keep the PIN (and the next ones) after we are done. Byte-wise also
+    // leaves whatever follows the line unread. The buffer is reserved up
+    // front so that no reallocation leaves a copy of the PIN in freed memory.
     let mut buf = Zeroizing::new(Vec::with_capacity(MAX_LINE + 1));
-    let mut stdin = std::io::stdin().lock();
-    let mut byte = [0u8; 1];
+    let mut byte = Zeroizing::new([0u8; 1]);
     let mut any = false;
     loop {
-        match stdin.read(&mut byte) {
+        match rustix::io::read(fd, &mut byte[..]) {
             Ok(0) => break,
             Ok(_) => {
                 any = true;
@@ -174,7 +182,7 @@ fn read_stdin_line() -> Result<Option<Zeroizing<String>>> {
                 }
                 buf.push(byte[0]);
             }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(rustix::io::Errno::INTR) => continue,
             Err(e) => {
                 return Err(ProvisionError::Io(format!(
                     "cannot read standard input: {e}"
@@ -182,8 +190,6 @@ fn read_stdin_line() -> Result<Option<Zeroizing<String>>> {
             }
         }
     }
-    // The last byte read may be part of the PIN.
-    zeroize::Zeroize::zeroize(&mut byte);
     if !any {
         return Ok(None);
     }
@@ -256,6 +262,7 @@ pub fn confirm(question: &str, expected: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Read;
 
     #[test]
     fn lengths_are_checked_without_echoing_the_pin() {
@@ -266,6 +273,22 @@ mod tests {
         assert!(check_length(&"9".repeat(65), Role::So, 4, 64).is_err());
         // A token that states no limits (0) accepts any length.
         assert!(check_length("1", Role::User, 0, 0).is_ok());
+    }
+
+    #[test]
+    fn a_pin_line_is_read_from_the_descriptor_without_read_ahead() {
+        // std's buffered stdin would swallow the following lines into its
+        // own (never zeroized) buffer; reading the descriptor byte-wise
+        // leaves them in the pipe.
+        let (mut rx, mut tx) = std::io::pipe().unwrap();
+        tx.write_all(b"1234\r\nnext-pin\n").unwrap();
+        drop(tx);
+        let pin = read_line_fd(rx.as_fd()).unwrap().unwrap();
+        assert_eq!(pin.as_str(), "1234");
+        let mut rest = String::new();
+        rx.read_to_string(&mut rest).unwrap();
+        assert_eq!(rest, "next-pin\n");
+        assert!(read_line_fd(rx.as_fd()).unwrap().is_none(), "EOF is None");
     }
 
     #[test]

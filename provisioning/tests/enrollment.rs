@@ -397,7 +397,14 @@ async fn enrollment_flow_with_svsd_and_audit_verification() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     run(&["entity", "resume", "--name", "app1", "--pid", &pid]).ok();
-    run(&["entity", "suspend", "--name", "app1", "--pid", "1"]).fails(12, "not svsd");
+    run(&["entity", "suspend", "--name", "app1", "--pid", "1"]).fails(14, "not svsd");
+    // A reload svsd refuses (it exposes a key the token lacks) is not
+    // reported as done: svsd writes no reload record for it.
+    let ghost = "ghost = { object = \"no-such-object\" }\n";
+    install.edit_config(|t| t.replace("[keys]\n", &format!("[keys]\n{ghost}")));
+    run(&["entity", "suspend", "--name", "app1", "--pid", &pid]).fails(14, "did not confirm");
+    install.edit_config(|t| t.replace(ghost, ""));
+    run(&["entity", "resume", "--name", "app1", "--pid", &pid]).ok();
     // Let at least one checkpoint be written, then stop svsd.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     daemon.signal("TERM");

@@ -466,14 +466,23 @@ async fn rate_limit_suspension_and_refused_reload() {
     let mut suspended = false;
     for _ in 0..100 {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let (s, _, v) = c.post("/v1/sign", &sign).await.unwrap();
+        let (s, h, v) = c.post("/v1/sign", &sign).await.unwrap();
         if s == 403 {
             assert_eq!(v["error"]["code"], "entity_suspended");
+            // ...and the suspended entity's connection is closed.
+            assert_eq!(h["connection"], "close");
             suspended = true;
             break;
         }
     }
     assert!(suspended);
+    assert!(
+        c.post("/v1/sign", &sign).await.is_err(),
+        "connection closed"
+    );
+    let mut c = Client::connect(d.addr, &d.ca, &limited, false)
+        .await
+        .unwrap();
 
     // An invalid new config is refused; the old one keeps serving.
     install.write_entities("[[entity]]\nname = \"broken\"\nbogus = true\n");
@@ -483,6 +492,111 @@ async fn rate_limit_suspension_and_refused_reload() {
     assert_eq!(dc.post("/v1/sign", &sign).await.unwrap().0, 200);
     assert!(d.log_text().contains("reload refused"), "{}", d.log_text());
     assert_eq!(c.post("/v1/sign", &sign).await.unwrap().0, 403);
+}
+
+/// Connection slots, handshakes, idle and age limits, refused clients, and
+/// connections that predate a reload of the client CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_bounded_closed_when_idle_old_or_refused_and_rechecked_on_reload() {
+    let install = Install::new();
+    install.edit_config(|t| {
+        t.replace(
+            "max_batch_items = 256",
+            "max_batch_items = 256\nmax_connections = 2\nidle_timeout_ms = 700\nmax_connection_age_ms = 2500",
+        )
+    });
+    let dev = install.dev_client();
+    let stranger = install.issue_client("stranger");
+    let d = install.start().await;
+    let sign = json!({"key":"demo","data":HELLO});
+
+    // TCP clients that never start TLS hold no connection slot: with both
+    // slots' worth of them open, a real client is served at once (before,
+    // it waited for their 5 s handshake timeout).
+    let mut idle_tcp = Vec::new();
+    for _ in 0..3 {
+        idle_tcp.push(tokio::net::TcpStream::connect(d.addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t = std::time::Instant::now();
+    let mut c = tokio::time::timeout(
+        Duration::from_secs(3),
+        Client::connect(d.addr, &d.ca, &dev, true),
+    )
+    .await
+    .expect("a slot for a client with a certificate")
+    .unwrap();
+    assert_eq!(c.post("/v1/sign", &sign).await.unwrap().0, 200);
+    assert!(t.elapsed() < Duration::from_secs(3));
+    drop(idle_tcp);
+    drop(c);
+
+    // A client no entity claims gets 401 and loses the connection, over
+    // HTTP/1.1 and HTTP/2; it cannot sit on the slots.
+    for h2 in [false, true] {
+        for _ in 0..3 {
+            let mut s = Client::connect(d.addr, &d.ca, &stranger, h2).await.unwrap();
+            let (st, h, _) = s.post("/v1/sign", &sign).await.unwrap();
+            assert_eq!(st, 401);
+            if !h2 {
+                assert_eq!(h["connection"], "close");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert!(s.get("/healthz").await.is_err(), "h2={h2}: still connected");
+        }
+    }
+
+    // Idle connections are closed (HTTP/2 has no idle timer in hyper).
+    for h2 in [false, true] {
+        let mut c = d.client(h2).await;
+        assert_eq!(c.post("/v1/sign", &sign).await.unwrap().0, 200);
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert!(
+            c.get("/healthz").await.is_err(),
+            "h2={h2}: idle connection kept"
+        );
+    }
+
+    // A busy connection is closed gracefully at its maximum age.
+    let mut c = d.client(true).await;
+    let t = std::time::Instant::now();
+    let mut failed_at = None;
+    while t.elapsed() < Duration::from_secs(5) {
+        match c.get("/healthz").await {
+            Ok((200, _, _)) => tokio::time::sleep(Duration::from_millis(100)).await,
+            _ => {
+                failed_at = Some(t.elapsed());
+                break;
+            }
+        }
+    }
+    let failed_at = failed_at.expect("connection older than max_connection_age kept");
+    assert!(failed_at >= Duration::from_millis(2000), "{failed_at:?}");
+
+    // A connection made before a reload that replaces the client CA is
+    // re-checked on its next request.
+    let mut c = d.client(false).await;
+    assert_eq!(c.post("/v1/sign", &sign).await.unwrap().0, 200);
+    let other = svs_appliance::tls::devpki::DevCa::generate("Other CA").unwrap();
+    std::fs::write(install.dir.join("other-ca.pem"), &other.cert_pem).unwrap();
+    install.edit_config(|t| t.replace("client_ca = \"ca.pem\"", "client_ca = \"other-ca.pem\""));
+    d.signal("HUP");
+    // Requests keep the connection from going idle until the reload lands.
+    let mut refused = None;
+    for _ in 0..20 {
+        match c.post("/v1/sign", &sign).await {
+            Ok((200, _, _)) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Ok((401, h, v)) => {
+                assert_eq!(h["connection"], "close");
+                refused = Some(v);
+                break;
+            }
+            other => panic!("{other:?}\n{}", d.log_text()),
+        }
+    }
+    let v = refused.expect("old connection still trusted after the client CA changed");
+    assert_eq!(v["error"]["code"], "unauthenticated");
+    assert!(d.log_text().contains("configuration reloaded"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

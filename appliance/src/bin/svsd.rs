@@ -1,6 +1,6 @@
 //! svsd: parse the command line, wire the library up, exit.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -43,20 +43,19 @@ fn main() -> ExitCode {
     // Referenced so the linker keeps the embedded soft token's entry points.
     std::hint::black_box(svs_softtoken::C_GetFunctionList as *const ());
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new("info,cryptoki::mechanism=off")
-            }),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    daemon::LogFormat::detect(
+        std::io::stderr().is_terminal(),
+        std::env::var_os("JOURNAL_STREAM").as_deref(),
+    )
+    .init();
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e}");
-            let _ = writeln!(std::io::stderr(), "svsd: {e}");
-            ExitCode::FAILURE
+            // Once, through the log (stderr): under systemd a second
+            // `svsd: …` line would only repeat it in the journal.
+            let code = e.exit_code();
+            tracing::error!(exit_status = code, "{e}");
+            ExitCode::from(code)
         }
     }
 }

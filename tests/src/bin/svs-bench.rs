@@ -163,6 +163,18 @@ async fn main() {
         t.replace("checkpoint_interval_s = 60", "checkpoint_interval_s = 0")
             .replace("checkpoint_key = \"svs-audit\"\n", "")
     });
+    // The bench measures throughput, not policy: lift the dev entities'
+    // rate limit, which a batched run at full speed would otherwise hit.
+    let entities = install.dir.join("entities.toml");
+    let text = std::fs::read_to_string(&entities).unwrap();
+    std::fs::write(
+        &entities,
+        text.replace(
+            "per_second = 10000.0, burst = 20000",
+            "per_second = 100000000.0, burst = 100000000",
+        ),
+    )
+    .unwrap();
     let token = in_process(&install, args.seconds, args.clients).await;
     println!(
         "in-process token (svs-hsm pool, {} callers): {token:.0} sign/s",

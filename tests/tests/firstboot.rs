@@ -1,0 +1,204 @@
+//! First boot and fatal start-up errors: svsd on an installation that is
+//! not provisioned yet stays up not-ready and starts on SIGHUP; an invalid
+//! configuration or a PIN the token refuses ends it with status 78.
+
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use svs_e2e::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// GET over plain HTTP/1.0 (the server closes after the answer).
+async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, Value)> {
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.ok()?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, serde_json::from_str(body).ok()?))
+}
+
+/// Polls `path` on the probe listener until it answers `status`.
+async fn wait_for(d: &Daemon, addr: SocketAddr, path: &str, status: u16) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some((s, body)) = http_get(addr, path).await
+            && s == status
+        {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{path} never answered {status}: {}",
+            d.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Starts svsd on `install` without waiting for it to be ready.
+fn spawn(install: &Install, env: &[(&str, &str)]) -> Daemon {
+    let log = install
+        .dir
+        .join(format!("svsd-firstboot-{}.log", free_port()));
+    let mut cmd = Command::new(svsd_bin());
+    cmd.arg("--config")
+        .arg(&install.config)
+        .arg("--allow-root")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Daemon {
+        child: cmd.spawn().unwrap(),
+        log,
+        addr: install.addr,
+        ca: install.dir.join("ca.pem"),
+        client: install.dev_client(),
+    }
+}
+
+/// Adds a plain-HTTP probe listener to the installation; returns its address.
+fn add_health_listen(install: &Install) -> SocketAddr {
+    let health = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    install.edit_config(|t| {
+        t.replace(
+            "grace_period_ms = 5000",
+            &format!("grace_period_ms = 5000\nhealth_listen = \"{health}\""),
+        )
+    });
+    health
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unprovisioned_svsd_waits_not_ready_and_starts_on_sighup() {
+    let install = Install::new();
+    let health = add_health_listen(&install);
+    // The production layout before svs-provision ran: the configuration
+    // names TLS files and a PIN file that do not exist yet.
+    let prod = install.dir.join("prod");
+    std::fs::create_dir(&prod).unwrap();
+    install.edit_config(|t| {
+        t.replace("\"server.pem\"", "\"prod/server.pem\"")
+            .replace("\"server-key.pem\"", "\"prod/server-key.pem\"")
+            .replace("\"ca.pem\"", "\"prod/ca.pem\"")
+            .replace(
+                &format!("{}\"", install.dir.join("pin").display()),
+                &format!("{}\"", prod.join("pin").display()),
+            )
+    });
+    let text = std::fs::read_to_string(&install.config).unwrap();
+    assert!(text.contains("prod/pin"), "{text}");
+    let d = spawn(&install, &[]);
+
+    let body = wait_for(&d, health, "/readyz", 503).await;
+    assert_eq!(body["error"]["code"], "not_ready");
+    assert_eq!(
+        body["error"]["message"],
+        "not provisioned: TLS files, HSM PIN missing \u{2014} run svs-provision"
+    );
+    let (status, alive) = http_get(health, "/healthz").await.unwrap();
+    assert_eq!((status, alive), (200, json!({"status": "alive"})));
+    // Retries do not repeat the reason in the log, and nothing else is served.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(http_get(health, "/v1/keys").await.unwrap().0, 404);
+    let mut d = d;
+    assert!(d.wait(Duration::from_millis(10)).is_none(), "svsd exited");
+    let log = d.log_text();
+    assert_eq!(
+        log.matches("not ready: not provisioned").count(),
+        1,
+        "{log}"
+    );
+    assert!(
+        log.contains("prod/server.pem"),
+        "details belong in the log: {log}"
+    );
+
+    // svs-provision puts the files in place and reloads.
+    for f in ["server.pem", "server-key.pem", "ca.pem", "pin"] {
+        std::fs::copy(install.dir.join(f), prod.join(f)).unwrap();
+    }
+    d.signal("HUP");
+    let body = wait_for(&d, health, "/readyz", 200).await;
+    assert_eq!(body, json!({"status": "ready"}));
+    let mut c = d.client(false).await;
+    let (status, _, sig) = c
+        .post("/v1/sign", &json!({"key": "demo", "data": "aGVsbG8="}))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{sig}");
+    assert!(sig["signature"].is_string(), "{sig}");
+
+    d.signal("TERM");
+    assert_eq!(d.wait(Duration::from_secs(15)).unwrap().code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_waiting_exits_0_and_keys_missing_is_a_reason() {
+    let install = Install::new();
+    let health = add_health_listen(&install);
+    install.edit_config(|t| {
+        t.replace(
+            "demo = { object = \"demo\" }",
+            "demo = { object = \"later\" }",
+        )
+    });
+    let mut d = spawn(&install, &[]);
+    let body = wait_for(&d, health, "/readyz", 503).await;
+    assert_eq!(
+        body["error"]["message"],
+        "not provisioned: keys missing \u{2014} run svs-provision"
+    );
+    d.signal("TERM");
+    assert_eq!(d.wait(Duration::from_secs(15)).unwrap().code(), Some(0));
+}
+
+fn exit_status(install: &Install, env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let mut d = spawn(install, env);
+    let st = d.wait(Duration::from_secs(30)).expect("svsd did not exit");
+    (st.code(), d.log_text())
+}
+
+#[test]
+fn a_refused_pin_exits_78_at_once_and_says_so_once() {
+    let install = Install::new();
+    std::fs::write(install.dir.join("pin"), "00000000\n").unwrap();
+    let (code, log) = exit_status(&install, &[]);
+    assert_eq!(code, Some(78), "{log}");
+    assert_eq!(log.matches("refused the PIN").count(), 1, "{log}");
+    assert!(log.contains("CKR_PIN_INCORRECT"), "{log}");
+    // stderr is a file here: no colour codes.
+    assert!(!log.contains('\u{1b}'), "{log}");
+}
+
+#[test]
+fn an_invalid_configuration_exits_78_and_journald_lines_carry_no_timestamp() {
+    let install = Install::new();
+    install.edit_config(|t| t.replace("max_batch_items = 256", "max_batch_items = 0"));
+    let (code, log) = exit_status(&install, &[("JOURNAL_STREAM", "8:1234")]);
+    assert_eq!(code, Some(78), "{log}");
+    assert_eq!(log.matches("max_batch_items").count(), 1, "{log}");
+    for line in log.lines().filter(|l| l.contains("ERROR")) {
+        assert!(line.trim_start().starts_with("ERROR"), "{line}");
+    }
+    let st = Command::new(svsd_bin())
+        .arg("--check-config")
+        .arg("--config")
+        .arg(&install.config)
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert_eq!(st.code(), Some(78));
+    assert!(Path::new(&install.config).exists());
+}
