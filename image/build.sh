@@ -178,6 +178,8 @@ CONTROL
     rm -rf "$pkg"
 }
 log "package $(basename "$DEB") ($PROFILE binaries)"
+# One package in OUT: the one this image holds (the boot test upgrades with it).
+rm -f "$OUT"/svs_*_amd64.deb
 build_deb
 
 # ---------------------------------------------------------------- the root

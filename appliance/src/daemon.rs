@@ -168,11 +168,26 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), SvsError> {
     let mut probe: ProbeSocket = None;
     let mut last_reason: Option<NotReady> = None;
     let mut retry = RETRY_INITIAL;
+    // While waiting (and while a start attempt runs) the watchdog must still
+    // be pinged: an unprovisioned appliance is alive, and systemd would
+    // otherwise kill it after WatchdogSec. The running phase pings on its own.
+    let waiting_pings = sd_notify::watchdog_enabled().map(|period| {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period / 2);
+            loop {
+                tick.tick().await;
+                notify(&[NotifyState::Watchdog]);
+            }
+        })
+    });
     loop {
         let error = match start(&config, &mut probe).await {
             Ok(running) => {
                 if last_reason.is_some() {
                     tracing::info!("provisioned: starting");
+                }
+                if let Some(pings) = &waiting_pings {
+                    pings.abort();
                 }
                 return running.serve(config, signals, started).await;
             }

@@ -154,12 +154,37 @@ async fn sigterm_while_waiting_exits_0_and_keys_missing_is_a_reason() {
             "demo = { object = \"later\" }",
         )
     });
-    let mut d = spawn(&install, &[]);
+    // As under systemd with WatchdogSec=1s: the waiting daemon must keep
+    // pinging, or systemd would kill an appliance that is only unprovisioned.
+    let notify_path = install.dir.join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut d = spawn(
+        &install,
+        &[
+            ("NOTIFY_SOCKET", notify_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "1000000"),
+        ],
+    );
     let body = wait_for(&d, health, "/readyz", 503).await;
     assert_eq!(
         body["error"]["message"],
         "not provisioned: keys missing \u{2014} run svs-provision"
     );
+    let mut pings = 0;
+    let until = Instant::now() + Duration::from_millis(2500);
+    let mut buf = [0u8; 512];
+    while Instant::now() < until {
+        if let Ok(n) = notify.recv(&mut buf) {
+            pings += String::from_utf8_lossy(&buf[..n])
+                .lines()
+                .filter(|l| *l == "WATCHDOG=1")
+                .count();
+        }
+    }
+    assert!(pings >= 3, "only {pings} watchdog pings in 2.5 s while waiting");
     d.signal("TERM");
     assert_eq!(d.wait(Duration::from_secs(15)).unwrap().code(), Some(0));
 }
