@@ -184,7 +184,10 @@ async fn sigterm_while_waiting_exits_0_and_keys_missing_is_a_reason() {
                 .count();
         }
     }
-    assert!(pings >= 3, "only {pings} watchdog pings in 2.5 s while waiting");
+    assert!(
+        pings >= 3,
+        "only {pings} watchdog pings in 2.5 s while waiting"
+    );
     d.signal("TERM");
     assert_eq!(d.wait(Duration::from_secs(15)).unwrap().code(), Some(0));
 }
