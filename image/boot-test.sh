@@ -240,7 +240,7 @@ if [ "$VARIANT" = prod ]; then
     step "TLS file modes" "cd /etc/svs/tls && chown root:svs server-key.pem server.pem client-ca.pem &&
         chmod 0640 server-key.pem server.pem client-ca.pem && rm server.csr"
     step "client certificate copy" "cat > /root/app-client.pem" <"$RUN/client.pem"
-    step "entity add" "$P entity add --name boot-test-app \
+    step "entity add" "$P entity add --no-reload --name boot-test-app \
         --cert /root/app-client.pem --keys sign --ops sign,verify --rate 200/s"
     step "svsd --check-config" "svsd --check-config"
     step "start svsd" "systemctl reset-failed svsd; systemctl restart svsd"
