@@ -86,7 +86,7 @@ pub fn spki_for_point(algorithm: Algorithm, point: &[u8]) -> Vec<u8> {
 }
 
 /// The point inside a CKA_EC_POINT value (DER OCTET STRING or bare point).
-fn point_from_ec_point(value: &[u8]) -> Option<Vec<u8>> {
+pub fn point_from_ec_point(value: &[u8]) -> Option<Vec<u8>> {
     match value {
         [0x04, rest @ ..] if value.len() == 65 && rest.len() == 64 => Some(value.to_vec()),
         [0x04, 0x41, inner @ ..] if inner.len() == 65 && inner[0] == 0x04 => Some(inner.to_vec()),
@@ -95,7 +95,7 @@ fn point_from_ec_point(value: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// The point and curve parameters of a DER SubjectPublicKeyInfo.
-fn point_from_spki(der: &[u8], algorithm: Algorithm) -> Option<Vec<u8>> {
+pub fn point_from_spki(der: &[u8], algorithm: Algorithm) -> Option<Vec<u8>> {
     let spki = spki::SubjectPublicKeyInfoRef::from_der(der).ok()?;
     let params = spki.algorithm.parameters.as_ref()?.to_der().ok()?;
     if params != algorithm.ec_params() {
@@ -214,7 +214,8 @@ fn public_point_by_id(session: &Session, id: &[u8]) -> Result<Option<Vec<u8>>> {
     Ok(None)
 }
 
-fn cert_point(der: &[u8], algorithm: Algorithm) -> Option<Vec<u8>> {
+/// The public point of a certificate, if it is on `algorithm`'s curve.
+pub fn cert_point(der: &[u8], algorithm: Algorithm) -> Option<Vec<u8>> {
     let cert = Certificate::from_der(der).ok()?;
     let spki = cert
         .tbs_certificate()

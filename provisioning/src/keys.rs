@@ -5,7 +5,7 @@
 
 use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, SessionState};
-use der::{Decode, Encode};
+use der::Decode;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use svs_hsm::keys::{hex, key_type, mechanism, spki_for_point};
@@ -102,34 +102,9 @@ fn attr_bytes(attrs: &[Attribute], ty: AttributeType) -> Option<Vec<u8>> {
     })
 }
 
-fn point_from_ec_point(value: &[u8]) -> Option<Vec<u8>> {
-    match value {
-        [0x04, rest @ ..] if value.len() == 65 && rest.len() == 64 => Some(value.to_vec()),
-        [0x04, 0x41, inner @ ..] if inner.len() == 65 && inner[0] == 0x04 => Some(inner.to_vec()),
-        _ => None,
-    }
-}
-
-fn point_from_spki(der: &[u8], algorithm: Algorithm) -> Option<Vec<u8>> {
-    let spki = spki::SubjectPublicKeyInfoRef::from_der(der).ok()?;
-    let params = spki.algorithm.parameters.as_ref()?.to_der().ok()?;
-    if params != algorithm.ec_params() {
-        return None;
-    }
-    let bits = spki.subject_public_key.as_bytes()?;
-    (bits.len() == 65 && bits[0] == 0x04).then(|| bits.to_vec())
-}
-
-/// The public point of a certificate, if it is on the profile's curve.
-pub fn cert_point(der: &[u8], algorithm: Algorithm) -> Option<Vec<u8>> {
-    let cert = Certificate::from_der(der).ok()?;
-    let spki = cert
-        .tbs_certificate()
-        .subject_public_key_info()
-        .to_der()
-        .ok()?;
-    point_from_spki(&spki, algorithm)
-}
+// The SPKI/EC_POINT/certificate point parsers are svs-hsm's own, so the
+// tool and the daemon read a key the same way.
+pub use svs_hsm::keys::{cert_point, point_from_ec_point, point_from_spki};
 
 fn logged_in(session: &Session) -> bool {
     matches!(
