@@ -238,6 +238,16 @@ impl std::fmt::Debug for App {
 /// One batch item's outcome: its JSON and its audit record.
 type ItemResult = (Result<serde_json::Value, SvsError>, AuditEvent);
 
+/// A sign item checked and hashed, waiting for its private-key operation.
+struct PreparedSign {
+    /// The exposed key name, echoed in the answer.
+    key: String,
+    /// The token object behind it.
+    object: String,
+    digest: [u8; 32],
+    encoding: api::Encoding,
+}
+
 fn micros(since: Instant) -> u64 {
     since.elapsed().as_micros().min(u128::from(u64::MAX)) as u64
 }
@@ -713,64 +723,70 @@ impl App {
         }
     }
 
+    /// Signs every item: each is checked and hashed on its own, then all
+    /// the digests go to the backend in one call (one pool job per worker,
+    /// not per item), then each answer is encoded.
     async fn sign_items(
-        self: &Arc<Self>,
-        entity: &Arc<Entity>,
-        rt: &Arc<Runtime>,
+        &self,
+        entity: &Entity,
+        rt: &Runtime,
         items: Vec<serde_json::Value>,
     ) -> Vec<ItemResult> {
-        let mut set = tokio::task::JoinSet::new();
-        let n = items.len();
-        for (i, item) in items.into_iter().enumerate() {
-            let app = self.clone();
-            let entity = entity.clone();
-            let rt = rt.clone();
-            set.spawn(async move { (i, app.sign_one(&entity, &rt, item).await) });
-        }
-        let mut out: Vec<Option<ItemResult>> = (0..n).map(|_| None).collect();
-        while let Some(joined) = set.join_next().await {
-            if let Ok((i, r)) = joined {
-                out[i] = Some(r);
-            }
-        }
-        out.into_iter()
-            .map(|r| {
-                r.unwrap_or_else(|| {
-                    let e = SvsError::Internal("sign task failed".into());
-                    let mut ev = Self::event(entity, Operation::Sign, None);
-                    ev.outcome = e.wire().code.into();
-                    (Err(e), ev)
-                })
+        let start = Instant::now();
+        let prepared: Vec<(AuditEvent, Result<PreparedSign, SvsError>)> = items
+            .into_iter()
+            .map(|item| {
+                let mut ev = Self::event(entity, Operation::Sign, None);
+                let p = self.prepare_sign(entity, rt, item, &mut ev);
+                (ev, p)
+            })
+            .collect();
+        let digests = prepared
+            .iter()
+            .filter_map(|(_, p)| p.as_ref().ok().map(|p| (p.object.clone(), p.digest)))
+            .collect();
+        let mut signed = self.backend.sign_digests(digests).await.into_iter();
+        prepared
+            .into_iter()
+            .map(|(mut ev, p)| {
+                let result = p.and_then(|p| {
+                    let raw = signed
+                        .next()
+                        .unwrap_or_else(|| Err(SvsError::Internal("no signature".into())))?;
+                    let sig = api::encode_signature(&raw, p.encoding);
+                    ev.output_sm3 = Some(crate::audit::sm3(&sig));
+                    Ok(SignResponse {
+                        key: p.key,
+                        signature: api::to_b64(&sig),
+                        encoding: p.encoding,
+                    })
+                });
+                ev.latency_us = micros(start);
+                match result {
+                    Ok(resp) => {
+                        self.counters.signatures.fetch_add(1, Ordering::Relaxed);
+                        ev.outcome = "ok".into();
+                        (Ok(serde_json::to_value(resp).unwrap_or_default()), ev)
+                    }
+                    Err(e) => {
+                        self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                        ev.outcome = e.wire().code.into();
+                        (Err(e), ev)
+                    }
+                }
             })
             .collect()
     }
 
-    async fn sign_one(&self, entity: &Entity, rt: &Runtime, item: serde_json::Value) -> ItemResult {
-        let start = Instant::now();
-        let mut ev = Self::event(entity, Operation::Sign, None);
-        let result = self.sign_inner(entity, rt, item, &mut ev).await;
-        ev.latency_us = micros(start);
-        match result {
-            Ok(resp) => {
-                self.counters.signatures.fetch_add(1, Ordering::Relaxed);
-                ev.outcome = "ok".into();
-                (Ok(serde_json::to_value(resp).unwrap_or_default()), ev)
-            }
-            Err(e) => {
-                self.counters.errors.fetch_add(1, Ordering::Relaxed);
-                ev.outcome = e.wire().code.into();
-                (Err(e), ev)
-            }
-        }
-    }
-
-    async fn sign_inner(
+    /// Everything a sign item needs before the private-key operation:
+    /// request parsed, key resolved and allowed, input decoded and hashed.
+    fn prepare_sign(
         &self,
         entity: &Entity,
         rt: &Runtime,
         item: serde_json::Value,
         ev: &mut AuditEvent,
-    ) -> Result<SignResponse, SvsError> {
+    ) -> Result<PreparedSign, SvsError> {
         let req: SignRequest = api::from_value(item)?;
         // The client's key name reaches the trail only when it names an
         // exposed key: anything else is client text (possibly personal data).
@@ -790,14 +806,11 @@ impl App {
                 .digest(info.algorithm, &info.public_point, id, data)
                 .map_err(SvsError::from)?,
         };
-        let raw = self.backend.sign_digest(&object, digest).await?;
-        let encoding = req.encoding.unwrap_or_default();
-        let sig = api::encode_signature(&raw, encoding);
-        ev.output_sm3 = Some(crate::audit::sm3(&sig));
-        Ok(SignResponse {
+        Ok(PreparedSign {
             key: req.key,
-            signature: api::to_b64(&sig),
-            encoding,
+            object,
+            digest,
+            encoding: req.encoding.unwrap_or_default(),
         })
     }
 

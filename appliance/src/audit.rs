@@ -18,6 +18,7 @@
 //! file is started once the current one reaches the configured size, and
 //! the chain continues across files.
 
+use std::borrow::Cow;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -32,7 +33,7 @@ use tokio::sync::oneshot;
 
 use crate::config::AuditConfig;
 use crate::error::SvsError;
-use crate::policy::hex;
+use svs_hsm::keys::hex;
 
 /// SM3 of `data`.
 pub fn sm3(data: &[u8]) -> [u8; 32] {
@@ -74,37 +75,39 @@ enum Entry {
     },
 }
 
-/// A record without its hash: what is serialised and hashed.
+/// A record without its hash: what is serialised and hashed. Fields borrow
+/// when a record is written (no allocation per record on the commit path)
+/// and own when one is read back.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Body {
+struct Body<'a> {
     seq: u64,
-    time: String,
+    time: Cow<'a, str>,
     #[serde(rename = "type")]
-    kind: String,
+    kind: Cow<'a, str>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    entity: Option<String>,
+    entity: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    op: Option<String>,
+    op: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    key: Option<String>,
+    key: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    input_sm3: Option<String>,
+    input_sm3: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    output_sm3: Option<String>,
+    output_sm3: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    outcome: Option<String>,
+    outcome: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     latency_us: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     head_seq: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    head: Option<String>,
+    head: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    signature: Option<String>,
+    signature: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    detail: Option<String>,
-    prev: String,
+    detail: Option<Cow<'a, str>>,
+    prev: Cow<'a, str>,
 }
 
 const HASH_SUFFIX_LEN: usize = r#","hash":""}"#.len() + 64;
@@ -170,11 +173,20 @@ pub fn trail_files(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
     Ok(files)
 }
 
-fn render(seq: u64, prev: &[u8; 32], entry: &Entry, now: SystemTime) -> (String, [u8; 32]) {
+/// Lower-case hex of a 32-byte value into `buf`, without allocating.
+fn hex32<'b>(bytes: &[u8; 32], buf: &'b mut [u8; 64]) -> &'b str {
+    // 64 output bytes for 32 input bytes: the length always fits.
+    base16ct::lower::encode_str(bytes, buf).unwrap_or_default()
+}
+
+/// Appends the record line for `entry` to `out` and returns its hash.
+/// `time` is the group's commit time, rendered once per group.
+fn render(seq: u64, prev: &[u8; 32], entry: &Entry, time: &str, out: &mut Vec<u8>) -> [u8; 32] {
+    let (mut prev_hex, mut in_hex, mut out_hex) = ([0u8; 64], [0u8; 64], [0u8; 64]);
     let mut body = Body {
         seq,
-        time: rfc3339(now),
-        kind: String::new(),
+        time: time.into(),
+        kind: "".into(),
         entity: None,
         op: None,
         key: None,
@@ -186,17 +198,17 @@ fn render(seq: u64, prev: &[u8; 32], entry: &Entry, now: SystemTime) -> (String,
         head: None,
         signature: None,
         detail: None,
-        prev: hex(prev),
+        prev: hex32(prev, &mut prev_hex).into(),
     };
     match entry {
         Entry::Op(e) => {
             body.kind = "op".into();
-            body.entity = Some(e.entity.clone());
+            body.entity = Some(e.entity.as_str().into());
             body.op = Some(e.op.into());
-            body.key = e.key.clone();
-            body.input_sm3 = e.input_sm3.as_ref().map(|d| hex(d));
-            body.output_sm3 = e.output_sm3.as_ref().map(|d| hex(d));
-            body.outcome = Some(e.outcome.clone());
+            body.key = e.key.as_deref().map(Cow::from);
+            body.input_sm3 = e.input_sm3.as_ref().map(|d| hex32(d, &mut in_hex).into());
+            body.output_sm3 = e.output_sm3.as_ref().map(|d| hex32(d, &mut out_hex).into());
+            body.outcome = Some(e.outcome.as_str().into());
             body.latency_us = Some(e.latency_us);
         }
         Entry::Checkpoint {
@@ -207,24 +219,29 @@ fn render(seq: u64, prev: &[u8; 32], entry: &Entry, now: SystemTime) -> (String,
         } => {
             body.kind = "checkpoint".into();
             body.head_seq = Some(*head_seq);
-            body.head = Some(hex(head));
-            body.key = Some(key.clone());
-            body.signature = Some(hex(signature));
+            body.head = Some(hex(head).into());
+            body.key = Some(key.as_str().into());
+            body.signature = Some(hex(signature).into());
         }
         Entry::Note { kind, detail } => {
             body.kind = (*kind).into();
-            body.detail = Some(detail.clone());
+            body.detail = Some(detail.as_str().into());
         }
     }
-    // Serialising plain strings and integers cannot fail.
-    let json = serde_json::to_string(&body).unwrap_or_default();
-    let hash = sm3(json.as_bytes());
-    let mut line = String::with_capacity(json.len() + HASH_SUFFIX_LEN + 1);
-    line.push_str(&json[..json.len() - 1]);
-    line.push_str(",\"hash\":\"");
-    line.push_str(&hex(&hash));
-    line.push_str("\"}\n");
-    (line, hash)
+    let start = out.len();
+    // Serialising strings and integers into a Vec cannot fail; were it to,
+    // the record is left out and its sequence gap shows in verification.
+    if serde_json::to_writer(&mut *out, &body).is_err() {
+        out.truncate(start);
+    }
+    let hash = sm3(&out[start..]);
+    // The hash goes inside the object: replace its closing brace.
+    out.pop();
+    let mut hash_hex = [0u8; 64];
+    out.extend_from_slice(b",\"hash\":\"");
+    out.extend_from_slice(hex32(&hash, &mut hash_hex).as_bytes());
+    out.extend_from_slice(b"\"}\n");
+    hash
 }
 
 /// Where the writer puts bytes; a trait so tests can make it fail.
@@ -572,7 +589,7 @@ impl Writer {
             return;
         }
         buf.clear();
-        let now = SystemTime::now();
+        let time = rfc3339(SystemTime::now());
         let mut acks = Vec::with_capacity(jobs.len());
         let mut heads = Vec::new();
         let mut count = 0u64;
@@ -581,9 +598,7 @@ impl Writer {
                 Job::Append { entries, ack } => {
                     for entry in &entries {
                         self.seq += 1;
-                        let (line, hash) = render(self.seq, &self.head, entry, now);
-                        buf.extend_from_slice(line.as_bytes());
-                        self.head = hash;
+                        self.head = render(self.seq, &self.head, entry, &time, buf);
                         count += 1;
                     }
                     acks.push((ack, self.seq));
@@ -1122,7 +1137,7 @@ impl<'k> Verifier<'k> {
             self.report.records += 1;
             self.report.last_seq = b.seq;
             self.report.head = hex(&hash);
-            self.report.last_time = b.time;
+            self.report.last_time = b.time.into_owned();
             self.last_line = i + 1;
         }
         Ok(())
@@ -1185,7 +1200,7 @@ impl<'k> Verifier<'k> {
             self.remember(b.seq - 1, p);
         }
         self.report.first_seq = b.seq;
-        self.first_time = Some(b.time.clone());
+        self.first_time = Some(b.time.to_string());
         Ok(())
     }
 
@@ -1227,8 +1242,8 @@ impl<'k> Verifier<'k> {
                 .map_err(|_| "checkpoint signature does not verify".to_string())?;
             if checked {
                 self.report.signed_through = Some(head_seq);
-                self.report.signed_at = Some(b.time.clone());
-                self.newest_signed = Some((b.seq, b.time.clone()));
+                self.report.signed_at = Some(b.time.to_string());
+                self.newest_signed = Some((b.seq, b.time.to_string()));
             } else {
                 self.report.unchecked_heads.push((b.seq, head_seq));
             }
@@ -1341,6 +1356,13 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
 mod tests {
     use super::*;
 
+    /// One record line as a `String`, for tests that build trails by hand.
+    fn render_line(seq: u64, prev: &[u8; 32], entry: &Entry, at: SystemTime) -> (String, [u8; 32]) {
+        let mut out = Vec::new();
+        let hash = render(seq, prev, entry, &rfc3339(at), &mut out);
+        (String::from_utf8(out).unwrap(), hash)
+    }
+
     fn config(dir: &Path, max_file_bytes: u64) -> AuditConfig {
         AuditConfig {
             dir: dir.to_path_buf(),
@@ -1361,6 +1383,28 @@ mod tests {
             outcome: "ok".into(),
             latency_us: 100,
         }
+    }
+
+    #[test]
+    fn a_record_line_is_exactly_the_documented_layout() {
+        let at = UNIX_EPOCH + Duration::from_micros(1_790_000_000_123_456);
+        let (line, hash) = render_line(7, &[0xab; 32], &Entry::Op(event(1)), at);
+        let body = format!(
+            r#"{{"seq":7,"time":"2026-09-21T14:13:20.123456Z","type":"op","entity":"app1","op":"sign","key":"demo","input_sm3":"{}","output_sm3":"{}","outcome":"ok","latency_us":100,"prev":"{}"}}"#,
+            hex(&sm3(b"message 1")),
+            "01".repeat(32),
+            "ab".repeat(32)
+        );
+        assert_eq!(hash, sm3(body.as_bytes()));
+        let expected = format!(
+            "{},\"hash\":\"{}\"}}\n",
+            &body[..body.len() - 1],
+            hex(&hash)
+        );
+        assert_eq!(line, expected);
+        // What is written reads back as the same record.
+        let parsed: Body = serde_json::from_str(&body).unwrap();
+        assert_eq!(serde_json::to_string(&parsed).unwrap(), body);
     }
 
     fn rt() -> tokio::runtime::Runtime {
@@ -1478,7 +1522,7 @@ mod tests {
     fn a_forged_record_with_its_own_hash_breaks_the_chain() {
         let b = damaged(|l| {
             // Re-render record 12 with different content but a correct self-hash.
-            let (line, _) = render(12, &[9; 32], &Entry::Op(event(999)), SystemTime::now());
+            let (line, _) = render_line(12, &[9; 32], &Entry::Op(event(999)), SystemTime::now());
             l[11] = line.trim_end().to_string();
         });
         assert_eq!((b.line, b.kind), (12, BreakKind::ChainMismatch));
@@ -1599,7 +1643,7 @@ mod tests {
         }
         fn push(&mut self, entry: &Entry, at_s: u64) {
             self.seq += 1;
-            let (line, hash) = render(
+            let (line, hash) = render_line(
                 self.seq,
                 &self.head,
                 entry,
@@ -1811,7 +1855,7 @@ mod tests {
             write(dir.path(), 5, 1 << 20);
             let path = only_file(dir.path());
             // The rest of the same group reached the disk, the middle did not.
-            let (line, _) = render(7, &[3; 32], &Entry::Op(event(7)), SystemTime::now());
+            let (line, _) = render_line(7, &[3; 32], &Entry::Op(event(7)), SystemTime::now());
             let mut f = OpenOptions::new().append(true).open(&path).unwrap();
             f.write_all(&debris).unwrap();
             f.write_all(line.as_bytes()).unwrap();

@@ -26,6 +26,21 @@ pub trait SigningBackend: Send + Sync + 'static {
         object: &str,
         digest: [u8; 32],
     ) -> BoxFuture<'_, Result<[u8; 64], SvsError>>;
+    /// Signs several ready digests, each with its own key object; one
+    /// answer per item, in order. Backends with a worker pool hand the
+    /// items over in as few jobs as they have workers.
+    fn sign_digests(
+        &self,
+        items: Vec<(String, [u8; 32])>,
+    ) -> BoxFuture<'_, Vec<Result<[u8; 64], SvsError>>> {
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(items.len());
+            for (object, digest) in items {
+                out.push(self.sign_digest(&object, digest).await);
+            }
+            out
+        })
+    }
     /// Whether the backend can sign right now; the reason when not.
     fn health(&self) -> Result<(), String>;
     /// The session pool's state, for metrics; none for backends without one.
@@ -48,6 +63,34 @@ impl SigningBackend for Hsm {
         Box::pin(async move {
             let sig = Hsm::sign_digest(self, &object, &digest, SignatureEncoding::Raw).await?;
             normalise_signature(&sig, SignatureEncoding::Raw).map_err(SvsError::from)
+        })
+    }
+
+    fn sign_digests(
+        &self,
+        items: Vec<(String, [u8; 32])>,
+    ) -> BoxFuture<'_, Vec<Result<[u8; 64], SvsError>>> {
+        Box::pin(async move {
+            // Unknown objects are answered here; the rest go to the pool.
+            let looked_up: Vec<_> = items
+                .into_iter()
+                .map(|(object, digest)| Hsm::key(self, &object).map(|k| (k, digest)))
+                .collect();
+            let known = looked_up
+                .iter()
+                .filter_map(|r| r.as_ref().ok().cloned())
+                .collect();
+            let mut signed = Hsm::sign_digests(self, known).await.into_iter();
+            looked_up
+                .into_iter()
+                .map(|r| {
+                    r.map_err(SvsError::from)?;
+                    signed
+                        .next()
+                        .unwrap_or(Err(svs_hsm::HsmError::Shutdown))
+                        .map_err(SvsError::from)
+                })
+                .collect()
         })
     }
 

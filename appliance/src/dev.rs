@@ -50,7 +50,7 @@ fn err(e: impl std::fmt::Display) -> SvsError {
 fn random_pin() -> Result<Zeroizing<String>, SvsError> {
     let mut bytes = Zeroizing::new([0u8; 12]);
     getrandom::fill(bytes.as_mut()).map_err(err)?;
-    Ok(Zeroizing::new(crate::policy::hex(bytes.as_ref())))
+    Ok(Zeroizing::new(svs_hsm::keys::hex(bytes.as_ref())))
 }
 
 /// Creates a dev installation in `dir` (wiping an earlier one), with

@@ -65,11 +65,6 @@ impl ClientIdentity {
     }
 }
 
-/// Lower-case hex.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 #[derive(Debug)]
 struct Bucket {
     tokens: f64,

@@ -139,7 +139,7 @@ fn build(
 
 /// Lower-case hex SHA-256 of DER bytes (a certificate's fingerprint).
 pub fn sha256_hex(der: &[u8]) -> String {
-    crate::policy::hex(&Sha256::digest(der))
+    svs_hsm::keys::hex(&Sha256::digest(der))
 }
 
 /// A development PKI: a CA, server and client certificates (ECDSA P-256).
@@ -314,7 +314,7 @@ mod tests {
         assert_eq!(id.subject, "CN=app1,O=SVS development");
         assert_eq!(id.issuer, "CN=SVS dev CA,O=SVS development");
         assert_eq!(
-            crate::policy::hex(&id.certificate_sha256),
+            svs_hsm::keys::hex(&id.certificate_sha256),
             sha256_hex(&client.cert_der)
         );
 

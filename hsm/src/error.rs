@@ -192,7 +192,7 @@ pub fn rv_info_from_code(code: u64) -> Option<RvInfo> {
 }
 
 /// Every error this crate returns.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum HsmError {
     /// A PKCS#11 function failed; the CK_RV is kept.
     #[error("{function}: {} ({:#x})", rv.name, rv.code)]

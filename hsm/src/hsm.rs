@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use crate::config::HsmConfig;
-use crate::error::{HsmError, Result};
+use crate::error::{HsmError, Result, RvClass};
 use crate::keys::{self, KeyInfo};
 use crate::pin::PinSource;
 use crate::pool::{Health, HsmMetrics, SessionPool};
@@ -215,38 +215,91 @@ impl Hsm {
         digest: [u8; 32],
         encoding: SignatureEncoding,
     ) -> Result<Vec<u8>> {
-        let profile = self.profile.clone();
-        let mechanism_code = profile.sign_digest_mechanism;
-        // Mechanism is not Send (some variants hold raw pointers): build it on the worker.
-        keys::mechanism(mechanism_code)?;
-        let verifier = self.verifier.clone();
-        let verify = self.verify_after_sign;
+        let signer = self.digest_signer()?;
         let raw = self
             .pool
             .run(
                 "sign",
-                Some(mechanism_code),
+                Some(signer.profile.sign_digest_mechanism),
                 true,
-                move |s: &mut TokenSession| {
-                    let handle = s.private_key(&profile, &key.id, &key.public_point)?;
-                    let out = s
-                        .session
-                        .sign(&keys::mechanism(mechanism_code)?, handle, &digest)?;
-                    let raw = normalise_signature(&out, profile.signature_encoding)?;
-                    // Checked on the worker thread so the curve arithmetic stays
-                    // off the async runtime; a bad signature never leaves.
-                    if verify {
-                        verifier
-                            .verify_digest(key.algorithm, &key.public_point, &digest, &raw)
-                            .map_err(|_| {
-                                HsmError::FaultySignature("HSM signature does not verify".into())
-                            })?;
-                    }
-                    Ok(raw)
-                },
+                move |s: &mut TokenSession| signer.sign(s, &key, &digest),
             )
             .await?;
         Ok(encode_signature(&raw, encoding))
+    }
+
+    /// Signs several ready digests (SM2 e, or SHA-256 for ECDSA), each with
+    /// its own key, answering raw r‖s per item in order.
+    ///
+    /// The items are split into one job per worker, not one per item: a
+    /// batch costs a queue slot and a hand-off per worker. An item the token
+    /// refuses (a caller-class CK_RV) fails alone; a session- or token-level
+    /// failure fails its job, which is retried once on a recovered session
+    /// like any signature, so no item ever gets a partial or wrong result.
+    pub async fn sign_digests(
+        &self,
+        items: Vec<(Arc<KeyInfo>, [u8; 32])>,
+    ) -> Vec<Result<[u8; 64]>> {
+        let n = items.len();
+        let signer = match self.digest_signer() {
+            Ok(s) => s,
+            Err(e) => return (0..n).map(|_| Err(e.clone())).collect(),
+        };
+        let jobs = self.pool.config().size.clamp(1, n.max(1));
+        let per_job = n.div_ceil(jobs).max(1);
+        let mut rest = items;
+        let mut pending = Vec::with_capacity(jobs);
+        while !rest.is_empty() {
+            let chunk: Vec<_> = rest.drain(..per_job.min(rest.len())).collect();
+            let len = chunk.len();
+            let signer = signer.clone();
+            // Queued now, all of them, so the workers take them in parallel.
+            // Metrics tell one signature's latency from a chunk's.
+            let op = if len == 1 { "sign" } else { "sign_batch" };
+            let job = self.pool.submit(
+                op,
+                Some(signer.profile.sign_digest_mechanism),
+                true,
+                move |s: &mut TokenSession| {
+                    let mut out = Vec::with_capacity(chunk.len());
+                    for (key, digest) in &chunk {
+                        match signer.sign(s, key, digest) {
+                            Ok(raw) => out.push(Ok(raw)),
+                            // The token refused this item: it says nothing
+                            // about the session, the others go on.
+                            Err(e) if e.rv_class().is_none_or(|c| c == RvClass::CallerError) => {
+                                out.push(Err(e))
+                            }
+                            // The session or token failed: the whole job
+                            // goes to recovery and is retried once.
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    Ok(out)
+                },
+            );
+            pending.push((len, job));
+        }
+        let mut results = Vec::with_capacity(n);
+        for (len, job) in pending {
+            match job.await {
+                Ok(out) => results.extend(out),
+                // Every item of the failed job gets the same answer.
+                Err(e) => results.extend((0..len).map(|_| Err(e.clone()))),
+            }
+        }
+        results
+    }
+
+    /// What a worker needs to sign a digest, checked before anything is queued.
+    fn digest_signer(&self) -> Result<Arc<DigestSigner>> {
+        // Mechanism is not Send (some variants hold raw pointers): it is
+        // built on the worker; this only checks it can be.
+        keys::mechanism(self.profile.sign_digest_mechanism)?;
+        Ok(Arc::new(DigestSigner {
+            profile: self.profile.clone(),
+            verifier: self.verify_after_sign.then(|| self.verifier.clone()),
+        }))
     }
 
     /// Verifies in software a signature (raw or DER) by a known key.
@@ -332,6 +385,30 @@ impl Hsm {
 }
 
 /// A pool needs one session per worker; a token that states a limit must allow them.
+/// Signs one digest on a worker's session.
+struct DigestSigner {
+    profile: Arc<VendorProfile>,
+    /// Set with `verify_after_sign`.
+    verifier: Option<Arc<SoftwareVerifier>>,
+}
+
+impl DigestSigner {
+    fn sign(&self, s: &mut TokenSession, key: &KeyInfo, digest: &[u8; 32]) -> Result<[u8; 64]> {
+        let handle = s.private_key(&self.profile, &key.id, &key.public_point)?;
+        let mechanism = keys::mechanism(self.profile.sign_digest_mechanism)?;
+        let out = s.session.sign(&mechanism, handle, digest)?;
+        let raw = normalise_signature(&out, self.profile.signature_encoding)?;
+        // Checked on the worker thread so the curve arithmetic stays off
+        // the async runtime; a bad signature never leaves.
+        if let Some(verifier) = &self.verifier {
+            verifier
+                .verify_digest(key.algorithm, &key.public_point, digest, &raw)
+                .map_err(|_| HsmError::FaultySignature("HSM signature does not verify".into()))?;
+        }
+        Ok(raw)
+    }
+}
+
 fn check_pool_size(size: usize, token_max: Option<u64>) -> Result<()> {
     match token_max {
         Some(max) if size as u64 > max => Err(HsmError::Config(format!(

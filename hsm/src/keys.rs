@@ -33,7 +33,7 @@ pub struct KeyInfo {
 
 /// Lower-case hex, for IDs in names and messages.
 pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    base16ct::lower::encode_string(bytes)
 }
 
 pub fn key_type(code: u64) -> Result<KeyType> {

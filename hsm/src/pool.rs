@@ -6,6 +6,7 @@
 //! [`crate::error::rv_info`]) and recover their own session with capped
 //! exponential backoff, retrying an idempotent job once.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -119,7 +120,10 @@ pub struct Health {
 }
 
 trait Task<S>: Send {
+    /// Runs the work and keeps its value for [`Task::deliver`].
     fn attempt(&mut self, session: &mut S) -> Result<()>;
+    /// Hands a successful attempt's value to the caller.
+    fn deliver(self: Box<Self>);
     fn fail(self: Box<Self>, error: HsmError);
     fn meta(&self) -> &JobMeta;
     /// The caller stopped waiting (timed out, or its request was dropped).
@@ -139,6 +143,7 @@ where
     F: FnMut(&mut S) -> Result<T> + Send,
 {
     work: F,
+    value: Option<T>,
     reply: Option<oneshot::Sender<Result<T>>>,
     meta: JobMeta,
     _session: std::marker::PhantomData<fn(&mut S)>,
@@ -150,12 +155,15 @@ where
     F: FnMut(&mut S) -> Result<T> + Send,
 {
     fn attempt(&mut self, session: &mut S) -> Result<()> {
-        let value = (self.work)(session)?;
-        if let Some(reply) = self.reply.take() {
+        self.value = Some((self.work)(session)?);
+        Ok(())
+    }
+
+    fn deliver(mut self: Box<Self>) {
+        if let (Some(reply), Some(value)) = (self.reply.take(), self.value.take()) {
             // The caller may have timed out and gone: nothing to do then.
             let _ = reply.send(Ok(value));
         }
-        Ok(())
     }
 
     fn fail(mut self: Box<Self>, error: HsmError) {
@@ -247,6 +255,7 @@ impl<F: SessionFactory> SessionPool<F> {
                 session: None,
                 backoff: Backoff::new(&config),
                 last_probe: Instant::now(),
+                held: HeldReplies::new(),
             };
             let handle = std::thread::Builder::new()
                 .name(format!("hsm-worker-{index}"))
@@ -277,11 +286,55 @@ impl<F: SessionFactory> SessionPool<F> {
         T: Send + 'static,
         W: FnMut(&mut F::Session) -> Result<T> + Send + 'static,
     {
+        self.submit(op, mechanism, idempotent, work).await
+    }
+
+    /// Queues `work` now and returns the future of its result, so a caller
+    /// can have several jobs queued (for different workers) at once. As
+    /// [`SessionPool::run`] otherwise; the deadline runs from now.
+    pub fn submit<T, W>(
+        &self,
+        op: &'static str,
+        mechanism: Option<u64>,
+        idempotent: bool,
+        work: W,
+    ) -> impl Future<Output = Result<T>> + Send + 'static
+    where
+        T: Send + 'static,
+        W: FnMut(&mut F::Session) -> Result<T> + Send + 'static,
+    {
         let timeout = Duration::from_millis(self.shared.config.op_timeout_ms);
+        let queued = self.enqueue(op, mechanism, idempotent, timeout, work);
+        let shared = self.shared.clone();
+        async move {
+            match tokio::time::timeout(timeout, queued?).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(_)) => Err(HsmError::Shutdown),
+                Err(_) => {
+                    shared.metrics.error("timeout");
+                    Err(HsmError::Timeout(timeout))
+                }
+            }
+        }
+    }
+
+    fn enqueue<T, W>(
+        &self,
+        op: &'static str,
+        mechanism: Option<u64>,
+        idempotent: bool,
+        timeout: Duration,
+        work: W,
+    ) -> Result<oneshot::Receiver<Result<T>>>
+    where
+        T: Send + 'static,
+        W: FnMut(&mut F::Session) -> Result<T> + Send + 'static,
+    {
         let now = Instant::now();
         let (reply, rx) = oneshot::channel();
         let job: Job<F::Session> = Box::new(TypedTask {
             work,
+            value: None,
             reply: Some(reply),
             meta: JobMeta {
                 op,
@@ -304,14 +357,7 @@ impl<F: SessionFactory> SessionPool<F> {
             Err(TrySendError::Disconnected(_)) => return Err(HsmError::Shutdown),
         }
         self.shared.metrics.queue_depth(self.rx_len.len());
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(HsmError::Shutdown),
-            Err(_) => {
-                self.shared.metrics.error("timeout");
-                Err(HsmError::Timeout(timeout))
-            }
-        }
+        Ok(rx)
     }
 
     fn retry_after(&self) -> Duration {
@@ -406,6 +452,59 @@ struct Worker<F: SessionFactory> {
     session: Option<F::Session>,
     backoff: Backoff,
     last_probe: Instant,
+    /// Finished jobs whose answers wait for [`Worker::deliver_held`].
+    held: HeldReplies<F::Session>,
+}
+
+/// Answers a busy worker holds back to hand over several per wake-up.
+///
+/// Each answer wakes the caller's runtime thread, and waking a parked
+/// thread costs a futex call and an inter-processor interrupt — under a
+/// hypervisor a VM exit, measured at about 12 µs of the worker's time per
+/// job, a fifth of a soft-token signature. Once one answer has woken the
+/// runtime, the next ones find it awake and cost nothing. So while more
+/// jobs are already queued (their callers are waiting anyway), a worker
+/// holds answers for at most [`HOLD_WINDOW`] or [`HOLD_MAX`] jobs; with an
+/// empty queue it answers at once, so an unloaded pool adds no latency.
+struct HeldReplies<S> {
+    jobs: Vec<Job<S>>,
+    since: Option<Instant>,
+}
+
+/// Longest time a finished answer waits for company: about four soft-token
+/// signatures. 100 µs left the pool at 10–11% overhead (the target is 10%),
+/// 200 µs at 7–9%; the extra wait falls only on callers that were queued.
+const HOLD_WINDOW: Duration = Duration::from_micros(200);
+/// Most answers held at once.
+const HOLD_MAX: usize = 8;
+
+impl<S> HeldReplies<S> {
+    fn new() -> Self {
+        HeldReplies {
+            jobs: Vec::with_capacity(HOLD_MAX),
+            since: None,
+        }
+    }
+
+    fn hold(&mut self, job: Job<S>) {
+        self.since.get_or_insert_with(Instant::now);
+        self.jobs.push(job);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.jobs.is_empty()
+    }
+
+    fn due(&self) -> bool {
+        self.jobs.len() >= HOLD_MAX || self.since.is_some_and(|t| t.elapsed() >= HOLD_WINDOW)
+    }
+
+    fn deliver(&mut self) {
+        self.since = None;
+        for job in self.jobs.drain(..) {
+            job.deliver();
+        }
+    }
 }
 
 impl<F: SessionFactory> Worker<F> {
@@ -417,10 +516,25 @@ impl<F: SessionFactory> Worker<F> {
             // calls while opening or probing, the daemon's metrics hooks),
             // so a panic costs a session, never the worker.
             let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                match self.rx.recv_timeout(probe_every) {
+                // Held answers go out before the worker could block.
+                let next = if self.held.is_empty() {
+                    self.rx.recv_timeout(probe_every)
+                } else {
+                    match self.rx.try_recv() {
+                        Ok(job) => Ok(job),
+                        Err(_) => {
+                            self.held.deliver();
+                            return true;
+                        }
+                    }
+                };
+                match next {
                     Ok(job) => {
                         self.shared.metrics.queue_depth(self.rx.len());
                         self.handle(job);
+                        if self.held.due() {
+                            self.held.deliver();
+                        }
                         true
                     }
                     Err(RecvTimeoutError::Timeout) => {
@@ -434,6 +548,8 @@ impl<F: SessionFactory> Worker<F> {
                 Ok(true) => {}
                 Ok(false) => break,
                 Err(_) => {
+                    // Held answers are finished work: they still go out.
+                    self.held.deliver();
                     tracing::error!(
                         worker = self.index,
                         "HSM worker panicked; reopening its session"
@@ -504,6 +620,8 @@ impl<F: SessionFactory> Worker<F> {
             if self.session.is_some() {
                 return Ok(());
             }
+            // Opening may wait out a backoff: finished answers go out first.
+            self.held.deliver();
             let now = Instant::now();
             if self.backoff.next_try > now {
                 match deadline {
@@ -587,10 +705,13 @@ impl<F: SessionFactory> Worker<F> {
                         h.last_success = Some(SystemTime::now());
                         h.last_was_error = false;
                     });
+                    self.held.hold(job);
                     return;
                 }
                 Err(e) => e,
             };
+            // Recovery may sleep: finished answers must not wait for it.
+            self.held.deliver();
             let class = error.rv_class();
             match class {
                 // A bad request says nothing about the token's health.
@@ -837,5 +958,77 @@ mod tests {
         let h = pool.health();
         assert_eq!(h.state, HealthState::Up, "{h:?}");
         assert_eq!(h.sessions_open, 2);
+    }
+
+    #[tokio::test]
+    async fn held_answers_reach_their_own_callers() {
+        // One worker, many callers: answers are held while jobs queue up,
+        // and each must reach the caller that asked, none left behind.
+        let (_f, pool) = pool(1, 256, 5000);
+        let pool = Arc::new(pool);
+        let mut tasks = Vec::new();
+        for i in 0..200u64 {
+            let p = pool.clone();
+            tasks.push(tokio::spawn(async move {
+                p.run("t", None, true, move |_: &mut u64| {
+                    std::thread::sleep(Duration::from_micros(50));
+                    Ok(i)
+                })
+                .await
+            }));
+        }
+        for (i, t) in tasks.into_iter().enumerate() {
+            assert_eq!(t.await.unwrap().unwrap(), i as u64);
+        }
+    }
+
+    #[tokio::test]
+    async fn held_answers_do_not_wait_for_a_recovery() {
+        let f = Arc::new(FakeFactory {
+            opened: AtomicU64::new(0),
+            refuse_open: Mutex::new(0),
+        });
+        let cfg = PoolConfig {
+            size: 1,
+            queue_depth: 4,
+            op_timeout_ms: 5000,
+            backoff_initial_ms: 1500,
+            backoff_max_ms: 1500,
+            probe_interval_ms: 10_000,
+        };
+        let pool = Arc::new(SessionPool::start(f.clone(), cfg, Arc::new(NoMetrics)).unwrap());
+        let start = Instant::now();
+        // A finishes while B waits in the queue, so A's answer is held …
+        let p = pool.clone();
+        let a = tokio::spawn(async move {
+            p.run("a", None, true, |_: &mut u64| {
+                std::thread::sleep(Duration::from_millis(100));
+                Ok(())
+            })
+            .await
+            .map(|()| start.elapsed())
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // … and B's failure sends the worker into a 1.5 s reopen backoff.
+        *f.refuse_open.lock().unwrap() = 1;
+        let mut first = true;
+        let b = pool
+            .run("b", None, true, move |_: &mut u64| {
+                if std::mem::take(&mut first) {
+                    return Err(rv_error(0xB3)); // SESSION_HANDLE_INVALID
+                }
+                Ok(())
+            })
+            .await
+            .map(|()| start.elapsed());
+        let (a, b) = (a.await.unwrap().unwrap(), b.unwrap());
+        assert!(
+            b >= Duration::from_millis(1500),
+            "B waited out the backoff: {b:?}"
+        );
+        assert!(
+            a < Duration::from_millis(1000),
+            "A was answered before it: {a:?}"
+        );
     }
 }

@@ -652,6 +652,48 @@ async fn recovery(module: ModuleSource) {
         (5, 0)
     );
 
+    // Batches go as one job per worker. A session fault in the middle of a
+    // job sends the whole job to recovery and its retry signs every item
+    // again: each item gets a signature over its own digest, none is lost.
+    let batch = |tag: &str| {
+        (0..40)
+            .map(|i| {
+                let m = format!("{tag} {i}").into_bytes();
+                (
+                    m.clone(),
+                    (key.clone(), hsm.digest_for(&key, None, &m).unwrap()),
+                )
+            })
+            .unzip::<_, _, Vec<_>, Vec<_>>()
+    };
+    faults::install("C_Sign:session_handle_invalid:after=7,count=1").unwrap();
+    let (messages, items) = batch("batch");
+    let out = hsm.sign_digests(items).await;
+    faults::clear();
+    assert_eq!(out.len(), messages.len());
+    for (m, r) in messages.iter().zip(&out) {
+        let raw = r.as_ref().expect("retried on a new session");
+        assert!(
+            sm2_verifies(&point, "1234567812345678", m, raw),
+            "wrong signature in batch"
+        );
+    }
+    // A token that keeps failing: every item fails, none gets a result.
+    faults::install("C_Sign:device_error").unwrap();
+    let (_, items) = batch("failing batch");
+    let out = hsm.sign_digests(items).await;
+    faults::clear();
+    assert_eq!(out.len(), 40);
+    assert!(
+        out.iter()
+            .all(|r| r.as_ref().is_err_and(|e| e.ck_rv() == Some(0x30))),
+        "{out:?}"
+    );
+    assert_eq!(
+        sign_many(&hsm, &point, 5, "after failing batch").await,
+        (5, 0)
+    );
+
     // Token removed, then back: calls fail cleanly while it is gone, the
     // pool reopens sessions and logs in again without a restart.
     faults::install("*:token_not_present").unwrap();

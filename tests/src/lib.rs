@@ -161,10 +161,24 @@ impl Install {
 
     /// Starts svsd with extra environment variables.
     pub async fn start_with_env(&self, env: &[(&str, &str)]) -> Daemon {
+        self.start_with(env, None).await
+    }
+
+    /// Starts svsd with extra environment variables, confined to `cpus`
+    /// (a `taskset` CPU list such as `1` or `2-3`) when given.
+    pub async fn start_with(&self, env: &[(&str, &str)], cpus: Option<&str>) -> Daemon {
         static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let log = self.dir.join(format!("svsd-{run}.log"));
-        let mut cmd = Command::new(svsd_bin());
+        let mut cmd = match cpus {
+            // taskset execs svsd: the child's pid is svsd's.
+            Some(list) => {
+                let mut c = Command::new("taskset");
+                c.args(["-c", list]).arg(svsd_bin());
+                c
+            }
+            None => Command::new(svsd_bin()),
+        };
         cmd.arg("--config")
             .arg(&self.config)
             .arg("--allow-root")
