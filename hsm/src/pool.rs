@@ -464,8 +464,9 @@ struct Worker<F: SessionFactory> {
 /// job, a fifth of a soft-token signature. Once one answer has woken the
 /// runtime, the next ones find it awake and cost nothing. So while more
 /// jobs are already queued (their callers are waiting anyway), a worker
-/// holds answers for at most [`HOLD_WINDOW`] or [`HOLD_MAX`] jobs; with an
-/// empty queue it answers at once, so an unloaded pool adds no latency.
+/// holds answers for at most [`HOLD_WINDOW`] or [`HOLD_MAX`] jobs; with
+/// fewer than [`HOLD_MIN_QUEUED`] jobs waiting it answers at once, so a pool
+/// that is not saturated adds no latency.
 struct HeldReplies<S> {
     jobs: Vec<Job<S>>,
     since: Option<Instant>,
@@ -477,6 +478,10 @@ struct HeldReplies<S> {
 const HOLD_WINDOW: Duration = Duration::from_micros(200);
 /// Most answers held at once.
 const HOLD_MAX: usize = 8;
+/// Answers are held only while at least this many jobs wait: a queue this
+/// deep means the pool is saturated and its callers' latency is queueing
+/// anyway; below it (e.g. svsd at half of its peak) answers go at once.
+const HOLD_MIN_QUEUED: usize = 4;
 
 impl<S> HeldReplies<S> {
     fn new() -> Self {
@@ -532,7 +537,7 @@ impl<F: SessionFactory> Worker<F> {
                     Ok(job) => {
                         self.shared.metrics.queue_depth(self.rx.len());
                         self.handle(job);
-                        if self.held.due() {
+                        if self.held.due() || self.rx.len() < HOLD_MIN_QUEUED {
                             self.held.deliver();
                         }
                         true
@@ -990,7 +995,7 @@ mod tests {
         });
         let cfg = PoolConfig {
             size: 1,
-            queue_depth: 4,
+            queue_depth: 16,
             op_timeout_ms: 5000,
             backoff_initial_ms: 1500,
             backoff_max_ms: 1500,
@@ -1010,17 +1015,22 @@ mod tests {
         });
         tokio::time::sleep(Duration::from_millis(20)).await;
         // … and B's failure sends the worker into a 1.5 s reopen backoff.
+        // Enough jobs queue behind B that the pool counts as saturated.
         *f.refuse_open.lock().unwrap() = 1;
         let mut first = true;
-        let b = pool
-            .run("b", None, true, move |_: &mut u64| {
-                if std::mem::take(&mut first) {
-                    return Err(rv_error(0xB3)); // SESSION_HANDLE_INVALID
-                }
-                Ok(())
-            })
-            .await
-            .map(|()| start.elapsed());
+        let b = pool.submit("b", None, true, move |_: &mut u64| {
+            if std::mem::take(&mut first) {
+                return Err(rv_error(0xB3)); // SESSION_HANDLE_INVALID
+            }
+            Ok(())
+        });
+        let behind: Vec<_> = (0..HOLD_MIN_QUEUED)
+            .map(|_| pool.submit("c", None, true, |_: &mut u64| Ok(())))
+            .collect();
+        let b = b.await.map(|()| start.elapsed());
+        for c in behind {
+            c.await.unwrap();
+        }
         let (a, b) = (a.await.unwrap().unwrap(), b.unwrap());
         assert!(
             b >= Duration::from_millis(1500),
