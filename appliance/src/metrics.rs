@@ -174,9 +174,10 @@ fn register<C: prometheus::core::Collector + 'static>(r: &Registry, c: C) {
 }
 
 /// Latency buckets for requests and HSM calls, in seconds: 0.5 ms to 10 s.
-/// 0.1 s is a bucket boundary because the shipped SLO alert is defined on it.
+/// 0.1 s is a bucket boundary because the shipped SLO alert is defined on it,
+/// 2 ms because it is the p99 svsd is benchmarked against at half of peak.
 pub const LATENCY_BUCKETS: &[f64] = &[
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 /// fsync and queue-wait buckets: 50 µs to 5 s.
 const SHORT_BUCKETS: &[f64] = &[
