@@ -181,7 +181,13 @@ fn hex32<'b>(bytes: &[u8; 32], buf: &'b mut [u8; 64]) -> &'b str {
 
 /// Appends the record line for `entry` to `out` and returns its hash.
 /// `time` is the group's commit time, rendered once per group.
-fn render(seq: u64, prev: &[u8; 32], entry: &Entry, time: &str, out: &mut Vec<u8>) -> [u8; 32] {
+fn render(
+    seq: u64,
+    prev: &[u8; 32],
+    entry: &Entry,
+    time: &str,
+    out: &mut Vec<u8>,
+) -> Result<[u8; 32], serde_json::Error> {
     let (mut prev_hex, mut in_hex, mut out_hex) = ([0u8; 64], [0u8; 64], [0u8; 64]);
     let mut body = Body {
         seq,
@@ -229,10 +235,11 @@ fn render(seq: u64, prev: &[u8; 32], entry: &Entry, time: &str, out: &mut Vec<u8
         }
     }
     let start = out.len();
-    // Serialising strings and integers into a Vec cannot fail; were it to,
-    // the record is left out and its sequence gap shows in verification.
-    if serde_json::to_writer(&mut *out, &body).is_err() {
+    // Serialising strings and integers into a Vec does not fail; were it
+    // to, `out` is left as it was and the caller fails the whole group.
+    if let Err(e) = serde_json::to_writer(&mut *out, &body) {
         out.truncate(start);
+        return Err(e);
     }
     let hash = sm3(&out[start..]);
     // The hash goes inside the object: replace its closing brace.
@@ -241,7 +248,7 @@ fn render(seq: u64, prev: &[u8; 32], entry: &Entry, time: &str, out: &mut Vec<u8
     out.extend_from_slice(b",\"hash\":\"");
     out.extend_from_slice(hex32(&hash, &mut hash_hex).as_bytes());
     out.extend_from_slice(b"\"}\n");
-    hash
+    Ok(hash)
 }
 
 /// Where the writer puts bytes; a trait so tests can make it fail.
@@ -593,20 +600,34 @@ impl Writer {
         let mut acks = Vec::with_capacity(jobs.len());
         let mut heads = Vec::new();
         let mut count = 0u64;
+        let mut unrenderable = None;
         for job in jobs {
             match job {
                 Job::Append { entries, ack } => {
                     for entry in &entries {
-                        self.seq += 1;
-                        self.head = render(self.seq, &self.head, entry, &time, buf);
-                        count += 1;
+                        if unrenderable.is_some() {
+                            break;
+                        }
+                        match render(self.seq + 1, &self.head, entry, &time, buf) {
+                            Ok(hash) => {
+                                self.seq += 1;
+                                self.head = hash;
+                                count += 1;
+                            }
+                            Err(e) => unrenderable = Some(e),
+                        }
                     }
                     acks.push((ack, self.seq));
                 }
                 Job::Head { ack } => heads.push(ack),
             }
         }
-        let result = if buf.is_empty() {
+        // Nothing of a group is written unless all of it can be.
+        let result = if let Some(e) = unrenderable {
+            Err(std::io::Error::other(format!(
+                "cannot serialise a record: {e}"
+            )))
+        } else if buf.is_empty() {
             Ok(())
         } else {
             let started = std::time::Instant::now();
@@ -1359,7 +1380,7 @@ mod tests {
     /// One record line as a `String`, for tests that build trails by hand.
     fn render_line(seq: u64, prev: &[u8; 32], entry: &Entry, at: SystemTime) -> (String, [u8; 32]) {
         let mut out = Vec::new();
-        let hash = render(seq, prev, entry, &rfc3339(at), &mut out);
+        let hash = render(seq, prev, entry, &rfc3339(at), &mut out).unwrap();
         (String::from_utf8(out).unwrap(), hash)
     }
 

@@ -304,10 +304,14 @@ impl<F: SessionFactory> SessionPool<F> {
         W: FnMut(&mut F::Session) -> Result<T> + Send + 'static,
     {
         let timeout = Duration::from_millis(self.shared.config.op_timeout_ms);
+        // The caller's deadline is fixed now, like the worker's, not when
+        // the future is first polled: a caller awaiting several jobs one
+        // after another must not wait for each in turn.
+        let deadline = tokio::time::Instant::now() + timeout;
         let queued = self.enqueue(op, mechanism, idempotent, timeout, work);
         let shared = self.shared.clone();
         async move {
-            match tokio::time::timeout(timeout, queued?).await {
+            match tokio::time::timeout_at(deadline, queued?).await {
                 Ok(Ok(result)) => result,
                 Ok(Err(_)) => Err(HsmError::Shutdown),
                 Err(_) => {
@@ -478,6 +482,11 @@ struct HeldReplies<S> {
 const HOLD_WINDOW: Duration = Duration::from_micros(200);
 /// Most answers held at once.
 const HOLD_MAX: usize = 8;
+/// The one operation whose answers are held: a single signature. A held
+/// answer waits for the next job only when that job is one too, so its
+/// delay is bounded by one signature past [`HOLD_WINDOW`] — unless that
+/// signature itself stalls in the token, which the callers' deadline covers.
+const HOLD_OP: &str = "sign";
 /// Answers are held only while at least this many jobs wait: a queue this
 /// deep means the pool is saturated and its callers' latency is queueing
 /// anyway; below it (e.g. svsd at half of its peak) answers go at once.
@@ -526,7 +535,15 @@ impl<F: SessionFactory> Worker<F> {
                     self.rx.recv_timeout(probe_every)
                 } else {
                     match self.rx.try_recv() {
-                        Ok(job) => Ok(job),
+                        Ok(job) => {
+                            // Held answers wait only for quick signatures,
+                            // never for a batch chunk, a key generation or
+                            // anything else that may take long.
+                            if job.meta().op != HOLD_OP || self.held.due() {
+                                self.held.deliver();
+                            }
+                            Ok(job)
+                        }
                         Err(_) => {
                             self.held.deliver();
                             return true;
@@ -701,9 +718,10 @@ impl<F: SessionFactory> Worker<F> {
             self.shared.record(|h| h.busy_since[index] = None);
             let in_use = self.shared.in_use.fetch_sub(1, Ordering::Relaxed) - 1;
             self.shared.metrics.sessions_in_use(in_use);
+            let took = started.elapsed();
             self.shared
                 .metrics
-                .operation(op, mechanism, started.elapsed(), result.is_ok());
+                .operation(op, mechanism, took, result.is_ok());
             let error = match result {
                 Ok(()) => {
                     self.shared.record(|h| {
@@ -711,6 +729,11 @@ impl<F: SessionFactory> Worker<F> {
                         h.last_was_error = false;
                     });
                     self.held.hold(job);
+                    // Only quick signatures are worth coalescing: a slower
+                    // token (a network HSM) makes the wake-up cost nothing.
+                    if op != HOLD_OP || took >= HOLD_WINDOW {
+                        self.held.deliver();
+                    }
                     return;
                 }
                 Err(e) => e,
@@ -975,7 +998,7 @@ mod tests {
         for i in 0..200u64 {
             let p = pool.clone();
             tasks.push(tokio::spawn(async move {
-                p.run("t", None, true, move |_: &mut u64| {
+                p.run(HOLD_OP, None, true, move |_: &mut u64| {
                     std::thread::sleep(Duration::from_micros(50));
                     Ok(i)
                 })
@@ -1001,37 +1024,38 @@ mod tests {
             backoff_max_ms: 1500,
             probe_interval_ms: 10_000,
         };
-        let pool = Arc::new(SessionPool::start(f.clone(), cfg, Arc::new(NoMetrics)).unwrap());
-        let start = Instant::now();
-        // A finishes while B waits in the queue, so A's answer is held …
-        let p = pool.clone();
-        let a = tokio::spawn(async move {
-            p.run("a", None, true, |_: &mut u64| {
-                std::thread::sleep(Duration::from_millis(100));
-                Ok(())
-            })
+        let pool = SessionPool::start(f.clone(), cfg, Arc::new(NoMetrics)).unwrap();
+        // The worker's first session is open before opening is refused.
+        pool.run("warm", None, true, |_: &mut u64| Ok(()))
             .await
-            .map(|()| start.elapsed())
+            .unwrap();
+        let start = Instant::now();
+        // A slow job keeps the worker while the rest queues up behind it.
+        let blocker = pool.submit("blocker", None, true, |_: &mut u64| {
+            std::thread::sleep(Duration::from_millis(100));
+            Ok(())
         });
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        // … and B's failure sends the worker into a 1.5 s reopen backoff.
-        // Enough jobs queue behind B that the pool counts as saturated.
+        // A is a quick signature with a saturated queue behind it: held …
+        let a = pool.submit(HOLD_OP, None, true, |_: &mut u64| Ok(()));
+        // … and B fails, sending the worker into a 1.5 s reopen backoff.
         *f.refuse_open.lock().unwrap() = 1;
         let mut first = true;
-        let b = pool.submit("b", None, true, move |_: &mut u64| {
+        let b = pool.submit(HOLD_OP, None, true, move |_: &mut u64| {
             if std::mem::take(&mut first) {
                 return Err(rv_error(0xB3)); // SESSION_HANDLE_INVALID
             }
             Ok(())
         });
         let behind: Vec<_> = (0..HOLD_MIN_QUEUED)
-            .map(|_| pool.submit("c", None, true, |_: &mut u64| Ok(())))
+            .map(|_| pool.submit(HOLD_OP, None, true, |_: &mut u64| Ok(())))
             .collect();
-        let b = b.await.map(|()| start.elapsed());
+        let a = tokio::spawn(async move { a.await.map(|()| start.elapsed()) });
+        let b = tokio::spawn(async move { b.await.map(|()| start.elapsed()) });
+        blocker.await.unwrap();
         for c in behind {
             c.await.unwrap();
         }
-        let (a, b) = (a.await.unwrap().unwrap(), b.unwrap());
+        let (a, b) = (a.await.unwrap().unwrap(), b.await.unwrap().unwrap());
         assert!(
             b >= Duration::from_millis(1500),
             "B waited out the backoff: {b:?}"
@@ -1040,5 +1064,51 @@ mod tests {
             a < Duration::from_millis(1000),
             "A was answered before it: {a:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn held_answers_do_not_wait_for_a_long_job() {
+        let (_f, pool) = pool(1, 16, 5000);
+        let start = Instant::now();
+        let blocker = pool.submit("blocker", None, true, |_: &mut u64| {
+            std::thread::sleep(Duration::from_millis(100));
+            Ok(())
+        });
+        // A quick signature, held while the queue is deep …
+        let a = pool.submit(HOLD_OP, None, true, |_: &mut u64| Ok(()));
+        // … must not wait for the key generation behind it.
+        let long = pool.submit("generate", None, false, |_: &mut u64| {
+            std::thread::sleep(Duration::from_millis(1000));
+            Ok(())
+        });
+        let behind: Vec<_> = (0..HOLD_MIN_QUEUED)
+            .map(|_| pool.submit(HOLD_OP, None, true, |_: &mut u64| Ok(())))
+            .collect();
+        let a = tokio::spawn(async move { a.await.map(|()| start.elapsed()) });
+        blocker.await.unwrap();
+        long.await.unwrap();
+        for c in behind {
+            c.await.unwrap();
+        }
+        let a = a.await.unwrap().unwrap();
+        assert!(
+            a < Duration::from_millis(800),
+            "A waited for the long job: {a:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_submitted_jobs_deadline_runs_from_submission() {
+        let (_f, pool) = pool(1, 4, 300);
+        let slow = |_: &mut u64| {
+            std::thread::sleep(Duration::from_millis(250));
+            Ok(())
+        };
+        let first = pool.submit("a", None, true, slow);
+        let second = pool.submit("b", None, true, slow);
+        first.await.unwrap();
+        // Polled only now, 250 ms in: its 300 ms ran out at 300 ms, not 550.
+        let r = second.await;
+        assert!(matches!(r, Err(HsmError::Timeout(_))), "{r:?}");
     }
 }
