@@ -408,6 +408,20 @@ pub(crate) fn import_certificate(
             )));
         }
     }
+    let template = certificate_template(label, id.map(|k| k.id.as_slice()), der, &cert)?;
+    session.create_object(&template)?;
+    Ok(())
+}
+
+/// The attributes of a public X.509 certificate object: the fields
+/// PKCS#11 mirrors from the certificate, and `CKA_ID` when it belongs to a key.
+pub fn certificate_template(
+    label: &str,
+    id: Option<&[u8]>,
+    der: &[u8],
+    cert: &Certificate,
+) -> Result<Vec<Attribute>> {
+    let tbs = cert.tbs_certificate();
     let mut template = vec![
         Attribute::Class(ObjectClass::CERTIFICATE),
         Attribute::CertificateType(CertificateType::X_509),
@@ -419,11 +433,10 @@ pub(crate) fn import_certificate(
         Attribute::SerialNumber(tbs.serial_number().to_der()?),
         Attribute::Value(der.to_vec()),
     ];
-    if let Some(key) = id {
-        template.push(Attribute::Id(key.id.clone()));
+    if let Some(id) = id {
+        template.push(Attribute::Id(id.to_vec()));
     }
-    session.create_object(&template)?;
-    Ok(())
+    Ok(template)
 }
 
 #[cfg(test)]

@@ -88,7 +88,9 @@ pub struct TokenSelector {
 }
 
 impl TokenSelector {
-    fn matches(
+    /// Whether the token in `slot` meets every criterion given (trailing
+    /// padding of the fixed-width CK_TOKEN_INFO fields ignored).
+    pub fn matches(
         &self,
         slot: Slot,
         info: &cryptoki::slot::TokenInfo,

@@ -6,12 +6,12 @@
 use std::path::Path;
 use std::time::SystemTime;
 
-use cryptoki::object::{Attribute, CertificateType, ObjectClass, ObjectHandle};
+use cryptoki::object::{Attribute, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 use der::{Decode, Encode};
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use svs_hsm::keys::hex;
+use svs_hsm::keys::{certificate_template, hex};
 use x509_cert::Certificate;
 
 use crate::Report;
@@ -113,25 +113,6 @@ fn find_cert_by_value(session: &Session, der: &[u8]) -> Result<Vec<ObjectHandle>
             Attribute::Value(der.to_vec()),
         ])
         .map_err(|e| ProvisionError::pkcs11(e, "searching certificates", "user"))
-}
-
-fn template(label: &str, id: Option<&[u8]>, der: &[u8], c: &Certificate) -> Result<Vec<Attribute>> {
-    let tbs = c.tbs_certificate();
-    let mut t = vec![
-        Attribute::Class(ObjectClass::CERTIFICATE),
-        Attribute::CertificateType(CertificateType::X_509),
-        Attribute::Token(true),
-        Attribute::Private(false),
-        Attribute::Label(label.as_bytes().to_vec()),
-        Attribute::Subject(tbs.subject().to_der()?),
-        Attribute::Issuer(tbs.issuer().to_der()?),
-        Attribute::SerialNumber(tbs.serial_number().to_der()?),
-        Attribute::Value(der.to_vec()),
-    ];
-    if let Some(id) = id {
-        t.push(Attribute::Id(id.to_vec()));
-    }
-    Ok(t)
 }
 
 /// Checks the chain before anything is stored: every chain certificate is
@@ -299,7 +280,12 @@ pub fn import(
         if !same {
             created.push(
                 session
-                    .create_object(&template(label, Some(&key.id), &leaf_der, &leaf)?)
+                    .create_object(&certificate_template(
+                        label,
+                        Some(&key.id),
+                        &leaf_der,
+                        &leaf,
+                    )?)
                     .map_err(|e| ProvisionError::pkcs11(e, "storing the certificate", "user"))?,
             );
         }
@@ -311,7 +297,7 @@ pub fn import(
             let ca_label = format!("ca:{}", &hex(&Sha256::digest(der))[..16]);
             created.push(
                 session
-                    .create_object(&template(&ca_label, None, der, c)?)
+                    .create_object(&certificate_template(&ca_label, None, der, c)?)
                     .map_err(|e| {
                         ProvisionError::pkcs11(e, "storing a chain certificate", "user")
                     })?,

@@ -14,7 +14,7 @@ use cryptoki::slot::{Limit, Slot, TokenInfo};
 use cryptoki::types::AuthPin;
 use serde_json::{Value, json};
 use svs_hsm::profile::{ModuleIdentity, ProfileOverride, ProfileTable};
-use svs_hsm::{ModuleSource, Pkcs11Uri, VendorProfile};
+use svs_hsm::{ModuleSource, Pkcs11Uri, TokenSelector, VendorProfile};
 use zeroize::Zeroizing;
 
 use crate::Report;
@@ -47,21 +47,13 @@ impl Target {
             || self.uri.as_ref().is_some_and(Pkcs11Uri::selects_token)
     }
 
-    fn matches(&self, slot: Slot, info: &TokenInfo, lib: &cryptoki::context::Info) -> bool {
-        let eq = |want: &Option<String>, have: &str| {
-            want.as_deref()
-                .is_none_or(|w| w.trim_end() == have.trim_end())
-        };
-        let uri_ok = self.uri.as_ref().is_none_or(|u| {
-            eq(&u.token, info.label())
-                && eq(&u.serial, info.serial_number())
-                && eq(&u.manufacturer, info.manufacturer_id())
-                && eq(&u.model, info.model())
-                && eq(&u.library_manufacturer, lib.manufacturer_id())
-                && eq(&u.library_description, lib.library_description())
-                && u.slot_id.is_none_or(|id| id == slot.id())
-        });
-        eq(&self.label, info.label()) && eq(&self.serial, info.serial_number()) && uri_ok
+    /// The same criteria as svs-hsm's, so both pick a token alike.
+    fn selector(&self) -> TokenSelector {
+        TokenSelector {
+            label: self.label.clone(),
+            serial: self.serial.clone(),
+            uri: self.uri.clone(),
+        }
     }
 
     fn describe(&self) -> String {
@@ -141,11 +133,12 @@ pub fn select(pkcs11: &Pkcs11, target: &Target) -> Result<(Slot, TokenInfo)> {
         .get_library_info()
         .map_err(|e| ProvisionError::pkcs11(e, "reading the module's information", "user"))?;
     let all = tokens(pkcs11)?;
+    let selector = target.selector();
     let found: Vec<&(Slot, TokenInfo)> = all
         .iter()
         .filter(|(slot, info)| {
             if target.selects() {
-                target.matches(*slot, info, &lib)
+                selector.matches(*slot, info, &lib)
             } else {
                 info.token_initialized()
             }
