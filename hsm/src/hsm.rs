@@ -215,16 +215,12 @@ impl Hsm {
         digest: [u8; 32],
         encoding: SignatureEncoding,
     ) -> Result<Vec<u8>> {
-        let signer = self.digest_signer()?;
+        // One path for one signature and many: a batch of one.
         let raw = self
-            .pool
-            .run(
-                "sign",
-                Some(signer.profile.sign_digest_mechanism),
-                true,
-                move |s: &mut TokenSession| signer.sign(s, &key, &digest),
-            )
-            .await?;
+            .sign_digests(vec![(key, digest)])
+            .await
+            .pop()
+            .unwrap_or(Err(HsmError::Shutdown))?;
         Ok(encode_signature(&raw, encoding))
     }
 
@@ -384,7 +380,6 @@ impl Hsm {
     }
 }
 
-/// A pool needs one session per worker; a token that states a limit must allow them.
 /// Signs one digest on a worker's session.
 struct DigestSigner {
     profile: Arc<VendorProfile>,
@@ -409,6 +404,7 @@ impl DigestSigner {
     }
 }
 
+/// A pool needs one session per worker; a token that states a limit must allow them.
 fn check_pool_size(size: usize, token_max: Option<u64>) -> Result<()> {
     match token_max {
         Some(max) if size as u64 > max => Err(HsmError::Config(format!(

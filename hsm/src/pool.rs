@@ -456,7 +456,7 @@ struct Worker<F: SessionFactory> {
     session: Option<F::Session>,
     backoff: Backoff,
     last_probe: Instant,
-    /// Finished jobs whose answers wait for [`Worker::deliver_held`].
+    /// Finished jobs whose answers wait for [`HeldReplies::deliver`].
     held: HeldReplies<F::Session>,
 }
 
