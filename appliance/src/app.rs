@@ -1156,7 +1156,8 @@ operations = ["sign", "verify"]
     fn records(dir: &Path) -> Vec<serde_json::Value> {
         let mut out = Vec::new();
         for (_, f) in crate::audit::trail_files(&dir.join("audit")).unwrap() {
-            for line in std::fs::read_to_string(f).unwrap().lines() {
+            let bytes = crate::audit::read_trail_file(&f).unwrap();
+            for line in std::str::from_utf8(&bytes).unwrap().lines() {
                 let v: serde_json::Value = serde_json::from_str(line).unwrap();
                 if v["type"] == "op" {
                     out.push(v);

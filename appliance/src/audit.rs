@@ -17,10 +17,19 @@
 //! Files are `audit-<first seq, 20 digits>.jsonl` in one directory; a new
 //! file is started once the current one reaches the configured size, and
 //! the chain continues across files.
+//!
+//! With `preallocate` (the default) the file being written is zero-filled
+//! to its rotation size when it is started, and records overwrite the
+//! zeros: an fdatasync then flushes data blocks only, because neither the
+//! file's size nor its block map changes (on ext4 an appending fdatasync
+//! also commits the journal). The zeros after the last record are not part
+//! of the trail: a file is cut to its records when it is retired or svsd
+//! stops, and every reader goes through [`read_trail_file`].
 
 use std::borrow::Cow;
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -160,6 +169,16 @@ fn file_seq(name: &str) -> Option<u64> {
         .ok()
 }
 
+/// A trail file's bytes without the zero-filled space after its last
+/// record (present in the file being written when records are
+/// preallocated; no record ends in a NUL byte, each ends in `}\n`).
+pub fn read_trail_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    let mut bytes = std::fs::read(path)?;
+    let end = bytes.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1);
+    bytes.truncate(end);
+    Ok(bytes)
+}
+
 /// The trail's files, oldest first.
 pub fn trail_files(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
     let mut files = Vec::new();
@@ -257,37 +276,142 @@ trait Sink: Send {
     fn sync(&mut self) -> std::io::Result<()>;
     fn len(&self) -> u64;
     fn rotate(&mut self, first_seq: u64) -> std::io::Result<()>;
+    /// Leaves the file holding its records only (the writer stops).
+    fn finish(&mut self) -> std::io::Result<()>;
 }
 
 struct FileSink {
     dir: PathBuf,
     file: File,
+    /// Bytes of records; the file may be longer (zero-filled).
     len: u64,
+    /// Zero-fill each file to this size.
+    preallocate: Option<u64>,
+    /// The next file, being zero-filled in the background.
+    spare: Option<Spare>,
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Writes `size - from` zero bytes at `from`, `chunk` at a time, each chunk
+/// followed by `between(chunk)` (which may stop the fill).
+///
+/// Real zeros, not fallocate: ext4 keeps fallocated space as unwritten
+/// extents, and converting them is a journal commit again on the first
+/// fdatasync after each write.
+fn zero_fill(
+    file: &File,
+    from: u64,
+    size: u64,
+    mut between: impl FnMut() -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let zeros = vec![0u8; 1 << 20];
+    let mut at = from;
+    while at < size {
+        let n = (size - at).min(zeros.len() as u64);
+        file.write_all_at(&zeros[..n as usize], at)?;
+        at += n;
+        between()?;
+    }
+    Ok(())
+}
+
+/// The next trail file, zero-filled by a thread of its own while the current
+/// one fills, so that rotation is a rename: filling 64 MiB in the writer
+/// stalled every answer for 40 ms at each rotation (measured).
+struct Spare {
+    path: PathBuf,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: JoinHandle<std::io::Result<()>>,
+}
+
+impl Spare {
+    /// Hidden name: not a trail file until renamed.
+    const NAME: &'static str = ".audit-spare.tmp";
+
+    fn start(dir: &Path, size: u64) -> Option<Spare> {
+        use std::sync::atomic::Ordering;
+        let path = dir.join(Self::NAME);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (p, flag) = (path.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("svs-audit-spare".into())
+            .spawn(move || {
+                let file = File::create(&p)?;
+                // A flush per MiB, and a pause: the group commits' flushes
+                // never queue behind more than one MiB of zeros.
+                zero_fill(&file, 0, size, || {
+                    file.sync_data()?;
+                    if flag.load(Ordering::Relaxed) {
+                        return Err(std::io::Error::other("stopped"));
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                    Ok(())
+                })?;
+                file.sync_all()
+            })
+            .map_err(|e| tracing::warn!(error = %e, "audit: cannot start the spare file's thread"))
+            .ok()?;
+        Some(Spare { path, stop, thread })
+    }
+
+    /// The zero-filled file, if it is ready; the caller renames it.
+    fn take_ready(spare: &mut Option<Spare>) -> Option<PathBuf> {
+        if !spare.as_ref()?.thread.is_finished() {
+            return None;
+        }
+        let s = spare.take()?;
+        match s.thread.join() {
+            Ok(Ok(())) => Some(s.path),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "audit: the spare file could not be zero-filled");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    fn discard(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.thread.join();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 impl FileSink {
-    fn create(dir: &Path, first_seq: u64) -> std::io::Result<FileSink> {
+    /// Opens the file that starts at `first_seq`, creating it or continuing
+    /// it after its records (start-up recovery has cut off anything else),
+    /// and starts zero-filling the next one.
+    fn create(dir: &Path, first_seq: u64, preallocate: Option<u64>) -> std::io::Result<FileSink> {
+        let path = dir.join(file_name(first_seq));
+        // Not append mode: records overwrite the zero-filled space.
         let file = OpenOptions::new()
             .create(true)
-            .append(true)
-            .open(dir.join(file_name(first_seq)))?;
-        sync_dir(dir)?;
+            .write(true)
+            .truncate(false)
+            .open(&path)?;
         let len = file.metadata()?.len();
+        if let Some(size) = preallocate.filter(|size| *size > len) {
+            // Before the daemon is ready, so the writer may take the time.
+            zero_fill(&file, len, size, || Ok(()))?;
+            file.sync_all()?;
+        }
+        sync_dir(dir)?;
         Ok(FileSink {
             dir: dir.to_path_buf(),
             file,
             len,
+            preallocate,
+            spare: preallocate.and_then(|size| Spare::start(dir, size)),
         })
     }
 }
 
 impl Sink for FileSink {
     fn append(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.file.write_all(bytes)?;
+        self.file.write_all_at(bytes, self.len)?;
         self.len += bytes.len() as u64;
         Ok(())
     }
@@ -298,7 +422,44 @@ impl Sink for FileSink {
         self.len
     }
     fn rotate(&mut self, first_seq: u64) -> std::io::Result<()> {
-        *self = FileSink::create(&self.dir, first_seq)?;
+        // The retired file is cut to its records, durably, before the next
+        // one exists: only the newest file can ever hold zero-filled space.
+        self.finish_file()?;
+        let path = self.dir.join(file_name(first_seq));
+        // Not ready (rotations faster than a fill): a plain file, appended
+        // to, rather than a stall; the next rotation gets a spare again.
+        if let Some(spare) = Spare::take_ready(&mut self.spare) {
+            std::fs::rename(spare, &path)?;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .open(&path)?;
+        sync_dir(&self.dir)?;
+        self.file = file;
+        self.len = 0;
+        if self.spare.is_none() {
+            self.spare = self
+                .preallocate
+                .and_then(|size| Spare::start(&self.dir, size));
+        }
+        Ok(())
+    }
+    fn finish(&mut self) -> std::io::Result<()> {
+        if let Some(spare) = self.spare.take() {
+            spare.discard();
+        }
+        self.finish_file()
+    }
+}
+
+impl FileSink {
+    fn finish_file(&mut self) -> std::io::Result<()> {
+        if self.file.metadata()?.len() != self.len {
+            self.file.set_len(self.len)?;
+            self.file.sync_all()?;
+        }
         Ok(())
     }
 }
@@ -322,13 +483,9 @@ fn recover(dir: &Path) -> Result<(u64, [u8; 32], Option<u64>), SvsError> {
     let io = |e: std::io::Error| SvsError::AuditUnavailable(format!("{}: {e}", dir.display()));
     let files = trail_files(dir).map_err(io)?;
     for (n, (first_seq, path)) in files.iter().rev().enumerate() {
-        let mut f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(io)?;
-        let mut bytes = Vec::new();
-        f.read_to_end(&mut bytes).map_err(io)?;
+        let f = OpenOptions::new().write(true).open(path).map_err(io)?;
+        let on_disk = f.metadata().map_err(io)?.len();
+        let bytes = read_trail_file(path).map_err(io)?;
         let last_newline = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
         // Older files were complete and fsync'd before the next one began.
         let keep = if n > 0 {
@@ -365,13 +522,22 @@ fn recover(dir: &Path) -> Result<(u64, [u8; 32], Option<u64>), SvsError> {
                 kept_in = %aside.display(),
                 "audit: cutting off an incomplete last write (unacknowledged, left by a crash)"
             );
+        }
+        // Also drops zero-filled space: the writer fills afresh what it uses.
+        if keep as u64 != on_disk {
             f.set_len(keep as u64).map_err(io)?;
-            f.seek(SeekFrom::End(0)).map_err(io)?;
             f.sync_all().map_err(io)?;
             sync_dir(dir).map_err(io)?;
         }
         let text = &bytes[..keep];
         let Some(last) = text.split(|b| *b == b'\n').rev().find(|l| !l.is_empty()) else {
+            // A crash between starting a file and committing to it: the
+            // chain goes on in the file before, so this name would be
+            // skipped and leave an empty file inside the trail.
+            if n == 0 && files.len() > 1 {
+                std::fs::remove_file(path).map_err(io)?;
+                sync_dir(dir).map_err(io)?;
+            }
             continue;
         };
         let (body, hash) = split_line(last).ok_or_else(|| {
@@ -569,6 +735,11 @@ impl Writer {
             }
             self.commit(jobs, &mut buf);
         }
+        if let Err(e) = self.sink.finish() {
+            // Everything acknowledged is durable; only zero-filled space
+            // may stay behind, which readers skip and the next start cuts.
+            tracing::warn!(error = %e, "audit: cannot cut the last file to its records");
+        }
     }
 
     fn fail(&self, why: String) {
@@ -680,7 +851,9 @@ impl AuditTrail {
         };
         std::fs::create_dir_all(&config.dir).map_err(io)?;
         let (seq, head, current) = recover(&config.dir)?;
-        let sink = FileSink::create(&config.dir, current.unwrap_or(seq + 1)).map_err(io)?;
+        let preallocate = config.preallocate.then_some(config.max_file_bytes);
+        let sink =
+            FileSink::create(&config.dir, current.unwrap_or(seq + 1), preallocate).map_err(io)?;
         let trail = AuditTrail::with_sink(Box::new(sink), seq, head, config);
         Ok(trail)
     }
@@ -978,7 +1151,7 @@ fn verify_files(
 ) -> Result<ChainReport, ChainBreak> {
     let mut v = Verifier::new(opts, window_cap);
     for (n, (first_seq, path)) in files.iter().enumerate() {
-        let bytes = std::fs::read(path).map_err(|e| ChainBreak {
+        let bytes = read_trail_file(path).map_err(|e| ChainBreak {
             file: path.clone(),
             line: 0,
             seq: None,
@@ -1388,6 +1561,7 @@ mod tests {
         AuditConfig {
             dir: dir.to_path_buf(),
             max_file_bytes,
+            preallocate: true,
             max_group_records: 64,
             checkpoint_interval: None,
             checkpoint_key: None,
@@ -1565,6 +1739,136 @@ mod tests {
         let r = verify_dir(dir.path(), None).unwrap();
         assert_eq!(r.last_seq, 8);
         assert!(r.warnings.is_empty(), "{r:?}");
+    }
+
+    /// A trail kept open: the file being written, as a crash would leave it.
+    fn open_with(dir: &Path, n: usize, preallocate: bool) -> AuditTrail {
+        let trail = AuditTrail::open(&AuditConfig {
+            preallocate,
+            ..config(dir, 1 << 20)
+        })
+        .unwrap();
+        rt().block_on(async {
+            for i in 0..n {
+                trail.append(vec![event(i)]).await.unwrap();
+            }
+        });
+        trail
+    }
+
+    #[test]
+    fn the_file_being_written_is_zero_filled_and_cut_to_its_records_on_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let trail = open_with(dir.path(), 5, true);
+        let path = only_file(dir.path());
+        let records = read_trail_file(&path).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 1 << 20);
+        assert!(
+            std::fs::read(&path).unwrap()[records.len()..]
+                .iter()
+                .all(|b| *b == 0)
+        );
+        assert_eq!(records.iter().filter(|b| **b == b'\n').count(), 5);
+        assert!(records.ends_with(b"\"}\n"));
+        // The zeros are not a torn line: a live trail verifies cleanly.
+        let r = verify_dir(dir.path(), None).unwrap();
+        assert_eq!((r.last_seq, r.warnings.len()), (5, 0), "{r:?}");
+        trail.close();
+        assert_eq!(std::fs::read(&path).unwrap(), records);
+        // Without preallocation the file holds records only, also while open.
+        let trail = open_with(dir.path(), 2, false);
+        let len = std::fs::metadata(&path).unwrap().len();
+        assert_eq!(len, read_trail_file(&path).unwrap().len() as u64);
+        drop(trail);
+        assert_eq!(verify_dir(dir.path(), None).unwrap().last_seq, 7);
+    }
+
+    #[test]
+    fn rotation_takes_a_zero_filled_spare_and_cuts_the_retired_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 16 << 10;
+        let trail = AuditTrail::open(&config(dir.path(), size)).unwrap();
+        let spare = dir.path().join(Spare::NAME);
+        let mut i = 0;
+        for files in 2..5 {
+            // The spare's thread needs a moment for 16 KiB; a rotation
+            // before it is done would start a plain file.
+            std::thread::sleep(Duration::from_millis(300));
+            assert_eq!(std::fs::metadata(&spare).unwrap().len(), size);
+            while trail_files(dir.path()).unwrap().len() < files {
+                rt().block_on(trail.append(vec![event(i)])).unwrap();
+                i += 1;
+            }
+            let all = trail_files(dir.path()).unwrap();
+            let (newest, retired) = all.split_last().unwrap();
+            assert_eq!(std::fs::metadata(&newest.1).unwrap().len(), size);
+            for (_, f) in retired {
+                let records = read_trail_file(f).unwrap().len() as u64;
+                assert!(records >= size, "rotated at its size");
+                assert_eq!(std::fs::metadata(f).unwrap().len(), records);
+            }
+        }
+        trail.close();
+        assert!(!spare.exists(), "the spare goes with the writer");
+        let r = verify_dir(dir.path(), None).unwrap();
+        assert_eq!(
+            (r.records, r.files, r.warnings.len()),
+            (i as u64, 4, 0),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn an_empty_newest_file_left_by_a_crash_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), 100, 4096);
+        // (A clean stop right after a rotation leaves the same.)
+        let files: Vec<_> = trail_files(dir.path())
+            .unwrap()
+            .into_iter()
+            .filter(|(_, f)| !read_trail_file(f).unwrap().is_empty())
+            .collect();
+        let last_seq = verify_dir(dir.path(), None).unwrap().last_seq;
+        // The crash: the next file renamed into place, nothing in it yet.
+        let next = dir.path().join(file_name(last_seq + 1));
+        std::fs::write(&next, vec![0u8; 4096]).unwrap();
+        write(dir.path(), 3, 1 << 20);
+        let r = verify_dir(dir.path(), None).unwrap();
+        assert_eq!((r.last_seq, r.warnings.len()), (last_seq + 3, 0), "{r:?}");
+        assert_eq!(trail_files(dir.path()).unwrap(), files, "{r:?}");
+    }
+
+    #[test]
+    fn a_crash_in_zero_filled_space_is_cut_and_the_chain_continues() {
+        let dir = tempfile::tempdir().unwrap();
+        let trail = open_with(dir.path(), 5, true);
+        let path = only_file(dir.path());
+        let end = read_trail_file(&path).unwrap().len() as u64;
+        // The crash: a torn record in the zeros, and the writer gone
+        // without cutting the file (forget skips its close).
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(b"{\"seq\":6,\"time\":\"2", end).unwrap();
+        std::mem::forget(trail);
+        let r = verify_dir(dir.path(), None).unwrap();
+        assert!(r.warnings[0].contains("write in progress"), "{r:?}");
+        write(dir.path(), 3, 1 << 20);
+        let r = verify_dir(dir.path(), None).unwrap();
+        assert_eq!((r.last_seq, r.warnings.len()), (8, 0), "{r:?}");
+        // Only the torn record is kept aside, not the zeros after it.
+        let aside: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_string_lossy().contains(".cut-"))
+            .collect();
+        assert_eq!(aside.len(), 1);
+        assert_eq!(
+            std::fs::read(&aside[0]).unwrap(),
+            b"{\"seq\":6,\"time\":\"2"
+        );
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            read_trail_file(&path).unwrap().len() as u64
+        );
     }
 
     #[test]
@@ -1936,6 +2240,9 @@ mod tests {
             0
         }
         fn rotate(&mut self, _: u64) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn finish(&mut self) -> std::io::Result<()> {
             Ok(())
         }
     }

@@ -165,6 +165,9 @@ pub struct AuditConfig {
     pub dir: PathBuf,
     /// A file is rotated once it reaches this size.
     pub max_file_bytes: u64,
+    /// Zero-fill each file to `max_file_bytes` when it is started, so that
+    /// a group commit's fdatasync flushes data only (see `audit`).
+    pub preallocate: bool,
     /// Most records committed by one fsync.
     pub max_group_records: usize,
     /// How often the chain head is signed; none disables checkpoints.
@@ -266,6 +269,7 @@ struct RawLimits {
 struct RawAudit {
     dir: PathBuf,
     max_file_bytes: Option<u64>,
+    preallocate: Option<bool>,
     max_group_records: Option<usize>,
     checkpoint_interval_s: Option<u64>,
     checkpoint_key: Option<String>,
@@ -754,6 +758,7 @@ impl Config {
             AuditConfig {
                 dir: resolve(&base, a.dir),
                 max_file_bytes,
+                preallocate: a.preallocate.unwrap_or(true),
                 max_group_records,
                 checkpoint_interval,
                 checkpoint_key: a.checkpoint_key,

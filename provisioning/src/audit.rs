@@ -253,8 +253,9 @@ pub fn show(dir: &Path, f: &ShowFilter) -> Result<Report> {
     let mut out: Vec<Value> = Vec::new();
     let mut unreadable = 0usize;
     for (_, path) in &files {
-        let text = std::fs::read_to_string(path)
+        let bytes = svs_appliance::audit::read_trail_file(path)
             .map_err(|e| ProvisionError::Io(format!("cannot read {}: {e}", path.display())))?;
+        let text = String::from_utf8_lossy(&bytes);
         for line in text.lines() {
             let Ok(v) = serde_json::from_str::<Value>(line) else {
                 unreadable += 1;
@@ -373,6 +374,7 @@ mod tests {
         let trail = svs_appliance::audit::AuditTrail::open(&svs_appliance::config::AuditConfig {
             dir: dir.to_path_buf(),
             max_file_bytes: 1024,
+            preallocate: true,
             max_group_records: 64,
             checkpoint_interval: None,
             checkpoint_key: None,

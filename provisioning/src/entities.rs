@@ -527,7 +527,7 @@ fn systemctl(args: &[&str]) -> bool {
 fn audit_mark(dir: &Path) -> std::io::Result<u64> {
     let files = svs_appliance::audit::trail_files(dir)?;
     for (_, path) in files.iter().rev() {
-        let text = std::fs::read(path)?;
+        let text = svs_appliance::audit::read_trail_file(path)?;
         let complete = text
             .iter()
             .rposition(|b| *b == b'\n')
@@ -552,8 +552,8 @@ fn reload_after(dir: &Path, mark: u64) -> Option<u64> {
     // Only the file holding `mark` and later ones can hold newer records.
     let start = files.iter().rposition(|(s, _)| *s <= mark).unwrap_or(0);
     for (_, path) in &files[start..] {
-        let text = std::fs::read_to_string(path).ok()?;
-        for line in text.lines() {
+        let bytes = svs_appliance::audit::read_trail_file(path).ok()?;
+        for line in String::from_utf8_lossy(&bytes).lines() {
             let Ok(v) = serde_json::from_str::<Value>(line) else {
                 continue;
             };
@@ -685,6 +685,7 @@ mod tests {
         let trail = svs_appliance::audit::AuditTrail::open(&svs_appliance::config::AuditConfig {
             dir: dir.to_path_buf(),
             max_file_bytes: 1 << 20,
+            preallocate: true,
             max_group_records: 64,
             checkpoint_interval: None,
             checkpoint_key: None,

@@ -624,7 +624,10 @@ async fn prometheus_sees_the_request_rate_and_the_anomaly_alert_of_the_bursting_
     assert!(d.log_text().contains("ALARM abnormal traffic from entity"));
     let trail: String = std::fs::read_dir(install.audit_dir())
         .unwrap()
-        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        .map(|e| {
+            let bytes = svs_appliance::audit::read_trail_file(&e.unwrap().path()).unwrap();
+            String::from_utf8(bytes).unwrap()
+        })
         .collect();
     assert!(
         trail.contains("\"type\":\"anomaly\"")

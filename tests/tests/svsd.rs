@@ -737,7 +737,8 @@ async fn audit_chain_survives_kill_9_and_holds_every_signature_handed_out() {
     let report = svs_appliance::audit::verify_dir(&install.audit_dir(), None).unwrap();
     let mut in_trail = HashSet::new();
     for f in std::fs::read_dir(install.audit_dir()).unwrap() {
-        for line in std::fs::read_to_string(f.unwrap().path()).unwrap().lines() {
+        let bytes = svs_appliance::audit::read_trail_file(&f.unwrap().path()).unwrap();
+        for line in std::str::from_utf8(&bytes).unwrap().lines() {
             let v: Value = serde_json::from_str(line).unwrap();
             if v["outcome"] == "ok" {
                 in_trail.insert((
@@ -793,7 +794,8 @@ async fn payloads_never_reach_the_log_or_the_trail() {
     let log = d.log_text();
     let mut trail = String::new();
     for f in std::fs::read_dir(install.audit_dir()).unwrap() {
-        trail.push_str(&std::fs::read_to_string(f.unwrap().path()).unwrap());
+        let bytes = svs_appliance::audit::read_trail_file(&f.unwrap().path()).unwrap();
+        trail.push_str(std::str::from_utf8(&bytes).unwrap());
     }
     for haystack in [&log, &trail] {
         assert!(!haystack.contains("PASSPORT"));
