@@ -169,14 +169,49 @@ fn file_seq(name: &str) -> Option<u64> {
         .ok()
 }
 
-/// A trail file's bytes without the zero-filled space after its last
-/// record (present in the file being written when records are
-/// preallocated; no record ends in a NUL byte, each ends in `}\n`).
+/// A trail file's records as written so far: its bytes up to the first NUL
+/// byte. No record holds a NUL; the file being written (when records are
+/// preallocated) is zero-filled after its last record, and a reader copying
+/// it while a group is written may see that group's later pages before its
+/// earlier ones, i.e. zeros and then data: the data is not yet committed.
 pub fn read_trail_file(path: &Path) -> std::io::Result<Vec<u8>> {
     let mut bytes = std::fs::read(path)?;
-    let end = bytes.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1);
-    bytes.truncate(end);
+    bytes.truncate(records_end(&bytes));
     Ok(bytes)
+}
+
+fn records_end(bytes: &[u8]) -> usize {
+    bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len())
+}
+
+/// `bytes` without the zeros at its end.
+fn without_zero_tail(bytes: &[u8]) -> &[u8] {
+    &bytes[..bytes.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1)]
+}
+
+/// The name of the lock file in the audit directory.
+const LOCK_NAME: &str = ".svsd.lock";
+
+/// One writer per trail: a second svsd started by hand beside the service
+/// would chain its own records into the same files, and its start-up
+/// recovery and exit would cut records the first has answered for.
+fn lock_dir(dir: &Path) -> Result<File, SvsError> {
+    let path = dir.join(LOCK_NAME);
+    let io = |e: std::io::Error| SvsError::AuditUnavailable(format!("{}: {e}", path.display()));
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io)?;
+    match lock.try_lock() {
+        Ok(()) => Ok(lock),
+        Err(std::fs::TryLockError::WouldBlock) => Err(SvsError::AuditUnavailable(format!(
+            "{} is in use by another process (is svsd already running?)",
+            dir.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
+    }
 }
 
 /// The trail's files, oldest first.
@@ -289,6 +324,8 @@ struct FileSink {
     preallocate: Option<u64>,
     /// The next file, being zero-filled in the background.
     spare: Option<Spare>,
+    /// Held while this sink may write: see [`lock_dir`].
+    _lock: File,
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
@@ -366,6 +403,8 @@ impl Spare {
         match s.thread.join() {
             Ok(Ok(())) => Some(s.path),
             Ok(Err(e)) => {
+                // Not left holding the disk space a plain file now needs.
+                let _ = std::fs::remove_file(&s.path);
                 tracing::warn!(error = %e, "audit: the spare file could not be zero-filled");
                 None
             }
@@ -384,7 +423,12 @@ impl FileSink {
     /// Opens the file that starts at `first_seq`, creating it or continuing
     /// it after its records (start-up recovery has cut off anything else),
     /// and starts zero-filling the next one.
-    fn create(dir: &Path, first_seq: u64, preallocate: Option<u64>) -> std::io::Result<FileSink> {
+    fn create(
+        dir: &Path,
+        first_seq: u64,
+        preallocate: Option<u64>,
+        lock: File,
+    ) -> std::io::Result<FileSink> {
         let path = dir.join(file_name(first_seq));
         // Not append mode: records overwrite the zero-filled space.
         let file = OpenOptions::new()
@@ -395,8 +439,24 @@ impl FileSink {
         let len = file.metadata()?.len();
         if let Some(size) = preallocate.filter(|size| *size > len) {
             // Before the daemon is ready, so the writer may take the time.
-            zero_fill(&file, len, size, || Ok(()))?;
-            file.sync_all()?;
+            // Preallocation only makes commits cheaper: a disk too full for
+            // it must not keep the trail (and signing) from starting.
+            if let Err(e) = zero_fill(&file, len, size, || Ok(())).and_then(|()| file.sync_all()) {
+                tracing::warn!(
+                    file = %path.display(),
+                    error = %e,
+                    "audit: cannot zero-fill the trail file; writing it unfilled"
+                );
+                file.set_len(len)?;
+                file.sync_all()?;
+            }
+        }
+        // A spare of an earlier run (also one with preallocate = true).
+        if preallocate.is_none() {
+            match std::fs::remove_file(dir.join(Spare::NAME)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
         }
         sync_dir(dir)?;
         Ok(FileSink {
@@ -405,6 +465,7 @@ impl FileSink {
             len,
             preallocate,
             spare: preallocate.and_then(|size| Spare::start(dir, size)),
+            _lock: lock,
         })
     }
 }
@@ -482,16 +543,20 @@ impl FileSink {
 fn recover(dir: &Path) -> Result<(u64, [u8; 32], Option<u64>), SvsError> {
     let io = |e: std::io::Error| SvsError::AuditUnavailable(format!("{}: {e}", dir.display()));
     let files = trail_files(dir).map_err(io)?;
+    let mut empty_newest = None;
     for (n, (first_seq, path)) in files.iter().rev().enumerate() {
         let f = OpenOptions::new().write(true).open(path).map_err(io)?;
-        let on_disk = f.metadata().map_err(io)?.len();
-        let bytes = read_trail_file(path).map_err(io)?;
+        let raw = std::fs::read(path).map_err(io)?;
+        let on_disk = raw.len() as u64;
+        // All of it, not only up to the first NUL: what follows a hole may
+        // be crash debris to keep aside, or evidence to leave in place.
+        let bytes = without_zero_tail(&raw);
         let last_newline = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
         // Older files were complete and fsync'd before the next one began.
         let keep = if n > 0 {
             last_newline
         } else {
-            match crash_cut(&bytes, *first_seq) {
+            match crash_cut(bytes, *first_seq) {
                 Cut::Nothing => bytes.len(),
                 Cut::At(p) => p,
                 Cut::Evidence(why) => {
@@ -531,12 +596,8 @@ fn recover(dir: &Path) -> Result<(u64, [u8; 32], Option<u64>), SvsError> {
         }
         let text = &bytes[..keep];
         let Some(last) = text.split(|b| *b == b'\n').rev().find(|l| !l.is_empty()) else {
-            // A crash between starting a file and committing to it: the
-            // chain goes on in the file before, so this name would be
-            // skipped and leave an empty file inside the trail.
             if n == 0 && files.len() > 1 {
-                std::fs::remove_file(path).map_err(io)?;
-                sync_dir(dir).map_err(io)?;
+                empty_newest = Some((*first_seq, path.clone()));
             }
             continue;
         };
@@ -549,6 +610,22 @@ fn recover(dir: &Path) -> Result<(u64, [u8; 32], Option<u64>), SvsError> {
         let seq = body_seq(&body).ok_or_else(|| {
             SvsError::AuditUnavailable(format!("{}: last record has no seq", path.display()))
         })?;
+        if let Some((next_seq, empty)) = empty_newest {
+            // A crash (or a stop) between starting a file and committing
+            // to it: the chain goes on in the file before, and a name the
+            // chain skipped would stay inside the trail. Only when nothing
+            // lies between: otherwise the empty file is the last trace of
+            // records removed from the file before it.
+            if next_seq != seq + 1 {
+                return Err(SvsError::AuditUnavailable(format!(
+                    "{} is empty and {} ends at seq {seq}: records are missing; run `svs-provision audit verify`",
+                    empty.display(),
+                    path.display()
+                )));
+            }
+            std::fs::remove_file(&empty).map_err(io)?;
+            sync_dir(dir).map_err(io)?;
+        }
         return Ok((seq, hash, Some(*first_seq)));
     }
     Ok((0, GENESIS, None))
@@ -850,10 +927,11 @@ impl AuditTrail {
             SvsError::AuditUnavailable(format!("{}: {e}", config.dir.display()))
         };
         std::fs::create_dir_all(&config.dir).map_err(io)?;
+        let lock = lock_dir(&config.dir)?;
         let (seq, head, current) = recover(&config.dir)?;
         let preallocate = config.preallocate.then_some(config.max_file_bytes);
-        let sink =
-            FileSink::create(&config.dir, current.unwrap_or(seq + 1), preallocate).map_err(io)?;
+        let sink = FileSink::create(&config.dir, current.unwrap_or(seq + 1), preallocate, lock)
+            .map_err(io)?;
         let trail = AuditTrail::with_sink(Box::new(sink), seq, head, config);
         Ok(trail)
     }
@@ -1151,14 +1229,31 @@ fn verify_files(
 ) -> Result<ChainReport, ChainBreak> {
     let mut v = Verifier::new(opts, window_cap);
     for (n, (first_seq, path)) in files.iter().enumerate() {
-        let bytes = read_trail_file(path).map_err(|e| ChainBreak {
+        let raw = std::fs::read(path).map_err(|e| ChainBreak {
             file: path.clone(),
             line: 0,
             seq: None,
             kind: BreakKind::Malformed,
             detail: format!("cannot read: {e}"),
         })?;
-        v.file(path, *first_seq, &bytes, n + 1 == files.len())?;
+        let newest = n + 1 == files.len();
+        let bytes = if newest {
+            // Zeros, then data: a group being written (see
+            // `read_trail_file`) or crash debris svsd cuts at its next start.
+            let end = records_end(&raw);
+            if raw[end..].iter().any(|b| *b != 0) {
+                v.report.warnings.push(format!(
+                    "{}: data after zero-filled space at byte {end}: a write in progress, or a crash svsd cuts at its next start; not counted",
+                    path.display()
+                ));
+            }
+            &raw[..end]
+        } else {
+            // Older files were cut to their records before the next began:
+            // a hole in one is damage, to be shown.
+            without_zero_tail(&raw)
+        };
+        v.file(path, *first_seq, bytes, newest)?;
     }
     v.report.files = files.len();
     if let Some(path) = files.last().map(|(_, p)| p) {
@@ -1839,16 +1934,66 @@ mod tests {
     }
 
     #[test]
-    fn a_crash_in_zero_filled_space_is_cut_and_the_chain_continues() {
+    fn a_second_writer_is_refused_while_the_first_holds_the_trail() {
         let dir = tempfile::tempdir().unwrap();
-        let trail = open_with(dir.path(), 5, true);
+        let first = open_with(dir.path(), 3, true);
+        let err = AuditTrail::open(&config(dir.path(), 1 << 20)).unwrap_err();
+        assert!(
+            err.to_string().contains("in use by another process"),
+            "{err}"
+        );
+        // The refused open changed nothing: the first writer goes on.
+        rt().block_on(first.append(vec![event(3)])).unwrap();
+        drop(first);
+        write(dir.path(), 2, 1 << 20);
+        let r = verify_dir(dir.path(), None).unwrap();
+        assert_eq!((r.last_seq, r.warnings.len()), (6, 0), "{r:?}");
+    }
+
+    #[test]
+    fn zeros_then_data_in_the_newest_file_is_a_write_in_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        let trail = open_with(dir.path(), 4, true);
         let path = only_file(dir.path());
         let end = read_trail_file(&path).unwrap().len() as u64;
-        // The crash: a torn record in the zeros, and the writer gone
-        // without cutting the file (forget skips its close).
+        // A reader's copy while a group is written: its second page has
+        // reached the page cache, its first not yet.
         let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(b"\"outcome\":\"ok\"}\n", end + 4096)
+            .unwrap();
+        let r = verify_dir(dir.path(), None).unwrap();
+        assert_eq!(r.last_seq, 4, "{r:?}");
+        assert!(
+            r.warnings[0].contains("data after zero-filled space"),
+            "{r:?}"
+        );
+        assert_eq!(read_trail_file(&path).unwrap().len() as u64, end);
+        drop(trail);
+    }
+
+    #[test]
+    fn an_empty_newest_file_after_a_gap_is_refused_not_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), 5, 1 << 20);
+        // Records 6..=9 removed with the file that held them.
+        let empty = dir.path().join(file_name(10));
+        std::fs::write(&empty, b"").unwrap();
+        let err = AuditTrail::open(&config(dir.path(), 1 << 20)).unwrap_err();
+        assert!(err.to_string().contains("records are missing"), "{err}");
+        assert!(empty.exists());
+    }
+
+    #[test]
+    fn a_crash_in_zero_filled_space_is_cut_and_the_chain_continues() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), 5, 1 << 20);
+        let path = only_file(dir.path());
+        let end = std::fs::metadata(&path).unwrap().len();
+        // What a crash leaves: the zero-filled file, not cut at a stop,
+        // with a torn record in the zeros.
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(1 << 20).unwrap();
         f.write_all_at(b"{\"seq\":6,\"time\":\"2", end).unwrap();
-        std::mem::forget(trail);
         let r = verify_dir(dir.path(), None).unwrap();
         assert!(r.warnings[0].contains("write in progress"), "{r:?}");
         write(dir.path(), 3, 1 << 20);

@@ -45,6 +45,10 @@ struct Args {
     /// half of the HTTP/1.1 peak) or `batch` (HTTP/1.1 batches).
     #[arg(long, value_parser = ["token", "h1", "h2", "half", "batch"])]
     only: Option<String>,
+    /// `[audit] preallocate` for the daemon under test (its default: true),
+    /// to see what zero-filled trail files are worth on this disk.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    audit_preallocate: bool,
     /// `split`: svsd and the in-process token measurement run on the upper
     /// half of the CPUs, this load generator on the lower half, so the
     /// server's throughput is not charged with the client's work.
@@ -300,8 +304,16 @@ async fn main() {
     let args = Args::parse();
     let install = Install::new();
     install.edit_config(|t| {
+        assert!(
+            t.contains("[audit]\n"),
+            "the dev config has no [audit] table"
+        );
         t.replace("checkpoint_interval_s = 60", "checkpoint_interval_s = 0")
             .replace("checkpoint_key = \"svs-audit\"\n", "")
+            .replace(
+                "[audit]\n",
+                &format!("[audit]\npreallocate = {}\n", args.audit_preallocate),
+            )
     });
     // The bench measures throughput, not policy: lift the dev entities'
     // rate limit, which a batched run at full speed would otherwise hit.
