@@ -570,15 +570,32 @@ fn recover(dir: &Path) -> Result<(u64, [u8; 32], Option<u64>), SvsError> {
             }
         };
         if keep != bytes.len() {
-            let aside = path.with_file_name(format!(
-                "{}.cut-{}",
-                file_name(*first_seq),
-                SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .unwrap_or(Duration::ZERO)
-                    .as_secs()
-            ));
-            let mut a = File::create(&aside).map_err(io)?;
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or(Duration::ZERO)
+                .as_secs();
+            // Two recoveries in one second must not overwrite what the
+            // first kept aside.
+            let (aside, mut a) = (0..)
+                .map(|n| {
+                    let suffix = if n == 0 {
+                        String::new()
+                    } else {
+                        format!(".{n}")
+                    };
+                    let aside =
+                        path.with_file_name(format!("{}.cut-{now}{suffix}", file_name(*first_seq)));
+                    (
+                        OpenOptions::new().write(true).create_new(true).open(&aside),
+                        aside,
+                    )
+                })
+                .find_map(|(f, aside)| match f {
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => None,
+                    f => Some(f.map(|f| (aside, f))),
+                })
+                .unwrap_or_else(|| Err(std::io::Error::other("no free name")))
+                .map_err(io)?;
             a.write_all(&bytes[keep..]).map_err(io)?;
             a.sync_all().map_err(io)?;
             tracing::warn!(

@@ -732,8 +732,9 @@ impl Config {
         // [audit]
         let audit = audit.map(|a| {
             let max_file_bytes = a.max_file_bytes.unwrap_or(64 << 20);
-            if max_file_bytes < 4096 {
-                errors.push("[audit] max_file_bytes must be at least 4096");
+            // Start-up reads the newest file whole (and zero-fills it).
+            if !(4096..=1 << 30).contains(&max_file_bytes) {
+                errors.push("[audit] max_file_bytes must be between 4096 and 1073741824 (1 GiB)");
             }
             let max_group_records = a.max_group_records.unwrap_or(4096);
             if max_group_records == 0 {
