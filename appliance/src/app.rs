@@ -941,15 +941,7 @@ impl App {
     }
 
     async fn selftests(&self) -> Result<(), String> {
-        // GB/T 32905 example 1: SM3("abc").
-        const SM3_ABC: [u8; 32] = [
-            0x66, 0xc7, 0xf0, 0xf4, 0x62, 0xee, 0xed, 0xd9, 0xd1, 0xf2, 0xd4, 0x6b, 0xdc, 0x10,
-            0xe4, 0xe2, 0x41, 0x67, 0xc4, 0x87, 0x5c, 0xf2, 0xf7, 0xa2, 0x29, 0x7d, 0xa0, 0x2b,
-            0x8f, 0x4b, 0xa8, 0xe0,
-        ];
-        if crate::audit::sm3(b"abc") != SM3_ABC {
-            return Err("SM3 known-answer test failed".into());
-        }
+        svs_hsm::selftest::sm3_known_answer()?;
         self.audit.check().map_err(|e| e.to_string())?;
         let rt = self.runtime();
         for (name, k) in &rt.keys {
@@ -960,31 +952,32 @@ impl App {
 
     /// Sign/verify pairwise test of one exposed key, plus a negative check.
     async fn pairwise(&self, name: &str, object: &str) -> Result<(), String> {
-        let message = b"SVS self-test: SM2 pairwise consistency";
         let info = self
             .backend
             .key(object)
             .ok_or_else(|| format!("key {name:?}: token object {object:?} not found"))?;
         let digest = self
             .verifier
-            .digest(info.algorithm, &info.public_point, DEFAULT_SM2_ID, message)
+            .digest(
+                info.algorithm,
+                &info.public_point,
+                DEFAULT_SM2_ID,
+                svs_hsm::selftest::PAIRWISE_MESSAGE,
+            )
             .map_err(|e| format!("key {name:?}: {e}"))?;
         let raw = self
             .backend
             .sign_digest(object, digest)
             .await
             .map_err(|e| format!("key {name:?}: sign: {e}"))?;
-        if !crate::backend::verify_raw(&self.verifier, &info, &digest, &raw) {
-            return Err(format!(
-                "key {name:?}: pairwise test signature does not verify"
-            ));
-        }
-        let mut wrong = digest;
-        wrong[0] ^= 1;
-        if crate::backend::verify_raw(&self.verifier, &info, &wrong, &raw) {
-            return Err(format!("key {name:?}: verification accepts a wrong digest"));
-        }
-        Ok(())
+        svs_hsm::selftest::check_pairwise(
+            &self.verifier,
+            info.algorithm,
+            &info.public_point,
+            &digest,
+            &raw,
+        )
+        .map_err(|e| format!("key {name:?}: {e}"))
     }
 
     /// Signs the audit chain head with the audit key and appends the checkpoint.

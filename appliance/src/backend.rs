@@ -8,7 +8,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use svs_hsm::signature::{SoftwareVerifier, normalise_signature};
+use svs_hsm::signature::normalise_signature;
 use svs_hsm::{Algorithm, HealthState, Hsm, KeyInfo, SignatureEncoding};
 
 use crate::error::SvsError;
@@ -198,16 +198,4 @@ impl SigningBackend for SoftBackend {
             Ok(())
         }
     }
-}
-
-/// Checks a raw signature over a digest (used by self-tests).
-pub fn verify_raw(
-    verifier: &SoftwareVerifier,
-    key: &KeyInfo,
-    digest: &[u8; 32],
-    raw: &[u8; 64],
-) -> bool {
-    verifier
-        .verify_digest(key.algorithm, &key.public_point, digest, raw)
-        .is_ok()
 }

@@ -12,6 +12,7 @@ pub mod keys;
 pub mod pin;
 pub mod pool;
 pub mod profile;
+pub mod selftest;
 pub mod signature;
 pub mod token;
 pub mod uri;
