@@ -1188,9 +1188,9 @@ pub struct ChainReport {
 /// How strictly [`verify_dir_with`] checks.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct VerifyOptions<'k> {
-    /// The audit key's uncompressed SM2 point: checkpoint signatures are
-    /// verified and the trail must be covered by them (see `checkpoint_interval`).
-    pub key: Option<&'k [u8]>,
+    /// The audit key: checkpoint signatures are verified and the trail must
+    /// be covered by them (see `checkpoint_interval`).
+    pub key: Option<CheckpointKey<'k>>,
     /// svsd's `[audit] checkpoint_interval_s`. With a key, the records
     /// after the newest verified checkpoint may span at most this plus
     /// [`CHECKPOINT_SLACK`]; `None` with a key: any uncovered record beyond
@@ -1204,6 +1204,26 @@ pub struct VerifyOptions<'k> {
     /// checkpoint must also be recent at this time (catches a cut tail,
     /// e.g. deleted newest files, which the trail alone cannot show).
     pub live_at: Option<SystemTime>,
+}
+
+/// The public half of the audit key that signs checkpoints.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckpointKey<'k> {
+    /// SM2, or ECDSA P-256 on an HSM profile without SM2: svsd signs the
+    /// checkpoint message as it signs any message with that key.
+    pub algorithm: svs_hsm::Algorithm,
+    /// The uncompressed point.
+    pub point: &'k [u8],
+}
+
+impl<'k> CheckpointKey<'k> {
+    /// An SM2 audit key.
+    pub fn sm2(point: &'k [u8]) -> CheckpointKey<'k> {
+        CheckpointKey {
+            algorithm: svs_hsm::Algorithm::Sm2,
+            point,
+        }
+    }
 }
 
 /// Allowance on top of the checkpoint interval: the checkpoint record is
@@ -1221,7 +1241,10 @@ const HEAD_WINDOW: usize = 1 << 20;
 /// With `checkpoint_key` (the audit key's uncompressed SM2 point), checkpoint
 /// signatures are verified too. Returns the first break, located precisely.
 /// Same as [`verify_dir_with`] with only the key set.
-pub fn verify_dir(dir: &Path, checkpoint_key: Option<&[u8]>) -> Result<ChainReport, ChainBreak> {
+pub fn verify_dir(
+    dir: &Path,
+    checkpoint_key: Option<CheckpointKey<'_>>,
+) -> Result<ChainReport, ChainBreak> {
     verify_dir_with(
         dir,
         &VerifyOptions {
@@ -1541,12 +1564,12 @@ impl<'k> Verifier<'k> {
                 self.window_cap
             ));
         };
-        if let Some(point) = self.opts.key {
+        if let Some(key) = self.opts.key {
             let sig = unhex(sig).ok_or("signature is not hex")?;
             self.verifier
                 .verify_message(
-                    svs_hsm::Algorithm::Sm2,
-                    point,
+                    key.algorithm,
+                    key.point,
                     svs_hsm::signature::DEFAULT_SM2_ID,
                     &checkpoint_message(head_seq, &head_bytes),
                     &sig,
@@ -2116,8 +2139,13 @@ mod tests {
         seq: u64,
         head: [u8; 32],
         lines: Vec<String>,
-        signer: sm2::dsa::SigningKey,
+        signer: ForgeSigner,
         t0: SystemTime,
+    }
+
+    enum ForgeSigner {
+        Sm2(sm2::dsa::SigningKey),
+        P256(p256::ecdsa::SigningKey),
     }
 
     impl Forge {
@@ -2125,14 +2153,21 @@ mod tests {
             let sk = sm2::SecretKey::from_slice(&[5u8; 32]).unwrap();
             let point = sk.public_key().to_sec1_bytes().to_vec();
             let signer = sm2::dsa::SigningKey::new("1234567812345678", &sk).unwrap();
-            let f = Forge {
+            (Forge::with(ForgeSigner::Sm2(signer)), point)
+        }
+        fn new_p256() -> (Forge, Vec<u8>) {
+            let sk = p256::ecdsa::SigningKey::from_slice(&[5u8; 32]).unwrap();
+            let point = sk.verifying_key().to_sec1_point(false).as_bytes().to_vec();
+            (Forge::with(ForgeSigner::P256(sk)), point)
+        }
+        fn with(signer: ForgeSigner) -> Forge {
+            Forge {
                 seq: 0,
                 head: GENESIS,
                 lines: Vec::new(),
                 signer,
                 t0: UNIX_EPOCH + Duration::from_secs(1_800_000_000),
-            };
-            (f, point)
+            }
         }
         fn push(&mut self, entry: &Entry, at_s: u64) {
             self.seq += 1;
@@ -2152,8 +2187,18 @@ mod tests {
         }
         fn sign(&self, head_seq: u64, head: &[u8; 32]) -> Vec<u8> {
             use sm2::dsa::signature::Signer;
-            let sig: sm2::dsa::Signature = self.signer.sign(&checkpoint_message(head_seq, head));
-            svs_hsm::signature::raw_to_der(&sig.to_bytes().as_slice().try_into().unwrap())
+            let message = checkpoint_message(head_seq, head);
+            let raw: [u8; 64] = match &self.signer {
+                ForgeSigner::Sm2(k) => {
+                    let sig: sm2::dsa::Signature = k.sign(&message);
+                    sig.to_bytes().as_slice().try_into().unwrap()
+                }
+                ForgeSigner::P256(k) => {
+                    let sig: p256::ecdsa::Signature = k.sign(&message);
+                    sig.to_bytes().as_slice().try_into().unwrap()
+                }
+            };
+            svs_hsm::signature::raw_to_der(&raw)
         }
         fn checkpoint(&mut self, at_s: u64) {
             let (seq, head) = (self.seq, self.head);
@@ -2179,10 +2224,34 @@ mod tests {
 
     fn keyed(point: &[u8], interval_s: u64) -> VerifyOptions<'_> {
         VerifyOptions {
-            key: Some(point),
+            key: Some(CheckpointKey::sm2(point)),
             checkpoint_interval: Some(Duration::from_secs(interval_s)),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn p256_checkpoints_verify_with_the_key_s_own_algorithm() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut f, point) = Forge::new_p256();
+        f.ops(10, 0);
+        f.checkpoint(1);
+        f.ops(5, 100);
+        f.checkpoint(101);
+        f.write(dir.path(), 1);
+        let key = |algorithm| VerifyOptions {
+            key: Some(CheckpointKey {
+                algorithm,
+                point: &point,
+            }),
+            checkpoint_interval: Some(Duration::from_secs(300)),
+            ..Default::default()
+        };
+        let r = verify_dir_with(dir.path(), &key(svs_hsm::Algorithm::EcdsaP256)).unwrap();
+        assert_eq!((r.checkpoints, r.signed_through), (2, Some(16)), "{r:?}");
+        // Taken for an SM2 key, the same signatures do not verify.
+        let b = verify_dir_with(dir.path(), &key(svs_hsm::Algorithm::Sm2)).unwrap_err();
+        assert_eq!((b.seq, b.kind), (Some(11), BreakKind::BadCheckpoint));
     }
 
     #[test]
@@ -2227,7 +2296,7 @@ mod tests {
         assert_eq!(b.seq, Some(51));
         // With an unknown interval nothing may follow the newest checkpoint.
         let opts = VerifyOptions {
-            key: Some(&point),
+            key: Some(CheckpointKey::sm2(&point)),
             ..Default::default()
         };
         assert_eq!(
@@ -2464,7 +2533,7 @@ mod tests {
                 .unwrap();
         });
         trail.close();
-        let b = verify_dir(dir.path(), Some(&point)).unwrap_err();
+        let b = verify_dir(dir.path(), Some(CheckpointKey::sm2(&point))).unwrap_err();
         assert_eq!((b.seq, b.kind), (Some(5), BreakKind::BadCheckpoint));
         // Without the key, only the chain and the heads are checked.
         assert_eq!(verify_dir(dir.path(), None).unwrap().checkpoints, 2);

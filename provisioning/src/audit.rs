@@ -19,6 +19,8 @@ use crate::error::{ProvisionError, Result};
 pub enum AuditKey {
     /// An uncompressed point already read (from a file or the token).
     Point {
+        /// Its curve: SM2, or P-256 on an HSM profile without SM2.
+        algorithm: svs_hsm::Algorithm,
         /// The point.
         point: Vec<u8>,
         /// Where it came from, for the report.
@@ -114,7 +116,12 @@ pub fn verify(dir: &Path, key: &AuditKey, args: &VerifyArgs) -> Result<Report> {
         )));
     }
     let point = match key {
-        AuditKey::Point { point, .. } => Some(point.as_slice()),
+        AuditKey::Point {
+            algorithm, point, ..
+        } => Some(svs_appliance::audit::CheckpointKey {
+            algorithm: *algorithm,
+            point,
+        }),
         AuditKey::Skip => None,
     };
     let opts = VerifyOptions {

@@ -353,16 +353,23 @@ pub fn import(
     })
 }
 
-/// Used by `audit verify`: the uncompressed point of a PEM public key or
-/// certificate file.
-pub fn point_from_file(path: &Path) -> Result<Vec<u8>> {
+/// The curve and public point of a PEM public key or certificate: the
+/// audit key's public half, handed to an auditor as a file.
+pub fn point_from_file(path: &Path) -> Result<(svs_hsm::Algorithm, Vec<u8>)> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| ProvisionError::NotFound(format!("cannot read {}: {e}", path.display())))?;
+    let algorithms = [svs_hsm::Algorithm::Sm2, svs_hsm::Algorithm::EcdsaP256];
     if text.contains("BEGIN CERTIFICATE") {
         let (der, _) = read_certificates(path)?.remove(0);
-        return cert_point(&der, svs_hsm::Algorithm::Sm2).ok_or_else(|| {
-            ProvisionError::Certificate(format!("{}: not an SM2 certificate", path.display()))
-        });
+        return algorithms
+            .into_iter()
+            .find_map(|a| Some((a, cert_point(&der, a)?)))
+            .ok_or_else(|| {
+                ProvisionError::Certificate(format!(
+                    "{}: not an SM2 or P-256 certificate",
+                    path.display()
+                ))
+            });
     }
     let (label, der) = der::pem::decode_vec(text.trim().as_bytes()).map_err(|e| {
         ProvisionError::Usage(format!(
@@ -376,18 +383,15 @@ pub fn point_from_file(path: &Path) -> Result<Vec<u8>> {
             path.display()
         )));
     }
-    let spki = spki::SubjectPublicKeyInfoRef::from_der(&der)?;
-    let bits = spki
-        .subject_public_key
-        .as_bytes()
-        .filter(|b| b.len() == 65 && b[0] == 4)
+    algorithms
+        .into_iter()
+        .find_map(|a| Some((a, svs_hsm::keys::point_from_spki(&der, a)?)))
         .ok_or_else(|| {
             ProvisionError::Usage(format!(
-                "{}: not an uncompressed EC public key",
+                "{}: not an uncompressed SM2 or P-256 public key",
                 path.display()
             ))
-        })?;
-    Ok(bits.to_vec())
+        })
 }
 
 #[cfg(test)]
@@ -417,6 +421,44 @@ mod tests {
         assert!(e.to_string().contains("PRIVATE KEY"), "{e}");
         let e = read_certificates(&dir.path().join("missing.pem")).unwrap_err();
         assert_eq!(e.exit_code(), 3);
+    }
+
+    #[test]
+    fn audit_key_files_name_their_curve() {
+        let dir = tempfile::tempdir().unwrap();
+        for (curve, algorithm) in [
+            ("SM2", svs_hsm::Algorithm::Sm2),
+            ("prime256v1", svs_hsm::Algorithm::EcdsaP256),
+        ] {
+            openssl(
+                dir.path(),
+                &format!("ecparam -name {curve} -genkey -noout -out {curve}.key"),
+            );
+            openssl(
+                dir.path(),
+                &format!("ec -in {curve}.key -pubout -out {curve}.pub"),
+            );
+            openssl(
+                dir.path(),
+                &format!(
+                    "req -new -x509 -key {curve}.key -subj /CN=audit -days 1 -out {curve}.crt"
+                ),
+            );
+            let (a, point) = point_from_file(&dir.path().join(format!("{curve}.pub"))).unwrap();
+            assert_eq!((a, point.len(), point[0]), (algorithm, 65, 4));
+            let from_cert = point_from_file(&dir.path().join(format!("{curve}.crt"))).unwrap();
+            assert_eq!(from_cert, (algorithm, point));
+        }
+        openssl(
+            dir.path(),
+            "ecparam -name secp384r1 -genkey -noout -out p384.key",
+        );
+        openssl(dir.path(), "ec -in p384.key -pubout -out p384.pub");
+        let e = point_from_file(&dir.path().join("p384.pub")).unwrap_err();
+        assert!(
+            e.to_string().contains("not an uncompressed SM2 or P-256"),
+            "{e}"
+        );
     }
 
     /// Runs openssl in `dir`; the tests that use it need it (as the

@@ -336,7 +336,7 @@ pub enum AuditCmd {
         /// Audit directory (default: svsd's [audit] dir).
         #[arg(long)]
         dir: Option<PathBuf>,
-        /// The audit key's public key or certificate (PEM).
+        /// The audit key's public key or certificate (PEM; SM2, or P-256 where the HSM profile signs with ECDSA).
         #[arg(long, value_name = "FILE", conflicts_with_all = ["key", "skip_signatures"])]
         public_key: Option<PathBuf>,
         /// The audit key's label on the token (default: svsd's
@@ -678,8 +678,10 @@ pub fn run(cli: Cli) -> Result<Outcome> {
             let audit_key = if *skip_signatures {
                 AuditKey::Skip
             } else if let Some(f) = public_key {
+                let (algorithm, point) = crate::cert::point_from_file(f)?;
                 AuditKey::Point {
-                    point: crate::cert::point_from_file(f)?,
+                    algorithm,
+                    point,
                     source: f.display().to_string(),
                 }
             } else {
@@ -695,6 +697,7 @@ pub fn run(cli: Cli) -> Result<Outcome> {
                 let session = opened.public_session()?;
                 let k = crate::keys::find(&session, &opened.profile, &label, &opened.label)?;
                 AuditKey::Point {
+                    algorithm: k.algorithm,
                     point: k.point.clone(),
                     source: format!("key '{label}' (spki_sha256 {})", k.fingerprint()),
                 }
