@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use svs_appliance::config::{Config, EntityConfig, EntityStatus, load_entities_file};
 use svs_hsm::keys::hex;
+use toml_edit::value;
 
 use crate::Report;
 use crate::error::{ProvisionError, Result};
@@ -203,38 +204,39 @@ pub fn add(config_path: &Path, new: &NewEntity, reload: &Reload) -> Result<Repor
     if rate.is_none() && new.burst.is_some() {
         return Err(ProvisionError::Usage("--burst needs --rate".into()));
     }
-    let mut table = toml::Table::new();
-    table.insert("name".into(), new.name.clone().into());
+    let mut table = toml_edit::Table::new();
+    table["name"] = value(new.name.as_str());
     if new.suspended {
-        table.insert("status".into(), "suspended".into());
+        table["status"] = value("suspended");
     }
-    table.insert(field.into(), fp.clone().into());
-    table.insert(
-        "keys".into(),
-        toml::Value::Array(new.keys.iter().map(|k| k.clone().into()).collect()),
+    table[field] = value(fp.as_str());
+    table["keys"] = value(
+        new.keys
+            .iter()
+            .map(String::as_str)
+            .collect::<toml_edit::Array>(),
     );
-    table.insert(
-        "operations".into(),
-        toml::Value::Array(new.ops.iter().map(|o| o.clone().into()).collect()),
+    table["operations"] = value(
+        new.ops
+            .iter()
+            .map(String::as_str)
+            .collect::<toml_edit::Array>(),
     );
     if let Some(r) = rate {
-        let mut t = toml::Table::new();
-        t.insert("per_second".into(), r.into());
+        let mut t = toml_edit::InlineTable::new();
+        t.insert("per_second", r.into());
         if let Some(b) = new.burst {
-            t.insert("burst".into(), i64::from(b).into());
+            t.insert("burst", i64::from(b).into());
         }
-        table.insert("rate".into(), t.into());
+        table["rate"] = value(t);
     }
     if let Some(m) = new.max_concurrent {
-        table.insert("max_concurrent".into(), (m as i64).into());
+        table["max_concurrent"] = value(m as i64);
     }
     let path = entities_path(&config)?;
     let name = new.name.clone();
     edit(&config, &path, move |list| {
-        if list
-            .iter()
-            .any(|t| t.get("name").and_then(|n| n.as_str()) == Some(&name))
-        {
+        if list.iter().any(|t| entity_name(t) == Some(&name)) {
             return Err(ProvisionError::AlreadyExists(format!(
                 "an entity named {name:?} exists already"
             )));
@@ -269,7 +271,7 @@ pub fn set_status(
     edit(&config, &path, move |list| {
         let t = find_entity(list, &owned)?;
         if suspended {
-            t.insert("status".into(), "suspended".into());
+            t["status"] = value("suspended");
         } else {
             t.remove("status");
         }
@@ -302,7 +304,7 @@ pub fn remove(config_path: &Path, name: &str, yes: bool, reload: &Reload) -> Res
     let owned = name.to_owned();
     edit(&config, &path, move |list| {
         find_entity(list, &owned)?;
-        list.retain(|t| t.get("name").and_then(|n| n.as_str()) != Some(owned.as_str()));
+        list.retain(|t| entity_name(t) != Some(owned.as_str()));
         Ok(())
     })?;
     let outcome = do_reload(reload, &config.audit.dir)?;
@@ -328,13 +330,20 @@ fn not_found(name: &str, config: &Config) -> ProvisionError {
     ))
 }
 
-fn find_entity<'a>(list: &'a mut [toml::Table], name: &str) -> Result<&'a mut toml::Table> {
+fn entity_name(t: &toml_edit::Table) -> Option<&str> {
+    t.get("name").and_then(|n| n.as_str())
+}
+
+fn find_entity<'a>(
+    list: &'a mut toml_edit::ArrayOfTables,
+    name: &str,
+) -> Result<&'a mut toml_edit::Table> {
     let names: Vec<String> = list
         .iter()
-        .filter_map(|t| t.get("name").and_then(|n| n.as_str()).map(str::to_owned))
+        .filter_map(|t| entity_name(t).map(str::to_owned))
         .collect();
     list.iter_mut()
-        .find(|t| t.get("name").and_then(|n| n.as_str()) == Some(name))
+        .find(|t| entity_name(t) == Some(name))
         .ok_or_else(|| {
             ProvisionError::NotFound(format!(
                 "no entity named {name:?} in the entities file (entities there: {}); entities written inline in svsd.toml are edited in that file",
@@ -343,15 +352,19 @@ fn find_entity<'a>(list: &'a mut [toml::Table], name: &str) -> Result<&'a mut to
         })
 }
 
+/// Put at the top of an entities file that has no comment of its own there.
 const HEADER: &str = "# Application entities, read by svsd (entities_file in svsd.toml).\n\
 # Managed with `svs-provision entity ...`, which rewrites this file atomically\n\
-# and asks svsd to reload; comments other than this header are not kept.\n\n";
+# and asks svsd to reload; comments and layout are kept.\n\n";
 
 /// Locks, re-reads, changes and atomically replaces the entities file.
+/// Edited as a TOML document (toml_edit), not re-serialised from values:
+/// officers annotate entities (owner, ticket, contact) and those comments
+/// must survive every `entity` command.
 fn edit(
     config: &Config,
     path: &Path,
-    change: impl FnOnce(&mut Vec<toml::Table>) -> Result<()>,
+    change: impl FnOnce(&mut toml_edit::ArrayOfTables) -> Result<()>,
 ) -> Result<()> {
     let io = |what: &str, e: std::io::Error| {
         ProvisionError::Io(format!(
@@ -382,40 +395,34 @@ fn edit(
 
     // Re-read under the lock: another editor may have just written.
     let text = std::fs::read_to_string(path).map_err(|e| io("cannot read", e))?;
-    let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+    let mut doc: toml_edit::DocumentMut = text.parse().map_err(|e: toml_edit::TomlError| {
         ProvisionError::Config(format!(
             "{} is not valid TOML ({}); fix it by hand first",
             path.display(),
             e.message()
         ))
     })?;
-    let mut list: Vec<toml::Table> = match table.remove("entity") {
-        None => Vec::new(),
-        Some(toml::Value::Array(items)) => items
-            .into_iter()
-            .map(|v| match v {
-                toml::Value::Table(t) => Ok(t),
-                _ => Err(ProvisionError::Config(format!(
-                    "{}: `entity` must be an array of tables",
-                    path.display()
-                ))),
-            })
-            .collect::<Result<_>>()?,
-        Some(_) => {
-            return Err(ProvisionError::Config(format!(
+    if doc.get("entity").is_none() {
+        doc.insert(
+            "entity",
+            toml_edit::Item::ArrayOfTables(toml_edit::ArrayOfTables::new()),
+        );
+    }
+    let list = doc
+        .get_mut("entity")
+        .and_then(toml_edit::Item::as_array_of_tables_mut)
+        .ok_or_else(|| {
+            ProvisionError::Config(format!(
                 "{}: `entity` must be an array of tables ([[entity]])",
                 path.display()
-            )));
-        }
-    };
+            ))
+        })?;
     let before: Vec<EntityConfig> = load_entities_file(path, &config.keys).unwrap_or_default();
-    change(&mut list)?;
-    table.insert(
-        "entity".into(),
-        toml::Value::Array(list.into_iter().map(toml::Value::Table).collect()),
-    );
-    let body = toml::to_string(&table)
-        .map_err(|e| ProvisionError::Config(format!("cannot write the entities file: {e}")))?;
+    change(list)?;
+    let mut body = doc.to_string();
+    if !body.trim_start().starts_with('#') {
+        body.insert_str(0, HEADER);
+    }
 
     let mut tmp = tempfile::Builder::new()
         .prefix(".entities-")
@@ -425,8 +432,7 @@ fn edit(
     if let Ok(meta) = std::fs::metadata(path) {
         let _ = tmp.as_file().set_permissions(meta.permissions());
     }
-    tmp.write_all(HEADER.as_bytes())
-        .and_then(|_| tmp.write_all(body.as_bytes()))
+    tmp.write_all(body.as_bytes())
         .and_then(|_| tmp.as_file().sync_all())
         .map_err(|e| io("cannot write a temporary file beside", e))?;
 

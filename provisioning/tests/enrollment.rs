@@ -263,6 +263,15 @@ async fn enrollment_flow_with_svsd_and_audit_verification() {
             .replace("checkpoint_interval_s = 60", "checkpoint_interval_s = 1")
     });
     let app = install.issue_client("app1");
+    // Officers annotate entities; every `entity` command keeps their words.
+    let note = "# dev-client: the README's curl client; owner ops, ticket OPS-1234\n";
+    let trailing = "  # the demo key only\n";
+    let text = std::fs::read_to_string(dir.join("entities.toml")).unwrap();
+    let text = text
+        .replacen("[[entity]]\n", &format!("{note}[[entity]]\n"), 1)
+        .replacen("]\noperations", &format!("]{trailing}operations"), 1);
+    assert!(text.contains(note) && text.contains(trailing), "{text}");
+    std::fs::write(dir.join("entities.toml"), &text).unwrap();
     let entities_before = std::fs::read_to_string(dir.join("entities.toml")).unwrap();
     run(&[
         "entity",
@@ -405,6 +414,11 @@ async fn enrollment_flow_with_svsd_and_audit_verification() {
     run(&["entity", "suspend", "--name", "app1", "--pid", &pid]).fails(14, "did not confirm");
     install.edit_config(|t| t.replace(ghost, ""));
     run(&["entity", "resume", "--name", "app1", "--pid", &pid]).ok();
+    let entities = std::fs::read_to_string(dir.join("entities.toml")).unwrap();
+    assert!(
+        entities.contains(note) && entities.contains(trailing),
+        "comments lost after add/suspend/resume:\n{entities}"
+    );
     // Let at least one checkpoint be written, then stop svsd.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     daemon.signal("TERM");
