@@ -36,7 +36,13 @@ pub fn svsd_bin() -> PathBuf {
         }
         let release = dir.ends_with("release");
         let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cmd.args(["build", "-q", "-p", "svs-appliance", "--bin", "svsd"]);
+        // `--workspace`, not `-p svs-appliance`: features resolve as in
+        // `cargo test --workspace`, so nothing is rebuilt. Resolved for one
+        // package, shared crates get other features, and svs-softtoken's
+        // rlib (a cdylib crate: no hash in its file name) is rebuilt in
+        // place under the running test build, whose later steps (doc
+        // tests) then fail with "can't find crate".
+        cmd.args(["build", "-q", "--workspace", "--bin", "svsd"]);
         if release {
             cmd.arg("--release");
         }
