@@ -31,6 +31,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -332,8 +333,8 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Writes `size - from` zero bytes at `from`, `chunk` at a time, each chunk
-/// followed by `between(chunk)` (which may stop the fill).
+/// Writes `size - from` zero bytes at `from`, `chunk` bytes at a time, each
+/// chunk followed by `between()` (which may stop the fill with an error).
 ///
 /// Real zeros, not fallocate: ext4 keeps fallocated space as unwritten
 /// extents, and converting them is a journal commit again on the first
@@ -361,7 +362,7 @@ fn zero_fill(
 /// stalled every answer for 40 ms at each rotation (measured).
 struct Spare {
     path: PathBuf,
-    stop: Arc<std::sync::atomic::AtomicBool>,
+    stop: Arc<AtomicBool>,
     thread: JoinHandle<std::io::Result<()>>,
 }
 
@@ -370,9 +371,8 @@ impl Spare {
     const NAME: &'static str = ".audit-spare.tmp";
 
     fn start(dir: &Path, size: u64) -> Option<Spare> {
-        use std::sync::atomic::Ordering;
         let path = dir.join(Self::NAME);
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
         let (p, flag) = (path.clone(), stop.clone());
         let thread = std::thread::Builder::new()
             .name("svs-audit-spare".into())
@@ -417,7 +417,7 @@ impl Spare {
     }
 
     fn discard(self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.stop.store(true, Ordering::Relaxed);
         let _ = self.thread.join();
         let _ = std::fs::remove_file(&self.path);
     }
@@ -474,6 +474,15 @@ impl FileSink {
             _lock: lock,
         })
     }
+
+    /// Cuts the file to its records (drops the zero-filled space), durably.
+    fn finish_file(&mut self) -> std::io::Result<()> {
+        if self.file.metadata()?.len() != self.len {
+            self.file.set_len(self.len)?;
+            self.file.sync_all()?;
+        }
+        Ok(())
+    }
 }
 
 impl Sink for FileSink {
@@ -518,16 +527,6 @@ impl Sink for FileSink {
             spare.discard();
         }
         self.finish_file()
-    }
-}
-
-impl FileSink {
-    fn finish_file(&mut self) -> std::io::Result<()> {
-        if self.file.metadata()?.len() != self.len {
-            self.file.set_len(self.len)?;
-            self.file.sync_all()?;
-        }
-        Ok(())
     }
 }
 
