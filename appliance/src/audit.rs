@@ -31,7 +31,6 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -362,40 +361,54 @@ fn zero_fill(
 /// stalled every answer for 40 ms at each rotation (measured).
 struct Spare {
     path: PathBuf,
-    stop: Arc<AtomicBool>,
+    /// Dropped to stop the fill: wakes the thread from its pause at once.
+    stop: Option<Sender<()>>,
     thread: JoinHandle<std::io::Result<()>>,
 }
 
 impl Spare {
     /// Hidden name: not a trail file until renamed.
     const NAME: &'static str = ".audit-spare.tmp";
+    /// Bytes written and flushed per step of the fill.
+    const CHUNK: u64 = 256 << 10;
 
     fn start(dir: &Path, size: u64) -> Option<Spare> {
         let path = dir.join(Self::NAME);
-        let stop = Arc::new(AtomicBool::new(false));
-        let (p, flag) = (path.clone(), stop.clone());
+        let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
+        let p = path.clone();
         let thread = std::thread::Builder::new()
             .name("svs-audit-spare".into())
             .spawn(move || {
                 let file = File::create(&p)?;
                 // Paced: 256 KiB and a flush every 20 ms (12.5 MiB/s; 64
                 // MiB in about 5 s, while the fastest batch load measured
-                // fills a file in 9 s). The group commits' p99 on the
+                // fills a file in 7 s). The group commits' p99 on the
                 // benchmark VM did not move with this running all along;
                 // at 1 MiB per 10 ms it went from 1.1-1.4 to 2.4-3.4 ms.
-                zero_fill(&file, 0, size, 256 << 10, || {
+                // Pacing by the trail's write rate instead (slower fills
+                // at lower rates) was tried and made the half-peak tail
+                // worse, not better: a longer, thinner disturbance.
+                let mut at = 0;
+                zero_fill(&file, 0, size, Self::CHUNK as usize, || {
                     file.sync_data()?;
-                    if flag.load(Ordering::Relaxed) {
-                        return Err(std::io::Error::other("stopped"));
+                    at += Self::CHUNK;
+                    if at >= size {
+                        return Ok(());
                     }
-                    std::thread::sleep(Duration::from_millis(20));
-                    Ok(())
+                    match stopped.recv_timeout(Duration::from_millis(20)) {
+                        Err(crossbeam_channel::RecvTimeoutError::Timeout) => Ok(()),
+                        _ => Err(std::io::Error::other("stopped")),
+                    }
                 })?;
                 file.sync_all()
             })
             .map_err(|e| tracing::warn!(error = %e, "audit: cannot start the spare file's thread"))
             .ok()?;
-        Some(Spare { path, stop, thread })
+        Some(Spare {
+            path,
+            stop: Some(stop),
+            thread,
+        })
     }
 
     /// The zero-filled file, if it is ready; the caller renames it.
@@ -403,7 +416,8 @@ impl Spare {
         if !spare.as_ref()?.thread.is_finished() {
             return None;
         }
-        let s = spare.take()?;
+        let mut s = spare.take()?;
+        drop(s.stop.take());
         match s.thread.join() {
             Ok(Ok(())) => Some(s.path),
             Ok(Err(e)) => {
@@ -416,8 +430,8 @@ impl Spare {
         }
     }
 
-    fn discard(self) {
-        self.stop.store(true, Ordering::Relaxed);
+    fn discard(mut self) {
+        drop(self.stop.take());
         let _ = self.thread.join();
         let _ = std::fs::remove_file(&self.path);
     }
