@@ -389,7 +389,7 @@ impl Spare {
                 // at lower rates) was tried and made the half-peak tail
                 // worse, not better: a longer, thinner disturbance.
                 let mut at = 0;
-                zero_fill(&file, 0, size, Self::CHUNK as usize, || {
+                let filled = zero_fill(&file, 0, size, Self::CHUNK as usize, || {
                     file.sync_data()?;
                     at += Self::CHUNK;
                     if at >= size {
@@ -399,8 +399,14 @@ impl Spare {
                         Err(crossbeam_channel::RecvTimeoutError::Timeout) => Ok(()),
                         _ => Err(std::io::Error::other("stopped")),
                     }
-                })?;
-                file.sync_all()
+                })
+                .and_then(|()| file.sync_all());
+                if filled.is_err() {
+                    // At once, not at the next rotation: on a nearly full
+                    // disk the trail needs this space now.
+                    let _ = std::fs::remove_file(&p);
+                }
+                filled
             })
             .map_err(|e| tracing::warn!(error = %e, "audit: cannot start the spare file's thread"))
             .ok()?;
@@ -501,7 +507,19 @@ impl FileSink {
 
 impl Sink for FileSink {
     fn append(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.file.write_all_at(bytes, self.len)?;
+        match self.file.write_all_at(bytes, self.len) {
+            // The spare's zeros are only there to make commits cheaper:
+            // the records get the space first. Written again whole, at the
+            // same place, over whatever part of it got in.
+            Err(e) if e.kind() == std::io::ErrorKind::StorageFull && self.spare.is_some() => {
+                if let Some(spare) = self.spare.take() {
+                    spare.discard();
+                }
+                tracing::warn!("audit: disk full; the spare file is deleted to make room");
+                self.file.write_all_at(bytes, self.len)?;
+            }
+            r => r?,
+        }
         self.len += bytes.len() as u64;
         Ok(())
     }

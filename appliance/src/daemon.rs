@@ -89,6 +89,33 @@ pub fn check_user(config: &Config, opts: &RunOptions) -> Result<(), SvsError> {
     Ok(())
 }
 
+/// `--check-config` beyond the file itself: the TLS certificates, keys and
+/// CA bundles parse and belong together, and the PIN can be read. Files not
+/// there yet (an appliance not yet provisioned, where svsd waits for them)
+/// are not an error: they come back as a note. Blocking.
+pub fn check_files(config: &Config) -> Result<Option<String>, SvsError> {
+    if let Err(e) = missing_files(config) {
+        return match e {
+            SvsError::NotReady(_, details) => Ok(Some(format!("not provisioned yet: {details}"))),
+            other => Err(other),
+        };
+    }
+    let mut errors = Vec::new();
+    if let Some(t) = &config.metrics.tls
+        && let Err(e) = crate::tls::metrics_server_config(t)
+    {
+        errors.push(format!("[metrics.tls]: {e}"));
+    }
+    if let Err(e) = api_tls(config) {
+        errors.push(format!("[tls]: {e}"));
+    }
+    if errors.is_empty() {
+        Ok(None)
+    } else {
+        Err(SvsError::Config(errors))
+    }
+}
+
 /// Opens the HSM of `config` and discovers its keys. Blocking.
 pub fn open_hsm(config: &Config) -> Result<Hsm, SvsError> {
     open_hsm_with(config, Arc::new(NoMetrics))

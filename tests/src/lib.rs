@@ -346,6 +346,19 @@ pub async fn tls_stream(
         .await
 }
 
+/// svsd's metrics page (plain HTTP, as the dev configuration serves it),
+/// with the response head.
+pub async fn scrape_metrics(addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut page = String::new();
+    s.read_to_string(&mut page).await.unwrap();
+    page
+}
+
 /// (status, headers, JSON body)
 pub type Answer = (u16, hyper::HeaderMap, Value);
 

@@ -230,3 +230,66 @@ fn an_invalid_configuration_exits_78_and_journald_lines_carry_no_timestamp() {
     assert_eq!(st.code(), Some(78));
     assert!(Path::new(&install.config).exists());
 }
+
+#[test]
+fn check_config_reports_every_error_at_once() {
+    let install = Install::new();
+    install.edit_config(|t| {
+        t.replace("max_batch_items = 256", "max_batch_items = 0")
+            .replace("[selftest]\ninterval_s = 300", "[selftest]\ninterval_s = 0")
+            .replace("checkpoint_key = \"svs-audit\"\n", "")
+    });
+    let out = Command::new(svsd_bin())
+        .arg("--check-config")
+        .arg("--config")
+        .arg(&install.config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for wanted in [
+        "max_batch_items must be > 0",
+        "[selftest] interval_s must be > 0",
+        "checkpoints need checkpoint_key",
+    ] {
+        assert!(err.contains(wanted), "{wanted:?} not in {err}");
+    }
+    assert!(out.stdout.is_empty(), "said valid: {out:?}");
+}
+
+#[test]
+fn check_config_checks_the_tls_files_and_notes_missing_ones() {
+    let install = Install::new();
+    let check = || {
+        Command::new(svsd_bin())
+            .arg("--check-config")
+            .arg("--config")
+            .arg(&install.config)
+            .output()
+            .unwrap()
+    };
+    let out = check();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains(": valid"));
+    // A server certificate that is not the private key's.
+    let server = install.dir.join("server.pem");
+    let saved = std::fs::read(&server).unwrap();
+    std::fs::copy(install.dev_client().cert, &server).unwrap();
+    let out = check();
+    assert_eq!(out.status.code(), Some(78), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("[tls]"),
+        "{out:?}"
+    );
+    // Not there yet (not provisioned): valid, with a note; svsd would wait.
+    std::fs::remove_file(&server).unwrap();
+    let out = check();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not provisioned yet") && err.contains("server.pem"),
+        "{err}"
+    );
+    std::fs::write(&server, saved).unwrap();
+    assert_eq!(check().status.code(), Some(0));
+}

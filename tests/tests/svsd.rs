@@ -142,12 +142,22 @@ async fn every_endpoint_and_every_bad_input() {
             spki[n - 1] ^= 1;
             b64(&spki)
         };
-        let mut infinity = unb64(
-            &pem.lines()
-                .filter(|l| !l.starts_with("-----"))
-                .collect::<String>(),
-        );
-        infinity.truncate(infinity.len() - 66);
+        // A well-formed SPKI whose point is the SEC1 encoding of the point
+        // at infinity (the single byte 0): the demo key's algorithm
+        // identifier, then BIT STRING { unused bits 0, 0x00 }.
+        let infinity = {
+            let spki = unb64(
+                &pem.lines()
+                    .filter(|l| !l.starts_with("-----"))
+                    .collect::<String>(),
+            );
+            assert_eq!((spki[0], spki[2]), (0x30, 0x30), "SPKI layout");
+            let alg = &spki[2..4 + usize::from(spki[3])];
+            let mut der = vec![0x30, u8::try_from(alg.len() + 4).unwrap()];
+            der.extend_from_slice(alg);
+            der.extend_from_slice(&[0x03, 0x02, 0x00, 0x00]);
+            der
+        };
         let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
             ("/v1/sign", b"{not json".to_vec(), 400, "malformed_request"),
             (
@@ -602,6 +612,16 @@ async fn connections_are_bounded_closed_when_idle_old_or_refused_and_rechecked_o
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_under_load_fails_no_request() {
     let install = Install::new();
+    let dev = install.dev_client();
+    let late = install.issue_client("late");
+    let dev_entity = entity(
+        "dev-client",
+        &dev.sha256,
+        &["demo"],
+        &["sign", "verify"],
+        "",
+    );
+    install.write_entities(&dev_entity);
     let d = install.start().await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut tasks = Vec::new();
@@ -622,7 +642,7 @@ async fn sighup_under_load_fails_no_request() {
             (ok, bad)
         }));
     }
-    for _ in 0..5 {
+    for round in 0..5 {
         tokio::time::sleep(Duration::from_millis(200)).await;
         // Re-issue the server certificate too: new connections get it.
         let ca =
@@ -630,11 +650,49 @@ async fn sighup_under_load_fails_no_request() {
                 .unwrap();
         let server = ca.server(&["localhost", "127.0.0.1"]).unwrap();
         svs_appliance::tls::devpki::save_issued(&install.dir, "server", &server).unwrap();
+        // The last reload also adds an entity.
+        if round == 4 {
+            install.write_entities(&format!(
+                "{dev_entity}{}",
+                entity("late", &late.sha256, &["demo"], &["sign"], "")
+            ));
+        }
         d.signal("HUP");
+        // New handshakes during the reloads.
+        let (s, _, v) = d
+            .client(round % 2 == 1)
+            .await
+            .post("/v1/sign", &json!({"key":"demo","data":HELLO}))
+            .await
+            .unwrap();
+        assert_eq!(s, 200, "{v}");
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    // New connections work after the reloads.
+    // New connections work after the reloads, are served the certificate
+    // written last, and the entity added by the last reload may sign.
     assert_eq!(d.client(false).await.get("/readyz").await.unwrap().0, 200);
+    let pem = std::fs::read_to_string(install.dir.join("server.pem")).unwrap();
+    let newest = unb64(
+        &pem.lines()
+            .skip_while(|l| !l.starts_with("-----BEGIN"))
+            .skip(1)
+            .take_while(|l| !l.starts_with("-----END"))
+            .collect::<String>(),
+    );
+    let tls = tls_stream(d.addr, tls_config(&d.ca, Some(&dev), false))
+        .await
+        .unwrap();
+    let served = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+    assert_eq!(
+        served, newest,
+        "the server still presents an older certificate"
+    );
+    let mut c = Client::connect(d.addr, &d.ca, &late, false).await.unwrap();
+    let (s, _, v) = c
+        .post("/v1/sign", &json!({"key":"demo","data":HELLO}))
+        .await
+        .unwrap();
+    assert_eq!(s, 200, "{v}");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut total = 0;
     for t in tasks {
@@ -1023,4 +1081,212 @@ async fn the_dev_mode_curl_commands_work_as_printed() {
     );
     let _ = child.kill();
     let _ = child.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_concurrency_cap_answers_429_with_retry_after() {
+    let install = Install::new();
+    let dev = install.dev_client();
+    install.write_entities(&entity(
+        "dev-client",
+        &dev.sha256,
+        &["demo"],
+        &["sign", "verify"],
+        "max_concurrent = 1",
+    ));
+    // Every C_Sign after the self-tests' stalls 700 ms: the first request
+    // holds the entity's only slot while the second arrives.
+    let d = install
+        .start_with_env(&[("SVS_SOFTTOKEN_FAULTS", "C_Sign:stall=700:after=2")])
+        .await;
+    let sign = json!({"key":"demo","data":HELLO});
+    let mut first = d.client(false).await;
+    let body = sign.clone();
+    let held = tokio::spawn(async move { first.post("/v1/sign", &body).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut second = d.client(false).await;
+    let (s, h, v) = second.post("/v1/sign", &sign).await.unwrap();
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (429, Some("too_many_concurrent_requests")),
+        "{v}"
+    );
+    assert_eq!(h["retry-after"].to_str().unwrap(), "1");
+    assert!(v.get("signature").is_none());
+    let (s, _, v) = held.await.unwrap().unwrap();
+    assert_eq!(s, 200, "{v}");
+    // The slot is free again.
+    assert_eq!(second.post("/v1/sign", &sign).await.unwrap().0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn svsd_refuses_to_run_as_root_unless_told() {
+    let uid = std::process::Command::new("id").arg("-u").output().unwrap();
+    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+        eprintln!("SKIP: not running as root");
+        return;
+    }
+    let install = Install::new();
+    let out = std::process::Command::new(svsd_bin())
+        .arg("--config")
+        .arg(&install.config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("refusing to run as root"), "{err}");
+    // Refused before anything was touched: no trail was started.
+    assert!(
+        svs_appliance::audit::trail_files(&install.audit_dir())
+            .unwrap_or_default()
+            .is_empty()
+    );
+}
+
+/// A tmpfs mounted over a directory for the life of the value.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &std::path::Path, size: &str) -> Option<SmallDisk> {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = have_tool(
+            std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(dir),
+            "mounting a tmpfs (root)",
+        );
+        ok.then(|| SmallDisk(dir.to_path_buf()))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_audit_disk_stops_signing_and_loses_no_answered_record() {
+    let install = Install::new();
+    // 512 KiB for the trail: too small for the zero-filled file (svsd
+    // writes it unfilled, with a warning), full after about a thousand
+    // records.
+    let Some(_disk) = SmallDisk::mount(&install.audit_dir(), "512k") else {
+        return;
+    };
+    let mut d = install.start().await;
+    let mut c = d.client(false).await;
+    let sign = json!({"key":"demo","data":HELLO});
+    let mut signed = 0u64;
+    let refusal = loop {
+        let (s, _, v) = c.post("/v1/sign", &sign).await.unwrap();
+        if s != 200 {
+            break (s, v);
+        }
+        signed += 1;
+        assert!(signed < 100_000, "the trail never filled the disk");
+    };
+    assert_eq!(
+        (refusal.0, refusal.1["error"]["code"].as_str()),
+        (503, Some("audit_unavailable")),
+        "{}",
+        refusal.1
+    );
+    assert!(refusal.1.get("signature").is_none());
+    assert!(
+        signed > 100,
+        "only {signed} signatures before the disk filled"
+    );
+    // It stays refused, says why on /readyz, and raises the alarm.
+    let (s, _, v) = c.post("/v1/sign", &sign).await.unwrap();
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (503, Some("audit_unavailable"))
+    );
+    let (s, _, v) = c.get("/readyz").await.unwrap();
+    assert_eq!(s, 503, "{v}");
+    assert!(v.to_string().contains("audit"), "{v}");
+    assert!(d.log_text().contains("ALARM audit trail cannot be written"));
+    // Every signature handed out is in the trail, and the chain holds.
+    d.signal("KILL");
+    d.wait(Duration::from_secs(10)).expect("svsd did not exit");
+    let files = svs_appliance::audit::trail_files(&install.audit_dir()).unwrap();
+    let mut sign_records = 0u64;
+    for (_, path) in &files {
+        let text = svs_appliance::audit::read_trail_file(path).unwrap();
+        sign_records += String::from_utf8_lossy(&text)
+            .lines()
+            .filter(|l| l.contains("\"op\":\"sign\"") && l.contains("\"outcome\":\"ok\""))
+            .count() as u64;
+    }
+    assert!(
+        sign_records >= signed,
+        "{signed} signatures answered, {sign_records} in the trail"
+    );
+    let report = svs_appliance::audit::verify_dir(&install.audit_dir(), None).unwrap();
+    assert!(report.records >= signed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_periodic_self_test_stops_signing_until_it_passes_again() {
+    let install = Install::new();
+    install.edit_config(|t| {
+        assert!(t.contains("[selftest]\ninterval_s = 300\n"));
+        t.replace(
+            "[selftest]\ninterval_s = 300\n",
+            "[selftest]\ninterval_s = 1\n",
+        )
+    });
+    let faults = install.dir.join("faults");
+    std::fs::write(&faults, "").unwrap();
+    let d = install
+        .start_with_env(&[("SVS_SOFTTOKEN_FAULTS_FILE", faults.to_str().unwrap())])
+        .await;
+    let mut c = d.client(false).await;
+    let sign = json!({"key":"demo","data":HELLO});
+    assert_eq!(c.post("/v1/sign", &sign).await.unwrap().0, 200);
+    assert!(
+        scrape_metrics(install.metrics_addr)
+            .await
+            .contains("\nsvs_selftest_ok 1\n")
+    );
+
+    // The HSM starts failing every signature: the next periodic run fails.
+    std::fs::write(&faults, "C_Sign:device_error").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let why = loop {
+        let (s, _, v) = c.get("/readyz").await.unwrap();
+        if s == 503 && v.to_string().contains("self-test") {
+            break v;
+        }
+        assert!(std::time::Instant::now() < deadline, "still {s} {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let (s, _, v) = c.post("/v1/sign", &sign).await.unwrap();
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (503, Some("not_ready")),
+        "{v} ({why})"
+    );
+    assert!(d.log_text().contains("ALARM self-test failed"));
+    let page = scrape_metrics(install.metrics_addr).await;
+    assert!(page.contains("\nsvs_selftest_ok 0\n"), "{page}");
+    assert!(!page.contains("\nsvs_selftest_failures_total 0\n"));
+
+    // Repaired: the next run passes, and signing resumes without a restart.
+    std::fs::write(&faults, "").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while c.get("/readyz").await.unwrap().0 != 200 {
+        assert!(std::time::Instant::now() < deadline, "not ready again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(c.post("/v1/sign", &sign).await.unwrap().0, 200);
+    assert!(
+        scrape_metrics(install.metrics_addr)
+            .await
+            .contains("\nsvs_selftest_ok 1\n")
+    );
 }

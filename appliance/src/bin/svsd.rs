@@ -77,6 +77,9 @@ fn run(args: Args) -> Result<(), SvsError> {
     };
     let config = Config::load(&config_path)?;
     if args.check_config {
+        if let Some(note) = daemon::check_files(&config)? {
+            let _ = writeln!(std::io::stderr(), "note: {note}");
+        }
         let _ = writeln!(std::io::stdout(), "{}: valid", config_path.display());
         return Ok(());
     }

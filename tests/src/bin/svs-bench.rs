@@ -281,18 +281,6 @@ fn pct(l: &[Duration], p: f64) -> Duration {
         .unwrap_or_default()
 }
 
-/// The daemon's metrics page (plain HTTP on the loopback).
-async fn scrape(metrics: std::net::SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(metrics).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        .await
-        .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).await.unwrap();
-    raw
-}
-
 /// A sample's value, by its series name with labels exactly as exported;
 /// `None` if the page has no such series.
 fn sample(text: &str, series: &str) -> Option<f64> {
@@ -399,7 +387,7 @@ fn untouched(timed: &[(Instant, Duration)], windows: &[(Instant, Instant)]) -> V
 /// the pauses did not explain the tail, leaving out requests at other
 /// times would lower the p99 as much.
 async fn half_peak(install: &Install, d: &svs_e2e::Daemon, args: &Args, peak: f64) {
-    let before = scrape(install.metrics_addr).await;
+    let before = svs_e2e::scrape_metrics(install.metrics_addr).await;
     let detector = LateWakeups::start();
     let (rate, timed) = http(
         d,
@@ -411,7 +399,7 @@ async fn half_peak(install: &Install, d: &svs_e2e::Daemon, args: &Args, peak: f6
     )
     .await;
     let pauses = detector.finish();
-    let after = scrape(install.metrics_addr).await;
+    let after = svs_e2e::scrape_metrics(install.metrics_addr).await;
     let mut lat: Vec<Duration> = timed.iter().map(|(_, l)| *l).collect();
     lat.sort();
     let clear = untouched(&timed, &pauses);
