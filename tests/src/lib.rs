@@ -305,6 +305,16 @@ impl std::fmt::Debug for Client {
 
 /// TLS client configuration with an optional client certificate.
 pub fn tls_config(ca: &Path, client: Option<&ClientCert>, h2: bool) -> Arc<rustls::ClientConfig> {
+    tls_config_for(ca, client, h2, rustls::DEFAULT_VERSIONS)
+}
+
+/// [`tls_config`] offering only the protocol `versions`.
+pub fn tls_config_for(
+    ca: &Path,
+    client: Option<&ClientCert>,
+    h2: bool,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(ca).unwrap() {
         roots.add(c.unwrap()).unwrap();
@@ -312,7 +322,7 @@ pub fn tls_config(ca: &Path, client: Option<&ClientCert>, h2: bool) -> Arc<rustl
     let b = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
-    .with_safe_default_protocol_versions()
+    .with_protocol_versions(versions)
     .unwrap()
     .with_root_certificates(roots);
     let mut cfg = match client {

@@ -974,6 +974,34 @@ async fn interop_with_openssl_and_gmssl() {
             .await
             .unwrap();
         assert_eq!(v["valid"].as_bool(), Some(false));
+        // The signer named by an SM2 certificate (OpenSSL's own, SM2-with-SM3).
+        ok(&[
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            "key.pem",
+            "-sm3",
+            "-sigopt",
+            "distid:1234567812345678",
+            "-subj",
+            "/CN=interop",
+            "-days",
+            "1",
+            "-out",
+            "ossl-cert.pem",
+        ]);
+        let cert = std::fs::read_to_string(work.join("ossl-cert.pem")).unwrap();
+        for (data, valid) in [(&msg[..], true), (&b"other"[..], false)] {
+            let (s, _, v) = c
+                .post(
+                    "/v1/verify",
+                    &json!({"certificate":cert,"data":b64(data),"signature":b64(&sig)}),
+                )
+                .await
+                .unwrap();
+            assert_eq!((s, v["valid"].as_bool()), (200, Some(valid)), "{v}");
+        }
     }
     if gmssl {
         let (_, _, v) = c
@@ -1289,4 +1317,133 @@ async fn a_failing_periodic_self_test_stops_signing_until_it_passes_again() {
             .await
             .contains("\nsvs_selftest_ok 1\n")
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_hears_ready_reloading_stopping_and_watchdog_pings() {
+    let install = Install::new();
+    let path = install.dir.join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let heard = std::sync::Arc::new(std::sync::Mutex::new(
+        Vec::<(std::time::Instant, String)>::new(),
+    ));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let listener = {
+        let (heard, stop) = (heard.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(n) = socket.recv(&mut buf) {
+                    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    heard.lock().unwrap().push((std::time::Instant::now(), msg));
+                }
+            }
+        })
+    };
+    // A 400 ms watchdog: svsd pings at half the period.
+    let mut d = install
+        .start_with_env(&[
+            ("NOTIFY_SOCKET", path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "400000"),
+        ])
+        .await;
+    let has = |m: &str, key: &str| m.lines().any(|l| l == key);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let ready_at = loop {
+        let ready = heard
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(_, m)| has(m, "READY=1"))
+            .map(|(t, _)| *t);
+        if let Some(t) = ready {
+            break t;
+        }
+        assert!(std::time::Instant::now() < deadline, "no READY=1");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let pings = heard
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(t, m)| *t > ready_at && has(m, "WATCHDOG=1"))
+        .count();
+    assert!(
+        pings >= 3,
+        "{pings} watchdog pings in 1.2 s at a 400 ms period"
+    );
+
+    d.signal("HUP");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let msgs: Vec<String> = heard
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, m)| m.clone())
+            .collect();
+        if let Some(i) = msgs.iter().position(|m| has(m, "RELOADING=1")) {
+            assert!(
+                msgs[i].lines().any(|l| l.starts_with("MONOTONIC_USEC=")),
+                "{}",
+                msgs[i]
+            );
+            if msgs[i + 1..].iter().any(|m| has(m, "READY=1")) {
+                break;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "{msgs:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    d.signal("TERM");
+    d.wait(Duration::from_secs(10)).expect("svsd did not exit");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    listener.join().unwrap();
+    assert!(
+        heard
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(_, m)| has(m, "STOPPING=1")),
+        "no STOPPING=1"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_1_2_clients_are_served_and_still_need_a_certificate() {
+    use tokio::io::AsyncReadExt;
+    let install = Install::new();
+    let d = install.start().await;
+    let tls12 = &[&rustls::version::TLS12];
+    let mut tls = tls_stream(d.addr, tls_config_for(&d.ca, Some(&d.client), false, tls12))
+        .await
+        .unwrap();
+    assert_eq!(
+        tls.get_ref().1.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_2)
+    );
+    tls.write_all(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    tls.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // Without a client certificate the TLS 1.2 handshake is refused too.
+    let refused = match tls_stream(d.addr, tls_config_for(&d.ca, None, false, tls12)).await {
+        Err(_) => true,
+        // TLS 1.2 may report the refusal on the first read instead.
+        Ok(mut s) => {
+            let _ = s
+                .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await;
+            let mut buf = Vec::new();
+            s.read_to_end(&mut buf).await.is_err() || buf.is_empty()
+        }
+    };
+    assert!(refused, "a TLS 1.2 client without a certificate was served");
 }
