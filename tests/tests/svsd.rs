@@ -361,26 +361,28 @@ async fn authorisation_matrix_and_unknown_clients() {
             .unwrap()
             .to_owned()
     };
-    // (client, key, op) → expected status
-    let matrix: Vec<(&ClientCert, &str, &str, u16)> = vec![
-        (&dev, "demo", "sign", 200),
-        (&dev, "demo", "verify", 200),
-        (&dev, "other", "sign", 403),
-        (&dev, "other", "verify", 403),
-        (&dev, "missing", "sign", 404),
-        (&signer, "demo", "sign", 200),
-        (&signer, "demo", "verify", 403),
-        (&signer, "other", "sign", 403),
-        (&verifier, "demo", "sign", 403),
-        (&verifier, "demo", "verify", 200),
-        (&verifier, "other", "verify", 200),
-        (&verifier, "other", "sign", 403),
-        (&by_subject, "other", "sign", 200),
-        (&by_subject, "demo", "sign", 403),
-        (&stranger, "demo", "sign", 401),
-        (&stranger, "demo", "verify", 401),
+    // (client, key, op) → expected status and error code
+    const KEY: Option<&str> = Some("key_not_allowed");
+    const OP: Option<&str> = Some("operation_not_allowed");
+    let matrix: Vec<(&ClientCert, &str, &str, u16, Option<&str>)> = vec![
+        (&dev, "demo", "sign", 200, None),
+        (&dev, "demo", "verify", 200, None),
+        (&dev, "other", "sign", 403, KEY),
+        (&dev, "other", "verify", 403, KEY),
+        (&dev, "missing", "sign", 404, Some("unknown_key")),
+        (&signer, "demo", "sign", 200, None),
+        (&signer, "demo", "verify", 403, OP),
+        (&signer, "other", "sign", 403, KEY),
+        (&verifier, "demo", "sign", 403, OP),
+        (&verifier, "demo", "verify", 200, None),
+        (&verifier, "other", "verify", 200, None),
+        (&verifier, "other", "sign", 403, OP),
+        (&by_subject, "other", "sign", 200, None),
+        (&by_subject, "demo", "sign", 403, KEY),
+        (&stranger, "demo", "sign", 401, Some("unauthenticated")),
+        (&stranger, "demo", "verify", 401, Some("unauthenticated")),
     ];
-    for (who, key, op, want) in matrix {
+    for (who, key, op, want, code) in matrix {
         let mut c = Client::connect(d.addr, &d.ca, who, false).await.unwrap();
         let body = if op == "sign" {
             json!({"key":key,"data":HELLO})
@@ -388,7 +390,12 @@ async fn authorisation_matrix_and_unknown_clients() {
             json!({"key":key,"data":HELLO,"signature":sig})
         };
         let (s, _, v) = c.post(&format!("/v1/{op}"), &body).await.unwrap();
-        assert_eq!(s, want, "{} {key} {op}: {v}", who.cert.display());
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (want, code),
+            "{} {key} {op}: {v}",
+            who.cert.display()
+        );
     }
     // GET /v1/keys lists only the keys an entity may use.
     let mut c = Client::connect(d.addr, &d.ca, &verifier, true)
