@@ -422,8 +422,7 @@ impl Spare {
         if !spare.as_ref()?.thread.is_finished() {
             return None;
         }
-        let mut s = spare.take()?;
-        drop(s.stop.take());
+        let s = spare.take()?;
         match s.thread.join() {
             Ok(Ok(())) => Some(s.path),
             Ok(Err(e)) => {
@@ -511,10 +510,11 @@ impl Sink for FileSink {
             // The spare's zeros are only there to make commits cheaper:
             // the records get the space first. Written again whole, at the
             // same place, over whatever part of it got in.
-            Err(e) if e.kind() == std::io::ErrorKind::StorageFull && self.spare.is_some() => {
-                if let Some(spare) = self.spare.take() {
-                    spare.discard();
-                }
+            Err(e) if e.kind() == std::io::ErrorKind::StorageFull => {
+                let Some(spare) = self.spare.take() else {
+                    return Err(e);
+                };
+                spare.discard();
                 tracing::warn!("audit: disk full; the spare file is deleted to make room");
                 self.file.write_all_at(bytes, self.len)?;
             }
