@@ -55,6 +55,8 @@ pub struct Reply {
     pub body: serde_json::Value,
     /// Seconds for Retry-After.
     pub retry_after: Option<u64>,
+    /// Allow (on a 405).
+    pub allow: Option<&'static str>,
 }
 
 impl Reply {
@@ -63,6 +65,7 @@ impl Reply {
             status: 200,
             body,
             retry_after: None,
+            allow: None,
         }
     }
 }
@@ -74,6 +77,7 @@ impl From<SvsError> for Reply {
             status: w.status,
             body: e.to_json(),
             retry_after: w.retry_after,
+            allow: w.allow,
         }
     }
 }
@@ -125,41 +129,73 @@ pub enum Route {
     Readyz,
 }
 
-/// Every (method, path template) served; the OpenAPI test checks the
-/// document against this list.
-pub const ROUTES: &[(&str, &str)] = &[
-    ("post", "/v1/sign"),
-    ("post", "/v1/sign/batch"),
-    ("post", "/v1/verify"),
-    ("post", "/v1/verify/batch"),
-    ("get", "/v1/keys"),
-    ("get", "/v1/keys/{name}"),
-    ("get", "/healthz"),
-    ("get", "/readyz"),
+/// One served route: method, path template (`{name}` stands for one
+/// non-empty path segment) and the [`Route`] it makes.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteSpec {
+    /// HTTP method (a GET route also answers HEAD).
+    pub method: &'static str,
+    /// Path template, as in docs/openapi.json.
+    pub template: &'static str,
+    make: fn(&str) -> Route,
+}
+
+impl RouteSpec {
+    const fn new(method: &'static str, template: &'static str, make: fn(&str) -> Route) -> Self {
+        RouteSpec {
+            method,
+            template,
+            make,
+        }
+    }
+
+    /// The path parameter if `path` matches the template (`""` when it has none).
+    fn matches<'p>(&self, path: &'p str) -> Option<&'p str> {
+        match self.template.split_once("{name}") {
+            None => (path == self.template).then_some(""),
+            Some((head, tail)) => path
+                .strip_prefix(head)?
+                .strip_suffix(tail)
+                .filter(|name| !name.is_empty() && !name.contains('/')),
+        }
+    }
+
+    /// The `Allow` header of a 405 on this route.
+    fn allow(&self) -> &'static str {
+        if self.method == "GET" {
+            "GET, HEAD"
+        } else {
+            self.method
+        }
+    }
+}
+
+/// Every route served, the one table [`Route::parse`] reads; the OpenAPI
+/// test checks the document against it. One method per path.
+pub const ROUTES: &[RouteSpec] = &[
+    RouteSpec::new("POST", "/v1/sign", |_| Route::Sign),
+    RouteSpec::new("POST", "/v1/sign/batch", |_| Route::SignBatch),
+    RouteSpec::new("POST", "/v1/verify", |_| Route::Verify),
+    RouteSpec::new("POST", "/v1/verify/batch", |_| Route::VerifyBatch),
+    RouteSpec::new("GET", "/v1/keys", |_| Route::Keys),
+    RouteSpec::new("GET", "/v1/keys/{name}", |n| Route::Key(n.to_owned())),
+    RouteSpec::new("GET", "/healthz", |_| Route::Healthz),
+    RouteSpec::new("GET", "/readyz", |_| Route::Readyz),
 ];
 
 impl Route {
-    /// Finds the route; 404 or 405 otherwise.
+    /// Finds the route; 404, or 405 with the methods the path takes.
     pub fn parse(method: &str, path: &str) -> Result<Route, SvsError> {
-        let (route, wants) = match path {
-            "/v1/sign" => (Route::Sign, "POST"),
-            "/v1/sign/batch" => (Route::SignBatch, "POST"),
-            "/v1/verify" => (Route::Verify, "POST"),
-            "/v1/verify/batch" => (Route::VerifyBatch, "POST"),
-            "/v1/keys" => (Route::Keys, "GET"),
-            "/healthz" => (Route::Healthz, "GET"),
-            "/readyz" => (Route::Readyz, "GET"),
-            p => match p.strip_prefix("/v1/keys/") {
-                Some(name) if !name.is_empty() && !name.contains('/') => {
-                    (Route::Key(name.to_owned()), "GET")
-                }
-                _ => return Err(SvsError::NotFound),
-            },
-        };
-        if method == wants || (wants == "GET" && method == "HEAD") {
-            Ok(route)
+        let (spec, param) = ROUTES
+            .iter()
+            .find_map(|r| Some((r, r.matches(path)?)))
+            .ok_or(SvsError::NotFound)?;
+        if method == spec.method || (spec.method == "GET" && method == "HEAD") {
+            Ok((spec.make)(param))
         } else {
-            Err(SvsError::MethodNotAllowed)
+            Err(SvsError::MethodNotAllowed {
+                allow: spec.allow(),
+            })
         }
     }
 
@@ -1158,6 +1194,30 @@ operations = ["sign", "verify"]
             }
         }
         out
+    }
+
+    #[test]
+    fn routes_parse_from_the_one_table_and_405_names_the_allowed_methods() {
+        let ok = |m: &str, p: &str| Route::parse(m, p).unwrap();
+        assert_eq!(ok("POST", "/v1/sign"), Route::Sign);
+        assert_eq!(ok("POST", "/v1/verify/batch"), Route::VerifyBatch);
+        assert_eq!(ok("GET", "/v1/keys"), Route::Keys);
+        assert_eq!(ok("HEAD", "/v1/keys/demo"), Route::Key("demo".into()));
+        assert_eq!(ok("GET", "/readyz"), Route::Readyz);
+        for p in ["/v1/keys/", "/v1/keys/a/b", "/v1/signx", "/v1", "/"] {
+            assert_eq!(Route::parse("GET", p), Err(SvsError::NotFound), "{p}");
+        }
+        let allow = |m: &str, p: &str| Reply::from(Route::parse(m, p).unwrap_err()).allow;
+        assert_eq!(allow("GET", "/v1/sign"), Some("POST"));
+        assert_eq!(allow("TRACE", "/v1/keys/demo"), Some("GET, HEAD"));
+        assert_eq!(allow("POST", "/healthz"), Some("GET, HEAD"));
+        // Every templated route resolves to itself, and paths are unique.
+        let mut seen = std::collections::BTreeSet::new();
+        for r in ROUTES {
+            assert!(seen.insert(r.template), "{} twice", r.template);
+            let path = r.template.replace("{name}", "k");
+            assert!(Route::parse(r.method, &path).is_ok(), "{}", r.template);
+        }
     }
 
     #[test]

@@ -57,7 +57,10 @@ pub enum SvsError {
     NotFound,
     /// The route exists with another method.
     #[error("method not allowed")]
-    MethodNotAllowed,
+    MethodNotAllowed {
+        /// The methods the route takes, for the `Allow` header.
+        allow: &'static str,
+    },
     /// The client certificate was verified by TLS but matches no entity.
     #[error("client certificate matches no application entity")]
     Unauthenticated,
@@ -238,6 +241,8 @@ pub struct Wire {
     pub code: &'static str,
     /// Seconds for a `Retry-After` header.
     pub retry_after: Option<u64>,
+    /// An `Allow` header (a 405 must list the methods the route takes).
+    pub allow: Option<&'static str>,
 }
 
 fn secs_up(d: Duration) -> u64 {
@@ -263,7 +268,7 @@ impl SvsError {
             SvsError::BodyTimeout(_) => (408, "request_timeout", None),
             SvsError::UnsupportedMediaType => (415, "unsupported_media_type", None),
             SvsError::NotFound => (404, "not_found", None),
-            SvsError::MethodNotAllowed => (405, "method_not_allowed", None),
+            SvsError::MethodNotAllowed { .. } => (405, "method_not_allowed", None),
             SvsError::Unauthenticated => (401, "unauthenticated", None),
             SvsError::EntitySuspended(_) => (403, "entity_suspended", None),
             SvsError::UnknownKey(_) => (404, "unknown_key", None),
@@ -288,10 +293,15 @@ impl SvsError {
             SvsError::Io(_) => (500, "internal_error", None),
             SvsError::Internal(_) => (500, "internal_error", None),
         };
+        let allow = match self {
+            SvsError::MethodNotAllowed { allow } => Some(*allow),
+            _ => None,
+        };
         Wire {
             status,
             code,
             retry_after,
+            allow,
         }
     }
 
@@ -345,7 +355,7 @@ impl SvsError {
             | SvsError::BodyTimeout(_)
             | SvsError::UnsupportedMediaType
             | SvsError::NotFound
-            | SvsError::MethodNotAllowed
+            | SvsError::MethodNotAllowed { .. }
             | SvsError::Unauthenticated
             | SvsError::EntitySuspended(_)
             | SvsError::UnknownKey(_)
@@ -445,7 +455,11 @@ mod tests {
                 "unsupported_media_type",
             ),
             (SvsError::NotFound, 404, "not_found"),
-            (SvsError::MethodNotAllowed, 405, "method_not_allowed"),
+            (
+                SvsError::MethodNotAllowed { allow: "POST" },
+                405,
+                "method_not_allowed",
+            ),
             (SvsError::Unauthenticated, 401, "unauthenticated"),
             (
                 SvsError::EntitySuspended("e".into()),

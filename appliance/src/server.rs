@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use hyper::header::{ALLOW, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -187,6 +187,10 @@ fn response(reply: Reply, head_only: bool) -> Response<Full<Bytes>> {
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     if let Some(s) = reply.retry_after {
         resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from(s));
+    }
+    if let Some(methods) = reply.allow {
+        resp.headers_mut()
+            .insert(ALLOW, HeaderValue::from_static(methods));
     }
     resp
 }

@@ -19,15 +19,17 @@ fn openapi_document_matches_the_routes() {
     }
     let served: BTreeSet<_> = svs_appliance::app::ROUTES
         .iter()
-        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .map(|r| (r.method.to_lowercase(), r.template.to_owned()))
         .collect();
     assert_eq!(documented, served);
     // Every templated route resolves in the router.
-    for (m, p) in svs_appliance::app::ROUTES {
-        let concrete = p.replace("{name}", "demo");
+    for r in svs_appliance::app::ROUTES {
+        let concrete = r.template.replace("{name}", "demo");
         assert!(
-            svs_appliance::app::Route::parse(&m.to_uppercase(), &concrete).is_ok(),
-            "{m} {p}"
+            svs_appliance::app::Route::parse(r.method, &concrete).is_ok(),
+            "{} {}",
+            r.method,
+            r.template
         );
     }
     let codes: BTreeSet<_> =

@@ -262,11 +262,17 @@ async fn every_endpoint_and_every_bad_input() {
                     .is_some_and(|m| !m.is_empty())
             );
         }
-        let (s, _, v) = c.get("/v1/sign").await.unwrap();
+        let (s, h, v) = c.get("/v1/sign").await.unwrap();
         assert_eq!(
             (s, v["error"]["code"].as_str()),
             (405, Some("method_not_allowed"))
         );
+        assert_eq!(h["allow"], "POST");
+        let (s, h, _) = c
+            .request("DELETE", "/v1/keys/demo", None, Vec::new())
+            .await
+            .unwrap();
+        assert_eq!((s, h["allow"].to_str().unwrap()), (405, "GET, HEAD"));
         let (s, _, v) = c
             .request("POST", "/v1/sign", Some("text/plain"), b"{}".to_vec())
             .await
