@@ -630,7 +630,9 @@ async fn metrics_request(
 
 /// Serves `/metrics` (plain HTTP, or TLS when `tls` is set) until `stop`.
 /// Separate from the API listeners and their connection cap: scrapers can
-/// neither take the API's connections nor be starved by API clients.
+/// neither take the API's connections nor be starved by API clients. Its
+/// connections are driven like the API's (idle timeout, maximum age, close
+/// timeout), so that silent clients cannot hold its few slots.
 pub async fn serve_metrics(
     app: Arc<App>,
     listener: TcpListener,
@@ -656,17 +658,32 @@ pub async fn serve_metrics(
         };
         let app = app.clone();
         let tls = tls.clone();
+        let stop = stop.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let svc_app = app.clone();
-            let svc = hyper::service::service_fn(move |req| metrics_request(svc_app.clone(), req));
-            let b = builder(&app.runtime().limits);
+            let limits = app.runtime().limits.clone();
+            let activity = Arc::new(Activity::new());
+            let (svc_app, act) = (app.clone(), activity.clone());
+            let svc = hyper::service::service_fn(move |req| {
+                let (app, act) = (svc_app.clone(), act.clone());
+                async move {
+                    let _active = act.begin();
+                    metrics_request(app, req).await
+                }
+            });
+            let b = builder(&limits);
             let result = match tls {
-                None => b.serve_connection(TokioIo::new(tcp), svc).await,
+                None => {
+                    let conn = b.serve_connection(TokioIo::new(tcp), svc);
+                    drive(conn, &activity, &limits, stop).await
+                }
                 Some(acceptor) => {
-                    let handshake = app.runtime().limits.handshake_timeout;
+                    let handshake = limits.handshake_timeout;
                     match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
-                        Ok(Ok(s)) => b.serve_connection(TokioIo::new(s), svc).await,
+                        Ok(Ok(s)) => {
+                            let conn = b.serve_connection(TokioIo::new(s), svc);
+                            drive(conn, &activity, &limits, stop).await
+                        }
                         Ok(Err(e)) => {
                             tracing::info!(%peer, error = %e, "metrics TLS handshake refused");
                             return;
