@@ -117,7 +117,10 @@ pub struct Limits {
     pub max_batch_items: usize,
     /// TLS handshake deadline.
     pub handshake_timeout: Duration,
-    /// Deadline for a request's headers (HTTP/1.1).
+    /// Deadline for a request's headers (HTTP/1.1). hyper's timer also runs
+    /// while a keep-alive connection waits for its next request, so an idle
+    /// HTTP/1.1 connection is closed after this if shorter than
+    /// `idle_timeout`.
     pub header_timeout: Duration,
     /// Deadline for a request's body once headers arrived.
     pub body_timeout: Duration,
@@ -130,11 +133,17 @@ pub struct Limits {
     /// backlog. Restart-only.
     pub max_handshakes: usize,
     /// A connection with no request in flight for this long is closed
-    /// (HTTP/1.1 keep-alive and HTTP/2 alike).
+    /// (HTTP/2, and HTTP/1.1 up to `header_timeout`, see there).
     pub idle_timeout: Duration,
     /// A connection is closed gracefully (in-flight requests finish) once
     /// this old: bounds how long a connection outlives a reload.
     pub max_connection_age: Duration,
+    /// A connection being closed (idle, at its maximum age, after a refused
+    /// client, on shutdown) is dropped once it has had no request in flight
+    /// for this long without finishing its close: its client has not taken
+    /// its answers (HTTP/2 flow-control window, unread socket) or not
+    /// acknowledged the GOAWAY's PING.
+    pub close_timeout: Duration,
     /// Request bodies held in memory at once, all connections together;
     /// beyond it requests get 503 `server_busy`. Restart-only.
     pub max_inflight_body_bytes: usize,
@@ -153,6 +162,7 @@ impl Default for Limits {
             max_handshakes: 64,
             idle_timeout: Duration::from_secs(60),
             max_connection_age: Duration::from_secs(600),
+            close_timeout: Duration::from_secs(5),
             max_inflight_body_bytes: 64 << 20,
         }
     }
@@ -261,6 +271,7 @@ struct RawLimits {
     max_handshakes: Option<usize>,
     idle_timeout_ms: Option<u64>,
     max_connection_age_ms: Option<u64>,
+    close_timeout_ms: Option<u64>,
     max_inflight_body_bytes: Option<usize>,
 }
 
@@ -701,6 +712,12 @@ impl Config {
                 "max_connection_age_ms",
                 &mut errors,
             ),
+            close_timeout: ms(
+                l.close_timeout_ms,
+                defaults.close_timeout,
+                "close_timeout_ms",
+                &mut errors,
+            ),
             max_inflight_body_bytes: l
                 .max_inflight_body_bytes
                 .unwrap_or(defaults.max_inflight_body_bytes),
@@ -917,6 +934,7 @@ demo = { object = "" }
 [limits]
 max_batch_items = 0
 body_timeout_ms = 0
+close_timeout_ms = 0
 [[entity]]
 name = "bad name!"
 operations = ["sign"]
@@ -940,6 +958,7 @@ operations = ["dance"]
             "object must not be empty",
             "max_batch_items",
             "body_timeout_ms",
+            "close_timeout_ms",
             "[audit] is missing",
             "name must be",
             "exactly one of",

@@ -145,11 +145,26 @@ impl Activity {
 
     /// When the connection becomes idle-expired, if nothing happens meanwhile.
     fn idle_deadline(&self, idle: Duration) -> Instant {
+        self.quiet_deadline(None, idle)
+    }
+
+    /// When the connection will have had no request in flight for `quiet`
+    /// (counted from `since` at the earliest), if nothing happens
+    /// meanwhile. With a request in flight, `quiet` from now: checked again
+    /// then.
+    fn quiet_deadline(&self, since: Option<Instant>, quiet: Duration) -> Instant {
         if self.in_flight.load(Ordering::Acquire) > 0 {
-            Instant::now() + idle
-        } else {
-            *self.last_done.lock().unwrap_or_else(|p| p.into_inner()) + idle
+            return Instant::now() + quiet;
         }
+        let last = *self.last_done.lock().unwrap_or_else(|p| p.into_inner());
+        since.map_or(last, |s| s.max(last)) + quiet
+    }
+
+    /// Whether the connection has had no request in flight for `quiet`
+    /// (counted from `since` at the earliest).
+    fn quiet_for(&self, since: Option<Instant>, quiet: Duration) -> bool {
+        self.in_flight.load(Ordering::Acquire) == 0
+            && self.quiet_deadline(since, quiet) <= Instant::now()
     }
 }
 
@@ -333,6 +348,13 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
 /// answered a refused client, or the daemon stops. hyper has no idle timer
 /// for HTTP/2 and a keep-alive one for HTTP/1.1 only between requests
 /// whose headers time out, so one timer here serves both.
+///
+/// A graceful close needs the client: HTTP/2 waits for the PING sent with
+/// the first GOAWAY to be acknowledged, and both protocols for the answers
+/// already made to be written. A client that grants no flow-control window,
+/// does not read its socket or ignores the PING would keep the connection
+/// (and its answers) forever; so once no request is in flight the close
+/// has `close_timeout` to finish, after which the connection is dropped.
 async fn drive<C>(
     conn: C,
     activity: &Activity,
@@ -355,9 +377,7 @@ where
             _ = activity.close.notified() => break "refused client",
             _ = tokio::time::sleep_until(age_deadline) => break "maximum age",
             _ = tokio::time::sleep_until(idle_at) => {
-                if activity.in_flight.load(Ordering::Acquire) == 0
-                    && activity.idle_deadline(limits.idle_timeout) <= Instant::now()
-                {
+                if activity.quiet_for(None, limits.idle_timeout) {
                     break "idle";
                 }
             }
@@ -366,13 +386,32 @@ where
     };
     tracing::debug!(reason = why, "closing connection");
     conn.as_mut().graceful_shutdown();
+    let closing = Instant::now();
     // Requests in flight finish; none can take longer than its body and
-    // handling deadlines, after which the connection is dropped.
-    let hard = limits.body_timeout + limits.request_timeout + Duration::from_secs(1);
-    match tokio::time::timeout(hard, conn).await {
-        Ok(r) => r,
-        Err(_) => Ok(()),
+    // handling deadlines, and its answer then has `close_timeout` to go out.
+    let hard = tokio::time::Instant::from_std(
+        closing + limits.body_timeout + limits.request_timeout + limits.close_timeout,
+    );
+    loop {
+        let drained_at = tokio::time::Instant::from_std(
+            activity.quiet_deadline(Some(closing), limits.close_timeout),
+        );
+        tokio::select! {
+            r = conn.as_mut() => return r,
+            _ = tokio::time::sleep_until(drained_at.min(hard)) => {
+                if tokio::time::Instant::now() >= hard
+                    || activity.quiet_for(Some(closing), limits.close_timeout)
+                {
+                    break;
+                }
+            }
+        }
     }
+    tracing::debug!(
+        reason = why,
+        "connection not closed by its client in time: dropped"
+    );
+    Ok(())
 }
 
 /// Accepts HTTPS connections on `listener` until `stop` turns true.
@@ -595,7 +634,9 @@ async fn metrics_request(
 
 /// Serves `/metrics` (plain HTTP, or TLS when `tls` is set) until `stop`.
 /// Separate from the API listeners and their connection cap: scrapers can
-/// neither take the API's connections nor be starved by API clients.
+/// neither take the API's connections nor be starved by API clients. Its
+/// connections are driven like the API's (idle timeout, maximum age, close
+/// timeout), so that silent clients cannot hold its few slots.
 pub async fn serve_metrics(
     app: Arc<App>,
     listener: TcpListener,
@@ -621,17 +662,32 @@ pub async fn serve_metrics(
         };
         let app = app.clone();
         let tls = tls.clone();
+        let stop = stop.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let svc_app = app.clone();
-            let svc = hyper::service::service_fn(move |req| metrics_request(svc_app.clone(), req));
-            let b = builder(&app.runtime().limits);
+            let limits = app.runtime().limits.clone();
+            let activity = Arc::new(Activity::new());
+            let (svc_app, act) = (app.clone(), activity.clone());
+            let svc = hyper::service::service_fn(move |req| {
+                let (app, act) = (svc_app.clone(), act.clone());
+                async move {
+                    let _active = act.begin();
+                    metrics_request(app, req).await
+                }
+            });
+            let b = builder(&limits);
             let result = match tls {
-                None => b.serve_connection(TokioIo::new(tcp), svc).await,
+                None => {
+                    let conn = b.serve_connection(TokioIo::new(tcp), svc);
+                    drive(conn, &activity, &limits, stop).await
+                }
                 Some(acceptor) => {
-                    let handshake = app.runtime().limits.handshake_timeout;
+                    let handshake = limits.handshake_timeout;
                     match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
-                        Ok(Ok(s)) => b.serve_connection(TokioIo::new(s), svc).await,
+                        Ok(Ok(s)) => {
+                            let conn = b.serve_connection(TokioIo::new(s), svc);
+                            drive(conn, &activity, &limits, stop).await
+                        }
                         Ok(Err(e)) => {
                             tracing::info!(%peer, error = %e, "metrics TLS handshake refused");
                             return;
@@ -708,6 +764,77 @@ mod tests {
             peer.current(&gen1, not_after + Duration::from_secs(1))
                 .is_none()
         );
+    }
+
+    /// A connection whose client sent the HTTP/2 preface and SETTINGS and
+    /// then reads nothing (so never acknowledges the PING of the graceful
+    /// close), driven by [`drive`] over an in-memory pipe, and the limits
+    /// it runs with: its graceful close can never finish.
+    async fn deaf_h2_client(
+        activity: &Activity,
+        limits: &Limits,
+        hold: impl std::future::Future<Output = ()>,
+    ) -> Duration {
+        use tokio::io::AsyncWriteExt;
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        client
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+            .await
+            .unwrap();
+        let svc = hyper::service::service_fn(|_req: Request<Incoming>| async {
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+        });
+        let b = builder(limits);
+        let conn = b.serve_connection(TokioIo::new(server), svc);
+        let (_stop_tx, stop) = watch::channel(false);
+        let start = Instant::now();
+        tokio::select! {
+            r = drive(conn, activity, limits, stop) => r.unwrap(),
+            () = hold => unreachable!(),
+        }
+        drop(client);
+        start.elapsed()
+    }
+
+    fn short_limits() -> Limits {
+        Limits {
+            idle_timeout: Duration::from_millis(100),
+            close_timeout: Duration::from_millis(200),
+            body_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(5),
+            ..Limits::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_close_the_client_does_not_complete_is_cut_after_close_timeout() {
+        let limits = short_limits();
+        let activity = Activity::new();
+        let took = deaf_h2_client(&activity, &limits, std::future::pending()).await;
+        // Idle, then close_timeout; not the 10 s that a request in flight
+        // could take.
+        assert!(took >= Duration::from_millis(300), "{took:?}");
+        assert!(took < Duration::from_secs(3), "{took:?}");
+    }
+
+    #[tokio::test]
+    async fn a_request_in_flight_holds_a_closing_connection_until_it_ends() {
+        let limits = short_limits();
+        let activity = Activity::new();
+        let request = activity.begin();
+        // A refused client (once the connection is under way): closed at
+        // once, but its request runs 600 ms in all.
+        let hold = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            activity.close.notify_one();
+            tokio::time::sleep(Duration::from_millis(550)).await;
+            drop(request);
+            std::future::pending::<()>().await;
+        };
+        let took = deaf_h2_client(&activity, &limits, hold).await;
+        // Its answer then has close_timeout to go out.
+        assert!(took >= Duration::from_millis(800), "{took:?}");
+        assert!(took < Duration::from_secs(3), "{took:?}");
     }
 
     #[test]

@@ -1,0 +1,931 @@
+//! Slow and misbehaving clients against the real svsd, over HTTP/1.1 and
+//! HTTP/2: request heads and bodies trickled a byte at a time, TLS
+//! handshakes that stall or trickle, connections that never send a
+//! request, HTTP/2 streams whose body never ends, clients that stop reading
+//! their answers; and fast clients served all along. Every case asserts the
+//! deadline it is cut at (never before it, never much after) and how it
+//! ends (408 `request_timeout`, GOAWAY, or the connection closed).
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use hyper::body::Bytes;
+use rustls_pki_types::ServerName;
+use serde_json::{Value, json};
+use svs_e2e::*;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::task::JoinHandle;
+
+const HELLO: &str = "aGVsbG8="; // "hello"
+
+/// The limits every test runs with (milliseconds), unless it overrides one.
+const LIMITS: &[(&str, u64)] = &[
+    ("handshake_timeout_ms", 1000),
+    ("header_timeout_ms", 1000),
+    ("body_timeout_ms", 1000),
+    ("request_timeout_ms", 2000),
+    ("idle_timeout_ms", 2500),
+    ("close_timeout_ms", 1000),
+];
+const HANDSHAKE: Duration = Duration::from_millis(1000);
+const HEADER: Duration = Duration::from_millis(1000);
+const BODY: Duration = Duration::from_millis(1000);
+const IDLE: Duration = Duration::from_millis(2500);
+const CLOSE: Duration = Duration::from_millis(1000);
+/// Allowed lateness past a deadline: scheduling on a loaded 2-CPU machine
+/// with the tests of this file running in parallel, plus the read that
+/// notices.
+const SLACK: Duration = Duration::from_millis(1500);
+/// Timers do not fire early, but the client's clock starts a little apart
+/// from the server's.
+const EARLY: Duration = Duration::from_millis(50);
+/// Gap between trickled bytes: far under every timeout, so only a deadline
+/// on the whole head, body or handshake can cut the client off.
+const GAP: Duration = Duration::from_millis(150);
+
+/// A `--dev` installation with [`LIMITS`], `overrides` replacing some, and
+/// `extra` lines in `[limits]`.
+fn install(overrides: &[(&str, u64)], extra: &str) -> Install {
+    let install = Install::new();
+    let mut limits = String::from("max_batch_items = 256\n");
+    for (k, v) in LIMITS {
+        let v = overrides
+            .iter()
+            .find(|(o, _)| o == k)
+            .map_or(*v, |(_, v)| *v);
+        limits.push_str(&format!("{k} = {v}\n"));
+    }
+    limits.push_str(extra);
+    install.edit_config(|t| t.replace("max_batch_items = 256\n", &limits));
+    install
+}
+
+/// Reads until `done(bytes so far)` or the server closes the connection
+/// (end of stream or reset). Returns what it sent and when (from `start`)
+/// either happened; None when neither did by `start + limit`.
+async fn read_until<R: AsyncRead + Unpin>(
+    r: &mut R,
+    start: Instant,
+    limit: Duration,
+    done: impl Fn(&[u8]) -> bool,
+) -> (Vec<u8>, Option<Duration>) {
+    let deadline = tokio::time::Instant::from_std(start + limit);
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at(deadline, r.read(&mut buf)).await {
+            Err(_) => return (got, None),
+            Ok(Ok(0) | Err(_)) => return (got, Some(start.elapsed())),
+            Ok(Ok(n)) => {
+                got.extend_from_slice(&buf[..n]);
+                if done(&got) {
+                    return (got, Some(start.elapsed()));
+                }
+            }
+        }
+    }
+}
+
+/// Reads until the server closes the connection.
+async fn until_closed<R: AsyncRead + Unpin>(
+    r: &mut R,
+    start: Instant,
+    limit: Duration,
+) -> (Vec<u8>, Option<Duration>) {
+    read_until(r, start, limit, |_| false).await
+}
+
+/// Asserts that `what` ended at its `deadline` (not before, at most
+/// [`SLACK`] after).
+#[track_caller]
+fn assert_cut_at(what: &str, at: Option<Duration>, deadline: Duration) {
+    let at = at.unwrap_or_else(|| panic!("{what}: not cut off within {:?}", deadline + SLACK));
+    assert!(
+        at + EARLY >= deadline,
+        "{what}: cut off after {at:?}, before its deadline {deadline:?}"
+    );
+    assert!(
+        at <= deadline + SLACK,
+        "{what}: cut off only after {at:?} (deadline {deadline:?})"
+    );
+}
+
+/// Writes `bytes` one at a time, [`GAP`] apart, until done or the write
+/// fails (the server closed); counts the bytes written.
+fn trickle<W>(mut w: W, bytes: Vec<u8>) -> (JoinHandle<W>, Arc<AtomicUsize>)
+where
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let sent = Arc::new(AtomicUsize::new(0));
+    let count = sent.clone();
+    let task = tokio::spawn(async move {
+        for b in bytes {
+            if w.write_all(&[b]).await.is_err() || w.flush().await.is_err() {
+                break;
+            }
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(GAP).await;
+        }
+        w
+    });
+    (task, sent)
+}
+
+/// An HTTP/1.1 request head with a JSON body of `len` bytes announced.
+fn h1_head(len: usize) -> String {
+    format!(
+        "POST /v1/sign HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
+         content-length: {len}\r\nx-padding: {}\r\n\r\n",
+        "a".repeat(40)
+    )
+}
+
+/// A sign request body padded to `len` bytes with spaces (valid JSON).
+fn padded_sign_body(len: usize) -> Vec<u8> {
+    let mut b = serde_json::to_vec(&json!({"key":"demo","data":HELLO})).unwrap();
+    assert!(b.len() <= len);
+    b.resize(len, b' ');
+    b
+}
+
+fn is_408(got: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(got);
+    text.starts_with("HTTP/1.1 408") && text.contains("request_timeout")
+}
+
+/// HTTP/1.1: a client sends its request head, or after it its body, a byte
+/// every 150 ms; the head is cut off at `header_timeout_ms` (408 or
+/// closed), the body at `body_timeout_ms` (408 `request_timeout`): the
+/// deadline is on the whole head or body, not on each read.
+async fn h1_trickled_head(
+    d: &Daemon,
+    deadline: Duration,
+) -> (Vec<u8>, Option<Duration>, usize, usize) {
+    let cfg = tls_config(&d.ca, Some(&d.client), false);
+    let (mut r, w) = tokio::io::split(tls_stream(d.addr, cfg).await.unwrap());
+    let mut head = h1_head(60).into_bytes();
+    head.extend(padded_sign_body(60));
+    let start = Instant::now();
+    let (task, sent) = trickle(w, head.clone());
+    let (got, at) = until_closed(&mut r, start, deadline + SLACK).await;
+    task.abort();
+    (got, at, sent.load(Ordering::SeqCst), head.len())
+}
+
+async fn h1_trickled_body(
+    d: &Daemon,
+    deadline: Duration,
+) -> (Vec<u8>, Option<Duration>, usize, usize) {
+    let cfg = tls_config(&d.ca, Some(&d.client), false);
+    let (mut r, mut w) = tokio::io::split(tls_stream(d.addr, cfg).await.unwrap());
+    let body = padded_sign_body(60);
+    w.write_all(h1_head(body.len()).as_bytes()).await.unwrap();
+    w.flush().await.unwrap();
+    let start = Instant::now();
+    let (task, sent) = trickle(w, body.clone());
+    let (got, at) = read_until(&mut r, start, deadline + SLACK, is_408).await;
+    task.abort();
+    (got, at, sent.load(Ordering::SeqCst), body.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_trickled_head_or_body_is_cut_off_at_its_deadline() {
+    let inst = install(&[], "");
+    let d = inst.start().await;
+
+    let (got, at, sent, len) = h1_trickled_head(&d, HEADER).await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "trickled head answered {text}"
+    );
+    assert_cut_at("HTTP/1.1 trickled head", at, HEADER);
+    println!("h1 trickled head: cut after {at:?}, {sent} of {len} bytes sent, answer {text:?}");
+
+    let (got, at, sent, len) = h1_trickled_body(&d, BODY).await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(is_408(&got), "trickled body answered {text}");
+    assert_cut_at("HTTP/1.1 trickled body", at, BODY);
+    println!("h1 trickled body: 408 after {at:?}, {sent} of {len} bytes sent");
+
+    // hyper's header timer also runs while a keep-alive connection waits
+    // for its next request: idle HTTP/1.1 connections are closed at
+    // header_timeout_ms when that is shorter than idle_timeout_ms.
+    let mut t = tls_stream(d.addr, tls_config(&d.ca, Some(&d.client), false))
+        .await
+        .unwrap();
+    t.write_all(b"GET /readyz HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let (got, at) = read_until(&mut t, Instant::now(), SLACK, |b| b.ends_with(b"}\n")).await;
+    assert!(at.is_some() && got.starts_with(b"HTTP/1.1 200"), "{got:?}");
+    let (got, at) = until_closed(&mut t, Instant::now(), HEADER + SLACK).await;
+    assert!(got.is_empty(), "{got:?}");
+    assert_cut_at("idle HTTP/1.1 keep-alive connection", at, HEADER);
+    println!("h1 keep-alive, no next request: closed after {at:?}");
+}
+
+// ---------------------------------------------------------------- HTTP/2
+
+type H2Conn = JoinHandle<(Instant, Result<(), h2::Error>)>;
+/// An HTTP/2 answer: status and JSON body.
+type H2Answer = Result<(u16, Value), h2::Error>;
+
+/// An HTTP/2 connection with the dev client's certificate (ALPN h2) made
+/// with the h2 crate, and its driver task, which ends (with the time) when
+/// the server closes the connection. `window`: the client's initial stream
+/// window (0: the server may send no response body at all).
+async fn h2_connect(d: &Daemon, window: Option<u32>) -> (h2::client::SendRequest<Bytes>, H2Conn) {
+    let tls = tls_stream(d.addr, tls_config(&d.ca, Some(&d.client), true))
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let mut b = h2::client::Builder::new();
+    if let Some(w) = window {
+        b.initial_window_size(w);
+    }
+    let (send, conn) = b.handshake(tls).await.unwrap();
+    let conn = tokio::spawn(async move {
+        let r = conn.await;
+        (Instant::now(), r)
+    });
+    (send, conn)
+}
+
+fn h2_request(d: &Daemon, method: &str, path: &str) -> hyper::Request<()> {
+    hyper::Request::builder()
+        .method(method)
+        .uri(format!("https://localhost:{}{path}", d.addr.port()))
+        .header("content-type", "application/json")
+        .body(())
+        .unwrap()
+}
+
+/// Reads a whole response body, releasing flow-control capacity as it goes.
+async fn h2_body(resp: hyper::Response<h2::RecvStream>) -> H2Answer {
+    let status = resp.status().as_u16();
+    let mut body = resp.into_body();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok((
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    ))
+}
+
+/// One whole request and answer on an HTTP/2 connection.
+async fn h2_call(
+    s: &h2::client::SendRequest<Bytes>,
+    req: hyper::Request<()>,
+    body: Vec<u8>,
+) -> H2Answer {
+    let mut s = s.clone().ready().await?;
+    let (resp, mut stream) = s.send_request(req, false)?;
+    stream.send_data(Bytes::from(body), true)?;
+    h2_body(resp.await?).await
+}
+
+fn sign_body() -> Vec<u8> {
+    serde_json::to_vec(&json!({"key":"demo","data":HELLO})).unwrap()
+}
+
+/// Starts an HTTP/2 sign request whose body is sent in part and then
+/// trickled (`trickle`) or never finished; its answer (with when it came,
+/// from now) is awaited in a task. The stream stays open until the task
+/// ends.
+fn h2_slow_stream(
+    d: &Daemon,
+    s: &h2::client::SendRequest<Bytes>,
+    trickled: bool,
+) -> JoinHandle<(Duration, H2Answer)> {
+    let req = h2_request(d, "POST", "/v1/sign");
+    let s = s.clone();
+    let body = padded_sign_body(60);
+    tokio::spawn(async move {
+        let mut s = s.ready().await.unwrap();
+        let (resp, mut stream) = s.send_request(req, false).unwrap();
+        let start = Instant::now();
+        stream
+            .send_data(Bytes::copy_from_slice(&body[..8]), false)
+            .unwrap();
+        let trickler = tokio::spawn(async move {
+            if trickled {
+                for b in &body[8..] {
+                    tokio::time::sleep(GAP).await;
+                    if stream
+                        .send_data(Bytes::copy_from_slice(&[*b]), false)
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            }
+            // Holds the stream open (a finished trickle would still lack
+            // END_STREAM).
+            std::future::pending::<()>().await;
+        });
+        let answer = match resp.await {
+            Ok(r) => h2_body(r).await,
+            Err(e) => Err(e),
+        };
+        let at = start.elapsed();
+        trickler.abort();
+        (at, answer)
+    })
+}
+
+/// HTTP/2 (a): streams whose request body stalls or trickles each get 408
+/// `request_timeout` at `body_timeout_ms`, while other streams on the same
+/// connection are served in the meantime, and the connection stays usable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_slow_streams_time_out_alone_while_the_connection_serves_others() {
+    let inst = install(&[], "");
+    let d = inst.start().await;
+    let (s, conn) = h2_connect(&d, None).await;
+    // Warm the connection up, so the slow streams start at once.
+    let (st, _) = h2_call(&s, h2_request(&d, "POST", "/v1/sign"), sign_body())
+        .await
+        .unwrap();
+    assert_eq!(st, 200);
+
+    let stalled = h2_slow_stream(&d, &s, false);
+    let trickled = h2_slow_stream(&d, &s, true);
+    // Five requests on the same connection, one after another, while the
+    // two slow streams are open: each is answered before either slow stream
+    // is cut off (a blocked connection would answer them only after).
+    for i in 0..5 {
+        let (st, v) = h2_call(&s, h2_request(&d, "POST", "/v1/sign"), sign_body())
+            .await
+            .unwrap();
+        assert_eq!(st, 200, "{v}");
+        assert!(
+            !stalled.is_finished() && !trickled.is_finished(),
+            "request {i} answered only after a slow stream was cut off"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for (what, task) in [("stalled", stalled), ("trickled", trickled)] {
+        let (at, answer) = task.await.unwrap();
+        let (st, v) = answer.unwrap_or_else(|e| panic!("{what} stream: {e}"));
+        assert_eq!(
+            (st, v["error"]["code"].as_str()),
+            (408, Some("request_timeout")),
+            "{what}: {v}"
+        );
+        assert_cut_at(&format!("HTTP/2 {what} body"), Some(at), BODY);
+        println!("h2 {what} body: 408 after {at:?}");
+    }
+    // The connection itself carries on.
+    let (st, _) = h2_call(&s, h2_request(&d, "POST", "/v1/sign"), sign_body())
+        .await
+        .unwrap();
+    assert_eq!(st, 200);
+    assert!(!conn.is_finished());
+}
+
+/// Frames of a raw HTTP/2 byte stream: (type, flags, stream id).
+fn h2_frames(mut b: &[u8]) -> Vec<(u8, u8, u32)> {
+    let mut out = Vec::new();
+    while b.len() >= 9 {
+        let len = (usize::from(b[0]) << 16) | (usize::from(b[1]) << 8) | usize::from(b[2]);
+        let id = u32::from_be_bytes([b[5], b[6], b[7], b[8]]) & 0x7fff_ffff;
+        out.push((b[3], b[4], id));
+        b = &b[(9 + len).min(b.len())..];
+    }
+    out
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const FRAME_SETTINGS: u8 = 0x4;
+const FRAME_GOAWAY: u8 = 0x7;
+
+/// A POST of `body` (JSON) on stream `id`, as raw HTTP/2 frames: HEADERS
+/// (HPACK literals, no Huffman) and DATA frames of at most 16 KiB.
+fn raw_h2_post(id: u32, path: &str, body: &[u8]) -> Vec<u8> {
+    let literal = |b: &mut Vec<u8>, s: &str| {
+        b.push(u8::try_from(s.len()).unwrap());
+        b.extend_from_slice(s.as_bytes());
+    };
+    // :method POST, :scheme https (static table 3 and 7); :path (4),
+    // :authority (1) and content-type (31) literal without indexing.
+    let mut block = vec![0x83, 0x87, 0x04];
+    literal(&mut block, path);
+    block.push(0x01);
+    literal(&mut block, "localhost");
+    block.extend([0x0f, 0x10]);
+    literal(&mut block, "application/json");
+    let mut out = frame(0x1, 0x4, id, &block); // HEADERS, END_HEADERS
+    let chunks: Vec<&[u8]> = body.chunks(16_384).collect();
+    for (i, c) in chunks.iter().enumerate() {
+        let end = if i + 1 == chunks.len() { 0x1 } else { 0 }; // END_STREAM
+        out.extend(frame(0x0, end, id, c));
+    }
+    out
+}
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
+    let mut f = vec![len[1], len[2], len[3], kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// HTTP/2 (b), and the same over HTTP/1.1: a client that completes TLS but
+/// never sends a request is closed at `idle_timeout_ms`: nothing sent at
+/// all, half the HTTP/2 preface, nothing over HTTP/1.1, or an HTTP/2
+/// client that answers PINGs (the graceful close completes). One that sent
+/// the preface and SETTINGS and then reads nothing gets a GOAWAY but never
+/// acknowledges its PING, so the graceful close cannot finish: dropped
+/// `close_timeout_ms` later (before the fix: only after body + request
+/// timeouts + 1 s more).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_never_send_a_request_are_closed_when_idle() {
+    let inst = install(&[], "");
+    let d = inst.start().await;
+    let (polite, polite_conn) = h2_connect(&d, None).await;
+    let polite_start = Instant::now();
+    let cases: [(&str, bool, Vec<u8>, Duration); 4] = [
+        ("h2, nothing sent", true, Vec::new(), IDLE),
+        (
+            "h2, half the preface",
+            true,
+            H2_PREFACE[..12].to_vec(),
+            IDLE,
+        ),
+        (
+            "h2, preface and SETTINGS, PING unanswered",
+            true,
+            {
+                let mut b = H2_PREFACE.to_vec();
+                b.extend(frame(FRAME_SETTINGS, 0, 0, &[]));
+                b
+            },
+            IDLE + CLOSE,
+        ),
+        ("http/1.1, nothing sent", false, Vec::new(), IDLE),
+    ];
+    let mut tasks = Vec::new();
+    for (what, h2, bytes, deadline) in cases {
+        let cfg = tls_config(&d.ca, Some(&d.client), h2);
+        let mut t = tls_stream(d.addr, cfg).await.unwrap();
+        tasks.push(tokio::spawn(async move {
+            let start = Instant::now();
+            t.write_all(&bytes).await.unwrap();
+            t.flush().await.unwrap();
+            let (got, at) = until_closed(&mut t, start, deadline + SLACK).await;
+            (what, got, at, deadline)
+        }));
+    }
+    for task in tasks {
+        let (what, got, at, deadline) = task.await.unwrap();
+        let frames = h2_frames(&got);
+        println!("{what}: closed after {at:?}, frames {frames:?}");
+        assert_cut_at(what, at, deadline);
+        if what.contains("SETTINGS") {
+            assert!(
+                frames.iter().any(|f| f.0 == FRAME_GOAWAY),
+                "{what}: no GOAWAY in {frames:?}"
+            );
+        } else {
+            assert!(got.is_empty(), "{what}: answered {got:?}");
+        }
+    }
+    let (ended, r) = polite_conn.await.unwrap();
+    let at = ended - polite_start;
+    println!("h2 client answering PINGs: closed after {at:?} ({r:?})");
+    assert_cut_at("h2 client answering PINGs", Some(at), IDLE);
+    drop(polite);
+}
+
+/// svsd's resident memory, KiB.
+fn rss_kib(d: &Daemon) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", d.child.id())).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// While the server holds its end of the TCP connection from
+/// `client_port` to `server_port` open (established, in /proc/net/tcp):
+/// the bytes in its send queue.
+fn server_side_established(server_port: u16, client_port: u16) -> Option<u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let port = |a: &str| {
+            a.rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok())
+        };
+        if f.len() > 4
+            && port(f[1]) == Some(server_port)
+            && port(f[2]) == Some(client_port)
+            && f[3] == "01"
+        {
+            f[4].split(':')
+                .next()
+                .and_then(|q| u64::from_str_radix(q, 16).ok())
+        } else {
+            None
+        }
+    })
+}
+
+/// A batch of 256 sign items naming a key that does not exist: a 47 KB
+/// answer (an error per item, each naming the key) that costs the server
+/// no signature and no audit record to make.
+fn batch_body() -> Vec<u8> {
+    let key = format!("k{}", "x".repeat(120));
+    let items: Vec<Value> = (0..256).map(|_| json!({"key":key,"data":HELLO})).collect();
+    serde_json::to_vec(&json!({ "items": items })).unwrap()
+}
+
+/// HTTP/2 (c): clients that stop reading while their large answers are
+/// pending. One keeps its connection alive (answers PINGs) but grants no
+/// flow-control window; one does not read the socket at all. Neither makes
+/// the server hold more than a bounded number of answers (the advertised
+/// 32 streams), neither blocks other clients, and the server drops both
+/// connections after a bounded time: when idle, a graceful close that the
+/// stuck answers cannot finish, then the hard stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_clients_that_stop_reading_are_bounded_and_dropped() {
+    let inst = install(&[], "");
+    let d = inst.start().await;
+    // Warm-up: allocator arenas, sessions, TLS.
+    for h2 in [false, true] {
+        let mut c = d.client(h2).await;
+        let (st, _, _) = c
+            .request(
+                "POST",
+                "/v1/sign/batch",
+                Some("application/json"),
+                batch_body(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(st, 200);
+    }
+    let rss_before = rss_kib(&d);
+
+    // Window 0: every answer's headers arrive, no byte of any body can.
+    const STUCK_CONNS: usize = 3;
+    let mut stuck = Vec::new();
+    for _ in 0..STUCK_CONNS {
+        let (s, conn) = h2_connect(&d, Some(0)).await;
+        let mut pending = Vec::new();
+        for _ in 0..32 {
+            let mut s = s.clone().ready().await.unwrap();
+            let (resp, mut body) = s
+                .send_request(h2_request(&d, "POST", "/v1/sign/batch"), false)
+                .unwrap();
+            body.send_data(Bytes::from(batch_body()), true).unwrap();
+            pending.push(resp);
+        }
+        let mut answers = Vec::new();
+        for resp in pending {
+            let r = resp.await.unwrap();
+            assert_eq!(r.status(), 200);
+            answers.push(r);
+        }
+        assert_eq!(
+            s.current_max_send_streams(),
+            32,
+            "the server's stream limit"
+        );
+        stuck.push((s, conn, answers, Instant::now()));
+    }
+
+    // The socket not read at all: a tiny receive buffer, the HTTP/2
+    // preface, SETTINGS and a window that let the server send everything
+    // at once, then twenty batch requests (940 KB of answers), and not one
+    // byte read.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let tcp = sock.connect(d.addr).await.unwrap();
+    let client_port = tcp.local_addr().unwrap().port();
+    let mut raw = tokio_rustls::TlsConnector::from(tls_config(&d.ca, Some(&d.client), true))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let mut out = H2_PREFACE.to_vec();
+    // SETTINGS_ENABLE_PUSH 0, SETTINGS_INITIAL_WINDOW_SIZE 2^31-1.
+    out.extend(frame(
+        FRAME_SETTINGS,
+        0,
+        0,
+        &[0, 2, 0, 0, 0, 0, 0, 4, 0x7f, 0xff, 0xff, 0xff],
+    ));
+    // WINDOW_UPDATE on the connection to 2^31-1.
+    out.extend(frame(0x8, 0, 0, &(0x7fff_ffffu32 - 65_535).to_be_bytes()));
+    raw.write_all(&out).await.unwrap();
+    raw.flush().await.unwrap();
+    // The server's own connection window (1 MiB) is open once its first
+    // frames are out; its stream windows stay at 64 KiB (its SETTINGS are
+    // never acknowledged).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut out = Vec::new();
+    for i in 0..20u32 {
+        out.extend(raw_h2_post(2 * i + 1, "/v1/sign/batch", &batch_body()));
+    }
+    raw.write_all(&out).await.unwrap();
+    raw.flush().await.unwrap();
+    let raw_start = Instant::now();
+
+    // Meanwhile other clients are served, over both protocols.
+    for h2 in [false, true] {
+        let mut c = d.client(h2).await;
+        let (st, _, _) = c
+            .post("/v1/sign", &json!({"key":"demo","data":HELLO}))
+            .await
+            .unwrap();
+        assert_eq!(st, 200, "h2={h2}: another client while the stuck ones wait");
+    }
+    let rss_stuck = rss_kib(&d);
+    println!(
+        "svsd RSS {rss_before} KiB before, {rss_stuck} KiB with {STUCK_CONNS}×32 answers stuck"
+    );
+    assert!(
+        rss_stuck < rss_before + 64 * 1024,
+        "svsd grew from {rss_before} KiB to {rss_stuck} KiB"
+    );
+    let queued = server_side_established(d.addr.port(), client_port)
+        .expect("the connection that reads nothing is already gone");
+    println!("unread connection: {queued} bytes in the server's send queue");
+
+    // Dropped: idle (no request in flight) after idle_timeout_ms, then the
+    // graceful close cannot finish, and close_timeout_ms later the server
+    // gives up on it (before the fix: body + request timeouts + 1 s later).
+    let bound = IDLE + CLOSE;
+    for (i, (s, conn, answers, since)) in stuck.into_iter().enumerate() {
+        let (ended, r) =
+            tokio::time::timeout_at(tokio::time::Instant::from_std(since + bound + SLACK), conn)
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("window-0 connection {i} kept beyond {:?}", bound + SLACK)
+                })
+                .unwrap();
+        let at = ended - since;
+        println!("window-0 connection {i}: closed after {at:?} ({r:?})");
+        assert_cut_at(&format!("window-0 connection {i}"), Some(at), bound);
+        drop((s, answers));
+    }
+    let raw_deadline = raw_start + bound + SLACK;
+    while server_side_established(d.addr.port(), client_port).is_some() {
+        assert!(
+            Instant::now() < raw_deadline,
+            "the connection that reads nothing kept beyond {:?}",
+            bound + SLACK
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let at = raw_start.elapsed();
+    println!("unread connection: server's end closed after {at:?}");
+    assert!(at + EARLY >= IDLE, "closed after {at:?}, before idle");
+    drop(raw);
+
+    // And svsd still serves.
+    let mut c = d.client(true).await;
+    assert_eq!(c.get("/readyz").await.unwrap().0, 200);
+}
+
+/// The metrics listener serves 16 connections at once: silent clients on
+/// all of them are closed at `idle_timeout_ms`, and a scrape waiting behind
+/// them is served then (before the fix its connections had no timer at
+/// all: the scrape waited for ever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_clients_cannot_hold_the_metrics_listener() {
+    let inst = install(&[], "");
+    let d = inst.start().await;
+    let start = Instant::now();
+    let mut silent = Vec::new();
+    for _ in 0..16 {
+        silent.push(
+            tokio::net::TcpStream::connect(inst.metrics_addr)
+                .await
+                .unwrap(),
+        );
+    }
+    let page = tokio::time::timeout(IDLE + SLACK, scrape_metrics(inst.metrics_addr))
+        .await
+        .expect("a scrape waits behind silent connections");
+    let served = start.elapsed();
+    println!("scrape behind 16 silent connections: served after {served:?}");
+    assert!(page.starts_with("HTTP/1.0 200"), "{page}");
+    assert!(
+        served + EARLY >= IDLE,
+        "served after {served:?}: were all 16 slots taken?"
+    );
+    for (i, mut s) in silent.into_iter().enumerate() {
+        let (got, at) = until_closed(&mut s, start, IDLE + SLACK).await;
+        assert_cut_at(&format!("silent metrics connection {i}"), at, IDLE);
+        assert!(got.is_empty());
+    }
+    let mut c = d.client(true).await;
+    assert_eq!(c.get("/readyz").await.unwrap().0, 200);
+}
+
+// ------------------------------------------------------------------ TLS
+
+/// A TLS handshake that stalls (nothing sent, or a ClientHello record cut
+/// short) or trickles (a real ClientHello a byte every 150 ms) is cut off
+/// at `handshake_timeout_ms`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_handshakes_that_stall_or_trickle_are_cut_off_at_the_handshake_timeout() {
+    let inst = install(&[], "");
+    let d = inst.start().await;
+    let mut conn = rustls::ClientConnection::new(
+        tls_config(&d.ca, Some(&d.client), true),
+        ServerName::try_from("localhost").unwrap(),
+    )
+    .unwrap();
+    let mut hello = Vec::new();
+    conn.write_tls(&mut hello).unwrap();
+    assert_eq!(hello[0], 0x16, "a handshake record");
+
+    let cases: [(&str, Vec<u8>, bool); 3] = [
+        ("nothing sent", Vec::new(), false),
+        (
+            "ClientHello cut short",
+            hello[..hello.len() / 2].to_vec(),
+            false,
+        ),
+        ("ClientHello trickled", hello.clone(), true),
+    ];
+    let mut tasks = Vec::new();
+    for (what, bytes, trickled) in cases {
+        let tcp = tokio::net::TcpStream::connect(d.addr).await.unwrap();
+        tcp.set_nodelay(true).unwrap();
+        let (mut r, mut w) = tcp.into_split();
+        tasks.push(tokio::spawn(async move {
+            let start = Instant::now();
+            // The write side stays open (no FIN) until the task ends.
+            let (task, sent) = if trickled {
+                trickle(w, bytes.clone())
+            } else {
+                w.write_all(&bytes).await.unwrap();
+                let n = Arc::new(AtomicUsize::new(bytes.len()));
+                (
+                    tokio::spawn(async move {
+                        std::future::pending::<()>().await;
+                        w
+                    }),
+                    n,
+                )
+            };
+            let (got, at) = until_closed(&mut r, start, HANDSHAKE + SLACK).await;
+            task.abort();
+            (what, got, at, sent.load(Ordering::SeqCst), bytes.len())
+        }));
+    }
+    for task in tasks {
+        let (what, got, at, sent, len) = task.await.unwrap();
+        assert_cut_at(what, at, HANDSHAKE);
+        // Nothing but perhaps an alert: no ServerHello for half a hello.
+        assert!(
+            got.is_empty() || got[0] == 0x15,
+            "{what}: the server answered {got:?}"
+        );
+        println!("TLS {what}: closed after {at:?}, {sent} of {len} bytes sent");
+    }
+    let mut c = d.client(false).await;
+    assert_eq!(c.get("/readyz").await.unwrap().0, 200);
+}
+
+// ------------------------------------------------------ slow and fast together
+
+/// Fast clients are served while slow ones hold all but one connection
+/// slot (`max_connections = 8`): two trickling HTTP/1.1 heads, two
+/// trickling HTTP/1.1 bodies, two HTTP/2 connections with a trickling
+/// stream, one silent HTTP/2 connection, plus stalled TLS handshakes
+/// (which hold no slot). A ninth connection finds no slot and is closed;
+/// once the slow ones are cut off, eight clients at once are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fast_clients_are_served_while_slow_clients_hold_the_other_slots() {
+    const SLOW: Duration = Duration::from_millis(4000);
+    const QUIET: Duration = Duration::from_millis(5000);
+    let inst = install(
+        &[
+            ("header_timeout_ms", 4000),
+            ("body_timeout_ms", 4000),
+            ("idle_timeout_ms", 5000),
+        ],
+        "max_connections = 8\n",
+    );
+    let d = Arc::new(inst.start().await);
+    let mut stalled_tls = Vec::new();
+    for _ in 0..4 {
+        stalled_tls.push(tokio::net::TcpStream::connect(d.addr).await.unwrap());
+    }
+    // (what, deadline, task → when it was cut off, and whether as expected)
+    type Outcome = JoinHandle<(Option<Duration>, bool)>;
+    let mut slow: Vec<(&str, Duration, Outcome)> = Vec::new();
+    for _ in 0..2 {
+        let d2 = d.clone();
+        slow.push((
+            "h1 head",
+            SLOW,
+            tokio::spawn(async move {
+                let (got, at, _, _) = h1_trickled_head(&d2, SLOW).await;
+                (at, got.is_empty() || got.starts_with(b"HTTP/1.1 408"))
+            }),
+        ));
+        let d2 = d.clone();
+        slow.push((
+            "h1 body",
+            SLOW,
+            tokio::spawn(async move {
+                let (got, at, _, _) = h1_trickled_body(&d2, SLOW).await;
+                (at, is_408(&got))
+            }),
+        ));
+        let (s, conn) = h2_connect(&d, None).await;
+        let stream = h2_slow_stream(&d, &s, true);
+        slow.push((
+            "h2 stream",
+            SLOW,
+            tokio::spawn(async move {
+                let (at, answer) = stream.await.unwrap();
+                let ok = matches!(&answer, Ok((408, v)) if v["error"]["code"] == "request_timeout");
+                // The client hangs up: its slot is free again.
+                drop(s);
+                conn.abort();
+                (Some(at), ok)
+            }),
+        ));
+    }
+    let mut silent = tls_stream(d.addr, tls_config(&d.ca, Some(&d.client), true))
+        .await
+        .unwrap();
+    slow.push((
+        "silent h2",
+        QUIET,
+        tokio::spawn(async move {
+            let (got, at) = until_closed(&mut silent, Instant::now(), QUIET + SLACK).await;
+            (at, got.is_empty())
+        }),
+    ));
+    // Let the seven slow clients' handshakes land on the server.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // The one free slot serves fast clients, over HTTP/2 then HTTP/1.1.
+    for h2 in [true, false] {
+        let mut c = d.client(h2).await;
+        for _ in 0..5 {
+            let (st, _, v) = c
+                .post("/v1/sign", &json!({"key":"demo","data":HELLO}))
+                .await
+                .unwrap();
+            assert_eq!(st, 200, "h2={h2}: {v}");
+        }
+        if h2 {
+            // While it holds the last slot, a ninth connection gets none:
+            // closed once it has waited handshake_timeout_ms for one.
+            let mut t = tls_stream(d.addr, tls_config(&d.ca, Some(&d.client), false))
+                .await
+                .unwrap();
+            let start = Instant::now();
+            let (got, at) = until_closed(&mut t, start, HANDSHAKE + SLACK).await;
+            assert_cut_at("ninth connection", at, HANDSHAKE);
+            assert!(got.is_empty(), "ninth connection answered {got:?}");
+        }
+    }
+    for (what, _, task) in &slow {
+        assert!(
+            !task.is_finished(),
+            "{what}: cut off before the fast clients were done"
+        );
+    }
+
+    for (what, deadline, task) in slow {
+        let (at, ok) = task.await.unwrap();
+        assert!(ok, "{what}: not ended as expected");
+        assert_cut_at(what, at, deadline);
+    }
+    drop(stalled_tls);
+
+    // Every slot is free again: eight clients at once.
+    let mut all = Vec::new();
+    for i in 0..8 {
+        let d = d.clone();
+        all.push(tokio::spawn(async move {
+            let mut c = d.client(i % 2 == 0).await;
+            c.post("/v1/sign", &json!({"key":"demo","data":HELLO}))
+                .await
+                .unwrap()
+                .0
+        }));
+    }
+    for t in all {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+}
