@@ -612,6 +612,7 @@ async fn metrics_request(
                 Err(_) => (500, "text/plain", Bytes::from_static(b"render failed\n")),
             }
         }
+        // RFC 9110: a 405 lists the methods the resource takes.
         (_, "/metrics") => (405, "text/plain", Bytes::from_static(b"GET /metrics\n")),
         _ => (
             404,
@@ -629,6 +630,10 @@ async fn metrics_request(
         hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(ctype));
+    if status == 405 {
+        resp.headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+    }
     Ok(resp)
 }
 

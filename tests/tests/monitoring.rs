@@ -155,6 +155,19 @@ async fn metrics_count_what_happened_with_bounded_labels_and_pass_promtool() {
     );
     let (st, _) = http_get(install.metrics_addr, "/other").await;
     assert_eq!(st, 404);
+    let mut s = tokio::net::TcpStream::connect(install.metrics_addr)
+        .await
+        .unwrap();
+    s.write_all(b"POST /metrics HTTP/1.0\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.unwrap();
+    let head = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+    assert!(
+        head.starts_with("http/1.0 405") && head.contains("\r\nallow: get, head\r\n"),
+        "{head}"
+    );
 
     // Every svs_ metric the shipped rules and dashboard use is exported
     // (some appear only after their event: listed).
