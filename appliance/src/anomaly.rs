@@ -23,6 +23,10 @@ use serde::Deserialize;
 
 use crate::error::SvsError;
 
+/// The smallest `min_rate` accepted: one request in about 17 minutes. The
+/// throttle's rate derives from it, and its Retry-After with it.
+pub const MIN_RATE_FLOOR: f64 = 0.001;
+
 /// The detector's parameters, validated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AnomalyConfig {
@@ -103,8 +107,10 @@ impl AnomalyConfig {
         if !(c.rate_factor.is_finite() && c.rate_factor > 1.0) {
             errors.push("[anomaly] rate_factor must be > 1".into());
         }
-        if !(c.min_rate.is_finite() && c.min_rate > 0.0) {
-            errors.push("[anomaly] min_rate must be > 0".into());
+        if !(c.min_rate.is_finite() && c.min_rate >= MIN_RATE_FLOOR) {
+            errors.push(format!(
+                "[anomaly] min_rate must be at least {MIN_RATE_FLOOR}"
+            ));
         }
         if c.min_requests == 0 {
             errors.push("[anomaly] min_requests must be > 0".into());
@@ -226,9 +232,11 @@ impl Traffic {
             t.tokens -= n as f64;
             Ok(())
         } else {
-            Err(SvsError::RateLimited {
-                retry_after: Duration::from_secs_f64((need - t.tokens) / t.per_second),
-            })
+            // A tiny rate makes a wait beyond what Duration holds, which
+            // from_secs_f64 would panic on.
+            let wait = Duration::try_from_secs_f64((need - t.tokens) / t.per_second)
+                .unwrap_or(Duration::from_secs(u64::from(u32::MAX)));
+            Err(SvsError::RateLimited { retry_after: wait })
         }
     }
 
@@ -480,6 +488,24 @@ mod tests {
         };
         assert!(retry_after > Duration::from_millis(400), "{retry_after:?}");
         assert!(t.admit(1, now + Duration::from_millis(9500)).is_ok());
+    }
+
+    #[test]
+    fn a_throttle_too_slow_for_a_duration_refuses_without_panicking() {
+        let t = Traffic::default();
+        let now = Instant::now();
+        t.set_throttle(Some(1e-20), now);
+        assert!(t.admit(1, now).is_ok());
+        // The next token is 1e20 s away: more than a Duration holds.
+        let Err(SvsError::RateLimited { retry_after }) = t.admit(1, now) else {
+            panic!("expected a refusal")
+        };
+        assert_eq!(retry_after, Duration::from_secs(u64::from(u32::MAX)));
+        // And the configuration does not allow such rates in the first place.
+        let mut errors = Vec::new();
+        let raw: RawAnomaly = toml::from_str("min_rate = 1e-20\n").unwrap();
+        AnomalyConfig::from_raw(raw, &mut errors);
+        assert_eq!(errors, ["[anomaly] min_rate must be at least 0.001"]);
     }
 
     #[test]

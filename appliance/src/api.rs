@@ -182,14 +182,27 @@ pub struct VerifyResponse {
     pub valid: bool,
 }
 
-/// Parses JSON into `T`, naming the problem without echoing input.
+/// Parses a JSON object into `T`, naming the problem without echoing input.
 pub fn from_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, SvsError> {
-    serde_json::from_slice(bytes).map_err(json_error)
+    from_value(serde_json::from_slice(bytes).map_err(json_error)?)
 }
 
-/// Decodes one batch item.
+/// Decodes one request (a single body or a batch item): a JSON object.
 pub fn from_value<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T, SvsError> {
-    serde_json::from_value(v).map_err(json_error)
+    // serde builds a struct from a JSON array too, by field order, where
+    // `deny_unknown_fields` has no say: `["demo","aGk="]` would sign. The
+    // API documents objects only.
+    let kind = match &v {
+        serde_json::Value::Object(_) => return serde_json::from_value(v).map_err(json_error),
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Null => "null",
+    };
+    Err(SvsError::MalformedRequest(format!(
+        "a request must be a JSON object, not {kind}"
+    )))
 }
 
 fn json_error(e: serde_json::Error) -> SvsError {
@@ -534,6 +547,13 @@ mod tests {
         assert!(!e.to_string().contains("TOPSECRET"));
         let e = from_json::<SignRequest>(br#"{"key":"k","data":12345678}"#).unwrap_err();
         assert!(!e.to_string().contains("12345678"), "{e}");
+        // Field-order arrays and other non-objects are not requests.
+        for body in [&br#"["k","aGk="]"#[..], b"[]", b"\"k\"", b"42", b"null"] {
+            let e = from_json::<SignRequest>(body).unwrap_err();
+            assert_eq!(e.to_json()["error"]["code"], "malformed_request");
+            let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+            assert!(from_value::<VerifyRequest>(v).is_err());
+        }
         let e = from_json::<SignRequest>(b"{not json").unwrap_err();
         assert!(matches!(e, SvsError::MalformedRequest(_)));
     }
@@ -547,7 +567,7 @@ mod tests {
         let e = from_value::<SignRequest>(items[0].clone()).unwrap_err();
         let m = e.to_json().to_string();
         assert!(!m.contains(PII), "{m}");
-        assert!(m.contains("invalid type: string"), "{m}");
+        assert!(m.contains("must be a JSON object, not a string"), "{m}");
         // "items" itself a string.
         let e = batch_items(format!(r#"{{"items":"{PII}"}}"#).as_bytes(), 8).unwrap_err();
         let m = e.to_json().to_string();

@@ -626,14 +626,18 @@ impl App {
         };
         let batch = matches!(route, Route::SignBatch | Route::VerifyBatch);
         let entity = adm.entity.clone().ok_or(SvsError::Unauthenticated)?;
-        let rt = adm.rt.clone();
-        let items = match self.admit(&entity, &rt, batch, op, body) {
-            Ok(items) => items,
+        let readmitted = self.readmit(entity.clone(), adm.rt.clone(), op);
+        let items = match readmitted.and_then(|(entity, rt)| {
+            let items = self.admit(&entity, &rt, batch, op, body)?;
+            Ok((entity, rt, items))
+        }) {
+            Ok(admitted) => admitted,
             Err(e) => {
                 self.refuse(&route, Some(&entity), &e).await;
                 return Err(e);
             }
         };
+        let (entity, rt, items) = items;
         let results: Vec<ItemResult> = match op {
             Operation::Sign => self.sign_items(&entity, &rt, items).await,
             Operation::Verify => self.verify_items(&entity, &rt, items).await?,
@@ -658,6 +662,33 @@ impl App {
                 .unwrap_or_else(|| Err(SvsError::Internal("no result".into())))
                 .map(Reply::ok)
         }
+    }
+
+    /// The entity and runtime that decide a request from its body on. A
+    /// reload since admission (the body may take `body_timeout` to arrive)
+    /// applies to it: a suspended or removed entity is refused, and the
+    /// entity's grants and keys are those now in force. One snapshot still
+    /// decides everything after this point.
+    fn readmit(
+        &self,
+        entity: Arc<Entity>,
+        admitted: Arc<Runtime>,
+        op: Operation,
+    ) -> Result<(Arc<Entity>, Arc<Runtime>), SvsError> {
+        let rt = self.runtime();
+        if Arc::ptr_eq(&rt, &admitted) {
+            return Ok((entity, rt));
+        }
+        let current = rt
+            .policy
+            .entities()
+            .iter()
+            .find(|e| e.name() == entity.name())
+            .cloned()
+            .ok_or(SvsError::Unauthenticated)?;
+        current.check_active()?;
+        current.check_operation(op)?;
+        Ok((current, rt))
     }
 
     /// Everything between the body and the items: body parsed, one token
@@ -1386,22 +1417,74 @@ operations = ["sign", "verify"]
     }
 
     #[test]
-    fn a_request_uses_the_runtime_it_was_admitted_under() {
+    fn a_reload_between_admission_and_body_applies_to_the_request() {
         let f = fixture("", &["demo"], "");
         rt().block_on(async {
             f.app.run_selftests().await.unwrap();
-            let adm = f
-                .app
-                .precheck(&Route::Sign, Some(&client()), Some("application/json"))
+            let body = serde_json::to_vec(&json!({"key": "demo", "data": "aGk="})).unwrap();
+            let id = client();
+            let admit = || {
+                f.app
+                    .precheck(&Route::Sign, Some(&id), Some("application/json"))
+            };
+            // A reload between admission and the body (which may take the
+            // body timeout to arrive) applies to the request: a key taken
+            // from the entity...
+            let adm = admit().await.unwrap();
+            let other = "other = { object = \"other\" }";
+            let cfg = config(&f.dir, other, &["other"], "");
+            f.app.reload(&cfg).await.unwrap();
+            let reply = f.app.handle(Route::Sign, &adm, &body).await;
+            assert_eq!(
+                (reply.status, reply.body["error"]["code"].as_str()),
+                (403, Some("key_not_allowed"))
+            );
+            // ...a suspension...
+            f.app
+                .reload(&config(&f.dir, "", &["demo"], ""))
                 .await
                 .unwrap();
-            // A reload takes the key from the entity between admission and
-            // handling.
-            let cfg = config(&f.dir, "other = { object = \"other\" }", &["other"], "");
-            f.app.reload(&cfg).await.unwrap();
-            let body = serde_json::to_vec(&json!({"key": "demo", "data": "aGk="})).unwrap();
+            let adm = admit().await.unwrap();
+            let suspended = config(&f.dir, "", &["demo"], "status = \"suspended\"");
+            f.app.reload(&suspended).await.unwrap();
             let reply = f.app.handle(Route::Sign, &adm, &body).await;
-            assert_eq!(reply.status, 200, "one snapshot decides the whole request");
+            assert_eq!(
+                (reply.status, reply.body["error"]["code"].as_str()),
+                (403, Some("entity_suspended"))
+            );
+            // ...the operation withdrawn...
+            f.app
+                .reload(&config(&f.dir, "", &["demo"], ""))
+                .await
+                .unwrap();
+            let adm = admit().await.unwrap();
+            let mut verify_only = config(&f.dir, "", &["demo"], "");
+            verify_only.entities[0].operations = [Operation::Verify].into_iter().collect();
+            f.app.reload(&verify_only).await.unwrap();
+            let reply = f.app.handle(Route::Sign, &adm, &body).await;
+            assert_eq!(
+                (reply.status, reply.body["error"]["code"].as_str()),
+                (403, Some("operation_not_allowed"))
+            );
+            // ...and an entity removed altogether.
+            f.app
+                .reload(&config(&f.dir, "", &["demo"], ""))
+                .await
+                .unwrap();
+            let adm = admit().await.unwrap();
+            let mut none = config(&f.dir, "", &["demo"], "");
+            none.entities.clear();
+            f.app.reload(&none).await.unwrap();
+            let reply = f.app.handle(Route::Sign, &adm, &body).await;
+            assert_eq!(reply.status, 401);
+            // Without a reload, the request goes through.
+            f.app
+                .reload(&config(&f.dir, "", &["demo"], ""))
+                .await
+                .unwrap();
+            let adm = admit().await.unwrap();
+            let reply = f.app.handle(Route::Sign, &adm, &body).await;
+            assert_eq!(reply.status, 200, "{}", reply.body);
         });
     }
 

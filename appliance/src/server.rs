@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::{Bytes, Incoming};
+use hyper::body::{Body as _, Bytes, Incoming};
 use hyper::header::{ALLOW, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -187,7 +187,77 @@ struct ConnCtx {
     activity: Activity,
 }
 
-fn response(reply: Reply, head_only: bool) -> Response<Full<Bytes>> {
+/// An answer's body. Over HTTP/2 it also takes the request's body when the
+/// answer was made before that was read (a refusal), and drains it once
+/// the answer is out. Dropping an unread request body early resets the
+/// stream (CANCEL) and the client gets a stream error instead of its 429;
+/// dropping it after the answer resets it with NO_ERROR (RFC 9113 section
+/// 8.1), which curl 7.88 (Debian 12) still reports as an error while it
+/// uploads. Reading the rest lets the stream end as usual. The drain is
+/// bounded by `max_body_bytes` and the body timeout (then NO_ERROR), and by
+/// the stream limit, as a stream stays open while it drains. HTTP/1.1
+/// needs none of this: hyper closes the connection after an answer whose
+/// request was not read.
+#[derive(Debug)]
+struct AnswerBody {
+    data: Option<Bytes>,
+    unread_request: Option<(Incoming, usize, Duration)>,
+}
+
+impl AnswerBody {
+    fn new(data: Bytes) -> AnswerBody {
+        AnswerBody {
+            data: Some(data).filter(|d| !d.is_empty()),
+            unread_request: None,
+        }
+    }
+}
+
+impl Drop for AnswerBody {
+    fn drop(&mut self) {
+        let Some((mut body, limit, deadline)) = self.unread_request.take() else {
+            return;
+        };
+        // hyper drops an answer on its connection's task, in the runtime.
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(async move {
+            let drain = async {
+                let mut read = 0usize;
+                while let Some(Ok(frame)) = body.frame().await {
+                    read += frame.data_ref().map_or(0, Bytes::len);
+                    if read > limit {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(deadline, drain).await;
+        });
+    }
+}
+
+impl hyper::body::Body for AnswerBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        std::task::Poll::Ready(self.data.take().map(|d| Ok(hyper::body::Frame::data(d))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
+    }
+}
+
+fn response(reply: Reply, head_only: bool) -> Response<AnswerBody> {
     let body = if head_only {
         Bytes::new()
     } else {
@@ -195,7 +265,7 @@ fn response(reply: Reply, head_only: bool) -> Response<Full<Bytes>> {
         b.push(b'\n');
         Bytes::from(b)
     };
-    let mut resp = Response::new(Full::new(body));
+    let mut resp = Response::new(AnswerBody::new(body));
     *resp.status_mut() = hyper::StatusCode::from_u16(reply.status)
         .unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
     resp.headers_mut()
@@ -241,17 +311,21 @@ fn closes_connection(reply: &Reply) -> bool {
 async fn handle(
     ctx: Arc<ConnCtx>,
     req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<AnswerBody>, Infallible> {
     let _active = ctx.activity.begin();
     let start = Instant::now();
-    let head_only = req.method() == hyper::Method::HEAD;
-    let http1 = req.version() < hyper::Version::HTTP_2;
+    let (req, body) = req.into_parts();
+    let mut body = Some(body);
+    let head_only = req.method == hyper::Method::HEAD;
+    let http1 = req.version < hyper::Version::HTTP_2;
     let operation =
-        Route::parse(req.method().as_str(), req.uri().path()).map_or("other", |r| r.metric_name());
-    let reply = handle_inner(&ctx, req).await.unwrap_or_else(|e| {
-        e.log_details();
-        Reply::from(e)
-    });
+        Route::parse(req.method.as_str(), req.uri.path()).map_or("other", |r| r.metric_name());
+    let reply = handle_inner(&ctx, &req, &mut body)
+        .await
+        .unwrap_or_else(|e| {
+            e.log_details();
+            Reply::from(e)
+        });
     let elapsed = start.elapsed();
     ctx.app.metrics().http(operation, reply.status, elapsed);
     tracing::debug!(
@@ -261,6 +335,10 @@ async fn handle(
     );
     let close = closes_connection(&reply);
     let mut resp = response(reply, head_only);
+    if let Some(body) = body.filter(|b| !http1 && !b.is_end_stream()) {
+        let limits = &ctx.app.runtime().limits;
+        resp.body_mut().unread_request = Some((body, limits.max_body_bytes, limits.body_timeout));
+    }
     if close {
         if http1 {
             resp.headers_mut()
@@ -273,14 +351,19 @@ async fn handle(
     Ok(resp)
 }
 
-async fn handle_inner(ctx: &ConnCtx, req: Request<Incoming>) -> Result<Reply, SvsError> {
+/// Handles a request; its body is taken from `body` only when it is read.
+async fn handle_inner(
+    ctx: &ConnCtx,
+    req: &hyper::http::request::Parts,
+    body: &mut Option<Incoming>,
+) -> Result<Reply, SvsError> {
     let app = &ctx.app;
-    let route = Route::parse(req.method().as_str(), req.uri().path())?;
+    let route = Route::parse(req.method.as_str(), req.uri.path())?;
     if ctx.probes_only && !route.is_probe() {
         return Err(SvsError::NotFound);
     }
     let content_type = req
-        .headers()
+        .headers
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
@@ -299,7 +382,7 @@ async fn handle_inner(ctx: &ConnCtx, req: Request<Incoming>) -> Result<Reply, Sv
     let limits = adm.runtime().limits.clone();
     let (body, _budget) = if route.has_body() {
         let declared = req
-            .headers()
+            .headers
             .get(CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
@@ -311,7 +394,8 @@ async fn handle_inner(ctx: &ConnCtx, req: Request<Incoming>) -> Result<Reply, Sv
             // Without a Content-Length the whole cap is reserved.
             let reserve = declared.map_or(max, |n| n as usize);
             let budget = app.reserve_body(reserve)?;
-            let body = read_body(req.into_body(), reserve, max, limits.body_timeout).await?;
+            let incoming = body.take().ok_or(SvsError::Internal("body taken".into()))?;
+            let body = read_body(incoming, reserve, max, limits.body_timeout).await?;
             Ok((body, Some(budget)))
         };
         match read.await {

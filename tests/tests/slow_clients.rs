@@ -390,6 +390,53 @@ async fn http2_slow_streams_time_out_alone_while_the_connection_serves_others() 
     assert!(!conn.is_finished());
 }
 
+/// Refusals made before the request body is read (404, 415) reach an
+/// HTTP/2 client that is still uploading, and its stream then ends as
+/// usual: the rest of the body is taken, the stream is not reset (curl
+/// 7.88 reports even a NO_ERROR reset during its upload as a failure).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_refusals_before_the_body_reach_a_client_still_uploading() {
+    let inst = install(&[], "");
+    let d = inst.start().await;
+    let (s, conn) = h2_connect(&d, None).await;
+    for (path, ctype, status) in [
+        ("/v1/nothing", "application/json", 404),
+        ("/v1/sign", "text/plain", 415),
+    ] {
+        let mut req = h2_request(&d, "POST", path);
+        req.headers_mut()
+            .insert("content-type", ctype.parse().unwrap());
+        let mut s = s.clone().ready().await.unwrap();
+        let (resp, mut stream) = s.send_request(req, false).unwrap();
+        stream
+            .send_data(Bytes::from(vec![b' '; 1000]), false)
+            .unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(5), resp)
+            .await
+            .unwrap_or_else(|_| panic!("{path}: no answer"))
+            .unwrap_or_else(|e| panic!("{path}: the answer was lost: {e}"));
+        let (st, v) = h2_body(resp).await.unwrap();
+        assert_eq!(st, status, "{path}: {v}");
+        for _ in 0..10 {
+            stream
+                .send_data(Bytes::from(vec![b' '; 1000]), false)
+                .unwrap_or_else(|e| panic!("{path}: upload cut: {e}"));
+        }
+        stream.send_data(Bytes::new(), true).unwrap();
+        let reset = tokio::time::timeout(
+            Duration::from_millis(500),
+            std::future::poll_fn(|cx| stream.poll_reset(cx)),
+        )
+        .await;
+        assert!(reset.is_err(), "{path}: stream reset: {reset:?}");
+    }
+    let (st, _) = h2_call(&s, h2_request(&d, "POST", "/v1/sign"), sign_body())
+        .await
+        .unwrap();
+    assert_eq!(st, 200);
+    assert!(!conn.is_finished());
+}
+
 /// Frames of a raw HTTP/2 byte stream: (type, flags, stream id).
 fn h2_frames(mut b: &[u8]) -> Vec<(u8, u8, u32)> {
     let mut out = Vec::new();

@@ -124,6 +124,17 @@ async fn every_endpoint_and_every_bad_input() {
             (Some(true), Some(false))
         );
         assert_eq!(r[2]["error"]["code"], "malformed_request");
+        // A batch item with its fields by position is refused on its own.
+        let (s, _, v) = c
+            .post(
+                "/v1/sign/batch",
+                &json!({"items":[["demo", HELLO], {"key":"demo","data":HELLO}]}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(s, 200);
+        assert_eq!(v["results"][0]["error"]["code"], "malformed_request");
+        assert!(v["results"][1]["signature"].is_string());
 
         // keys, probes.
         let (s, _, v) = c.get("/v1/keys").await.unwrap();
@@ -160,6 +171,13 @@ async fn every_endpoint_and_every_bad_input() {
         };
         let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
             ("/v1/sign", b"{not json".to_vec(), 400, "malformed_request"),
+            // Fields by position, not by name: not a request.
+            (
+                "/v1/sign",
+                br#"["demo","aGVsbG8="]"#.to_vec(),
+                400,
+                "malformed_request",
+            ),
             (
                 "/v1/sign",
                 br#"{"key":"demo","data":"aGVsbG8=","extra":1}"#.to_vec(),
