@@ -19,7 +19,7 @@ use crate::backend::SigningBackend;
 use crate::config::{Config, KeyExposure, Limits, Operation};
 use crate::error::{NotReady, SvsError};
 use crate::metrics::{self, Metrics};
-use crate::policy::{ClientIdentity, Entity, InFlight, Policy};
+use crate::policy::{Entity, InFlight, Policy, VerifiedClient};
 
 /// The parts of the configuration a reload may change.
 #[derive(Debug)]
@@ -448,7 +448,7 @@ impl App {
     pub async fn precheck(
         &self,
         route: &Route,
-        client: Option<&ClientIdentity>,
+        client: Option<VerifiedClient<'_>>,
         content_type: Option<&str>,
     ) -> Result<Admission, SvsError> {
         // One snapshot for identification and everything after it.
@@ -1088,6 +1088,7 @@ mod tests {
 
     use super::*;
     use crate::backend::{BoxFuture, SoftBackend};
+    use crate::policy::ClientIdentity;
 
     /// SoftBackend plus, optionally, an ECDSA P-256 key `p256` (verify only).
     struct TestBackend {
@@ -1123,6 +1124,15 @@ mod tests {
             subject: "CN=app1".into(),
             issuer: "CN=CA".into(),
             not_after: std::time::SystemTime::now() + Duration::from_secs(3600),
+        }
+    }
+
+    /// The client as a connection presents it (matched by fingerprint: how
+    /// it was issued does not matter).
+    fn verified(id: &ClientIdentity) -> VerifiedClient<'_> {
+        VerifiedClient {
+            identity: id,
+            issued_directly: false,
         }
     }
 
@@ -1204,7 +1214,7 @@ operations = ["sign", "verify"]
     async fn call(app: &Arc<App>, route: Route, body: &serde_json::Value) -> Reply {
         let body = serde_json::to_vec(body).unwrap();
         match app
-            .precheck(&route, Some(&client()), Some("application/json"))
+            .precheck(&route, Some(verified(&client())), Some("application/json"))
             .await
         {
             Ok(adm) => app.handle(route, &adm, &body).await,
@@ -1336,7 +1346,11 @@ operations = ["sign", "verify"]
             // Malformed body.
             let r = f
                 .app
-                .precheck(&Route::Sign, Some(&client()), Some("application/json"))
+                .precheck(
+                    &Route::Sign,
+                    Some(verified(&client())),
+                    Some("application/json"),
+                )
                 .await
                 .unwrap();
             let reply = f
@@ -1394,13 +1408,21 @@ operations = ["sign", "verify"]
         rt().block_on(async {
             let first = f
                 .app
-                .precheck(&Route::Sign, Some(&client()), Some("application/json"))
+                .precheck(
+                    &Route::Sign,
+                    Some(verified(&client())),
+                    Some("application/json"),
+                )
                 .await
                 .unwrap();
             // A second request is refused before any body is read.
             let second = f
                 .app
-                .precheck(&Route::Verify, Some(&client()), Some("application/json"))
+                .precheck(
+                    &Route::Verify,
+                    Some(verified(&client())),
+                    Some("application/json"),
+                )
                 .await;
             assert_eq!(second.unwrap_err(), SvsError::TooManyConcurrent);
             // The first ends in an error: its slot is back.
@@ -1409,7 +1431,11 @@ operations = ["sign", "verify"]
             drop(first);
             assert!(
                 f.app
-                    .precheck(&Route::Sign, Some(&client()), Some("application/json"))
+                    .precheck(
+                        &Route::Sign,
+                        Some(verified(&client())),
+                        Some("application/json")
+                    )
                     .await
                     .is_ok()
             );
@@ -1425,7 +1451,7 @@ operations = ["sign", "verify"]
             let id = client();
             let admit = || {
                 f.app
-                    .precheck(&Route::Sign, Some(&id), Some("application/json"))
+                    .precheck(&Route::Sign, Some(verified(&id)), Some("application/json"))
             };
             // A reload between admission and the body (which may take the
             // body timeout to arrive) applies to the request: a key taken

@@ -53,7 +53,10 @@ pub enum ClientMatch {
     /// SHA-256 of the DER SubjectPublicKeyInfo (survives re-issuing with the same key).
     SpkiSha256([u8; 32]),
     /// Subject DN issued by the CA whose subject DN is `issuer` (both RFC 4514
-    /// strings, compared after normalisation; see [`normalise_dn`]).
+    /// strings, compared after normalisation; see [`normalise_dn`]), and
+    /// issued directly by it: `issuer` must be the subject of a certificate
+    /// in the client CA bundle, whose key verifies the client certificate
+    /// (see [`crate::policy::VerifiedClient`]).
     Subject {
         /// Subject DN of the client certificate.
         subject: String,

@@ -106,8 +106,11 @@ pub fn check_files(config: &Config) -> Result<Option<String>, SvsError> {
     {
         errors.push(format!("[metrics.tls]: {e}"));
     }
-    if let Err(e) = api_tls(config) {
-        errors.push(format!("[tls]: {e}"));
+    match api_tls(config) {
+        Ok(_) => {}
+        // Every entity whose issuer is not in the client CA bundle, one line each.
+        Err(SvsError::Config(list)) => errors.extend(list.iter().map(|m| format!("[tls]: {m}"))),
+        Err(e) => errors.push(format!("[tls]: {e}")),
     }
     if errors.is_empty() {
         Ok(None)
@@ -139,8 +142,10 @@ fn open_hsm_raw(config: &Config, metrics: Arc<dyn HsmMetrics>) -> Result<Hsm, Hs
     Hsm::open(&config.hsm, metrics)
 }
 
+/// The API's TLS for `config`, its entities' issuers checked against the
+/// client CA bundle (at start, on SIGHUP and by `--check-config`).
 fn api_tls(config: &Config) -> Result<crate::tls::ApiTls, SvsError> {
-    crate::tls::api_tls(&config.tls)
+    crate::tls::api_tls(&config.tls, &config.entities)
 }
 
 /// First retry of a start that is waiting; doubled up to [`RETRY_MAX`].

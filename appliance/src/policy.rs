@@ -65,6 +65,22 @@ impl ClientIdentity {
     }
 }
 
+/// A connection's client as one request presents it: the certificate's
+/// identity, and what the current client CA bundle proves of its issuer.
+#[derive(Debug, Clone, Copy)]
+pub struct VerifiedClient<'a> {
+    /// The leaf certificate's identity.
+    pub identity: &'a ClientIdentity,
+    /// The leaf alone, with no intermediate, verifies against the client CA
+    /// bundle: its signature is by a bundle certificate whose subject DN is
+    /// the leaf's issuer DN (webpki matches an anchor by that name, byte for
+    /// byte, then checks the signature with its key). Only then is
+    /// `identity.issuer` the name of a CA in the bundle rather than one the
+    /// client made up (a sub-CA of any CA the bundle trusts may take any
+    /// name), so subject matching requires it.
+    pub issued_directly: bool,
+}
+
 #[derive(Debug)]
 struct Bucket {
     tokens: f64,
@@ -280,12 +296,18 @@ impl Policy {
     }
 
     /// The entity a client certificate belongs to. The most specific match
-    /// wins: whole certificate, then public key, then subject within CA.
-    pub fn identify(&self, id: &ClientIdentity) -> Result<Arc<Entity>, SvsError> {
+    /// wins: whole certificate, then public key, then subject within CA; the
+    /// last only for a certificate issued directly by a client CA
+    /// certificate (see [`VerifiedClient::issued_directly`]).
+    pub fn identify(&self, client: VerifiedClient<'_>) -> Result<Arc<Entity>, SvsError> {
+        let id = client.identity;
         self.by_certificate
             .get(&id.certificate_sha256)
             .or_else(|| self.by_spki.get(&id.spki_sha256))
             .or_else(|| {
+                if !client.issued_directly {
+                    return None;
+                }
                 self.by_subject
                     .get(&(id.subject.clone(), id.issuer.clone()))
             })
@@ -338,6 +360,14 @@ mod tests {
         }
     }
 
+    /// Identifies a client whose certificate the client CA issued directly.
+    fn find(p: &Policy, id: &ClientIdentity) -> Result<Arc<Entity>, SvsError> {
+        p.identify(VerifiedClient {
+            identity: id,
+            issued_directly: true,
+        })
+    }
+
     #[test]
     fn identifies_by_certificate_spki_or_subject() {
         let p = Policy::new(
@@ -354,16 +384,53 @@ mod tests {
             ],
             None,
         );
-        assert_eq!(p.identify(&id(1, 9, "x")).unwrap().name(), "a");
-        assert_eq!(p.identify(&id(9, 2, "x")).unwrap().name(), "b");
-        assert_eq!(p.identify(&id(9, 9, "CN=c")).unwrap().name(), "c");
+        assert_eq!(find(&p, &id(1, 9, "x")).unwrap().name(), "a");
+        assert_eq!(find(&p, &id(9, 2, "x")).unwrap().name(), "b");
+        assert_eq!(find(&p, &id(9, 9, "CN=c")).unwrap().name(), "c");
         assert_eq!(
-            p.identify(&id(9, 9, "CN=d")).unwrap_err(),
+            find(&p, &id(9, 9, "CN=d")).unwrap_err(),
             SvsError::Unauthenticated
         );
         let mut other_ca = id(9, 9, "CN=c");
         other_ca.issuer = "CN=Other".into();
-        assert!(p.identify(&other_ca).is_err());
+        assert!(find(&p, &other_ca).is_err());
+    }
+
+    #[test]
+    fn a_subject_matches_only_a_certificate_issued_directly_by_the_client_ca() {
+        let p = Policy::new(
+            &[
+                entity("a", ClientMatch::CertificateSha256([1; 32])),
+                entity(
+                    "c",
+                    ClientMatch::Subject {
+                        subject: "CN=c".into(),
+                        issuer: "CN=CA".into(),
+                    },
+                ),
+            ],
+            None,
+        );
+        fn through_intermediates(id: &ClientIdentity) -> VerifiedClient<'_> {
+            VerifiedClient {
+                identity: id,
+                issued_directly: false,
+            }
+        }
+        // The issuer's name alone (a sub-CA may carry any) is not enough.
+        assert_eq!(
+            p.identify(through_intermediates(&id(9, 9, "CN=c")))
+                .unwrap_err(),
+            SvsError::Unauthenticated
+        );
+        // Fingerprints prove the certificate itself: they need no such proof.
+        assert_eq!(
+            p.identify(through_intermediates(&id(1, 9, "CN=c")))
+                .unwrap()
+                .name(),
+            "a"
+        );
+        assert_eq!(find(&p, &id(9, 9, "CN=c")).unwrap().name(), "c");
     }
 
     #[test]
@@ -372,7 +439,7 @@ mod tests {
             &[entity("a", ClientMatch::CertificateSha256([1; 32]))],
             None,
         );
-        let e = p.identify(&id(1, 0, "")).unwrap();
+        let e = find(&p, &id(1, 0, "")).unwrap();
         assert!(e.check_key("k1", Operation::Sign).is_ok());
         assert_eq!(
             e.check_key("k2", Operation::Sign).unwrap_err(),
@@ -386,7 +453,7 @@ mod tests {
         suspended.status = EntityStatus::Suspended;
         let p2 = Policy::new(&[suspended], Some(&p));
         assert!(matches!(
-            p2.identify(&id(1, 0, "")).unwrap().check_active(),
+            find(&p2, &id(1, 0, "")).unwrap().check_active(),
             Err(SvsError::EntitySuspended(_))
         ));
     }
@@ -397,7 +464,7 @@ mod tests {
             &[entity("a", ClientMatch::CertificateSha256([1; 32]))],
             None,
         );
-        let e = p.identify(&id(1, 0, "")).unwrap();
+        let e = find(&p, &id(1, 0, "")).unwrap();
         let t0 = Instant::now();
         for _ in 0..5 {
             drop(e.admit_at(1, t0).unwrap());
@@ -419,7 +486,7 @@ mod tests {
             &[entity("a", ClientMatch::CertificateSha256([1; 32]))],
             None,
         );
-        let e = p.identify(&id(1, 0, "")).unwrap();
+        let e = find(&p, &id(1, 0, "")).unwrap();
         let t0 = Instant::now();
         // 10/s, burst 5: a full bucket admits a batch of 50, 45 in debt.
         drop(e.admit_at(50, t0).unwrap());
@@ -448,7 +515,7 @@ mod tests {
         let mut cfg = entity("a", ClientMatch::CertificateSha256([1; 32]));
         cfg.rate = None;
         let p = Policy::new(&[cfg], None);
-        let e = p.identify(&id(1, 0, "")).unwrap();
+        let e = find(&p, &id(1, 0, "")).unwrap();
         let g1 = e.reserve().unwrap();
         let g2 = e.reserve().unwrap();
         assert_eq!(e.reserve().unwrap_err(), SvsError::TooManyConcurrent);
@@ -461,13 +528,13 @@ mod tests {
         let mut cfg = entity("a", ClientMatch::CertificateSha256([1; 32]));
         cfg.rate = None;
         let p = Policy::new(std::slice::from_ref(&cfg), None);
-        let e = p.identify(&id(1, 0, "")).unwrap();
+        let e = find(&p, &id(1, 0, "")).unwrap();
         let g1 = e.reserve().unwrap();
         let g2 = e.reserve().unwrap();
         assert_eq!(e.reserve().unwrap_err(), SvsError::TooManyConcurrent);
         // The new policy sees the two requests still in flight.
         let p2 = Policy::new(&[cfg], Some(&p));
-        let e2 = p2.identify(&id(1, 0, "")).unwrap();
+        let e2 = find(&p2, &id(1, 0, "")).unwrap();
         assert_eq!(e2.reserve().unwrap_err(), SvsError::TooManyConcurrent);
         drop(g1);
         let g3 = e2.reserve().unwrap();

@@ -28,7 +28,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::app::{App, Reply, Route};
 use crate::config::Limits;
 use crate::error::SvsError;
-use crate::policy::ClientIdentity;
+use crate::policy::{ClientIdentity, VerifiedClient};
 use crate::tls::ApiTls;
 
 /// HTTP/2 streams per connection: with bodies read only after admission and
@@ -94,31 +94,105 @@ impl Gates {
     }
 }
 
+/// What one TLS generation's client CA found of a connection's chain: it
+/// accepts the chain, and whether the leaf is issued directly by one of its
+/// certificates ([`VerifiedClient::issued_directly`]). Kept in one atomic
+/// word, so that a request never sees one generation's flag with another's
+/// number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Checked {
+    generation: u64,
+    issued_directly: bool,
+}
+
+impl Checked {
+    fn pack(self) -> u64 {
+        // 2^63 reloads are not going to happen.
+        (self.generation << 1) | u64::from(self.issued_directly)
+    }
+
+    fn unpack(word: u64) -> Checked {
+        Checked {
+            generation: word >> 1,
+            issued_directly: word & 1 == 1,
+        }
+    }
+}
+
+fn unix_time(now: SystemTime) -> Option<UnixTime> {
+    Some(UnixTime::since_unix_epoch(
+        now.duration_since(SystemTime::UNIX_EPOCH).ok()?,
+    ))
+}
+
+/// Whether the leaf of `chain` is issued directly by a certificate of the
+/// client CA bundle behind `verifier`, given that `verifier` accepts the
+/// whole chain: the leaf alone then verifies. Without intermediates that is
+/// the verification already made; with some, one more signature check
+/// (webpki, no intermediates: only an anchor whose subject is the leaf's
+/// issuer, byte for byte, and whose key verifies the leaf's signature).
+fn issued_directly(
+    chain: &[CertificateDer<'static>],
+    verifier: &dyn ClientCertVerifier,
+    at: UnixTime,
+) -> bool {
+    match chain {
+        [] => false,
+        [_leaf] => true,
+        [leaf, ..] => verifier.verify_client_cert(leaf, &[], at).is_ok(),
+    }
+}
+
 /// The client certificate of one TLS connection.
 struct Peer {
     identity: Option<ClientIdentity>,
     chain: Vec<CertificateDer<'static>>,
-    /// The newest TLS generation whose client CA accepted the chain.
+    /// The newest TLS generation whose client CA accepted the chain, and
+    /// what it found ([`Checked::pack`]).
     checked: AtomicU64,
 }
 
 impl Peer {
-    /// The identity a request on this connection may use now: a
-    /// certificate still within its validity, whose chain the current
-    /// client CA accepts (checked once per reload, as the connection may
-    /// predate it). None answers 401 and closes the connection.
-    fn current(&self, tls: &TlsGeneration, now: SystemTime) -> Option<&ClientIdentity> {
-        let id = self.identity.as_ref()?;
-        id.check_valid_at(now).ok()?;
-        if self.checked.load(Ordering::Acquire) != tls.generation {
-            let (leaf, intermediates) = self.chain.split_first()?;
-            let at = UnixTime::since_unix_epoch(now.duration_since(SystemTime::UNIX_EPOCH).ok()?);
-            tls.client_verifier
-                .verify_client_cert(leaf, intermediates, at)
-                .ok()?;
-            self.checked.store(tls.generation, Ordering::Release);
+    /// A peer whose `chain` the handshake under `tls` just accepted.
+    fn accepted(chain: Vec<CertificateDer<'static>>, tls: &TlsGeneration, now: SystemTime) -> Peer {
+        let identity = chain.first().and_then(|c| ClientIdentity::from_der(c).ok());
+        let issued_directly = unix_time(now)
+            .is_some_and(|at| issued_directly(&chain, tls.client_verifier.as_ref(), at));
+        let checked = Checked {
+            generation: tls.generation,
+            issued_directly,
+        };
+        Peer {
+            identity,
+            chain,
+            checked: AtomicU64::new(checked.pack()),
         }
-        Some(id)
+    }
+
+    /// The client a request on this connection presents now: a certificate
+    /// still within its validity, whose chain the current client CA
+    /// accepts, and whether that CA issued it directly. Both are checked
+    /// once per connection and reload (the connection may predate it), not
+    /// per request. None answers 401 and closes the connection.
+    fn current(&self, tls: &TlsGeneration, now: SystemTime) -> Option<VerifiedClient<'_>> {
+        let identity = self.identity.as_ref()?;
+        identity.check_valid_at(now).ok()?;
+        let mut checked = Checked::unpack(self.checked.load(Ordering::Acquire));
+        if checked.generation != tls.generation {
+            let (leaf, intermediates) = self.chain.split_first()?;
+            let at = unix_time(now)?;
+            let verifier = tls.client_verifier.as_ref();
+            verifier.verify_client_cert(leaf, intermediates, at).ok()?;
+            checked = Checked {
+                generation: tls.generation,
+                issued_directly: issued_directly(&self.chain, verifier, at),
+            };
+            self.checked.store(checked.pack(), Ordering::Release);
+        }
+        Some(VerifiedClient {
+            identity,
+            issued_directly: checked.issued_directly,
+        })
     }
 }
 
@@ -564,15 +638,11 @@ pub async fn serve_tls(
                 .peer_certificates()
                 .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
                 .unwrap_or_default();
-            let identity = chain.first().and_then(|c| ClientIdentity::from_der(c).ok());
+            let peer = Peer::accepted(chain, &current, SystemTime::now());
             let ctx = Arc::new(ConnCtx {
                 app,
                 tls: Some(tls),
-                peer: Some(Peer {
-                    identity,
-                    chain,
-                    checked: AtomicU64::new(current.generation),
-                }),
+                peer: Some(peer),
                 probes_only: false,
                 activity: Activity::new(),
             });
@@ -822,7 +892,7 @@ mod tests {
             private_key,
             client_ca: dir.join("ca.pem"),
         };
-        TlsGeneration::new(generation, crate::tls::api_tls(&files).unwrap())
+        TlsGeneration::new(generation, crate::tls::api_tls(&files, &[]).unwrap())
     }
 
     #[test]
@@ -833,17 +903,19 @@ mod tests {
         let gen0 = generation(d1.path(), &ca1, 0);
         let issued = ca1.client("app1").unwrap();
         let der = CertificateDer::from(issued.cert_der.clone());
-        let peer = Peer {
-            identity: Some(ClientIdentity::from_der(&der).unwrap()),
-            chain: vec![der],
-            checked: AtomicU64::new(0),
-        };
         let now = SystemTime::now();
+        let peer = Peer::accepted(vec![der], &gen0, now);
         assert!(peer.current(&gen0, now).is_some());
         // Reloaded with the same CA: still accepted (and checked once).
         let gen1 = generation(d1.path(), &ca1, 1);
         assert!(peer.current(&gen1, now).is_some());
-        assert_eq!(peer.checked.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            Checked::unpack(peer.checked.load(Ordering::Relaxed)),
+            Checked {
+                generation: 1,
+                issued_directly: true
+            }
+        );
         // Reloaded with another client CA: the old connection loses its client.
         let gen2 = generation(d2.path(), &ca2, 2);
         assert!(peer.current(&gen2, now).is_none());
@@ -853,6 +925,175 @@ mod tests {
             peer.current(&gen1, not_after + Duration::from_secs(1))
                 .is_none()
         );
+    }
+
+    fn der(pem: &str) -> CertificateDer<'static> {
+        use rustls_pki_types::pem::PemObject;
+        CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
+    }
+
+    /// An entity `bank-a` matched by subject within `issuer`.
+    fn by_subject(issuer: &str) -> crate::policy::Policy {
+        use crate::config::{ClientMatch, EntityConfig, EntityStatus, Operation};
+        crate::policy::Policy::new(
+            &[EntityConfig {
+                name: "bank-a".into(),
+                status: EntityStatus::Active,
+                client: ClientMatch::Subject {
+                    subject: "CN=bank-a,O=SVS development".into(),
+                    issuer: issuer.into(),
+                },
+                keys: ["k".to_string()].into(),
+                operations: [Operation::Sign].into(),
+                rate: None,
+                max_concurrent: None,
+            }],
+            None,
+        )
+    }
+
+    #[test]
+    fn a_subject_matches_only_a_leaf_the_named_client_ca_issued_directly() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = DevCa::generate("Client CA").unwrap();
+        let tls = generation(dir.path(), &ca, 0);
+        let policy = by_subject("CN=Client CA,O=SVS development");
+        let now = SystemTime::now();
+        let at = unix_time(now).unwrap();
+
+        // The genuine client: its leaf alone, or with the CA certificate.
+        let genuine = der(&ca.client("bank-a").unwrap().cert_pem);
+        for chain in [vec![genuine.clone()], vec![genuine, der(&ca.cert_pem)]] {
+            let peer = Peer::accepted(chain, &tls, now);
+            let client = peer.current(&tls, now).unwrap();
+            assert!(client.issued_directly);
+            assert_eq!(policy.identify(client).unwrap().name(), "bank-a");
+        }
+
+        // Another tenant's CA certificate under the same root (here the
+        // root itself issues it) mints a sub-CA carrying the client CA's
+        // name, and a leaf with bank-a's subject under it.
+        let rogue_ca = ca.sub_ca("Client CA").unwrap();
+        let rogue = der(&rogue_ca.client("bank-a").unwrap().cert_pem);
+        let rogue_chain = vec![rogue.clone(), der(&rogue_ca.cert_pem)];
+        // webpki accepts the chain, and the names are bank-a's...
+        tls.client_verifier
+            .verify_client_cert(&rogue, &rogue_chain[1..], at)
+            .unwrap();
+        let id = ClientIdentity::from_der(&rogue).unwrap();
+        assert_eq!(
+            (id.subject.as_str(), id.issuer.as_str()),
+            (
+                "CN=bank-a,O=SVS development",
+                "CN=Client CA,O=SVS development"
+            )
+        );
+        // ...but the leaf's signature is not the client CA's: no subject
+        // match, and as nothing else matches, 401 unauthenticated.
+        let peer = Peer::accepted(rogue_chain, &tls, now);
+        let client = peer.current(&tls, now).unwrap();
+        assert!(!client.issued_directly);
+        let refused = policy.identify(client).unwrap_err();
+        assert_eq!(refused, SvsError::Unauthenticated);
+        let reply = Reply::from(refused);
+        assert_eq!(reply.status, 401);
+        assert_eq!(reply.body["error"]["code"], "unauthenticated");
+        // The same after a reload: the binding is found again, not kept.
+        let tls1 = generation(dir.path(), &ca, 1);
+        let client = peer.current(&tls1, now).unwrap();
+        assert!(!client.issued_directly);
+        assert!(policy.identify(client).is_err());
+    }
+
+    /// A client certificate verifier that counts its verifications.
+    #[derive(Debug)]
+    struct Counting {
+        inner: Arc<dyn ClientCertVerifier>,
+        verifications: AtomicUsize,
+    }
+
+    impl ClientCertVerifier for Counting {
+        fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+            self.inner.root_hint_subjects()
+        }
+        fn verify_client_cert(
+            &self,
+            end_entity: &CertificateDer<'_>,
+            intermediates: &[CertificateDer<'_>],
+            now: UnixTime,
+        ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+            self.verifications.fetch_add(1, Ordering::Relaxed);
+            self.inner
+                .verify_client_cert(end_entity, intermediates, now)
+        }
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            self.inner.verify_tls12_signature(message, cert, dss)
+        }
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            self.inner.verify_tls13_signature(message, cert, dss)
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.inner.supported_verify_schemes()
+        }
+    }
+
+    /// Generation `n` of `ca`'s TLS, its verifications counted.
+    fn counted(dir: &std::path::Path, ca: &DevCa, n: u64) -> (TlsGeneration, Arc<Counting>) {
+        let g = generation(dir, ca, n);
+        let counting = Arc::new(Counting {
+            inner: g.client_verifier.clone(),
+            verifications: AtomicUsize::new(0),
+        });
+        let g = TlsGeneration {
+            client_verifier: counting.clone(),
+            ..g
+        };
+        (g, counting)
+    }
+
+    #[test]
+    fn the_binding_costs_a_signature_check_per_connection_and_reload_not_per_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = DevCa::generate("Client CA").unwrap();
+        let now = SystemTime::now();
+        let leaf = der(&ca.client("bank-a").unwrap().cert_pem);
+        let with_ca = vec![leaf.clone(), der(&ca.cert_pem)];
+        let count = |c: &Counting| c.verifications.load(Ordering::Relaxed);
+
+        let (g0, c0) = counted(dir.path(), &ca, 0);
+        // A leaf alone: the handshake's verification was the proof.
+        let alone = Peer::accepted(vec![leaf], &g0, now);
+        assert_eq!(count(&c0), 0);
+        // A leaf sent with intermediates: one check without them.
+        let chained = Peer::accepted(with_ca, &g0, now);
+        assert_eq!(count(&c0), 1);
+        for _ in 0..100 {
+            assert!(alone.current(&g0, now).unwrap().issued_directly);
+            assert!(chained.current(&g0, now).unwrap().issued_directly);
+        }
+        assert_eq!(count(&c0), 1);
+
+        // After a reload: the chain, and (with intermediates) the leaf
+        // alone, once each, on the first request.
+        let (g1, c1) = counted(dir.path(), &ca, 1);
+        for _ in 0..100 {
+            assert!(alone.current(&g1, now).unwrap().issued_directly);
+        }
+        assert_eq!(count(&c1), 1);
+        for _ in 0..100 {
+            assert!(chained.current(&g1, now).unwrap().issued_directly);
+        }
+        assert_eq!(count(&c1), 3);
     }
 
     /// A connection whose client sent the HTTP/2 preface and SETTINGS and

@@ -5,8 +5,11 @@
 //! TLS certificates are ECDSA P-256: rustls has no SM2. The SM2 keys are the
 //! signing keys in the token, not the transport's.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
+
+use der::Decode;
 
 use rustls::RootCertStore;
 use rustls::server::danger::ClientCertVerifier;
@@ -15,7 +18,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
 
-use crate::config::TlsFiles;
+use crate::config::{ClientMatch, EntityConfig, TlsFiles, normalise_dn};
 use crate::error::SvsError;
 use crate::metrics::MetricsTls;
 
@@ -59,25 +62,58 @@ impl std::fmt::Debug for ApiTls {
     }
 }
 
-/// Builds the API's TLS from the files. Errors name the file.
-pub fn api_tls(files: &TlsFiles) -> Result<ApiTls, SvsError> {
-    let (config, verifier) = build(
+/// Builds the API's TLS from the files, for `entities`: each one matched by
+/// subject + issuer must name as its issuer the subject of a certificate in
+/// the client CA bundle, as it matches only certificates issued directly
+/// by one (see [`crate::policy::VerifiedClient`]). Errors name the file, or
+/// every such entity at once.
+pub fn api_tls(files: &TlsFiles, entities: &[EntityConfig]) -> Result<ApiTls, SvsError> {
+    let (config, client_ca) = build(
         &files.certificate,
         &files.private_key,
         Some(&files.client_ca),
         "tls",
     )?;
-    let client_verifier =
-        verifier.ok_or_else(|| SvsError::Internal("no client certificate verifier".into()))?;
+    let client_ca =
+        client_ca.ok_or_else(|| SvsError::Internal("no client certificate verifier".into()))?;
+    check_issuers(entities, &client_ca.subjects, &files.client_ca)?;
     Ok(ApiTls {
         config,
-        client_verifier,
+        client_verifier: client_ca.verifier,
     })
 }
 
-/// Builds the server configuration from the TLS files. Errors name the file.
+/// Refuses entities whose `issuer` is the subject of no certificate in the
+/// client CA bundle (`subjects`, normalised): no client could match them,
+/// or only through a CA the bundle does not name.
+fn check_issuers(
+    entities: &[EntityConfig],
+    subjects: &BTreeSet<String>,
+    client_ca: &Path,
+) -> Result<(), SvsError> {
+    let errors: Vec<String> = entities
+        .iter()
+        .filter_map(|e| match &e.client {
+            ClientMatch::Subject { issuer, .. } if !subjects.contains(issuer) => Some(format!(
+                "entity {:?}: issuer {issuer:?} is the subject of no certificate in client_ca {}; \
+                 subject + issuer match only certificates issued directly by a CA certificate in client_ca",
+                e.name,
+                client_ca.display()
+            )),
+            _ => None,
+        })
+        .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(SvsError::Config(errors))
+    }
+}
+
+/// Builds the server configuration from the TLS files (no entities to
+/// check). Errors name the file.
 pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, SvsError> {
-    api_tls(files).map(|t| t.config)
+    api_tls(files, &[]).map(|t| t.config)
 }
 
 /// The metrics listener's TLS: like the API's, but a client certificate is
@@ -92,14 +128,26 @@ pub fn metrics_server_config(files: &MetricsTls) -> Result<Arc<ServerConfig>, Sv
     .map(|(c, _)| c)
 }
 
-type Verifier = Arc<dyn ClientCertVerifier>;
+/// A client CA bundle as loaded: its verifier, and the subject DNs of its
+/// certificates (normalised, see [`normalise_dn`]).
+struct ClientCa {
+    verifier: Arc<dyn ClientCertVerifier>,
+    subjects: BTreeSet<String>,
+}
+
+/// The subject DN of a DER certificate, normalised; none when x509-cert
+/// cannot read it (such a CA cannot be named as an entity's issuer).
+fn subject_dn(der: &[u8]) -> Option<String> {
+    let cert = x509_cert::Certificate::from_der(der).ok()?;
+    Some(normalise_dn(&cert.tbs_certificate().subject().to_string()))
+}
 
 fn build(
     certificate: &Path,
     private_key: &Path,
     client_ca: Option<&Path>,
     what: &str,
-) -> Result<(Arc<ServerConfig>, Option<Verifier>), SvsError> {
+) -> Result<(Arc<ServerConfig>, Option<ClientCa>), SvsError> {
     let chain = read_certs(certificate, &format!("{what} certificate"))?;
     // The private key's bytes never reach an error message.
     let key = PrivateKeyDer::from_pem_file(private_key).map_err(|_| {
@@ -112,11 +160,13 @@ fn build(
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| cfg_err(format!("TLS versions: {e}")))?;
-    let mut client_verifier: Option<Verifier> = None;
+    let mut loaded: Option<ClientCa> = None;
     let builder = match client_ca {
         Some(client_ca) => {
             let mut roots = RootCertStore::empty();
+            let mut subjects = BTreeSet::new();
             for ca in read_certs(client_ca, &format!("{what} client_ca"))? {
+                subjects.extend(subject_dn(&ca));
                 roots.add(ca).map_err(|e| {
                     cfg_err(format!("{what} client_ca {}: {e}", client_ca.display()))
                 })?;
@@ -125,7 +175,10 @@ fn build(
                 WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
                     .build()
                     .map_err(|e| cfg_err(format!("client certificate verifier: {e}")))?;
-            client_verifier = Some(verifier.clone());
+            loaded = Some(ClientCa {
+                verifier: verifier.clone(),
+                subjects,
+            });
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),
@@ -134,7 +187,7 @@ fn build(
         .with_single_cert(chain, key)
         .map_err(|e| cfg_err(format!("{what} certificate/private_key: {e}")))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok((Arc::new(config), client_verifier))
+    Ok((Arc::new(config), loaded))
 }
 
 /// Lower-case hex SHA-256 of DER bytes (a certificate's fingerprint).
@@ -219,6 +272,21 @@ pub mod devpki {
             Ok(DevCa {
                 params: ca_params(cn)?,
                 key: KeyPair::from_pem(&key_pem).map_err(err)?,
+                cert_pem,
+            })
+        }
+
+        /// A CA named `cn` issued by this one: an intermediate, which a
+        /// client sends along with its certificate. Tests use it to forge
+        /// a CA's name (a sub-CA named like its issuer).
+        pub fn sub_ca(&self, cn: &str) -> Result<DevCa, SvsError> {
+            let key = KeyPair::generate().map_err(err)?;
+            let params = ca_params(cn)?;
+            let issuer = Issuer::from_params(&self.params, &self.key);
+            let cert_pem = params.signed_by(&key, &issuer).map_err(err)?.pem();
+            Ok(DevCa {
+                params,
+                key,
                 cert_pem,
             })
         }
@@ -326,5 +394,75 @@ mod tests {
             panic!()
         };
         assert!(e[0].contains("missing.pem"));
+    }
+
+    fn by_subject(name: &str, issuer: &str) -> EntityConfig {
+        use crate::config::{EntityStatus, Operation};
+        EntityConfig {
+            name: name.into(),
+            status: EntityStatus::Active,
+            client: ClientMatch::Subject {
+                subject: "CN=bank-a,O=SVS development".into(),
+                issuer: normalise_dn(issuer),
+            },
+            keys: ["k".to_string()].into(),
+            operations: [Operation::Sign].into(),
+            rate: None,
+            max_concurrent: None,
+        }
+    }
+
+    #[test]
+    fn an_entity_issuer_must_be_the_subject_of_a_client_ca_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = DevCa::generate("Client CA").unwrap();
+        ca.save(dir.path()).unwrap();
+        let (certificate, private_key) =
+            save_issued(dir.path(), "server", &ca.server(&["localhost"]).unwrap()).unwrap();
+        let files = TlsFiles {
+            certificate,
+            private_key,
+            client_ca: dir.path().join("ca.pem"),
+        };
+        // Compared normalised, as entities are.
+        let named = by_subject("named", "cn = Client CA, o = SVS development");
+        assert!(api_tls(&files, std::slice::from_ref(&named)).is_ok());
+
+        // A CA the bundle does not hold (another, or an intermediate below
+        // the bundle's CA): every such entity is reported, by name.
+        let sub = ca.sub_ca("Issuing CA").unwrap();
+        let entities = [
+            by_subject("elsewhere", "CN=Other CA,O=SVS development"),
+            named,
+            by_subject("below", "CN=Issuing CA,O=SVS development"),
+        ];
+        let Err(SvsError::Config(errors)) = api_tls(&files, &entities) else {
+            panic!("issuers outside the bundle must be refused")
+        };
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        for (e, (name, issuer)) in errors.iter().zip([
+            ("elsewhere", "CN=Other CA,O=SVS development"),
+            ("below", "CN=Issuing CA,O=SVS development"),
+        ]) {
+            assert!(
+                e.contains(&format!("entity {name:?}"))
+                    && e.contains(issuer)
+                    && e.contains(&files.client_ca.display().to_string()),
+                "{e}"
+            );
+        }
+        // With the intermediate in the bundle, only the other CA is left.
+        write(
+            &files.client_ca,
+            &format!("{}{}", ca.cert_pem, sub.cert_pem),
+            false,
+        )
+        .unwrap();
+        let Err(SvsError::Config(errors)) = api_tls(&files, &entities) else {
+            panic!("an issuer outside the bundle must be refused")
+        };
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].contains("\"elsewhere\""), "{errors:?}");
+        assert!(api_tls(&files, &entities[1..]).is_ok());
     }
 }

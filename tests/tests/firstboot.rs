@@ -293,3 +293,41 @@ fn check_config_checks_the_tls_files_and_notes_missing_ones() {
     std::fs::write(&server, saved).unwrap();
     assert_eq!(check().status.code(), Some(0));
 }
+
+#[test]
+fn check_config_names_every_entity_whose_issuer_is_no_client_ca_certificate() {
+    let install = Install::new();
+    let check = || {
+        Command::new(svsd_bin())
+            .arg("--check-config")
+            .arg("--config")
+            .arg(&install.config)
+            .output()
+            .unwrap()
+    };
+    let by_subject = |name: &str, issuer: &str| {
+        format!(
+            "[[entity]]\nname = \"{name}\"\nsubject = \"CN={name},O=SVS development\"\nissuer = \"{issuer}\"\nkeys = [\"demo\"]\noperations = [\"sign\"]\n"
+        )
+    };
+    let named = by_subject("named", "CN=SVS dev CA,O=SVS development");
+    install.write_entities(&named);
+    let out = check();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    install.write_entities(&format!(
+        "{}{named}{}",
+        by_subject("other", "CN=Other CA,O=SVS development"),
+        by_subject("below", "CN=Issuing CA,O=SVS development"),
+    ));
+    let out = check();
+    assert_eq!(out.status.code(), Some(78), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    for wanted in [
+        r#"[tls]: entity "other": issuer "CN=Other CA,O=SVS development""#,
+        r#"[tls]: entity "below": issuer "CN=Issuing CA,O=SVS development""#,
+    ] {
+        assert!(err.contains(wanted), "{wanted:?} not in {err}");
+    }
+    assert!(!err.contains("\"named\""), "{err}");
+    assert!(out.stdout.is_empty(), "said valid: {out:?}");
+}

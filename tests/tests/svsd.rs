@@ -19,6 +19,23 @@ fn entity(name: &str, fp: &str, keys: &[&str], ops: &[&str], extra: &str) -> Str
     )
 }
 
+/// Saves `issued` as client certificate `name`, the certificates of
+/// `chain` (PEM) after it: the client sends them all.
+fn with_chain(
+    install: &Install,
+    name: &str,
+    issued: &svs_appliance::tls::devpki::Issued,
+    chain: &[&str],
+) -> ClientCert {
+    let (cert, key) = svs_appliance::tls::devpki::save_issued(&install.dir, name, issued).unwrap();
+    std::fs::write(&cert, format!("{}{}", issued.cert_pem, chain.concat())).unwrap();
+    ClientCert {
+        cert,
+        key,
+        sha256: String::new(),
+    }
+}
+
 fn expose_other(install: &Install) {
     install.edit_config(|t| t.replace("[keys]\n", "[keys]\nother = { object = \"other\" }\n"));
 }
@@ -368,6 +385,27 @@ async fn authorisation_matrix_and_unknown_clients() {
     let verifier = install.issue_client("verifier");
     let stranger = install.issue_client("stranger");
     let by_subject = install.issue_client("by-subject");
+    // by-subject's name under a forged CA name: a sub-CA named like the dev
+    // CA, issued by a CA the client CA bundle trusts (the dev CA itself
+    // here; another tenant's CA would do). The client sends it along, so
+    // the chain ends at the dev CA and the handshake passes.
+    let dev_ca =
+        svs_appliance::tls::devpki::DevCa::load(&install.dir, svs_appliance::dev::DEV_CA_NAME)
+            .unwrap();
+    let forged_ca = dev_ca.sub_ca(svs_appliance::dev::DEV_CA_NAME).unwrap();
+    let forged = with_chain(
+        &install,
+        "forged",
+        &forged_ca.client("by-subject").unwrap(),
+        &[&forged_ca.cert_pem],
+    );
+    // The genuine one may send the dev CA's certificate along.
+    let by_subject_chained = with_chain(
+        &install,
+        "by-subject-chained",
+        &dev_ca.client("by-subject").unwrap(),
+        &[&dev_ca.cert_pem],
+    );
     install.write_entities(&format!(
         "{}{}{}[[entity]]\nname = \"subj\"\nsubject = \"CN=by-subject,O=SVS development\"\nissuer = \"CN=SVS dev CA,O=SVS development\"\nkeys = [\"other\"]\noperations = [\"sign\"]\n",
         entity("dev-client", &dev.sha256, &["demo"], &["sign", "verify"], ""),
@@ -403,6 +441,10 @@ async fn authorisation_matrix_and_unknown_clients() {
         (&verifier, "other", "sign", 403, OP),
         (&by_subject, "other", "sign", 200, None),
         (&by_subject, "demo", "sign", 403, KEY),
+        (&by_subject_chained, "other", "sign", 200, None),
+        // Same subject, same issuer name, not issued by the dev CA: nobody.
+        (&forged, "other", "sign", 401, Some("unauthenticated")),
+        (&forged, "demo", "verify", 401, Some("unauthenticated")),
         (&stranger, "demo", "sign", 401, Some("unauthenticated")),
         (&stranger, "demo", "verify", 401, Some("unauthenticated")),
     ];
@@ -458,6 +500,37 @@ async fn authorisation_matrix_and_unknown_clients() {
         Ok(mut c) => c.get("/healthz").await.is_err(),
     };
     assert!(refused, "a certificate from another CA must be refused");
+
+    // An issuer that is no certificate of the client CA bundle (an
+    // intermediate below it, say) is refused on SIGHUP, the entity named;
+    // the previous configuration keeps serving.
+    install.write_entities(&format!(
+        "{}[[entity]]\nname = \"below\"\nsubject = \"CN=by-subject,O=SVS development\"\nissuer = \"CN=Issuing CA,O=SVS development\"\nkeys = [\"other\"]\noperations = [\"sign\"]\n",
+        entity("dev-client", &dev.sha256, &["demo"], &["sign", "verify"], ""),
+    ));
+    d.signal("HUP");
+    let mut refused = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if d.log_text().contains("reload refused") {
+            refused = true;
+            break;
+        }
+    }
+    let log = d.log_text();
+    assert!(refused, "{log}");
+    assert!(
+        log.contains(r#"entity "below": issuer "CN=Issuing CA,O=SVS development""#),
+        "{log}"
+    );
+    let mut c = Client::connect(d.addr, &d.ca, &by_subject, false)
+        .await
+        .unwrap();
+    let (s, _, _) = c
+        .post("/v1/sign", &json!({"key":"other","data":HELLO}))
+        .await
+        .unwrap();
+    assert_eq!(s, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
