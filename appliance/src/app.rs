@@ -370,19 +370,22 @@ impl App {
             if current.keys.get(name) != Some(k) {
                 self.pairwise(name, &k.object).await.map_err(|e| {
                     SvsError::Config(vec![format!(
-                        "self-test of a newly exposed key failed: {e}"
+                        "self-test of a newly exposed key failed: {}",
+                        e.into_reason()
                     )])
                 })?;
             }
         }
-        let mut slot = self.runtime.write().unwrap_or_else(|p| p.into_inner());
-        let policy = Policy::new(&config.entities, Some(&slot.policy));
-        *slot = Arc::new(Runtime {
-            policy,
+        // Built before the write lock, which every request's `runtime()`
+        // waits on. Reloads come one at a time (the daemon's signal loop),
+        // so `current` is still the runtime being replaced.
+        let next = Arc::new(Runtime {
+            policy: Policy::new(&config.entities, Some(&current.policy)),
             keys: config.keys.clone(),
             limits: config.limits.clone(),
             anomaly: config.anomaly.clone(),
         });
+        *self.runtime.write().unwrap_or_else(|p| p.into_inner()) = next;
         Ok(())
     }
 
@@ -995,7 +998,37 @@ impl App {
     /// Runs the self-tests: SM3 known answer, then a sign/verify pairwise
     /// test through the backend with every exposed key. Records the result.
     pub async fn run_selftests(&self) -> Result<(), String> {
-        let result = self.selftests().await;
+        let result = self.selftests().await.map_err(SelftestFailure::into_reason);
+        self.record_selftest(result).await
+    }
+
+    /// The periodic self-test. A run the HSM was too busy for (its queue
+    /// full, or the test's signature past its deadline under load) gives no
+    /// verdict: the last one stands and the test is tried again
+    /// `retry_after` later, up to [`SELFTEST_ATTEMPTS`] runs. Only a wrong
+    /// answer, an HSM that fails, or a test the HSM never finds time for
+    /// takes readiness away. Before, one busy moment under load stopped all
+    /// signing for a whole interval (300 s by default).
+    pub async fn run_periodic_selftests(&self, retry_after: Duration) -> Result<(), String> {
+        let mut attempt = 1;
+        let result = loop {
+            match self.selftests().await {
+                Err(SelftestFailure::Inconclusive(why)) if attempt < SELFTEST_ATTEMPTS => {
+                    tracing::warn!(
+                        reason = %why,
+                        attempt,
+                        "self-test inconclusive: the HSM is busy; trying again"
+                    );
+                    attempt += 1;
+                    tokio::time::sleep(retry_after).await;
+                }
+                other => break other.map_err(SelftestFailure::into_reason),
+            }
+        };
+        self.record_selftest(result).await
+    }
+
+    async fn record_selftest(&self, result: Result<(), String>) -> Result<(), String> {
         let detail = match &result {
             Ok(()) => "passed".to_string(),
             Err(e) => format!("failed: {e}"),
@@ -1007,9 +1040,11 @@ impl App {
         result
     }
 
-    async fn selftests(&self) -> Result<(), String> {
-        svs_hsm::selftest::sm3_known_answer()?;
-        self.audit.check().map_err(|e| e.to_string())?;
+    async fn selftests(&self) -> Result<(), SelftestFailure> {
+        svs_hsm::selftest::sm3_known_answer().map_err(SelftestFailure::Failed)?;
+        self.audit
+            .check()
+            .map_err(|e| SelftestFailure::Failed(e.to_string()))?;
         let rt = self.runtime();
         for (name, k) in &rt.keys {
             self.pairwise(name, &k.object).await?;
@@ -1018,11 +1053,12 @@ impl App {
     }
 
     /// Sign/verify pairwise test of one exposed key, plus a negative check.
-    async fn pairwise(&self, name: &str, object: &str) -> Result<(), String> {
+    async fn pairwise(&self, name: &str, object: &str) -> Result<(), SelftestFailure> {
+        let failed = SelftestFailure::Failed;
         let info = self
             .backend
             .key(object)
-            .ok_or_else(|| format!("key {name:?}: token object {object:?} not found"))?;
+            .ok_or_else(|| failed(format!("key {name:?}: token object {object:?} not found")))?;
         let digest = self
             .verifier
             .digest(
@@ -1031,12 +1067,20 @@ impl App {
                 DEFAULT_SM2_ID,
                 svs_hsm::selftest::PAIRWISE_MESSAGE,
             )
-            .map_err(|e| format!("key {name:?}: {e}"))?;
+            .map_err(|e| failed(format!("key {name:?}: {e}")))?;
         let raw = self
             .backend
             .sign_digest(object, digest)
             .await
-            .map_err(|e| format!("key {name:?}: sign: {e}"))?;
+            .map_err(|e| {
+                let why = format!("key {name:?}: sign: {e}");
+                match e {
+                    SvsError::HsmBusy { .. } | SvsError::HsmTimeout => {
+                        SelftestFailure::Inconclusive(why)
+                    }
+                    _ => failed(why),
+                }
+            })?;
         svs_hsm::selftest::check_pairwise(
             &self.verifier,
             info.algorithm,
@@ -1044,7 +1088,7 @@ impl App {
             &digest,
             &raw,
         )
-        .map_err(|e| format!("key {name:?}: {e}"))
+        .map_err(|e| failed(format!("key {name:?}: {e}")))
     }
 
     /// Signs the audit chain head with the audit key and appends the checkpoint.
@@ -1073,6 +1117,29 @@ impl App {
 }
 
 /// The `reason` label of a limiter refusal.
+/// Runs of a periodic self-test, the first included, before an HSM that
+/// stays too busy to take the test counts as a failure.
+pub const SELFTEST_ATTEMPTS: u32 = 3;
+
+/// Why a self-test did not pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum SelftestFailure {
+    /// A wrong answer, a missing key, an HSM error: not ready.
+    Failed(String),
+    /// The HSM had no time for the test (queue full, deadline passed): no
+    /// verdict.
+    Inconclusive(String),
+}
+
+impl SelftestFailure {
+    fn into_reason(self) -> String {
+        match self {
+            SelftestFailure::Failed(why) => why,
+            SelftestFailure::Inconclusive(why) => format!("{why} (no verdict: HSM busy)"),
+        }
+    }
+}
+
 fn limit_reason(e: &SvsError) -> &'static str {
     match e {
         SvsError::TooManyConcurrent => "concurrency",
@@ -1094,6 +1161,11 @@ mod tests {
     struct TestBackend {
         soft: SoftBackend,
         p256: Arc<KeyInfo>,
+        /// Signatures to come that fail with `hsm_busy`.
+        busy: std::sync::atomic::AtomicUsize,
+        /// Whether signatures fail with `hsm_unavailable`.
+        down: std::sync::atomic::AtomicBool,
+        signs: std::sync::atomic::AtomicUsize,
     }
 
     impl SigningBackend for TestBackend {
@@ -1108,6 +1180,18 @@ mod tests {
             object: &str,
             digest: [u8; 32],
         ) -> BoxFuture<'_, Result<[u8; 64], SvsError>> {
+            self.signs.fetch_add(1, Ordering::SeqCst);
+            let busy = self
+                .busy
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            if busy {
+                let retry_after = Duration::from_secs(1);
+                return Box::pin(async move { Err(SvsError::HsmBusy { retry_after }) });
+            }
+            if self.down.load(Ordering::SeqCst) {
+                return Box::pin(async { Err(SvsError::HsmUnavailable("test".into())) });
+            }
             self.soft.sign_digest(object, digest)
         }
         fn health(&self) -> Result<(), String> {
@@ -1173,6 +1257,7 @@ operations = ["sign", "verify"]
         dir: std::path::PathBuf,
         app: Arc<App>,
         p256: rcgen::KeyPair,
+        backend: Arc<TestBackend>,
     }
 
     fn fixture(keys: &str, entity_keys: &[&str], extra: &str) -> Fixture {
@@ -1192,14 +1277,18 @@ operations = ["sign", "verify"]
         let backend = Arc::new(TestBackend {
             soft: SoftBackend::new(&["demo", "other"]),
             p256: Arc::new(info),
+            busy: Default::default(),
+            down: Default::default(),
+            signs: Default::default(),
         });
         let audit = Arc::new(AuditTrail::open(&cfg.audit).unwrap());
-        let app = Arc::new(App::new(&cfg, backend, audit));
+        let app = Arc::new(App::new(&cfg, backend.clone(), audit));
         Fixture {
             _tmp: tmp,
             dir,
             app,
             p256,
+            backend,
         }
     }
 
@@ -1439,6 +1528,43 @@ operations = ["sign", "verify"]
                     .await
                     .is_ok()
             );
+        });
+    }
+
+    #[test]
+    fn a_periodic_self_test_the_hsm_is_too_busy_for_is_retried_not_failed() {
+        let f = fixture("", &["demo"], "");
+        let b = &f.backend;
+        let signs = || b.signs.swap(0, Ordering::SeqCst);
+        let failures = || f.app.counters.selftest_failures.load(Ordering::SeqCst);
+        let retry = Duration::from_millis(5);
+        rt().block_on(async {
+            f.app.run_selftests().await.unwrap();
+            signs();
+            // Busy twice, then free: tried three times, ready throughout.
+            b.busy.store(2, Ordering::SeqCst);
+            f.app.run_periodic_selftests(retry).await.unwrap();
+            assert_eq!((signs(), failures()), (3, 0));
+            assert!(f.app.readiness().is_ok());
+            // Busy every time: a failure after the last attempt.
+            b.busy.store(SELFTEST_ATTEMPTS as usize, Ordering::SeqCst);
+            let e = f.app.run_periodic_selftests(retry).await.unwrap_err();
+            assert!(e.contains("no verdict: HSM busy"), "{e}");
+            assert_eq!((signs(), failures()), (SELFTEST_ATTEMPTS as usize, 1));
+            assert!(f.app.readiness().is_err());
+            f.app.run_periodic_selftests(retry).await.unwrap();
+            assert!(f.app.readiness().is_ok());
+            signs();
+            // An HSM error is a verdict: failed at once, not tried again.
+            b.down.store(true, Ordering::SeqCst);
+            let e = f.app.run_periodic_selftests(retry).await.unwrap_err();
+            assert!(!e.contains("no verdict"), "{e}");
+            assert_eq!((signs(), failures()), (1, 2));
+            assert!(f.app.readiness().is_err());
+            // The first self-test, before READY, does not wait for a busy HSM.
+            b.down.store(false, Ordering::SeqCst);
+            b.busy.store(1, Ordering::SeqCst);
+            assert!(f.app.run_selftests().await.is_err());
         });
     }
 

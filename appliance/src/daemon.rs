@@ -608,6 +608,9 @@ async fn reload(app: &Arc<App>, tls: &server::TlsSlot, old: &Config) -> Result<C
     Ok(config)
 }
 
+/// How soon a periodic self-test the HSM was too busy for runs again.
+const SELFTEST_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+
 fn spawn_duties(app: &Arc<App>, config: &Config, stop: watch::Receiver<bool>) {
     // Periodic self-tests.
     let a = app.clone();
@@ -618,7 +621,9 @@ fn spawn_duties(app: &Arc<App>, config: &Config, stop: watch::Receiver<bool>) {
         tick.tick().await;
         loop {
             tokio::select! {
-                _ = tick.tick() => { let _ = a.run_selftests().await; }
+                _ = tick.tick() => {
+                    let _ = a.run_periodic_selftests(SELFTEST_RETRY_AFTER).await;
+                }
                 _ = s.changed() => return,
             }
         }

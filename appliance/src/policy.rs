@@ -271,10 +271,18 @@ impl Policy {
     /// entities from `previous`.
     pub fn new(entities: &[EntityConfig], previous: Option<&Policy>) -> Policy {
         let mut p = Policy::default();
+        let old: HashMap<&str, &Arc<EntityLimiter>> = previous
+            .map(|old| {
+                old.entities
+                    .iter()
+                    .map(|e| (e.config.name.as_str(), &e.limiter))
+                    .collect()
+            })
+            .unwrap_or_default();
         for (i, config) in entities.iter().enumerate() {
-            let limiter = previous
-                .and_then(|old| old.entities.iter().find(|e| e.config.name == config.name))
-                .map(|e| e.limiter.clone())
+            let limiter = old
+                .get(config.name.as_str())
+                .map(|l| Arc::clone(l))
                 .unwrap_or_else(|| Arc::new(EntityLimiter::new(config.rate)));
             match &config.client {
                 ClientMatch::CertificateSha256(fp) => {
