@@ -261,6 +261,8 @@ pub struct App {
     metrics: Arc<Metrics>,
     /// Request bodies held in memory, in bytes, all connections together.
     body_budget: Arc<Semaphore>,
+    /// Its size (`max_inflight_body_bytes` at start; fixed until restart).
+    body_budget_bytes: usize,
     /// Counters.
     pub counters: Counters,
 }
@@ -317,6 +319,7 @@ impl App {
             draining: AtomicBool::new(false),
             metrics,
             body_budget: Arc::new(Semaphore::new(config.limits.max_inflight_body_bytes)),
+            body_budget_bytes: config.limits.max_inflight_body_bytes,
             counters: Counters::default(),
         }
     }
@@ -365,6 +368,14 @@ impl App {
     /// the reload is refused and the old configuration keeps serving.
     pub async fn reload(&self, config: &Config) -> Result<(), SvsError> {
         self.check_keys(&config.keys)?;
+        // A body larger than the whole budget could never be admitted: every
+        // such request would get 503 `server_busy` until a restart.
+        if config.limits.max_body_bytes > self.body_budget_bytes {
+            return Err(SvsError::Config(vec![format!(
+                "[limits] max_body_bytes = {} is more than the body budget svsd started with (max_inflight_body_bytes = {}), which changes only on restart",
+                config.limits.max_body_bytes, self.body_budget_bytes
+            )]));
+        }
         let current = self.runtime();
         for (name, k) in &config.keys {
             if current.keys.get(name) != Some(k) {
@@ -1663,6 +1674,27 @@ operations = ["sign", "verify"]
             );
             f.app.reload(&cfg).await.unwrap();
             assert!(f.app.runtime().keys.contains_key("other"));
+        });
+    }
+
+    #[test]
+    fn a_reload_cannot_raise_max_body_bytes_past_the_budget() {
+        let f = fixture("", &["demo"], "");
+        let budget = f.app.runtime().limits.max_inflight_body_bytes;
+        rt().block_on(async {
+            let mut cfg = config(&f.dir, "", &["demo"], "");
+            cfg.limits.max_inflight_body_bytes = budget * 2;
+            cfg.limits.max_body_bytes = budget + 1;
+            let e = f.app.reload(&cfg).await.unwrap_err();
+            assert!(e.to_string().contains("changes only on restart"), "{e}");
+            assert_eq!(
+                f.app.runtime().limits.max_body_bytes,
+                config(&f.dir, "", &["demo"], "").limits.max_body_bytes,
+                "the old limits keep serving"
+            );
+            cfg.limits.max_body_bytes = budget;
+            f.app.reload(&cfg).await.unwrap();
+            assert_eq!(f.app.runtime().limits.max_body_bytes, budget);
         });
     }
 

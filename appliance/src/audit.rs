@@ -682,6 +682,18 @@ fn recover(dir: &Path) -> Result<(u64, [u8; 32], Option<u64>), SvsError> {
         }
         return Ok((seq, hash, Some(*first_seq)));
     }
+    // No record in any file. A file named for a later seq means the records
+    // before it existed (their files archived or removed after a rotation
+    // that a crash cut short): starting again at seq 1 would fork the chain
+    // and reuse the archived files' names.
+    if let Some((first_seq, path)) = files.iter().rev().find(|(s, _)| *s > 1) {
+        return Err(SvsError::AuditUnavailable(format!(
+            "{} is empty and no file before it is in {}: the chain's head (seq {}) is in a file taken away (archived?); put the newest such file back (svsd only reads it) and start again",
+            path.display(),
+            dir.display(),
+            first_seq - 1
+        )));
+    }
     Ok((0, GENESIS, None))
 }
 
@@ -2058,6 +2070,27 @@ mod tests {
         let err = AuditTrail::open(&config(dir.path(), 1 << 20)).unwrap_err();
         assert!(err.to_string().contains("records are missing"), "{err}");
         assert!(empty.exists());
+    }
+
+    #[test]
+    fn an_empty_newest_file_alone_does_not_restart_the_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), 5, 1 << 20);
+        // A rotation began file 6 and crashed; file 1 was archived since.
+        let first = only_file(dir.path());
+        let archived = std::fs::read(&first).unwrap();
+        std::fs::remove_file(&first).unwrap();
+        let empty = dir.path().join(file_name(6));
+        std::fs::write(&empty, b"").unwrap();
+        let err = AuditTrail::open(&config(dir.path(), 1 << 20)).unwrap_err();
+        assert!(err.to_string().contains("seq 5"), "{err}");
+        assert!(empty.exists());
+        assert!(!first.exists(), "no new file 1 made");
+        // With the archived file back, the chain goes on from seq 5.
+        std::fs::write(&first, archived).unwrap();
+        write(dir.path(), 2, 1 << 20);
+        let r = verify_dir(dir.path(), None).unwrap();
+        assert_eq!((r.first_seq, r.last_seq), (1, 7), "{r:?}");
     }
 
     #[test]

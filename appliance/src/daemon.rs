@@ -575,6 +575,7 @@ async fn reload(app: &Arc<App>, tls: &server::TlsSlot, old: &Config) -> Result<C
     let api = tokio::task::spawn_blocking(move || api_tls(&c))
         .await
         .map_err(|e| SvsError::Internal(e.to_string()))??;
+    // (App::reload refuses a max_body_bytes the body budget cannot hold.)
     let (was, now) = (&old.limits, &config.limits);
     if (
         was.max_connections,
