@@ -171,7 +171,8 @@ impl LogLimit {
         self.hit_at(Instant::now())
     }
 
-    fn hit_at(&self, now: Instant) -> Option<u64> {
+    /// [`LogLimit::hit`] at `now`.
+    pub(crate) fn hit_at(&self, now: Instant) -> Option<u64> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         match st.last {
             Some(last) if now.saturating_duration_since(last) < self.every => {
