@@ -20,6 +20,7 @@ use crate::config::{Config, KeyExposure, Limits, Operation};
 use crate::error::{NotReady, SvsError};
 use crate::metrics::{self, Metrics};
 use crate::policy::{Entity, InFlight, Policy, VerifiedClient};
+use crate::refusals::{LogLimit, RefusalRecords};
 
 /// The parts of the configuration a reload may change.
 #[derive(Debug)]
@@ -107,6 +108,12 @@ impl Admission {
 
 /// The audit trail's entity for a refused client no entity claims.
 pub const UNKNOWN_ENTITY: &str = "_unknown";
+
+/// Longest a refused request waits for its audit record to be durable: a
+/// hung disk must not hold refusals (and their connections) for ever, and
+/// nothing was handed out that the record would have to vouch for. The
+/// record stays queued and is written if the disk comes back.
+pub const REFUSAL_AUDIT_WAIT: Duration = Duration::from_secs(2);
 
 /// The routes of API v1.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -263,6 +270,11 @@ pub struct App {
     body_budget: Arc<Semaphore>,
     /// Its size (`max_inflight_body_bytes` at start; fixed until restart).
     body_budget_bytes: usize,
+    /// Which refusals get an audit record of their own.
+    refusals: RefusalRecords,
+    /// Refusal-audit failures logged at most once a second (clients can
+    /// cause them at will once the trail is broken).
+    refusal_log: LogLimit,
     /// Counters.
     pub counters: Counters,
 }
@@ -320,6 +332,8 @@ impl App {
             metrics,
             body_budget: Arc::new(Semaphore::new(config.limits.max_inflight_body_bytes)),
             body_budget_bytes: config.limits.max_inflight_body_bytes,
+            refusals: RefusalRecords::new(config.audit.refusal_records),
+            refusal_log: LogLimit::new(Duration::from_secs(1)),
             counters: Counters::default(),
         }
     }
@@ -511,7 +525,11 @@ impl App {
 
     /// Counts and audits a request refused before its items were looked at:
     /// one `op` record with the entity (or `_unknown`), the route's
-    /// operation and the error code; no key name, no payload.
+    /// operation and the error code; no key name, no payload. Past the
+    /// source's refusal-record bucket (`[audit] refusal_records`) the
+    /// refusal is only counted, for the `refusals_suppressed` note that
+    /// [`App::flush_refusals`] writes, and answered without waiting; a
+    /// record written is waited for at most [`REFUSAL_AUDIT_WAIT`].
     pub async fn refuse(&self, route: &Route, entity: Option<&Entity>, e: &SvsError) {
         let name = entity.map_or(metrics::UNKNOWN, Entity::name);
         let code = e.wire().code;
@@ -522,20 +540,73 @@ impl App {
         if let Some(entity) = entity {
             entity.traffic().record(1, 1);
         }
+        let source = entity.map_or(UNKNOWN_ENTITY, Entity::name);
+        let op = route
+            .operation()
+            .map_or(route.metric_name(), Operation::as_str);
+        if !self.refusals.admit(source, op, code) {
+            self.metrics.refusal_suppressed(name, code);
+            return;
+        }
         let ev = AuditEvent {
-            entity: entity.map_or(UNKNOWN_ENTITY, Entity::name).to_owned(),
-            op: route
-                .operation()
-                .map_or(route.metric_name(), Operation::as_str),
+            entity: source.to_owned(),
+            op,
             key: None,
             input_sm3: None,
             output_sm3: None,
             outcome: code.into(),
             latency_us: 0,
         };
-        if let Err(err) = self.audit.append(vec![ev]).await {
-            tracing::error!(error = %err, "cannot record a refused request in the audit trail");
+        let wait = REFUSAL_AUDIT_WAIT.min(self.runtime().limits.request_timeout);
+        let failed = match tokio::time::timeout(wait, self.audit.append(vec![ev])).await {
+            Ok(Ok(())) => return,
+            Ok(Err(err)) => err.to_string(),
+            Err(_) => format!(
+                "not on disk within {} ms: answered without it (the record stays queued)",
+                wait.as_millis()
+            ),
+        };
+        if let Some(held_back) = self.refusal_log.hit() {
+            tracing::error!(
+                error = %failed,
+                held_back,
+                "cannot record a refused request in the audit trail (logged at most once a second; held_back: failures since the last line)"
+            );
         }
+    }
+
+    /// Writes one `refusals_suppressed` note per source (entity, or
+    /// `_unknown`) whose refusals were counted instead of recorded since
+    /// the last call: `entity=NAME suppressed=TOTAL OP:CODE=N …`, in one
+    /// group commit. The daemon calls it every second and before its
+    /// `stop` record. Also reports refusal-audit failures the log held
+    /// back. Returns the refusals the notes account for.
+    pub async fn flush_refusals(&self) -> u64 {
+        if let Some(held_back) = self.refusal_log.held_back() {
+            tracing::error!(
+                held_back,
+                "cannot record refused requests in the audit trail: lines left out since the last"
+            );
+        }
+        let summaries = self.refusals.take();
+        let total = summaries.iter().map(|s| s.total()).sum();
+        if summaries.is_empty() {
+            return total;
+        }
+        let details = summaries.iter().map(|s| s.detail()).collect();
+        if let Err(e) = self
+            .audit
+            .notes(crate::refusals::SUMMARY_KIND, details)
+            .await
+        {
+            tracing::error!(
+                error = %e,
+                refusals = total,
+                "cannot record the count of suppressed refusal records in the audit trail"
+            );
+            return 0;
+        }
+        total
     }
 
     /// Counts one finished item: metrics and the entity's traffic.
@@ -1272,9 +1343,20 @@ operations = ["sign", "verify"]
     }
 
     fn fixture(keys: &str, entity_keys: &[&str], extra: &str) -> Fixture {
+        fixture_with(keys, entity_keys, extra, |_| {})
+    }
+
+    /// [`fixture`] with the parsed configuration changed by `edit`.
+    fn fixture_with(
+        keys: &str,
+        entity_keys: &[&str],
+        extra: &str,
+        edit: impl FnOnce(&mut Config),
+    ) -> Fixture {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_path_buf();
-        let cfg = config(&dir, keys, entity_keys, extra);
+        let mut cfg = config(&dir, keys, entity_keys, extra);
+        edit(&mut cfg);
         let p256 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let point = p256.public_key_raw().to_vec();
         let info = KeyInfo {
@@ -1500,6 +1582,179 @@ operations = ["sign", "verify"]
             assert_eq!(r["op"], "sign");
         }
         assert!(!serde_json::to_string(&recs).unwrap().contains("secret-key"));
+    }
+
+    /// Every record of the trail, any type.
+    fn all_records(dir: &Path) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        for (_, f) in crate::audit::trail_files(&dir.join("audit")).unwrap() {
+            let bytes = crate::audit::read_trail_file(&f).unwrap();
+            for line in std::str::from_utf8(&bytes).unwrap().lines() {
+                out.push(serde_json::from_str(line).unwrap());
+            }
+        }
+        out
+    }
+
+    /// `(entity, suppressed total, OP:CODE → count)` of a
+    /// `refusals_suppressed` detail.
+    fn summary(detail: &str) -> (String, u64, BTreeMap<String, u64>) {
+        let mut words = detail.split(' ');
+        let entity = words.next().unwrap().strip_prefix("entity=").unwrap();
+        let total = words.next().unwrap().strip_prefix("suppressed=").unwrap();
+        let counts = words
+            .map(|w| {
+                let (k, n) = w.split_once('=').unwrap();
+                (k.to_owned(), n.parse().unwrap())
+            })
+            .collect();
+        (entity.to_owned(), total.parse().unwrap(), counts)
+    }
+
+    #[test]
+    fn refusals_past_the_record_bucket_are_counted_in_one_summary_per_source() {
+        let app2 = format!(
+            "[[entity]]\nname = \"app2\"\ncertificate_sha256 = \"{}\"\nkeys = [\"demo\"]\noperations = [\"sign\"]\nrate = {{ per_second = 0.001, burst = 1 }}\n",
+            "02".repeat(32)
+        );
+        let f = fixture_with("", &["demo"], &app2, |c| {
+            c.audit.refusal_records = crate::config::RateLimit {
+                per_second: 0.001,
+                burst: 5,
+            };
+        });
+        let client2 = ClientIdentity {
+            certificate_sha256: [2; 32],
+            ..client()
+        };
+        let sign = serde_json::to_vec(&json!({"key": "demo", "data": "aGk="})).unwrap();
+        let mut signatures = Vec::new();
+        let mut refused = (0u64, 0u64);
+        rt().block_on(async {
+            f.app.run_selftests().await.unwrap();
+            // app1 floods with refusals checked before any bucket (wrong
+            // media type), signing now and then.
+            for i in 0..250 {
+                let route = if i < 200 { Route::Sign } else { Route::Verify };
+                let r = f
+                    .app
+                    .precheck(&route, Some(verified(&client())), Some("text/plain"))
+                    .await;
+                assert_eq!(r.unwrap_err(), SvsError::UnsupportedMediaType);
+                refused.0 += 1;
+                if i % 10 == 0 {
+                    let ok =
+                        call(&f.app, Route::Sign, &json!({"key": "demo", "data": "aGk="})).await;
+                    assert_eq!(ok.status, 200, "{:?}", ok.body);
+                    signatures.push(ok.body["signature"].as_str().unwrap().to_owned());
+                }
+            }
+            // app2, after that flood: its own bucket. One sign, then
+            // refused by its rate limit (which costs it no token).
+            for i in 0..301 {
+                let adm = f
+                    .app
+                    .precheck(
+                        &Route::Sign,
+                        Some(verified(&client2)),
+                        Some("application/json"),
+                    )
+                    .await;
+                match adm {
+                    Ok(adm) => {
+                        assert_eq!(i, 0);
+                        let r = f.app.handle(Route::Sign, &adm, &sign).await;
+                        assert_eq!(r.status, 200);
+                        signatures.push(r.body["signature"].as_str().unwrap().to_owned());
+                    }
+                    Err(e) => {
+                        assert_eq!(e.wire().code, "rate_limited");
+                        refused.1 += 1;
+                    }
+                }
+            }
+            // Unknown clients share one bucket of their own.
+            for _ in 0..2 {
+                let r = f
+                    .app
+                    .precheck(&Route::Sign, None, Some("application/json"))
+                    .await;
+                assert_eq!(r.unwrap_err(), SvsError::Unauthenticated);
+            }
+            assert_eq!(f.app.flush_refusals().await, 245 + 295);
+            // Counted once: nothing is left for the next second.
+            assert_eq!(f.app.flush_refusals().await, 0);
+        });
+        let m = f.app.metrics();
+        assert_eq!(m.refusals_suppressed("app1", "unsupported_media_type"), 245);
+        assert_eq!(m.refusals_suppressed("app2", "rate_limited"), 295);
+        assert_eq!(
+            m.refusals_suppressed(metrics::UNKNOWN, "unauthenticated"),
+            0
+        );
+
+        let all = all_records(&f.dir);
+        let ops: Vec<_> = all.iter().filter(|r| r["type"] == "op").collect();
+        let count = |entity: &str, outcome: &str| {
+            ops.iter()
+                .filter(|r| r["entity"] == entity && r["outcome"] == outcome)
+                .count()
+        };
+        // At most the burst of refusals one by one, per source...
+        assert_eq!(count("app1", "unsupported_media_type"), 5);
+        assert_eq!(count("app2", "rate_limited"), 5);
+        assert_eq!(count(UNKNOWN_ENTITY, "unauthenticated"), 2);
+        // ...and every signature handed out, flood or not.
+        assert_eq!(count("app1", "ok"), 25);
+        assert_eq!(count("app2", "ok"), 1);
+        let signed: std::collections::BTreeSet<_> = ops
+            .iter()
+            .filter_map(|r| r["output_sm3"].as_str())
+            .collect();
+        for sig in &signatures {
+            let der = api::b64("signature", sig).unwrap();
+            let h = svs_hsm::keys::hex(&crate::audit::sm3(&der));
+            assert!(
+                signed.contains(h.as_str()),
+                "signature {sig} not in the trail"
+            );
+        }
+        assert_eq!(ops.len(), 5 + 5 + 2 + 25 + 1);
+        // One summary per source that had refusals held back, making up
+        // the difference exactly.
+        let summaries: Vec<_> = all
+            .iter()
+            .filter(|r| r["type"] == "refusals_suppressed")
+            .map(|r| summary(r["detail"].as_str().unwrap()))
+            .collect();
+        let want = |pairs: &[(&str, u64)]| -> BTreeMap<String, u64> {
+            pairs.iter().map(|(k, n)| ((*k).to_owned(), *n)).collect()
+        };
+        assert_eq!(
+            summaries,
+            [
+                (
+                    "app1".to_owned(),
+                    245,
+                    want(&[
+                        ("sign:unsupported_media_type", 195),
+                        ("verify:unsupported_media_type", 50)
+                    ])
+                ),
+                ("app2".to_owned(), 295, want(&[("sign:rate_limited", 295)])),
+            ]
+        );
+        // Records one by one plus the summary: every refusal answered.
+        for (entity, outcome, refused) in [
+            ("app1", "unsupported_media_type", refused.0),
+            ("app2", "rate_limited", refused.1),
+        ] {
+            let summed = summaries.iter().find(|s| s.0 == entity).unwrap().1;
+            assert_eq!(count(entity, outcome) as u64 + summed, refused, "{entity}");
+        }
+        // The chain holds with the notes in it.
+        let report = crate::audit::verify_dir(&f.dir.join("audit"), None).unwrap();
+        assert_eq!(report.records, all.len() as u64);
     }
 
     #[test]

@@ -1068,6 +1068,19 @@ impl AuditTrail {
             .map(|_| ())
     }
 
+    /// Appends notes of one kind together (one group commit); returns once
+    /// they are on disk.
+    pub async fn notes(&self, kind: &'static str, details: Vec<String>) -> Result<(), SvsError> {
+        if details.is_empty() {
+            return Ok(());
+        }
+        let entries = details
+            .into_iter()
+            .map(|detail| Entry::Note { kind, detail })
+            .collect();
+        self.append_entries(entries).await.map(|_| ())
+    }
+
     /// The last durable record's seq and hash.
     pub async fn head(&self) -> Result<(u64, [u8; 32]), SvsError> {
         self.check()?;
@@ -1749,6 +1762,7 @@ mod tests {
             max_group_records: 64,
             checkpoint_interval: None,
             checkpoint_key: None,
+            refusal_records: crate::config::DEFAULT_REFUSAL_RECORDS,
         }
     }
 

@@ -171,8 +171,16 @@ impl Default for Limits {
     }
 }
 
+/// Default of `[audit] refusal_records`: per source, a refused request gets
+/// its own record at 20 a second after a burst of 100; past that refusals
+/// are counted in one summary record a second (see [`crate::refusals`]).
+pub const DEFAULT_REFUSAL_RECORDS: RateLimit = RateLimit {
+    per_second: 20.0,
+    burst: 100,
+};
+
 /// The audit trail's settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AuditConfig {
     /// Directory of the trail files.
     pub dir: PathBuf,
@@ -187,6 +195,10 @@ pub struct AuditConfig {
     pub checkpoint_interval: Option<Duration>,
     /// Token object (CKA_LABEL) of the audit key; required for checkpoints.
     pub checkpoint_key: Option<String>,
+    /// Token bucket of refusal records per source (an entity, or all
+    /// unknown clients together); a burst of 0 records refusals only in
+    /// the summaries.
+    pub refusal_records: RateLimit,
 }
 
 /// The validated configuration.
@@ -287,6 +299,7 @@ struct RawAudit {
     max_group_records: Option<usize>,
     checkpoint_interval_s: Option<u64>,
     checkpoint_key: Option<String>,
+    refusal_records: Option<RawRate>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -776,6 +789,20 @@ impl Config {
                     "[audit] checkpoint_key {k:?} must not also be exposed in [keys]"
                 ));
             }
+            let refusal_records = match a.refusal_records {
+                None => DEFAULT_REFUSAL_RECORDS,
+                Some(r) => {
+                    if !(r.per_second.is_finite() && r.per_second > 0.0) {
+                        errors.push("[audit] refusal_records.per_second must be > 0");
+                    }
+                    RateLimit {
+                        per_second: r.per_second,
+                        burst: r
+                            .burst
+                            .unwrap_or_else(|| r.per_second.ceil().clamp(1.0, 1e9) as u32),
+                    }
+                }
+            };
             AuditConfig {
                 dir: resolve(&base, a.dir),
                 max_file_bytes,
@@ -783,6 +810,7 @@ impl Config {
                 max_group_records,
                 checkpoint_interval,
                 checkpoint_key: a.checkpoint_key,
+                refusal_records,
             }
         });
 
@@ -1022,5 +1050,44 @@ operations = ["dance"]
         assert!(parse_fingerprint("abc").is_none());
         assert!(parse_fingerprint(&"zz".repeat(32)).is_none());
         assert_eq!(normalise_dn(" cn = A B ,o=X"), "CN=A B,O=X");
+    }
+
+    #[test]
+    fn refusal_records_default_and_are_checked_with_the_other_errors() {
+        let c = Config::from_toml(&good(), Path::new("/x.toml")).unwrap();
+        assert_eq!(c.audit.refusal_records, DEFAULT_REFUSAL_RECORDS);
+        let with = |line: &str| {
+            Config::from_toml(
+                &good().replacen("[audit]\n", &format!("[audit]\n{line}\n"), 1),
+                Path::new("/x.toml"),
+            )
+        };
+        let c = with("refusal_records = { per_second = 5.0, burst = 0 }").unwrap();
+        let want = RateLimit {
+            per_second: 5.0,
+            burst: 0,
+        };
+        assert_eq!(c.audit.refusal_records, want, "0: summaries only");
+        let c = with("refusal_records = { per_second = 2.5 }").unwrap();
+        assert_eq!(c.audit.refusal_records.burst, 3, "as an entity's rate");
+        for bad in [
+            "refusal_records = { per_second = 0.0 }",
+            "refusal_records = { per_second = -1.0, burst = 5 }",
+        ] {
+            let Err(SvsError::Config(errs)) = with(&format!("{bad}\nmax_group_records = 0")) else {
+                panic!("{bad} accepted")
+            };
+            let all = errs.join("\n");
+            assert!(
+                all.contains("refusal_records.per_second must be > 0"),
+                "{all}"
+            );
+            assert!(all.contains("max_group_records"), "{all}");
+        }
+        let Err(SvsError::Config(errs)) = with("refusal_records = { per_second = 1.0, brust = 2 }")
+        else {
+            panic!("a misspelt field is an error")
+        };
+        assert!(errs.join("\n").contains("brust"), "{errs:?}");
     }
 }

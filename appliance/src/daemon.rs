@@ -556,6 +556,8 @@ impl Running {
         {
             tracing::warn!("grace period over: closing the remaining connections");
         }
+        // Refusals counted since the last tick are in the trail before it ends.
+        app.flush_refusals().await;
         if let Err(e) = audit.note("stop", "svsd stopped".into()).await {
             tracing::error!(error = %e, "cannot record the stop in the audit trail");
         }
@@ -629,7 +631,8 @@ fn spawn_duties(app: &Arc<App>, config: &Config, stop: watch::Receiver<bool>) {
             }
         }
     });
-    // Abnormal-traffic detection: windows move once a second.
+    // Abnormal-traffic detection: windows move once a second; refusals
+    // held back from the audit trail are counted in it as often.
     let a = app.clone();
     let mut s = stop.clone();
     tokio::spawn(async move {
@@ -637,7 +640,10 @@ fn spawn_duties(app: &Arc<App>, config: &Config, stop: watch::Receiver<bool>) {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = tick.tick() => { a.anomaly_tick().await; }
+                _ = tick.tick() => {
+                    a.anomaly_tick().await;
+                    a.flush_refusals().await;
+                }
                 _ = s.changed() => return,
             }
         }

@@ -4,9 +4,33 @@
 //! Messages never contain request payloads, PINs or key material: they name
 //! fields, sizes and key names only.
 
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use svs_hsm::HsmError;
+
+use crate::refusals::LogLimit;
+
+/// One limiter per code of a 5xx answer whose details are logged (a fixed
+/// set of codes).
+type FailureLines = Mutex<BTreeMap<&'static str, LogLimit>>;
+
+/// The 5xx detail lines of the whole process. Clients can cause some 5xx
+/// at will (every signing request while the audit trail is broken or the
+/// HSM is down), so each code gets at most one line a second.
+static FAILURE_LINES: FailureLines = Mutex::new(BTreeMap::new());
+
+/// Whether a failure with `code` at `now` is logged: `Some(n)` with the
+/// `n` failures of that code left out since its last line.
+fn failure_line(lines: &FailureLines, code: &'static str, now: Instant) -> Option<u64> {
+    lines
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(code)
+        .or_insert_with(|| LogLimit::new(Duration::from_secs(1)))
+        .hit_at(now)
+}
 
 /// Every error svsd produces, from configuration to a single batch item.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -324,12 +348,15 @@ impl SvsError {
     }
 
     /// Logs the details of a server-side failure (5xx) that its client
-    /// message leaves out. Client errors are not logged: they would let
-    /// clients fill the log.
+    /// message leaves out, at most once a second per code (`held_back`:
+    /// the failures of that code left out since its last line). Client
+    /// errors are not logged: they would let clients fill the log.
     pub fn log_details(&self) {
         let w = self.wire();
-        if w.status >= 500 {
-            tracing::warn!(code = w.code, error = %self, "request failed");
+        if w.status >= 500
+            && let Some(held_back) = failure_line(&FAILURE_LINES, w.code, Instant::now())
+        {
+            tracing::warn!(code = w.code, error = %self, held_back, "request failed");
         }
     }
 
@@ -508,6 +535,23 @@ mod tests {
             (SvsError::Io("x".into()), 500, "internal_error"),
             (SvsError::Internal("x".into()), 500, "internal_error"),
         ]
+    }
+
+    #[test]
+    fn failure_details_are_logged_once_a_second_per_code() {
+        let lines = FailureLines::default();
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        assert_eq!(failure_line(&lines, "audit_unavailable", t0), Some(0));
+        for ms in 0..500 {
+            assert_eq!(failure_line(&lines, "audit_unavailable", at(ms)), None);
+        }
+        // Another code has its own line.
+        assert_eq!(failure_line(&lines, "hsm_timeout", at(500)), Some(0));
+        assert_eq!(
+            failure_line(&lines, "audit_unavailable", at(1000)),
+            Some(500)
+        );
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod dev;
 pub mod error;
 pub mod metrics;
 pub mod policy;
+pub mod refusals;
 pub mod server;
 pub mod tls;
 

@@ -204,6 +204,7 @@ pub struct Metrics {
     http_requests: IntCounterVec,
     request_seconds: HistogramVec,
     rate_limited: IntCounterVec,
+    refusals_suppressed: IntCounterVec,
     key_usage: IntCounterVec,
     hsm_seconds: HistogramVec,
     hsm_errors: IntCounterVec,
@@ -308,6 +309,12 @@ impl Metrics {
                 "svs_rate_limited_total",
                 "Requests refused by an entity's limits (rate, concurrency, or anomaly throttle).",
                 &["entity", "reason"],
+            ),
+            refusals_suppressed: counter_vec(
+                &r,
+                "svs_audit_refusals_suppressed_total",
+                "Refused requests past their source's refusal-record bucket: counted in a refusals_suppressed audit note instead of a record each, by entity and error code.",
+                &["entity", "code"],
             ),
             key_usage: counter_vec(
                 &r,
@@ -471,6 +478,22 @@ impl Metrics {
     /// A request refused by an entity's limits.
     pub fn rate_limited(&self, entity: &str, reason: &'static str) {
         self.rate_limited.with_label_values(&[entity, reason]).inc();
+    }
+
+    /// A refused request counted in a summary note instead of its own
+    /// audit record.
+    pub fn refusal_suppressed(&self, entity: &str, code: &'static str) {
+        self.refusals_suppressed
+            .with_label_values(&[entity, code])
+            .inc();
+    }
+
+    /// The count of [`Metrics::refusal_suppressed`] for one series.
+    #[cfg(test)]
+    pub(crate) fn refusals_suppressed(&self, entity: &str, code: &str) -> u64 {
+        self.refusals_suppressed
+            .with_label_values(&[entity, code])
+            .get()
     }
 
     /// A self-test run ended.

@@ -220,7 +220,8 @@ pub struct ShowFilter {
     pub entity: Option<String>,
     /// Only this key.
     pub key: Option<String>,
-    /// Only this record type (op, start, stop, reload, selftest, checkpoint).
+    /// Only this record type (op, start, stop, reload, selftest, anomaly,
+    /// refusals_suppressed, checkpoint).
     pub kind: Option<String>,
     /// Only the last N matching records.
     pub last: Option<usize>,
@@ -385,6 +386,7 @@ mod tests {
             max_group_records: 64,
             checkpoint_interval: None,
             checkpoint_key: None,
+            refusal_records: svs_appliance::config::DEFAULT_REFUSAL_RECORDS,
         })
         .unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -428,6 +430,57 @@ mod tests {
         let r = verify(dir.path(), &AuditKey::Skip, &args).unwrap();
         assert!(r.text.contains("were pruned"), "{}", r.text);
         assert_eq!(r.json["pruned_before"], first);
+    }
+
+    #[test]
+    fn summaries_of_suppressed_refusals_verify_and_show_like_any_note() {
+        let dir = tempfile::tempdir().unwrap();
+        let trail = svs_appliance::audit::AuditTrail::open(&svs_appliance::config::AuditConfig {
+            dir: dir.path().to_path_buf(),
+            max_file_bytes: 1 << 20,
+            preallocate: true,
+            max_group_records: 64,
+            checkpoint_interval: None,
+            checkpoint_key: None,
+            refusal_records: svs_appliance::config::DEFAULT_REFUSAL_RECORDS,
+        })
+        .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            trail.note("start", "svsd started".into()).await.unwrap();
+            trail
+                .notes(
+                    svs_appliance::refusals::SUMMARY_KIND,
+                    vec![
+                        "entity=app1 suppressed=1900 sign:rate_limited=1900".into(),
+                        "entity=_unknown suppressed=7 sign:unauthenticated=7".into(),
+                    ],
+                )
+                .await
+                .unwrap();
+            trail.note("stop", "svsd stopped".into()).await.unwrap();
+        });
+        trail.close();
+        let r = verify(dir.path(), &AuditKey::Skip, &VerifyArgs::default()).unwrap();
+        assert_eq!(r.json["records"], 4, "{}", r.json);
+        let shown = show(
+            dir.path(),
+            &ShowFilter {
+                kind: Some("refusals_suppressed".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(shown.json["records"].as_array().unwrap().len(), 2);
+        assert!(
+            shown
+                .text
+                .contains("refusals_suppressed entity=app1 suppressed=1900 sign:rate_limited=1900"),
+            "{}",
+            shown.text
+        );
     }
 
     #[test]

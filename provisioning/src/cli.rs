@@ -378,7 +378,8 @@ pub enum AuditCmd {
         /// Only this key.
         #[arg(long)]
         key: Option<String>,
-        /// Only this record type: op, start, stop, reload, selftest, checkpoint.
+        /// Only this record type: op, start, stop, reload, selftest, anomaly,
+        /// refusals_suppressed, checkpoint.
         #[arg(long = "type", value_name = "TYPE")]
         kind: Option<String>,
         /// Only the last N matching records.

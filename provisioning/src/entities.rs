@@ -695,6 +695,7 @@ mod tests {
             max_group_records: 64,
             checkpoint_interval: None,
             checkpoint_key: None,
+            refusal_records: svs_appliance::config::DEFAULT_REFUSAL_RECORDS,
         })
         .unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()

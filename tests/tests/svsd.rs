@@ -1551,3 +1551,145 @@ async fn tls_1_2_clients_are_served_and_still_need_a_certificate() {
     };
     assert!(refused, "a TLS 1.2 client without a certificate was served");
 }
+
+/// A flood of refused requests from one entity (the review's case: an
+/// HTTP/2 client sending as fast as it can into an empty token bucket)
+/// writes at most its refusal-record burst plus the bucket's rate of
+/// records, and one count a second for the rest: the trail accounts for
+/// every refusal the client received, other entities' signatures are all
+/// in it, and the chain verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_refusals_is_counted_not_recorded_one_by_one() {
+    let install = Install::new();
+    let dev = install.dev_client();
+    let flooder = install.issue_client("flooder");
+    install.write_entities(&format!(
+        "{}{}",
+        entity("dev-client", &dev.sha256, &["demo"], &["sign"], ""),
+        entity(
+            "flooder",
+            &flooder.sha256,
+            &["demo"],
+            &["sign"],
+            "rate = { per_second = 1.0, burst = 1 }"
+        ),
+    ));
+    // [audit] refusal_records left at its default: 20 a second, burst 100.
+    let mut d = install.start().await;
+    let sign = json!({"key":"demo","data":HELLO});
+    let started = std::time::Instant::now();
+    let mut flood = Vec::new();
+    for _ in 0..8 {
+        let mut c = Client::connect(d.addr, &d.ca, &flooder, true)
+            .await
+            .unwrap();
+        let body = sign.clone();
+        flood.push(tokio::spawn(async move {
+            let (mut refused, mut signed) = (0u64, 0u64);
+            for _ in 0..300 {
+                match c.post("/v1/sign", &body).await.unwrap() {
+                    (429, _, v) => {
+                        assert_eq!(v["error"]["code"], "rate_limited");
+                        refused += 1;
+                    }
+                    (200, _, _) => signed += 1,
+                    (s, _, v) => panic!("{s} {v}"),
+                }
+            }
+            (refused, signed)
+        }));
+    }
+    // Another tenant signs meanwhile: every answer it gets is recorded.
+    let mut dc = d.client(true).await;
+    let mut handed_out = HashSet::new();
+    for n in 0..50 {
+        let data = format!("tenant message {n}");
+        let (s, _, v) = dc
+            .post(
+                "/v1/sign",
+                &json!({"key":"demo","data":b64(data.as_bytes())}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(s, 200, "{v}");
+        let sig = unb64(v["signature"].as_str().unwrap());
+        handed_out.insert((sm3_hex(data.as_bytes()), sm3_hex(&sig)));
+    }
+    let (mut refused, mut flooder_signed) = (0u64, 0u64);
+    for t in flood {
+        let (r, s) = t.await.unwrap();
+        refused += r;
+        flooder_signed += s;
+    }
+    let flood_secs = started.elapsed().as_secs_f64();
+    assert!(refused >= 2000, "{refused}");
+    // The metric counts each refusal held back at once (the last second's
+    // may not be in a note yet).
+    let metrics = scrape_metrics(install.metrics_addr).await;
+    let held_back: u64 = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(
+                r#"svs_audit_refusals_suppressed_total{code="rate_limited",entity="flooder"} "#,
+            )
+        })
+        .unwrap_or_else(|| panic!("no suppressed-refusal series in:\n{metrics}"))
+        .parse()
+        .unwrap();
+    // SIGTERM: the counts not yet in a note are written before `stop`.
+    d.signal("TERM");
+    assert!(d.wait(Duration::from_secs(15)).unwrap().success());
+
+    let report = svs_appliance::audit::verify_dir(&install.audit_dir(), None).unwrap();
+    let (mut one_by_one, mut summed, mut summaries, mut tenant_ok) = (0u64, 0u64, 0u64, 0u64);
+    let mut in_trail = HashSet::new();
+    let mut bytes_total = 0;
+    for (_, f) in svs_appliance::audit::trail_files(&install.audit_dir()).unwrap() {
+        let bytes = svs_appliance::audit::read_trail_file(&f).unwrap();
+        bytes_total += bytes.len();
+        for line in std::str::from_utf8(&bytes).unwrap().lines() {
+            let v: Value = serde_json::from_str(line).unwrap();
+            match (v["type"].as_str().unwrap(), v["entity"].as_str()) {
+                ("op", Some("flooder")) if v["outcome"] == "rate_limited" => one_by_one += 1,
+                ("op", Some("dev-client")) if v["outcome"] == "ok" => {
+                    tenant_ok += 1;
+                    in_trail.insert((
+                        v["input_sm3"].as_str().unwrap().to_owned(),
+                        v["output_sm3"].as_str().unwrap().to_owned(),
+                    ));
+                }
+                ("refusals_suppressed", _) => {
+                    let detail = v["detail"].as_str().unwrap();
+                    let mut words = detail.split(' ');
+                    assert_eq!(words.next(), Some("entity=flooder"), "{detail}");
+                    let total: u64 = words
+                        .next()
+                        .and_then(|w| w.strip_prefix("suppressed="))
+                        .unwrap()
+                        .parse()
+                        .unwrap();
+                    let parts: Vec<_> = words.collect();
+                    assert_eq!(parts, [format!("sign:rate_limited={total}")], "{detail}");
+                    summed += total;
+                    summaries += 1;
+                }
+                _ => {}
+            }
+        }
+    }
+    println!(
+        "{refused} refusals in {flood_secs:.2} s ({flooder_signed} signed): {one_by_one} recorded one by one, {summed} counted in {summaries} notes; trail {} records, {bytes_total} bytes",
+        report.records
+    );
+    // Bounded: the burst, plus the bucket's rate over the flood.
+    let bound = 100 + (20.0 * (flood_secs + 1.0)).ceil() as u64;
+    assert!(one_by_one <= bound, "{one_by_one} > {bound}");
+    assert!(summaries >= 1 && summed > 0);
+    // The flood was over before the scrape: the metric and the notes agree.
+    assert_eq!(summed, held_back);
+    // Every refusal received is accounted for.
+    assert_eq!(one_by_one + summed, refused);
+    // Every signature handed out is in the trail.
+    assert_eq!(tenant_ok, 50);
+    assert_eq!(in_trail, handed_out);
+}
