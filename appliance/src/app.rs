@@ -579,9 +579,10 @@ impl App {
     /// `_unknown`) whose refusals were counted instead of recorded since
     /// the last call: `entity=NAME suppressed=TOTAL OP:CODE=N …`, in one
     /// group commit. The daemon calls it every second and before its
-    /// `stop` record. Also reports refusal-audit failures the log held
-    /// back. Returns the refusals the notes account for.
+    /// `stop` record. Also reports refusal-audit failures and 5xx failures
+    /// the log held back. Returns the refusals the notes account for.
     pub async fn flush_refusals(&self) -> u64 {
+        crate::error::log_held_back_failures();
         if let Some(held_back) = self.refusal_log.held_back() {
             tracing::error!(
                 held_back,
@@ -624,8 +625,18 @@ impl App {
 
     /// Handles one request admitted by [`App::precheck`] whose body has
     /// been read.
-    pub async fn handle(self: &Arc<Self>, route: Route, adm: &Admission, body: &[u8]) -> Reply {
-        match self.dispatch(route, adm, body).await {
+    ///
+    /// `client` is the connection's client as it stands now (checked
+    /// against the current client CA): a reload since admission judges the
+    /// request again with it.
+    pub async fn handle(
+        self: &Arc<Self>,
+        route: Route,
+        adm: &Admission,
+        client: Option<VerifiedClient<'_>>,
+        body: &[u8],
+    ) -> Reply {
+        match self.dispatch(route, adm, client, body).await {
             Ok(r) => r,
             Err(e) => {
                 self.counters.errors.fetch_add(1, Ordering::Relaxed);
@@ -639,6 +650,7 @@ impl App {
         self: &Arc<Self>,
         route: Route,
         adm: &Admission,
+        client: Option<VerifiedClient<'_>>,
         body: &[u8],
     ) -> Result<Reply, SvsError> {
         let rt = &adm.rt;
@@ -687,7 +699,7 @@ impl App {
                 })))
             }
             Route::Sign | Route::SignBatch | Route::Verify | Route::VerifyBatch => {
-                self.operation(route, adm, body).await
+                self.operation(route, adm, client, body).await
             }
         }
     }
@@ -703,6 +715,7 @@ impl App {
         self: &Arc<Self>,
         route: Route,
         adm: &Admission,
+        client: Option<VerifiedClient<'_>>,
         body: &[u8],
     ) -> Result<Reply, SvsError> {
         let op = match route {
@@ -711,7 +724,7 @@ impl App {
         };
         let batch = matches!(route, Route::SignBatch | Route::VerifyBatch);
         let entity = adm.entity.clone().ok_or(SvsError::Unauthenticated)?;
-        let readmitted = self.readmit(entity.clone(), adm.rt.clone(), op);
+        let readmitted = self.readmit(entity.clone(), adm.rt.clone(), client, op);
         let items = match readmitted.and_then(|(entity, rt)| {
             let items = self.admit(&entity, &rt, batch, op, body)?;
             Ok((entity, rt, items))
@@ -751,26 +764,28 @@ impl App {
 
     /// The entity and runtime that decide a request from its body on. A
     /// reload since admission (the body may take `body_timeout` to arrive)
-    /// applies to it: a suspended or removed entity is refused, and the
-    /// entity's grants and keys are those now in force. One snapshot still
-    /// decides everything after this point.
+    /// applies to it: the client is identified again under the new policy
+    /// and must still be the entity it was admitted as (a certificate
+    /// rebound or no longer trusted is refused), a suspended or removed
+    /// entity is refused, and the entity's grants and keys are those now in
+    /// force. One snapshot still decides everything after this point.
     fn readmit(
         &self,
         entity: Arc<Entity>,
         admitted: Arc<Runtime>,
+        client: Option<VerifiedClient<'_>>,
         op: Operation,
     ) -> Result<(Arc<Entity>, Arc<Runtime>), SvsError> {
         let rt = self.runtime();
         if Arc::ptr_eq(&rt, &admitted) {
             return Ok((entity, rt));
         }
-        let current = rt
-            .policy
-            .entities()
-            .iter()
-            .find(|e| e.name() == entity.name())
-            .cloned()
-            .ok_or(SvsError::Unauthenticated)?;
+        let current = client
+            .ok_or(SvsError::Unauthenticated)
+            .and_then(|c| rt.policy.identify(c))?;
+        if current.name() != entity.name() {
+            return Err(SvsError::Unauthenticated);
+        }
         current.check_active()?;
         current.check_operation(op)?;
         Ok((current, rt))
@@ -1198,7 +1213,6 @@ impl App {
     }
 }
 
-/// The `reason` label of a limiter refusal.
 /// Runs of a periodic self-test, the first included, before an HSM that
 /// stays too busy to take the test counts as a failure.
 pub const SELFTEST_ATTEMPTS: u32 = 3;
@@ -1222,6 +1236,7 @@ impl SelftestFailure {
     }
 }
 
+/// The `reason` label of a limiter refusal.
 fn limit_reason(e: &SvsError) -> &'static str {
     match e {
         SvsError::TooManyConcurrent => "concurrency",
@@ -1399,7 +1414,10 @@ operations = ["sign", "verify"]
             .precheck(&route, Some(verified(&client())), Some("application/json"))
             .await
         {
-            Ok(adm) => app.handle(route, &adm, &body).await,
+            Ok(adm) => {
+                app.handle(route, &adm, Some(verified(&client())), &body)
+                    .await
+            }
             Err(e) => Reply::from(e),
         }
     }
@@ -1537,7 +1555,7 @@ operations = ["sign", "verify"]
                 .unwrap();
             let reply = f
                 .app
-                .handle(Route::Sign, &r, b"{\"key\":\"secret-key\"")
+                .handle(Route::Sign, &r, None, b"{\"key\":\"secret-key\"")
                 .await;
             assert_eq!(reply.status, 400);
             drop(r);
@@ -1663,7 +1681,7 @@ operations = ["sign", "verify"]
                 match adm {
                     Ok(adm) => {
                         assert_eq!(i, 0);
-                        let r = f.app.handle(Route::Sign, &adm, &sign).await;
+                        let r = f.app.handle(Route::Sign, &adm, None, &sign).await;
                         assert_eq!(r.status, 200);
                         signatures.push(r.body["signature"].as_str().unwrap().to_owned());
                     }
@@ -1781,7 +1799,7 @@ operations = ["sign", "verify"]
                 .await;
             assert_eq!(second.unwrap_err(), SvsError::TooManyConcurrent);
             // The first ends in an error: its slot is back.
-            let reply = f.app.handle(Route::Sign, &first, b"not json").await;
+            let reply = f.app.handle(Route::Sign, &first, None, b"not json").await;
             assert_eq!(reply.status, 400);
             drop(first);
             assert!(
@@ -1852,7 +1870,10 @@ operations = ["sign", "verify"]
             let other = "other = { object = \"other\" }";
             let cfg = config(&f.dir, other, &["other"], "");
             f.app.reload(&cfg).await.unwrap();
-            let reply = f.app.handle(Route::Sign, &adm, &body).await;
+            let reply = f
+                .app
+                .handle(Route::Sign, &adm, Some(verified(&id)), &body)
+                .await;
             assert_eq!(
                 (reply.status, reply.body["error"]["code"].as_str()),
                 (403, Some("key_not_allowed"))
@@ -1865,7 +1886,10 @@ operations = ["sign", "verify"]
             let adm = admit().await.unwrap();
             let suspended = config(&f.dir, "", &["demo"], "status = \"suspended\"");
             f.app.reload(&suspended).await.unwrap();
-            let reply = f.app.handle(Route::Sign, &adm, &body).await;
+            let reply = f
+                .app
+                .handle(Route::Sign, &adm, Some(verified(&id)), &body)
+                .await;
             assert_eq!(
                 (reply.status, reply.body["error"]["code"].as_str()),
                 (403, Some("entity_suspended"))
@@ -1879,11 +1903,40 @@ operations = ["sign", "verify"]
             let mut verify_only = config(&f.dir, "", &["demo"], "");
             verify_only.entities[0].operations = [Operation::Verify].into_iter().collect();
             f.app.reload(&verify_only).await.unwrap();
-            let reply = f.app.handle(Route::Sign, &adm, &body).await;
+            let reply = f
+                .app
+                .handle(Route::Sign, &adm, Some(verified(&id)), &body)
+                .await;
             assert_eq!(
                 (reply.status, reply.body["error"]["code"].as_str()),
                 (403, Some("operation_not_allowed"))
             );
+            // ...the entity bound to another certificate...
+            f.app
+                .reload(&config(&f.dir, "", &["demo"], ""))
+                .await
+                .unwrap();
+            let adm = admit().await.unwrap();
+            let mut rebound = config(&f.dir, "", &["demo"], "");
+            rebound.entities[0].client = crate::config::ClientMatch::CertificateSha256([2; 32]);
+            f.app.reload(&rebound).await.unwrap();
+            let reply = f
+                .app
+                .handle(Route::Sign, &adm, Some(verified(&id)), &body)
+                .await;
+            assert_eq!(reply.status, 401, "{}", reply.body);
+            // ...a client no longer trusted by the current client CA...
+            f.app
+                .reload(&config(&f.dir, "", &["demo"], ""))
+                .await
+                .unwrap();
+            let adm = admit().await.unwrap();
+            f.app
+                .reload(&config(&f.dir, "", &["demo"], ""))
+                .await
+                .unwrap();
+            let reply = f.app.handle(Route::Sign, &adm, None, &body).await;
+            assert_eq!(reply.status, 401, "{}", reply.body);
             // ...and an entity removed altogether.
             f.app
                 .reload(&config(&f.dir, "", &["demo"], ""))
@@ -1893,7 +1946,10 @@ operations = ["sign", "verify"]
             let mut none = config(&f.dir, "", &["demo"], "");
             none.entities.clear();
             f.app.reload(&none).await.unwrap();
-            let reply = f.app.handle(Route::Sign, &adm, &body).await;
+            let reply = f
+                .app
+                .handle(Route::Sign, &adm, Some(verified(&id)), &body)
+                .await;
             assert_eq!(reply.status, 401);
             // Without a reload, the request goes through.
             f.app
@@ -1901,7 +1957,10 @@ operations = ["sign", "verify"]
                 .await
                 .unwrap();
             let adm = admit().await.unwrap();
-            let reply = f.app.handle(Route::Sign, &adm, &body).await;
+            let reply = f
+                .app
+                .handle(Route::Sign, &adm, Some(verified(&id)), &body)
+                .await;
             assert_eq!(reply.status, 200, "{}", reply.body);
         });
     }

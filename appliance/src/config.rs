@@ -466,6 +466,13 @@ fn entity(
         errors.push(format!(
             "{label}: name must be 1-128 characters of A-Z a-z 0-9 - _ . :"
         ));
+    } else if raw.name.starts_with('_') {
+        // The audit trail and metrics name clients no entity claims
+        // `_unknown`; an entity of that name would share their refusal
+        // budget and be indistinguishable from them.
+        errors.push(format!(
+            "{label}: names starting with _ are reserved for svsd (_unknown: clients no entity claims)"
+        ));
     }
     let methods = usize::from(raw.certificate_sha256.is_some())
         + usize::from(raw.spki_sha256.is_some())
@@ -1012,6 +1019,12 @@ operations = ["dance"]
         let all = errs.join("\n");
         assert!(all.contains("defined twice"), "{all}");
         assert!(all.contains("match the same client certificate"), "{all}");
+        // The name svsd gives clients no entity claims is not an entity's.
+        let text = good().replace("name = \"app1\"", "name = \"_unknown\"");
+        let Err(SvsError::Config(errs)) = Config::from_toml(&text, Path::new("/x.toml")) else {
+            panic!()
+        };
+        assert!(errs.join("\n").contains("reserved"), "{errs:?}");
     }
 
     #[test]

@@ -32,6 +32,22 @@ fn failure_line(lines: &FailureLines, code: &'static str, now: Instant) -> Optio
         .hit_at(now)
 }
 
+/// Logs, per code, the server-side failures held back since that code's
+/// last line, once its second is over, so that the tail of a burst is
+/// reported even when no failure follows it. Called once a second.
+pub fn log_held_back_failures() {
+    let lines = FAILURE_LINES.lock().unwrap_or_else(|p| p.into_inner());
+    for (code, limit) in lines.iter() {
+        if let Some(held_back) = limit.held_back() {
+            tracing::warn!(
+                code,
+                held_back,
+                "request failures left out of the log since its last line"
+            );
+        }
+    }
+}
+
 /// Every error svsd produces, from configuration to a single batch item.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SvsError {

@@ -246,8 +246,38 @@ struct ActiveRequest<'a>(&'a Activity);
 
 impl Drop for ActiveRequest<'_> {
     fn drop(&mut self) {
-        *self.0.last_done.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.0.end();
+    }
+}
+
+impl Activity {
+    fn end(&self) {
+        *self.last_done.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A refused request's body being drained after its answer: in flight for
+/// the connection's timers, so that a close (a 401 or a suspended entity
+/// closes the connection) waits for it as for any request.
+struct Draining(Arc<ConnCtx>);
+
+impl std::fmt::Debug for Draining {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Draining")
+    }
+}
+
+impl Draining {
+    fn new(ctx: Arc<ConnCtx>) -> Draining {
+        ctx.activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        Draining(ctx)
+    }
+}
+
+impl Drop for Draining {
+    fn drop(&mut self) {
+        self.0.activity.end();
     }
 }
 
@@ -275,7 +305,7 @@ struct ConnCtx {
 #[derive(Debug)]
 struct AnswerBody {
     data: Option<Bytes>,
-    unread_request: Option<(Incoming, usize, Duration)>,
+    unread_request: Option<(Incoming, usize, Duration, Draining)>,
 }
 
 impl AnswerBody {
@@ -289,7 +319,7 @@ impl AnswerBody {
 
 impl Drop for AnswerBody {
     fn drop(&mut self) {
-        let Some((mut body, limit, deadline)) = self.unread_request.take() else {
+        let Some((mut body, limit, deadline, in_flight)) = self.unread_request.take() else {
             return;
         };
         // hyper drops an answer on its connection's task, in the runtime.
@@ -307,6 +337,7 @@ impl Drop for AnswerBody {
                 }
             };
             let _ = tokio::time::timeout(deadline, drain).await;
+            drop(in_flight);
         });
     }
 }
@@ -411,7 +442,9 @@ async fn handle(
     let mut resp = response(reply, head_only);
     if let Some(body) = body.filter(|b| !http1 && !b.is_end_stream()) {
         let limits = &ctx.app.runtime().limits;
-        resp.body_mut().unread_request = Some((body, limits.max_body_bytes, limits.body_timeout));
+        let limits = (limits.max_body_bytes, limits.body_timeout);
+        let in_flight = Draining::new(ctx.clone());
+        resp.body_mut().unread_request = Some((body, limits.0, limits.1, in_flight));
     }
     if close {
         if http1 {
@@ -441,7 +474,9 @@ async fn handle_inner(
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let client = match (&ctx.peer, &ctx.tls) {
+    // The client as the current TLS generation sees it (cached per
+    // connection and generation).
+    let client = || match (&ctx.peer, &ctx.tls) {
         (Some(peer), Some(tls)) => {
             let current = tls.read().unwrap_or_else(|p| p.into_inner()).clone();
             peer.current(&current, SystemTime::now())
@@ -451,7 +486,7 @@ async fn handle_inner(
     // Identity, entity, operation, concurrency slot and rate: all before
     // a byte of the body is read.
     let adm = app
-        .precheck(&route, client, content_type.as_deref())
+        .precheck(&route, client(), content_type.as_deref())
         .await?;
     let limits = adm.runtime().limits.clone();
     let (body, _budget) = if route.has_body() {
@@ -482,9 +517,14 @@ async fn handle_inner(
     } else {
         (Bytes::new(), None)
     };
-    tokio::time::timeout(limits.request_timeout, app.handle(route, &adm, &body))
-        .await
-        .map_err(|_| SvsError::RequestTimeout(limits.request_timeout))
+    // Again, as a reload may have come while the body arrived.
+    let client = client();
+    tokio::time::timeout(
+        limits.request_timeout,
+        app.handle(route, &adm, client, &body),
+    )
+    .await
+    .map_err(|_| SvsError::RequestTimeout(limits.request_timeout))
 }
 
 fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {

@@ -160,6 +160,32 @@ impl Install {
         self.dir.join("audit")
     }
 
+    /// This installation's soft token, linked into the calling executable
+    /// and logged in as svsd is (an `svs-hsm` pool of `pool_size`
+    /// sessions): the same keys, another process.
+    pub async fn open_token(&self, pool_size: usize) -> svs_hsm::Hsm {
+        let token_conf = self.dir.join("softtoken.toml");
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        let pin = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("pin = { file = \""))
+            .and_then(|l| l.strip_suffix("\" }"))
+            .unwrap()
+            .to_owned();
+        let cfg = svs_hsm::HsmConfig::from_toml(&format!(
+            "module = \"embedded\"\ntoken_label = \"svs-dev\"\npin = {{ file = \"{pin}\" }}\n[pool]\nsize = {pool_size}\n"
+        ))
+        .unwrap();
+        // The same soft token as svsd's, linked into this executable.
+        std::hint::black_box(svs_softtoken::C_GetFunctionList as *const ());
+        tokio::task::spawn_blocking(move || {
+            svs_softtoken::set_config_path(Some(token_conf));
+            svs_hsm::Hsm::open(&cfg, Arc::new(svs_hsm::NoMetrics)).unwrap()
+        })
+        .await
+        .unwrap()
+    }
+
     /// Starts svsd on this installation; waits until /readyz answers 200.
     pub async fn start(&self) -> Daemon {
         self.start_with_env(&[]).await

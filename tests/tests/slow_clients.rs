@@ -437,6 +437,56 @@ async fn http2_refusals_before_the_body_reach_a_client_still_uploading() {
     assert!(!conn.is_finished());
 }
 
+/// A refusal that also closes the connection (401: a certificate no entity
+/// claims) still lets an HTTP/2 client finish its upload: the graceful
+/// close waits for the drain as for a request in flight, rather than
+/// dropping the connection `close_timeout_ms` after the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_a_refusal_that_closes_the_connection_lets_the_upload_end() {
+    // Close timeout under the upload's length, body timeout over it.
+    let inst = install(&[("close_timeout_ms", 300)], "");
+    let stranger = inst.issue_client("stranger");
+    let d = inst.start().await;
+    let tls = tls_stream(d.addr, tls_config(&d.ca, Some(&stranger), true))
+        .await
+        .unwrap();
+    let (send, conn) = h2::client::Builder::new().handshake(tls).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let mut s = send.ready().await.unwrap();
+    let (resp, mut stream) = s
+        .send_request(h2_request(&d, "POST", "/v1/sign"), false)
+        .unwrap();
+    stream
+        .send_data(Bytes::from(vec![b' '; 1000]), false)
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(5), resp)
+        .await
+        .expect("no answer")
+        .expect("the answer was lost");
+    let (st, v) = h2_body(resp).await.unwrap();
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (401, Some("unauthenticated"))
+    );
+    // 700 ms more of upload: past the close timeout, within the body timeout.
+    for _ in 0..7 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stream
+            .send_data(Bytes::from(vec![b' '; 1000]), false)
+            .unwrap_or_else(|e| panic!("upload cut: {e}"));
+    }
+    stream.send_data(Bytes::new(), true).unwrap();
+    let reset = tokio::time::timeout(
+        Duration::from_millis(300),
+        std::future::poll_fn(|cx| stream.poll_reset(cx)),
+    )
+    .await;
+    assert!(reset.is_err(), "stream reset: {reset:?}");
+    // Then the server ends the connection it meant to close.
+    let ended = tokio::time::timeout(SLACK + CLOSE, conn).await;
+    assert!(ended.is_ok(), "the refused client's connection stays open");
+}
+
 /// Frames of a raw HTTP/2 byte stream: (type, flags, stream id).
 fn h2_frames(mut b: &[u8]) -> Vec<(u8, u8, u32)> {
     let mut out = Vec::new();

@@ -1693,3 +1693,125 @@ async fn a_flood_of_refusals_is_counted_not_recorded_one_by_one() {
     assert_eq!(tenant_ok, 50);
     assert_eq!(in_trail, handed_out);
 }
+
+/// Checkpoints verify with OpenSSL, as an auditor outside SVS would check
+/// them: the audit key's public half (read from the token) verifies each
+/// checkpoint's signature over `SVS audit checkpoint v1\nseq=…\nhead=…\n`
+/// with the default ID, each signed head is the hash of the record with
+/// that seq, and the same checkpoint with another head does not verify.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_checkpoints_verify_with_openssl() {
+    if !have_tool(Command::new("openssl").arg("version"), "openssl") {
+        return;
+    }
+    let install = Install::new();
+    install.edit_config(|t| t.replace("checkpoint_interval_s = 60", "checkpoint_interval_s = 1"));
+    let d = install.start().await;
+    let mut c = d.client(false).await;
+    for _ in 0..3 {
+        let (s, _, v) = c
+            .post("/v1/sign", &json!({"key":"demo","data":HELLO}))
+            .await
+            .unwrap();
+        assert_eq!(s, 200, "{v}");
+    }
+    let records = || -> Vec<Value> {
+        let dir = install.audit_dir();
+        let mut out = Vec::new();
+        for (_, f) in svs_appliance::audit::trail_files(&dir).unwrap() {
+            let text = std::fs::read_to_string(f).unwrap();
+            out.extend(
+                text.lines()
+                    .filter(|l| l.starts_with('{'))
+                    .map(|l| serde_json::from_str::<Value>(l).unwrap()),
+            );
+        }
+        out
+    };
+    let last_op = records()
+        .iter()
+        .filter(|r| r["type"] == "op")
+        .filter_map(|r| r["seq"].as_u64())
+        .max()
+        .unwrap();
+    // Wait for a checkpoint that covers the signatures.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let trail = loop {
+        let r = records();
+        if r.iter()
+            .any(|r| r["type"] == "checkpoint" && r["head_seq"].as_u64() >= Some(last_op))
+        {
+            break r;
+        }
+        assert!(std::time::Instant::now() < deadline, "no checkpoint");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    d.signal("TERM");
+    drop(d);
+
+    let hsm = install.open_token(1).await;
+    hsm.refresh_keys().await.unwrap();
+    let audit_key = hsm.key("svs-audit").unwrap();
+    let work = install.dir.join("checkpoints");
+    std::fs::create_dir_all(&work).unwrap();
+    std::fs::write(
+        work.join("audit-pub.pem"),
+        svs_appliance::api::pem("PUBLIC KEY", &audit_key.spki_der),
+    )
+    .unwrap();
+    let unhex = |s: &str| -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    };
+    let openssl_verifies = |message: &[u8], der: &[u8]| -> bool {
+        std::fs::write(work.join("msg"), message).unwrap();
+        std::fs::write(work.join("sig.der"), der).unwrap();
+        Command::new("openssl")
+            .args([
+                "pkeyutl",
+                "-verify",
+                "-pubin",
+                "-inkey",
+                "audit-pub.pem",
+                "-rawin",
+                "-in",
+                "msg",
+                "-sigfile",
+                "sig.der",
+                "-digest",
+                "sm3",
+                "-pkeyopt",
+                "distid:1234567812345678",
+            ])
+            .current_dir(&work)
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    let hash_of = |seq: u64| {
+        trail
+            .iter()
+            .find(|r| r["seq"].as_u64() == Some(seq))
+            .map(|r| r["hash"].as_str().unwrap().to_owned())
+    };
+    let mut checked = 0;
+    for cp in trail.iter().filter(|r| r["type"] == "checkpoint") {
+        let seq = cp["head_seq"].as_u64().unwrap();
+        let head = cp["head"].as_str().unwrap();
+        assert_eq!(cp["key"], "svs-audit");
+        assert_eq!(hash_of(seq).as_deref(), Some(head), "{cp}");
+        let der = unhex(cp["signature"].as_str().unwrap());
+        let message = format!("SVS audit checkpoint v1\nseq={seq}\nhead={head}\n");
+        assert!(openssl_verifies(message.as_bytes(), &der), "{cp}");
+        let forged = format!(
+            "SVS audit checkpoint v1\nseq={seq}\nhead={}\n",
+            "0".repeat(64)
+        );
+        assert!(!openssl_verifies(forged.as_bytes(), &der), "{cp}");
+        checked += 1;
+    }
+    assert!(checked >= 2, "{checked} checkpoints");
+}

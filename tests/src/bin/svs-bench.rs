@@ -114,26 +114,7 @@ fn rss_kib(pid: u32) -> u64 {
 
 /// Signatures per second through svs-hsm in this process, `workers` callers.
 async fn in_process(install: &Install, seconds: u64, workers: usize, pool_size: usize) -> f64 {
-    let token_conf = install.dir.join("softtoken.toml");
-    let text = std::fs::read_to_string(&install.config).unwrap();
-    let pin = text
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("pin = { file = \""))
-        .and_then(|l| l.strip_suffix("\" }"))
-        .unwrap()
-        .to_owned();
-    let cfg = svs_hsm::HsmConfig::from_toml(&format!(
-        "module = \"embedded\"\ntoken_label = \"svs-dev\"\npin = {{ file = \"{pin}\" }}\n[pool]\nsize = {pool_size}\n"
-    ))
-    .unwrap();
-    // The same soft token as svsd's, linked into this executable.
-    std::hint::black_box(svs_softtoken::C_GetFunctionList as *const ());
-    let hsm = tokio::task::spawn_blocking(move || {
-        svs_softtoken::set_config_path(Some(token_conf));
-        svs_hsm::Hsm::open(&cfg, Arc::new(svs_hsm::NoMetrics)).unwrap()
-    })
-    .await
-    .unwrap();
+    let hsm = install.open_token(pool_size).await;
     let hsm = Arc::new(hsm);
     hsm.refresh_keys().await.unwrap();
     let count = Arc::new(AtomicU64::new(0));
