@@ -39,6 +39,23 @@ const H2_MAX_STREAMS: u32 = 32;
 /// Plain-HTTP probe connections served at once; more wait in the backlog.
 const PROBE_CONNECTIONS: usize = 16;
 
+/// The longest a probe or metrics connection may sit idle or send its
+/// request head. Those listeners have few slots, and their clients (a load
+/// balancer's health check, a scraper) either send at once or come back
+/// later on a new connection; with the API's 60 s, 16 silent connections
+/// held every slot for a minute at a time.
+const SIDE_LISTENER_IDLE: Duration = Duration::from_secs(5);
+
+/// The API's limits, with idle and header timeouts capped for a side
+/// listener (probes, metrics).
+fn side_listener_limits(api: &Limits) -> Limits {
+    Limits {
+        idle_timeout: api.idle_timeout.min(SIDE_LISTENER_IDLE),
+        header_timeout: api.header_timeout.min(SIDE_LISTENER_IDLE),
+        ..api.clone()
+    }
+}
+
 /// One TLS configuration of the API listener and its generation number
 /// (incremented by every reload).
 pub struct TlsGeneration {
@@ -721,7 +738,7 @@ pub async fn serve_probes(app: Arc<App>, listener: TcpListener, mut stop: watch:
         let app = app.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let limits = app.runtime().limits.clone();
+            let limits = side_listener_limits(&app.runtime().limits);
             let ctx = Arc::new(ConnCtx {
                 app,
                 tls: None,
@@ -766,7 +783,7 @@ pub async fn serve_waiting_probes(
             },
             _ = stop.changed() => return listener,
         };
-        let (stop, reason, limits) = (stop.clone(), reason.clone(), limits.clone());
+        let (stop, reason, limits) = (stop.clone(), reason.clone(), side_listener_limits(&limits));
         tokio::spawn(async move {
             let _permit = permit;
             let activity = Arc::new(Activity::new());
@@ -864,7 +881,7 @@ pub async fn serve_metrics(
         let stop = stop.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let limits = app.runtime().limits.clone();
+            let limits = side_listener_limits(&app.runtime().limits);
             let activity = Arc::new(Activity::new());
             let (svc_app, act) = (app.clone(), activity.clone());
             let svc = hyper::service::service_fn(move |req| {

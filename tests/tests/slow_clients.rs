@@ -795,36 +795,57 @@ async fn http2_clients_that_stop_reading_are_bounded_and_dropped() {
     assert_eq!(c.get("/readyz").await.unwrap().0, 200);
 }
 
-/// The metrics listener serves 16 connections at once: silent clients on
-/// all of them are closed at `idle_timeout_ms`, and a scrape waiting behind
-/// them is served then (before the fix its connections had no timer at
-/// all: the scrape waited for ever).
+/// Silent clients cannot hold the metrics or probe listener's few slots
+/// (16 each): their connections close after 5 s idle, however long the
+/// API's `idle_timeout_ms` (30 s here), and a scrape or probe waiting
+/// behind them is then served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn silent_clients_cannot_hold_the_metrics_listener() {
-    let inst = install(&[], "");
+async fn silent_clients_cannot_hold_the_metrics_or_probe_listener() {
+    const SIDE_IDLE: Duration = Duration::from_secs(5);
+    let inst = install(
+        &[("idle_timeout_ms", 30_000), ("header_timeout_ms", 30_000)],
+        "",
+    );
+    let probes = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    inst.edit_config(|t| {
+        t.replace(
+            "[server]\n",
+            &format!("[server]\nhealth_listen = \"{probes}\"\n"),
+        )
+    });
     let d = inst.start().await;
     let start = Instant::now();
     let mut silent = Vec::new();
-    for _ in 0..16 {
-        silent.push(
-            tokio::net::TcpStream::connect(inst.metrics_addr)
-                .await
-                .unwrap(),
+    for addr in [inst.metrics_addr, probes] {
+        for _ in 0..16 {
+            silent.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+    }
+    let get = |addr, path: &'static str| async move {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut page = String::new();
+        s.read_to_string(&mut page).await.unwrap();
+        (page, start.elapsed())
+    };
+    let (scrape, probe) = tokio::time::timeout(SIDE_IDLE + SLACK, async {
+        tokio::join!(get(inst.metrics_addr, "/metrics"), get(probes, "/healthz"))
+    })
+    .await
+    .expect("a scrape or probe waits behind silent connections");
+    for (what, (page, served)) in [("scrape", scrape), ("probe", probe)] {
+        println!("{what} behind 16 silent connections: served after {served:?}");
+        assert!(page.starts_with("HTTP/1.0 200"), "{what}: {page}");
+        assert!(
+            served + EARLY >= SIDE_IDLE,
+            "{what} served after {served:?}: were all 16 slots taken?"
         );
     }
-    let page = tokio::time::timeout(IDLE + SLACK, scrape_metrics(inst.metrics_addr))
-        .await
-        .expect("a scrape waits behind silent connections");
-    let served = start.elapsed();
-    println!("scrape behind 16 silent connections: served after {served:?}");
-    assert!(page.starts_with("HTTP/1.0 200"), "{page}");
-    assert!(
-        served + EARLY >= IDLE,
-        "served after {served:?}: were all 16 slots taken?"
-    );
     for (i, mut s) in silent.into_iter().enumerate() {
-        let (got, at) = until_closed(&mut s, start, IDLE + SLACK).await;
-        assert_cut_at(&format!("silent metrics connection {i}"), at, IDLE);
+        let (got, at) = until_closed(&mut s, start, SIDE_IDLE + SLACK).await;
+        assert_cut_at(&format!("silent side connection {i}"), at, SIDE_IDLE);
         assert!(got.is_empty());
     }
     let mut c = d.client(true).await;
