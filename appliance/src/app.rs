@@ -270,6 +270,9 @@ pub struct App {
     body_budget: Arc<Semaphore>,
     /// Its size (`max_inflight_body_bytes` at start; fixed until restart).
     body_budget_bytes: usize,
+    /// The token object that signs checkpoints, as at start (`[audit]`
+    /// changes need a restart): never to be exposed to clients.
+    checkpoint_key: Option<String>,
     /// Which refusals get an audit record of their own.
     refusals: RefusalRecords,
     /// Refusal-audit failures logged at most once a second (clients can
@@ -332,6 +335,7 @@ impl App {
             metrics,
             body_budget: Arc::new(Semaphore::new(config.limits.max_inflight_body_bytes)),
             body_budget_bytes: config.limits.max_inflight_body_bytes,
+            checkpoint_key: config.audit.checkpoint_key.clone(),
             refusals: RefusalRecords::new(config.audit.refusal_records),
             refusal_log: LogLimit::new(Duration::from_secs(1)),
             counters: Counters::default(),
@@ -381,6 +385,19 @@ impl App {
     /// pairwise self-test first, as every key did before READY; otherwise
     /// the reload is refused and the old configuration keeps serving.
     pub async fn reload(&self, config: &Config) -> Result<(), SvsError> {
+        // The new file's own check compares with its own checkpoint_key,
+        // which may differ from (or drop) the one still signing: a client
+        // given that key could sign checkpoint texts.
+        if let Some(audit) = &self.checkpoint_key
+            && let Some(name) = config
+                .keys
+                .iter()
+                .find_map(|(name, k)| (&k.object == audit).then_some(name))
+        {
+            return Err(SvsError::Config(vec![format!(
+                "[keys] {name:?} exposes {audit:?}, the token object svsd signs audit checkpoints with"
+            )]));
+        }
         self.check_keys(&config.keys)?;
         // A body larger than the whole budget could never be admitted: every
         // such request would get 503 `server_busy` until a restart.
@@ -1988,6 +2005,31 @@ operations = ["sign", "verify"]
             );
             f.app.reload(&cfg).await.unwrap();
             assert!(f.app.runtime().keys.contains_key("other"));
+        });
+    }
+
+    #[test]
+    fn a_reload_cannot_expose_the_checkpoint_key_still_in_use() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut cfg = config(tmp.path(), "", &["demo"], "");
+        cfg.audit.checkpoint_key = Some("other".into());
+        let audit = Arc::new(AuditTrail::open(&cfg.audit).unwrap());
+        let app = Arc::new(App::new(
+            &cfg,
+            Arc::new(SoftBackend::new(&["demo", "other"])),
+            audit,
+        ));
+        rt().block_on(async {
+            // The new file drops checkpoints and exposes the object: its own
+            // check passes, the running key's does not.
+            let next = config(tmp.path(), "a = { object = \"other\" }", &["demo", "a"], "");
+            assert_eq!(next.audit.checkpoint_key, None);
+            let e = app.reload(&next).await.unwrap_err();
+            assert!(e.to_string().contains("audit checkpoints"), "{e}");
+            assert!(!app.runtime().keys.contains_key("a"));
+            app.reload(&config(tmp.path(), "", &["demo"], ""))
+                .await
+                .unwrap();
         });
     }
 

@@ -447,6 +447,16 @@ pub fn normalise_dn(dn: &str) -> String {
     out
 }
 
+/// The most connections (or handshakes) svsd is configured for.
+const MAX_CONNECTIONS: usize = 1_000_000;
+
+/// The longest self-test or checkpoint interval: a week.
+const MAX_INTERVAL_S: u64 = 7 * 24 * 3600;
+
+/// The longest SIGTERM drain: under the unit's TimeoutStopSec (45 s), after
+/// which systemd kills svsd before its `stop` record.
+const MAX_GRACE_PERIOD_MS: u64 = 40_000;
+
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 128
@@ -657,6 +667,11 @@ impl Config {
         let mut listen = Vec::new();
         let mut health_listen = None;
         if let Some(s) = &server {
+            if s.grace_period_ms.is_some_and(|g| g > MAX_GRACE_PERIOD_MS) {
+                errors.push(format!(
+                    "[server] grace_period_ms must be at most {MAX_GRACE_PERIOD_MS} (the unit's TimeoutStopSec is 45 s)"
+                ));
+            }
             if s.listen.is_empty() {
                 errors.push("[server] listen must name at least one address");
             }
@@ -680,6 +695,12 @@ impl Config {
             if !valid_name(&name) {
                 errors.push(format!(
                     "[keys] {name:?}: name must be 1-128 characters of A-Z a-z 0-9 - _ . :"
+                ));
+            } else if name.starts_with('_') {
+                // Metrics label key names the client made up `_unknown` and
+                // operations without a key `_none`.
+                errors.push(format!(
+                    "[keys] {name:?}: names starting with _ are reserved for svsd"
                 ));
             }
             if k.object.is_empty() {
@@ -751,11 +772,18 @@ impl Config {
         if limits.max_batch_items == 0 {
             errors.push("[limits] max_batch_items must be > 0");
         }
-        if limits.max_connections == 0 {
-            errors.push("[limits] max_connections must be > 0");
+        // Upper bounds: both are semaphore sizes (tokio panics above
+        // usize::MAX >> 3), and neither means anything past the process's
+        // file descriptors.
+        if !(1..=MAX_CONNECTIONS).contains(&limits.max_connections) {
+            errors.push(format!(
+                "[limits] max_connections must be 1-{MAX_CONNECTIONS}"
+            ));
         }
-        if limits.max_handshakes == 0 {
-            errors.push("[limits] max_handshakes must be > 0");
+        if !(1..=MAX_CONNECTIONS).contains(&limits.max_handshakes) {
+            errors.push(format!(
+                "[limits] max_handshakes must be 1-{MAX_CONNECTIONS}"
+            ));
         }
         if limits.max_inflight_body_bytes < limits.max_body_bytes {
             errors.push("[limits] max_inflight_body_bytes must be at least max_body_bytes");
@@ -782,6 +810,12 @@ impl Config {
             }
             let checkpoint_interval = match a.checkpoint_interval_s.unwrap_or(300) {
                 0 => None,
+                s if s > MAX_INTERVAL_S => {
+                    errors.push(format!(
+                        "[audit] checkpoint_interval_s must be at most {MAX_INTERVAL_S} (a week)"
+                    ));
+                    None
+                }
                 s => Some(Duration::from_secs(s)),
             };
             if checkpoint_interval.is_some() && a.checkpoint_key.is_none() {
@@ -823,12 +857,34 @@ impl Config {
 
         let selftest_interval = match selftest.and_then(|s| s.interval_s) {
             None => Duration::from_secs(300),
-            Some(0) => {
-                errors.push("[selftest] interval_s must be > 0");
+            Some(s) if s == 0 || s > MAX_INTERVAL_S => {
+                errors.push(format!(
+                    "[selftest] interval_s must be 1-{MAX_INTERVAL_S} (a week)"
+                ));
                 Duration::from_secs(300)
             }
             Some(s) => Duration::from_secs(s),
         };
+
+        // Two listeners on one port fail only at bind, after the HSM login
+        // and the trail's `start` record: refuse them here. An unspecified
+        // address (0.0.0.0, ::) takes the port on every address.
+        let side = health_listen
+            .map(|a| ("[server] health_listen", a))
+            .into_iter()
+            .chain(metrics.listen.map(|a| ("[metrics] listen", a)));
+        let mut bound: Vec<(&str, SocketAddr)> = Vec::new();
+        for (what, addr) in listen.iter().map(|a| ("[server] listen", *a)).chain(side) {
+            if let Some((other, _)) = bound.iter().find(|(_, b)| {
+                b.port() == addr.port()
+                    && (b.ip() == addr.ip()
+                        || b.ip().is_unspecified()
+                        || addr.ip().is_unspecified())
+            }) {
+                errors.push(format!("{what}: {addr} takes the port of {other}"));
+            }
+            bound.push((what, addr));
+        }
 
         // Entities: inline, then the separate file.
         let mut entities = entities_from(table.get("entity"), "inline", &keys, &mut errors);
@@ -973,6 +1029,9 @@ demo = { object = "" }
 max_batch_items = 0
 body_timeout_ms = 0
 close_timeout_ms = 0
+max_connections = 9999999999
+[selftest]
+interval_s = 99999999999
 [[entity]]
 name = "bad name!"
 operations = ["sign"]
@@ -997,6 +1056,8 @@ operations = ["dance"]
             "max_batch_items",
             "body_timeout_ms",
             "close_timeout_ms",
+            "max_connections must be 1-1000000",
+            "[selftest] interval_s must be 1-",
             "[audit] is missing",
             "name must be",
             "exactly one of",
@@ -1019,6 +1080,35 @@ operations = ["dance"]
         let all = errs.join("\n");
         assert!(all.contains("defined twice"), "{all}");
         assert!(all.contains("match the same client certificate"), "{all}");
+        // Listeners sharing a port, a drain longer than systemd waits, a
+        // checkpoint interval past a week, a reserved key name.
+        let text = good()
+            .replace(
+                "[server]\n",
+                "[server]\nhealth_listen = \"0.0.0.0:8443\"\ngrace_period_ms = 60000\n",
+            )
+            .replace(
+                "checkpoint_key = \"svs-audit\"\n",
+                "checkpoint_key = \"svs-audit\"\ncheckpoint_interval_s = 99999999\n",
+            )
+            .replace("[keys]\n", "[keys]\n_none = { object = \"x\" }\n")
+            .replace(
+                "[audit]\n",
+                "[metrics]\nlisten = \"127.0.0.1:8443\"\n[audit]\n",
+            );
+        let Err(SvsError::Config(errs)) = Config::from_toml(&text, Path::new("/x.toml")) else {
+            panic!()
+        };
+        let all = errs.join("\n");
+        for needle in [
+            "[server] health_listen: 0.0.0.0:8443 takes the port of [server] listen",
+            "[metrics] listen: 127.0.0.1:8443 takes the port of [server] listen",
+            "grace_period_ms must be at most 40000",
+            "checkpoint_interval_s must be at most",
+            "[keys] \"_none\": names starting with _ are reserved",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
         // The name svsd gives clients no entity claims is not an entity's.
         let text = good().replace("name = \"app1\"", "name = \"_unknown\"");
         let Err(SvsError::Config(errs)) = Config::from_toml(&text, Path::new("/x.toml")) else {

@@ -3,7 +3,6 @@
 //! reload and SIGTERM drain.
 
 use std::net::SocketAddr;
-use std::os::unix::fs::MetadataExt;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -77,14 +76,20 @@ impl LogFormat {
 
 /// Refuses root unless told otherwise.
 pub fn check_user(config: &Config, opts: &RunOptions) -> Result<(), SvsError> {
-    let uid = std::fs::metadata("/proc/self")
-        .map(|m| m.uid())
-        .map_err(|e| SvsError::Io(format!("cannot determine the user: {e}")))?;
-    if uid == 0 && !(opts.allow_root || config.allow_root) {
-        return Err(SvsError::Io(
+    check_root(opts.allow_root || config.allow_root)
+}
+
+/// Refuses root unless `allowed`. `svsd --dev` asks before it makes its
+/// directory, so that a refused run leaves no root-owned files behind.
+pub fn check_root(allowed: bool) -> Result<(), SvsError> {
+    // The effective uid, from the kernel (the owner of /proc/self is root
+    // for a process that is not dumpable, and /proc may be absent).
+    if rustix::process::geteuid().is_root() && !allowed {
+        // A configuration error (exit 78): restarting cannot help.
+        return Err(SvsError::Config(vec![
             "refusing to run as root: run as the svs user, or pass --allow-root (or set [server] allow_root = true)"
                 .into(),
-        ));
+        ]));
     }
     Ok(())
 }

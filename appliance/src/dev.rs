@@ -72,6 +72,11 @@ pub fn init_with_metrics(dir: &Path, port: u16, metrics_port: u16) -> Result<Dev
     }
     std::fs::create_dir_all(dir.join("audit")).map_err(err)?;
     let dir = dir.canonicalize().map_err(err)?;
+    // It holds private keys and the PIN, by default under /tmp.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+    }
     write(
         &dir.join(MARKER),
         "made by svsd --dev; deleted and remade on each run\n",

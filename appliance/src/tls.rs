@@ -225,7 +225,7 @@ pub mod devpki {
     }
 
     /// An issued certificate and its key.
-    #[derive(Debug, Clone)]
+    #[derive(Clone)]
     pub struct Issued {
         /// Certificate, PEM.
         pub cert_pem: String,
@@ -233,6 +233,15 @@ pub mod devpki {
         pub cert_der: Vec<u8>,
         /// Private key, PKCS#8 PEM.
         pub key_pem: String,
+    }
+
+    /// Without the private key.
+    impl std::fmt::Debug for Issued {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("Issued")
+                .field("cert_pem", &self.cert_pem)
+                .finish_non_exhaustive()
+        }
     }
 
     fn ca_params(cn: &str) -> Result<CertificateParams, SvsError> {
@@ -328,16 +337,24 @@ pub mod devpki {
     /// Writes a file; `secret` ones are created 0600.
     pub fn write(path: &Path, content: &str, secret: bool) -> Result<(), SvsError> {
         use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let fail = |e: std::io::Error| err(format!("{}: {e}", path.display()));
+        let mode = if secret { 0o600 } else { 0o644 };
+        // O_NOFOLLOW: a link planted at the path is not written through.
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
-            .mode(if secret { 0o600 } else { 0o644 })
+            .mode(mode)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
             .open(path)
-            .map_err(|e| err(format!("{}: {e}", path.display())))?;
-        f.write_all(content.as_bytes())
-            .map_err(|e| err(format!("{}: {e}", path.display())))
+            .map_err(fail)?;
+        // `mode` applies only to a file this call creates: an existing
+        // file keeps its own, possibly world-readable, until set here,
+        // before the secret is written.
+        f.set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(fail)?;
+        f.write_all(content.as_bytes()).map_err(fail)
     }
 
     /// Writes `<name>.pem` and `<name>-key.pem`; returns their paths.
@@ -359,6 +376,35 @@ mod tests {
     use super::devpki::*;
     use super::*;
     use crate::policy::ClientIdentity;
+
+    #[test]
+    fn secrets_are_written_owner_only_and_never_through_a_link() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key.pem");
+        // An existing world-readable file becomes 0600 before it is written.
+        std::fs::write(&key, "old").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write(&key, "secret", true).unwrap();
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+        assert_eq!(
+            (mode, std::fs::read_to_string(&key).unwrap().as_str()),
+            (0o600, "secret")
+        );
+        // A link planted at the path is refused, its target untouched.
+        let target = dir.path().join("elsewhere");
+        std::fs::write(&target, "theirs").unwrap();
+        let link = dir.path().join("link.pem");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(write(&link, "secret", true).is_err());
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "theirs");
+        // Issued's Debug leaves the key out.
+        let issued = DevCa::generate("t")
+            .unwrap()
+            .server(&["localhost"])
+            .unwrap();
+        assert!(!format!("{issued:?}").contains("PRIVATE KEY"));
+    }
 
     #[test]
     fn dev_pki_builds_a_server_config_and_client_identities() {

@@ -1264,7 +1264,8 @@ async fn svsd_refuses_to_run_as_root_unless_told() {
         .arg(&install.config)
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    // 78: systemd does not restart what a restart cannot fix.
+    assert_eq!(out.status.code(), Some(78), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("refusing to run as root"), "{err}");
     // Refused before anything was touched: no trail was started.
@@ -1272,6 +1273,19 @@ async fn svsd_refuses_to_run_as_root_unless_told() {
         svs_appliance::audit::trail_files(&install.audit_dir())
             .unwrap_or_default()
             .is_empty()
+    );
+    // `--dev` asks before it makes its directory.
+    let dev_dir = install.dir.join("dev-as-root");
+    let out = std::process::Command::new(svsd_bin())
+        .arg("--dev")
+        .arg("--dev-dir")
+        .arg(&dev_dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78), "{out:?}");
+    assert!(
+        !dev_dir.exists(),
+        "--dev made its directory before refusing"
     );
 }
 

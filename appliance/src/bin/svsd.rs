@@ -62,6 +62,9 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<(), SvsError> {
     let config_path = if args.dev {
+        if !args.dev_init_only {
+            daemon::check_root(args.allow_root)?;
+        }
         let setup = dev::init_with_metrics(&args.dev_dir, args.dev_port, args.dev_metrics_port)?;
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "dev installation in {}", setup.dir.display());
