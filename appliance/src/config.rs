@@ -647,6 +647,9 @@ impl Config {
         let server: Option<RawServer> = errors.required(&table, "server");
         let tls: Option<RawTls> = errors.required(&table, "tls");
         let hsm: Option<HsmConfig> = errors.required(&table, "hsm");
+        for p in hsm.iter().flat_map(HsmConfig::problems) {
+            errors.push(format!("[hsm] {p}"));
+        }
         let embedded: Option<RawEmbeddedToken> = errors.section(&table, "embedded_token");
         let raw_keys: Option<BTreeMap<String, RawKey>> = errors.section(&table, "keys");
         let limits: Option<RawLimits> = errors.section(&table, "limits");
@@ -1093,6 +1096,10 @@ operations = ["dance"]
             )
             .replace("[keys]\n", "[keys]\n_none = { object = \"x\" }\n")
             .replace(
+                "token_label = \"svs\"\n",
+                "token_label = \"svs\"\nprofile = \"nonesuch\"\n",
+            )
+            .replace(
                 "[audit]\n",
                 "[metrics]\nlisten = \"127.0.0.1:8443\"\n[audit]\n",
             );
@@ -1106,6 +1113,7 @@ operations = ["dance"]
             "grace_period_ms must be at most 40000",
             "checkpoint_interval_s must be at most",
             "[keys] \"_none\": names starting with _ are reserved",
+            "[hsm] profile \"nonesuch\" is not known",
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }

@@ -85,11 +85,83 @@ impl HsmConfig {
     pub fn from_toml(text: &str) -> Result<HsmConfig> {
         toml::from_str(text).map_err(|e| HsmError::Config(e.to_string()))
     }
+
+    /// Everything wrong with the section that can be told without loading
+    /// the module, reading the PIN or logging in, each as one line: what
+    /// [`crate::Hsm::open`] would otherwise find only at start-up.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let uri = match self
+            .uri
+            .as_deref()
+            .map(crate::uri::Pkcs11Uri::parse)
+            .transpose()
+        {
+            Ok(uri) => uri,
+            Err(e) => {
+                out.push(format!("uri: {e}"));
+                None
+            }
+        };
+        if uri.as_ref().is_some_and(|u| u.has_pin_value) {
+            out.push("uri carries pin-value: use pin-source or `pin` instead".into());
+        }
+        if self.pin.is_none() && uri.as_ref().is_none_or(|u| u.pin_source.is_none()) {
+            out.push("no PIN source: set `pin` or the URI's pin-source".into());
+        }
+        match crate::profile::ProfileTable::with_overrides(&self.profiles) {
+            Ok(table) => {
+                if self.profile != "auto" && table.get(&self.profile).is_none() {
+                    out.push(format!("profile {:?} is not known", self.profile));
+                }
+            }
+            Err(e) => out.push(format!("profiles: {e}")),
+        }
+        if self.pool.size == 0 || self.pool.queue_depth == 0 {
+            out.push("pool size and queue_depth must be at least 1".into());
+        }
+        if self.pool.op_timeout_ms == 0 {
+            out.push("pool op_timeout_ms must be > 0".into());
+        }
+        if self.default_sm2_id.is_empty() || self.default_sm2_id.len() > 8191 {
+            out.push("default_sm2_id must be 1-8191 bytes".into());
+        }
+        out
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn problems_are_found_without_the_module() {
+        assert!(
+            HsmConfig {
+                pin: Some(PinSource::File("/run/pin".into())),
+                ..HsmConfig::default()
+            }
+            .problems()
+            .is_empty()
+        );
+        let bad = HsmConfig::from_toml(
+            "uri = \"pkcs11:token=x;pin-value=1234\"\nprofile = \"nonesuch\"\n[pool]\nsize = 0\n",
+        )
+        .unwrap();
+        let all = bad.problems().join("\n");
+        for needle in [
+            "pin-value",
+            "no PIN source",
+            "\"nonesuch\" is not known",
+            "pool size",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in {all}");
+        }
+        assert!(
+            !all.contains("1234"),
+            "the PIN itself is never echoed: {all}"
+        );
+    }
 
     #[test]
     fn parses_every_form() {
