@@ -3,12 +3,15 @@
 //! reload and SIGTERM drain.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use hyper_util::server::graceful::GracefulShutdown;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sd_notify::NotifyState;
-use svs_hsm::{Hsm, HsmError, HsmMetrics, ModuleSource, NoMetrics};
+use svs_hsm::{Hsm, HsmError, HsmMetrics, ModuleSource, NoMetrics, PinSource};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::watch;
@@ -95,33 +98,193 @@ pub fn check_root(allowed: bool) -> Result<(), SvsError> {
 }
 
 /// `--check-config` beyond the file itself: the TLS certificates, keys and
-/// CA bundles parse and belong together, and the PIN can be read. Files not
-/// there yet (an appliance not yet provisioned, where svsd waits for them)
-/// are not an error: they come back as a note. Blocking.
+/// CA bundles parse and belong together, and the PIN can be read. Every
+/// file that is there is checked; what is not there yet (an appliance not
+/// yet provisioned, where svsd waits for it), what cannot be read by the
+/// user running the check, and a systemd credential (visible only to svsd
+/// started by systemd) come back as notes, not errors. Blocking.
 pub fn check_files(config: &Config) -> Result<Option<String>, SvsError> {
-    if let Err(e) = missing_files(config) {
-        return match e {
-            SvsError::NotReady(_, details) => Ok(Some(format!("not provisioned yet: {details}"))),
-            other => Err(other),
-        };
-    }
+    let mut notes = Vec::new();
     let mut errors = Vec::new();
-    if let Some(t) = &config.metrics.tls
-        && let Err(e) = crate::tls::metrics_server_config(t)
+    let api = [
+        (config.tls.certificate.as_path(), Pem::Certificates),
+        (config.tls.private_key.as_path(), Pem::PrivateKey),
+        (config.tls.client_ca.as_path(), Pem::Certificates),
+    ];
+    if check_each("[tls]", &api, &mut notes, &mut errors) {
+        match api_tls(config) {
+            Ok(_) => {}
+            // Every entity whose issuer is not in the client CA bundle, one line each.
+            Err(SvsError::Config(list)) => {
+                errors.extend(list.iter().map(|m| format!("[tls]: {m}")))
+            }
+            Err(e) => errors.push(format!("[tls]: {e}")),
+        }
+    }
+    // A disabled metrics listener needs no TLS files.
+    if config.metrics.listen.is_some()
+        && let Some(t) = &config.metrics.tls
     {
-        errors.push(format!("[metrics.tls]: {e}"));
+        let mut files = vec![
+            (t.certificate.as_path(), Pem::Certificates),
+            (t.private_key.as_path(), Pem::PrivateKey),
+        ];
+        files.extend(t.client_ca.as_deref().map(|p| (p, Pem::Certificates)));
+        if check_each("[metrics.tls]", &files, &mut notes, &mut errors)
+            && let Err(e) = crate::tls::metrics_server_config(t)
+        {
+            errors.push(format!("[metrics.tls]: {e}"));
+        }
     }
-    match api_tls(config) {
-        Ok(_) => {}
-        // Every entity whose issuer is not in the client CA bundle, one line each.
-        Err(SvsError::Config(list)) => errors.extend(list.iter().map(|m| format!("[tls]: {m}"))),
-        Err(e) => errors.push(format!("[tls]: {e}")),
+    if let Some(pin) = &config.hsm.pin {
+        notes.extend(pin_note(
+            pin,
+            std::env::var_os("CREDENTIALS_DIRECTORY").is_some(),
+        ));
     }
-    if errors.is_empty() {
+    if !errors.is_empty() {
+        // The notes too: what could not be checked is worth knowing when
+        // fixing what was found.
+        errors.extend(notes.into_iter().map(|n| format!("note: {n}")));
+        Err(SvsError::Config(errors))
+    } else if notes.is_empty() {
         Ok(None)
     } else {
-        Err(SvsError::Config(errors))
+        Ok(Some(notes.join("; ")))
     }
+}
+
+/// What a PEM file holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pem {
+    Certificates,
+    PrivateKey,
+}
+
+/// Checks one listener's TLS files for `--check-config`: each file there
+/// is parsed on its own; one that is not (yet) usable gives a note. True
+/// when all are there, so that the caller can check them together.
+fn check_each(
+    section: &str,
+    files: &[(&Path, Pem)],
+    notes: &mut Vec<String>,
+    errors: &mut Vec<String>,
+) -> bool {
+    let mut complete = true;
+    for (path, kind) in files {
+        match pem_file_problem(path) {
+            Some(FileProblem::Unreadable(e)) => {
+                complete = false;
+                notes.push(format!(
+                    "{section}: cannot read {}: {e} (not checked; svsd reads it as its own user)",
+                    path.display()
+                ));
+            }
+            Some(p) => {
+                complete = false;
+                notes.push(format!("not provisioned yet: {}", p.describe(path)));
+            }
+            None => {
+                let parsed = match kind {
+                    Pem::Certificates => CertificateDer::pem_file_iter(path)
+                        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+                        .map_err(|e| e.to_string())
+                        .and_then(|c| {
+                            if c.is_empty() {
+                                Err("no certificate".into())
+                            } else {
+                                Ok(())
+                            }
+                        }),
+                    Pem::PrivateKey => PrivateKeyDer::from_pem_file(path)
+                        .map(|_| ())
+                        .map_err(|e| e.to_string()),
+                };
+                if let Err(e) = parsed {
+                    errors.push(format!("{section}: {}: {e}", path.display()));
+                }
+            }
+        }
+    }
+    complete
+}
+
+/// `--check-config`'s note on the PIN, if any: a credential cannot be read
+/// outside systemd, a PIN file may not be there yet. Never the PIN itself.
+fn pin_note(pin: &PinSource, in_systemd: bool) -> Option<String> {
+    if let PinSource::Credential(name) = pin
+        && !in_systemd
+    {
+        return Some(format!(
+            "the PIN (systemd credential {name:?}) cannot be checked here: only svsd started by systemd (LoadCredential=) sees $CREDENTIALS_DIRECTORY"
+        ));
+    }
+    match pin.read() {
+        Ok(_) => None,
+        Err(e) => Some(format!("not provisioned yet: {e}")),
+    }
+}
+
+/// Why a TLS file cannot be used yet, as far as waiting for provisioning
+/// can fix it: not there, not readable, or not (completely) written.
+#[derive(Debug)]
+enum FileProblem {
+    Absent,
+    Unreadable(std::io::Error),
+    Empty,
+    /// A BEGIN line without its END line: half written.
+    Incomplete,
+}
+
+impl FileProblem {
+    fn describe(&self, path: &Path) -> String {
+        let p = path.display();
+        match self {
+            FileProblem::Absent => format!("{p} does not exist"),
+            FileProblem::Unreadable(e) => format!("cannot read {p}: {e}"),
+            FileProblem::Empty => format!("{p} is empty"),
+            FileProblem::Incomplete => {
+                format!("{p} is incomplete (a BEGIN line without its END line)")
+            }
+        }
+    }
+}
+
+/// The problem with the PEM file at `path`, if any. Blocking.
+fn pem_file_problem(path: &Path) -> Option<FileProblem> {
+    match std::fs::read(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(FileProblem::Absent),
+        Err(e) => Some(FileProblem::Unreadable(e)),
+        Ok(bytes) => pem_text_problem(&bytes),
+    }
+}
+
+fn pem_text_problem(bytes: &[u8]) -> Option<FileProblem> {
+    let text = String::from_utf8_lossy(bytes);
+    if text.trim().is_empty() {
+        Some(FileProblem::Empty)
+    } else if text.matches("-----BEGIN ").count() > text.matches("-----END ").count() {
+        Some(FileProblem::Incomplete)
+    } else {
+        None
+    }
+}
+
+/// The TLS files svsd needs: the API's, and the metrics listener's when
+/// it is enabled and uses TLS.
+fn tls_files(config: &Config) -> Vec<&Path> {
+    let mut files = vec![
+        config.tls.certificate.as_path(),
+        config.tls.private_key.as_path(),
+        config.tls.client_ca.as_path(),
+    ];
+    if config.metrics.listen.is_some()
+        && let Some(t) = &config.metrics.tls
+    {
+        files.extend([t.certificate.as_path(), t.private_key.as_path()]);
+        files.extend(t.client_ca.as_deref());
+    }
+    files
 }
 
 /// Opens the HSM of `config` and discovers its keys. Blocking.
@@ -188,6 +351,71 @@ enum Wake {
 /// The probe listener, bound once and kept across start attempts.
 type ProbeSocket = Option<(SocketAddr, TcpListener)>;
 
+/// How long one start attempt (files, HSM login, key discovery, audit
+/// trail, listeners, self-tests) may take. One that takes longer is taken
+/// for wedged (a C_Initialize or C_Login that never returns, as a network
+/// HSM's module can): the watchdog pings stop, so that systemd's watchdog
+/// restarts svsd.
+const START_ATTEMPT_DEADLINE: Duration = Duration::from_secs(60);
+
+/// When the start attempt under way began; none between attempts and once
+/// running.
+#[derive(Debug, Clone, Default)]
+struct AttemptClock(Arc<Mutex<Option<Instant>>>);
+
+impl AttemptClock {
+    fn begin(&self) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    }
+
+    fn end(&self) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    fn started(&self) -> Option<Instant> {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Whether the watchdog is pinged now: always, except while a start
+/// attempt has been running for `deadline` or longer.
+fn pings_due(attempt_started: Option<Instant>, now: Instant, deadline: Duration) -> bool {
+    attempt_started.is_none_or(|t| now.saturating_duration_since(t) < deadline)
+}
+
+/// The systemd watchdog's pinger, for svsd's whole life (waiting, start
+/// attempts, running, drain): pinged from the async runtime at half the
+/// period, so a wedged runtime, or a start attempt past
+/// [`START_ATTEMPT_DEADLINE`], gets svsd restarted. A down HSM while running
+/// does not stop the pings: the pool times its calls out, /readyz says not
+/// ready and the pool recovers by itself.
+fn spawn_watchdog(clock: AttemptClock) {
+    let Some(period) = sd_notify::watchdog_enabled() else {
+        return;
+    };
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period / 2);
+        let mut withheld = false;
+        loop {
+            tick.tick().await;
+            let started = clock.started();
+            if pings_due(started, Instant::now(), START_ATTEMPT_DEADLINE) {
+                if withheld {
+                    tracing::warn!("the start attempt ended after all: watchdog pings resume");
+                    withheld = false;
+                }
+                notify(&[NotifyState::Watchdog]);
+            } else if !withheld {
+                withheld = true;
+                tracing::error!(
+                    "ALARM a start attempt has not finished in {} s (HSM module hanging in C_Initialize or C_Login?): watchdog pings stop, so that systemd restarts svsd",
+                    START_ATTEMPT_DEADLINE.as_secs()
+                );
+            }
+        }
+    });
+}
+
 /// Runs svsd until SIGTERM/SIGINT. Returns after the drain.
 ///
 /// Two phases. *Waiting*: a start attempt found the installation not
@@ -197,6 +425,8 @@ type ProbeSocket = Option<(SocketAddr, TcpListener)>;
 /// SIGHUP (configuration re-read) and periodically. *Running*: a start
 /// succeeded. Any other start error (invalid configuration, a refused PIN,
 /// an unwritable audit trail) ends svsd: waiting could not fix it.
+/// SIGTERM/SIGINT during a start attempt ends svsd at once, however long
+/// the attempt would still take.
 pub async fn run(config: Config, opts: RunOptions) -> Result<(), SvsError> {
     let started = Instant::now();
     check_user(&config, &opts)?;
@@ -205,31 +435,37 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), SvsError> {
     let mut probe: ProbeSocket = None;
     let mut last_reason: Option<NotReady> = None;
     let mut retry = RETRY_INITIAL;
-    // While waiting (and while a start attempt runs) the watchdog must still
+    // While waiting and while a start attempt runs the watchdog must still
     // be pinged: an unprovisioned appliance is alive, and systemd would
-    // otherwise kill it after WatchdogSec. The running phase pings on its own.
-    let waiting_pings = sd_notify::watchdog_enabled().map(|period| {
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(period / 2);
-            loop {
-                tick.tick().await;
-                notify(&[NotifyState::Watchdog]);
-            }
-        })
-    });
+    // otherwise kill it after WatchdogSec. One that hangs is not.
+    let clock = AttemptClock::default();
+    spawn_watchdog(clock.clone());
     loop {
-        let error = match start(&config, &mut probe).await {
+        clock.begin();
+        // A SIGHUP during the attempt stays pending for the wait (or the
+        // running phase) after it.
+        let attempt = tokio::select! {
+            r = start(&config, &mut probe) => Some(r),
+            _ = signals.term.recv() => None,
+            _ = signals.int.recv() => None,
+        };
+        let Some(attempt) = attempt else {
+            notify(&[NotifyState::Stopping]);
+            tracing::info!("stopped during a start attempt");
+            return Ok(());
+        };
+        let error = match attempt {
             Ok(running) => {
                 if last_reason.is_some() {
                     tracing::info!("provisioned: starting");
                 }
-                if let Some(pings) = &waiting_pings {
-                    pings.abort();
-                }
-                return running.serve(config, signals, started).await;
+                // The attempt (and the watchdog's deadline) ends after the
+                // self-tests, in `serve`.
+                return running.serve(config, signals, started, clock).await;
             }
             Err(e) => e,
         };
+        clock.end();
         let SvsError::NotReady(reason, detail) = &error else {
             return Err(error);
         };
@@ -301,23 +537,18 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), SvsError> {
 
 /// What an installation lacks on disk: the TLS files and the PIN. Checked
 /// before anything is parsed and before the HSM is touched, so one report
-/// names all of it and no login is attempted without a PIN. Blocking.
-fn missing_files(config: &Config) -> Result<(), SvsError> {
+/// names all of it and no login is attempted without a PIN. A TLS file
+/// that is there but cannot be read, is empty or is half written counts as
+/// not there yet (svs-provision may be writing it, or fixing its mode):
+/// waiting can fix it, exiting 78 would keep systemd from restarting svsd.
+/// Blocking.
+fn unprovisioned_files(config: &Config) -> Result<(), SvsError> {
     let mut missing = Vec::new();
     let mut details = Vec::new();
-    let mut tls = vec![
-        &config.tls.certificate,
-        &config.tls.private_key,
-        &config.tls.client_ca,
-    ];
-    if let Some(t) = &config.metrics.tls {
-        tls.extend([&t.certificate, &t.private_key]);
-        tls.extend(&t.client_ca);
-    }
-    for f in tls {
-        if !f.exists() {
+    for f in tls_files(config) {
+        if let Some(p) = pem_file_problem(f) {
             missing.push(Missing::Tls);
-            details.push(format!("{} does not exist", f.display()));
+            details.push(p.describe(f));
         }
     }
     if let Some(pin) = &config.hsm.pin
@@ -361,6 +592,7 @@ fn start_error(e: HsmError) -> SvsError {
 /// A started svsd: listeners up, not yet READY.
 struct Running {
     app: Arc<App>,
+    hsm: Arc<Hsm>,
     audit: Arc<AuditTrail>,
     tls: server::TlsSlot,
     stop_tx: watch::Sender<bool>,
@@ -376,10 +608,10 @@ async fn start(config: &Config, probe: &mut ProbeSocket) -> Result<Running, SvsE
     // Everything that can be wrong with the files is found before the HSM is touched.
     let c = config.clone();
     let (api, metrics_tls) = tokio::task::spawn_blocking(move || {
-        missing_files(&c)?;
-        let metrics_tls = match &c.metrics.tls {
-            Some(t) => Some(TlsAcceptor::from(crate::tls::metrics_server_config(t)?)),
-            None => None,
+        unprovisioned_files(&c)?;
+        let metrics_tls = match (&c.metrics.listen, &c.metrics.tls) {
+            (Some(_), Some(t)) => Some(TlsAcceptor::from(crate::tls::metrics_server_config(t)?)),
+            _ => None,
         };
         Ok::<_, SvsError>((api_tls(&c)?, metrics_tls))
     })
@@ -472,6 +704,7 @@ async fn start(config: &Config, probe: &mut ProbeSocket) -> Result<Running, SvsE
     }
     Ok(Running {
         app,
+        hsm,
         audit,
         tls,
         stop_tx,
@@ -483,15 +716,18 @@ async fn start(config: &Config, probe: &mut ProbeSocket) -> Result<Running, SvsE
 
 impl Running {
     /// Self-tests, READY, background duties, SIGHUP reloads until
-    /// SIGTERM/SIGINT, then the drain.
+    /// SIGTERM/SIGINT, then the drain. The start attempt timed by `clock`
+    /// ends with the self-tests.
     async fn serve(
         self,
         config: Config,
         mut signals: Signals,
         started: Instant,
+        clock: AttemptClock,
     ) -> Result<(), SvsError> {
         let Running {
             app,
+            hsm,
             audit,
             tls,
             stop_tx,
@@ -500,46 +736,53 @@ impl Running {
             graceful,
         } = self;
         // Ready only after login and self-tests.
-        match app.run_selftests().await {
-            Ok(()) => {
-                tracing::info!(
-                    ms = started.elapsed().as_millis() as u64,
-                    "self-tests passed: ready"
-                );
-                notify(&[NotifyState::Ready, NotifyState::Status("ready")]);
-            }
-            Err(e) => {
-                // Keep running: /readyz explains, the periodic run may recover.
-                let status = format!("not ready: {}", NotReady::SelftestsFailed);
-                notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
-                tracing::error!(error = %e, "self-tests failed at start");
-            }
+        let tests = tokio::select! {
+            r = app.run_selftests() => Some(r),
+            _ = signals.term.recv() => None,
+            _ = signals.int.recv() => None,
+        };
+        clock.end();
+        let status = Arc::new(StatusLine::default());
+        match &tests {
+            Some(Ok(())) => tracing::info!(
+                ms = started.elapsed().as_millis() as u64,
+                "self-tests passed: ready"
+            ),
+            // Keep running: /readyz explains, the periodic run may recover.
+            Some(Err(e)) => tracing::error!(error = %e, "self-tests failed at start"),
+            None => tracing::info!("stop requested during the start self-tests"),
         }
 
-        spawn_duties(&app, &config, stop_rx.clone());
-
+        // What svsd started with: settings that change only on restart are
+        // compared with these at every reload.
+        let running_config = config.clone();
         let mut config = config;
-        loop {
-            tokio::select! {
-                _ = signals.hup.recv() => {
-                    let mono = NotifyState::monotonic_usec_now().ok();
-                    let mut states = vec![NotifyState::Reloading];
-                    states.extend(mono);
-                    notify(&states);
-                    match reload(&app, &tls, &config).await {
-                        Ok(new) => {
-                            tracing::info!(entities = new.entities.len(), "configuration reloaded");
-                            config = new;
-                            notify(&[NotifyState::Ready, NotifyState::Status("ready (reloaded)")]);
+        if tests.is_some() {
+            status.ready(&app);
+            spawn_duties(&app, &config, stop_rx.clone(), status.clone());
+            loop {
+                tokio::select! {
+                    _ = signals.hup.recv() => {
+                        let mono = NotifyState::monotonic_usec_now().ok();
+                        let mut states = vec![NotifyState::Reloading];
+                        states.extend(mono);
+                        notify(&states);
+                        match reload(&app, &hsm, &tls, &running_config).await {
+                            Ok(new) => {
+                                tracing::info!(entities = new.entities.len(), "configuration reloaded");
+                                config = new;
+                                status.set_reload_refused(false);
+                            }
+                            Err(e) => {
+                                tracing::error!(error = %e, "reload refused: the previous configuration keeps serving");
+                                status.set_reload_refused(true);
+                            }
                         }
-                        Err(e) => {
-                            tracing::error!(error = %e, "reload refused: the previous configuration keeps serving");
-                            notify(&[NotifyState::Ready, NotifyState::Status("reload refused")]);
-                        }
+                        status.ready(&app);
                     }
+                    _ = signals.term.recv() => break,
+                    _ = signals.int.recv() => break,
                 }
-                _ = signals.term.recv() => break,
-                _ = signals.int.recv() => break,
             }
         }
 
@@ -573,8 +816,111 @@ impl Running {
     }
 }
 
-async fn reload(app: &Arc<App>, tls: &server::TlsSlot, old: &Config) -> Result<Config, SvsError> {
-    let p = old.path.clone();
+/// systemd's STATUS= while running: what /readyz says, sent when it changes.
+#[derive(Debug, Default)]
+struct StatusLine {
+    /// The text last sent.
+    sent: Mutex<String>,
+    /// The last SIGHUP was refused (said until a reload is accepted).
+    reload_refused: std::sync::atomic::AtomicBool,
+}
+
+impl StatusLine {
+    fn set_reload_refused(&self, refused: bool) {
+        self.reload_refused
+            .store(refused, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn text(&self, app: &App) -> String {
+        status_text(
+            &app.readiness(),
+            self.reload_refused
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
+    /// READY=1 with the current STATUS (after the start and every SIGHUP).
+    fn ready(&self, app: &App) {
+        let text = self.text(app);
+        notify(&[NotifyState::Ready, NotifyState::Status(&text)]);
+        *self.sent.lock().unwrap_or_else(|p| p.into_inner()) = text;
+    }
+
+    /// STATUS, if readiness changed since it was last sent.
+    fn update(&self, app: &App) {
+        let text = self.text(app);
+        let mut sent = self.sent.lock().unwrap_or_else(|p| p.into_inner());
+        if *sent != text {
+            notify(&[NotifyState::Status(&text)]);
+            *sent = text;
+        }
+    }
+}
+
+/// STATUS= for a readiness: `ready`, or `not ready: ` and /readyz's
+/// message (a fixed category: details stay in the log).
+fn status_text(readiness: &Result<(), SvsError>, reload_refused: bool) -> String {
+    let mut text = match readiness {
+        Ok(()) => "ready".to_owned(),
+        Err(SvsError::ShuttingDown) => "stopping".to_owned(),
+        Err(e) => format!("not ready: {}", e.client_message()),
+    };
+    if reload_refused {
+        text.push_str("; last reload refused (see the journal)");
+    }
+    text
+}
+
+/// The settings read only at start that differ between the configuration
+/// svsd runs with (`running`, as it started) and a reloaded one (`new`).
+fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str> {
+    let (was, now) = (&running.limits, &new.limits);
+    [
+        (running.listen != new.listen, "[server] listen"),
+        (
+            running.health_listen != new.health_listen,
+            "[server] health_listen",
+        ),
+        (running.allow_root != new.allow_root, "[server] allow_root"),
+        (running.hsm != new.hsm, "[hsm]"),
+        (
+            running.embedded_token_config != new.embedded_token_config,
+            "[embedded_token]",
+        ),
+        (running.audit != new.audit, "[audit]"),
+        (running.metrics != new.metrics, "[metrics]"),
+        (
+            running.selftest_interval != new.selftest_interval,
+            "[selftest] interval_s",
+        ),
+        (
+            was.max_connections != now.max_connections,
+            "[limits] max_connections",
+        ),
+        (
+            was.max_handshakes != now.max_handshakes,
+            "[limits] max_handshakes",
+        ),
+        (
+            was.max_inflight_body_bytes != now.max_inflight_body_bytes,
+            "[limits] max_inflight_body_bytes",
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(changed, name)| changed.then_some(name))
+    .collect()
+}
+
+/// One SIGHUP: the configuration re-read, the token's keys re-read (keys
+/// and certificates provisioned since start become visible), then the new
+/// configuration installed. Any failure refuses it: the old one serves on.
+async fn reload(
+    app: &Arc<App>,
+    hsm: &Arc<Hsm>,
+    tls: &server::TlsSlot,
+    running: &Config,
+) -> Result<Config, SvsError> {
+    let p = running.path.clone();
     let config = tokio::task::spawn_blocking(move || Config::load(&p))
         .await
         .map_err(|e| SvsError::Internal(e.to_string()))??;
@@ -582,21 +928,19 @@ async fn reload(app: &Arc<App>, tls: &server::TlsSlot, old: &Config) -> Result<C
     let api = tokio::task::spawn_blocking(move || api_tls(&c))
         .await
         .map_err(|e| SvsError::Internal(e.to_string()))??;
-    // (App::reload refuses a max_body_bytes the body budget cannot hold.)
-    let (was, now) = (&old.limits, &config.limits);
-    if (
-        was.max_connections,
-        was.max_handshakes,
-        was.max_inflight_body_bytes,
-    ) != (
-        now.max_connections,
-        now.max_handshakes,
-        now.max_inflight_body_bytes,
-    ) {
+    // Said at every reload while the file differs from what runs.
+    for setting in restart_only_changes(running, &config) {
         tracing::warn!(
-            "[limits] max_connections, max_handshakes and max_inflight_body_bytes change only on restart"
+            "{setting} changed: it takes effect only on restart (svsd keeps the value it started with)"
         );
     }
+    // A failed refresh leaves the key list as it was.
+    let keys = hsm
+        .refresh_keys()
+        .await
+        .map_err(|e| SvsError::HsmUnavailable(format!("re-reading the token's keys: {e}")))?;
+    tracing::debug!(keys = keys.len(), "token keys re-read");
+    // (App::reload refuses a max_body_bytes the body budget cannot hold.)
     // Self-tests of newly exposed keys run here; a failure refuses the reload.
     app.reload(&config).await?;
     {
@@ -619,7 +963,12 @@ async fn reload(app: &Arc<App>, tls: &server::TlsSlot, old: &Config) -> Result<C
 /// How soon a periodic self-test the HSM was too busy for runs again.
 const SELFTEST_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
 
-fn spawn_duties(app: &Arc<App>, config: &Config, stop: watch::Receiver<bool>) {
+fn spawn_duties(
+    app: &Arc<App>,
+    config: &Config,
+    stop: watch::Receiver<bool>,
+    status: Arc<StatusLine>,
+) {
     // Periodic self-tests.
     let a = app.clone();
     let every = config.selftest_interval;
@@ -636,8 +985,9 @@ fn spawn_duties(app: &Arc<App>, config: &Config, stop: watch::Receiver<bool>) {
             }
         }
     });
-    // Abnormal-traffic detection: windows move once a second; refusals
-    // held back from the audit trail are counted in it as often.
+    // Once a second: systemd's STATUS follows readiness (self-tests, HSM,
+    // audit trail); abnormal-traffic windows move; refusals held back from
+    // the audit trail are counted in it.
     let a = app.clone();
     let mut s = stop.clone();
     tokio::spawn(async move {
@@ -646,6 +996,7 @@ fn spawn_duties(app: &Arc<App>, config: &Config, stop: watch::Receiver<bool>) {
         loop {
             tokio::select! {
                 _ = tick.tick() => {
+                    status.update(&a);
                     a.anomaly_tick().await;
                     a.flush_refusals().await;
                 }
@@ -659,7 +1010,7 @@ fn spawn_duties(app: &Arc<App>, config: &Config, stop: watch::Receiver<bool>) {
         config.audit.checkpoint_key.clone(),
     ) {
         let a = app.clone();
-        let mut s = stop.clone();
+        let mut s = stop;
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             loop {
@@ -668,21 +1019,6 @@ fn spawn_duties(app: &Arc<App>, config: &Config, stop: watch::Receiver<bool>) {
                         Ok(seq) => tracing::debug!(seq, "audit checkpoint signed"),
                         Err(e) => tracing::error!(error = %e, "ALARM audit checkpoint failed"),
                     },
-                    _ = s.changed() => return,
-                }
-            }
-        });
-    }
-    // systemd watchdog: pinged from the runtime at half the period, so a
-    // wedged runtime gets the daemon restarted. A down HSM does not stop the
-    // pings: it shows in /readyz and recovers in the pool.
-    if let Some(period) = sd_notify::watchdog_enabled() {
-        let mut s = stop;
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(period / 2);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => notify(&[NotifyState::Watchdog]),
                     _ = s.changed() => return,
                 }
             }
@@ -721,6 +1057,213 @@ mod tests {
             }
         );
         assert!(f(false, Some(OsStr::new(""))).timestamp);
+    }
+
+    /// A configuration in `dir` (TLS files, PIN file there), with `extra`
+    /// TOML appended.
+    fn config_in(dir: &Path, extra: &str) -> Config {
+        let text = format!(
+            r#"
+[server]
+listen = ["127.0.0.1:8443"]
+[tls]
+certificate = "server.pem"
+private_key = "server-key.pem"
+client_ca = "ca.pem"
+[hsm]
+module = "embedded"
+token_label = "svs"
+pin = {{ file = "{pin}" }}
+[keys]
+demo = {{ object = "demo" }}
+[audit]
+dir = "audit"
+checkpoint_key = "svs-audit"
+{extra}
+"#,
+            pin = dir.join("pin").display()
+        );
+        Config::from_toml(&text, &dir.join("svsd.toml")).unwrap()
+    }
+
+    #[test]
+    fn every_restart_only_setting_that_differs_from_what_runs_is_named() {
+        let dir = Path::new("/etc/svs");
+        let running = config_in(dir, "");
+        assert_eq!(restart_only_changes(&running, &running), Vec::<&str>::new());
+        // Settings a reload applies are not named.
+        let reloadable = config_in(
+            dir,
+            "[limits]\nmax_body_bytes = 4096\nmax_batch_items = 8\n[anomaly]\nenabled = false\n",
+        );
+        assert_eq!(
+            restart_only_changes(&running, &reloadable),
+            Vec::<&str>::new()
+        );
+        let mut new = config_in(
+            dir,
+            "[limits]\nmax_connections = 7\nmax_inflight_body_bytes = 1048576\n[selftest]\ninterval_s = 60\n[metrics]\nenabled = false\n",
+        );
+        new.listen = vec!["127.0.0.1:9443".parse().unwrap()];
+        new.health_listen = Some("127.0.0.1:8080".parse().unwrap());
+        new.hsm.token_label = Some("other".into());
+        new.audit.max_group_records += 1;
+        assert_eq!(
+            restart_only_changes(&running, &new),
+            [
+                "[server] listen",
+                "[server] health_listen",
+                "[hsm]",
+                "[audit]",
+                "[metrics]",
+                "[selftest] interval_s",
+                "[limits] max_connections",
+                "[limits] max_inflight_body_bytes",
+            ]
+        );
+        let mut handshakes = running.clone();
+        handshakes.limits.max_handshakes += 1;
+        handshakes.embedded_token_config = Some("/etc/svs/softtoken.toml".into());
+        assert_eq!(
+            restart_only_changes(&running, &handshakes),
+            ["[embedded_token]", "[limits] max_handshakes"]
+        );
+    }
+
+    #[test]
+    fn status_says_what_readyz_says_without_details() {
+        assert_eq!(status_text(&Ok(()), false), "ready");
+        assert_eq!(
+            status_text(
+                &Err(SvsError::NotReady(
+                    NotReady::SelftestsFailed,
+                    "C_Sign: CKR_DEVICE_ERROR".into()
+                )),
+                false
+            ),
+            "not ready: self-tests failed"
+        );
+        let audit = status_text(
+            &Err(SvsError::AuditUnavailable(
+                "/var/log/svs/audit: No space left on device".into(),
+            )),
+            false,
+        );
+        assert!(
+            audit.starts_with("not ready: audit trail not writable"),
+            "{audit}"
+        );
+        assert!(!audit.contains("/var/log"), "{audit}");
+        let hsm = status_text(
+            &Err(SvsError::NotReady(
+                NotReady::HsmUnavailable,
+                "HSM Down: 0 of 4 sessions open".into(),
+            )),
+            true,
+        );
+        assert_eq!(
+            hsm,
+            "not ready: HSM unavailable or not logged in; last reload refused (see the journal)"
+        );
+        assert_eq!(status_text(&Err(SvsError::ShuttingDown), false), "stopping");
+    }
+
+    #[test]
+    fn watchdog_pings_stop_only_while_a_start_attempt_overruns() {
+        let now = Instant::now();
+        let deadline = Duration::from_secs(60);
+        assert!(pings_due(None, now, deadline));
+        assert!(pings_due(Some(now), now, deadline));
+        assert!(pings_due(
+            Some(now),
+            now + Duration::from_secs(59),
+            deadline
+        ));
+        assert!(!pings_due(Some(now), now + deadline, deadline));
+        assert!(!pings_due(
+            Some(now),
+            now + Duration::from_secs(600),
+            deadline
+        ));
+        let clock = AttemptClock::default();
+        assert_eq!(clock.started(), None);
+        clock.begin();
+        let began = clock.started().unwrap();
+        assert!(pings_due(clock.started(), began, deadline));
+        assert!(!pings_due(clock.started(), began + deadline, deadline));
+        clock.end();
+        assert!(pings_due(clock.started(), began + deadline, deadline));
+    }
+
+    #[test]
+    fn empty_and_half_written_pem_files_are_not_provisioned_yet() {
+        let cert = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        assert!(pem_text_problem(cert.as_bytes()).is_none());
+        assert!(matches!(pem_text_problem(b""), Some(FileProblem::Empty)));
+        assert!(matches!(
+            pem_text_problem(b" \n\n"),
+            Some(FileProblem::Empty)
+        ));
+        assert!(matches!(
+            pem_text_problem(b"-----BEGIN CERTIFICATE-----\nMII"),
+            Some(FileProblem::Incomplete)
+        ));
+        let chain_cut = format!("{cert}-----BEGIN CERTIFICATE-----\nMIIB");
+        assert!(matches!(
+            pem_text_problem(chain_cut.as_bytes()),
+            Some(FileProblem::Incomplete)
+        ));
+        // Complete but not PEM: a configuration error, for the parser to report.
+        assert!(pem_text_problem(b"garbage").is_none());
+    }
+
+    #[test]
+    fn unreadable_tls_files_wait_and_disabled_metrics_need_none() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        for f in ["server.pem", "server-key.pem", "ca.pem"] {
+            std::fs::write(dir.join(f), pem).unwrap();
+        }
+        std::fs::write(dir.join("pin"), "12345678\n").unwrap();
+        let metrics_tls = "[metrics.tls]\ncertificate = \"m.pem\"\nprivate_key = \"m-key.pem\"\n";
+        // Metrics off: its TLS files are not waited for.
+        let off = config_in(dir, &format!("[metrics]\nenabled = false\n{metrics_tls}"));
+        assert!(unprovisioned_files(&off).is_ok());
+        assert!(tls_files(&off).iter().all(|f| !f.ends_with("m.pem")));
+        let on = config_in(dir, metrics_tls);
+        let Err(SvsError::NotReady(reason, detail)) = unprovisioned_files(&on) else {
+            panic!("metrics TLS files not required");
+        };
+        assert_eq!(reason, NotReady::not_provisioned(vec![Missing::Tls]));
+        assert!(detail.contains("m.pem does not exist"), "{detail}");
+        // A directory where a file belongs: cannot be read, still waits.
+        std::fs::remove_file(dir.join("ca.pem")).unwrap();
+        std::fs::create_dir(dir.join("ca.pem")).unwrap();
+        std::fs::write(dir.join("server-key.pem"), "").unwrap();
+        let Err(SvsError::NotReady(reason, detail)) = unprovisioned_files(&off) else {
+            panic!("an unreadable file is not waited for");
+        };
+        assert_eq!(reason, NotReady::not_provisioned(vec![Missing::Tls]));
+        assert!(
+            detail.contains("cannot read") && detail.contains("ca.pem"),
+            "{detail}"
+        );
+        assert!(detail.contains("server-key.pem is empty"), "{detail}");
+    }
+
+    #[test]
+    fn a_credential_pin_outside_systemd_is_noted_as_not_checkable() {
+        let cred = PinSource::Credential("svs-hsm-pin".into());
+        let note = pin_note(&cred, false).unwrap();
+        assert!(note.contains("cannot be checked here"), "{note}");
+        assert!(!note.contains("not provisioned"), "{note}");
+        let tmp = tempfile::tempdir().unwrap();
+        let file = PinSource::File(tmp.path().join("pin"));
+        let note = pin_note(&file, false).unwrap();
+        assert!(note.starts_with("not provisioned yet: "), "{note}");
+        std::fs::write(tmp.path().join("pin"), "12345678\n").unwrap();
+        assert_eq!(pin_note(&file, false), None);
     }
 
     #[test]

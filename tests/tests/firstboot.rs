@@ -331,3 +331,130 @@ fn check_config_names_every_entity_whose_issuer_is_no_client_ca_certificate() {
     assert!(!err.contains("\"named\""), "{err}");
     assert!(out.stdout.is_empty(), "said valid: {out:?}");
 }
+
+#[test]
+fn check_config_checks_the_tls_files_when_the_pin_cannot_be_read() {
+    let install = Install::new();
+    let check = || {
+        Command::new(svsd_bin())
+            .arg("--check-config")
+            .arg("--config")
+            .arg(&install.config)
+            .env_remove("CREDENTIALS_DIRECTORY")
+            .output()
+            .unwrap()
+    };
+    let pin_line = format!(
+        "pin = {{ file = \"{}\" }}",
+        install.dir.join("pin").display()
+    );
+    // The production unit's PIN, run from a shell: no $CREDENTIALS_DIRECTORY.
+    install.edit_config(|t| {
+        assert!(t.contains(&pin_line), "{t}");
+        t.replace(&pin_line, "pin = { credential = \"svs-hsm-pin\" }")
+    });
+    let out = check();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("\"svs-hsm-pin\"") && err.contains("cannot be checked here"),
+        "{err}"
+    );
+    // A server certificate that is not the private key's is still found.
+    let server = install.dir.join("server.pem");
+    std::fs::copy(install.dev_client().cert, &server).unwrap();
+    let out = check();
+    assert_eq!(out.status.code(), Some(78), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("[tls]") && err.contains("cannot be checked here"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty(), "said valid: {out:?}");
+    // The same with a PIN file that cannot be read (a directory here).
+    let unreadable = install.dir.join("pin-dir");
+    std::fs::create_dir(&unreadable).unwrap();
+    install.edit_config(|t| {
+        t.replace(
+            "pin = { credential = \"svs-hsm-pin\" }",
+            &format!("pin = {{ file = \"{}\" }}", unreadable.display()),
+        )
+    });
+    let out = check();
+    assert_eq!(out.status.code(), Some(78), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("[tls]") && err.contains("pin-dir"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_written_tls_file_is_waited_for_not_fatal() {
+    let install = Install::new();
+    let health = add_health_listen(&install);
+    let server = install.dir.join("server.pem");
+    let whole = std::fs::read_to_string(&server).unwrap();
+    // svs-provision caught mid-write: the certificate's first lines only.
+    let cut: String = whole.lines().take(3).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&server, &cut).unwrap();
+    let d = spawn(&install, &[]);
+    let body = wait_for(&d, health, "/readyz", 503).await;
+    assert_eq!(
+        body["error"]["message"],
+        "not provisioned: TLS files missing \u{2014} run svs-provision"
+    );
+    assert!(
+        d.log_text().contains("server.pem is incomplete"),
+        "{}",
+        d.log_text()
+    );
+    std::fs::write(&server, whole).unwrap();
+    d.signal("HUP");
+    wait_for(&d, health, "/readyz", 200).await;
+    let mut d = d;
+    d.signal("TERM");
+    assert_eq!(d.wait(Duration::from_secs(15)).unwrap().code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_hanging_start_attempt_ends_svsd() {
+    let install = Install::new();
+    let health = add_health_listen(&install);
+    install.edit_config(|t| {
+        t.replace(
+            "demo = { object = \"demo\" }",
+            "demo = { object = \"later\" }",
+        )
+    });
+    let faults = install.dir.join("faults");
+    std::fs::write(&faults, "").unwrap();
+    let mut d = spawn(
+        &install,
+        &[("SVS_SOFTTOKEN_FAULTS_FILE", faults.to_str().unwrap())],
+    );
+    wait_for(&d, health, "/readyz", 503).await;
+    // A network HSM that stops answering: the next login never returns
+    // (for ten minutes).
+    std::fs::write(&faults, "C_Login:stall=600000").unwrap();
+    d.signal("HUP");
+    // In an attempt, svsd does not serve the probe listener: a probe that
+    // gets no answer for a second shows the attempt hanging.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tokio::time::timeout(Duration::from_secs(1), http_get(health, "/readyz"))
+        .await
+        .is_ok()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no attempt hangs: {}",
+            d.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    d.signal("TERM");
+    let st = d.wait(Duration::from_secs(20));
+    assert_eq!(st.and_then(|s| s.code()), Some(0), "{}", d.log_text());
+    assert!(
+        d.log_text().contains("stopped during a start attempt"),
+        "{}",
+        d.log_text()
+    );
+}

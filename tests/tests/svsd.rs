@@ -1829,3 +1829,142 @@ async fn audit_checkpoints_verify_with_openssl() {
     }
     assert!(checked >= 2, "{checked} checkpoints");
 }
+
+/// Polls the log until `needle` has appeared `count` times.
+async fn wait_for_log(d: &Daemon, needle: &str, count: usize) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = d.log_text();
+        if log.matches(needle).count() >= count {
+            return log;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{needle:?} not logged {count} times: {log}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_generated_after_start_is_exposed_by_sighup_and_a_failed_key_refresh_keeps_the_keys()
+{
+    let install = Install::new();
+    let faults = install.dir.join("faults");
+    std::fs::write(&faults, "").unwrap();
+    let d = install
+        .start_with_env(&[("SVS_SOFTTOKEN_FAULTS_FILE", faults.to_str().unwrap())])
+        .await;
+    // svs-provision's part (operations.md §3.6), done while svsd runs: a new
+    // key on the token, exposed in [keys], granted to the entity, SIGHUP.
+    let token = install.open_token(1).await;
+    token.generate_key("fresh", None).await.unwrap();
+    drop(token);
+    install.edit_config(|t| t.replace("[keys]\n", "[keys]\nfresh = { object = \"fresh\" }\n"));
+    let dev = install.dev_client();
+    install.write_entities(&entity(
+        "dev-client",
+        &dev.sha256,
+        &["demo", "fresh"],
+        &["sign", "verify"],
+        "",
+    ));
+    d.signal("HUP");
+    let log = wait_for_log(&d, "configuration reloaded", 1).await;
+    assert!(!log.contains("reload refused"), "{log}");
+    let mut c = d.client(false).await;
+    let sign = json!({"key":"fresh","data":HELLO});
+    let (s, _, v) = c.post("/v1/sign", &sign).await.unwrap();
+    assert_eq!(s, 200, "{v}");
+    let (s, _, v) = c
+        .post(
+            "/v1/verify",
+            &json!({"key":"fresh","data":HELLO,"signature":v["signature"]}),
+        )
+        .await
+        .unwrap();
+    assert_eq!((s, &v["valid"]), (200, &json!(true)), "{v}");
+
+    // The token cannot list its objects: the reload is refused and the
+    // keys svsd knows stay usable once the token is back.
+    std::fs::write(&faults, "C_FindObjectsInit:device_error").unwrap();
+    // The soft token looks at the file's modification time at most every
+    // 20 ms.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    d.signal("HUP");
+    let log = wait_for_log(&d, "reload refused", 1).await;
+    assert!(log.contains("re-reading the token's keys"), "{log}");
+    std::fs::write(&faults, "").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (s, _, v) = c.post("/v1/sign", &sign).await.unwrap();
+        if s == 200 {
+            break;
+        }
+        // The pool may still be recovering its sessions; an unknown key
+        // would mean the failed refresh emptied the list.
+        assert_eq!(s, 503, "{v}");
+        assert!(std::time::Instant::now() < deadline, "{v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_status_follows_readiness_when_a_periodic_self_test_fails_and_recovers() {
+    let install = Install::new();
+    install.edit_config(|t| {
+        t.replace(
+            "[selftest]\ninterval_s = 300\n",
+            "[selftest]\ninterval_s = 1\n",
+        )
+    });
+    let faults = install.dir.join("faults");
+    std::fs::write(&faults, "").unwrap();
+    let path = install.dir.join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let d = install
+        .start_with_env(&[
+            ("NOTIFY_SOCKET", path.to_str().unwrap()),
+            ("SVS_SOFTTOKEN_FAULTS_FILE", faults.to_str().unwrap()),
+        ])
+        .await;
+    // The STATUS= lines heard until `wanted` is one of them.
+    let until_status = |wanted: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let mut heard = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Ok(n) = socket.recv(&mut buf) {
+                heard.extend(
+                    String::from_utf8_lossy(&buf[..n])
+                        .lines()
+                        .filter_map(|l| l.strip_prefix("STATUS="))
+                        .map(str::to_owned),
+                );
+                if heard.iter().any(|s| s == wanted) {
+                    return heard;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no STATUS={wanted}: heard {heard:?}\n{}",
+                d.log_text()
+            );
+        }
+    };
+    until_status("ready");
+    let mut c = d.client(false).await;
+    assert_eq!(c.get("/readyz").await.unwrap().0, 200);
+
+    std::fs::write(&faults, "C_Sign:device_error").unwrap();
+    until_status("not ready: self-tests failed");
+    let (s, _, v) = c.get("/readyz").await.unwrap();
+    assert_eq!(s, 503, "{v}");
+
+    std::fs::write(&faults, "").unwrap();
+    until_status("ready");
+    assert_eq!(c.get("/readyz").await.unwrap().0, 200);
+}

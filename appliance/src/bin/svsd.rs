@@ -91,10 +91,15 @@ fn run(args: Args) -> Result<(), SvsError> {
         .thread_name("svsd")
         .build()
         .map_err(|e| SvsError::Io(e.to_string()))?;
-    runtime.block_on(daemon::run(
+    let result = runtime.block_on(daemon::run(
         config,
         RunOptions {
             allow_root: args.allow_root,
         },
-    ))
+    ));
+    // Dropping the runtime would wait for every blocking task: a start
+    // attempt stopped by SIGTERM may have left one hanging in the HSM's
+    // module (C_Login on an unreachable network HSM). Exit without it.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    result
 }
