@@ -23,37 +23,54 @@ use svs_appliance::tls::sha256_hex;
 
 /// The svsd binary, built once per test process (a no-op when up to date).
 pub fn svsd_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(p) = std::env::var_os("SVSD_BIN") {
-            return PathBuf::from(p);
-        }
-        let exe = std::env::current_exe().unwrap();
-        // target/<profile>/deps/<test> or target/<profile>/<bin>
-        let mut dir = exe.parent().unwrap().to_path_buf();
-        if dir.ends_with("deps") {
-            dir.pop();
-        }
-        let release = dir.ends_with("release");
-        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        // `--workspace`, not `-p svs-appliance`: features resolve as in
-        // `cargo test --workspace`, so nothing is rebuilt. Resolved for one
-        // package, shared crates get other features, and svs-softtoken's
-        // rlib (a cdylib crate: no hash in its file name) is rebuilt in
-        // place under the running test build, whose later steps (doc
-        // tests) then fail with "can't find crate".
-        cmd.args(["build", "-q", "--workspace", "--bin", "svsd"]);
-        if release {
-            cmd.arg("--release");
-        }
-        let st = cmd
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .unwrap();
-        assert!(st.success(), "building svsd failed");
-        dir.join("svsd")
-    })
-    .clone()
+    if let Some(p) = std::env::var_os("SVSD_BIN") {
+        return PathBuf::from(p);
+    }
+    workspace_bin("svsd")
+}
+
+/// The svs-provision binary, built once per test process.
+pub fn svs_provision_bin() -> PathBuf {
+    workspace_bin("svs-provision")
+}
+
+/// A binary of the workspace in this test's profile, built on first use.
+fn workspace_bin(name: &'static str) -> PathBuf {
+    static BUILT: OnceLock<std::sync::Mutex<std::collections::BTreeMap<&str, PathBuf>>> =
+        OnceLock::new();
+    let mut built = BUILT
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some(p) = built.get(name) {
+        return p.clone();
+    }
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test> or target/<profile>/<bin>
+    let mut dir = exe.parent().unwrap().to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let release = dir.ends_with("release");
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    // `--workspace`, not `-p <package>`: features resolve as in
+    // `cargo test --workspace`, so nothing is rebuilt. Resolved for one
+    // package, shared crates get other features, and svs-softtoken's
+    // rlib (a cdylib crate: no hash in its file name) is rebuilt in
+    // place under the running test build, whose later steps (doc
+    // tests) then fail with "can't find crate".
+    cmd.args(["build", "-q", "--workspace", "--bin", name]);
+    if release {
+        cmd.arg("--release");
+    }
+    let st = cmd
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .unwrap();
+    assert!(st.success(), "building {name} failed");
+    let path = dir.join(name);
+    built.insert(name, path.clone());
+    path
 }
 
 /// A free TCP port on 127.0.0.1.
@@ -162,8 +179,23 @@ impl Install {
 
     /// This installation's soft token, linked into the calling executable
     /// and logged in as svsd is (an `svs-hsm` pool of `pool_size`
-    /// sessions): the same keys, another process.
+    /// sessions): the same keys, another process. One installation per
+    /// process: the linked-in token reads its configuration at the
+    /// process's first C_Initialize, and svs-hsm never finalises a module
+    /// (its users share it), so a second installation's store would not
+    /// be seen. A test binary with more than one test that opens a token
+    /// must give them one installation; this panics otherwise.
     pub async fn open_token(&self, pool_size: usize) -> svs_hsm::Hsm {
+        static FIRST: OnceLock<PathBuf> = OnceLock::new();
+        let first = FIRST.get_or_init(|| self.dir.clone());
+        assert_eq!(
+            first, &self.dir,
+            "this process already linked in another installation's token"
+        );
+        self.open_token_now(pool_size).await
+    }
+
+    async fn open_token_now(&self, pool_size: usize) -> svs_hsm::Hsm {
         let token_conf = self.dir.join("softtoken.toml");
         let text = std::fs::read_to_string(&self.config).unwrap();
         let pin = text

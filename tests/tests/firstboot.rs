@@ -249,7 +249,7 @@ fn check_config_reports_every_error_at_once() {
     let err = String::from_utf8_lossy(&out.stderr);
     for wanted in [
         "max_batch_items must be > 0",
-        "[selftest] interval_s must be > 0",
+        "[selftest] interval_s must be 1-604800",
         "checkpoints need checkpoint_key",
     ] {
         assert!(err.contains(wanted), "{wanted:?} not in {err}");

@@ -1763,16 +1763,17 @@ async fn audit_checkpoints_verify_with_openssl() {
     d.signal("TERM");
     drop(d);
 
-    let hsm = install.open_token(1).await;
-    hsm.refresh_keys().await.unwrap();
-    let audit_key = hsm.key("svs-audit").unwrap();
+    // The auditor's way to the audit key's public half: no PIN needed.
     let work = install.dir.join("checkpoints");
     std::fs::create_dir_all(&work).unwrap();
-    std::fs::write(
-        work.join("audit-pub.pem"),
-        svs_appliance::api::pem("PUBLIC KEY", &audit_key.spki_der),
-    )
-    .unwrap();
+    let out = Command::new(svs_provision_bin())
+        .arg("--config")
+        .arg(&install.config)
+        .args(["key", "export-public", "--label", "svs-audit", "--out"])
+        .arg(work.join("audit-pub.pem"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
     let unhex = |s: &str| -> Vec<u8> {
         (0..s.len())
             .step_by(2)
