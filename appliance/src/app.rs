@@ -1876,109 +1876,59 @@ operations = ["sign", "verify"]
             f.app.run_selftests().await.unwrap();
             let body = serde_json::to_vec(&json!({"key": "demo", "data": "aGk="})).unwrap();
             let id = client();
-            let admit = || {
-                f.app
+            let base = || config(&f.dir, "", &["demo"], "");
+            // Admitted under the base configuration; `next` (if any) is
+            // loaded before the body is handled, and the client then is the
+            // dev client, or none the current client CA still trusts.
+            let request = async |next: Option<Config>, trusted: bool| {
+                f.app.reload(&base()).await.unwrap();
+                let adm = f
+                    .app
                     .precheck(&Route::Sign, Some(verified(&id)), Some("application/json"))
+                    .await
+                    .unwrap();
+                if let Some(next) = next {
+                    f.app.reload(&next).await.unwrap();
+                }
+                let client = trusted.then(|| verified(&id));
+                let reply = f.app.handle(Route::Sign, &adm, client, &body).await;
+                let code = reply.body["error"]["code"].as_str().map(str::to_owned);
+                (reply.status, code)
             };
+            let refused = |status: u16, code: &str| (status, Some(code.to_owned()));
             // A reload between admission and the body (which may take the
             // body timeout to arrive) applies to the request: a key taken
             // from the entity...
-            let adm = admit().await.unwrap();
-            let other = "other = { object = \"other\" }";
-            let cfg = config(&f.dir, other, &["other"], "");
-            f.app.reload(&cfg).await.unwrap();
-            let reply = f
-                .app
-                .handle(Route::Sign, &adm, Some(verified(&id)), &body)
-                .await;
+            let other = config(&f.dir, "other = { object = \"other\" }", &["other"], "");
             assert_eq!(
-                (reply.status, reply.body["error"]["code"].as_str()),
-                (403, Some("key_not_allowed"))
+                request(Some(other), true).await,
+                refused(403, "key_not_allowed")
             );
             // ...a suspension...
-            f.app
-                .reload(&config(&f.dir, "", &["demo"], ""))
-                .await
-                .unwrap();
-            let adm = admit().await.unwrap();
             let suspended = config(&f.dir, "", &["demo"], "status = \"suspended\"");
-            f.app.reload(&suspended).await.unwrap();
-            let reply = f
-                .app
-                .handle(Route::Sign, &adm, Some(verified(&id)), &body)
-                .await;
             assert_eq!(
-                (reply.status, reply.body["error"]["code"].as_str()),
-                (403, Some("entity_suspended"))
+                request(Some(suspended), true).await,
+                refused(403, "entity_suspended")
             );
             // ...the operation withdrawn...
-            f.app
-                .reload(&config(&f.dir, "", &["demo"], ""))
-                .await
-                .unwrap();
-            let adm = admit().await.unwrap();
-            let mut verify_only = config(&f.dir, "", &["demo"], "");
+            let mut verify_only = base();
             verify_only.entities[0].operations = [Operation::Verify].into_iter().collect();
-            f.app.reload(&verify_only).await.unwrap();
-            let reply = f
-                .app
-                .handle(Route::Sign, &adm, Some(verified(&id)), &body)
-                .await;
             assert_eq!(
-                (reply.status, reply.body["error"]["code"].as_str()),
-                (403, Some("operation_not_allowed"))
+                request(Some(verify_only), true).await,
+                refused(403, "operation_not_allowed")
             );
             // ...the entity bound to another certificate...
-            f.app
-                .reload(&config(&f.dir, "", &["demo"], ""))
-                .await
-                .unwrap();
-            let adm = admit().await.unwrap();
-            let mut rebound = config(&f.dir, "", &["demo"], "");
+            let mut rebound = base();
             rebound.entities[0].client = crate::config::ClientMatch::CertificateSha256([2; 32]);
-            f.app.reload(&rebound).await.unwrap();
-            let reply = f
-                .app
-                .handle(Route::Sign, &adm, Some(verified(&id)), &body)
-                .await;
-            assert_eq!(reply.status, 401, "{}", reply.body);
+            assert_eq!(request(Some(rebound), true).await.0, 401);
             // ...a client no longer trusted by the current client CA...
-            f.app
-                .reload(&config(&f.dir, "", &["demo"], ""))
-                .await
-                .unwrap();
-            let adm = admit().await.unwrap();
-            f.app
-                .reload(&config(&f.dir, "", &["demo"], ""))
-                .await
-                .unwrap();
-            let reply = f.app.handle(Route::Sign, &adm, None, &body).await;
-            assert_eq!(reply.status, 401, "{}", reply.body);
+            assert_eq!(request(Some(base()), false).await.0, 401);
             // ...and an entity removed altogether.
-            f.app
-                .reload(&config(&f.dir, "", &["demo"], ""))
-                .await
-                .unwrap();
-            let adm = admit().await.unwrap();
-            let mut none = config(&f.dir, "", &["demo"], "");
+            let mut none = base();
             none.entities.clear();
-            f.app.reload(&none).await.unwrap();
-            let reply = f
-                .app
-                .handle(Route::Sign, &adm, Some(verified(&id)), &body)
-                .await;
-            assert_eq!(reply.status, 401);
+            assert_eq!(request(Some(none), true).await.0, 401);
             // Without a reload, the request goes through.
-            f.app
-                .reload(&config(&f.dir, "", &["demo"], ""))
-                .await
-                .unwrap();
-            let adm = admit().await.unwrap();
-            let reply = f
-                .app
-                .handle(Route::Sign, &adm, Some(verified(&id)), &body)
-                .await;
-            assert_eq!(reply.status, 200, "{}", reply.body);
+            assert_eq!(request(None, true).await, (200, None));
         });
     }
 

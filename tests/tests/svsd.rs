@@ -997,26 +997,7 @@ async fn interop_with_openssl_and_gmssl() {
     let der = unb64(v["signature"].as_str().unwrap());
     std::fs::write(work.join("sig.der"), &der).unwrap();
     if openssl {
-        let st = Command::new("openssl")
-            .args([
-                "pkeyutl",
-                "-verify",
-                "-pubin",
-                "-inkey",
-                "pub.pem",
-                "-rawin",
-                "-in",
-                "msg.bin",
-                "-sigfile",
-                "sig.der",
-                "-digest",
-                "sm3",
-                "-pkeyopt",
-                "distid:1234567812345678",
-            ])
-            .current_dir(&work)
-            .output()
-            .unwrap();
+        let st = openssl_sm2_verify(&work, "pub.pem", "msg.bin", "sig.der");
         assert!(
             st.status.success(),
             "openssl rejects the API's signature: {}",
@@ -1783,26 +1764,7 @@ async fn audit_checkpoints_verify_with_openssl() {
     let openssl_verifies = |message: &[u8], der: &[u8]| -> bool {
         std::fs::write(work.join("msg"), message).unwrap();
         std::fs::write(work.join("sig.der"), der).unwrap();
-        Command::new("openssl")
-            .args([
-                "pkeyutl",
-                "-verify",
-                "-pubin",
-                "-inkey",
-                "audit-pub.pem",
-                "-rawin",
-                "-in",
-                "msg",
-                "-sigfile",
-                "sig.der",
-                "-digest",
-                "sm3",
-                "-pkeyopt",
-                "distid:1234567812345678",
-            ])
-            .current_dir(&work)
-            .output()
-            .unwrap()
+        openssl_sm2_verify(&work, "audit-pub.pem", "msg", "sig.der")
             .status
             .success()
     };
@@ -1968,4 +1930,24 @@ async fn systemd_status_follows_readiness_when_a_periodic_self_test_fails_and_re
     std::fs::write(&faults, "").unwrap();
     until_status("ready");
     assert_eq!(c.get("/readyz").await.unwrap().0, 200);
+}
+
+/// `openssl pkeyutl -verify` of an SM2-with-SM3 signature (DER) over a
+/// message with the default ID, files relative to `dir`.
+fn openssl_sm2_verify(
+    dir: &std::path::Path,
+    public_key: &str,
+    message: &str,
+    signature: &str,
+) -> std::process::Output {
+    Command::new("openssl")
+        .args([
+            "pkeyutl", "-verify", "-pubin", "-inkey", public_key, "-rawin", "-in",
+        ])
+        .arg(message)
+        .args(["-sigfile", signature, "-digest", "sm3"])
+        .args(["-pkeyopt", "distid:1234567812345678"])
+        .current_dir(dir)
+        .output()
+        .unwrap()
 }
