@@ -163,22 +163,9 @@ fn build(
     let mut loaded: Option<ClientCa> = None;
     let builder = match client_ca {
         Some(client_ca) => {
-            let mut roots = RootCertStore::empty();
-            let mut subjects = BTreeSet::new();
-            for ca in read_certs(client_ca, &format!("{what} client_ca"))? {
-                subjects.extend(subject_dn(&ca));
-                roots.add(ca).map_err(|e| {
-                    cfg_err(format!("{what} client_ca {}: {e}", client_ca.display()))
-                })?;
-            }
-            let verifier =
-                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                    .build()
-                    .map_err(|e| cfg_err(format!("client certificate verifier: {e}")))?;
-            loaded = Some(ClientCa {
-                verifier: verifier.clone(),
-                subjects,
-            });
+            let ca = client_verifier(client_ca, what)?;
+            let verifier = ca.verifier.clone();
+            loaded = Some(ca);
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),
@@ -188,6 +175,60 @@ fn build(
         .map_err(|e| cfg_err(format!("{what} certificate/private_key: {e}")))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok((Arc::new(config), loaded))
+}
+
+/// The client certificate verifier for a CA bundle, and the bundle's
+/// subjects (normalised).
+fn client_verifier(client_ca: &Path, what: &str) -> Result<ClientCa, SvsError> {
+    let mut roots = RootCertStore::empty();
+    let mut subjects = BTreeSet::new();
+    for ca in read_certs(client_ca, &format!("{what} client_ca"))? {
+        subjects.extend(subject_dn(&ca));
+        roots
+            .add(ca)
+            .map_err(|e| cfg_err(format!("{what} client_ca {}: {e}", client_ca.display())))?;
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|e| cfg_err(format!("client certificate verifier: {e}")))?;
+    Ok(ClientCa { verifier, subjects })
+}
+
+/// Whether svsd's TLS handshake would accept a client presenting `chain`
+/// (its certificate first, then any intermediates it sends) at `now`,
+/// checked by the same verifier the API listener builds from `client_ca`.
+/// svs-provision asks this before binding a certificate to an entity, so
+/// that an officer learns at once, not from a client's failed handshakes,
+/// that the certificate is expired, not for client authentication, or
+/// issued by a CA svsd does not trust.
+pub fn check_client_chain(
+    client_ca: &Path,
+    chain: &[Vec<u8>],
+    now: std::time::SystemTime,
+) -> Result<(), SvsError> {
+    let ca = client_verifier(client_ca, "tls")?;
+    let chain: Vec<CertificateDer<'_>> =
+        chain.iter().map(|d| CertificateDer::from(&d[..])).collect();
+    let (leaf, intermediates) = chain
+        .split_first()
+        .ok_or_else(|| cfg_err("no client certificate given".into()))?;
+    let since_epoch = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|_| cfg_err("the system clock is before 1970".into()))?;
+    ca.verifier
+        .verify_client_cert(
+            leaf,
+            intermediates,
+            rustls_pki_types::UnixTime::since_unix_epoch(since_epoch),
+        )
+        .map(|_| ())
+        .map_err(|e| {
+            cfg_err(format!(
+                "svsd's TLS handshake would refuse this client certificate ({e}); \
+                 it must be valid now, allow client authentication, and chain to a CA in client_ca {}",
+                client_ca.display()
+            ))
+        })
 }
 
 /// Lower-case hex SHA-256 of DER bytes (a certificate's fingerprint).
@@ -404,6 +445,43 @@ mod tests {
             .server(&["localhost"])
             .unwrap();
         assert!(!format!("{issued:?}").contains("PRIVATE KEY"));
+    }
+
+    #[test]
+    fn a_client_chain_is_checked_as_the_handshake_would() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = DevCa::generate("SVS dev CA").unwrap();
+        ca.save(dir.path()).unwrap();
+        let bundle = dir.path().join("ca.pem");
+        let now = std::time::SystemTime::now();
+        let check = |der: &[u8]| check_client_chain(&bundle, &[der.to_vec()], now);
+        assert!(check(&ca.client("app1").unwrap().cert_der).is_ok());
+        // Issued by a CA svsd does not trust.
+        let other = DevCa::generate("Other CA").unwrap();
+        let foreign = check(&other.client("app1").unwrap().cert_der).unwrap_err();
+        assert!(foreign.to_string().contains("would refuse"), "{foreign}");
+        // Through an intermediate the client sends, as the handshake allows.
+        let sub = ca.sub_ca("SVS dev sub-CA").unwrap();
+        let leaf = sub.client("app2").unwrap().cert_der;
+        assert!(check(&leaf).is_err());
+        let sub_der = CertificateDer::from_pem_slice(sub.cert_pem.as_bytes()).unwrap();
+        assert!(check_client_chain(&bundle, &[leaf, sub_der.to_vec()], now).is_ok());
+        // A server certificate is not for client authentication.
+        assert!(check(&ca.server(&["localhost"]).unwrap().cert_der).is_err());
+        // Not valid yet (or expired): checked at the time given.
+        let past = std::time::UNIX_EPOCH + std::time::Duration::from_secs(86_400);
+        let leaf = ca.client("app3").unwrap().cert_der;
+        assert!(check_client_chain(&bundle, &[leaf], past).is_err());
+        // No certificate, no bundle: errors, not panics.
+        assert!(check_client_chain(&bundle, &[], now).is_err());
+        assert!(
+            check_client_chain(
+                &dir.path().join("missing.pem"),
+                &[ca.client("x").unwrap().cert_der],
+                now
+            )
+            .is_err()
+        );
     }
 
     #[test]

@@ -268,7 +268,9 @@ pub enum EntityCmd {
         /// Entity name.
         #[arg(long)]
         name: String,
-        /// The entity's client certificate (PEM or DER).
+        /// The entity's client certificate (PEM or DER), followed by any
+        /// intermediates the client sends. It must pass svsd's handshake
+        /// check against client_ca (valid now, for client authentication).
         #[arg(long)]
         cert: PathBuf,
         /// Recognise the client by its public key only (survives re-issuing

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -192,7 +192,15 @@ pub fn add(config_path: &Path, new: &NewEntity, reload: &Reload) -> Result<Repor
             new.name
         )));
     }
-    let (der, cert) = crate::cert::read_certificates(&new.cert)?.remove(0);
+    let certs = crate::cert::read_certificates(&new.cert)?;
+    let chain: Vec<Vec<u8>> = certs.iter().map(|(der, _)| der.clone()).collect();
+    svs_appliance::tls::check_client_chain(&config.tls.client_ca, &chain, SystemTime::now())
+        .map_err(|e| {
+            ProvisionError::Certificate(format!("{}: {e}. Nothing was changed", new.cert.display()))
+        })?;
+    let (der, cert) = certs.into_iter().next().ok_or_else(|| {
+        ProvisionError::Certificate(format!("{}: no certificate", new.cert.display()))
+    })?;
     let (field, fp) = if new.match_certificate {
         ("certificate_sha256", hex(&Sha256::digest(&der)))
     } else {

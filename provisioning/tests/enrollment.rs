@@ -315,6 +315,25 @@ async fn enrollment_flow_with_svsd_and_audit_verification() {
         "--no-reload",
     ])
     .fails(7, "malformed.pem");
+    // A certificate svsd's handshake would refuse (another CA issued it) is
+    // not bound: the officer hears it now, not from the application.
+    use svs_appliance::tls::devpki::{DevCa, save_issued};
+    let other_ca = DevCa::generate("Other CA").unwrap();
+    let (foreign, _) = save_issued(&dir, "foreign", &other_ca.client("app1").unwrap()).unwrap();
+    run(&[
+        "entity",
+        "add",
+        "--name",
+        "app1",
+        "--cert",
+        foreign.to_str().unwrap(),
+        "--keys",
+        "enrolled",
+        "--ops",
+        "sign",
+        "--no-reload",
+    ])
+    .fails(7, "TLS handshake would refuse");
     assert_eq!(
         std::fs::read_to_string(dir.join("entities.toml")).unwrap(),
         entities_before
