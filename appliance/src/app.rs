@@ -453,6 +453,14 @@ impl App {
         if self.draining.load(Ordering::SeqCst) {
             return Err(SvsError::ShuttingDown);
         }
+        self.can_sign()
+    }
+
+    /// What signing needs: readiness without the drain. Every request that
+    /// reaches the handler while draining was already in flight (the
+    /// listeners are closed, HTTP/1.1 keep-alive is off and HTTP/2 has sent
+    /// GOAWAY), and the drain exists to let exactly those finish.
+    fn can_sign(&self) -> Result<(), SvsError> {
         match self
             .selftest
             .lock()
@@ -843,7 +851,7 @@ impl App {
         }
         // Nothing is signed unaudited, nor while self-tests fail.
         match op {
-            Operation::Sign => self.readiness()?,
+            Operation::Sign => self.can_sign()?,
             Operation::Verify => self.audit.check()?,
         }
         Ok(items)

@@ -1047,3 +1047,56 @@ async fn fast_clients_are_served_while_slow_clients_hold_the_other_slots() {
         assert_eq!(t.await.unwrap(), 200);
     }
 }
+
+/// SIGTERM while clients are still uploading their sign requests, over
+/// HTTP/1.1 and HTTP/2: those requests were in flight, so they are signed
+/// and answered within the grace period; only new connections are refused.
+/// (svsd once refused them with 503 `shutting_down` once their body was in.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_requests_still_uploading_finish() {
+    let inst = install(&[], "");
+    let mut d = inst.start().await;
+    let body = padded_sign_body(60);
+
+    let cfg = tls_config(&d.ca, Some(&d.client), false);
+    let (mut r, mut w) = tokio::io::split(tls_stream(d.addr, cfg).await.unwrap());
+    w.write_all(h1_head(body.len()).as_bytes()).await.unwrap();
+    w.write_all(&body[..20]).await.unwrap();
+    w.flush().await.unwrap();
+
+    let (s, _conn) = h2_connect(&d, None).await;
+    let mut s = s.ready().await.unwrap();
+    let (resp, mut stream) = s
+        .send_request(h2_request(&d, "POST", "/v1/sign"), false)
+        .unwrap();
+    stream
+        .send_data(Bytes::copy_from_slice(&body[..20]), false)
+        .unwrap();
+
+    // Well inside body_timeout_ms (1 s) from the first bytes.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    d.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    w.write_all(&body[20..]).await.unwrap();
+    w.flush().await.unwrap();
+    stream
+        .send_data(Bytes::copy_from_slice(&body[20..]), true)
+        .unwrap();
+
+    let (got, _) = read_until(&mut r, Instant::now(), BODY + SLACK, |b| {
+        String::from_utf8_lossy(b).contains("\"signature\"")
+            || String::from_utf8_lossy(b).contains("\"error\"")
+    })
+    .await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.starts_with("HTTP/1.1 200") && text.contains("\"signature\""),
+        "{text}"
+    );
+    let (status, v) = h2_body(resp.await.unwrap()).await.unwrap();
+    assert_eq!(status, 200, "{v}");
+    assert!(v["signature"].is_string(), "{v}");
+
+    let st = d.wait(Duration::from_secs(10)).expect("svsd did not exit");
+    assert!(st.success());
+}
