@@ -1854,17 +1854,21 @@ impl<'k> Verifier<'k> {
             signed_through: self.report.signed_through,
         };
         let cp_seq = self.newest_signed.map_or(0, |(s, _)| s);
+        // The stricter of the two: a kept checkpoint signed with a longer
+        // interval (an older configuration) must not widen the allowance,
+        // nor must a configuration edited by whoever edited the files.
         let interval = match (self.newest_timed, self.opts.checkpoint_interval) {
-            (Some((_, _, signed)), given) => {
-                if given.is_some_and(|g| g != signed) {
+            (Some((_, _, signed)), Some(given)) => {
+                if given != signed {
                     self.report.warnings.push(format!(
-                        "svsd signed a checkpoint interval of {}s, not the {}s given: coverage is measured with the signed one",
+                        "the newest signed checkpoint says svsd checkpoints every {}s, not the {}s given: coverage is measured with the shorter",
                         signed.as_secs(),
-                        given.unwrap_or_default().as_secs()
+                        given.as_secs()
                     ));
                 }
-                Some(signed)
+                Some(signed.min(given))
             }
+            (Some((_, _, signed)), None) => Some(signed),
             (None, given) => given,
         };
         self.report.interval = interval;
@@ -2860,16 +2864,18 @@ mod tests {
     }
 
     #[test]
-    fn the_interval_signed_in_a_checkpoint_is_the_one_measured_with() {
+    fn coverage_is_measured_with_the_shorter_of_the_signed_and_given_interval() {
         let (mut f, point) = Forge::new();
         f.ops(10, 0);
         f.checkpoint(1); // signs interval_s = 300
         f.ops(2, 200);
         let dir = tempfile::tempdir().unwrap();
         f.write(dir.path(), 1);
-        let r = verify_dir_with(dir.path(), &keyed(&point, 30)).unwrap();
+        let r = verify_dir_with(dir.path(), &keyed(&point, 3000)).unwrap();
         assert_eq!(r.interval, Some(Duration::from_secs(300)));
-        assert!(r.warnings[0].contains("not the 30s given"), "{r:?}");
+        assert!(r.warnings[0].contains("not the 3000s given"), "{r:?}");
+        let b = verify_dir_with(dir.path(), &keyed(&point, 30)).unwrap_err();
+        assert_eq!(b.kind, BreakKind::Unsigned { after: 10 });
         // An unknown interval given: the signed one applies.
         let opts = VerifyOptions {
             key: Some(CheckpointKey::sm2(&point)),
