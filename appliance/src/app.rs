@@ -1213,23 +1213,33 @@ impl App {
         .map_err(|e| failed(format!("key {name:?}: {e}")))
     }
 
-    /// Signs the audit chain head with the audit key and appends the checkpoint.
-    pub async fn checkpoint(&self, audit_object: &str) -> Result<u64, SvsError> {
+    /// Signs the audit chain head with the audit key and appends the
+    /// checkpoint; `interval` is the time until the next one (signed too).
+    pub async fn checkpoint(
+        &self,
+        audit_object: &str,
+        interval: Duration,
+    ) -> Result<u64, SvsError> {
         let (seq, head) = self.audit.head().await?;
         let info = self
             .backend
             .key(audit_object)
             .ok_or_else(|| SvsError::UnknownKey(audit_object.to_owned()))?;
-        let message = crate::audit::checkpoint_message(seq, &head);
+        // The time once the head is read: every record it covers is older.
+        let text = crate::audit::Checkpoint::now(seq, head, interval);
         let digest = self
             .verifier
-            .digest(info.algorithm, &info.public_point, DEFAULT_SM2_ID, &message)
+            .digest(
+                info.algorithm,
+                &info.public_point,
+                DEFAULT_SM2_ID,
+                &text.message(),
+            )
             .map_err(SvsError::from)?;
         let raw = self.backend.sign_digest(audit_object, digest).await?;
         self.audit
             .checkpoint(
-                seq,
-                head,
+                text,
                 audit_object.to_owned(),
                 svs_hsm::signature::raw_to_der(&raw),
             )

@@ -73,8 +73,7 @@ pub struct AuditEvent {
 enum Entry {
     Op(AuditEvent),
     Checkpoint {
-        head_seq: u64,
-        head: [u8; 32],
+        text: Checkpoint,
         key: String,
         signature: Vec<u8>,
     },
@@ -112,6 +111,11 @@ struct Body<'a> {
     head_seq: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     head: Option<Cow<'a, str>>,
+    // Present on v2 checkpoints only: see [`Checkpoint`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    signed_at: Option<Cow<'a, str>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    interval_s: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     signature: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -122,9 +126,54 @@ struct Body<'a> {
 const HASH_SUFFIX_LEN: usize = r#","hash":""}"#.len() + 64;
 const GENESIS: [u8; 32] = [0; 32];
 
-/// The message a checkpoint signs: domain-separated text naming the record
-/// and the chain head, so it can be checked with any SM2 tool.
-pub fn checkpoint_message(head_seq: u64, head: &[u8; 32]) -> Vec<u8> {
+/// What a checkpoint signs (format v2): the chain head, and the time and
+/// interval that `audit verify` measures coverage with. A record's own
+/// `time` is not signed by anything: anyone able to rewrite the files can
+/// recompute the chain with other times, so the signing time must be inside
+/// the signature for a checkpoint to say how old the records after it are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// Seq of the record signed (the chain head when svsd read it).
+    pub head_seq: u64,
+    /// That record's hash.
+    pub head: [u8; 32],
+    /// svsd's clock when it read the head, in the trail's time format.
+    pub signed_at: String,
+    /// svsd's checkpoint interval: the next checkpoint is due this long
+    /// after this one.
+    pub interval_s: u64,
+}
+
+impl Checkpoint {
+    /// The head `head_seq`/`head`, signed now by an svsd that checkpoints
+    /// every `interval`.
+    pub fn now(head_seq: u64, head: [u8; 32], interval: Duration) -> Checkpoint {
+        Checkpoint {
+            head_seq,
+            head,
+            signed_at: rfc3339(SystemTime::now()),
+            interval_s: interval.as_secs(),
+        }
+    }
+
+    /// The signed text: domain-separated lines, so it can be rebuilt from
+    /// the record's fields and checked with any SM2 tool (docs/svsd.md).
+    pub fn message(&self) -> Vec<u8> {
+        format!(
+            "SVS audit checkpoint v2\nseq={}\nhead={}\ntime={}\ninterval_s={}\n",
+            self.head_seq,
+            hex(&self.head),
+            self.signed_at,
+            self.interval_s
+        )
+        .into_bytes()
+    }
+}
+
+/// What a v1 checkpoint (written by svsd before format v2) signed: the head
+/// only. Its record's `time` is unsigned, so it proves which records came
+/// before it, never when.
+pub fn checkpoint_message_v1(head_seq: u64, head: &[u8; 32]) -> Vec<u8> {
     format!(
         "SVS audit checkpoint v1\nseq={head_seq}\nhead={}\n",
         hex(head)
@@ -256,6 +305,8 @@ fn render(
         latency_us: None,
         head_seq: None,
         head: None,
+        signed_at: None,
+        interval_s: None,
         signature: None,
         detail: None,
         prev: hex32(prev, &mut prev_hex).into(),
@@ -272,14 +323,15 @@ fn render(
             body.latency_us = Some(e.latency_us);
         }
         Entry::Checkpoint {
-            head_seq,
-            head,
+            text,
             key,
             signature,
         } => {
             body.kind = "checkpoint".into();
-            body.head_seq = Some(*head_seq);
-            body.head = Some(hex(head).into());
+            body.head_seq = Some(text.head_seq);
+            body.head = Some(hex(&text.head).into());
+            body.signed_at = Some(text.signed_at.as_str().into());
+            body.interval_s = Some(text.interval_s);
             body.key = Some(key.as_str().into());
             body.signature = Some(hex(signature).into());
         }
@@ -288,10 +340,15 @@ fn render(
             body.detail = Some(detail.as_str().into());
         }
     }
+    write_body(&body, out)
+}
+
+/// Appends `body` as a record line (with its hash) to `out`; returns the hash.
+fn write_body(body: &Body, out: &mut Vec<u8>) -> Result<[u8; 32], serde_json::Error> {
     let start = out.len();
     // Serialising strings and integers into a Vec does not fail; were it
     // to, `out` is left as it was and the caller fails the whole group.
-    if let Err(e) = serde_json::to_writer(&mut *out, &body) {
+    if let Err(e) = serde_json::to_writer(&mut *out, body) {
         out.truncate(start);
         return Err(e);
     }
@@ -785,6 +842,22 @@ fn unhex32(s: &[u8]) -> Option<[u8; 32]> {
     Some(out)
 }
 
+/// The time of the last record in `path` (empty if it cannot be read: the
+/// floor for the next record's time is then the clock alone).
+fn last_record_time(path: &Path) -> String {
+    let Ok(bytes) = read_trail_file(path) else {
+        return String::new();
+    };
+    bytes
+        .split(|b| *b == b'\n')
+        .rev()
+        .find(|l| !l.is_empty())
+        .and_then(split_line)
+        .and_then(|(body, _)| serde_json::from_slice::<Body>(&body).ok())
+        .map(|b| b.time.into_owned())
+        .unwrap_or_default()
+}
+
 fn body_seq(body: &[u8]) -> Option<u64> {
     serde_json::from_slice::<Body>(body).ok().map(|b| b.seq)
 }
@@ -853,6 +926,10 @@ struct Writer {
     sink: Box<dyn Sink>,
     seq: u64,
     head: [u8; 32],
+    /// The last record's time: the floor for the next one's.
+    last_time: String,
+    /// The clock was behind `last_time` at the last commit (warned once).
+    clock_behind: bool,
     max_file_bytes: u64,
     max_group: usize,
     broken: Arc<Mutex<Option<String>>>,
@@ -910,7 +987,24 @@ impl Writer {
             return;
         }
         buf.clear();
-        let time = rfc3339(SystemTime::now());
+        let now = rfc3339(SystemTime::now());
+        // `audit verify` takes a record older than its predecessor for
+        // damage: a clock stepped back (NTP, by hand) must not cause one.
+        // The format's text order is its time order.
+        let time = if now < self.last_time {
+            if !self.clock_behind {
+                tracing::warn!(
+                    clock = %now,
+                    last_record = %self.last_time,
+                    "audit: the clock is behind the last record's time; records keep that time until it catches up"
+                );
+            }
+            self.clock_behind = true;
+            self.last_time.clone()
+        } else {
+            self.clock_behind = false;
+            now
+        };
         let mut acks = Vec::with_capacity(jobs.len());
         let mut heads = Vec::new();
         let mut count = 0u64;
@@ -956,6 +1050,7 @@ impl Writer {
                 self.stats.records.inc_by(count);
                 if count > 0 {
                     self.stats.fsyncs.inc();
+                    self.last_time = time;
                 }
                 for (ack, seq) in acks {
                     let _ = ack.send(Ok(seq));
@@ -998,7 +1093,10 @@ impl AuditTrail {
         let preallocate = config.preallocate.then_some(config.max_file_bytes);
         let sink = FileSink::create(&config.dir, current.unwrap_or(seq + 1), preallocate, lock)
             .map_err(io)?;
-        let trail = AuditTrail::with_sink(Box::new(sink), seq, head, config);
+        let last_time = current
+            .map(|first| last_record_time(&config.dir.join(file_name(first))))
+            .unwrap_or_default();
+        let trail = AuditTrail::with_sink(Box::new(sink), seq, head, last_time, config);
         Ok(trail)
     }
 
@@ -1006,6 +1104,7 @@ impl AuditTrail {
         sink: Box<dyn Sink>,
         seq: u64,
         head: [u8; 32],
+        last_time: String,
         config: &AuditConfig,
     ) -> AuditTrail {
         let (tx, rx) = crossbeam_channel::unbounded();
@@ -1015,6 +1114,8 @@ impl AuditTrail {
             sink,
             seq,
             head,
+            last_time,
+            clock_behind: false,
             max_file_bytes: config.max_file_bytes,
             max_group: config.max_group_records,
             broken: broken.clone(),
@@ -1090,17 +1191,16 @@ impl AuditTrail {
             .map_err(|_| SvsError::AuditUnavailable("audit writer stopped".into()))?
     }
 
-    /// Appends a signed checkpoint of record `head_seq` with hash `head`.
+    /// Appends a checkpoint: `signature` by the audit key `key` over
+    /// `text.message()`.
     pub async fn checkpoint(
         &self,
-        head_seq: u64,
-        head: [u8; 32],
+        text: Checkpoint,
         key: String,
         signature: Vec<u8>,
     ) -> Result<(), SvsError> {
         self.append_entries(vec![Entry::Checkpoint {
-            head_seq,
-            head,
+            text,
             key,
             signature,
         }])
@@ -1163,6 +1263,10 @@ pub enum BreakKind {
     /// A checkpoint's head or signature does not check out, or its head
     /// cannot be checked against the chain.
     BadCheckpoint,
+    /// A record's time is earlier than its predecessor's. svsd never
+    /// writes one (while its clock is behind, records keep the last time),
+    /// so records were rewritten or moved.
+    TimeWentBack,
     /// An incomplete line that is not the end of the newest file (the end
     /// of the newest file is a write in progress: a warning, not a break).
     TornTail,
@@ -1197,6 +1301,12 @@ pub struct ChainBreak {
     pub kind: BreakKind,
     /// Human-readable detail.
     pub detail: String,
+    /// Whether checkpoint signatures were checked (a key was given).
+    pub signatures_checked: bool,
+    /// With a key: the highest seq covered by a checkpoint that verified
+    /// before the break. Only records up to it are proven; those after it
+    /// merely chain up to the break, and a rewrite recomputes a chain.
+    pub signed_through: Option<u64>,
 }
 
 impl std::fmt::Display for ChainBreak {
@@ -1229,8 +1339,23 @@ pub struct ChainReport {
     /// With a key: the highest seq a signature-verified checkpoint covers,
     /// its head checked against the chain.
     pub signed_through: Option<u64>,
-    /// Time of the checkpoint record giving `signed_through`.
+    /// With a key: the time signed inside the newest verified checkpoint
+    /// of format v2. `None` when only v1 checkpoints verified: they do not
+    /// sign a time, and a record's own `time` is not signed by anything.
     pub signed_at: Option<String>,
+    /// The head seq of the checkpoint giving `signed_at`.
+    pub time_signed_through: Option<u64>,
+    /// Checkpoints of format v1 (written before svsd signed their time).
+    pub v1_checkpoints: u64,
+    /// With a key: the checkpoint interval coverage was measured with (the
+    /// one signed in the checkpoint giving `signed_at`, else the one given).
+    pub interval: Option<Duration>,
+    /// With a key and an interval: from the newest verified checkpoint's
+    /// time (signed if `signed_at` is set, else the records' own) to the
+    /// last record's time. The last record's time is never signed.
+    pub uncovered_span: Option<Duration>,
+    /// With `live_at`: the age of `signed_at` by that clock.
+    pub signed_age: Option<Duration>,
     /// Checkpoints (seq, head_seq) whose head lies before the first record
     /// kept (a pruned trail): their signature was checked, their head
     /// could not be, and they cover nothing here.
@@ -1320,6 +1445,8 @@ pub fn verify_dir_with(dir: &Path, opts: &VerifyOptions<'_>) -> Result<ChainRepo
         seq: None,
         kind: BreakKind::Malformed,
         detail: format!("cannot list: {e}"),
+        signatures_checked: opts.key.is_some(),
+        signed_through: None,
     })?;
     verify_files(&files, opts, HEAD_WINDOW)
 }
@@ -1337,6 +1464,8 @@ fn verify_files(
             seq: None,
             kind: BreakKind::Malformed,
             detail: format!("cannot read: {e}"),
+            signatures_checked: opts.key.is_some(),
+            signed_through: v.report.signed_through,
         })?;
         let newest = n + 1 == files.len();
         let bytes = if newest {
@@ -1373,11 +1502,15 @@ struct Verifier<'k> {
     window: std::collections::VecDeque<[u8; 32]>,
     window_first: u64,
     window_cap: usize,
-    // (checkpoint record's seq, its time) giving `signed_through`.
-    newest_signed: Option<(u64, String)>,
+    // (checkpoint record's seq, its record time) giving `signed_through`.
+    newest_signed: Option<(u64, Duration)>,
+    // (checkpoint record's seq, signed time, signed interval) giving
+    // `signed_at`.
+    newest_timed: Option<(u64, Duration, Duration)>,
     // Line of the last record (for coverage breaks).
     last_line: usize,
-    first_time: Option<String>,
+    first_time: Duration,
+    last_time: Duration,
     report: ChainReport,
 }
 
@@ -1391,8 +1524,10 @@ impl<'k> Verifier<'k> {
             window_first: 0,
             window_cap,
             newest_signed: None,
+            newest_timed: None,
             last_line: 0,
-            first_time: None,
+            first_time: Duration::ZERO,
+            last_time: Duration::ZERO,
             report: ChainReport::default(),
         }
     }
@@ -1417,12 +1552,16 @@ impl<'k> Verifier<'k> {
     ) -> Result<(), ChainBreak> {
         let lines: Vec<&[u8]> = bytes.split_inclusive(|b| *b == b'\n').collect();
         for (i, raw) in lines.iter().enumerate() {
+            let signed_through = self.report.signed_through;
+            let signatures_checked = self.opts.key.is_some();
             let brk = |seq, kind, detail: String| ChainBreak {
                 file: path.to_path_buf(),
                 line: i + 1,
                 seq,
                 kind,
                 detail,
+                signatures_checked,
+                signed_through,
             };
             let Some(line) = raw.strip_suffix(b"\n") else {
                 // Only the end of the newest file can be a write in
@@ -1518,8 +1657,27 @@ impl<'k> Verifier<'k> {
                     format!("file is named for seq {first_seq} but starts at {}", b.seq),
                 ));
             }
+            let Some(time) = parse_rfc3339(&b.time) else {
+                return Err(brk(
+                    seq,
+                    BreakKind::Malformed,
+                    "time is not in the trail's format (YYYY-MM-DDTHH:MM:SS.ffffffZ)".into(),
+                ));
+            };
+            if self.prev.is_none() {
+                self.first_time = time;
+            } else if time < self.last_time {
+                return Err(brk(
+                    seq,
+                    BreakKind::TimeWentBack,
+                    format!(
+                        "time {} is earlier than seq {}'s {}",
+                        b.time, self.report.last_seq, self.report.last_time
+                    ),
+                ));
+            }
             if b.kind == "checkpoint" {
-                self.checkpoint(&b)
+                self.checkpoint(&b, time)
                     .map_err(|d| brk(seq, BreakKind::BadCheckpoint, d))?;
                 self.report.checkpoints += 1;
             }
@@ -1529,6 +1687,7 @@ impl<'k> Verifier<'k> {
             self.report.last_seq = b.seq;
             self.report.head = hex(&hash);
             self.report.last_time = b.time.into_owned();
+            self.last_time = time;
             self.last_line = i + 1;
         }
         Ok(())
@@ -1591,11 +1750,11 @@ impl<'k> Verifier<'k> {
             self.remember(b.seq - 1, p);
         }
         self.report.first_seq = b.seq;
-        self.first_time = Some(b.time.to_string());
         Ok(())
     }
 
-    fn checkpoint(&mut self, b: &Body) -> Result<(), String> {
+    /// Checks a checkpoint record written at (unsigned) `time`.
+    fn checkpoint(&mut self, b: &Body, time: Duration) -> Result<(), String> {
         let (Some(head_seq), Some(head), Some(sig)) = (b.head_seq, &b.head, &b.signature) else {
             return Err("checkpoint lacks head_seq, head or signature".into());
         };
@@ -1620,21 +1779,50 @@ impl<'k> Verifier<'k> {
                 self.window_cap
             ));
         };
+        // v2 signs its time and interval; v1 (older trails) signs the head
+        // only, and its record's time is as unsigned as any record's.
+        let text = match (&b.signed_at, b.interval_s) {
+            (Some(at), Some(interval_s)) => Some(Checkpoint {
+                head_seq,
+                head: head_bytes,
+                signed_at: at.to_string(),
+                interval_s,
+            }),
+            (None, None) => None,
+            _ => return Err("checkpoint has only one of signed_at and interval_s".into()),
+        };
+        let signed_time = match &text {
+            Some(t) => Some(
+                parse_rfc3339(&t.signed_at).ok_or("signed_at is not in the trail's time format")?,
+            ),
+            None => {
+                self.report.v1_checkpoints += 1;
+                None
+            }
+        };
         if let Some(key) = self.opts.key {
             let sig = unhex(sig).ok_or("signature is not hex")?;
+            let message = match &text {
+                Some(t) => t.message(),
+                None => checkpoint_message_v1(head_seq, &head_bytes),
+            };
             self.verifier
                 .verify_message(
                     key.algorithm,
                     key.point,
                     svs_hsm::signature::DEFAULT_SM2_ID,
-                    &checkpoint_message(head_seq, &head_bytes),
+                    &message,
                     &sig,
                 )
                 .map_err(|_| "checkpoint signature does not verify".to_string())?;
             if checked {
                 self.report.signed_through = Some(head_seq);
-                self.report.signed_at = Some(b.time.to_string());
-                self.newest_signed = Some((b.seq, b.time.to_string()));
+                self.newest_signed = Some((b.seq, time));
+                if let (Some(t), Some(at)) = (text, signed_time) {
+                    self.report.time_signed_through = Some(head_seq);
+                    self.newest_timed = Some((b.seq, at, Duration::from_secs(t.interval_s)));
+                    self.report.signed_at = Some(t.signed_at);
+                }
             } else {
                 self.report.unchecked_heads.push((b.seq, head_seq));
             }
@@ -1646,7 +1834,12 @@ impl<'k> Verifier<'k> {
     /// not span more than the checkpoint interval allows. svsd signs the
     /// head every interval even when idle, so a longer unsigned tail means
     /// checkpoints were dropped (or never written: an HSM fault).
-    fn coverage(&self, newest_file: &Path) -> Result<(), ChainBreak> {
+    ///
+    /// Only a time inside a signature (v2) shows how old the newest
+    /// checkpoint is: measured from record times, which anyone able to
+    /// rewrite the files sets at will, the span can only find clumsy
+    /// damage and never prove coverage, and `live_at` refuses it.
+    fn coverage(&mut self, newest_file: &Path) -> Result<(), ChainBreak> {
         if self.opts.key.is_none() || self.report.records == 0 {
             return Ok(());
         }
@@ -1657,12 +1850,29 @@ impl<'k> Verifier<'k> {
             seq: Some(self.report.last_seq),
             kind: BreakKind::Unsigned { after },
             detail,
+            signatures_checked: true,
+            signed_through: self.report.signed_through,
         };
-        let (cp_seq, cp_time) = match &self.newest_signed {
-            Some((s, t)) => (*s, t.as_str()),
-            None => (0, ""),
+        let cp_seq = self.newest_signed.map_or(0, |(s, _)| s);
+        // The stricter of the two: a kept checkpoint signed with a longer
+        // interval (an older configuration) must not widen the allowance,
+        // nor must a configuration edited by whoever edited the files.
+        let interval = match (self.newest_timed, self.opts.checkpoint_interval) {
+            (Some((_, _, signed)), Some(given)) => {
+                if given != signed {
+                    self.report.warnings.push(format!(
+                        "the newest signed checkpoint says svsd checkpoints every {}s, not the {}s given: coverage is measured with the shorter",
+                        signed.as_secs(),
+                        given.as_secs()
+                    ));
+                }
+                Some(signed.min(given))
+            }
+            (Some((_, _, signed)), None) => Some(signed),
+            (None, given) => given,
         };
-        let Some(interval) = self.opts.checkpoint_interval else {
+        self.report.interval = interval;
+        let Some(interval) = interval else {
             // Unknown interval: nothing may follow the newest checkpoint.
             if self.report.last_seq > cp_seq {
                 return Err(brk(format!(
@@ -1673,38 +1883,44 @@ impl<'k> Verifier<'k> {
         };
         let allowed = interval + CHECKPOINT_SLACK;
         // With no checkpoint at all, the uncovered span starts at the first record.
-        let from = if cp_seq == 0 {
-            self.first_time()
-        } else {
-            parse_rfc3339(cp_time)
+        let (from_seq, from, whose) = match (self.newest_timed, self.newest_signed) {
+            (Some((s, t, _)), _) => (s, t, "from the time signed in the newest checkpoint"),
+            (None, Some((s, t))) => (
+                s,
+                t,
+                "by the records' own times (unsigned: the checkpoints are v1)",
+            ),
+            (None, None) => (0, self.first_time, "by the records' own times (unsigned)"),
         };
-        let (Some(from), Some(last)) = (from, parse_rfc3339(&self.report.last_time)) else {
-            return Err(brk("a record's time cannot be read".into()));
-        };
-        let span = last.saturating_sub(from);
-        if self.report.last_seq > cp_seq && span > allowed {
+        let span = self.last_time.saturating_sub(from);
+        self.report.uncovered_span = Some(span);
+        if self.report.last_seq > from_seq && span > allowed {
             return Err(brk(format!(
-                "records after seq {after} are covered by no signed checkpoint: they span {}s, the checkpoint interval allows {}s",
+                "records after seq {after} are covered by no signed checkpoint: they span {}s {whose}, the checkpoint interval allows {}s",
                 span.as_secs(),
                 allowed.as_secs()
             )));
         }
         if let Some(now) = self.opts.live_at {
             let now = now.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
-            let age = now.saturating_sub(from);
+            let Some((_, signed, _)) = self.newest_timed else {
+                return Err(brk(format!(
+                    "svsd is said to be running, but no verified checkpoint signs its time (none is of format v2; svsd signs one at start and every {}s): nothing shows that the newest records are recent, or that later ones were not removed",
+                    interval.as_secs()
+                )));
+            };
+            let age = now.saturating_sub(signed);
+            self.report.signed_age = Some(age);
             if age > allowed {
                 return Err(brk(format!(
-                    "svsd is said to be running, but the newest signed checkpoint (covering seq {after}) is {}s old and the checkpoint interval allows {}s: later records are missing or unsigned",
+                    "svsd is said to be running, but the newest signed checkpoint (covering seq {}) was signed {}s ago and the checkpoint interval allows {}s: later records are missing or unsigned",
+                    self.report.time_signed_through.unwrap_or(0),
                     age.as_secs(),
                     allowed.as_secs()
                 )));
             }
         }
         Ok(())
-    }
-
-    fn first_time(&self) -> Option<Duration> {
-        self.first_time.as_deref().and_then(parse_rfc3339)
     }
 }
 
@@ -2263,36 +2479,73 @@ mod tests {
                 self.push(&Entry::Op(event(i)), at_s);
             }
         }
-        fn sign(&self, head_seq: u64, head: &[u8; 32]) -> Vec<u8> {
+        fn sign(&self, message: &[u8]) -> Vec<u8> {
             use sm2::dsa::signature::Signer;
-            let message = checkpoint_message(head_seq, head);
             let raw: [u8; 64] = match &self.signer {
                 ForgeSigner::Sm2(k) => {
-                    let sig: sm2::dsa::Signature = k.sign(&message);
+                    let sig: sm2::dsa::Signature = k.sign(message);
                     sig.to_bytes().as_slice().try_into().unwrap()
                 }
                 ForgeSigner::P256(k) => {
-                    let sig: p256::ecdsa::Signature = k.sign(&message);
+                    let sig: p256::ecdsa::Signature = k.sign(message);
                     sig.to_bytes().as_slice().try_into().unwrap()
                 }
             };
             svs_hsm::signature::raw_to_der(&raw)
         }
+        /// A v2 checkpoint of the head, signed at `at_s` by an svsd with a
+        /// 300 s interval.
         fn checkpoint(&mut self, at_s: u64) {
             let (seq, head) = (self.seq, self.head);
             self.checkpoint_of(seq, head, at_s);
         }
         fn checkpoint_of(&mut self, head_seq: u64, head: [u8; 32], at_s: u64) {
-            let signature = self.sign(head_seq, &head);
+            let text = Checkpoint {
+                head_seq,
+                head,
+                signed_at: rfc3339(self.t0 + Duration::from_secs(at_s)),
+                interval_s: 300,
+            };
+            let signature = self.sign(&text.message());
             self.push(
                 &Entry::Checkpoint {
-                    head_seq,
-                    head,
+                    text,
                     key: "svs-audit".into(),
                     signature,
                 },
                 at_s,
             );
+        }
+        /// A checkpoint of the head as svsd wrote them before v2.
+        fn checkpoint_v1(&mut self, at_s: u64) {
+            let (head_seq, head) = (self.seq, self.head);
+            let signature = hex(&self.sign(&checkpoint_message_v1(head_seq, &head)));
+            self.seq += 1;
+            let time = rfc3339(self.t0 + Duration::from_secs(at_s));
+            let prev = hex(&self.head);
+            let head_hex = hex(&head);
+            let body = Body {
+                seq: self.seq,
+                time: time.into(),
+                kind: "checkpoint".into(),
+                entity: None,
+                op: None,
+                key: Some("svs-audit".into()),
+                input_sm3: None,
+                output_sm3: None,
+                outcome: None,
+                latency_us: None,
+                head_seq: Some(head_seq),
+                head: Some(head_hex.into()),
+                signed_at: None,
+                interval_s: None,
+                signature: Some(signature.into()),
+                detail: None,
+                prev: prev.into(),
+            };
+            let mut out = Vec::new();
+            self.head = write_body(&body, &mut out).unwrap();
+            self.lines.push(String::from_utf8(out).unwrap());
         }
         fn write(&self, dir: &Path, first_seq: u64) {
             let from = (first_seq - 1) as usize;
@@ -2475,6 +2728,226 @@ mod tests {
         assert!(r.unchecked_heads.is_empty());
     }
 
+    /// What someone with write access but no key can do: edit the records,
+    /// then renumber them and recompute the chain.
+    fn rechain(lines: &[String], edit: impl FnOnce(&mut Vec<Body<'static>>)) -> String {
+        let mut bodies: Vec<Body<'static>> = lines
+            .iter()
+            .map(|l| {
+                let (body, _) = split_line(l.trim_end().as_bytes()).unwrap();
+                serde_json::from_slice(&body).unwrap()
+            })
+            .collect();
+        edit(&mut bodies);
+        let (mut prev, mut out) = (GENESIS, Vec::new());
+        for (n, b) in bodies.iter_mut().enumerate() {
+            b.seq = n as u64 + 1;
+            b.prev = hex(&prev).into();
+            prev = write_body(b, &mut out).unwrap();
+        }
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn a_rechained_trail_with_fresh_times_fails_against_the_signed_time() {
+        let (mut f, point) = Forge::new();
+        for k in 0..10 {
+            f.ops(10, k * 300);
+            f.checkpoint(k * 300 + 1); // seq 11, 22, …, 110
+        }
+        let t0 = f.t0;
+        let now = t0 + Duration::from_secs(3000);
+        // The review's attack: ten acknowledged records deleted, every
+        // checkpoint but the first dropped, every record from that one on
+        // dated now, the chain recomputed.
+        let attack = |move_signed_time: bool| {
+            rechain(&f.lines, |b| {
+                b.retain(|r| !(30..40).contains(&r.seq));
+                b.retain(|r| r.kind != "checkpoint" || r.seq == 11);
+                for r in b.iter_mut().filter(|r| r.seq >= 11) {
+                    r.time = rfc3339(now).into();
+                    if move_signed_time && r.signed_at.is_some() {
+                        r.signed_at = Some(rfc3339(now).into());
+                    }
+                }
+            })
+        };
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(file_name(1)), attack(false)).unwrap();
+        let mut opts = keyed(&point, 300);
+        opts.live_at = Some(now + Duration::from_secs(10));
+        let b = verify_dir_with(dir.path(), &opts).unwrap_err();
+        assert_eq!(b.kind, BreakKind::Unsigned { after: 10 }, "{b}");
+        assert!(b.detail.contains("span 2999s from the time signed"), "{b}");
+        // The span is measured from the signed time, offline too; live, the
+        // signed time is compared with the clock.
+        let mut f2 = Forge::new().0;
+        f2.ops(10, 0);
+        f2.checkpoint(1);
+        f2.ops(5, 200);
+        std::fs::write(
+            dir.path().join(file_name(1)),
+            rechain(&f2.lines, |b| {
+                for r in b.iter_mut().filter(|r| r.seq >= 11) {
+                    r.time = rfc3339(now).into();
+                }
+            }),
+        )
+        .unwrap();
+        opts.live_at = None;
+        let b = verify_dir_with(dir.path(), &opts).unwrap_err();
+        assert!(b.detail.contains("span 2999s from the time signed"), "{b}");
+        // Records dated close to the signed time pass offline (a cut tail
+        // cannot be told from the trail alone), never live.
+        std::fs::write(
+            dir.path().join(file_name(1)),
+            rechain(&f2.lines, |b| {
+                for r in b.iter_mut().filter(|r| r.seq >= 11) {
+                    r.time = rfc3339(t0 + Duration::from_secs(2)).into();
+                }
+            }),
+        )
+        .unwrap();
+        let r = verify_dir_with(dir.path(), &opts).unwrap();
+        assert_eq!(r.signed_at.as_deref(), Some("2027-01-15T08:00:01.000000Z"));
+        assert_eq!(r.uncovered_span, Some(Duration::from_secs(1)));
+        opts.live_at = Some(now);
+        let b = verify_dir_with(dir.path(), &opts).unwrap_err();
+        assert!(b.detail.contains("was signed 2999s ago"), "{b}");
+        // Moving the signed time along breaks the checkpoint's signature.
+        std::fs::write(dir.path().join(file_name(1)), attack(true)).unwrap();
+        let b = verify_dir_with(dir.path(), &opts).unwrap_err();
+        assert_eq!((b.kind, b.seq), (BreakKind::BadCheckpoint, Some(11)));
+    }
+
+    #[test]
+    fn v1_checkpoints_verify_but_their_times_prove_nothing() {
+        let (mut f, point) = Forge::new();
+        f.ops(10, 0);
+        f.checkpoint_v1(1);
+        f.ops(5, 100);
+        f.checkpoint_v1(101);
+        f.ops(2, 150);
+        let dir = tempfile::tempdir().unwrap();
+        f.write(dir.path(), 1);
+        let mut opts = keyed(&point, 300);
+        let r = verify_dir_with(dir.path(), &opts).unwrap();
+        assert_eq!((r.signed_through, r.v1_checkpoints), (Some(16), 2));
+        assert_eq!((r.signed_at, r.time_signed_through), (None, None));
+        assert_eq!(r.uncovered_span, Some(Duration::from_secs(49)));
+        // Unsigned times still show clumsy damage.
+        let mut g = Forge::new().0;
+        g.ops(3, 0);
+        g.checkpoint_v1(1);
+        g.ops(3, 5000);
+        let other = tempfile::tempdir().unwrap();
+        g.write(other.path(), 1);
+        let b = verify_dir_with(other.path(), &opts).unwrap_err();
+        assert!(b.detail.contains("unsigned: the checkpoints are v1"), "{b}");
+        // Live needs a signed time, whatever the records say.
+        opts.live_at = Some(f.t0 + Duration::from_secs(160));
+        let b = verify_dir_with(dir.path(), &opts).unwrap_err();
+        assert_eq!(b.kind, BreakKind::Unsigned { after: 16 });
+        assert!(
+            b.detail.contains("no verified checkpoint signs its time"),
+            "{b}"
+        );
+        // An upgraded svsd's first checkpoint signs its time.
+        f.checkpoint(155);
+        f.write(dir.path(), 1);
+        let r = verify_dir_with(dir.path(), &opts).unwrap();
+        assert_eq!(
+            (r.signed_through, r.time_signed_through),
+            (Some(19), Some(19))
+        );
+        assert_eq!(r.signed_age, Some(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn coverage_is_measured_with_the_shorter_of_the_signed_and_given_interval() {
+        let (mut f, point) = Forge::new();
+        f.ops(10, 0);
+        f.checkpoint(1); // signs interval_s = 300
+        f.ops(2, 200);
+        let dir = tempfile::tempdir().unwrap();
+        f.write(dir.path(), 1);
+        let r = verify_dir_with(dir.path(), &keyed(&point, 3000)).unwrap();
+        assert_eq!(r.interval, Some(Duration::from_secs(300)));
+        assert!(r.warnings[0].contains("not the 3000s given"), "{r:?}");
+        let b = verify_dir_with(dir.path(), &keyed(&point, 30)).unwrap_err();
+        assert_eq!(b.kind, BreakKind::Unsigned { after: 10 });
+        // An unknown interval given: the signed one applies.
+        let opts = VerifyOptions {
+            key: Some(CheckpointKey::sm2(&point)),
+            ..Default::default()
+        };
+        assert!(verify_dir_with(dir.path(), &opts).is_ok());
+    }
+
+    #[test]
+    fn a_record_older_than_its_predecessor_is_reported() {
+        let mut f = Forge::new().0;
+        f.ops(5, 100);
+        f.ops(1, 50);
+        f.ops(2, 100);
+        let dir = tempfile::tempdir().unwrap();
+        f.write(dir.path(), 1);
+        let b = verify_dir(dir.path(), None).unwrap_err();
+        assert_eq!(
+            (&b.kind, b.seq, b.line),
+            (&BreakKind::TimeWentBack, Some(6), 6)
+        );
+        assert!(b.detail.contains("earlier than seq 5's"), "{b}");
+        let mut g = Forge::new().0;
+        g.ops(3, 0);
+        std::fs::write(
+            dir.path().join(file_name(1)),
+            rechain(&g.lines, |b| b[1].time = "yesterday".into()),
+        )
+        .unwrap();
+        let b = verify_dir(dir.path(), None).unwrap_err();
+        assert_eq!((b.kind, b.seq), (BreakKind::Malformed, Some(2)));
+    }
+
+    #[test]
+    fn records_keep_the_last_time_while_the_clock_is_behind_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut f = Forge::new().0;
+        let ahead = 400 * 86_400 * 365;
+        f.ops(3, ahead);
+        f.write(dir.path(), 1);
+        write(dir.path(), 2, 1 << 20);
+        let r = verify_dir(dir.path(), None).unwrap();
+        assert_eq!(r.last_seq, 5);
+        assert_eq!(
+            r.last_time,
+            rfc3339(f.t0 + Duration::from_secs(ahead)),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn a_break_says_which_records_a_verified_checkpoint_proves() {
+        let (mut f, point) = Forge::new();
+        for k in 0..3 {
+            f.ops(10, k * 300);
+            f.checkpoint(k * 300 + 1); // seq 11 (head 10), 22 (21), 33 (32)
+        }
+        // Seq 25 altered and the chain recomputed: only the checkpoint
+        // after it notices, and only what the one before it signed holds.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(file_name(1)),
+            rechain(&f.lines, |b| b[24].latency_us = Some(1)),
+        )
+        .unwrap();
+        let b = verify_dir_with(dir.path(), &keyed(&point, 300)).unwrap_err();
+        assert_eq!((b.kind, b.seq), (BreakKind::BadCheckpoint, Some(33)));
+        assert_eq!((b.signatures_checked, b.signed_through), (true, Some(21)));
+        let b = verify_dir(dir.path(), None).unwrap_err();
+        assert_eq!((b.signatures_checked, b.signed_through), (false, None));
+    }
+
     #[test]
     fn time_parses_back() {
         let t = UNIX_EPOCH + Duration::from_micros(1_709_251_199_123_456);
@@ -2565,8 +3038,13 @@ mod tests {
     #[test]
     fn an_unwritable_trail_refuses_and_stays_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let trail =
-            AuditTrail::with_sink(Box::new(FailingSink), 0, GENESIS, &config(dir.path(), 4096));
+        let trail = AuditTrail::with_sink(
+            Box::new(FailingSink),
+            0,
+            GENESIS,
+            String::new(),
+            &config(dir.path(), 4096),
+        );
         rt().block_on(async {
             assert!(matches!(
                 trail.append(vec![event(1)]).await,
@@ -2588,11 +3066,11 @@ mod tests {
         rt().block_on(async {
             trail.append(vec![event(1), event(2)]).await.unwrap();
             let (seq, head) = trail.head().await.unwrap();
-            let sig: sm2::dsa::Signature = signer.sign(&checkpoint_message(seq, &head));
+            let text = Checkpoint::now(seq, head, Duration::from_secs(300));
+            let sig: sm2::dsa::Signature = signer.sign(&text.message());
             trail
                 .checkpoint(
-                    seq,
-                    head,
+                    text,
                     "svs-audit".into(),
                     svs_hsm::signature::raw_to_der(&sig.to_bytes().as_slice().try_into().unwrap()),
                 )
@@ -2602,8 +3080,7 @@ mod tests {
             let (seq, head) = trail.head().await.unwrap();
             trail
                 .checkpoint(
-                    seq,
-                    head,
+                    Checkpoint::now(seq, head, Duration::from_secs(300)),
                     "svs-audit".into(),
                     vec![0x30, 0x06, 2, 1, 1, 2, 1, 1],
                 )

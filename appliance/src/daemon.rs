@@ -1015,7 +1015,7 @@ fn spawn_duties(
             let mut tick = tokio::time::interval(every);
             loop {
                 tokio::select! {
-                    _ = tick.tick() => match a.checkpoint(&key).await {
+                    _ = tick.tick() => match a.checkpoint(&key, every).await {
                         Ok(seq) => tracing::debug!(seq, "audit checkpoint signed"),
                         Err(e) => tracing::error!(error = %e, "ALARM audit checkpoint failed"),
                     },

@@ -8,7 +8,8 @@ use serde_json::{Value, json};
 use std::time::{Duration, SystemTime};
 
 use svs_appliance::audit::{
-    BreakKind, CHECKPOINT_SLACK, ChainBreak, VerifyOptions, trail_files, verify_dir_with,
+    BreakKind, CHECKPOINT_SLACK, ChainBreak, ChainReport, VerifyOptions, trail_files,
+    verify_dir_with,
 };
 
 use crate::Report;
@@ -46,9 +47,17 @@ fn describe(kind: &BreakKind) -> String {
         BreakKind::ChainMismatch => {
             "the record does not chain to the one before it (replaced, or files mixed)".into()
         }
-        BreakKind::BadCheckpoint => "a checkpoint's head or signature does not check out".into(),
+        BreakKind::BadCheckpoint => {
+            "a checkpoint does not check out (its signature, or the head it signs against the record it names): records before it were altered and the chain recomputed, or the checkpoint itself was altered".into()
+        }
+        BreakKind::TimeWentBack => {
+            "the record is dated earlier than the one before it, which svsd never writes: records were rewritten or moved".into()
+        }
+        // svsd completes and syncs a file before it starts the next, and
+        // crash recovery only ever cuts the newest: a torn line elsewhere
+        // was made after the fact.
         BreakKind::TornTail => {
-            "the last line is incomplete (a crash while writing; it was never acknowledged)".into()
+            "the last line of a file that is not the newest is incomplete: svsd completed that file before it started the next, so it was cut or altered afterwards".into()
         }
         BreakKind::BadFileName => "the file's name does not match its first record".into(),
         BreakKind::MissingStart { first_seq } => format!(
@@ -69,6 +78,7 @@ fn kind_name(kind: &BreakKind) -> &'static str {
         BreakKind::Reordered { .. } => "reordered",
         BreakKind::ChainMismatch => "chain_mismatch",
         BreakKind::BadCheckpoint => "bad_checkpoint",
+        BreakKind::TimeWentBack => "time_went_back",
         BreakKind::TornTail => "torn_tail",
         BreakKind::BadFileName => "bad_file_name",
         BreakKind::MissingStart { .. } => "missing_start",
@@ -76,15 +86,33 @@ fn kind_name(kind: &BreakKind) -> &'static str {
     }
 }
 
+/// What the records before a break are worth: a chain that holds proves
+/// nothing against someone able to rewrite the files (they recompute it),
+/// so only what a verified checkpoint signed is proven; the damage may lie
+/// anywhere after that.
+fn proven(b: &ChainBreak) -> String {
+    let chained = if matches!(b.kind, BreakKind::Unsigned { .. }) {
+        "the whole chain holds together"
+    } else {
+        "the records before this line hold together as a chain"
+    };
+    match (b.signatures_checked, b.signed_through) {
+        (false, _) => format!(
+            "Without the audit key nothing is proven: {chained}, which someone able to rewrite the files can recompute"
+        ),
+        (true, None) => format!(
+            "No record is proven: no checkpoint verified before this point, and {chained} only as far as a recomputed chain would"
+        ),
+        (true, Some(seq)) => format!(
+            "Records up to seq {seq} are proven (signed by the last checkpoint that verified); after seq {seq}, {chained} only as far as a recomputed chain would, so the damage may lie anywhere from seq {} on",
+            seq + 1
+        ),
+    }
+}
+
 /// The message for a break: where, what, and what to do.
 pub fn break_message(b: &ChainBreak) -> String {
-    let before = match b.kind {
-        // The chain itself held up to the end; the signatures did not.
-        BreakKind::Unsigned { .. } => {
-            "The chain is consistent, but that proves nothing against someone who can rewrite the files"
-        }
-        _ => "Records before this line check out",
-    };
+    let before = proven(b);
     format!(
         "audit trail BROKEN at {}:{}{}: {} ({}; {}). {before}. Keep the files unchanged as evidence and report it",
         b.file.display(),
@@ -94,6 +122,65 @@ pub fn break_message(b: &ChainBreak) -> String {
         kind_name(&b.kind),
         b.detail
     )
+}
+
+/// What the checkpoints prove about the trail's extent in time. Record
+/// times are signed by nothing; only a v2 checkpoint's own time is.
+fn coverage_text(report: &ChainReport) -> String {
+    let allowed = report
+        .interval
+        .map(|i| {
+            format!(
+                " (checkpoint interval {}s + {}s)",
+                i.as_secs(),
+                CHECKPOINT_SLACK.as_secs()
+            )
+        })
+        .unwrap_or_default();
+    let span = report
+        .uncovered_span
+        .map(|s| format!(" {}s", s.as_secs()))
+        .unwrap_or_default();
+    let mut text = match (
+        report.signed_through,
+        &report.signed_at,
+        report.time_signed_through,
+    ) {
+        (Some(seq), Some(at), Some(timed)) => {
+            let mut t = format!("signed through seq {seq}");
+            if timed != seq {
+                t.push_str(&format!(
+                    " (the newest checkpoint with a signed time covers seq {timed})"
+                ));
+            }
+            t.push_str(&format!(
+                "; that checkpoint was signed at {at} (the time is inside the signature); the {} records after seq {timed} are dated{span} after it by their own (unsigned) times, within the allowance{allowed}\n",
+                report.last_seq - timed
+            ));
+            if let Some(age) = report.signed_age {
+                t.push_str(&format!(
+                    "live: that checkpoint was signed {}s ago by this machine's clock\n",
+                    age.as_secs()
+                ));
+            }
+            t
+        }
+        (Some(seq), _, _) => format!(
+            "signed through seq {seq}, by checkpoints of format v1 that do not sign their time: when the {} records after seq {seq} were written rests on their own unsigned times ({span}s after the checkpoint's record), so coverage is NOT proven: records rewritten or removed after seq {seq} cannot be excluded. An svsd of this version signs its checkpoints' times (v2): verify again once one is written\n",
+            report.last_seq - seq,
+            span = span.trim()
+        ),
+        _ => format!(
+            "no signed checkpoint: by the records' own (unsigned) times the trail spans{span}, within the allowance{allowed}, but nothing proves it: every record could have been rewritten\n"
+        ),
+    };
+    if report.v1_checkpoints > 0 {
+        text.push_str(&format!(
+            "note: {} checkpoints are of format v1 (written by an older svsd): their signatures cover the chain up to their heads, not the time\n",
+            report.v1_checkpoints
+        ));
+    }
+    text
 }
 
 /// What `audit verify` demands beyond the chain.
@@ -150,18 +237,7 @@ pub fn verify(dir: &Path, key: &AuditKey, args: &VerifyArgs) -> Result<Report> {
     match key {
         AuditKey::Point { source, .. } => {
             text.push_str(&format!("checkpoint signatures verified with {source}\n"));
-            match (report.signed_through, &report.signed_at) {
-                (Some(seq), Some(at)) => text.push_str(&format!(
-                    "signed through seq {seq} (checkpoint written {at}); the {} records after it are within the checkpoint interval{}\n",
-                    report.last_seq - seq,
-                    args.checkpoint_interval
-                        .map(|i| format!(" ({}s + {}s)", i.as_secs(), CHECKPOINT_SLACK.as_secs()))
-                        .unwrap_or_default()
-                )),
-                _ => text.push_str(
-                    "no signed checkpoint yet: the trail is younger than the checkpoint interval\n",
-                ),
-            }
+            text.push_str(&coverage_text(&report));
             for (cp, head) in &report.unchecked_heads {
                 text.push_str(&format!(
                     "note: checkpoint seq {cp} signs head seq {head}, before the first record kept: its signature checks out, its head cannot be checked here\n"
@@ -200,6 +276,11 @@ pub fn verify(dir: &Path, key: &AuditKey, args: &VerifyArgs) -> Result<Report> {
             "signatures_checked": matches!(key, AuditKey::Point { .. }),
             "signed_through": report.signed_through,
             "signed_at": report.signed_at,
+            "time_signed_through": report.time_signed_through,
+            "v1_checkpoints": report.v1_checkpoints,
+            "interval_s": report.interval.map(|i| i.as_secs()),
+            "uncovered_span_s": report.uncovered_span.map(|s| s.as_secs()),
+            "signed_age_s": report.signed_age.map(|s| s.as_secs()),
             "unchecked_checkpoint_heads": report.unchecked_heads.iter().map(|(c, h)| json!({"seq": c, "head_seq": h})).collect::<Vec<_>>(),
             "pruned_before": report.pruned.then_some(report.first_seq),
             "live": args.live,
@@ -491,6 +572,8 @@ mod tests {
             seq: Some(7),
             kind: BreakKind::Deleted { from: 5, to: 6 },
             detail: "expected seq 5, found 7".into(),
+            signatures_checked: false,
+            signed_through: None,
         };
         let m = break_message(&b);
         assert!(
@@ -498,5 +581,74 @@ mod tests {
             "{m}"
         );
         assert!(m.contains("records 5 to 6 are missing"), "{m}");
+        assert!(m.contains("Without the audit key nothing is proven"), "{m}");
+    }
+
+    #[test]
+    fn coverage_is_claimed_only_from_a_signed_time() {
+        let v1 = ChainReport {
+            records: 20,
+            last_seq: 20,
+            signed_through: Some(10),
+            v1_checkpoints: 1,
+            interval: Some(Duration::from_secs(300)),
+            uncovered_span: Some(Duration::from_secs(5)),
+            ..Default::default()
+        };
+        let t = coverage_text(&v1);
+        assert!(t.contains("coverage is NOT proven"), "{t}");
+        assert!(!t.contains("within the allowance"), "{t}");
+        assert!(t.contains("1 checkpoints are of format v1"), "{t}");
+        let none = ChainReport {
+            signed_through: None,
+            v1_checkpoints: 0,
+            ..v1.clone()
+        };
+        assert!(coverage_text(&none).contains("nothing proves it"));
+        let v2 = ChainReport {
+            signed_at: Some("2027-01-15T08:00:01.000000Z".into()),
+            time_signed_through: Some(10),
+            v1_checkpoints: 0,
+            signed_age: Some(Duration::from_secs(7)),
+            ..v1
+        };
+        let t = coverage_text(&v2);
+        assert!(
+            t.contains("signed at 2027-01-15T08:00:01.000000Z (the time is inside the signature)"),
+            "{t}"
+        );
+        assert!(t.contains("signed 7s ago"), "{t}");
+    }
+
+    #[test]
+    fn a_break_names_the_records_proven_not_those_before_the_line() {
+        // A record before seq 4450 altered and the chain recomputed: the
+        // checkpoint notices, and only what the previous one signed holds.
+        let b = ChainBreak {
+            file: PathBuf::from("/a/audit-00000000000000004450.jsonl"),
+            line: 1,
+            seq: Some(4450),
+            kind: BreakKind::BadCheckpoint,
+            detail: "head does not match the hash of seq 4449".into(),
+            signatures_checked: true,
+            signed_through: Some(16),
+        };
+        let m = break_message(&b);
+        assert!(!m.contains("Records before this line check out"), "{m}");
+        assert!(m.contains("Records up to seq 16 are proven"), "{m}");
+        assert!(m.contains("anywhere from seq 17 on"), "{m}");
+        let none = ChainBreak {
+            signed_through: None,
+            ..b.clone()
+        };
+        assert!(break_message(&none).contains("No record is proven"));
+        // A torn line in an older file is no crash of an unacknowledged write.
+        let torn = ChainBreak {
+            kind: BreakKind::TornTail,
+            ..b
+        };
+        let m = break_message(&torn);
+        assert!(!m.contains("never acknowledged"), "{m}");
+        assert!(m.contains("not the newest"), "{m}");
     }
 }

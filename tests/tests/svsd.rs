@@ -1691,9 +1691,11 @@ async fn a_flood_of_refusals_is_counted_not_recorded_one_by_one() {
 
 /// Checkpoints verify with OpenSSL, as an auditor outside SVS would check
 /// them: the audit key's public half (read from the token) verifies each
-/// checkpoint's signature over `SVS audit checkpoint v1\nseq=…\nhead=…\n`
-/// with the default ID, each signed head is the hash of the record with
-/// that seq, and the same checkpoint with another head does not verify.
+/// checkpoint's signature over the text rebuilt from the record's fields,
+/// `SVS audit checkpoint v2\nseq=<head_seq>\nhead=<head>\ntime=<signed_at>\n
+/// interval_s=<interval_s>\n`, with the default ID; each signed head is the
+/// hash of the record with that seq, and the same checkpoint with another
+/// head or another time does not verify.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_checkpoints_verify_with_openssl() {
     if !have_tool(Command::new("openssl").arg("version"), "openssl") {
@@ -1781,13 +1783,19 @@ async fn audit_checkpoints_verify_with_openssl() {
         assert_eq!(cp["key"], "svs-audit");
         assert_eq!(hash_of(seq).as_deref(), Some(head), "{cp}");
         let der = unhex(cp["signature"].as_str().unwrap());
-        let message = format!("SVS audit checkpoint v1\nseq={seq}\nhead={head}\n");
-        assert!(openssl_verifies(message.as_bytes(), &der), "{cp}");
-        let forged = format!(
-            "SVS audit checkpoint v1\nseq={seq}\nhead={}\n",
-            "0".repeat(64)
-        );
+        let at = cp["signed_at"].as_str().unwrap();
+        assert_eq!(cp["interval_s"], 1, "{cp}");
+        // Signed once the head was read, written after: never later than
+        // the record that carries it.
+        assert!(at <= cp["time"].as_str().unwrap(), "{cp}");
+        let text = |head: &str, at: &str| {
+            format!("SVS audit checkpoint v2\nseq={seq}\nhead={head}\ntime={at}\ninterval_s=1\n")
+        };
+        assert!(openssl_verifies(text(head, at).as_bytes(), &der), "{cp}");
+        let forged = text(&"0".repeat(64), at);
         assert!(!openssl_verifies(forged.as_bytes(), &der), "{cp}");
+        let redated = text(head, "2099-01-01T00:00:00.000000Z");
+        assert!(!openssl_verifies(redated.as_bytes(), &der), "{cp}");
         checked += 1;
     }
     assert!(checked >= 2, "{checked} checkpoints");
