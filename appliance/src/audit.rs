@@ -28,12 +28,12 @@
 
 use std::borrow::Cow;
 use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::FileExt;
+use std::io::{Read, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, Sender};
 use serde::{Deserialize, Serialize};
@@ -251,6 +251,7 @@ fn lock_dir(dir: &Path) -> Result<File, SvsError> {
         .create(true)
         .truncate(false)
         .write(true)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
         .open(&path)
         .map_err(io)?;
     match lock.try_lock() {
@@ -374,7 +375,11 @@ trait Sink: Send {
 
 struct FileSink {
     dir: PathBuf,
+    /// The name `file` was created or opened under.
+    path: PathBuf,
     file: File,
+    /// When to check next that `path` still names `file`.
+    next_path_check: Instant,
     /// Bytes of records; the file may be longer (zero-filled).
     len: u64,
     /// Zero-fill each file to this size.
@@ -388,6 +393,52 @@ struct FileSink {
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
+
+/// A new trail file, never one that exists: a name already taken (a file
+/// or a planted symbolic link) is refused, not overwritten or followed.
+fn new_file(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(path)
+}
+
+/// An existing trail file, not through a symbolic link.
+fn open_existing(path: &Path, read: bool) -> std::io::Result<File> {
+    let file = OpenOptions::new()
+        .read(read)
+        .write(true)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other(format!(
+            "{} is not a regular file",
+            path.display()
+        )));
+    }
+    Ok(file)
+}
+
+/// Renames `from` to `to` unless `to` exists: a plain rename would replace
+/// whatever holds the name (records, or a link planted there).
+fn rename_new(from: &Path, to: &Path) -> std::io::Result<()> {
+    use rustix::fs::{CWD, RenameFlags, renameat_with};
+    match renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE) {
+        Ok(()) => Ok(()),
+        // A file system without RENAME_NOREPLACE: a hard link refuses an
+        // existing name too.
+        Err(e) if e == rustix::io::Errno::INVAL || e == rustix::io::Errno::NOSYS => {
+            std::fs::hard_link(from, to)?;
+            std::fs::remove_file(from)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// How often a group commit also checks that the trail file's name still
+/// leads to the file being written.
+const PATH_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// Writes `size - from` zero bytes at `from`, `chunk` bytes at a time, each
 /// chunk followed by `between()` (which may stop the fill with an error).
@@ -420,7 +471,9 @@ struct Spare {
     path: PathBuf,
     /// Dropped to stop the fill: wakes the thread from its pause at once.
     stop: Option<Sender<()>>,
-    thread: JoinHandle<std::io::Result<()>>,
+    /// The filled file, kept open: rotation writes to the file this thread
+    /// created, whatever is done to its name meanwhile.
+    thread: JoinHandle<std::io::Result<File>>,
 }
 
 impl Spare {
@@ -436,7 +489,14 @@ impl Spare {
         let thread = std::thread::Builder::new()
             .name("svs-audit-spare".into())
             .spawn(move || {
-                let file = File::create(&p)?;
+                // A spare of an earlier run, or a link planted under the
+                // name: the name goes (a link's target is not touched) and
+                // the spare is a new file.
+                match std::fs::remove_file(&p) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+                let file = new_file(&p)?;
                 // Paced: 256 KiB and a flush every 20 ms (12.5 MiB/s; 64
                 // MiB in about 5 s, while the fastest batch load measured
                 // fills a file in 7 s). The group commits' p99 on the
@@ -463,7 +523,7 @@ impl Spare {
                     // disk the trail needs this space now.
                     let _ = std::fs::remove_file(&p);
                 }
-                filled
+                filled.map(|()| file)
             })
             .map_err(|e| tracing::warn!(error = %e, "audit: cannot start the spare file's thread"))
             .ok()?;
@@ -475,13 +535,13 @@ impl Spare {
     }
 
     /// The zero-filled file, if it is ready; the caller renames it.
-    fn take_ready(spare: &mut Option<Spare>) -> Option<PathBuf> {
+    fn take_ready(spare: &mut Option<Spare>) -> Option<(PathBuf, File)> {
         if !spare.as_ref()?.thread.is_finished() {
             return None;
         }
         let s = spare.take()?;
         match s.thread.join() {
-            Ok(Ok(())) => Some(s.path),
+            Ok(Ok(file)) => Some((s.path, file)),
             Ok(Err(e)) => {
                 // Not left holding the disk space a plain file now needs.
                 let _ = std::fs::remove_file(&s.path);
@@ -510,12 +570,12 @@ impl FileSink {
         lock: File,
     ) -> std::io::Result<FileSink> {
         let path = dir.join(file_name(first_seq));
-        // Not append mode: records overwrite the zero-filled space.
-        let file = OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(false)
-            .open(&path)?;
+        // Not append mode: records overwrite the zero-filled space. The
+        // file exists when the chain goes on in it (recovery checked it).
+        let file = match new_file(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => open_existing(&path, false)?,
+            r => r?,
+        };
         let len = file.metadata()?.len();
         if let Some(size) = preallocate.filter(|size| *size > len) {
             // Before the daemon is ready, so the writer may take the time.
@@ -543,12 +603,45 @@ impl FileSink {
         sync_dir(dir)?;
         Ok(FileSink {
             dir: dir.to_path_buf(),
+            path,
             file,
+            next_path_check: Instant::now() + PATH_CHECK_EVERY,
             len,
             preallocate,
             spare: preallocate.and_then(|size| Spare::start(dir, size)),
             _lock: lock,
         })
+    }
+
+    /// Whether records written to `file` are in the trail. A file removed
+    /// while open (`rm -rf` of the directory, `mv` to another file system)
+    /// stays writable and its fdatasync succeeds, so without this signing
+    /// would go on with records no one can ever read. One fstat per group
+    /// commit; the rename check (a stat of the name) at most once a second.
+    fn still_in_trail(&mut self) -> std::io::Result<()> {
+        let open = rustix::fs::fstat(&self.file)?;
+        if open.st_nlink == 0 {
+            return Err(std::io::Error::other(format!(
+                "{} was deleted while being written: records after it are in no trail",
+                self.path.display()
+            )));
+        }
+        let now = Instant::now();
+        if now < self.next_path_check {
+            return Ok(());
+        }
+        self.next_path_check = now + PATH_CHECK_EVERY;
+        match rustix::fs::lstat(&self.path) {
+            Ok(named) if named.st_dev == open.st_dev && named.st_ino == open.st_ino => Ok(()),
+            Ok(_) => Err(std::io::Error::other(format!(
+                "{} no longer names the file being written (moved away or replaced): records after it are in no trail",
+                self.path.display()
+            ))),
+            Err(e) => Err(std::io::Error::other(format!(
+                "{}: {e}: the file being written was moved away: records after it are in no trail",
+                self.path.display()
+            ))),
+        }
     }
 
     /// Cuts the file to its records (drops the zero-filled space), durably.
@@ -581,7 +674,8 @@ impl Sink for FileSink {
         Ok(())
     }
     fn sync(&mut self) -> std::io::Result<()> {
-        self.file.sync_data()
+        self.file.sync_data()?;
+        self.still_in_trail()
     }
     fn len(&self) -> u64 {
         self.len
@@ -593,16 +687,17 @@ impl Sink for FileSink {
         let path = self.dir.join(file_name(first_seq));
         // Not ready (rotations faster than a fill): a plain file, appended
         // to, rather than a stall; the next rotation gets a spare again.
-        if let Some(spare) = Spare::take_ready(&mut self.spare) {
-            std::fs::rename(spare, &path)?;
+        // Either way the name must be free: whatever holds it was not made
+        // by this writer and is refused rather than overwritten.
+        let file = match Spare::take_ready(&mut self.spare) {
+            Some((spare, file)) => rename_new(&spare, &path).map(|()| file),
+            None => new_file(&path),
         }
-        let file = OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(false)
-            .open(&path)?;
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
         sync_dir(&self.dir)?;
         self.file = file;
+        self.path = path;
+        self.next_path_check = Instant::now() + PATH_CHECK_EVERY;
         self.len = 0;
         if self.spare.is_none() {
             self.spare = self
@@ -622,25 +717,48 @@ impl Sink for FileSink {
 /// Reads where the chain stands (last seq and hash) after cutting off what
 /// a crash left at the end of the newest file.
 ///
-/// A crash during a group commit can leave a torn line, zero-filled blocks
-/// or garbage followed by complete lines of the same group (the file system
-/// may persist later blocks before earlier ones). None of it was
-/// acknowledged: answers wait for the fsync. So the newest file is checked
-/// from its start and cut at the first invalid record; otherwise the next
-/// records would chain onto the damage and leave a permanent break that
-/// looks like tampering. The cut bytes are kept beside the trail
-/// (`….jsonl.cut-<unix time>`, not part of it) rather than destroyed.
+/// A crash during a group commit leaves that group's bytes partly
+/// unwritten: a torn last line, zero-filled sectors, even complete lines of
+/// the same group after them (the file system may persist later blocks
+/// before earlier ones). None of it was acknowledged: answers wait for the
+/// fsync. So the newest file is checked from its start and, when the
+/// damage from the first invalid record on has that shape (see
+/// [`unwritten_remnant`]), cut there; otherwise the next records would
+/// chain onto the damage and leave a permanent break that looks like
+/// tampering. The cut bytes are kept beside the trail (`….jsonl.cut-<unix
+/// time>`, not part of it) rather than destroyed.
 ///
-/// Damage a crash cannot cause (a complete, self-consistent record out of
-/// sequence; a well-formed record altered with its successor still chained
-/// to it) is not cut: it stays in place as evidence for `audit verify`.
+/// Damage a crash cannot cause (an altered or garbled complete line, a NUL
+/// that is not whole unwritten sectors, records of several commits or of an
+/// earlier one after the damage, a complete record out of sequence) is not
+/// cut: it stays in place as evidence for `audit verify`, and the chain
+/// goes on after it.
+///
+/// A trail file that is a symbolic link (or anything but a regular file) is
+/// refused before anything is touched: it is not svsd's, and writing or
+/// cutting it would change whatever it points to.
 fn recover(dir: &Path) -> Result<(u64, [u8; 32], Option<u64>), SvsError> {
     let io = |e: std::io::Error| SvsError::AuditUnavailable(format!("{}: {e}", dir.display()));
     let files = trail_files(dir).map_err(io)?;
+    for (_, path) in &files {
+        let kind = std::fs::symlink_metadata(path).map_err(io)?.file_type();
+        if !kind.is_file() {
+            return Err(SvsError::AuditUnavailable(format!(
+                "{} is {}, not a regular file: svsd writes only files it created itself; nothing was changed (put the real file in its place)",
+                path.display(),
+                if kind.is_symlink() {
+                    "a symbolic link"
+                } else {
+                    "not a file"
+                }
+            )));
+        }
+    }
     let mut empty_newest = None;
     for (n, (first_seq, path)) in files.iter().rev().enumerate() {
-        let f = OpenOptions::new().write(true).open(path).map_err(io)?;
-        let raw = std::fs::read(path).map_err(io)?;
+        let mut f = open_existing(path, true).map_err(io)?;
+        let mut raw = Vec::new();
+        f.read_to_end(&mut raw).map_err(io)?;
         let on_disk = raw.len() as u64;
         // All of it, not only up to the first NUL: what follows a hole may
         // be crash debris to keep aside, or evidence to leave in place.
@@ -767,34 +885,24 @@ enum Cut {
 
 fn crash_cut(bytes: &[u8], first_seq: u64) -> Cut {
     let mut expected: Option<(u64, [u8; 32])> = None;
+    let mut last_time: Option<String> = None;
     let mut offset = 0;
-    let lines: Vec<&[u8]> = bytes.split_inclusive(|b| *b == b'\n').collect();
-    for (i, raw) in lines.iter().enumerate() {
+    for (i, raw) in bytes.split_inclusive(|b| *b == b'\n').enumerate() {
         let at = offset;
         offset += raw.len();
-        let Some(line) = raw.strip_suffix(b"\n") else {
-            return Cut::At(at);
-        };
-        let Some((body, hash)) = split_line(line) else {
-            return Cut::At(at);
-        };
-        let parsed: Option<Body> = serde_json::from_slice(&body).ok();
-        let Some(b) = parsed else {
-            return Cut::At(at);
-        };
-        if sm3(&body) != hash {
-            // A well-formed record whose successor chains to its hash
-            // field was complete once, then altered.
-            let successor_chains = lines
-                .get(i + 1)
-                .and_then(|n| split_line(n.strip_suffix(b"\n")?))
-                .and_then(|(nb, _)| serde_json::from_slice::<Body>(&nb).ok())
-                .is_some_and(|n| n.prev == hex(&hash));
-            if successor_chains {
-                return Cut::Evidence(format!("line {}: record altered", i + 1));
+        let Some((b, hash)) = raw.strip_suffix(b"\n").and_then(valid_record) else {
+            if raw.ends_with(b"\n") && !raw.contains(&0) {
+                return Cut::Evidence(format!(
+                    "line {}: a complete line that is not a valid record (a crash leaves bytes unwritten, never altered)",
+                    i + 1
+                ));
             }
-            return Cut::At(at);
-        }
+            let after_seq = expected.map_or(first_seq.saturating_sub(1), |(s, _)| s);
+            return match unwritten_remnant(bytes, at, after_seq, last_time.as_deref(), false) {
+                Ok(()) => Cut::At(at),
+                Err(why) => Cut::Evidence(format!("line {}: {why}", i + 1)),
+            };
+        };
         // A complete record that checks out by itself but not in sequence
         // was deleted, moved or replaced: never what a crash writes.
         let in_sequence = match expected {
@@ -805,8 +913,145 @@ fn crash_cut(bytes: &[u8], first_seq: u64) -> Cut {
             return Cut::Evidence(format!("line {}: seq {} out of sequence", i + 1, b.seq));
         }
         expected = Some((b.seq, hash));
+        last_time = Some(b.time.into_owned());
     }
     Cut::Nothing
+}
+
+/// A line (without its newline) that is a record matching its own hash.
+fn valid_record(line: &[u8]) -> Option<(Body<'static>, [u8; 32])> {
+    let (body, hash) = split_line(line)?;
+    if sm3(&body) != hash {
+        return None;
+    }
+    // Cow fields without `#[serde(borrow)]` deserialise owned.
+    let b: Body<'static> = serde_json::from_slice(&body).ok()?;
+    Some((b, hash))
+}
+
+/// The unit a disk writes whole: a crash leaves a write's bytes unwritten
+/// in whole sectors (4 KiB pages are whole sectors too).
+const SECTOR: usize = 512;
+
+/// `{"seq":N,"time":"T"` at the start of a line cut short.
+fn line_head(piece: &[u8]) -> Option<(u64, &str)> {
+    let rest = piece.strip_prefix(b"{\"seq\":")?;
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    let seq = std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()?;
+    let time = rest[digits..].strip_prefix(b",\"time\":\"")?.get(..27)?;
+    std::str::from_utf8(time).ok().map(|t| (seq, t))
+}
+
+/// Whether `bytes[from..]` (to the end of the newest file, its zero tail
+/// removed) is what is left of one group commit that never completed: the
+/// reason when it is not.
+///
+/// Answers wait for the group's fdatasync, so a crash can damage only the
+/// last group, and only by leaving bytes unwritten: zero-filled sectors
+/// (preallocated space, or blocks persisted out of order) and a file that
+/// ends inside a line. Written bytes are never altered, and records of
+/// earlier groups are never touched. So here every zero run must be whole
+/// sectors, and every complete line must be a record of one group (all of
+/// a group's records carry its commit time) committed after `after_seq`
+/// and not before `after_time`, the last intact record's. Anything else
+/// was done to the file afterwards: evidence, never to be cut away.
+///
+/// `live`: a reader racing the writer sees the page being copied partly
+/// written, so a zero run may then start anywhere (it still ends at a page
+/// boundary, where the next page was copied before this one was read).
+fn unwritten_remnant(
+    bytes: &[u8],
+    from: usize,
+    after_seq: u64,
+    after_time: Option<&str>,
+    live: bool,
+) -> Result<(), String> {
+    let after_time = match after_time {
+        Some(t) => Some(parse_rfc3339(t).ok_or("the last intact record's time cannot be read")?),
+        None => None,
+    };
+    // Time and seq of the last record seen, with its hash and end offset
+    // when it was complete (for the next one's `prev`).
+    type Seen = (String, u64, Option<([u8; 32], usize)>);
+    let mut group: Option<Seen> = None;
+    let mut at = from;
+    while at < bytes.len() {
+        if bytes[at] == 0 {
+            let end = bytes[at..]
+                .iter()
+                .position(|b| *b != 0)
+                .map_or(bytes.len(), |n| at + n);
+            if !(live || at == from || at.is_multiple_of(SECTOR)) || !end.is_multiple_of(SECTOR) {
+                return Err(format!(
+                    "zero bytes at {at}..{end} are not unwritten sectors"
+                ));
+            }
+            at = end;
+            continue;
+        }
+        let end = bytes[at..]
+            .iter()
+            .position(|b| *b == 0)
+            .map_or(bytes.len(), |n| at + n);
+        let mut offset = at;
+        for (k, piece) in bytes[at..end].split_inclusive(|b| *b == b'\n').enumerate() {
+            let start = offset;
+            offset += piece.len();
+            // The rest of a line whose start is unwritten: nothing to read.
+            if k == 0 && at > from {
+                continue;
+            }
+            let (seq, time, chain, prev) = match piece.strip_suffix(b"\n") {
+                Some(line) => {
+                    let Some((b, hash)) = valid_record(line) else {
+                        return Err(format!(
+                            "the complete line at byte {start} is not a valid record: written bytes were altered"
+                        ));
+                    };
+                    (
+                        b.seq,
+                        b.time.into_owned(),
+                        Some((hash, offset)),
+                        Some(b.prev),
+                    )
+                }
+                // The start of a line whose rest is unwritten: its seq and
+                // time, when they got written, still say which commit.
+                None => match line_head(piece) {
+                    Some((seq, time)) => (seq, time.to_owned(), None, None),
+                    None => continue,
+                },
+            };
+            match &group {
+                None => {
+                    let t = parse_rfc3339(&time)
+                        .ok_or_else(|| format!("seq {seq}: its time cannot be read"))?;
+                    if seq <= after_seq || after_time.is_some_and(|a| t < a) {
+                        return Err(format!(
+                            "seq {seq} after the damage is not of a commit later than the last intact record (seq {after_seq})"
+                        ));
+                    }
+                }
+                Some((group_time, last, last_chain)) => {
+                    if time != *group_time {
+                        return Err(format!(
+                            "seq {last} and seq {seq} after the damage were committed separately: the earlier commit was acknowledged, so this is no crash"
+                        ));
+                    }
+                    let chained = match (last_chain, &prev) {
+                        (Some((h, e)), Some(p)) if *e == start => seq == last + 1 && *p == hex(h),
+                        _ => true,
+                    };
+                    if seq <= *last || !chained {
+                        return Err(format!("seq {seq} after the damage is out of sequence"));
+                    }
+                }
+            }
+            group = Some((time, seq, chain));
+        }
+        at = end;
+    }
+    Ok(())
 }
 
 /// Splits a line into its hashed body (with `}` restored) and its hash.
@@ -1469,16 +1714,45 @@ fn verify_files(
         })?;
         let newest = n + 1 == files.len();
         let bytes = if newest {
-            // Zeros, then data: a group being written (see
-            // `read_trail_file`) or crash debris svsd cuts at its next start.
-            let end = records_end(&raw);
-            if raw[end..].iter().any(|b| *b != 0) {
+            let bytes = without_zero_tail(&raw);
+            let end = records_end(bytes);
+            if end < bytes.len() {
+                // Zeros, then data: a group being written (see
+                // `read_trail_file`) or what a crash left of one, which
+                // svsd cuts at its next start. Only when it has that shape:
+                // zeros with acknowledged records after them are damage.
+                let from = bytes[..end]
+                    .iter()
+                    .rposition(|b| *b == b'\n')
+                    .map_or(0, |i| i + 1);
+                let last = bytes[..from]
+                    .strip_suffix(b"\n")
+                    .and_then(|b| b.split(|c| *c == b'\n').next_back())
+                    .and_then(valid_record);
+                let (after_seq, after_time) = match &last {
+                    Some((b, _)) => (b.seq, Some(b.time.as_ref())),
+                    None => (first_seq.saturating_sub(1), None),
+                };
+                if let Err(why) = unwritten_remnant(bytes, from, after_seq, after_time, true) {
+                    // The records after the zeros are read too: the break
+                    // is the damaged line, or else the zeros themselves.
+                    v.file(path, *first_seq, bytes, newest)?;
+                    return Err(ChainBreak {
+                        file: path.clone(),
+                        line: bytes[..from].iter().filter(|b| **b == b'\n').count() + 1,
+                        seq: None,
+                        kind: BreakKind::Malformed,
+                        detail: format!("zero bytes inside the records: {why}"),
+                    });
+                }
                 v.report.warnings.push(format!(
-                    "{}: data after zero-filled space at byte {end}: a write in progress, or a crash svsd cuts at its next start; not counted",
+                    "{}: data after zero-filled space at byte {end}: a write in progress, or what a crash left of an unacknowledged group commit (svsd cuts it at its next start); not counted",
                     path.display()
                 ));
+                &bytes[..end]
+            } else {
+                bytes
             }
-            &raw[..end]
         } else {
             // Older files were cut to their records before the next began:
             // a hole in one is damage, to be shown.
@@ -2278,7 +2552,7 @@ mod tests {
         // A reader's copy while a group is written: its second page has
         // reached the page cache, its first not yet.
         let f = OpenOptions::new().write(true).open(&path).unwrap();
-        f.write_all_at(b"\"outcome\":\"ok\"}\n", end + 4096)
+        f.write_all_at(b"\"outcome\":\"ok\"}\n", (end / 4096 + 1) * 4096)
             .unwrap();
         let r = verify_dir(dir.path(), None).unwrap();
         assert_eq!(r.last_seq, 4, "{r:?}");
@@ -2958,34 +3232,259 @@ mod tests {
         assert_eq!(parse_rfc3339("2024-02-29T23:59:59Z"), None);
     }
 
-    #[test]
-    fn start_up_cuts_crash_debris_before_a_complete_last_line() {
-        for debris in [
-            vec![0u8; 300],
-            b"{\"seq\":6,\"ti\x07\xff garbage\n".to_vec(),
-        ] {
-            let dir = tempfile::tempdir().unwrap();
-            write(dir.path(), 5, 1 << 20);
-            let path = only_file(dir.path());
-            // The rest of the same group reached the disk, the middle did not.
-            let (line, _) = render_line(7, &[3; 32], &Entry::Op(event(7)), SystemTime::now());
-            let mut f = OpenOptions::new().append(true).open(&path).unwrap();
-            f.write_all(&debris).unwrap();
-            f.write_all(line.as_bytes()).unwrap();
-            drop(f);
-            write(dir.path(), 3, 1 << 20);
-            let r = verify_dir(dir.path(), None).unwrap();
-            assert_eq!((r.records, r.last_seq), (8, 8));
-            // The cut bytes are kept beside the trail, outside it.
-            let aside: Vec<_> = std::fs::read_dir(dir.path())
-                .unwrap()
-                .filter_map(|e| e.ok())
-                .filter(|e| e.file_name().to_string_lossy().contains(".jsonl.cut-"))
-                .collect();
-            assert_eq!(aside.len(), 1);
-            let kept = std::fs::read(aside[0].path()).unwrap();
-            assert!(kept.ends_with(line.as_bytes()));
+    /// A newest file as the writer leaves it: one commit per entry of
+    /// `groups` (that many op records, or a checkpoint for 0), each commit
+    /// with a time of its own. Returns the bytes and each line's start.
+    fn commits(groups: &[usize]) -> (Vec<u8>, Vec<usize>) {
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let (mut seq, mut head, mut bytes, mut starts) = (0, GENESIS, Vec::new(), Vec::new());
+        for (g, n) in groups.iter().enumerate() {
+            let time = rfc3339(t0 + Duration::from_millis(g as u64 + 1));
+            let entries: Vec<Entry> = if *n == 0 {
+                vec![Entry::Checkpoint {
+                    head_seq: seq,
+                    head,
+                    key: "svs-audit".into(),
+                    signature: vec![0x30; 70],
+                }]
+            } else {
+                (0..*n).map(|i| Entry::Op(event(i))).collect()
+            };
+            for e in &entries {
+                seq += 1;
+                starts.push(bytes.len());
+                head = render(seq, &head, e, &time, &mut bytes).unwrap();
+            }
         }
+        starts.push(bytes.len());
+        (bytes, starts)
+    }
+
+    /// The line holding byte `at`.
+    fn line_at(starts: &[usize], at: usize) -> usize {
+        starts.iter().rposition(|s| *s <= at).unwrap()
+    }
+
+    fn zero(bytes: &mut [u8], r: std::ops::Range<usize>) {
+        bytes[r].fill(0);
+    }
+
+    fn sector_after(at: usize) -> usize {
+        (at / SECTOR + 1) * SECTOR
+    }
+
+    #[test]
+    fn crash_cut_cuts_what_a_crash_leaves_of_the_last_commit() {
+        let (clean, starts) = commits(&[3, 4, 8]);
+        let last_group = starts[7];
+        assert_eq!(crash_cut(&clean, 1), Cut::Nothing);
+        // A sector in the middle of the last commit never reached the disk.
+        let mut b = clean.clone();
+        let s = sector_after(last_group + 200);
+        zero(&mut b, s..s + SECTOR);
+        assert!(s + SECTOR < clean.len() - 400, "complete records follow");
+        assert_eq!(crash_cut(&b, 1), Cut::At(starts[line_at(&starts, s)]));
+        // Its first sector did not: zeros from where the commit began.
+        let mut b = clean.clone();
+        zero(&mut b, last_group..sector_after(last_group));
+        assert_eq!(crash_cut(&b, 1), Cut::At(last_group));
+        // Its end did not (zero-filled space after a line cut short).
+        let s = sector_after(last_group + 600);
+        assert_eq!(
+            crash_cut(&clean[..s], 1),
+            Cut::At(starts[line_at(&starts, s)])
+        );
+        // Appended, not preallocated: the file ends inside a line.
+        assert_eq!(crash_cut(&clean[..last_group + 77], 1), Cut::At(last_group));
+        // Several holes, all in the last commit.
+        let mut b = clean.clone();
+        let s = sector_after(last_group);
+        zero(&mut b, last_group..s);
+        zero(&mut b, s + SECTOR..s + 2 * SECTOR);
+        assert_eq!(crash_cut(&b, 1), Cut::At(last_group));
+    }
+
+    #[test]
+    fn crash_cut_keeps_tampering_as_evidence() {
+        let (clean, starts) = commits(&[2, 2, 0, 1]);
+        let evidence = |b: &[u8]| match crash_cut(b, 1) {
+            Cut::Evidence(why) => why,
+            other => panic!("{other:?}"),
+        };
+        let line3 = starts[2]..starts[3];
+        // One hex digit of line 3's hash field.
+        let mut b = clean.clone();
+        let d = line3.end - 4;
+        b[d] = if b[d] == b'0' { b'1' } else { b'0' };
+        assert!(evidence(&b).starts_with("line 3:"));
+        // A broken quote: line 3 is no longer JSON.
+        let mut b = clean.clone();
+        b[line3.start + 1] = b'x';
+        assert!(evidence(&b).contains("line 3"));
+        // A single NUL byte in line 3.
+        let mut b = clean.clone();
+        b[line3.start + 30] = 0;
+        assert!(evidence(&b).contains("not unwritten sectors"));
+        // Whole sectors zeroed in an acknowledged commit, with a signed
+        // checkpoint and a later commit after them.
+        let mut b = clean.clone();
+        let s = sector_after(starts[1]);
+        assert!(
+            s + SECTOR < starts[4],
+            "the hole ends before the checkpoint"
+        );
+        zero(&mut b, s..s + SECTOR);
+        assert!(evidence(&b).contains("committed separately"), "{b:?}");
+        // Zeros from inside a record to a sector's end, then only the next
+        // commit (a checkpoint): the damaged line's own time names the
+        // earlier, acknowledged commit.
+        let (clean, starts, hole) = (1..12)
+            .map(|n| commits(&[2, n, 0]))
+            .find_map(|(c, st)| {
+                let line = st[st.len() - 4]..st[st.len() - 3];
+                let s = sector_after(line.start + 50);
+                let hole = s..s + SECTOR;
+                (hole.start < line.end && hole.end < st[st.len() - 2]).then_some((c, st, hole))
+            })
+            .unwrap();
+        let mut b = clean.clone();
+        zero(&mut b, hole.clone());
+        assert!(
+            evidence(&b).contains("committed separately"),
+            "{hole:?} {starts:?}"
+        );
+        // Garbage in place of the last record's bytes: a crash never
+        // writes bytes that were not in the commit.
+        let (clean, starts) = commits(&[2, 2]);
+        let mut b = clean[..starts[3]].to_vec();
+        b.extend_from_slice(b"{\"seq\":4,\"ti\x07\xff garbage\n");
+        assert!(evidence(&b).contains("line 4"));
+        // A copy of an older commit's record after a hole.
+        let mut b = clean.clone();
+        b.extend_from_slice(&[0; SECTOR]);
+        let pad = sector_after(b.len()) - b.len();
+        b.extend(std::iter::repeat_n(0, pad));
+        b.extend_from_slice(b"x\n");
+        b.extend_from_slice(&clean[starts[0]..starts[1]]);
+        let cut = crash_cut(&b, 1);
+        assert!(matches!(cut, Cut::Evidence(_)), "{cut:?}");
+    }
+
+    #[test]
+    fn start_up_cuts_a_crashed_commit_but_not_tampering() {
+        // The reviewer's case: svsd stopped cleanly, one hex digit of line
+        // 3's hash changed; the restart must not cut acknowledged records.
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..4 {
+            write(dir.path(), i + 1, 1 << 20);
+        }
+        let path = only_file(dir.path());
+        let before = std::fs::read(&path).unwrap();
+        let mut bytes = before.clone();
+        let line3 = bytes
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| **b == b'\n')
+            .nth(2)
+            .unwrap()
+            .0;
+        let d = line3 - 4;
+        bytes[d] = if bytes[d] == b'0' { b'1' } else { b'0' };
+        std::fs::write(&path, &bytes).unwrap();
+        write(dir.path(), 1, 1 << 20);
+        let after = std::fs::read(&path).unwrap();
+        assert_eq!(&after[..bytes.len()], &bytes[..], "nothing cut");
+        assert_eq!(
+            after[bytes.len()..].iter().filter(|b| **b == b'\n').count(),
+            1
+        );
+        let b = verify_dir(dir.path(), None).unwrap_err();
+        assert_eq!((b.line, b.kind), (3, BreakKind::Tampered));
+        let aside = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .contains(".cut-")
+            })
+            .count();
+        assert_eq!(aside, 0);
+
+        // A crash: the last commit's first sector unwritten, its later
+        // records on disk. Cut, kept aside, and the chain goes on.
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), 5, 1 << 20);
+        let path = only_file(dir.path());
+        let good = std::fs::read(&path).unwrap();
+        let prev = unhex32(&good[good.len() - 67..good.len() - 3]).unwrap();
+        let time = rfc3339(SystemTime::now());
+        let mut group = Vec::new();
+        let mut head = prev;
+        for seq in 6..=15 {
+            head = render(
+                seq,
+                &head,
+                &Entry::Op(event(seq as usize)),
+                &time,
+                &mut group,
+            )
+            .unwrap();
+        }
+        let mut file = good.clone();
+        file.extend_from_slice(&group);
+        file.resize(64 << 10, 0);
+        let s = sector_after(good.len());
+        file[good.len()..s].fill(0);
+        std::fs::write(&path, &file).unwrap();
+        let r = verify_dir(dir.path(), None).unwrap();
+        assert_eq!(r.last_seq, 5);
+        assert!(r.warnings[0].contains("crash"), "{r:?}");
+        write(dir.path(), 3, 1 << 20);
+        let r = verify_dir(dir.path(), None).unwrap();
+        assert_eq!(
+            (r.records, r.last_seq, r.warnings.len()),
+            (8, 8, 0),
+            "{r:?}"
+        );
+        let aside: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_string_lossy().contains(".jsonl.cut-"))
+            .collect();
+        assert_eq!(aside.len(), 1);
+        assert!(
+            std::fs::read(&aside[0])
+                .unwrap()
+                .ends_with(&group[s - good.len()..])
+        );
+    }
+
+    #[test]
+    fn verify_reads_past_zeros_and_reports_records_after_them() {
+        // svsd stopped cleanly; a sector in an early record zeroed: a
+        // checkpoint and the stop record lie after it.
+        let (clean, starts) = commits(&[3, 3, 0, 1]);
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = clean.clone();
+        let s = sector_after(starts[0]);
+        b[s..s + SECTOR].fill(0);
+        std::fs::write(dir.path().join(file_name(1)), &b).unwrap();
+        let brk = verify_dir(dir.path(), None).unwrap_err();
+        assert_eq!(brk.line, line_at(&starts, s) + 1, "{brk}");
+        assert!(
+            matches!(brk.kind, BreakKind::Tampered | BreakKind::Malformed),
+            "{brk}"
+        );
+        // Also when the zeros end inside the last line: no line after them
+        // is complete, yet they are no unwritten sector.
+        let mut b = clean.clone();
+        let n = b.len();
+        b[n - 20] = 0;
+        std::fs::write(dir.path().join(file_name(1)), &b).unwrap();
+        let brk = verify_dir(dir.path(), None).unwrap_err();
+        assert_eq!(brk.line, starts.len() - 1, "{brk}");
     }
 
     #[test]
@@ -3014,6 +3513,149 @@ mod tests {
         write(dir.path(), 1, 1 << 20);
         let b = verify_dir(dir.path(), None).unwrap_err();
         assert_eq!(b.kind, BreakKind::Deleted { from: 3, to: 3 });
+    }
+
+    #[test]
+    fn a_trail_removed_while_written_stops_signing() {
+        let dir = tempfile::tempdir().unwrap();
+        let audit = dir.path().join("audit");
+        let trail = open_with(&audit, 3, true);
+        std::fs::remove_dir_all(&audit).unwrap();
+        // The group written to the unlinked file is not answered as done.
+        let e = rt().block_on(trail.append(vec![event(3)])).unwrap_err();
+        assert!(e.to_string().contains("deleted while being written"), "{e}");
+        assert!(trail.check().unwrap_err().to_string().contains("deleted"));
+        assert!(rt().block_on(trail.append(vec![event(4)])).is_err());
+    }
+
+    #[test]
+    fn a_trail_file_moved_away_stops_signing_within_a_second() {
+        let dir = tempfile::tempdir().unwrap();
+        let trail = open_with(dir.path(), 2, true);
+        let path = only_file(dir.path());
+        std::fs::rename(&path, dir.path().join("elsewhere")).unwrap();
+        std::thread::sleep(PATH_CHECK_EVERY + Duration::from_millis(100));
+        let e = rt().block_on(trail.append(vec![event(2)])).unwrap_err();
+        assert!(e.to_string().contains("moved away"), "{e}");
+        assert!(trail.check().is_err());
+        // A link put back under the name is not the file either.
+        let dir = tempfile::tempdir().unwrap();
+        let trail = open_with(dir.path(), 2, true);
+        let path = only_file(dir.path());
+        let moved = dir.path().join("elsewhere");
+        std::fs::rename(&path, &moved).unwrap();
+        std::os::unix::fs::symlink(&moved, &path).unwrap();
+        std::thread::sleep(PATH_CHECK_EVERY + Duration::from_millis(100));
+        let e = rt().block_on(trail.append(vec![event(2)])).unwrap_err();
+        assert!(e.to_string().contains("no longer names"), "{e}");
+    }
+
+    fn victim() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"precious, not svsd's").unwrap();
+        (dir, victim)
+    }
+
+    #[test]
+    fn a_link_planted_as_the_spare_is_removed_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_v, victim) = victim();
+        let spare = dir.path().join(Spare::NAME);
+        std::os::unix::fs::symlink(&victim, &spare).unwrap();
+        let size = 16 << 10;
+        let trail = AuditTrail::open(&config(dir.path(), size)).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious, not svsd's");
+        let meta = std::fs::symlink_metadata(&spare).unwrap();
+        assert!(meta.file_type().is_file() && meta.len() == size);
+        let mut i = 0;
+        while trail_files(dir.path()).unwrap().len() < 2 {
+            rt().block_on(trail.append(vec![event(i)])).unwrap();
+            i += 1;
+        }
+        drop(trail);
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious, not svsd's");
+        assert_eq!(verify_dir(dir.path(), None).unwrap().records, i as u64);
+    }
+
+    #[test]
+    fn rotation_refuses_a_name_that_is_taken() {
+        for preallocate in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let (_v, victim) = victim();
+            let trail = AuditTrail::open(&AuditConfig {
+                preallocate,
+                ..config(dir.path(), 4096)
+            })
+            .unwrap();
+            // With a spare ready, rotation is a rename (the other path).
+            std::thread::sleep(Duration::from_millis(200));
+            for seq in 2..40 {
+                std::os::unix::fs::symlink(&victim, dir.path().join(file_name(seq))).unwrap();
+            }
+            let mut i = 0;
+            while rt().block_on(trail.append(vec![event(i)])).is_ok() {
+                i += 1;
+                assert!(i < 40, "rotation did not happen");
+            }
+            let e = trail.check().unwrap_err().to_string();
+            assert!(e.contains("File exists"), "{preallocate}: {e}");
+            assert_eq!(std::fs::read(&victim).unwrap(), b"precious, not svsd's");
+            for seq in 2..40 {
+                let path = dir.path().join(file_name(seq));
+                assert!(std::fs::symlink_metadata(path).unwrap().is_symlink());
+            }
+            drop(trail);
+            // A plain file under the next name is not overwritten either.
+            let dir = tempfile::tempdir().unwrap();
+            let trail = AuditTrail::open(&AuditConfig {
+                preallocate,
+                ..config(dir.path(), 4096)
+            })
+            .unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+            for seq in 2..40 {
+                std::fs::write(dir.path().join(file_name(seq)), b"records").unwrap();
+            }
+            while rt().block_on(trail.append(vec![event(0)])).is_ok() {}
+            assert!(
+                trail
+                    .check()
+                    .unwrap_err()
+                    .to_string()
+                    .contains("File exists")
+            );
+            for seq in 2..40 {
+                assert_eq!(
+                    std::fs::read(dir.path().join(file_name(seq))).unwrap(),
+                    b"records"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_symlinked_trail_file_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), 5, 1 << 20);
+        let path = only_file(dir.path());
+        let (_v, victim) = victim();
+        // What recovery would cut, were the file its own: a torn line.
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes.extend_from_slice(b"{\"seq\":6,\"ti");
+        std::fs::write(&victim, &bytes).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        let e = AuditTrail::open(&config(dir.path(), 1 << 20)).unwrap_err();
+        assert!(e.to_string().contains("is a symbolic link"), "{e}");
+        assert_eq!(std::fs::read(&victim).unwrap(), bytes);
+        assert!(std::fs::symlink_metadata(&path).unwrap().is_symlink());
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 2, "only the link and the lock: {names:?}");
     }
 
     struct FailingSink;
