@@ -1743,6 +1743,8 @@ fn verify_files(
                         seq: None,
                         kind: BreakKind::Malformed,
                         detail: format!("zero bytes inside the records: {why}"),
+                        signatures_checked: v.opts.key.is_some(),
+                        signed_through: v.report.signed_through,
                     });
                 }
                 v.report.warnings.push(format!(
@@ -3242,8 +3244,12 @@ mod tests {
             let time = rfc3339(t0 + Duration::from_millis(g as u64 + 1));
             let entries: Vec<Entry> = if *n == 0 {
                 vec![Entry::Checkpoint {
-                    head_seq: seq,
-                    head,
+                    text: Checkpoint {
+                        head_seq: seq,
+                        head,
+                        signed_at: time.clone(),
+                        interval_s: 60,
+                    },
                     key: "svs-audit".into(),
                     signature: vec![0x30; 70],
                 }]
