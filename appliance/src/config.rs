@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use svs_hsm::HsmConfig;
+use svs_hsm::signature::DEFAULT_SM2_ID;
 
 use crate::error::SvsError;
 
@@ -366,11 +367,48 @@ impl Errors {
         table: &toml::Table,
         name: &str,
     ) -> Option<T> {
-        let value = table.get(name)?.clone();
-        match T::deserialize(value) {
+        self.deserialize(table.get(name)?, &format!("[{name}]"))
+    }
+    /// Deserialises one section or entity into its raw struct (which must
+    /// deny unknown fields, as all of stage one's do). serde stops at a
+    /// struct's first error, so an unknown key would hide the others and
+    /// every value error: its unknown keys are found here from the struct's
+    /// own field list, each reported, and dropped before serde reads the
+    /// rest, whose values stage two then checks as usual.
+    fn deserialize<T: serde::de::DeserializeOwned>(
+        &mut self,
+        value: &toml::Value,
+        label: &str,
+    ) -> Option<T> {
+        let first = match T::deserialize(value.clone()) {
+            Ok(v) => return Some(v),
+            Err(e) => e,
+        };
+        let mut known = value.clone();
+        let unknown: Vec<String> = match (struct_fields::<T>(), known.as_table_mut()) {
+            (Some(fields), Some(t)) => {
+                let unknown: Vec<String> = t
+                    .keys()
+                    .filter(|k| !fields.contains(&k.as_str()))
+                    .cloned()
+                    .collect();
+                for k in &unknown {
+                    t.remove(k);
+                    let e = <serde::de::value::Error as serde::de::Error>::unknown_field(k, fields);
+                    self.push(format!("{label}: {e}"));
+                }
+                unknown
+            }
+            _ => Vec::new(),
+        };
+        if unknown.is_empty() {
+            self.push(format!("{label}: {}", describe(&first)));
+            return None;
+        }
+        match T::deserialize(known) {
             Ok(v) => Some(v),
             Err(e) => {
-                self.push(format!("[{name}]: {}", e.message().trim()));
+                self.push(format!("{label}: {}", describe(&e)));
                 None
             }
         }
@@ -388,9 +426,73 @@ impl Errors {
     }
 }
 
+/// A struct's field names, as serde's derive hands them to
+/// `deserialize_struct`: the only place they can be read from outside.
+/// None for anything that is not a derived struct (maps, paths).
+fn struct_fields<T: serde::de::DeserializeOwned>() -> Option<&'static [&'static str]> {
+    struct Probe(Option<&'static [&'static str]>);
+    impl<'de> serde::Deserializer<'de> for &mut Probe {
+        type Error = serde::de::value::Error;
+        fn deserialize_any<V: serde::de::Visitor<'de>>(
+            self,
+            _: V,
+        ) -> Result<V::Value, Self::Error> {
+            Err(serde::de::Error::custom("not a struct"))
+        }
+        fn deserialize_struct<V: serde::de::Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Self::Error> {
+            self.0 = Some(fields);
+            Err(serde::de::Error::custom("fields read"))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+            bytes byte_buf option unit unit_struct newtype_struct seq tuple
+            tuple_struct map enum identifier ignored_any
+        }
+    }
+    let mut probe = Probe(None);
+    let _ = T::deserialize(&mut probe);
+    probe.0
+}
+
+/// A deserialisation error on one line. Errors from a `toml::Value` carry
+/// no position, but their Display names the key (as "in `pin`"), which
+/// `message()` leaves out.
+fn describe(e: &toml::de::Error) -> String {
+    e.to_string().trim().replace('\n', " ")
+}
+
+/// A TOML syntax error as one line: the file, line and column (1-based),
+/// and what is wrong. Not the toml crate's own rendering, which quotes the
+/// offending line: a typo on a line holding a secret would put it in the
+/// journal.
+pub fn syntax_error(
+    path: &Path,
+    text: &str,
+    span: Option<std::ops::Range<usize>>,
+    message: &str,
+) -> String {
+    let message = message.trim();
+    match span.and_then(|s| text.get(..s.start)) {
+        Some(before) => {
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+            format!(
+                "{}: line {line}, column {column}: {message}",
+                path.display()
+            )
+        }
+        None => format!("{}: {message}", path.display()),
+    }
+}
+
 fn parse_table(text: &str, what: &Path) -> Result<toml::Table, SvsError> {
     text.parse::<toml::Table>()
-        .map_err(|e| SvsError::Config(vec![format!("{}: {}", what.display(), e.message())]))
+        .map_err(|e| SvsError::Config(vec![syntax_error(what, text, e.span(), e.message())]))
 }
 
 fn read(path: &Path) -> Result<String, SvsError> {
@@ -582,29 +684,38 @@ fn entities_from(
     };
     let mut out = Vec::new();
     for (i, item) in list.iter().enumerate() {
-        match RawEntity::deserialize(item.clone()) {
-            Ok(raw) => {
-                if let Some(e) = entity(raw, where_, keys, errors) {
-                    out.push(e);
-                }
-            }
-            Err(e) => errors.push(format!(
-                "{where_} entity #{}: {}",
-                i + 1,
-                e.message().trim()
-            )),
+        // Named as stage two names it, so that all of one entity's errors
+        // read alike; by position only when it has no usable name.
+        let label = match item.get("name").and_then(toml::Value::as_str) {
+            Some(name) => format!("{where_} entity {name:?}"),
+            None => format!("{where_} entity #{}", i + 1),
+        };
+        if let Some(raw) = errors.deserialize::<RawEntity>(item, &label)
+            && let Some(e) = entity(raw, where_, keys, errors)
+        {
+            out.push(e);
         }
     }
     out
 }
 
-/// Reads the entities file on its own (svs-provision uses this to check its
-/// edits). Keys are checked against `keys`.
+/// Reads the entities file on its own. Keys are checked against `keys`.
 pub fn load_entities_file(
     path: &Path,
     keys: &BTreeMap<String, KeyExposure>,
 ) -> Result<Vec<EntityConfig>, SvsError> {
-    let table = parse_table(&read(path)?, path)?;
+    entities_from_toml(&read(path)?, path, keys)
+}
+
+/// Checks entities-file text as if read from `path`: svs-provision checks
+/// its edit, written to a temporary file, under the name of the file it
+/// will replace, which is the one the officer knows.
+pub fn entities_from_toml(
+    text: &str,
+    path: &Path,
+    keys: &BTreeMap<String, KeyExposure>,
+) -> Result<Vec<EntityConfig>, SvsError> {
+    let table = parse_table(text, path)?;
     let mut errors = Errors::default();
     for k in table.keys() {
         if k != "entity" {
@@ -649,6 +760,19 @@ impl Config {
         let hsm: Option<HsmConfig> = errors.required(&table, "hsm");
         for p in hsm.iter().flat_map(HsmConfig::problems) {
             errors.push(format!("[hsm] {p}"));
+        }
+        // svs-hsm applies default_sm2_id only in its message-level calls,
+        // which svsd does not make: svsd computes Z itself with the API's
+        // documented default. Accepting another value would be a setting
+        // that silently does nothing.
+        if hsm
+            .as_ref()
+            .is_some_and(|h| h.default_sm2_id.as_bytes() != DEFAULT_SM2_ID)
+        {
+            errors.push(format!(
+                "[hsm] default_sm2_id: svsd's default ID is fixed at {} (GM/T 0009, as its API documents); remove the setting: clients pass \"id\" for another",
+                String::from_utf8_lossy(DEFAULT_SM2_ID)
+            ));
         }
         let embedded: Option<RawEmbeddedToken> = errors.section(&table, "embedded_token");
         let raw_keys: Option<BTreeMap<String, RawKey>> = errors.section(&table, "keys");
@@ -1065,10 +1189,130 @@ operations = ["dance"]
             "name must be",
             "exactly one of",
             "\"nope\" is not in [keys]",
-            "entity #2",
+            "inline entity \"x\": unknown variant `dance`",
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }
+    }
+
+    fn errors_of(text: &str) -> String {
+        match Config::from_toml(text, Path::new("/etc/svs/svsd.toml")) {
+            Err(SvsError::Config(errs)) => errs.join("\n"),
+            other => panic!("expected configuration errors, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_syntax_error_says_where() {
+        let text = good().replace("token_label = \"svs\"", "token_label \"svs\"");
+        let Err(SvsError::Config(errs)) = Config::from_toml(&text, Path::new("/etc/svs/svsd.toml"))
+        else {
+            panic!("expected a syntax error")
+        };
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(
+            errs[0].starts_with("/etc/svs/svsd.toml: line 10, column 13: "),
+            "{errs:?}"
+        );
+        assert!(!errs[0].contains('\n'), "one line: {errs:?}");
+        // The offending line is not quoted: it could hold a secret.
+        assert!(!errs[0].contains("\"svs\""), "{errs:?}");
+        // The same for the entities file, in its own name.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("entities.toml");
+        std::fs::write(&file, "[[entity]]\nname \"bank-a\"\n").unwrap();
+        let Err(SvsError::Config(errs)) = load_entities_file(&file, &BTreeMap::new()) else {
+            panic!("expected a syntax error")
+        };
+        assert!(
+            errs[0].starts_with(&format!("{}: line 2, column 6: ", file.display())),
+            "{errs:?}"
+        );
+        assert_eq!(
+            syntax_error(Path::new("f.toml"), "a\nb =", Some(5..6), "x"),
+            "f.toml: line 2, column 4: x"
+        );
+        assert_eq!(
+            syntax_error(Path::new("f.toml"), "", None, "x"),
+            "f.toml: x"
+        );
+    }
+
+    #[test]
+    fn a_section_reports_its_unknown_keys_and_bad_values_together() {
+        let text = good().replace(
+            "[audit]\n",
+            "[limits]\nmax_batch_items = 0\nmax_body_bytes = 10\nidle_timout_ms = 5\nmax_conections = 1\n[audit]\n",
+        );
+        let all = errors_of(&text);
+        for needle in [
+            "[limits]: unknown field `idle_timout_ms`, expected one of",
+            "[limits]: unknown field `max_conections`",
+            "[limits] max_batch_items must be > 0",
+            "[limits] max_body_bytes must be at least 256",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+        // A wrong type is reported with its key, beside the unknown one.
+        let text = good().replace(
+            "[audit]\n",
+            "[audit]\nmax_group_records = \"many\"\nrotate = true\n",
+        );
+        let all = errors_of(&text);
+        assert!(all.contains("[audit]: unknown field `rotate`"), "{all}");
+        assert!(all.contains("in `max_group_records`"), "{all}");
+    }
+
+    #[test]
+    fn an_entity_reports_all_its_errors_under_its_name() {
+        let entity = "[[entity]]\nname = \"bank-a\"\ncertificate_sha256 = \"zz\"\noperations = [\"verify\"]\nmax_concurent = 3\nowner = \"ops\"\n";
+        let all = errors_of(&format!("{}{entity}", good()));
+        for needle in [
+            "inline entity \"bank-a\": unknown field `max_concurent`",
+            "inline entity \"bank-a\": unknown field `owner`",
+            "inline entity \"bank-a\": certificate_sha256 must be 64 hex digits",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+        // Without a usable name, by position.
+        let all = errors_of(&format!(
+            "{}[[entity]]\nname = 7\noperations = [\"verify\"]\n",
+            good()
+        ));
+        assert!(all.contains("inline entity #3: invalid type"), "{all}");
+        // The entities file is read the same way.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("entities.toml");
+        std::fs::write(&file, entity).unwrap();
+        let Err(SvsError::Config(errs)) = load_entities_file(&file, &BTreeMap::new()) else {
+            panic!("expected errors")
+        };
+        let all = errs.join("\n");
+        let label = format!("{} entity \"bank-a\"", file.display());
+        for needle in [
+            format!("{label}: unknown field `max_concurent`"),
+            format!("{label}: unknown field `owner`"),
+            format!("{label}: certificate_sha256 must be 64 hex digits"),
+        ] {
+            assert!(all.contains(&needle), "missing {needle:?} in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn only_the_standard_default_sm2_id_is_accepted() {
+        let with = |id: &str| {
+            good().replace(
+                "token_label = \"svs\"\n",
+                &format!("token_label = \"svs\"\ndefault_sm2_id = \"{id}\"\n"),
+            )
+        };
+        let c = Config::from_toml(&with("1234567812345678"), Path::new("/x.toml")).unwrap();
+        assert_eq!(c.hsm.default_sm2_id.as_bytes(), DEFAULT_SM2_ID);
+        let all = errors_of(&with("ALICE123@YAHOO.COM"));
+        assert!(
+            all.contains("[hsm] default_sm2_id: svsd's default ID is fixed at 1234567812345678"),
+            "{all}"
+        );
     }
 
     #[test]

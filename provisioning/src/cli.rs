@@ -23,7 +23,9 @@ standard input, one PIN per line, in the order the command needs them:
 Exit codes: 0 success, 2 usage or bad input, 3 not found, 4 already exists,
 5 wrong PIN, 6 PIN locked, 7 certificate refused, 8 svsd configuration,
 9 token or module failure, 10 audit trail broken, 11 self-test failed,
-12 I/O, 13 not confirmed. A refused command changes nothing.";
+12 I/O, 13 not confirmed, 14 svsd did not confirm the reload. A refused
+command changes nothing, except with 14: the entities file was changed
+but svsd may still serve the previous entities.";
 
 /// SVS provisioning: tokens, PINs, keys, certificate requests, certificates,
 /// entities, audit verification and self-tests, for security officers and auditors.
@@ -233,10 +235,12 @@ pub enum CertCmd {
 /// How to tell svsd.
 #[derive(Debug, Args)]
 pub struct ReloadArgs {
-    /// Send SIGHUP to this svsd process (checked to be svsd).
+    /// Send SIGHUP to this svsd process (checked to be svsd before anything
+    /// is changed).
     #[arg(long, value_name = "PID", conflicts_with_all = ["pid_file", "no_reload"])]
     pub pid: Option<i32>,
-    /// Send SIGHUP to the process whose id is in this file.
+    /// Send SIGHUP to the process whose id is in this file (checked the
+    /// same way).
     #[arg(long, value_name = "FILE", conflicts_with = "no_reload")]
     pub pid_file: Option<PathBuf>,
     /// Change the file only; reload svsd later yourself.
@@ -756,6 +760,37 @@ mod tests {
         let help = Cli::command().render_long_help().to_string();
         assert!(!help.contains("--pin "), "{help}");
         assert!(help.contains("Exit codes"), "{help}");
+    }
+
+    #[test]
+    fn the_help_names_every_exit_code() {
+        use crate::error::ProvisionError as E;
+        let all = [
+            E::Usage(String::new()),
+            E::NotFound(String::new()),
+            E::AlreadyExists(String::new()),
+            E::PinIncorrect(String::new()),
+            E::PinLocked(String::new()),
+            E::Certificate(String::new()),
+            E::Config(String::new()),
+            E::Token(String::new()),
+            E::AuditBroken(String::new()),
+            E::SelftestFailed(String::new()),
+            E::Io(String::new()),
+            E::Cancelled(String::new()),
+            E::NotReloaded(String::new()),
+        ];
+        let words: Vec<&str> = AFTER_HELP
+            .split(|c: char| c.is_whitespace() || c == ',')
+            .collect();
+        for e in all {
+            let code = e.exit_code().to_string();
+            assert!(
+                words.contains(&code.as_str()),
+                "exit {code} ({}) missing",
+                e.kind()
+            );
+        }
     }
 
     #[test]

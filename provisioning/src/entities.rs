@@ -15,7 +15,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use svs_appliance::config::{Config, EntityConfig, EntityStatus, load_entities_file};
+use svs_appliance::config::{
+    Config, EntityConfig, EntityStatus, entities_from_toml, load_entities_file, syntax_error,
+};
 use svs_hsm::keys::hex;
 use toml_edit::value;
 
@@ -25,7 +27,8 @@ use crate::error::{ProvisionError, Result};
 /// How to tell svsd to re-read its files.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reload {
-    /// `systemctl reload svsd` when systemd runs an active svsd, else a note.
+    /// `systemctl reload svsd` when systemd runs an active svsd; refused
+    /// (before any edit) otherwise.
     Auto,
     /// SIGHUP to this process (checked to be svsd).
     Pid(i32),
@@ -170,6 +173,7 @@ pub fn list(config_path: &Path) -> Result<Report> {
 /// `entity add`.
 pub fn add(config_path: &Path, new: &NewEntity, reload: &Reload) -> Result<Report> {
     let config = load_config(config_path)?;
+    let target = reload_target(reload)?;
     for k in &new.keys {
         if !config.keys.contains_key(k) {
             return Err(ProvisionError::NotFound(format!(
@@ -252,7 +256,7 @@ pub fn add(config_path: &Path, new: &NewEntity, reload: &Reload) -> Result<Repor
         list.push(table);
         Ok(())
     })?;
-    let outcome = do_reload(reload, &config.audit.dir)?;
+    let outcome = do_reload(&target, &config.audit.dir)?;
     Ok(Report {
         text: format!(
             "entity {:?} added ({field} {fp}, keys [{}], ops [{}]){}\n{}",
@@ -275,6 +279,7 @@ pub fn set_status(
 ) -> Result<Report> {
     let config = load_config(config_path)?;
     let path = entities_path(&config)?;
+    let target = reload_target(reload)?;
     let owned = name.to_owned();
     edit(&config, &path, move |list| {
         let t = find_entity(list, &owned)?;
@@ -285,7 +290,7 @@ pub fn set_status(
         }
         Ok(())
     })?;
-    let outcome = do_reload(reload, &config.audit.dir)?;
+    let outcome = do_reload(&target, &config.audit.dir)?;
     let state = if suspended { "suspended" } else { "active" };
     Ok(Report {
         text: format!("entity {name:?} is now {state}\n{}", outcome.text),
@@ -301,6 +306,7 @@ pub fn remove(config_path: &Path, name: &str, yes: bool, reload: &Reload) -> Res
     if !config.entities.iter().any(|e| e.name == name) {
         return Err(not_found(name, &config));
     }
+    let target = reload_target(reload)?;
     if !yes {
         crate::pin::confirm(
             &format!(
@@ -315,7 +321,7 @@ pub fn remove(config_path: &Path, name: &str, yes: bool, reload: &Reload) -> Res
         list.retain(|t| entity_name(t) != Some(owned.as_str()));
         Ok(())
     })?;
-    let outcome = do_reload(reload, &config.audit.dir)?;
+    let outcome = do_reload(&target, &config.audit.dir)?;
     Ok(Report {
         text: format!("entity {name:?} removed\n{}", outcome.text),
         json: json!({"name": name, "removed": true, "reload": outcome.json}),
@@ -405,9 +411,8 @@ fn edit(
     let text = std::fs::read_to_string(path).map_err(|e| io("cannot read", e))?;
     let mut doc: toml_edit::DocumentMut = text.parse().map_err(|e: toml_edit::TomlError| {
         ProvisionError::Config(format!(
-            "{} is not valid TOML ({}); fix it by hand first",
-            path.display(),
-            e.message()
+            "{}; the file is not valid TOML: fix it by hand first",
+            syntax_error(path, &text, e.span(), e.message())
         ))
     })?;
     if doc.get("entity").is_none() {
@@ -444,8 +449,12 @@ fn edit(
         .and_then(|_| tmp.as_file().sync_all())
         .map_err(|e| io("cannot write a temporary file beside", e))?;
 
-    // svsd's own checks, on exactly the bytes that will be renamed in.
-    let after = load_entities_file(tmp.path(), &config.keys).map_err(|e| {
+    // svsd's own checks, on exactly the bytes that will be renamed in, but
+    // named as the file they replace: the temporary name means nothing to
+    // the officer and is gone by the time the message is read.
+    let written = std::fs::read_to_string(tmp.path())
+        .map_err(|e| io("cannot read back the temporary file beside", e))?;
+    let after = entities_from_toml(&written, path, &config.keys).map_err(|e| {
         ProvisionError::Config(format!(
             "the edited entities file would be refused by svsd, so it was not written: {e}"
         ))
@@ -507,19 +516,20 @@ fn proc_name(pid: i32) -> Option<String> {
         .map(|s| s.trim_end().to_owned())
 }
 
-fn sighup(pid: i32) -> Result<()> {
+/// Why `pid` is not a running svsd, if it is not.
+fn not_svsd(pid: i32) -> Option<String> {
     match proc_name(pid) {
-        Some(n) if n == "svsd" => {}
-        Some(n) => {
-            return Err(not_reloaded(format!(
-                "svsd was not told: process {pid} is {n:?}, not svsd"
-            )));
-        }
-        None => {
-            return Err(not_reloaded(format!(
-                "svsd was not told: there is no process {pid}"
-            )));
-        }
+        Some(n) if n == "svsd" => None,
+        Some(n) => Some(format!("process {pid} is {n:?}, not svsd")),
+        None => Some(format!("there is no process {pid}")),
+    }
+}
+
+fn sighup(pid: i32) -> Result<()> {
+    // Checked again although `reload_target` did: svsd may have stopped
+    // while the file was edited.
+    if let Some(why) = not_svsd(pid) {
+        return Err(not_reloaded(format!("svsd was not told: {why}")));
     }
     let p = rustix::process::Pid::from_raw(pid)
         .ok_or_else(|| not_reloaded(format!("svsd was not told: {pid} is not a process id")))?;
@@ -597,43 +607,73 @@ fn confirm(dir: &Path, mark: u64, wait: Duration) -> Option<u64> {
     }
 }
 
-fn do_reload(how: &Reload, audit_dir: &Path) -> Result<ReloadOutcome> {
-    do_reload_within(how, audit_dir, RELOAD_WAIT)
+/// Who will be asked to reload, settled before the file is edited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    /// --no-reload.
+    Nobody,
+    /// SIGHUP to this svsd.
+    Pid(i32),
+    /// `systemctl reload svsd`.
+    Systemd,
 }
 
-fn do_reload_within(how: &Reload, audit_dir: &Path, wait: Duration) -> Result<ReloadOutcome> {
+/// Resolves `how` to a running svsd, or refuses: a pid or pid file that
+/// names no svsd, or no svsd under systemd, is the operator's to correct,
+/// and found out after the edit it would leave a changed file behind that
+/// the corrected command then trips over (the entity exists already).
+fn reload_target(how: &Reload) -> Result<Target> {
+    let refuse = |why: String| {
+        ProvisionError::Usage(format!(
+            "{why}; nothing was changed. Pass --pid or --pid-file naming the running svsd, or --no-reload to change the file only"
+        ))
+    };
     let pid = match how {
-        Reload::No => {
+        Reload::No => return Ok(Target::Nobody),
+        Reload::Systemd => return Ok(Target::Systemd),
+        Reload::Auto => {
+            return if Path::new("/run/systemd/system").exists()
+                && systemctl(&["is-active", "--quiet", "svsd"])
+            {
+                Ok(Target::Systemd)
+            } else {
+                Err(refuse("no svsd running under systemd was found".into()))
+            };
+        }
+        Reload::Pid(pid) => *pid,
+        Reload::PidFile(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                refuse(format!(
+                    "svsd's pid file {} cannot be read ({e})",
+                    path.display()
+                ))
+            })?;
+            text.trim()
+                .parse::<i32>()
+                .map_err(|_| refuse(format!("{} does not hold a process id", path.display())))?
+        }
+    };
+    match not_svsd(pid) {
+        None => Ok(Target::Pid(pid)),
+        Some(why) => Err(refuse(why)),
+    }
+}
+
+fn do_reload(target: &Target, audit_dir: &Path) -> Result<ReloadOutcome> {
+    do_reload_within(target, audit_dir, RELOAD_WAIT)
+}
+
+fn do_reload_within(target: &Target, audit_dir: &Path, wait: Duration) -> Result<ReloadOutcome> {
+    let pid = match *target {
+        Target::Nobody => {
             return Ok(ReloadOutcome {
                 text: "svsd not reloaded (--no-reload): run `systemctl reload svsd` when ready\n"
                     .into(),
                 json: json!({"method": "none", "sent": false, "confirmed": false}),
             });
         }
-        Reload::Pid(pid) => Some(*pid),
-        Reload::PidFile(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| {
-                not_reloaded(format!(
-                    "svsd's pid file {} cannot be read ({e})",
-                    path.display()
-                ))
-            })?;
-            Some(text.trim().parse::<i32>().map_err(|_| {
-                not_reloaded(format!("{} does not hold a process id", path.display()))
-            })?)
-        }
-        Reload::Systemd => None,
-        Reload::Auto => {
-            if Path::new("/run/systemd/system").exists()
-                && systemctl(&["is-active", "--quiet", "svsd"])
-            {
-                None
-            } else {
-                return Err(not_reloaded(
-                    "no svsd running under systemd was found, so none was asked to reload; pass --pid PID or --pid-file FILE to signal one, or --no-reload if none should be".into(),
-                ));
-            }
-        }
+        Target::Pid(pid) => Some(pid),
+        Target::Systemd => None,
     };
     let mark = audit_mark(audit_dir).map_err(|e| {
         not_reloaded(format!(
@@ -729,20 +769,36 @@ mod tests {
     }
 
     #[test]
-    fn no_svsd_to_ask_is_a_failure_unless_no_reload_was_given() {
-        let dir = tempfile::tempdir().unwrap();
-        let quick = Duration::from_millis(200);
+    fn no_svsd_to_ask_is_refused_before_anything_changes_unless_no_reload_was_given() {
         if !(Path::new("/run/systemd/system").exists()
             && systemctl(&["is-active", "--quiet", "svsd"]))
         {
-            let e = do_reload_within(&Reload::Auto, dir.path(), quick)
-                .err()
-                .expect("nothing to ask must not pass");
-            assert_eq!(e.exit_code(), 14, "{e}");
+            let e = reload_target(&Reload::Auto).expect_err("nothing to ask must not pass");
+            assert_eq!(e.exit_code(), 2, "{e}");
         }
-        assert!(do_reload_within(&Reload::No, dir.path(), quick).is_ok());
-        // No such process: nothing was asked.
-        let e = do_reload_within(&Reload::Pid(i32::MAX), dir.path(), quick)
+        assert_eq!(reload_target(&Reload::No).unwrap(), Target::Nobody);
+        let dir = tempfile::tempdir().unwrap();
+        assert!(do_reload_within(&Target::Nobody, dir.path(), Duration::ZERO).is_ok());
+        let me = std::process::id() as i32;
+        let pid_file = dir.path().join("svsd.pid");
+        std::fs::write(&pid_file, format!("{me}\n")).unwrap();
+        for (how, says) in [
+            (Reload::Pid(i32::MAX), "there is no process"),
+            (Reload::Pid(me), "not svsd"),
+            (
+                Reload::PidFile(dir.path().join("none.pid")),
+                "cannot be read",
+            ),
+            (Reload::PidFile(pid_file), "not svsd"),
+        ] {
+            let e = reload_target(&how).expect_err("must refuse");
+            assert_eq!(e.exit_code(), 2, "{e}");
+            let e = e.to_string();
+            assert!(e.contains(says) && e.contains("nothing was changed"), "{e}");
+        }
+        // svsd gone between the check and the signal: the file has changed
+        // by then, so it is a reload not confirmed.
+        let e = do_reload_within(&Target::Pid(i32::MAX), dir.path(), Duration::ZERO)
             .err()
             .unwrap();
         assert_eq!(e.exit_code(), 14, "{e}");

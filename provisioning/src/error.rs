@@ -181,6 +181,7 @@ mod tests {
             ProvisionError::SelftestFailed(String::new()),
             ProvisionError::Io(String::new()),
             ProvisionError::Cancelled(String::new()),
+            ProvisionError::NotReloaded(String::new()),
         ];
         let mut codes: Vec<u8> = all.iter().map(ProvisionError::exit_code).collect();
         let mut kinds: Vec<&str> = all.iter().map(ProvisionError::kind).collect();

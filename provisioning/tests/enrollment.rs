@@ -334,6 +334,31 @@ async fn enrollment_flow_with_svsd_and_audit_verification() {
         "--no-reload",
     ])
     .fails(7, "TLS handshake would refuse");
+    // svsd's loader refuses the name; the message names the entities file,
+    // not the temporary file the edit was checked in (deleted by then).
+    let r = run(&[
+        "entity",
+        "add",
+        "--name",
+        "bad name",
+        "--cert",
+        app.cert.to_str().unwrap(),
+        "--keys",
+        "enrolled",
+        "--ops",
+        "sign",
+        "--no-reload",
+    ])
+    .fails(8, "entity \"bad name\": name must be");
+    let named = format!(
+        "{} entity \"bad name\"",
+        dir.join("entities.toml").display()
+    );
+    assert!(
+        r.stderr.contains(&named) && !r.stderr.contains(".entities-"),
+        "{}",
+        r.stderr
+    );
     assert_eq!(
         std::fs::read_to_string(dir.join("entities.toml")).unwrap(),
         entities_before
@@ -425,7 +450,24 @@ async fn enrollment_flow_with_svsd_and_audit_verification() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     run(&["entity", "resume", "--name", "app1", "--pid", &pid]).ok();
-    run(&["entity", "suspend", "--name", "app1", "--pid", "1"]).fails(14, "not svsd");
+    // A pid or pid file that names no svsd is refused before the edit:
+    // nothing changes, and the corrected command can simply be run again.
+    let entities_before = std::fs::read_to_string(dir.join("entities.toml")).unwrap();
+    run(&["entity", "suspend", "--name", "app1", "--pid", "1"]).fails(2, "not svsd");
+    let missing = work.join("nonexistent.pid");
+    run(&[
+        "entity",
+        "suspend",
+        "--name",
+        "app1",
+        "--pid-file",
+        missing.to_str().unwrap(),
+    ])
+    .fails(2, "cannot be read");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("entities.toml")).unwrap(),
+        entities_before
+    );
     // A reload svsd refuses (it exposes a key the token lacks) is not
     // reported as done: svsd writes no reload record for it.
     let ghost = "ghost = { object = \"no-such-object\" }\n";
