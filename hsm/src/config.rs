@@ -83,7 +83,9 @@ impl Default for HsmConfig {
 impl HsmConfig {
     /// Parses the TOML of the section.
     pub fn from_toml(text: &str) -> Result<HsmConfig> {
-        toml::from_str(text).map_err(|e| HsmError::Config(e.to_string()))
+        // The message only: toml's Display quotes the offending line, which
+        // may be a `pin = "<the PIN>"` an officer wrote by mistake.
+        toml::from_str(text).map_err(|e: toml::de::Error| HsmError::Config(e.message().to_owned()))
     }
 
     /// Everything wrong with the section that can be told without loading
@@ -161,6 +163,22 @@ mod tests {
             !all.contains("1234"),
             "the PIN itself is never echoed: {all}"
         );
+    }
+
+    #[test]
+    fn a_pin_written_into_the_configuration_is_refused_without_repeating_it() {
+        for pin in [
+            "\"s3cret-9876\"",
+            "98769876",
+            "{ file = 98769876 }",
+            "{ value = \"s3cret-9876\" }",
+            "[\"s3cret-9876\"]",
+        ] {
+            let text = format!("module = \"embedded\"\npin = {pin}\n");
+            let e = HsmConfig::from_toml(&text).unwrap_err().to_string();
+            assert!(e.contains("`pin` must say where the PIN is"), "{pin}: {e}");
+            assert!(!e.contains("9876"), "{pin}: the value is echoed: {e}");
+        }
     }
 
     #[test]

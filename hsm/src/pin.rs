@@ -9,7 +9,7 @@ use zeroize::Zeroizing;
 use crate::error::{HsmError, Result};
 
 /// A source of the user PIN.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum PinSource {
     /// A file holding the PIN (one trailing newline is ignored).
@@ -17,6 +17,31 @@ pub enum PinSource {
     /// A systemd credential: `$CREDENTIALS_DIRECTORY/<name>`
     /// (`LoadCredential=` / `LoadCredentialEncrypted=` in the unit).
     Credential(String),
+}
+
+/// Every way `pin` can be wrong gets this one message. serde's own errors
+/// repeat the value (`unknown variant \`1234\``, `invalid type: integer
+/// \`1234\``), and the one value an officer is likely to put there by
+/// mistake is the PIN itself.
+const PIN_SHAPE: &str = "`pin` must say where the PIN is: { file = \"/path\" } or { credential = \"name\" }; the PIN itself never goes into the configuration (the value given is not repeated here)";
+
+impl<'de> Deserialize<'de> for PinSource {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "kebab-case")]
+        enum Tagged {
+            File(PathBuf),
+            Credential(String),
+        }
+        // Through a toml value, whatever the deserializer: no error of
+        // the inner parse can carry the value out.
+        let value = toml::Value::deserialize(d).map_err(|_| serde::de::Error::custom(PIN_SHAPE))?;
+        match Tagged::deserialize(value) {
+            Ok(Tagged::File(p)) => Ok(PinSource::File(p)),
+            Ok(Tagged::Credential(c)) => Ok(PinSource::Credential(c)),
+            Err(_) => Err(serde::de::Error::custom(PIN_SHAPE)),
+        }
+    }
 }
 
 impl PinSource {
