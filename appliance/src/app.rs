@@ -604,10 +604,12 @@ impl App {
     /// `_unknown`) whose refusals were counted instead of recorded since
     /// the last call: `entity=NAME suppressed=TOTAL OP:CODE=N …`, in one
     /// group commit. The daemon calls it every second and before its
-    /// `stop` record. Also reports refusal-audit failures and 5xx failures
-    /// the log held back. Returns the refusals the notes account for.
+    /// `stop` record. Also reports refusal-audit failures, 5xx failures and
+    /// failed TLS handshakes the log held back. Returns the refusals the
+    /// notes account for.
     pub async fn flush_refusals(&self) -> u64 {
         crate::error::log_held_back_failures();
+        crate::server::log_held_back_handshake_failures();
         if let Some(held_back) = self.refusal_log.held_back() {
             tracing::error!(
                 held_back,

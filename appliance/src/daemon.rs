@@ -772,10 +772,14 @@ impl Running {
                                 tracing::info!(entities = new.entities.len(), "configuration reloaded");
                                 config = new;
                                 status.set_reload_refused(false);
+                                app.metrics().reload(true);
                             }
                             Err(e) => {
                                 tracing::error!(error = %e, "reload refused: the previous configuration keeps serving");
                                 status.set_reload_refused(true);
+                                // A refusal otherwise shows only in the log and
+                                // STATUS, which alerting does not read.
+                                app.metrics().reload(false);
                             }
                         }
                         status.ready(&app);

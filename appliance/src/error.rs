@@ -4,47 +4,28 @@
 //! Messages never contain request payloads, PINs or key material: they name
 //! fields, sizes and key names only.
 
-use std::collections::BTreeMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use svs_hsm::HsmError;
 
-use crate::refusals::LogLimit;
+use crate::refusals::LogLimits;
 
-/// One limiter per code of a 5xx answer whose details are logged (a fixed
-/// set of codes).
-type FailureLines = Mutex<BTreeMap<&'static str, LogLimit>>;
-
-/// The 5xx detail lines of the whole process. Clients can cause some 5xx
-/// at will (every signing request while the audit trail is broken or the
-/// HSM is down), so each code gets at most one line a second.
-static FAILURE_LINES: FailureLines = Mutex::new(BTreeMap::new());
-
-/// Whether a failure with `code` at `now` is logged: `Some(n)` with the
-/// `n` failures of that code left out since its last line.
-fn failure_line(lines: &FailureLines, code: &'static str, now: Instant) -> Option<u64> {
-    lines
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .entry(code)
-        .or_insert_with(|| LogLimit::new(Duration::from_secs(1)))
-        .hit_at(now)
-}
+/// The 5xx detail lines of the whole process, one limiter per code of a
+/// 5xx answer whose details are logged (a fixed set of codes). Clients can
+/// cause some 5xx at will (every signing request while the audit trail is
+/// broken or the HSM is down), so each code gets at most one line a second.
+static FAILURE_LINES: LogLimits<&'static str> = LogLimits::new(Duration::from_secs(1));
 
 /// Logs, per code, the server-side failures held back since that code's
 /// last line, once its second is over, so that the tail of a burst is
 /// reported even when no failure follows it. Called once a second.
 pub fn log_held_back_failures() {
-    let lines = FAILURE_LINES.lock().unwrap_or_else(|p| p.into_inner());
-    for (code, limit) in lines.iter() {
-        if let Some(held_back) = limit.held_back() {
-            tracing::warn!(
-                code,
-                held_back,
-                "request failures left out of the log since its last line"
-            );
-        }
+    for (code, held_back) in FAILURE_LINES.held_back() {
+        tracing::warn!(
+            code,
+            held_back,
+            "request failures left out of the log since its last line"
+        );
     }
 }
 
@@ -370,7 +351,7 @@ impl SvsError {
     pub fn log_details(&self) {
         let w = self.wire();
         if w.status >= 500
-            && let Some(held_back) = failure_line(&FAILURE_LINES, w.code, Instant::now())
+            && let Some(held_back) = FAILURE_LINES.hit(w.code)
         {
             tracing::warn!(code = w.code, error = %self, held_back, "request failed");
         }
@@ -555,19 +536,16 @@ mod tests {
 
     #[test]
     fn failure_details_are_logged_once_a_second_per_code() {
-        let lines = FailureLines::default();
-        let t0 = Instant::now();
+        let lines = LogLimits::new(Duration::from_secs(1));
+        let t0 = std::time::Instant::now();
         let at = |ms| t0 + Duration::from_millis(ms);
-        assert_eq!(failure_line(&lines, "audit_unavailable", t0), Some(0));
+        assert_eq!(lines.hit_at("audit_unavailable", t0), Some(0));
         for ms in 0..500 {
-            assert_eq!(failure_line(&lines, "audit_unavailable", at(ms)), None);
+            assert_eq!(lines.hit_at("audit_unavailable", at(ms)), None);
         }
         // Another code has its own line.
-        assert_eq!(failure_line(&lines, "hsm_timeout", at(500)), Some(0));
-        assert_eq!(
-            failure_line(&lines, "audit_unavailable", at(1000)),
-            Some(500)
-        );
+        assert_eq!(lines.hit_at("hsm_timeout", at(500)), Some(0));
+        assert_eq!(lines.hit_at("audit_unavailable", at(1000)), Some(500));
     }
 
     #[test]

@@ -205,6 +205,9 @@ pub struct Metrics {
     request_seconds: HistogramVec,
     rate_limited: IntCounterVec,
     refusals_suppressed: IntCounterVec,
+    tls_handshake_failures: IntCounterVec,
+    config_reloads: IntCounterVec,
+    config_reload_ok: IntGauge,
     key_usage: IntCounterVec,
     hsm_seconds: HistogramVec,
     hsm_errors: IntCounterVec,
@@ -284,7 +287,46 @@ impl Metrics {
             "HSM pool sessions by state (in_use: running a job; idle: open, waiting).",
             &["state"],
         );
+        let tls_handshake_failures = counter_vec(
+            &r,
+            "svs_tls_handshake_failures_total",
+            "Connections closed before they were served, by listener (api, metrics) and reason: refused (TLS handshake failed), timeout (handshake not done in time), no_slot (no connection slot came free in time).",
+            &["listener", "reason"],
+        );
+        // Every series exists from the start, so that rate() and increase()
+        // see the first failure instead of a series appearing at 1.
+        {
+            use crate::server::{API_LISTENER, HandshakeFailure as F, METRICS_LISTENER};
+            for (listener, reason) in [
+                (API_LISTENER, F::Refused),
+                (API_LISTENER, F::Timeout),
+                (API_LISTENER, F::NoSlot),
+                // Its connection slot is taken before the handshake.
+                (METRICS_LISTENER, F::Refused),
+                (METRICS_LISTENER, F::Timeout),
+            ] {
+                tls_handshake_failures.with_label_values(&[listener, reason.as_str()]);
+            }
+        }
+        let config_reloads = counter_vec(
+            &r,
+            "svs_config_reloads_total",
+            "SIGHUP reloads by result: applied, or refused (the previous configuration keeps serving).",
+            &["result"],
+        );
+        for result in ["applied", "refused"] {
+            config_reloads.with_label_values(&[result]);
+        }
+        let config_reload_ok = int_gauge(
+            &r,
+            "svs_config_last_reload_successful",
+            "0 while the last SIGHUP reload was refused; 1 after a reload was applied, and from start.",
+        );
+        config_reload_ok.set(1);
         Metrics {
+            tls_handshake_failures,
+            config_reloads,
+            config_reload_ok,
             requests: counter_vec(
                 &r,
                 "svs_requests_total",
@@ -486,6 +528,24 @@ impl Metrics {
         self.refusals_suppressed
             .with_label_values(&[entity, code])
             .inc();
+    }
+
+    /// A connection of `listener` closed before it was served.
+    pub fn tls_handshake_failure(
+        &self,
+        listener: &'static str,
+        why: crate::server::HandshakeFailure,
+    ) {
+        self.tls_handshake_failures
+            .with_label_values(&[listener, why.as_str()])
+            .inc();
+    }
+
+    /// A SIGHUP reload was applied, or refused.
+    pub fn reload(&self, applied: bool) {
+        let result = if applied { "applied" } else { "refused" };
+        self.config_reloads.with_label_values(&[result]).inc();
+        self.config_reload_ok.set(i64::from(applied));
     }
 
     /// The count of [`Metrics::refusal_suppressed`] for one series.
@@ -697,6 +757,39 @@ mod tests {
             .find(|f| f.name() == "svs_key_operations_total")
             .map(|f| f.get_metric().len());
         assert_eq!(usage, Some(1));
+    }
+
+    #[test]
+    fn reloads_and_handshake_failures_have_their_series_from_the_start() {
+        let m = Metrics::new();
+        let mut text = Vec::new();
+        TextEncoder::new()
+            .encode(&m.registry.gather(), &mut text)
+            .unwrap();
+        let text = String::from_utf8(text).unwrap();
+        for series in [
+            r#"svs_config_reloads_total{result="applied"} 0"#,
+            r#"svs_config_reloads_total{result="refused"} 0"#,
+            "svs_config_last_reload_successful 1",
+            r#"svs_tls_handshake_failures_total{listener="api",reason="no_slot"} 0"#,
+            r#"svs_tls_handshake_failures_total{listener="metrics",reason="timeout"} 0"#,
+        ] {
+            assert!(text.lines().any(|l| l == series), "{series} in\n{text}");
+        }
+        m.reload(false);
+        assert_eq!(m.config_reload_ok.get(), 0);
+        m.reload(false);
+        m.reload(true);
+        assert_eq!(m.config_reload_ok.get(), 1);
+        let reloads = |r: &str| m.config_reloads.with_label_values(&[r]).get();
+        assert_eq!((reloads("applied"), reloads("refused")), (1, 2));
+        m.tls_handshake_failure("api", crate::server::HandshakeFailure::Refused);
+        assert_eq!(
+            m.tls_handshake_failures
+                .with_label_values(&["api", "refused"])
+                .get(),
+            1
+        );
     }
 
     #[test]

@@ -207,6 +207,53 @@ impl LogLimit {
     }
 }
 
+/// A [`LogLimit`] per kind of line, for lines of a fixed set of kinds (an
+/// error code; a listener and a reason): a flood of one kind does not
+/// silence the others, and each kind's held-back count is its own.
+#[derive(Debug)]
+pub struct LogLimits<K> {
+    every: Duration,
+    kinds: Mutex<BTreeMap<K, LogLimit>>,
+}
+
+impl<K: Ord + Copy> LogLimits<K> {
+    /// At most one line per `every` of each kind. `const` for statics.
+    pub const fn new(every: Duration) -> LogLimits<K> {
+        LogLimits {
+            every,
+            kinds: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// [`LogLimit::hit`] for `kind`.
+    pub fn hit(&self, kind: K) -> Option<u64> {
+        self.hit_at(kind, Instant::now())
+    }
+
+    /// [`LogLimits::hit`] at `now`.
+    pub(crate) fn hit_at(&self, kind: K, now: Instant) -> Option<u64> {
+        self.kinds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(kind)
+            .or_insert_with(|| LogLimit::new(self.every))
+            .hit_at(now)
+    }
+
+    /// [`LogLimit::held_back`] of every kind that has any, in kind order.
+    pub fn held_back(&self) -> Vec<(K, u64)> {
+        self.held_back_at(Instant::now())
+    }
+
+    fn held_back_at(&self, now: Instant) -> Vec<(K, u64)> {
+        let kinds = self.kinds.lock().unwrap_or_else(|p| p.into_inner());
+        kinds
+            .iter()
+            .filter_map(|(k, l)| Some((*k, l.held_back_at(now)?)))
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -287,5 +334,29 @@ mod tests {
         // The tail of a burst with nothing after it.
         assert_eq!(l.held_back_at(t0 + Duration::from_secs(2)), Some(1));
         assert_eq!(l.held_back_at(t0 + Duration::from_secs(5)), None);
+    }
+
+    #[test]
+    fn each_kind_of_line_has_its_own_period_and_count() {
+        let l = LogLimits::new(Duration::from_secs(1));
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let (refused, timeout) = (("api", "refused"), ("api", "timeout"));
+        // 13,000 a second of one kind (the reviewer's flood) give one line.
+        assert_eq!(l.hit_at(refused, t0), Some(0));
+        let lines = (1..13_000)
+            .filter(|i| l.hit_at(refused, at(i * 999 / 13_000)).is_some())
+            .count();
+        assert_eq!(lines, 0);
+        // Another kind is not silenced by the flood.
+        assert_eq!(l.hit_at(timeout, at(10)), Some(0));
+        assert_eq!(l.hit_at(timeout, at(20)), None);
+        assert!(l.held_back_at(at(999)).is_empty());
+        // The next line of a kind carries its own count.
+        assert_eq!(l.hit_at(refused, at(1000)), Some(12_999));
+        // Tails: only the kinds with something held back, in kind order.
+        assert_eq!(l.hit_at(refused, at(1500)), None);
+        assert_eq!(l.held_back_at(at(2500)), vec![(refused, 1), (timeout, 1)]);
+        assert!(l.held_back_at(at(4000)).is_empty());
     }
 }

@@ -29,6 +29,7 @@ use crate::app::{App, Reply, Route};
 use crate::config::Limits;
 use crate::error::SvsError;
 use crate::policy::{ClientIdentity, VerifiedClient};
+use crate::refusals::LogLimits;
 use crate::tls::ApiTls;
 
 /// HTTP/2 streams per connection: with bodies read only after admission and
@@ -45,6 +46,85 @@ const PROBE_CONNECTIONS: usize = 16;
 /// later on a new connection; with the API's 60 s, 16 silent connections
 /// held every slot for a minute at a time.
 const SIDE_LISTENER_IDLE: Duration = Duration::from_secs(5);
+
+/// How a connection ended before it was served: the `reason` label of
+/// `svs_tls_handshake_failures_total`, and a kind of log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum HandshakeFailure {
+    /// The TLS handshake failed (not TLS, no or a refused certificate…).
+    Refused,
+    /// The handshake was not done within `handshake_timeout_ms`.
+    Timeout,
+    /// Handshake done, but no connection slot came free within
+    /// `handshake_timeout_ms`.
+    NoSlot,
+}
+
+impl HandshakeFailure {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandshakeFailure::Refused => "refused",
+            HandshakeFailure::Timeout => "timeout",
+            HandshakeFailure::NoSlot => "no_slot",
+        }
+    }
+}
+
+/// The `listener` label of the API listener's handshake failures.
+pub const API_LISTENER: &str = "api";
+/// The `listener` label of the metrics listener's handshake failures.
+pub const METRICS_LISTENER: &str = "metrics";
+
+/// Failed handshakes cost their peer one TCP connection and no
+/// certificate: a loop of plain-TCP connections made 13,000 lines a second
+/// when each was logged, and journald's per-service rate limit then drops
+/// svsd's other lines, alarms included. So each listener and reason gets
+/// at most one line a second; the counter counts them all.
+static HANDSHAKE_LINES: LogLimits<(&'static str, HandshakeFailure)> =
+    LogLimits::new(Duration::from_secs(1));
+
+/// Counts a connection of `listener` that ended before it was served, and
+/// logs it unless its kind had a line less than a second ago (`held_back`:
+/// those of its kind left out since that line).
+fn handshake_failed(
+    app: &App,
+    listener: &'static str,
+    why: HandshakeFailure,
+    peer: SocketAddr,
+    error: Option<&dyn std::fmt::Display>,
+) {
+    app.metrics().tls_handshake_failure(listener, why);
+    let Some(held_back) = HANDSHAKE_LINES.hit((listener, why)) else {
+        return;
+    };
+    let error = error.map(tracing::field::display);
+    match why {
+        HandshakeFailure::Refused => {
+            tracing::info!(listener, %peer, error, held_back, "TLS handshake refused");
+        }
+        HandshakeFailure::Timeout => {
+            tracing::info!(listener, %peer, held_back, "TLS handshake timed out");
+        }
+        HandshakeFailure::NoSlot => {
+            tracing::info!(listener, %peer, held_back, "no connection slot free: closed");
+        }
+    }
+}
+
+/// Logs, per listener and reason, the failed handshakes held back since
+/// that kind's last line, once its second is over, so that the tail of a
+/// flood is reported even when nothing follows it. Called once a second.
+pub fn log_held_back_handshake_failures() {
+    for ((listener, why), held_back) in HANDSHAKE_LINES.held_back() {
+        tracing::info!(
+            listener,
+            reason = why.as_str(),
+            held_back,
+            "failed TLS handshakes left out of the log since its last line"
+        );
+    }
+}
 
 /// The API's limits, with idle and header timeouts capped for a side
 /// listener (probes, metrics).
@@ -670,11 +750,23 @@ pub async fn serve_tls(
             let stream = match tokio::time::timeout(handshake, current.acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
-                    tracing::info!(peer = %peer_addr, error = %e, "TLS handshake refused");
+                    handshake_failed(
+                        &app,
+                        API_LISTENER,
+                        HandshakeFailure::Refused,
+                        peer_addr,
+                        Some(&e),
+                    );
                     return;
                 }
                 Err(_) => {
-                    tracing::info!(peer = %peer_addr, "TLS handshake timed out");
+                    handshake_failed(
+                        &app,
+                        API_LISTENER,
+                        HandshakeFailure::Timeout,
+                        peer_addr,
+                        None,
+                    );
                     return;
                 }
             };
@@ -684,7 +776,13 @@ pub async fn serve_tls(
             let _permit = match tokio::time::timeout(handshake, connections.acquire_owned()).await {
                 Ok(Ok(p)) => p,
                 _ => {
-                    tracing::info!(peer = %peer_addr, "no connection slot free: closed");
+                    handshake_failed(
+                        &app,
+                        API_LISTENER,
+                        HandshakeFailure::NoSlot,
+                        peer_addr,
+                        None,
+                    );
                     return;
                 }
             };
@@ -905,10 +1003,25 @@ pub async fn serve_metrics(
                             drive(conn, &activity, &limits, stop).await
                         }
                         Ok(Err(e)) => {
-                            tracing::info!(%peer, error = %e, "metrics TLS handshake refused");
+                            handshake_failed(
+                                &app,
+                                METRICS_LISTENER,
+                                HandshakeFailure::Refused,
+                                peer,
+                                Some(&e),
+                            );
                             return;
                         }
-                        Err(_) => return,
+                        Err(_) => {
+                            handshake_failed(
+                                &app,
+                                METRICS_LISTENER,
+                                HandshakeFailure::Timeout,
+                                peer,
+                                None,
+                            );
+                            return;
+                        }
                     }
                 }
             };

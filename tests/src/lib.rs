@@ -427,6 +427,13 @@ pub async fn scrape_metrics(addr: SocketAddr) -> String {
     page
 }
 
+/// The value of the sample with exactly these labels (in the exporter's
+/// sorted label order) on a metrics page, if present.
+pub fn sample(page: &str, series: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
 /// (status, headers, JSON body)
 pub type Answer = (u16, hyper::HeaderMap, Value);
 

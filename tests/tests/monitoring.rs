@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use svs_e2e::{Client, Install, b64, free_port, have_tool, tls_config, tls_stream};
+use svs_e2e::{Client, Install, b64, free_port, have_tool, sample, tls_config, tls_stream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn monitoring_dir() -> PathBuf {
@@ -44,13 +44,6 @@ fn split_response(raw: &[u8]) -> (u16, String) {
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
     (status, body.to_owned())
-}
-
-/// The value of the sample with exactly these labels (in the exporter's
-/// sorted label order), if present.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
 fn sign_body(key: &str) -> Value {

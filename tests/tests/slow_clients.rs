@@ -915,6 +915,9 @@ async fn tls_handshakes_that_stall_or_trickle_are_cut_off_at_the_handshake_timeo
         );
         println!("TLS {what}: closed after {at:?}, {sent} of {len} bytes sent");
     }
+    let page = scrape_metrics(inst.metrics_addr).await;
+    let timeouts = r#"svs_tls_handshake_failures_total{listener="api",reason="timeout"}"#;
+    assert_eq!(sample(&page, timeouts), Some(3.0), "{page}");
     let mut c = d.client(false).await;
     assert_eq!(c.get("/readyz").await.unwrap().0, 200);
 }
@@ -1046,6 +1049,19 @@ async fn fast_clients_are_served_while_slow_clients_hold_the_other_slots() {
     for t in all {
         assert_eq!(t.await.unwrap(), 200);
     }
+    let page = scrape_metrics(inst.metrics_addr).await;
+    let no_slot = r#"svs_tls_handshake_failures_total{listener="api",reason="no_slot"}"#;
+    assert_eq!(
+        sample(&page, no_slot),
+        Some(1.0),
+        "the ninth connection:\n{page}"
+    );
+    let timeouts = r#"svs_tls_handshake_failures_total{listener="api",reason="timeout"}"#;
+    assert_eq!(
+        sample(&page, timeouts),
+        Some(4.0),
+        "the stalled handshakes:\n{page}"
+    );
 }
 
 /// SIGTERM while clients are still uploading their sign requests, over

@@ -597,15 +597,53 @@ async fn rate_limit_suspension_and_refused_reload() {
     let mut c = Client::connect(d.addr, &d.ca, &limited, false)
         .await
         .unwrap();
+    let reloads = wait_for_reload_metrics(&install, (1, 0, 1)).await;
+    assert!(reloads.contains("svs_config_reloads_total"), "{reloads}");
 
-    // An invalid new config is refused; the old one keeps serving.
+    // An invalid new config is refused; the old one keeps serving, and
+    // alerting sees it: the suspension it carried was not applied.
     install.write_entities("[[entity]]\nname = \"broken\"\nbogus = true\n");
     d.signal("HUP");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_for_reload_metrics(&install, (1, 1, 0)).await;
     let mut dc = d.client(false).await;
     assert_eq!(dc.post("/v1/sign", &sign).await.unwrap().0, 200);
     assert!(d.log_text().contains("reload refused"), "{}", d.log_text());
     assert_eq!(c.post("/v1/sign", &sign).await.unwrap().0, 403);
+
+    // Fixed: the next reload is applied and the gauge is back at 1.
+    install.write_entities(&entities("active"));
+    d.signal("HUP");
+    wait_for_reload_metrics(&install, (2, 1, 1)).await;
+    let mut c = Client::connect(d.addr, &d.ca, &limited, false)
+        .await
+        .unwrap();
+    // Active again; its bucket, carried over by name, may still be empty.
+    let (s, _, v) = c.post("/v1/sign", &sign).await.unwrap();
+    assert!(matches!(s, 200 | 429), "{s} {v}");
+}
+
+/// Polls the metrics page until `svs_config_reloads_total` applied and
+/// refused and `svs_config_last_reload_successful` are `want`; returns
+/// the page.
+async fn wait_for_reload_metrics(install: &Install, want: (u64, u64, u64)) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let page = scrape_metrics(install.metrics_addr).await;
+        let value = |series| sample(&page, series).map(|v| v as u64);
+        let got = (
+            value(r#"svs_config_reloads_total{result="applied"}"#),
+            value(r#"svs_config_reloads_total{result="refused"}"#),
+            value("svs_config_last_reload_successful"),
+        );
+        if got == (Some(want.0), Some(want.1), Some(want.2)) {
+            return page;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reload metrics {got:?}, expected {want:?}:\n{page}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Connection slots, handshakes, idle and age limits, refused clients, and
@@ -1687,6 +1725,109 @@ async fn a_flood_of_refusals_is_counted_not_recorded_one_by_one() {
     // Every signature handed out is in the trail.
     assert_eq!(tenant_ok, 50);
     assert_eq!(in_trail, handed_out);
+}
+
+/// A flood of connections that are not TLS at all (the review's case: a
+/// loop of plain-TCP connections, no certificate needed, made 13,000 log
+/// lines a second) on both TLS listeners: every one is counted in
+/// `svs_tls_handshake_failures_total`, the log has at most about one line
+/// a second per listener and reason, and those lines' `held_back` counts
+/// account for every connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_tls_handshakes_are_all_counted_but_logged_at_most_once_a_second() {
+    const FLOOD: Duration = Duration::from_secs(3);
+    let install = Install::new();
+    install.edit_config(|t| {
+        t.replace(
+            "\n[anomaly]",
+            "\n[metrics.tls]\ncertificate = \"server.pem\"\nprivate_key = \"server-key.pem\"\nclient_ca = \"ca.pem\"\n\n[anomaly]",
+        )
+    });
+    let d = install.start().await;
+    let listeners = [("api", d.addr), ("metrics", install.metrics_addr)];
+    let started = std::time::Instant::now();
+    let mut flood = Vec::new();
+    for (listener, addr) in listeners.iter().cycle().take(8).copied() {
+        flood.push(tokio::spawn(async move {
+            let mut sent = 0u64;
+            while started.elapsed() < FLOOD {
+                let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+                let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n").await;
+                // Closed once the server has given up on it (and counted it).
+                let mut answer = Vec::new();
+                let _ = tokio::io::AsyncReadExt::read_to_end(&mut s, &mut answer).await;
+                sent += 1;
+            }
+            (listener, sent)
+        }));
+    }
+    let mut sent = std::collections::BTreeMap::new();
+    for t in flood {
+        let (listener, n) = t.await.unwrap();
+        *sent.entry(listener).or_insert(0u64) += n;
+    }
+    // The tails are reported once their second is over.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let log = d.log_text();
+    let secs = started.elapsed().as_secs_f64().ceil() as usize;
+
+    let scrape = {
+        let config = tls_config(&d.ca, Some(&d.client), false);
+        let mut s = tls_stream(install.metrics_addr, config).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        let mut page = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut s, &mut page)
+            .await
+            .unwrap();
+        page
+    };
+    for (listener, _) in listeners {
+        let n = sent[listener];
+        let counted = sample(
+            &scrape,
+            &format!(
+                r#"svs_tls_handshake_failures_total{{listener="{listener}",reason="refused"}}"#
+            ),
+        );
+        assert_eq!(counted, Some(n as f64), "{listener}:\n{scrape}");
+        for other in ["timeout", "no_slot"] {
+            let series = format!(
+                r#"svs_tls_handshake_failures_total{{listener="{listener}",reason="{other}"}}"#
+            );
+            assert!(
+                matches!(sample(&scrape, &series), None | Some(0.0)),
+                "{series}"
+            );
+        }
+        // Every line is one connection plus those it says were held back.
+        let tag = format!("listener=\"{listener}\"");
+        let (mut lines, mut accounted) = (0usize, 0u64);
+        for line in log.lines().filter(|l| l.contains(&tag)) {
+            let held_back: u64 = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("held_back="))
+                .unwrap_or_else(|| panic!("no held_back in {line}"))
+                .parse()
+                .unwrap();
+            if line.contains("TLS handshake refused") {
+                accounted += 1 + held_back;
+            } else {
+                assert!(line.contains("failed TLS handshakes left out"), "{line}");
+                accounted += held_back;
+            }
+            lines += 1;
+        }
+        println!("{listener}: {n} garbage connections in {FLOOD:?}, {lines} log lines");
+        assert!(n >= 200, "{listener}: only {n} connections");
+        assert_eq!(accounted, n, "{listener}:\n{log}");
+        // A refused-handshake line and a tail line a second at most.
+        assert!(lines <= 2 * (secs + 1), "{lines} lines in {secs} s:\n{log}");
+    }
+    // The listeners still serve.
+    let mut c = d.client(false).await;
+    assert_eq!(c.get("/readyz").await.unwrap().0, 200);
 }
 
 /// Checkpoints verify with OpenSSL, as an auditor outside SVS would check
