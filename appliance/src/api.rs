@@ -10,7 +10,7 @@ use svs_hsm::signature::{der_to_raw, raw_to_der};
 use crate::error::SvsError;
 
 /// Wire form of a signature encoding.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Encoding {
     /// DER `SEQUENCE { r INTEGER, s INTEGER }` (GM/T 0009).
@@ -18,6 +18,36 @@ pub enum Encoding {
     Der,
     /// r ‖ s, 64 bytes.
     Raw,
+}
+
+// By hand: serde's derived enum also takes the externally tagged map form,
+// `{"raw":null}`, where the API documents a string.
+impl<'de> Deserialize<'de> for Encoding {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Encoding;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string, `der` or `raw`")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Encoding, E> {
+                match s {
+                    "der" => Ok(Encoding::Der),
+                    "raw" => Ok(Encoding::Raw),
+                    _ => Err(E::unknown_variant(s, &["der", "raw"])),
+                }
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// An optional field that, when present, must be a `T`: serde's `Option`
+/// takes `null` as absent, which the API does not document.
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
 }
 
 impl From<Encoding> for SignatureEncoding {
@@ -36,16 +66,16 @@ pub struct SignRequest {
     /// Exposed key name.
     pub key: String,
     /// Message, base64.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub data: Option<String>,
     /// Ready e = SM3(Z ‖ M), base64 of 32 bytes.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub digest: Option<String>,
     /// Distinguishing ID (with `data` only).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub id: Option<String>,
     /// Signature encoding wanted.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub encoding: Option<Encoding>,
 }
 
@@ -54,27 +84,27 @@ pub struct SignRequest {
 #[serde(deny_unknown_fields)]
 pub struct VerifyRequest {
     /// Exposed key name of the signer.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub key: Option<String>,
     /// Signer's SubjectPublicKeyInfo: PEM, or base64 DER.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub public_key: Option<String>,
     /// Signer's certificate: PEM, or base64 DER.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub certificate: Option<String>,
     /// Message, base64.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub data: Option<String>,
     /// Ready e, base64 of 32 bytes.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub digest: Option<String>,
     /// Signature, base64.
     pub signature: String,
     /// Distinguishing ID (with `data` only).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub id: Option<String>,
     /// Encoding of `signature`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub encoding: Option<Encoding>,
 }
 
@@ -138,7 +168,7 @@ impl<'de> serde::de::Visitor<'de> for ItemsSeed {
     }
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
         let mut out = Vec::new();
-        while let Some(v) = seq.next_element::<serde_json::Value>()? {
+        while let Some(v) = seq.next_element_seed(Unique)? {
             if out.len() == self.max {
                 return Err(serde::de::Error::custom(TOO_MANY_ITEMS));
             }
@@ -146,6 +176,97 @@ impl<'de> serde::de::Visitor<'de> for ItemsSeed {
         }
         Ok(out)
     }
+}
+
+/// The API's own field names: a repeated one is named in the error, any
+/// other repeated name is the client's text.
+const FIELD_NAMES: &[&str] = &[
+    "key",
+    "data",
+    "digest",
+    "id",
+    "encoding",
+    "public_key",
+    "certificate",
+    "signature",
+    "items",
+];
+
+/// A JSON value as serde_json builds it, except that an object repeating a
+/// name, at any depth, is an error: serde_json keeps the last value, while
+/// a proxy, firewall or logger reading the first would see a request other
+/// than the one signed. Checked while parsing, at the cost of the insert
+/// it replaces.
+struct Unique;
+
+impl<'de> serde::de::DeserializeSeed<'de> for Unique {
+    type Value = serde_json::Value;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Unique {
+    type Value = serde_json::Value;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(v) = seq.next_element_seed(Unique)? {
+            out.push(v);
+        }
+        Ok(out.into())
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+        use serde::de::Error;
+        use serde_json::map::Entry;
+        let mut out = serde_json::Map::new();
+        while let Some(k) = m.next_key::<String>()? {
+            match out.entry(k) {
+                Entry::Vacant(e) => {
+                    e.insert(m.next_value_seed(Unique)?);
+                }
+                Entry::Occupied(e) => {
+                    return Err(match FIELD_NAMES.iter().find(|f| **f == e.key()) {
+                        Some(&f) => A::Error::duplicate_field(f),
+                        None => A::Error::custom("duplicate field"),
+                    });
+                }
+            }
+        }
+        Ok(out.into())
+    }
+}
+
+/// Parses a single request's body, still undecoded (as a batch item is).
+pub fn request_value(body: &[u8]) -> Result<serde_json::Value, SvsError> {
+    use serde::de::DeserializeSeed;
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let v = Unique.deserialize(&mut de).map_err(json_error)?;
+    de.end().map_err(json_error)?;
+    Ok(v)
 }
 
 /// Parses a batch body: at most `max` items (more is `batch_too_large`),
@@ -184,7 +305,7 @@ pub struct VerifyResponse {
 
 /// Parses a JSON object into `T`, naming the problem without echoing input.
 pub fn from_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, SvsError> {
-    from_value(serde_json::from_slice(bytes).map_err(json_error)?)
+    from_value(request_value(bytes)?)
 }
 
 /// Decodes one request (a single body or a batch item): a JSON object.
@@ -363,21 +484,50 @@ pub fn pem(label: &str, der: &[u8]) -> String {
     out
 }
 
-/// DER from PEM with the given label, or from plain base64.
-fn pem_or_b64(field: &'static str, label: &str, s: &str) -> Result<Vec<u8>, SvsError> {
+/// DER from PEM labelled `label`, or from plain base64. With `bundle`,
+/// further blocks of the same label may follow and the first is used: a
+/// certificate chain, leaf first, as `GET /v1/keys/{name}` answers it. A
+/// PEM that is not well formed, or is labelled otherwise, is `bad`, which
+/// names the label expected and not the one given (the client's text).
+fn pem_or_b64(
+    field: &'static str,
+    label: &str,
+    bundle: bool,
+    bad: fn(String) -> SvsError,
+    s: &str,
+) -> Result<Vec<u8>, SvsError> {
     let s = s.trim();
-    if let Some(rest) = s.strip_prefix("-----BEGIN ") {
-        let begin = format!("{label}-----");
-        let end = format!("-----END {label}-----");
-        let body = rest
-            .strip_prefix(begin.as_str())
-            .and_then(|r| r.trim_end().strip_suffix(end.as_str()))
-            .ok_or(SvsError::InvalidBase64(field))?;
-        let compact: String = body.chars().filter(|c| !c.is_ascii_whitespace()).collect();
-        b64(field, &compact)
-    } else {
-        b64(field, s)
+    if !s.starts_with("-----BEGIN ") {
+        return b64(field, s);
     }
+    let mut rest = s;
+    let mut first = None;
+    while !rest.is_empty() {
+        let (given, body, after) =
+            pem_block(rest).ok_or_else(|| bad(format!("not a well-formed PEM {label} block")))?;
+        if given != label {
+            return Err(bad(format!("expected a PEM {label} block")));
+        }
+        if first.is_some() && !bundle {
+            return Err(bad(format!("expected one PEM {label} block")));
+        }
+        let compact: String = body.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+        let der = b64(field, &compact)?;
+        first.get_or_insert(der);
+        rest = after.trim_start();
+    }
+    first.ok_or_else(|| bad(format!("expected a PEM {label} block")))
+}
+
+/// The first PEM block of `s`: its label, its body and what follows its
+/// END line; `None` unless `s` starts with one.
+fn pem_block(s: &str) -> Option<(&str, &str, &str)> {
+    let (label, rest) = s.strip_prefix("-----BEGIN ")?.split_once("-----")?;
+    if !label.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+        return None;
+    }
+    let (body, after) = rest.split_once(format!("-----END {label}-----").as_str())?;
+    Some((label, body, after))
 }
 
 const EC_PUBLIC_KEY: der::asn1::ObjectIdentifier =
@@ -424,14 +574,27 @@ pub fn sm2_point(sec1: &[u8]) -> Result<Vec<u8>, SvsError> {
 
 /// The SM2 point of a `public_key` field (PEM or base64 SPKI).
 pub fn public_key_field(s: &str) -> Result<Vec<u8>, SvsError> {
-    let der = pem_or_b64("public_key", "PUBLIC KEY", s)?;
+    let der = pem_or_b64(
+        "public_key",
+        "PUBLIC KEY",
+        false,
+        SvsError::InvalidPublicKey,
+        s,
+    )?;
     sm2_point_from_spki(&der)
 }
 
-/// The SM2 point of a `certificate` field (PEM or base64 DER). The
-/// certificate is parsed for its key only; chain and validity are not judged.
+/// The SM2 point of a `certificate` field (PEM, possibly a chain whose
+/// first certificate is used, or base64 DER). The certificate is parsed for
+/// its key only; chain and validity are not judged.
 pub fn certificate_field(s: &str) -> Result<Vec<u8>, SvsError> {
-    let der = pem_or_b64("certificate", "CERTIFICATE", s)?;
+    let der = pem_or_b64(
+        "certificate",
+        "CERTIFICATE",
+        true,
+        SvsError::InvalidCertificate,
+        s,
+    )?;
     let cert = x509_cert::Certificate::from_der(&der)
         .map_err(|_| SvsError::InvalidCertificate("not a DER X.509 certificate".into()))?;
     let spki = cert
@@ -530,13 +693,247 @@ mod tests {
         let p256 = svs_hsm::keys::spki_for_point(svs_hsm::Algorithm::EcdsaP256, &p);
         assert!(public_key_field(&to_b64(&p256)).is_err());
         assert!(matches!(
-            public_key_field("-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----"),
-            Err(SvsError::InvalidBase64(_))
-        ));
-        assert!(matches!(
             certificate_field(&to_b64(b"not a certificate")),
             Err(SvsError::InvalidCertificate(_))
         ));
+    }
+
+    /// A certificate for `spki` that parses (nothing else is judged): v3,
+    /// empty names, SM2-with-SM3 identifiers, an empty signature.
+    fn cert_for(spki: &[u8]) -> Vec<u8> {
+        fn tlv(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
+            let content = parts.concat();
+            let n = content.len();
+            let mut out = vec![tag];
+            // DER: the shortest length form.
+            match n {
+                0..128 => out.push(u8::try_from(n).unwrap()),
+                128..256 => out.extend([0x81, u8::try_from(n).unwrap()]),
+                _ => out.extend([0x82, u8::try_from(n >> 8).unwrap(), n as u8]),
+            }
+            out.extend(content);
+            out
+        }
+        let sm2_sm3 = der::asn1::ObjectIdentifier::new_unwrap("1.2.156.10197.1.501");
+        let alg = tlv(0x30, &[&sm2_sm3.to_der().unwrap()]);
+        let time = tlv(0x17, &[b"250101000000Z"]);
+        let tbs = tlv(
+            0x30,
+            &[
+                &tlv(0xa0, &[&[2, 1, 2]]),
+                &[2, 1, 1],
+                &alg,
+                &[0x30, 0],
+                &tlv(0x30, &[&time, &time]),
+                &[0x30, 0],
+                spki,
+            ],
+        );
+        tlv(0x30, &[&tbs, &alg, &[3, 1, 0]])
+    }
+
+    #[test]
+    fn a_pem_certificate_chain_gives_its_first_certificate() {
+        let leaf_point = point();
+        let ca_point = {
+            use sm2::elliptic_curve::sec1::ToSec1Point;
+            let sk = sm2::SecretKey::from_slice(&[5u8; 32]).unwrap();
+            sk.public_key().to_sec1_point(false).as_bytes().to_vec()
+        };
+        let spki = |p: &[u8]| svs_hsm::keys::spki_for_point(svs_hsm::Algorithm::Sm2, p);
+        let leaf = pem("CERTIFICATE", &cert_for(&spki(&leaf_point)));
+        let ca = pem("CERTIFICATE", &cert_for(&spki(&ca_point)));
+        assert_eq!(certificate_field(&leaf).unwrap(), leaf_point);
+        assert_eq!(
+            certificate_field(&to_b64(&cert_for(&spki(&leaf_point)))).unwrap(),
+            leaf_point
+        );
+        // Leaf then CA, as GET /v1/keys/{name} answers certificate_chain.
+        assert_eq!(
+            certificate_field(&format!("{leaf}{ca}")).unwrap(),
+            leaf_point
+        );
+        assert_eq!(
+            certificate_field(&format!("{ca}\n\n{leaf}\n")).unwrap(),
+            ca_point
+        );
+        // The rest of a chain must still be PEM certificates.
+        let bad_cert = |s: &str, expect: &str| match certificate_field(s) {
+            Err(SvsError::InvalidCertificate(m)) => assert!(m.contains(expect), "{m}"),
+            other => panic!("{other:?}"),
+        };
+        let public = pem("PUBLIC KEY", &spki(&leaf_point));
+        bad_cert(
+            &format!("{leaf}{public}"),
+            "expected a PEM CERTIFICATE block",
+        );
+        bad_cert(&format!("{leaf}trailing text"), "not a well-formed PEM");
+        bad_cert(&leaf[..leaf.len() - 10], "not a well-formed PEM");
+        assert_eq!(
+            certificate_field(&format!(
+                "{leaf}-----BEGIN CERTIFICATE-----\n!!\n-----END CERTIFICATE-----\n"
+            )),
+            Err(SvsError::InvalidBase64("certificate"))
+        );
+        // The wrong label, or the right one around other contents.
+        bad_cert(&public, "expected a PEM CERTIFICATE block");
+        bad_cert(
+            &pem("CERTIFICATE", &spki(&leaf_point)),
+            "not a DER X.509 certificate",
+        );
+        // The label given is the client's text, never echoed.
+        let m = certificate_field(&pem("110101199003074512", b"x"))
+            .unwrap_err()
+            .to_string();
+        assert!(!m.contains("110101199003074512"), "{m}");
+        assert_eq!(
+            certificate_field("!!not base64"),
+            Err(SvsError::InvalidBase64("certificate"))
+        );
+    }
+
+    #[test]
+    fn a_pem_public_key_must_be_one_public_key_block() {
+        let p = point();
+        let spki = svs_hsm::keys::spki_for_point(svs_hsm::Algorithm::Sm2, &p);
+        let public = pem("PUBLIC KEY", &spki);
+        let bad_key = |s: &str, expect: &str| match public_key_field(s) {
+            Err(SvsError::InvalidPublicKey(m)) => assert!(m.contains(expect), "{m}"),
+            other => panic!("{other:?}"),
+        };
+        bad_key(
+            &pem("EC PUBLIC KEY", &spki),
+            "expected a PEM PUBLIC KEY block",
+        );
+        bad_key(
+            &pem("CERTIFICATE", &cert_for(&spki)),
+            "expected a PEM PUBLIC KEY block",
+        );
+        bad_key(
+            &format!("{public}{public}"),
+            "expected one PEM PUBLIC KEY block",
+        );
+        bad_key(
+            &pem("PUBLIC KEY", &cert_for(&spki)),
+            "not a DER SubjectPublicKeyInfo",
+        );
+        assert_eq!(
+            public_key_field("-----BEGIN PUBLIC KEY-----\n%%\n-----END PUBLIC KEY-----"),
+            Err(SvsError::InvalidBase64("public_key"))
+        );
+        assert_eq!(
+            public_key_field("%%"),
+            Err(SvsError::InvalidBase64("public_key"))
+        );
+    }
+
+    #[test]
+    fn repeated_names_are_refused_at_any_depth_without_their_values() {
+        let dup = |body: &str| match from_json::<SignRequest>(body.as_bytes()) {
+            Err(SvsError::MalformedRequest(m)) => m,
+            other => panic!("{body}: {other:?}"),
+        };
+        for (body, field) in [
+            (
+                r#"{"key":"demo","data":"aGVsbG8=","data":"d29ybGQ="}"#,
+                "data",
+            ),
+            (r#"{"key":"nope","key":"demo","data":"aGVsbG8="}"#, "key"),
+            (
+                r#"{"key":"demo","data":"aGVsbG8=","encoding":"der","encoding":"raw"}"#,
+                "encoding",
+            ),
+            (
+                r#"{"key":"demo","digest":"AA==","digest":"AQ=="}"#,
+                "digest",
+            ),
+        ] {
+            let m = dup(body);
+            assert_eq!(m, format!("duplicate field `{field}`"), "{body}");
+        }
+        // Deeper, and names that are the client's own: not named.
+        for body in [
+            r#"{"key":"demo","encoding":{"raw":null,"raw":null}}"#,
+            r#"{"key":"demo","x":[{"110101199003074512":1,"110101199003074512":2}]}"#,
+            r#"{"key":"demo","110101199003074512":1,"110101199003074512":1}"#,
+        ] {
+            let m = dup(body);
+            assert_eq!(m, "duplicate field", "{body}");
+        }
+        // Batch items, at their own level and deeper.
+        for body in [
+            r#"{"items":[{"key":"demo","data":"aGVsbG8="},{"key":"demo","data":"aGVsbG8=","data":"d29ybGQ="}]}"#,
+            r#"{"items":[{"key":"demo","data":{"a":1,"a":1}}]}"#,
+        ] {
+            let e = batch_items(body.as_bytes(), 8).unwrap_err();
+            assert!(
+                matches!(&e, SvsError::MalformedRequest(m) if m.starts_with("duplicate field")),
+                "{e:?}"
+            );
+            assert!(!e.to_string().contains("d29ybGQ="), "{e}");
+        }
+        // Distinct names build the value serde_json would.
+        let body =
+            br#"{"a":[1,-2,3.5,true,false,null,"s",{"b":{}}],"c":{"a":18446744073709551615}}"#;
+        assert_eq!(
+            request_value(body).unwrap(),
+            serde_json::from_slice::<serde_json::Value>(body).unwrap()
+        );
+    }
+
+    #[test]
+    fn present_fields_must_be_strings() {
+        let refused = |body: String| match from_json::<VerifyRequest>(body.as_bytes()) {
+            Err(SvsError::MalformedRequest(m)) => {
+                assert!(m.contains("expected a string"), "{body}: {m}");
+            }
+            other => panic!("{body}: {other:?}"),
+        };
+        for field in [
+            "key",
+            "public_key",
+            "certificate",
+            "data",
+            "digest",
+            "id",
+            "encoding",
+            "signature",
+        ] {
+            let others = if field == "signature" {
+                ""
+            } else {
+                r#""signature":"AA==","#
+            };
+            for value in ["null", r#"{"raw":null}"#, "1", "[]"] {
+                refused(format!(r#"{{{others}"{field}":{value}}}"#));
+            }
+        }
+        for body in [
+            r#"{"key":"demo","data":"aGk=","encoding":{"raw":null}}"#,
+            r#"{"key":"demo","data":"aGk=","encoding":null}"#,
+            r#"{"key":"demo","data":null}"#,
+            r#"{"key":null,"data":"aGk="}"#,
+        ] {
+            match from_json::<SignRequest>(body.as_bytes()) {
+                Err(SvsError::MalformedRequest(m)) => {
+                    assert!(m.contains("expected a string"), "{m}")
+                }
+                other => panic!("{body}: {other:?}"),
+            }
+        }
+        // Absent is still absent, and the strings still decode.
+        let r: SignRequest = from_json(br#"{"key":"demo","encoding":"raw"}"#).unwrap();
+        assert_eq!(
+            (r.data, r.digest, r.id, r.encoding),
+            (None, None, None, Some(Encoding::Raw))
+        );
+        let r: VerifyRequest = from_json(br#"{"signature":"AA=="}"#).unwrap();
+        assert!(r.key.is_none() && r.public_key.is_none() && r.certificate.is_none());
+        let e = from_json::<SignRequest>(br#"{"key":"demo","encoding":"pem"}"#).unwrap_err();
+        assert_eq!(
+            e,
+            SvsError::MalformedRequest("unknown variant, expected `der` or `raw`".into())
+        );
     }
 
     #[test]

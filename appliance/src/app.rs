@@ -837,10 +837,7 @@ impl App {
             }
             items
         } else {
-            vec![
-                serde_json::from_slice(body)
-                    .map_err(|_| SvsError::MalformedRequest("body is not valid JSON".into()))?,
-            ]
+            vec![api::request_value(body)?]
         };
         entity
             .charge(items.len())
@@ -1446,13 +1443,17 @@ operations = ["sign", "verify"]
     }
 
     async fn call(app: &Arc<App>, route: Route, body: &serde_json::Value) -> Reply {
-        let body = serde_json::to_vec(body).unwrap();
+        call_raw(app, route, &serde_json::to_vec(body).unwrap()).await
+    }
+
+    /// [`call`] with a body `json!` cannot write (a name twice).
+    async fn call_raw(app: &Arc<App>, route: Route, body: &[u8]) -> Reply {
         match app
             .precheck(&route, Some(verified(&client())), Some("application/json"))
             .await
         {
             Ok(adm) => {
-                app.handle(route, &adm, Some(verified(&client())), &body)
+                app.handle(route, &adm, Some(verified(&client())), body)
                     .await
             }
             Err(e) => Reply::from(e),
@@ -1543,6 +1544,86 @@ operations = ["sign", "verify"]
         assert_eq!(recs[0]["outcome"], "unknown_key");
         assert!(recs[0].get("key").is_none());
         assert_eq!(recs[2]["key"], "demo");
+    }
+
+    #[test]
+    fn a_name_given_twice_is_refused_before_anything_is_signed() {
+        let f = fixture("", &["demo"], "");
+        // "world", the value a last-wins parser would sign.
+        let second = "d29ybGQ=";
+        rt().block_on(async {
+            f.app.run_selftests().await.unwrap();
+            let signs = f.backend.signs.load(Ordering::SeqCst);
+            for (route, body, field) in [
+                (
+                    Route::Sign,
+                    format!(r#"{{"key":"demo","data":"aGVsbG8=","data":"{second}"}}"#),
+                    "data",
+                ),
+                (
+                    Route::Sign,
+                    r#"{"key":"nope","key":"demo","data":"aGVsbG8="}"#.to_owned(),
+                    "key",
+                ),
+                (
+                    Route::SignBatch,
+                    format!(r#"{{"items":[{{"key":"demo","data":"aGVsbG8=","data":"{second}"}}]}}"#),
+                    "data",
+                ),
+                (
+                    Route::Verify,
+                    format!(r#"{{"key":"demo","data":"aGVsbG8=","signature":"AA==","encoding":"der","encoding":"raw","data":"{second}"}}"#),
+                    "encoding",
+                ),
+            ] {
+                let r = call_raw(&f.app, route, body.as_bytes()).await;
+                assert_eq!(r.status, 400, "{body}");
+                assert_eq!(r.body["error"]["code"], "malformed_request");
+                assert_eq!(
+                    r.body["error"]["message"],
+                    format!("malformed request: duplicate field `{field}`")
+                );
+            }
+            assert_eq!(f.backend.signs.load(Ordering::SeqCst), signs);
+            // Non-string values: a request refused alone, a batch item alone.
+            let r = call(
+                &f.app,
+                Route::Sign,
+                &json!({"key": "demo", "data": "aGk=", "encoding": {"raw": null}}),
+            )
+            .await;
+            assert_eq!(r.body["error"]["code"], "malformed_request");
+            let r = call(
+                &f.app,
+                Route::SignBatch,
+                &json!({"items": [{"key": "demo", "data": null}, {"key": "demo", "data": "aGk="}]}),
+            )
+            .await;
+            assert_eq!(r.status, 200);
+            assert_eq!(r.body["results"][0]["error"]["code"], "malformed_request");
+            assert!(r.body["results"][1]["signature"].is_string());
+        });
+        let text = serde_json::to_string(&all_records(&f.dir)).unwrap();
+        assert!(
+            !text.contains(second) && !text.contains("aGVsbG8="),
+            "{text}"
+        );
+        let outcomes: Vec<_> = records(&f.dir)
+            .iter()
+            .map(|r| r["outcome"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(
+            outcomes,
+            [
+                "malformed_request",
+                "malformed_request",
+                "malformed_request",
+                "malformed_request",
+                "malformed_request",
+                "malformed_request",
+                "ok"
+            ]
+        );
     }
 
     #[test]

@@ -426,6 +426,15 @@ async fn enrollment_flow_with_svsd_and_audit_verification() {
             "-sigfile", "sig.der", "-digest", "sm3", "-pkeyopt", DISTID,
         ],
     );
+    // The chain as svsd gave it verifies by its first (leaf) certificate.
+    let (st, _, body) = c
+        .post(
+            "/v1/verify",
+            &json!({"certificate": chain, "data": b64(msg), "signature": body["signature"]}),
+        )
+        .await
+        .unwrap();
+    assert_eq!((st, body["valid"].as_bool()), (200, Some(true)), "{body}");
 
     // Suspend through SIGHUP to svsd's pid: refused at once after the reload.
     let pid = daemon.child.id().to_string();
