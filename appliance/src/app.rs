@@ -1219,13 +1219,13 @@ impl App {
         audit_object: &str,
         interval: Duration,
     ) -> Result<u64, SvsError> {
-        let (seq, head) = self.audit.head().await?;
+        let (seq, head, last_time) = self.audit.head().await?;
         let info = self
             .backend
             .key(audit_object)
             .ok_or_else(|| SvsError::UnknownKey(audit_object.to_owned()))?;
         // The time once the head is read: every record it covers is older.
-        let text = crate::audit::Checkpoint::now(seq, head, interval);
+        let text = crate::audit::Checkpoint::now(seq, head, interval, &last_time);
         let digest = self
             .verifier
             .digest(

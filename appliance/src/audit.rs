@@ -146,12 +146,22 @@ pub struct Checkpoint {
 
 impl Checkpoint {
     /// The head `head_seq`/`head`, signed now by an svsd that checkpoints
-    /// every `interval`.
-    pub fn now(head_seq: u64, head: [u8; 32], interval: Duration) -> Checkpoint {
+    /// every `interval`. Never before `not_before`, the time of the records
+    /// it covers: while the clock is behind them (stepped back), records
+    /// keep their last time, and a checkpoint signed with the clock's would
+    /// make an honest trail's records look younger-than-signed by the step,
+    /// an `Unsigned` break in `audit verify`. The text order of the format
+    /// is its time order.
+    pub fn now(head_seq: u64, head: [u8; 32], interval: Duration, not_before: &str) -> Checkpoint {
+        let now = rfc3339(SystemTime::now());
         Checkpoint {
             head_seq,
             head,
-            signed_at: rfc3339(SystemTime::now()),
+            signed_at: if now.as_str() < not_before {
+                not_before.to_owned()
+            } else {
+                now
+            },
             interval_s: interval.as_secs(),
         }
     }
@@ -169,6 +179,9 @@ impl Checkpoint {
         .into_bytes()
     }
 }
+
+/// The chain head a checkpoint signs: the last record's seq, hash and time.
+pub type ChainHead = (u64, [u8; 32], String);
 
 /// What a v1 checkpoint (written by svsd before format v2) signed: the head
 /// only. Its record's `time` is unsigned, so it proves which records came
@@ -771,13 +784,13 @@ fn recover(dir: &Path) -> Result<(u64, [u8; 32], Option<u64>), SvsError> {
             match crash_cut(bytes, *first_seq) {
                 Cut::Nothing => bytes.len(),
                 Cut::At(p) => p,
-                Cut::Evidence(why) => {
+                Cut::Evidence(why, cut) => {
                     tracing::error!(
                         file = %path.display(),
                         reason = %why,
                         "ALARM audit: the newest file is damaged in a way a crash cannot cause; left in place for `svs-provision audit verify`"
                     );
-                    last_newline
+                    cut.unwrap_or(last_newline)
                 }
             }
         };
@@ -810,6 +823,8 @@ fn recover(dir: &Path) -> Result<(u64, [u8; 32], Option<u64>), SvsError> {
                 .map_err(io)?;
             a.write_all(&bytes[keep..]).map_err(io)?;
             a.sync_all().map_err(io)?;
+            // The kept-aside name is durable before the file is cut.
+            sync_dir(dir).map_err(io)?;
             tracing::warn!(
                 file = %path.display(),
                 bytes = bytes.len() - keep,
@@ -879,43 +894,69 @@ enum Cut {
     Nothing,
     /// Cut here: from this byte on lies what a crash left.
     At(usize),
-    /// Invalid, but not as a crash leaves it.
-    Evidence(String),
+    /// Invalid, but not as a crash leaves it: left in place. A crash
+    /// remnant after the damage (svsd went on writing after an earlier
+    /// ALARM, then crashed) is still cut, at the offset given.
+    Evidence(String, Option<usize>),
 }
 
 fn crash_cut(bytes: &[u8], first_seq: u64) -> Cut {
+    // The last valid record read (the chain resumes after damage from it).
     let mut expected: Option<(u64, [u8; 32])> = None;
     let mut last_time: Option<String> = None;
+    let mut evidence: Option<String> = None;
+    // The first line holding zeros or cut short since the last damage a
+    // crash cannot cause, with the record before it: where a crash remnant
+    // would begin. Records after it may be out of sequence (they chain to
+    // lines the hole swallowed), so only a complete, altered line ends it.
+    let mut candidate: Option<(usize, usize, u64, Option<String>)> = None;
     let mut offset = 0;
     for (i, raw) in bytes.split_inclusive(|b| *b == b'\n').enumerate() {
         let at = offset;
         offset += raw.len();
         let Some((b, hash)) = raw.strip_suffix(b"\n").and_then(valid_record) else {
             if raw.ends_with(b"\n") && !raw.contains(&0) {
-                return Cut::Evidence(format!(
+                evidence.get_or_insert(format!(
                     "line {}: a complete line that is not a valid record (a crash leaves bytes unwritten, never altered)",
                     i + 1
                 ));
+                candidate = None;
+            } else if candidate.is_none() {
+                let after_seq = expected.map_or(first_seq.saturating_sub(1), |(s, _)| s);
+                candidate = Some((at, i + 1, after_seq, last_time.clone()));
             }
-            let after_seq = expected.map_or(first_seq.saturating_sub(1), |(s, _)| s);
-            return match unwritten_remnant(bytes, at, after_seq, last_time.as_deref(), false) {
-                Ok(()) => Cut::At(at),
-                Err(why) => Cut::Evidence(format!("line {}: {why}", i + 1)),
-            };
+            continue;
         };
         // A complete record that checks out by itself but not in sequence
-        // was deleted, moved or replaced: never what a crash writes.
+        // was deleted, moved or replaced: never what a crash writes, unless
+        // a hole before it (the candidate) swallowed its predecessors.
         let in_sequence = match expected {
             None => b.seq == first_seq,
             Some((seq, h)) => b.seq == seq + 1 && b.prev == hex(&h),
         };
-        if !in_sequence {
-            return Cut::Evidence(format!("line {}: seq {} out of sequence", i + 1, b.seq));
+        if !in_sequence && candidate.is_none() {
+            evidence.get_or_insert(format!("line {}: seq {} out of sequence", i + 1, b.seq));
         }
         expected = Some((b.seq, hash));
         last_time = Some(b.time.into_owned());
     }
-    Cut::Nothing
+    let cut = match candidate {
+        None => None,
+        Some((at, line, after_seq, after_time)) => {
+            match unwritten_remnant(bytes, at, after_seq, after_time.as_deref(), false) {
+                Ok(()) => Some(at),
+                Err(why) => {
+                    evidence.get_or_insert(format!("line {line}: {why}"));
+                    None
+                }
+            }
+        }
+    };
+    match (evidence, cut) {
+        (None, None) => Cut::Nothing,
+        (None, Some(at)) => Cut::At(at),
+        (Some(why), cut) => Cut::Evidence(why, cut),
+    }
 }
 
 /// A line (without its newline) that is a record matching its own hash.
@@ -1113,7 +1154,7 @@ enum Job {
         ack: oneshot::Sender<Result<u64, SvsError>>,
     },
     Head {
-        ack: oneshot::Sender<Result<(u64, [u8; 32]), SvsError>>,
+        ack: oneshot::Sender<Result<ChainHead, SvsError>>,
     },
 }
 
@@ -1301,7 +1342,7 @@ impl Writer {
                     let _ = ack.send(Ok(seq));
                 }
                 for ack in heads {
-                    let _ = ack.send(Ok((self.seq, self.head)));
+                    let _ = ack.send(Ok((self.seq, self.head, self.last_time.clone())));
                 }
                 if self.sink.len() >= self.max_file_bytes
                     && let Err(e) = self.sink.rotate(self.seq + 1)
@@ -1428,7 +1469,7 @@ impl AuditTrail {
     }
 
     /// The last durable record's seq and hash.
-    pub async fn head(&self) -> Result<(u64, [u8; 32]), SvsError> {
+    pub async fn head(&self) -> Result<ChainHead, SvsError> {
         self.check()?;
         let (ack, rx) = oneshot::channel();
         self.submit(Job::Head { ack })?;
@@ -1696,6 +1737,33 @@ pub fn verify_dir_with(dir: &Path, opts: &VerifyOptions<'_>) -> Result<ChainRepo
     verify_files(&files, opts, HEAD_WINDOW)
 }
 
+/// Where the newest file's records end (before zeros followed by data, if
+/// that data has the shape of a group being written, or of what a crash
+/// left of one, which svsd cuts at its next start); else the start of the
+/// line holding the zeros and why they are damage: zeros with acknowledged
+/// records after them.
+fn newest_shape(bytes: &[u8], first_seq: u64) -> Result<usize, (usize, String)> {
+    let end = records_end(bytes);
+    if end == bytes.len() {
+        return Ok(end);
+    }
+    let from = bytes[..end]
+        .iter()
+        .rposition(|b| *b == b'\n')
+        .map_or(0, |i| i + 1);
+    let last = bytes[..from]
+        .strip_suffix(b"\n")
+        .and_then(|b| b.split(|c| *c == b'\n').next_back())
+        .and_then(valid_record);
+    let (after_seq, after_time) = match &last {
+        Some((b, _)) => (b.seq, Some(b.time.as_ref())),
+        None => (first_seq.saturating_sub(1), None),
+    };
+    unwritten_remnant(bytes, from, after_seq, after_time, true)
+        .map(|()| end)
+        .map_err(|why| (from, why))
+}
+
 fn verify_files(
     files: &[(u64, PathBuf)],
     opts: &VerifyOptions<'_>,
@@ -1703,37 +1771,43 @@ fn verify_files(
 ) -> Result<ChainReport, ChainBreak> {
     let mut v = Verifier::new(opts, window_cap);
     for (n, (first_seq, path)) in files.iter().enumerate() {
-        let raw = std::fs::read(path).map_err(|e| ChainBreak {
-            file: path.clone(),
-            line: 0,
-            seq: None,
-            kind: BreakKind::Malformed,
-            detail: format!("cannot read: {e}"),
-            signatures_checked: opts.key.is_some(),
-            signed_through: v.report.signed_through,
-        })?;
+        let read = |v: &Verifier<'_>| {
+            std::fs::read(path).map_err(|e| ChainBreak {
+                file: path.clone(),
+                line: 0,
+                seq: None,
+                kind: BreakKind::Malformed,
+                detail: format!("cannot read: {e}"),
+                signatures_checked: opts.key.is_some(),
+                signed_through: v.report.signed_through,
+            })
+        };
+        let mut raw = read(&v)?;
         let newest = n + 1 == files.len();
+        if newest {
+            // A reader racing the writer can copy one page before a commit
+            // and the next after two more: zeros, then records of two
+            // commits. Such a torn copy does not repeat; damage on disk does.
+            for _ in 0..2 {
+                if newest_shape(without_zero_tail(&raw), *first_seq).is_ok() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+                raw = read(&v)?;
+            }
+        }
         let bytes = if newest {
             let bytes = without_zero_tail(&raw);
-            let end = records_end(bytes);
-            if end < bytes.len() {
-                // Zeros, then data: a group being written (see
-                // `read_trail_file`) or what a crash left of one, which
-                // svsd cuts at its next start. Only when it has that shape:
-                // zeros with acknowledged records after them are damage.
-                let from = bytes[..end]
-                    .iter()
-                    .rposition(|b| *b == b'\n')
-                    .map_or(0, |i| i + 1);
-                let last = bytes[..from]
-                    .strip_suffix(b"\n")
-                    .and_then(|b| b.split(|c| *c == b'\n').next_back())
-                    .and_then(valid_record);
-                let (after_seq, after_time) = match &last {
-                    Some((b, _)) => (b.seq, Some(b.time.as_ref())),
-                    None => (first_seq.saturating_sub(1), None),
-                };
-                if let Err(why) = unwritten_remnant(bytes, from, after_seq, after_time, true) {
+            match newest_shape(bytes, *first_seq) {
+                Ok(end) if end < bytes.len() => {
+                    v.report.warnings.push(format!(
+                        "{}: data after zero-filled space at byte {end}: a write in progress, or what a crash left of an unacknowledged group commit (svsd cuts it at its next start); not counted",
+                        path.display()
+                    ));
+                    &bytes[..end]
+                }
+                Ok(_) => bytes,
+                Err((from, why)) => {
                     // The records after the zeros are read too: the break
                     // is the damaged line, or else the zeros themselves.
                     v.file(path, *first_seq, bytes, newest)?;
@@ -1747,13 +1821,6 @@ fn verify_files(
                         signed_through: v.report.signed_through,
                     });
                 }
-                v.report.warnings.push(format!(
-                    "{}: data after zero-filled space at byte {end}: a write in progress, or what a crash left of an unacknowledged group commit (svsd cuts it at its next start); not counted",
-                    path.display()
-                ));
-                &bytes[..end]
-            } else {
-                bytes
             }
         } else {
             // Older files were cut to their records before the next began:
@@ -1787,6 +1854,9 @@ struct Verifier<'k> {
     last_line: usize,
     first_time: Duration,
     last_time: Duration,
+    // A v2 checkpoint has been read: its writer keeps record times from
+    // going back (earlier writers did not, so older stretches may).
+    floored_writer: bool,
     report: ChainReport,
 }
 
@@ -1804,6 +1874,7 @@ impl<'k> Verifier<'k> {
             last_line: 0,
             first_time: Duration::ZERO,
             last_time: Duration::ZERO,
+            floored_writer: false,
             report: ChainReport::default(),
         }
     }
@@ -1942,6 +2013,18 @@ impl<'k> Verifier<'k> {
             };
             if self.prev.is_none() {
                 self.first_time = time;
+            } else if time < self.last_time && !self.floored_writer {
+                // Written before svsd kept times from going back: a clock
+                // stepped back then, not proof of a rewrite.
+                self.report.warnings.push(format!(
+                    "{}:{} (seq {}): time {} is earlier than seq {}'s {} (a clock stepped back; this stretch predates v2 checkpoints, whose writer prevents it)",
+                    path.display(),
+                    i + 1,
+                    b.seq,
+                    b.time,
+                    self.report.last_seq,
+                    self.report.last_time
+                ));
             } else if time < self.last_time {
                 return Err(brk(
                     seq,
@@ -1956,6 +2039,7 @@ impl<'k> Verifier<'k> {
                 self.checkpoint(&b, time)
                     .map_err(|d| brk(seq, BreakKind::BadCheckpoint, d))?;
                 self.report.checkpoints += 1;
+                self.floored_writer |= b.signed_at.is_some();
             }
             self.prev = Some((b.seq, hash));
             self.remember(b.seq, hash);
@@ -3162,8 +3246,10 @@ mod tests {
 
     #[test]
     fn a_record_older_than_its_predecessor_is_reported() {
+        // After a v2 checkpoint (seq 5), whose writer never goes back.
         let mut f = Forge::new().0;
-        f.ops(5, 100);
+        f.ops(4, 100);
+        f.checkpoint(100);
         f.ops(1, 50);
         f.ops(2, 100);
         let dir = tempfile::tempdir().unwrap();
@@ -3174,6 +3260,21 @@ mod tests {
             (&BreakKind::TimeWentBack, Some(6), 6)
         );
         assert!(b.detail.contains("earlier than seq 5's"), "{b}");
+        // Before any: an older svsd wrote the clock as it was, so an
+        // honest trail from then may step back; a warning, not a break.
+        let mut old = Forge::new().0;
+        old.ops(5, 100);
+        old.ops(1, 50);
+        old.ops(2, 100);
+        old.write(dir.path(), 1);
+        let r = verify_dir(dir.path(), None).unwrap();
+        assert_eq!(r.last_seq, 8);
+        assert!(
+            r.warnings
+                .iter()
+                .any(|w| w.contains("(seq 6)") && w.contains("predates v2")),
+            "{r:?}"
+        );
         let mut g = Forge::new().0;
         g.ops(3, 0);
         std::fs::write(
@@ -3200,6 +3301,29 @@ mod tests {
             rfc3339(f.t0 + Duration::from_secs(ahead)),
             "{r:?}"
         );
+    }
+
+    #[test]
+    fn a_checkpoint_is_never_dated_before_the_records_it_covers() {
+        let future = rfc3339(SystemTime::now() + Duration::from_secs(86_400));
+        let c = Checkpoint::now(5, GENESIS, Duration::from_secs(60), &future);
+        assert_eq!(c.signed_at, future);
+        let past = rfc3339(SystemTime::now() - Duration::from_secs(86_400));
+        let c = Checkpoint::now(5, GENESIS, Duration::from_secs(60), &past);
+        assert!(c.signed_at > past && c.signed_at < future, "{c:?}");
+        // Through the writer: after records made while the clock is behind,
+        // the head carries their time for the checkpoint to start from.
+        let dir = tempfile::tempdir().unwrap();
+        let mut f = Forge::new().0;
+        let ahead = 400 * 86_400 * 365;
+        f.ops(3, ahead);
+        f.write(dir.path(), 1);
+        let trail = AuditTrail::open(&config(dir.path(), 1 << 20)).unwrap();
+        rt().block_on(async {
+            trail.append(vec![event(4)]).await.unwrap();
+            let (seq, _, last) = trail.head().await.unwrap();
+            assert_eq!((seq, last), (4, rfc3339(f.t0 + Duration::from_secs(ahead))));
+        });
     }
 
     #[test]
@@ -3311,10 +3435,48 @@ mod tests {
     }
 
     #[test]
+    fn a_crash_after_earlier_evidence_is_still_cut_and_the_evidence_kept() {
+        // Line 2 altered (svsd raised its ALARM at a start and went on),
+        // then a crash in the last commit: a middle sector unwritten, or the
+        // file ending inside a line.
+        let (clean, starts) = commits(&[3, 4, 8]);
+        let last_group = starts[7];
+        let mut b = clean.clone();
+        let d = starts[2] - 4;
+        b[d] = if b[d] == b'0' { b'1' } else { b'0' };
+        let altered = b.clone();
+        let s = sector_after(last_group + 200);
+        zero(&mut b, s..s + SECTOR);
+        match crash_cut(&b, 1) {
+            Cut::Evidence(why, Some(at)) => {
+                assert!(why.starts_with("line 2:"), "{why}");
+                assert_eq!(at, starts[line_at(&starts, s)]);
+            }
+            other => panic!("{other:?}"),
+        }
+        match crash_cut(&altered[..last_group + 77], 1) {
+            Cut::Evidence(_, Some(at)) => assert_eq!(at, last_group),
+            other => panic!("{other:?}"),
+        }
+        // No crash: the evidence alone, nothing cut.
+        assert!(matches!(crash_cut(&altered, 1), Cut::Evidence(_, None)));
+        // A hole in an acknowledged commit before a later one is never a
+        // crash remnant, evidence before it or not.
+        let mut b = altered.clone();
+        let s = sector_after(starts[3] + 10);
+        assert!(
+            s + SECTOR < last_group,
+            "the hole lies before the last commit"
+        );
+        zero(&mut b, s..s + SECTOR);
+        assert!(matches!(crash_cut(&b, 1), Cut::Evidence(_, None)));
+    }
+
+    #[test]
     fn crash_cut_keeps_tampering_as_evidence() {
         let (clean, starts) = commits(&[2, 2, 0, 1]);
         let evidence = |b: &[u8]| match crash_cut(b, 1) {
-            Cut::Evidence(why) => why,
+            Cut::Evidence(why, None) => why,
             other => panic!("{other:?}"),
         };
         let line3 = starts[2]..starts[3];
@@ -3373,7 +3535,7 @@ mod tests {
         b.extend_from_slice(b"x\n");
         b.extend_from_slice(&clean[starts[0]..starts[1]]);
         let cut = crash_cut(&b, 1);
-        assert!(matches!(cut, Cut::Evidence(_)), "{cut:?}");
+        assert!(matches!(cut, Cut::Evidence(_, None)), "{cut:?}");
     }
 
     #[test]
@@ -3713,8 +3875,8 @@ mod tests {
         let trail = AuditTrail::open(&config(dir.path(), 1 << 20)).unwrap();
         rt().block_on(async {
             trail.append(vec![event(1), event(2)]).await.unwrap();
-            let (seq, head) = trail.head().await.unwrap();
-            let text = Checkpoint::now(seq, head, Duration::from_secs(300));
+            let (seq, head, last) = trail.head().await.unwrap();
+            let text = Checkpoint::now(seq, head, Duration::from_secs(300), &last);
             let sig: sm2::dsa::Signature = signer.sign(&text.message());
             trail
                 .checkpoint(
@@ -3725,10 +3887,10 @@ mod tests {
                 .await
                 .unwrap();
             trail.append(vec![event(3)]).await.unwrap();
-            let (seq, head) = trail.head().await.unwrap();
+            let (seq, head, last) = trail.head().await.unwrap();
             trail
                 .checkpoint(
-                    Checkpoint::now(seq, head, Duration::from_secs(300)),
+                    Checkpoint::now(seq, head, Duration::from_secs(300), &last),
                     "svs-audit".into(),
                     vec![0x30, 0x06, 2, 1, 1, 2, 1, 1],
                 )

@@ -166,9 +166,13 @@ fn coverage_text(report: &ChainReport) -> String {
             t
         }
         (Some(seq), _, _) => format!(
-            "signed through seq {seq}, by checkpoints of format v1 that do not sign their time: when the {} records after seq {seq} were written rests on their own unsigned times ({span}s after the checkpoint's record), so coverage is NOT proven: records rewritten or removed after seq {seq} cannot be excluded. An svsd of this version signs its checkpoints' times (v2): verify again once one is written\n",
+            "signed through seq {seq}, by checkpoints of format v1 that do not sign their time: when the {} records after seq {seq} were written rests on their own unsigned times ({span} after the checkpoint's record), so coverage is NOT proven: records rewritten or removed after seq {seq} cannot be excluded. An svsd of this version signs its checkpoints' times (v2): verify again once one is written\n",
             report.last_seq - seq,
-            span = span.trim()
+            span = if span.is_empty() {
+                "an unmeasured time"
+            } else {
+                span.trim()
+            }
         ),
         _ => format!(
             "no signed checkpoint: by the records' own (unsigned) times the trail spans{span}, within the allowance{allowed}, but nothing proves it: every record could have been rewritten\n"
