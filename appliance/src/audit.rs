@@ -33,7 +33,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, Sender};
 use serde::{Deserialize, Serialize};
@@ -391,8 +391,6 @@ struct FileSink {
     /// The name `file` was created or opened under.
     path: PathBuf,
     file: File,
-    /// When to check next that `path` still names `file`.
-    next_path_check: Instant,
     /// Bytes of records; the file may be longer (zero-filled).
     len: u64,
     /// Zero-fill each file to this size.
@@ -448,10 +446,6 @@ fn rename_new(from: &Path, to: &Path) -> std::io::Result<()> {
         Err(e) => Err(e.into()),
     }
 }
-
-/// How often a group commit also checks that the trail file's name still
-/// leads to the file being written.
-const PATH_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// Writes `size - from` zero bytes at `from`, `chunk` bytes at a time, each
 /// chunk followed by `between()` (which may stop the fill with an error).
@@ -618,7 +612,6 @@ impl FileSink {
             dir: dir.to_path_buf(),
             path,
             file,
-            next_path_check: Instant::now() + PATH_CHECK_EVERY,
             len,
             preallocate,
             spare: preallocate.and_then(|size| Spare::start(dir, size)),
@@ -629,8 +622,12 @@ impl FileSink {
     /// Whether records written to `file` are in the trail. A file removed
     /// while open (`rm -rf` of the directory, `mv` to another file system)
     /// stays writable and its fdatasync succeeds, so without this signing
-    /// would go on with records no one can ever read. One fstat per group
-    /// commit; the rename check (a stat of the name) at most once a second.
+    /// would go on with records no one can ever read. A rename (or a hard
+    /// link and an unlink) keeps a link, so the name is checked too, at
+    /// every commit: checked less often, a file renamed away just before a
+    /// rotation was retired unnoticed with its acknowledged records. One
+    /// fstat and one lstat per group commit, about 2 µs against the
+    /// commit's 0.8 ms fdatasync.
     fn still_in_trail(&mut self) -> std::io::Result<()> {
         let open = rustix::fs::fstat(&self.file)?;
         if open.st_nlink == 0 {
@@ -639,11 +636,6 @@ impl FileSink {
                 self.path.display()
             )));
         }
-        let now = Instant::now();
-        if now < self.next_path_check {
-            return Ok(());
-        }
-        self.next_path_check = now + PATH_CHECK_EVERY;
         match rustix::fs::lstat(&self.path) {
             Ok(named) if named.st_dev == open.st_dev && named.st_ino == open.st_ino => Ok(()),
             Ok(_) => Err(std::io::Error::other(format!(
@@ -710,7 +702,6 @@ impl Sink for FileSink {
         sync_dir(&self.dir)?;
         self.file = file;
         self.path = path;
-        self.next_path_check = Instant::now() + PATH_CHECK_EVERY;
         self.len = 0;
         if self.spare.is_none() {
             self.spare = self
@@ -3697,12 +3688,11 @@ mod tests {
     }
 
     #[test]
-    fn a_trail_file_moved_away_stops_signing_within_a_second() {
+    fn a_trail_file_moved_away_stops_signing_at_the_next_commit() {
         let dir = tempfile::tempdir().unwrap();
         let trail = open_with(dir.path(), 2, true);
         let path = only_file(dir.path());
         std::fs::rename(&path, dir.path().join("elsewhere")).unwrap();
-        std::thread::sleep(PATH_CHECK_EVERY + Duration::from_millis(100));
         let e = rt().block_on(trail.append(vec![event(2)])).unwrap_err();
         assert!(e.to_string().contains("moved away"), "{e}");
         assert!(trail.check().is_err());
@@ -3713,9 +3703,17 @@ mod tests {
         let moved = dir.path().join("elsewhere");
         std::fs::rename(&path, &moved).unwrap();
         std::os::unix::fs::symlink(&moved, &path).unwrap();
-        std::thread::sleep(PATH_CHECK_EVERY + Duration::from_millis(100));
         let e = rt().block_on(trail.append(vec![event(2)])).unwrap_err();
         assert!(e.to_string().contains("no longer names"), "{e}");
+        // A hard link elsewhere, then the name removed: the file keeps a
+        // link, but not in the trail.
+        let dir = tempfile::tempdir().unwrap();
+        let trail = open_with(dir.path(), 2, true);
+        let path = only_file(dir.path());
+        std::fs::hard_link(&path, dir.path().join("elsewhere")).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let e = rt().block_on(trail.append(vec![event(2)])).unwrap_err();
+        assert!(e.to_string().contains("moved away"), "{e}");
     }
 
     fn victim() -> (tempfile::TempDir, PathBuf) {
