@@ -415,6 +415,14 @@ fn new_file(path: &Path) -> std::io::Result<File> {
         .open(path)
 }
 
+/// Whether `path` (not followed if a link) names the open `file`.
+fn names_file(path: &Path, file: &File) -> bool {
+    match (rustix::fs::lstat(path), rustix::fs::fstat(file)) {
+        (Ok(named), Ok(open)) => named.st_dev == open.st_dev && named.st_ino == open.st_ino,
+        _ => false,
+    }
+}
+
 /// An existing trail file, not through a symbolic link.
 fn open_existing(path: &Path, read: bool) -> std::io::Result<File> {
     let file = OpenOptions::new()
@@ -695,7 +703,18 @@ impl Sink for FileSink {
         // Either way the name must be free: whatever holds it was not made
         // by this writer and is refused rather than overwritten.
         let file = match Spare::take_ready(&mut self.spare) {
-            Some((spare, file)) => rename_new(&spare, &path).map(|()| file),
+            Some((spare, file)) if names_file(&spare, &file) => {
+                rename_new(&spare, &path).map(|()| file)
+            }
+            Some((spare, _)) => {
+                // Swapped under svsd (a link, another file): renaming it
+                // would put what someone else made into the trail.
+                tracing::error!(
+                    spare = %spare.display(),
+                    "ALARM audit: the spare file was replaced by something svsd did not make; left alone, a new file is used"
+                );
+                new_file(&path)
+            }
             None => new_file(&path),
         }
         .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
@@ -3743,6 +3762,32 @@ mod tests {
         drop(trail);
         assert_eq!(std::fs::read(&victim).unwrap(), b"precious, not svsd's");
         assert_eq!(verify_dir(dir.path(), None).unwrap().records, i as u64);
+    }
+
+    #[test]
+    fn a_spare_swapped_for_a_link_while_running_is_left_out_of_the_trail() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_v, victim) = victim();
+        let size = 16 << 10;
+        let trail = AuditTrail::open(&config(dir.path(), size)).unwrap();
+        // The spare zero-filled and ready, then swapped under svsd.
+        std::thread::sleep(Duration::from_millis(300));
+        let spare = dir.path().join(Spare::NAME);
+        std::fs::remove_file(&spare).unwrap();
+        std::os::unix::fs::symlink(&victim, &spare).unwrap();
+        let mut i = 0;
+        while trail_files(dir.path()).unwrap().len() < 2 {
+            rt().block_on(trail.append(vec![event(i)])).unwrap();
+            i += 1;
+        }
+        // Rotation made a file of its own and signing went on.
+        rt().block_on(trail.append(vec![event(i)])).unwrap();
+        drop(trail);
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious, not svsd's");
+        for (_, f) in trail_files(dir.path()).unwrap() {
+            assert!(std::fs::symlink_metadata(&f).unwrap().file_type().is_file());
+        }
+        assert_eq!(verify_dir(dir.path(), None).unwrap().records, i as u64 + 1);
     }
 
     #[test]
