@@ -1794,21 +1794,21 @@ fn verify_files(
         };
         let mut raw = read(&v)?;
         let newest = n + 1 == files.len();
-        if newest {
+        let bytes = if newest {
+            let mut shape = newest_shape(without_zero_tail(&raw), *first_seq);
             // A reader racing the writer can copy one page before a commit
             // and the next after two more: zeros, then records of two
             // commits. Such a torn copy does not repeat; damage on disk does.
             for _ in 0..2 {
-                if newest_shape(without_zero_tail(&raw), *first_seq).is_ok() {
+                if shape.is_ok() {
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(20));
                 raw = read(&v)?;
+                shape = newest_shape(without_zero_tail(&raw), *first_seq);
             }
-        }
-        let bytes = if newest {
             let bytes = without_zero_tail(&raw);
-            match newest_shape(bytes, *first_seq) {
+            match shape {
                 Ok(end) if end < bytes.len() => {
                     v.report.warnings.push(format!(
                         "{}: data after zero-filled space at byte {end}: a write in progress, or what a crash left of an unacknowledged group commit (svsd cuts it at its next start); not counted",

@@ -172,6 +172,17 @@ impl Install {
         std::fs::write(&self.config, f(text)).unwrap();
     }
 
+    /// Serves the metrics listener over TLS with the dev server
+    /// certificate, client certificates from the dev CA required.
+    pub fn enable_metrics_tls(&self) {
+        self.edit_config(|t| {
+            t.replace(
+                "\n[anomaly]",
+                "\n[metrics.tls]\ncertificate = \"server.pem\"\nprivate_key = \"server-key.pem\"\nclient_ca = \"ca.pem\"\n\n[anomaly]",
+            )
+        });
+    }
+
     /// The audit directory.
     pub fn audit_dir(&self) -> PathBuf {
         self.dir.join("audit")

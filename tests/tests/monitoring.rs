@@ -320,12 +320,7 @@ async fn slow_scrapers_do_not_stall_signing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_listener_with_tls_and_client_certificates() {
     let install = Install::new();
-    install.edit_config(|t| {
-        t.replace(
-            "\n[anomaly]",
-            "\n[metrics.tls]\ncertificate = \"server.pem\"\nprivate_key = \"server-key.pem\"\nclient_ca = \"ca.pem\"\n\n[anomaly]",
-        )
-    });
+    install.enable_metrics_tls();
     let d = install.start().await;
     let ca = install.dir.join("ca.pem");
     let metrics = install.metrics_addr;

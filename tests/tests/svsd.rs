@@ -1846,12 +1846,7 @@ async fn a_flood_of_refusals_is_counted_not_recorded_one_by_one() {
 async fn failed_tls_handshakes_are_all_counted_but_logged_at_most_once_a_second() {
     const FLOOD: Duration = Duration::from_secs(3);
     let install = Install::new();
-    install.edit_config(|t| {
-        t.replace(
-            "\n[anomaly]",
-            "\n[metrics.tls]\ncertificate = \"server.pem\"\nprivate_key = \"server-key.pem\"\nclient_ca = \"ca.pem\"\n\n[anomaly]",
-        )
-    });
+    install.enable_metrics_tls();
     let d = install.start().await;
     let listeners = [("api", d.addr), ("metrics", install.metrics_addr)];
     let started = std::time::Instant::now();
