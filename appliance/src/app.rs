@@ -273,6 +273,8 @@ pub struct App {
     /// The token object that signs checkpoints, as at start (`[audit]`
     /// changes need a restart): never to be exposed to clients.
     checkpoint_key: Option<String>,
+    /// The audit anchor's data object on the token, as at start.
+    anchor_object: Option<String>,
     /// Which refusals get an audit record of their own.
     refusals: RefusalRecords,
     /// Refusal-audit failures logged at most once a second (clients can
@@ -336,6 +338,7 @@ impl App {
             body_budget: Arc::new(Semaphore::new(config.limits.max_inflight_body_bytes)),
             body_budget_bytes: config.limits.max_inflight_body_bytes,
             checkpoint_key: config.audit.checkpoint_key.clone(),
+            anchor_object: config.audit.anchor_object.clone(),
             refusals: RefusalRecords::new(config.audit.refusal_records),
             refusal_log: LogLimit::new(Duration::from_secs(1)),
             counters: Counters::default(),
@@ -1238,12 +1241,47 @@ impl App {
         let raw = self.backend.sign_digest(audit_object, digest).await?;
         self.audit
             .checkpoint(
-                text,
+                text.clone(),
                 audit_object.to_owned(),
                 svs_hsm::signature::raw_to_der(&raw),
             )
             .await?;
+        self.update_anchor(&text).await?;
         Ok(seq)
+    }
+
+    /// Records the current chain head as the audit anchor (at a clean
+    /// stop, when no checkpoint covers the last records).
+    pub async fn anchor_head(&self, interval: Duration) -> Result<(), SvsError> {
+        if self.anchor_object.is_none() {
+            return Ok(());
+        }
+        let (seq, head, last_time) = self.audit.head().await?;
+        self.update_anchor(&crate::audit::Checkpoint::now(
+            seq, head, interval, &last_time,
+        ))
+        .await
+    }
+
+    /// Makes `text`, of records already durable, the token's audit anchor;
+    /// unless the anchor there is ahead of it: then another trail writes it
+    /// (appliances sharing the token and the label) or this trail started
+    /// over, and overwriting would hide either.
+    async fn update_anchor(&self, text: &crate::audit::Checkpoint) -> Result<(), SvsError> {
+        let Some(label) = &self.anchor_object else {
+            return Ok(());
+        };
+        let on_token = crate::audit::anchor_head(&self.backend.read_data(label).await?)
+            .map_err(|e| SvsError::AuditUnavailable(format!("audit anchor {label:?}: {e}")))?;
+        if let Some(on_token) = on_token
+            && on_token.head_seq > text.head_seq
+        {
+            return Err(SvsError::AuditUnavailable(format!(
+                "the token's audit anchor {label:?} is at seq {}, ahead of this trail's seq {}: another svsd writes the same anchor (set [audit] anchor_object apart), or this trail was started over; left unchanged",
+                on_token.head_seq, text.head_seq
+            )));
+        }
+        self.backend.replace_data(label, text.message()).await
     }
 }
 
@@ -1324,6 +1362,12 @@ mod tests {
                 return Box::pin(async { Err(SvsError::HsmUnavailable("test".into())) });
             }
             self.soft.sign_digest(object, digest)
+        }
+        fn read_data(&self, label: &str) -> BoxFuture<'_, Result<Vec<Vec<u8>>, SvsError>> {
+            self.soft.read_data(label)
+        }
+        fn replace_data(&self, label: &str, value: Vec<u8>) -> BoxFuture<'_, Result<(), SvsError>> {
+            self.soft.replace_data(label, value)
         }
         fn health(&self) -> Result<(), String> {
             self.soft.health()
@@ -1423,7 +1467,7 @@ operations = ["sign", "verify"]
             down: Default::default(),
             signs: Default::default(),
         });
-        let audit = Arc::new(AuditTrail::open(&cfg.audit).unwrap());
+        let audit = Arc::new(AuditTrail::open(&cfg.audit, None).unwrap());
         let app = Arc::new(App::new(&cfg, backend.clone(), audit));
         Fixture {
             _tmp: tmp,
@@ -1473,6 +1517,54 @@ operations = ["sign", "verify"]
             }
         }
         out
+    }
+
+    #[test]
+    fn checkpoints_and_the_stop_move_the_anchor_but_never_back() {
+        let f = fixture_with("", &["demo"], "", |c| {
+            c.audit.checkpoint_key = Some("other".into());
+        });
+        let anchor = |f: &Fixture| {
+            rt().block_on(f.backend.read_data(crate::config::DEFAULT_ANCHOR_OBJECT))
+                .map(|v| crate::audit::anchor_head(&v).unwrap())
+                .unwrap()
+        };
+        assert_eq!(anchor(&f), None);
+        rt().block_on(async {
+            f.app.audit.note("start", "test".into()).await.unwrap();
+            let seq = f
+                .app
+                .checkpoint("other", Duration::from_secs(300))
+                .await
+                .unwrap();
+            assert_eq!(seq, 1);
+        });
+        let first = anchor(&f).unwrap();
+        assert_eq!((first.head_seq, first.interval_s), (1, 300));
+        rt().block_on(async {
+            f.app.audit.note("stop", "test".into()).await.unwrap();
+            f.app.anchor_head(Duration::from_secs(300)).await.unwrap();
+        });
+        // The start, the checkpoint, the stop.
+        let (seq, head, _) = rt().block_on(f.app.audit.head()).unwrap();
+        let at_stop = anchor(&f).unwrap();
+        assert_eq!((at_stop.head_seq, at_stop.head), (3, head));
+        assert_eq!(seq, 3);
+        // Another trail's anchor, ahead of this one: left as it is.
+        let ahead = crate::audit::Checkpoint {
+            head_seq: 1000,
+            ..at_stop.clone()
+        };
+        rt().block_on(
+            f.backend
+                .replace_data(crate::config::DEFAULT_ANCHOR_OBJECT, ahead.message()),
+        )
+        .unwrap();
+        let e = rt()
+            .block_on(f.app.checkpoint("other", Duration::from_secs(300)))
+            .unwrap_err();
+        assert!(e.to_string().contains("ahead of this trail's seq 3"), "{e}");
+        assert_eq!(anchor(&f), Some(ahead));
     }
 
     #[test]
@@ -2064,7 +2156,7 @@ operations = ["sign", "verify"]
         let tmp = tempfile::tempdir().unwrap();
         let mut cfg = config(tmp.path(), "", &["demo"], "");
         cfg.audit.checkpoint_key = Some("other".into());
-        let audit = Arc::new(AuditTrail::open(&cfg.audit).unwrap());
+        let audit = Arc::new(AuditTrail::open(&cfg.audit, None).unwrap());
         let app = Arc::new(App::new(
             &cfg,
             Arc::new(SoftBackend::new(&["demo", "other"])),

@@ -178,6 +178,44 @@ impl Checkpoint {
         )
         .into_bytes()
     }
+
+    /// Reads back a [`Checkpoint::message`]: the value of the audit anchor.
+    pub fn parse_message(bytes: &[u8]) -> Option<Checkpoint> {
+        let text = std::str::from_utf8(bytes).ok()?;
+        let mut lines = text
+            .strip_prefix("SVS audit checkpoint v2\n")?
+            .strip_suffix('\n')?
+            .split('\n');
+        let mut field = |name: &str| lines.next()?.strip_prefix(name)?.strip_prefix('=');
+        let checkpoint = Checkpoint {
+            head_seq: field("seq")?.parse().ok()?,
+            head: unhex32(field("head")?.as_bytes())?,
+            signed_at: field("time")?.to_owned(),
+            interval_s: field("interval_s")?.parse().ok()?,
+        };
+        lines.next().is_none().then_some(checkpoint)
+    }
+}
+
+/// The audit anchor: the text of the trail's last checkpoint (or of its
+/// clean stop), kept on the token as a data object, so that a trail
+/// deleted or rolled back while the token kept its state is found at start.
+/// Of several values (a crash while it was replaced leaves two) the newest
+/// counts. `Err` names a value that is not an anchor.
+pub fn anchor_head(values: &[Vec<u8>]) -> Result<Option<Checkpoint>, String> {
+    let mut newest: Option<Checkpoint> = None;
+    for v in values {
+        let c = Checkpoint::parse_message(v).ok_or_else(|| {
+            format!(
+                "a value of {} bytes that is not an audit checkpoint text",
+                v.len()
+            )
+        })?;
+        if newest.as_ref().is_none_or(|n| c.head_seq > n.head_seq) {
+            newest = Some(c);
+        }
+    }
+    Ok(newest)
 }
 
 /// The chain head a checkpoint signs: the last record's seq, hash and time.
@@ -897,6 +935,54 @@ fn recover(dir: &Path) -> Result<(u64, [u8; 32], Option<u64>), SvsError> {
     Ok((0, GENESIS, None))
 }
 
+/// Compares the recovered chain end `(seq, head)` (its file starting at
+/// `current`) with the anchor. Only the record at the anchor's seq in that
+/// file is compared: older files may have been archived, and `audit verify`
+/// checks the chain between.
+fn check_anchor(
+    dir: &Path,
+    anchor: &Checkpoint,
+    (seq, head): (u64, [u8; 32]),
+    current: Option<u64>,
+) -> Result<(), SvsError> {
+    let advice = "put the trail's files back (`svs-provision audit verify` checks them); a new trail on purpose needs the anchor reset by a security officer (`svs-provision audit anchor --reset`). no record was written";
+    if seq < anchor.head_seq {
+        return Err(SvsError::AuditUnavailable(format!(
+            "the trail in {} ends at seq {seq}, but the token's audit anchor shows it reached seq {} (at {}): records were removed or an older copy put back (or another svsd writes this anchor: give each its own `[audit] anchor_object`); {advice}",
+            dir.display(),
+            anchor.head_seq,
+            anchor.signed_at
+        )));
+    }
+    let at_anchor = match current {
+        _ if seq == anchor.head_seq => Some(head),
+        Some(first) if first <= anchor.head_seq => {
+            record_hash(&dir.join(file_name(first)), anchor.head_seq)
+        }
+        // In an older (perhaps archived) file.
+        _ => return Ok(()),
+    };
+    if at_anchor != Some(anchor.head) {
+        return Err(SvsError::AuditUnavailable(format!(
+            "record {} of the trail in {} is not the one the token's audit anchor recorded (at {}): the trail was rewritten or replaced; {advice}",
+            anchor.head_seq,
+            dir.display(),
+            anchor.signed_at
+        )));
+    }
+    Ok(())
+}
+
+/// The hash of record `seq` in the trail file `path`, if it is there.
+fn record_hash(path: &Path, seq: u64) -> Option<[u8; 32]> {
+    let bytes = read_trail_file(path).ok()?;
+    bytes
+        .split(|b| *b == b'\n')
+        .filter_map(split_line)
+        .find(|(body, _)| body_seq(body) == Some(seq))
+        .map(|(_, hash)| hash)
+}
+
 /// What start-up recovery does with the newest file.
 #[derive(Debug, PartialEq, Eq)]
 enum Cut {
@@ -1379,13 +1465,19 @@ impl Writer {
 impl AuditTrail {
     /// Opens (or creates) the trail in `config.dir` and continues its chain.
     /// Blocking: call at start-up.
-    pub fn open(config: &AuditConfig) -> Result<AuditTrail, SvsError> {
+    /// `anchor` is the audit anchor read from the token: a trail that ends
+    /// before it, or holds another record at its seq, is refused before
+    /// anything is written.
+    pub fn open(config: &AuditConfig, anchor: Option<&Checkpoint>) -> Result<AuditTrail, SvsError> {
         let io = |e: std::io::Error| {
             SvsError::AuditUnavailable(format!("{}: {e}", config.dir.display()))
         };
         std::fs::create_dir_all(&config.dir).map_err(io)?;
         let lock = lock_dir(&config.dir)?;
         let (seq, head, current) = recover(&config.dir)?;
+        if let Some(anchor) = anchor {
+            check_anchor(&config.dir, anchor, (seq, head), current)?;
+        }
         let preallocate = config.preallocate.then_some(config.max_file_bytes);
         let sink = FileSink::create(&config.dir, current.unwrap_or(seq + 1), preallocate, lock)
             .map_err(io)?;
@@ -2341,15 +2433,7 @@ mod tests {
     }
 
     fn config(dir: &Path, max_file_bytes: u64) -> AuditConfig {
-        AuditConfig {
-            dir: dir.to_path_buf(),
-            max_file_bytes,
-            preallocate: true,
-            max_group_records: 64,
-            checkpoint_interval: None,
-            checkpoint_key: None,
-            refusal_records: crate::config::DEFAULT_REFUSAL_RECORDS,
-        }
+        AuditConfig::without_token(dir.to_path_buf(), max_file_bytes)
     }
 
     fn event(i: usize) -> AuditEvent {
@@ -2394,7 +2478,7 @@ mod tests {
     }
 
     fn write(dir: &Path, n: usize, max_file_bytes: u64) {
-        let trail = AuditTrail::open(&config(dir, max_file_bytes)).unwrap();
+        let trail = AuditTrail::open(&config(dir, max_file_bytes), None).unwrap();
         rt().block_on(async {
             let mut tasks = Vec::new();
             let trail = Arc::new(trail);
@@ -2446,6 +2530,113 @@ mod tests {
         assert!(files.len() > 3, "{files:?}");
         let r = verify_dir(dir.path(), None).unwrap();
         assert_eq!((r.records, r.files), (200, files.len()));
+    }
+
+    /// An anchor as svsd writes it, for record `seq` of the trail in `dir`
+    /// (`hash` instead of the record's, if given).
+    fn anchor_at(dir: &Path, seq: u64, hash: Option<[u8; 32]>) -> Checkpoint {
+        let files = trail_files(dir).unwrap();
+        let real = files.iter().find_map(|(_, p)| record_hash(p, seq));
+        Checkpoint {
+            head_seq: seq,
+            head: hash.or(real).unwrap_or([7; 32]),
+            signed_at: "2026-11-27T19:00:00.000000Z".into(),
+            interval_s: 300,
+        }
+    }
+
+    fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+        let mut all: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.file_name() != Some(LOCK_NAME.as_ref()))
+            .map(|p| (p.clone(), std::fs::read(&p).unwrap()))
+            .collect();
+        all.sort();
+        all
+    }
+
+    #[test]
+    fn a_trail_behind_its_anchor_or_unlike_it_is_refused_before_a_record_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), 200, 4096);
+        let files = trail_files(dir.path()).unwrap();
+        assert!(files.len() > 2, "{files:?}");
+        // The file holding the last record (an empty newest file aside).
+        let newest_first = files.iter().rev().map(|f| f.0).find(|s| *s <= 200).unwrap();
+        let cfg = AuditConfig {
+            preallocate: false,
+            ..config(dir.path(), 4096)
+        };
+        // The anchor at the end, inside the newest file, or in an older
+        // (perhaps archived) file, which is not compared.
+        for anchor in [
+            anchor_at(dir.path(), 200, None),
+            anchor_at(dir.path(), newest_first, None),
+            anchor_at(dir.path(), 2, Some([9; 32])),
+        ] {
+            AuditTrail::open(&cfg, Some(&anchor)).unwrap().close();
+        }
+        let before = snapshot(dir.path());
+        let refused = |anchor: Checkpoint, dir: &Path| {
+            let cfg = AuditConfig {
+                dir: dir.to_path_buf(),
+                ..cfg.clone()
+            };
+            let e = AuditTrail::open(&cfg, Some(&anchor)).err().unwrap();
+            assert!(matches!(e, SvsError::AuditUnavailable(_)), "{e}");
+            e.to_string()
+        };
+        let e = refused(anchor_at(dir.path(), 205, None), dir.path());
+        assert!(
+            e.contains("ends at seq 200") && e.contains("reached seq 205"),
+            "{e}"
+        );
+        assert!(e.contains("svs-provision audit anchor --reset"), "{e}");
+        for anchor in [
+            anchor_at(dir.path(), 200, Some([9; 32])),
+            anchor_at(dir.path(), newest_first + 1, Some([9; 32])),
+        ] {
+            let e = refused(anchor, dir.path());
+            assert!(e.contains("rewritten or replaced"), "{e}");
+        }
+        assert_eq!(
+            snapshot(dir.path()),
+            before,
+            "a refused start changes nothing"
+        );
+        // An emptied directory (or one holding an older copy).
+        let empty = tempfile::tempdir().unwrap();
+        let e = refused(anchor_at(dir.path(), 200, None), empty.path());
+        assert!(e.contains("ends at seq 0"), "{e}");
+        assert_eq!(snapshot(empty.path()), vec![], "no trail file begun");
+    }
+
+    #[test]
+    fn the_anchor_reads_back_and_the_newest_of_two_counts() {
+        let a = Checkpoint::now(7, [3; 32], Duration::from_secs(300), "");
+        assert_eq!(Checkpoint::parse_message(&a.message()), Some(a.clone()));
+        let b = Checkpoint {
+            head_seq: 9,
+            ..a.clone()
+        };
+        assert_eq!(
+            anchor_head(&[b.message(), a.message()]),
+            Ok(Some(b.clone()))
+        );
+        assert_eq!(anchor_head(&[a.message(), b.message()]), Ok(Some(b)));
+        assert_eq!(anchor_head(&[]), Ok(None));
+        let mut extra = a.message();
+        extra.extend_from_slice(b"more=1\n");
+        for bad in [
+            b"".to_vec(),
+            b"hello".to_vec(),
+            extra,
+            checkpoint_message_v1(7, &[3; 32]),
+        ] {
+            assert!(Checkpoint::parse_message(&bad).is_none(), "{bad:?}");
+            assert!(anchor_head(&[a.message(), bad]).is_err());
+        }
     }
 
     fn damaged(edit: impl Fn(&mut Vec<String>)) -> ChainBreak {
@@ -2527,10 +2718,13 @@ mod tests {
 
     /// A trail kept open: the file being written, as a crash would leave it.
     fn open_with(dir: &Path, n: usize, preallocate: bool) -> AuditTrail {
-        let trail = AuditTrail::open(&AuditConfig {
-            preallocate,
-            ..config(dir, 1 << 20)
-        })
+        let trail = AuditTrail::open(
+            &AuditConfig {
+                preallocate,
+                ..config(dir, 1 << 20)
+            },
+            None,
+        )
         .unwrap();
         rt().block_on(async {
             for i in 0..n {
@@ -2571,7 +2765,7 @@ mod tests {
     fn rotation_takes_a_zero_filled_spare_and_cuts_the_retired_file() {
         let dir = tempfile::tempdir().unwrap();
         let size = 16 << 10;
-        let trail = AuditTrail::open(&config(dir.path(), size)).unwrap();
+        let trail = AuditTrail::open(&config(dir.path(), size), None).unwrap();
         let spare = dir.path().join(Spare::NAME);
         let mut i = 0;
         for files in 2..5 {
@@ -2626,7 +2820,7 @@ mod tests {
     fn a_second_writer_is_refused_while_the_first_holds_the_trail() {
         let dir = tempfile::tempdir().unwrap();
         let first = open_with(dir.path(), 3, true);
-        let err = AuditTrail::open(&config(dir.path(), 1 << 20)).unwrap_err();
+        let err = AuditTrail::open(&config(dir.path(), 1 << 20), None).unwrap_err();
         assert!(
             err.to_string().contains("in use by another process"),
             "{err}"
@@ -2667,7 +2861,7 @@ mod tests {
         // Records 6..=9 removed with the file that held them.
         let empty = dir.path().join(file_name(10));
         std::fs::write(&empty, b"").unwrap();
-        let err = AuditTrail::open(&config(dir.path(), 1 << 20)).unwrap_err();
+        let err = AuditTrail::open(&config(dir.path(), 1 << 20), None).unwrap_err();
         assert!(err.to_string().contains("records are missing"), "{err}");
         assert!(empty.exists());
     }
@@ -2682,7 +2876,7 @@ mod tests {
         std::fs::remove_file(&first).unwrap();
         let empty = dir.path().join(file_name(6));
         std::fs::write(&empty, b"").unwrap();
-        let err = AuditTrail::open(&config(dir.path(), 1 << 20)).unwrap_err();
+        let err = AuditTrail::open(&config(dir.path(), 1 << 20), None).unwrap_err();
         assert!(err.to_string().contains("seq 5"), "{err}");
         assert!(empty.exists());
         assert!(!first.exists(), "no new file 1 made");
@@ -3328,7 +3522,7 @@ mod tests {
         let ahead = 400 * 86_400 * 365;
         f.ops(3, ahead);
         f.write(dir.path(), 1);
-        let trail = AuditTrail::open(&config(dir.path(), 1 << 20)).unwrap();
+        let trail = AuditTrail::open(&config(dir.path(), 1 << 20), None).unwrap();
         rt().block_on(async {
             trail.append(vec![event(4)]).await.unwrap();
             let (seq, _, last) = trail.head().await.unwrap();
@@ -3749,7 +3943,7 @@ mod tests {
         let spare = dir.path().join(Spare::NAME);
         std::os::unix::fs::symlink(&victim, &spare).unwrap();
         let size = 16 << 10;
-        let trail = AuditTrail::open(&config(dir.path(), size)).unwrap();
+        let trail = AuditTrail::open(&config(dir.path(), size), None).unwrap();
         std::thread::sleep(Duration::from_millis(300));
         assert_eq!(std::fs::read(&victim).unwrap(), b"precious, not svsd's");
         let meta = std::fs::symlink_metadata(&spare).unwrap();
@@ -3769,7 +3963,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (_v, victim) = victim();
         let size = 16 << 10;
-        let trail = AuditTrail::open(&config(dir.path(), size)).unwrap();
+        let trail = AuditTrail::open(&config(dir.path(), size), None).unwrap();
         // The spare zero-filled and ready, then swapped under svsd.
         std::thread::sleep(Duration::from_millis(300));
         let spare = dir.path().join(Spare::NAME);
@@ -3795,10 +3989,13 @@ mod tests {
         for preallocate in [true, false] {
             let dir = tempfile::tempdir().unwrap();
             let (_v, victim) = victim();
-            let trail = AuditTrail::open(&AuditConfig {
-                preallocate,
-                ..config(dir.path(), 4096)
-            })
+            let trail = AuditTrail::open(
+                &AuditConfig {
+                    preallocate,
+                    ..config(dir.path(), 4096)
+                },
+                None,
+            )
             .unwrap();
             // With a spare ready, rotation is a rename (the other path).
             std::thread::sleep(Duration::from_millis(200));
@@ -3820,10 +4017,13 @@ mod tests {
             drop(trail);
             // A plain file under the next name is not overwritten either.
             let dir = tempfile::tempdir().unwrap();
-            let trail = AuditTrail::open(&AuditConfig {
-                preallocate,
-                ..config(dir.path(), 4096)
-            })
+            let trail = AuditTrail::open(
+                &AuditConfig {
+                    preallocate,
+                    ..config(dir.path(), 4096)
+                },
+                None,
+            )
             .unwrap();
             std::thread::sleep(Duration::from_millis(200));
             for seq in 2..40 {
@@ -3858,7 +4058,7 @@ mod tests {
         std::fs::write(&victim, &bytes).unwrap();
         std::fs::remove_file(&path).unwrap();
         std::os::unix::fs::symlink(&victim, &path).unwrap();
-        let e = AuditTrail::open(&config(dir.path(), 1 << 20)).unwrap_err();
+        let e = AuditTrail::open(&config(dir.path(), 1 << 20), None).unwrap_err();
         assert!(e.to_string().contains("is a symbolic link"), "{e}");
         assert_eq!(std::fs::read(&victim).unwrap(), bytes);
         assert!(std::fs::symlink_metadata(&path).unwrap().is_symlink());
@@ -3915,7 +4115,7 @@ mod tests {
         let sk = sm2::SecretKey::from_slice(&[5u8; 32]).unwrap();
         let signer = sm2::dsa::SigningKey::new("1234567812345678", &sk).unwrap();
         let point = sk.public_key().to_sec1_bytes();
-        let trail = AuditTrail::open(&config(dir.path(), 1 << 20)).unwrap();
+        let trail = AuditTrail::open(&config(dir.path(), 1 << 20), None).unwrap();
         rt().block_on(async {
             trail.append(vec![event(1), event(2)]).await.unwrap();
             let (seq, head, last) = trail.head().await.unwrap();

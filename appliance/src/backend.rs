@@ -41,6 +41,11 @@ pub trait SigningBackend: Send + Sync + 'static {
             out
         })
     }
+    /// The values of the token's data objects labelled `label` (the audit
+    /// anchor, see `svs_hsm::data`).
+    fn read_data(&self, label: &str) -> BoxFuture<'_, Result<Vec<Vec<u8>>, SvsError>>;
+    /// Makes `value` the only data object labelled `label`.
+    fn replace_data(&self, label: &str, value: Vec<u8>) -> BoxFuture<'_, Result<(), SvsError>>;
     /// Whether the backend can sign right now; the reason when not.
     fn health(&self) -> Result<(), String>;
     /// The session pool's state, for metrics; none for backends without one.
@@ -94,6 +99,16 @@ impl SigningBackend for Hsm {
         })
     }
 
+    fn read_data(&self, label: &str) -> BoxFuture<'_, Result<Vec<Vec<u8>>, SvsError>> {
+        let label = label.to_owned();
+        Box::pin(async move { Ok(Hsm::read_data(self, &label).await?) })
+    }
+
+    fn replace_data(&self, label: &str, value: Vec<u8>) -> BoxFuture<'_, Result<(), SvsError>> {
+        let label = label.to_owned();
+        Box::pin(async move { Ok(Hsm::replace_data(self, &label, value).await?) })
+    }
+
     fn health(&self) -> Result<(), String> {
         let h = Hsm::health(self);
         match h.state {
@@ -121,6 +136,8 @@ pub struct SoftBackend {
     keys: HashMap<String, (Arc<KeyInfo>, sm2::dsa::SigningKey)>,
     /// When set, every signature fails as if the token were gone.
     pub fail: std::sync::atomic::AtomicBool,
+    /// Data objects by label.
+    data: std::sync::Mutex<HashMap<String, Vec<u8>>>,
 }
 
 impl std::fmt::Debug for SoftBackend {
@@ -158,6 +175,7 @@ impl SoftBackend {
         SoftBackend {
             keys,
             fail: Default::default(),
+            data: Default::default(),
         }
     }
 }
@@ -189,6 +207,20 @@ impl SigningBackend for SoftBackend {
             Ok(raw)
         })();
         Box::pin(async move { result })
+    }
+
+    fn read_data(&self, label: &str) -> BoxFuture<'_, Result<Vec<Vec<u8>>, SvsError>> {
+        let data = self.data.lock().unwrap_or_else(|p| p.into_inner());
+        let values = data.get(label).cloned().into_iter().collect();
+        Box::pin(async move { Ok(values) })
+    }
+
+    fn replace_data(&self, label: &str, value: Vec<u8>) -> BoxFuture<'_, Result<(), SvsError>> {
+        self.data
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(label.to_owned(), value);
+        Box::pin(async { Ok(()) })
     }
 
     fn health(&self) -> Result<(), String> {

@@ -172,6 +172,10 @@ impl Default for Limits {
     }
 }
 
+/// The audit anchor's label on the token unless `[audit] anchor_object`
+/// says otherwise (appliances sharing one token need one each).
+pub const DEFAULT_ANCHOR_OBJECT: &str = "svs-audit-anchor";
+
 /// Default of `[audit] refusal_records`: per source, a refused request gets
 /// its own record at 20 a second after a burst of 100; past that refusals
 /// are counted in one summary record a second (see [`crate::refusals`]).
@@ -196,10 +200,30 @@ pub struct AuditConfig {
     pub checkpoint_interval: Option<Duration>,
     /// Token object (CKA_LABEL) of the audit key; required for checkpoints.
     pub checkpoint_key: Option<String>,
+    /// Label of the token data object holding the audit anchor (the last
+    /// checkpointed head, see `audit::anchor_head`); none disables it.
+    pub anchor_object: Option<String>,
     /// Token bucket of refusal records per source (an entity, or all
     /// unknown clients together); a burst of 0 records refusals only in
     /// the summaries.
     pub refusal_records: RateLimit,
+}
+
+impl AuditConfig {
+    /// A trail in `dir` without checkpoints or anchor (nothing on a token),
+    /// rotated at `max_file_bytes`: what tests and tools write.
+    pub fn without_token(dir: PathBuf, max_file_bytes: u64) -> AuditConfig {
+        AuditConfig {
+            dir,
+            max_file_bytes,
+            preallocate: true,
+            max_group_records: 64,
+            checkpoint_interval: None,
+            checkpoint_key: None,
+            anchor_object: None,
+            refusal_records: DEFAULT_REFUSAL_RECORDS,
+        }
+    }
 }
 
 /// The validated configuration.
@@ -300,6 +324,8 @@ struct RawAudit {
     max_group_records: Option<usize>,
     checkpoint_interval_s: Option<u64>,
     checkpoint_key: Option<String>,
+    anchor: Option<bool>,
+    anchor_object: Option<String>,
     refusal_records: Option<RawRate>,
 }
 
@@ -957,6 +983,20 @@ impl Config {
                     "[audit] checkpoint_key {k:?} must not also be exposed in [keys]"
                 ));
             }
+            let anchor_object = match (a.anchor.unwrap_or(true), a.anchor_object) {
+                (false, Some(_)) => {
+                    errors.push("[audit] anchor_object is set but anchor = false");
+                    None
+                }
+                (false, None) => None,
+                (true, None) => Some(DEFAULT_ANCHOR_OBJECT.to_owned()),
+                (true, Some(label)) => {
+                    if label.is_empty() {
+                        errors.push("[audit] anchor_object must not be empty");
+                    }
+                    Some(label)
+                }
+            };
             let refusal_records = match a.refusal_records {
                 None => DEFAULT_REFUSAL_RECORDS,
                 Some(r) => {
@@ -978,6 +1018,7 @@ impl Config {
                 max_group_records,
                 checkpoint_interval,
                 checkpoint_key: a.checkpoint_key,
+                anchor_object,
                 refusal_records,
             }
         });
@@ -1313,6 +1354,32 @@ operations = ["dance"]
             all.contains("[hsm] default_sm2_id: svsd's default ID is fixed at 1234567812345678"),
             "{all}"
         );
+    }
+
+    #[test]
+    fn the_audit_anchor_is_on_by_default_and_can_be_named_or_turned_off() {
+        let parse = |extra: &str| {
+            let text = good().replace("[audit]\n", &format!("[audit]\n{extra}"));
+            Config::from_toml(&text, Path::new("/x.toml")).map(|c| c.audit.anchor_object)
+        };
+        assert_eq!(parse("").unwrap().as_deref(), Some(DEFAULT_ANCHOR_OBJECT));
+        assert_eq!(
+            parse("anchor_object = \"svs-b\"\n").unwrap().as_deref(),
+            Some("svs-b")
+        );
+        assert_eq!(parse("anchor = false\n").unwrap(), None);
+        for (bad, needle) in [
+            (
+                "anchor = false\nanchor_object = \"x\"\n",
+                "anchor_object is set but anchor = false",
+            ),
+            ("anchor_object = \"\"\n", "anchor_object must not be empty"),
+        ] {
+            let Err(SvsError::Config(errs)) = parse(bad) else {
+                panic!("{bad}")
+            };
+            assert!(errs.join("\n").contains(needle), "{errs:?}");
+        }
     }
 
     #[test]

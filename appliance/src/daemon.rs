@@ -646,10 +646,20 @@ async fn start(config: &Config, probe: &mut ProbeSocket) -> Result<Running, SvsE
         ));
     }
 
+    let anchor = match &config.audit.anchor_object {
+        Some(label) => crate::audit::anchor_head(&hsm.read_data(label).await.map_err(start_error)?)
+            .map_err(|e| {
+                SvsError::AuditUnavailable(format!(
+                    "the token's audit anchor {label:?} holds {e}: a security officer can reset it (`svs-provision audit anchor --reset`)"
+                ))
+            })?,
+        None => None,
+    };
     let audit_config = config.audit.clone();
-    let audit = tokio::task::spawn_blocking(move || AuditTrail::open(&audit_config))
-        .await
-        .map_err(|e| SvsError::Internal(e.to_string()))??;
+    let audit =
+        tokio::task::spawn_blocking(move || AuditTrail::open(&audit_config, anchor.as_ref()))
+            .await
+            .map_err(|e| SvsError::Internal(e.to_string()))??;
     let audit = Arc::new(audit);
     let app = Arc::new(App::with_metrics(config, backend, audit.clone(), metrics));
     audit
@@ -812,6 +822,11 @@ impl Running {
         app.flush_refusals().await;
         if let Err(e) = audit.note("stop", "svsd stopped".into()).await {
             tracing::error!(error = %e, "cannot record the stop in the audit trail");
+        } else if let Err(e) = app
+            .anchor_head(config.audit.checkpoint_interval.unwrap_or_default())
+            .await
+        {
+            tracing::error!(error = %e, "ALARM cannot record the trail's end in the audit anchor");
         }
         let audit_for_close = audit.clone();
         let _ = tokio::task::spawn_blocking(move || audit_for_close.close()).await;

@@ -378,6 +378,26 @@ impl Hsm {
         self.refresh_keys().await?;
         Ok(())
     }
+
+    /// The values of the token's data objects labelled `label` (see [`crate::data`]).
+    pub async fn read_data(&self, label: &str) -> Result<Vec<Vec<u8>>> {
+        let label = label.to_owned();
+        self.pool
+            .run("read_data", None, true, move |s: &mut TokenSession| {
+                crate::data::read(&s.session, &label)
+            })
+            .await
+    }
+
+    /// Makes `value` the only data object labelled `label` (see [`crate::data`]).
+    pub async fn replace_data(&self, label: &str, value: Vec<u8>) -> Result<()> {
+        let label = label.to_owned();
+        self.pool
+            .run("replace_data", None, false, move |s: &mut TokenSession| {
+                crate::data::replace(&s.session, &label, &value)
+            })
+            .await
+    }
 }
 
 /// Signs one digest on a worker's session.

@@ -6,6 +6,7 @@
 //! the pool's behaviour.
 
 pub mod config;
+pub mod data;
 pub mod error;
 pub mod hsm;
 pub mod keys;

@@ -169,6 +169,34 @@ async fn body(dir: &Path) {
         .collect();
     assert_eq!(names, ["p256-a", "p256-b"]);
 
+    // Data objects (svsd's audit anchor) on an HSM we did not write:
+    // replaced, never duplicated, and private (not seen without login).
+    assert!(hsm.read_data("anchor").await.unwrap().is_empty());
+    hsm.replace_data("anchor", b"one".to_vec()).await.unwrap();
+    hsm.replace_data("anchor", b"two".to_vec()).await.unwrap();
+    assert_eq!(hsm.read_data("anchor").await.unwrap(), [b"two".to_vec()]);
+    if common::have_tool("pkcs11-tool", "--version") {
+        let out = std::process::Command::new("pkcs11-tool")
+            .args([
+                "--module",
+                MODULE,
+                "--token-label",
+                "svs-test",
+                "-O",
+                "--type",
+                "data",
+            ])
+            .env("SOFTHSM2_CONF", std::env::var_os("SOFTHSM2_CONF").unwrap())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            !text.contains("anchor"),
+            "private, yet listed without login:\n{text}"
+        );
+    }
+
     // Sign; verify in software and with OpenSSL.
     let msg = b"hello from svs over softhsm".repeat(3);
     let der = hsm

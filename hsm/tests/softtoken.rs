@@ -141,6 +141,14 @@ async fn end_to_end(module: ModuleSource) {
     assert_eq!(key.public_point.len(), 65);
     assert!(key.certificate_chain.is_empty());
 
+    // A data object (svsd's audit anchor): replaced, never duplicated;
+    // not a key.
+    hsm.replace_data("anchor", b"one".to_vec()).await.unwrap();
+    hsm.replace_data("anchor", b"two".to_vec()).await.unwrap();
+    assert_eq!(hsm.read_data("anchor").await.unwrap(), [b"two".to_vec()]);
+    assert!(hsm.read_data("nia-auth").await.unwrap().is_empty());
+    assert_eq!(hsm.refresh_keys().await.unwrap().len(), 2);
+
     // Sign a message (Z and e on the host), both encodings.
     let msg = b"SVS SM2 message".to_vec();
     let der = hsm

@@ -1,6 +1,7 @@
 //! `audit verify` and `audit show`: the auditor's commands. Neither needs a
 //! PIN: the trail is read from disk and the audit key's public half is a
-//! public token object (or a file).
+//! public token object (or a file). `audit anchor`: the security officer's
+//! view of the trail's head kept on the token (a private object: PIN).
 
 use std::path::{Path, PathBuf};
 
@@ -14,6 +15,8 @@ use svs_appliance::audit::{
 
 use crate::Report;
 use crate::error::{ProvisionError, Result};
+use crate::pin::PinReader;
+use crate::token::Opened;
 
 /// Where the audit key's public key comes from.
 #[derive(Debug, Clone)]
@@ -333,6 +336,67 @@ fn check_time(s: &str) -> Result<()> {
 }
 
 /// `audit show`: records matching the filter, oldest first.
+/// `audit anchor`: shows the token's audit anchor; with `reset`, deletes it
+/// (after the operator typed its label, unless `yes`).
+pub fn anchor(
+    opened: &Opened,
+    pins: &mut PinReader,
+    label: &str,
+    reset: bool,
+    yes: bool,
+) -> Result<Report> {
+    let session = opened.user_session(pins)?;
+    let values = svs_hsm::data::read(&session, label)?;
+    let head = svs_appliance::audit::anchor_head(&values)
+        .map_err(|e| ProvisionError::AuditBroken(format!("the audit anchor '{label}' holds {e}")));
+    let shown = match &head {
+        Ok(Some(c)) => format!(
+            "audit anchor '{label}' on token '{}': the trail reached seq {} (hash {}) at {}",
+            opened.label,
+            c.head_seq,
+            svs_hsm::keys::hex(&c.head),
+            c.signed_at
+        ),
+        Ok(None) => format!("token '{}' holds no audit anchor '{label}'", opened.label),
+        Err(e) => e.to_string(),
+    };
+    if !reset {
+        let c = head?;
+        return Ok(Report {
+            text: format!("{shown}\n"),
+            json: match c {
+                Some(c) => json!({
+                    "label": label,
+                    "seq": c.head_seq,
+                    "head": svs_hsm::keys::hex(&c.head),
+                    "time": c.signed_at,
+                }),
+                None => json!({"label": label, "seq": null}),
+            },
+        });
+    }
+    if values.is_empty() {
+        return Err(ProvisionError::NotFound(format!(
+            "{shown}; nothing to reset"
+        )));
+    }
+    if !yes {
+        crate::pin::confirm(
+            &format!(
+                "{shown}. Deleting it lets svsd start a new trail without the old one: do this only once that trail is archived or ended on purpose."
+            ),
+            label,
+        )?;
+    }
+    let removed = svs_hsm::data::remove(&session, label)?;
+    Ok(Report {
+        text: format!(
+            "{shown}\ndeleted ({removed} object(s)); svsd's next start begins the anchor anew\n"
+        ),
+        json: json!({"label": label, "objects_deleted": removed}),
+    })
+}
+
 pub fn show(dir: &Path, f: &ShowFilter) -> Result<Report> {
     for t in [&f.since, &f.until].into_iter().flatten() {
         check_time(t)?;
@@ -464,15 +528,10 @@ mod tests {
     }
 
     fn trail(dir: &Path, notes: usize) {
-        let trail = svs_appliance::audit::AuditTrail::open(&svs_appliance::config::AuditConfig {
-            dir: dir.to_path_buf(),
-            max_file_bytes: 1024,
-            preallocate: true,
-            max_group_records: 64,
-            checkpoint_interval: None,
-            checkpoint_key: None,
-            refusal_records: svs_appliance::config::DEFAULT_REFUSAL_RECORDS,
-        })
+        let trail = svs_appliance::audit::AuditTrail::open(
+            &svs_appliance::config::AuditConfig::without_token(dir.to_path_buf(), 1024),
+            None,
+        )
         .unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
@@ -520,15 +579,10 @@ mod tests {
     #[test]
     fn summaries_of_suppressed_refusals_verify_and_show_like_any_note() {
         let dir = tempfile::tempdir().unwrap();
-        let trail = svs_appliance::audit::AuditTrail::open(&svs_appliance::config::AuditConfig {
-            dir: dir.path().to_path_buf(),
-            max_file_bytes: 1 << 20,
-            preallocate: true,
-            max_group_records: 64,
-            checkpoint_interval: None,
-            checkpoint_key: None,
-            refusal_records: svs_appliance::config::DEFAULT_REFUSAL_RECORDS,
-        })
+        let trail = svs_appliance::audit::AuditTrail::open(
+            &svs_appliance::config::AuditConfig::without_token(dir.path().to_path_buf(), 1 << 20),
+            None,
+        )
         .unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()

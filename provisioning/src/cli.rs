@@ -367,6 +367,22 @@ pub enum AuditCmd {
         #[arg(long, conflicts_with = "skip_signatures")]
         live: bool,
     },
+    /// Show the audit anchor: the trail's last checkpointed head, which svsd
+    /// keeps on the token and compares with the trail at start. With
+    /// --reset, delete it, so that svsd starts a new trail (asks you to type
+    /// the label unless --yes). Needs the user PIN.
+    Anchor {
+        /// The anchor's label on the token (default: svsd's [audit]
+        /// anchor_object with --config, else svs-audit-anchor).
+        #[arg(long, value_name = "LABEL")]
+        label: Option<String>,
+        /// Delete the anchor.
+        #[arg(long)]
+        reset: bool,
+        /// With --reset: do not ask for confirmation.
+        #[arg(long, requires = "reset")]
+        yes: bool,
+    },
     /// List records, oldest first (does not verify them: `audit verify` does).
     Show {
         /// Audit directory (default: svsd's [audit] dir).
@@ -710,6 +726,14 @@ pub fn run(cli: Cli) -> Result<Outcome> {
                 }
             };
             Ok(crate::audit::verify(&dir, &audit_key, &args)?.into())
+        }
+        Command::Audit(AuditCmd::Anchor { label, reset, yes }) => {
+            let label = label
+                .clone()
+                .or_else(|| config.as_ref().and_then(|c| c.audit.anchor_object.clone()))
+                .unwrap_or_else(|| svs_appliance::config::DEFAULT_ANCHOR_OBJECT.to_owned());
+            let opened = Opened::open(&t)?;
+            Ok(crate::audit::anchor(&opened, &mut pins, &label, *reset, *yes)?.into())
         }
         Command::Audit(AuditCmd::Show {
             dir,

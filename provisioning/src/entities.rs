@@ -736,15 +736,10 @@ mod tests {
     }
 
     fn trail_with(dir: &Path, kinds: &[&'static str]) {
-        let trail = svs_appliance::audit::AuditTrail::open(&svs_appliance::config::AuditConfig {
-            dir: dir.to_path_buf(),
-            max_file_bytes: 1 << 20,
-            preallocate: true,
-            max_group_records: 64,
-            checkpoint_interval: None,
-            checkpoint_key: None,
-            refusal_records: svs_appliance::config::DEFAULT_REFUSAL_RECORDS,
-        })
+        let trail = svs_appliance::audit::AuditTrail::open(
+            &svs_appliance::config::AuditConfig::without_token(dir.to_path_buf(), 1 << 20),
+            None,
+        )
         .unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()

@@ -2046,6 +2046,129 @@ async fn audit_checkpoints_verify_with_openssl() {
     assert!(checked >= 2, "{checked} checkpoints");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_emptied_or_rolled_back_trail_is_refused_at_start_until_the_anchor_is_reset() {
+    let install = Install::new();
+    let audit = install.audit_dir();
+    let copy_of = |to: &std::path::Path| {
+        std::fs::create_dir_all(to).unwrap();
+        for (_, f) in svs_appliance::audit::trail_files(&audit).unwrap() {
+            std::fs::copy(&f, to.join(f.file_name().unwrap())).unwrap();
+        }
+    };
+    let install = &install;
+    let run = |signatures: usize| async move {
+        let mut d = install.start().await;
+        let mut c = d.client(false).await;
+        for _ in 0..signatures {
+            let (s, _, v) = c
+                .post("/v1/sign", &json!({"key":"demo","data":HELLO}))
+                .await
+                .unwrap();
+            assert_eq!(s, 200, "{v}");
+        }
+        d.signal("TERM");
+        assert!(
+            d.wait(Duration::from_secs(15)).unwrap().success(),
+            "{}",
+            d.log_text()
+        );
+        assert!(!d.log_text().contains("ALARM"), "{}", d.log_text());
+    };
+    run(2).await;
+    let older = install.dir.join("older");
+    copy_of(&older);
+    run(3).await;
+    let kept = install.dir.join("kept");
+    copy_of(&kept);
+    let last_seq = svs_appliance::audit::verify_dir(&audit, None)
+        .unwrap()
+        .last_seq;
+
+    // What the security officer sees: the clean stop's head.
+    let pin = std::fs::read_to_string(&install.config)
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("pin = { file = \"")?
+                .strip_suffix("\" }")
+                .map(String::from)
+        })
+        .unwrap();
+    let provision = |args: &[&str]| {
+        Command::new(svs_provision_bin())
+            .arg("--config")
+            .arg(&install.config)
+            .args(["--pin-file", &pin, "--json"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = provision(&["audit", "anchor"]);
+    assert!(out.status.success(), "{out:?}");
+    let shown: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(shown["seq"].as_u64(), Some(last_seq), "{shown}");
+
+    // Refused, naming why, writing nothing: the directory emptied, then an
+    // older copy put back.
+    let refused = |want: String| {
+        let out = Command::new(svsd_bin())
+            .arg("--config")
+            .arg(&install.config)
+            .arg("--allow-root")
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "{log}");
+        assert!(
+            log.contains(&want) && log.contains("svs-provision audit anchor --reset"),
+            "{log}"
+        );
+    };
+    std::fs::remove_dir_all(&audit).unwrap();
+    refused(format!(
+        "ends at seq 0, but the token's audit anchor shows it reached seq {last_seq}"
+    ));
+    assert!(
+        svs_appliance::audit::trail_files(&audit)
+            .unwrap()
+            .is_empty()
+    );
+    std::fs::remove_dir_all(&audit).unwrap();
+    std::fs::rename(&older, &audit).unwrap();
+    let files = || -> Vec<(u64, Vec<u8>)> {
+        svs_appliance::audit::trail_files(&audit)
+            .unwrap()
+            .into_iter()
+            .map(|(seq, f)| (seq, std::fs::read(f).unwrap()))
+            .collect()
+    };
+    let before = files();
+    refused(format!(
+        "but the token's audit anchor shows it reached seq {last_seq}"
+    ));
+    assert!(files() == before, "the older copy is left as it was");
+
+    // The real trail back: svsd starts and the chain goes on.
+    std::fs::remove_dir_all(&audit).unwrap();
+    std::fs::rename(&kept, &audit).unwrap();
+    run(1).await;
+    let r = svs_appliance::audit::verify_dir(&audit, None).unwrap();
+    assert!(r.last_seq > last_seq, "{r:?}");
+
+    // A new trail on purpose: the officer resets the anchor; the next
+    // start begins at seq 1.
+    std::fs::remove_dir_all(&audit).unwrap();
+    let out = provision(&["audit", "anchor", "--reset", "--yes"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = provision(&["audit", "anchor", "--reset", "--yes"]);
+    assert_eq!(out.status.code(), Some(3), "nothing left to reset: {out:?}");
+    run(1).await;
+    let r = svs_appliance::audit::verify_dir(&audit, None).unwrap();
+    assert!(r.last_seq < last_seq, "{r:?}");
+}
+
 /// Polls the log until `needle` has appeared `count` times.
 async fn wait_for_log(d: &Daemon, needle: &str, count: usize) -> String {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);

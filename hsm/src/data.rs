@@ -1,0 +1,63 @@
+//! Small values kept on the token as private `CKO_DATA` objects, found by
+//! label: svsd's audit anchor (the trail's last checkpointed head, which
+//! shows a trail deleted or rolled back while the token kept its state).
+//!
+//! Replacing writes the new object before destroying the old ones, so a
+//! crash in between leaves two values and never none; readers get all of
+//! them and pick. That also avoids `C_SetAttributeValue` on `CKA_VALUE`,
+//! which some HSMs refuse for data objects.
+
+use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
+use cryptoki::session::Session;
+
+use crate::error::Result;
+
+fn find(session: &Session, label: &str) -> Result<Vec<ObjectHandle>> {
+    Ok(session.find_objects(&[
+        Attribute::Class(ObjectClass::DATA),
+        Attribute::Token(true),
+        Attribute::Label(label.as_bytes().to_vec()),
+    ])?)
+}
+
+/// The values of the token's data objects labelled `label` (usually one;
+/// two after a crash during [`replace`]). Needs a logged-in session: the
+/// objects are private.
+pub fn read(session: &Session, label: &str) -> Result<Vec<Vec<u8>>> {
+    let mut values = Vec::new();
+    for handle in find(session, label)? {
+        for attribute in session.get_attributes(handle, &[AttributeType::Value])? {
+            if let Attribute::Value(v) = attribute {
+                values.push(v);
+            }
+        }
+    }
+    Ok(values)
+}
+
+/// Makes `value` the only data object labelled `label`: a private,
+/// non-copyable token object of application "svs".
+pub fn replace(session: &Session, label: &str, value: &[u8]) -> Result<()> {
+    let old = find(session, label)?;
+    session.create_object(&[
+        Attribute::Class(ObjectClass::DATA),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Label(label.as_bytes().to_vec()),
+        Attribute::Application(b"svs".to_vec()),
+        Attribute::Value(value.to_vec()),
+    ])?;
+    for handle in old {
+        session.destroy_object(handle)?;
+    }
+    Ok(())
+}
+
+/// Destroys the data objects labelled `label`; returns how many there were.
+pub fn remove(session: &Session, label: &str) -> Result<usize> {
+    let found = find(session, label)?;
+    for handle in &found {
+        session.destroy_object(*handle)?;
+    }
+    Ok(found.len())
+}
