@@ -304,6 +304,7 @@ pub struct VerifyResponse {
 }
 
 /// Parses a JSON object into `T`, naming the problem without echoing input.
+#[cfg(test)]
 pub fn from_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, SvsError> {
     from_value(request_value(bytes)?)
 }

@@ -11,7 +11,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sd_notify::NotifyState;
-use svs_hsm::{Hsm, HsmError, HsmMetrics, ModuleSource, NoMetrics, PinSource};
+use svs_hsm::{Hsm, HsmError, HsmMetrics, ModuleSource, PinSource};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::watch;
@@ -287,18 +287,9 @@ fn tls_files(config: &Config) -> Vec<&Path> {
     files
 }
 
-/// Opens the HSM of `config` and discovers its keys. Blocking.
-pub fn open_hsm(config: &Config) -> Result<Hsm, SvsError> {
-    open_hsm_with(config, Arc::new(NoMetrics))
-}
-
-/// [`open_hsm`], reporting the pool's metrics to `metrics`. Blocking.
-pub fn open_hsm_with(config: &Config, metrics: Arc<dyn HsmMetrics>) -> Result<Hsm, SvsError> {
-    open_hsm_raw(config, metrics).map_err(SvsError::from)
-}
-
-/// [`open_hsm_with`], keeping the HSM's own error for [`start_error`]. Blocking.
-fn open_hsm_raw(config: &Config, metrics: Arc<dyn HsmMetrics>) -> Result<Hsm, HsmError> {
+/// Opens the HSM of `config`, reporting the pool's metrics to `metrics`;
+/// the HSM's own error is kept for [`start_error`]. Blocking.
+fn open_hsm(config: &Config, metrics: Arc<dyn HsmMetrics>) -> Result<Hsm, HsmError> {
     if config.hsm.module == ModuleSource::Embedded {
         // Keep the linker from dropping the soft token's entry points, which
         // `Pkcs11::new_from_self` looks up in this executable.
@@ -621,7 +612,7 @@ async fn start(config: &Config, probe: &mut ProbeSocket) -> Result<Running, SvsE
     let metrics = Arc::new(Metrics::new());
     let hsm_config = config.clone();
     let hsm_metrics = metrics.clone();
-    let hsm = tokio::task::spawn_blocking(move || open_hsm_raw(&hsm_config, hsm_metrics))
+    let hsm = tokio::task::spawn_blocking(move || open_hsm(&hsm_config, hsm_metrics))
         .await
         .map_err(|e| SvsError::Internal(e.to_string()))?
         .map_err(start_error)?;

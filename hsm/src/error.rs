@@ -232,8 +232,9 @@ pub enum HsmError {
     /// No signing key of that name.
     #[error("unknown key {0:?}")]
     UnknownKey(String),
-    /// The token's key under this CKA_ID is not the one discovered (deleted
-    /// and re-created meanwhile); keys must be refreshed before it signs.
+    /// The token's key under this CKA_ID is not the one discovered (deleted,
+    /// or deleted and re-created, meanwhile); keys must be refreshed before
+    /// it signs.
     #[error("key {0} changed on the token since discovery: refresh keys")]
     KeyChanged(String),
     /// The request is malformed (wrong digest length, bad signature encoding…).

@@ -310,10 +310,12 @@ impl TokenSession {
         }
         let h = match keys::find_private_key(&self.session, profile, id, point) {
             // Private objects vanish from searches when the login is lost:
-            // that is a login problem, not a missing key.
+            // that is a login problem, not a missing key. Logged in, a key
+            // discovered earlier is gone from the token: the token changed,
+            // which is not the caller's doing.
             Err(HsmError::UnknownKey(k)) => {
                 require_user(&self.session)?;
-                return Err(HsmError::UnknownKey(k));
+                return Err(HsmError::KeyChanged(k));
             }
             other => other?,
         };

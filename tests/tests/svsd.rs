@@ -2169,6 +2169,44 @@ async fn an_emptied_or_rolled_back_trail_is_refused_at_start_until_the_anchor_is
     assert!(r.last_seq < last_seq, "{r:?}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_deleted_by_an_officer_stops_signing_in_the_running_svsd() {
+    let install = Install::new();
+    let d = install.start().await;
+    let mut c = d.client(false).await;
+    let sign = json!({"key":"demo","data":HELLO});
+    let (s, _, v) = c.post("/v1/sign", &sign).await.unwrap();
+    assert_eq!(s, 200, "{v}");
+    let pin = std::fs::read_to_string(&install.config)
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("pin = { file = \"")?
+                .strip_suffix("\" }")
+                .map(String::from)
+        })
+        .unwrap();
+    // Without --config: svs-provision would refuse a key svsd exposes.
+    let token_conf = install.dir.join("softtoken.toml");
+    let out = Command::new(svs_provision_bin())
+        .env("SVS_SOFTTOKEN_CONF", &token_conf)
+        .args(["--token", "svs-dev", "--pin-file", &pin])
+        .args(["key", "delete", "--label", "demo", "--yes"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    // The soft token looks at its store at most every 100 ms while signing.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..20 {
+        let (s, _, v) = c.post("/v1/sign", &sign).await.unwrap();
+        // Not the client's doing: 503, and nothing about the token object.
+        assert_eq!(s, 503, "{v}");
+        assert_eq!(v["error"]["code"], "hsm_unavailable", "{v}");
+        assert!(!v.to_string().contains("id:"), "{v}");
+    }
+}
+
 /// Polls the log until `needle` has appeared `count` times.
 async fn wait_for_log(d: &Daemon, needle: &str, count: usize) -> String {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);

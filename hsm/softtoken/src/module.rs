@@ -521,7 +521,14 @@ pub fn sign_init(
     let mechanism = SignMechanism::new(mech, param)?;
     // The slot lock is held until the operation is installed, so a logout
     // cannot come in between (lock order: token → session).
-    let t = read(&m.tokens[s.slot])?;
+    let mut t = read(&m.tokens[s.slot])?;
+    // A key deleted by another process (svs-provision) stops signing here,
+    // as on an HSM, not at this process's next search.
+    if t.changed_elsewhere() {
+        drop(t);
+        write(&m.tokens[s.slot])?.refresh()?;
+        t = read(&m.tokens[s.slot])?;
+    }
     let secret = {
         let o = t.object(key).map_err(|_| Error::KeyHandleInvalid)?;
         if o.class() != CKO_PRIVATE_KEY || o.ulong(CKA_KEY_TYPE) != Some(crate::vendor::CKK_SM2) {

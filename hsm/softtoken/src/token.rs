@@ -14,6 +14,7 @@ use pkcs11_sys::*;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 static NEXT_OBJECT_HANDLE: AtomicU64 = AtomicU64::new(1);
 
@@ -59,7 +60,15 @@ pub struct Token {
     login: Option<Login>,
     token_key: Option<SymKey>,
     config: Arc<Config>,
+    /// When signing last looked at the store (ms since `Token::load`).
+    checked_ms: AtomicU64,
+    loaded: Instant,
 }
+
+/// How long a key another process deleted (or replaced) may still sign:
+/// signing checks the store's stamp at most this often, not at every call,
+/// because a stat costs 1–2% of a signature.
+pub const SIGNING_STALENESS: Duration = Duration::from_millis(100);
 
 fn aad(uid: u64) -> Vec<u8> {
     format!("svs-softtoken object {uid}").into_bytes()
@@ -179,9 +188,28 @@ impl Token {
             login: None,
             token_key: None,
             config,
+            checked_ms: AtomicU64::new(0),
+            loaded: Instant::now(),
         };
         t.reload()?;
         Ok(t)
+    }
+
+    /// Whether another process changed the store, looked at no more than
+    /// once per [`SIGNING_STALENESS`] (under the read lock signing holds;
+    /// the caller refreshes under the write lock).
+    pub fn changed_elsewhere(&self) -> bool {
+        let now = self.loaded.elapsed().as_millis() as u64;
+        let last = self.checked_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < SIGNING_STALENESS.as_millis() as u64
+            || self
+                .checked_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return false;
+        }
+        self.store.stamp() != self.stamp
     }
 
     /// Re-reads the file if another process changed it.
@@ -916,6 +944,25 @@ mod tests {
             a.set_attributes(private, &vec![(CKA_SENSITIVE, bool_(false))], true),
             Err(Error::AttributeReadOnly)
         );
+    }
+
+    #[test]
+    fn signing_notices_a_key_another_process_deleted_within_the_staleness_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = Token::load(config(dir.path()), 0).unwrap();
+        let (_, private) = token_with_key(&mut a);
+        std::thread::sleep(SIGNING_STALENESS);
+        assert!(!a.changed_elsewhere(), "nothing changed");
+        let mut b = Token::load(config(dir.path()), 0).unwrap();
+        login(&mut b, Login::User, b"user-pin").unwrap();
+        let hb = b.find(&vec![(CKA_CLASS, ulong(CKO_PRIVATE_KEY))])[0];
+        b.destroy(hb, true).unwrap();
+        // Looked at a moment ago: not again until the bound has passed.
+        assert!(!a.changed_elsewhere());
+        std::thread::sleep(SIGNING_STALENESS);
+        assert!(a.changed_elsewhere());
+        a.refresh().unwrap();
+        assert!(a.object(private).is_err(), "the deleted key is gone");
     }
 
     #[test]
