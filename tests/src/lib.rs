@@ -206,15 +206,23 @@ impl Install {
         self.open_token_now(pool_size).await
     }
 
+    /// The user PIN's file, as svsd.toml names it.
+    pub fn pin_file(&self) -> String {
+        std::fs::read_to_string(&self.config)
+            .unwrap()
+            .lines()
+            .find_map(|l| {
+                l.trim()
+                    .strip_prefix("pin = { file = \"")?
+                    .strip_suffix("\" }")
+            })
+            .unwrap()
+            .to_owned()
+    }
+
     async fn open_token_now(&self, pool_size: usize) -> svs_hsm::Hsm {
         let token_conf = self.dir.join("softtoken.toml");
-        let text = std::fs::read_to_string(&self.config).unwrap();
-        let pin = text
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("pin = { file = \""))
-            .and_then(|l| l.strip_suffix("\" }"))
-            .unwrap()
-            .to_owned();
+        let pin = self.pin_file();
         let cfg = svs_hsm::HsmConfig::from_toml(&format!(
             "module = \"embedded\"\ntoken_label = \"svs-dev\"\npin = {{ file = \"{pin}\" }}\n[pool]\nsize = {pool_size}\n"
         ))

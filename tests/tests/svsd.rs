@@ -2086,16 +2086,7 @@ async fn an_emptied_or_rolled_back_trail_is_refused_at_start_until_the_anchor_is
         .last_seq;
 
     // What the security officer sees: the clean stop's head.
-    let pin = std::fs::read_to_string(&install.config)
-        .unwrap()
-        .lines()
-        .find_map(|l| {
-            l.trim()
-                .strip_prefix("pin = { file = \"")?
-                .strip_suffix("\" }")
-                .map(String::from)
-        })
-        .unwrap();
+    let pin = install.pin_file();
     let provision = |args: &[&str]| {
         Command::new(svs_provision_bin())
             .arg("--config")
@@ -2177,16 +2168,7 @@ async fn a_key_deleted_by_an_officer_stops_signing_in_the_running_svsd() {
     let sign = json!({"key":"demo","data":HELLO});
     let (s, _, v) = c.post("/v1/sign", &sign).await.unwrap();
     assert_eq!(s, 200, "{v}");
-    let pin = std::fs::read_to_string(&install.config)
-        .unwrap()
-        .lines()
-        .find_map(|l| {
-            l.trim()
-                .strip_prefix("pin = { file = \"")?
-                .strip_suffix("\" }")
-                .map(String::from)
-        })
-        .unwrap();
+    let pin = install.pin_file();
     // Without --config: svs-provision would refuse a key svsd exposes.
     let token_conf = install.dir.join("softtoken.toml");
     let out = Command::new(svs_provision_bin())
