@@ -112,6 +112,12 @@ impl SigningBackend for Hsm {
     fn health(&self) -> Result<(), String> {
         let h = Hsm::health(self);
         match h.state {
+            // A hung HSM: every worker inside a call past its timeout, so
+            // every request would wait out its deadline (504).
+            _ if h.workers_stuck >= h.workers && h.workers > 0 => Err(format!(
+                "HSM not answering: all {} workers stuck in calls past the operation timeout",
+                h.workers
+            )),
             HealthState::Up | HealthState::Degraded if h.sessions_open > 0 => Ok(()),
             _ => Err(format!(
                 "HSM {:?}: {} of {} sessions open{}",

@@ -61,11 +61,11 @@ impl LogFormat {
 
     /// Installs the global subscriber writing to stderr (`RUST_LOG` filters).
     pub fn init(self) {
+        let rust_log = std::env::var("RUST_LOG").ok();
         let b = tracing_subscriber::fmt()
             .with_env_filter(
-                tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                    tracing_subscriber::EnvFilter::new("info,cryptoki::mechanism=off")
-                }),
+                tracing_subscriber::EnvFilter::try_new(log_directives(rust_log.as_deref()))
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(log_directives(None))),
             )
             .with_ansi(self.ansi)
             .with_writer(std::io::stderr);
@@ -74,6 +74,22 @@ impl LogFormat {
         } else {
             b.without_time().init();
         }
+    }
+}
+
+/// The log filter: `RUST_LOG` (default `info`), with cryptoki's mechanism
+/// module silenced unless `RUST_LOG` names cryptoki: it logs an ERROR for
+/// every vendor-defined mechanism it does not know, which every SM2
+/// signature uses (two lines a signature at `info`).
+fn log_directives(rust_log: Option<&str>) -> String {
+    let base = rust_log
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .unwrap_or("info");
+    if base.contains("cryptoki") {
+        base.to_owned()
+    } else {
+        format!("{base},cryptoki::mechanism=off")
     }
 }
 
@@ -1041,6 +1057,17 @@ mod tests {
     use std::ffi::OsStr;
 
     use super::*;
+
+    #[test]
+    fn cryptoki_mechanism_noise_stays_off_unless_asked_for() {
+        assert_eq!(log_directives(None), "info,cryptoki::mechanism=off");
+        assert_eq!(log_directives(Some(" ")), "info,cryptoki::mechanism=off");
+        assert_eq!(
+            log_directives(Some("debug,svs=trace")),
+            "debug,svs=trace,cryptoki::mechanism=off"
+        );
+        assert_eq!(log_directives(Some("cryptoki=debug")), "cryptoki=debug");
+    }
 
     #[test]
     fn no_colours_off_a_terminal_and_no_timestamp_under_journald() {

@@ -294,7 +294,8 @@ impl Hsm {
         keys::mechanism(self.profile.sign_digest_mechanism)?;
         Ok(Arc::new(DigestSigner {
             profile: self.profile.clone(),
-            verifier: self.verify_after_sign.then(|| self.verifier.clone()),
+            verifier: self.verifier.clone(),
+            verify_all: self.verify_after_sign,
         }))
     }
 
@@ -403,20 +404,22 @@ impl Hsm {
 /// Signs one digest on a worker's session.
 struct DigestSigner {
     profile: Arc<VendorProfile>,
-    /// Set with `verify_after_sign`.
-    verifier: Option<Arc<SoftwareVerifier>>,
+    verifier: Arc<SoftwareVerifier>,
+    /// `verify_after_sign`: every signature is checked, not only those of
+    /// keys whose public key the token did not state.
+    verify_all: bool,
 }
 
 impl DigestSigner {
     fn sign(&self, s: &mut TokenSession, key: &KeyInfo, digest: &[u8; 32]) -> Result<[u8; 64]> {
-        let handle = s.private_key(&self.profile, &key.id, &key.public_point)?;
+        let (handle, confirmed) = s.private_key(&self.profile, &key.id, &key.public_point)?;
         let mechanism = keys::mechanism(self.profile.sign_digest_mechanism)?;
         let out = s.session.sign(&mechanism, handle, digest)?;
         let raw = normalise_signature(&out, self.profile.signature_encoding)?;
         // Checked on the worker thread so the curve arithmetic stays off
         // the async runtime; a bad signature never leaves.
-        if let Some(verifier) = &self.verifier {
-            verifier
+        if self.verify_all || !confirmed {
+            self.verifier
                 .verify_digest(key.algorithm, &key.public_point, digest, &raw)
                 .map_err(|_| HsmError::FaultySignature("HSM signature does not verify".into()))?;
         }

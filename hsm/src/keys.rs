@@ -288,15 +288,17 @@ fn chain_for(id: &[u8], certs: &[(Vec<u8>, Vec<u8>)]) -> Vec<Vec<u8>> {
 /// survive a token coming back).
 ///
 /// When the token states the key's public key (CKA_PUBLIC_KEY_INFO or
-/// CKA_EC_POINT on the private key), it must be `expected_point`: a key
-/// deleted and re-created under the same CKA_ID since discovery must not
-/// sign digests computed with the old key's Z.
+/// CKA_EC_POINT on the private key, else the public key object of the same
+/// CKA_ID), it must be `expected_point`: a key deleted and re-created under
+/// the same CKA_ID since discovery must not sign digests computed with the
+/// old key's Z. The flag says whether it was stated; when not, each
+/// signature must be checked in software before it leaves.
 pub(crate) fn find_private_key(
     session: &Session,
     profile: &VendorProfile,
     id: &[u8],
     expected_point: &[u8],
-) -> Result<ObjectHandle> {
+) -> Result<(ObjectHandle, bool)> {
     let handles = session.find_objects(&[
         Attribute::Class(ObjectClass::PRIVATE_KEY),
         Attribute::KeyType(key_type(profile.key_type)?),
@@ -304,19 +306,26 @@ pub(crate) fn find_private_key(
     ])?;
     match handles.as_slice() {
         [h] => {
+            // An error here fails the lookup: a key that cannot be checked
+            // is not taken on trust.
             let attrs = session
-                .get_attributes(*h, &[AttributeType::PublicKeyInfo, AttributeType::EcPoint])
-                .unwrap_or_default();
+                .get_attributes(*h, &[AttributeType::PublicKeyInfo, AttributeType::EcPoint])?;
             let stated = attr_bytes(&attrs, AttributeType::PublicKeyInfo)
                 .and_then(|spki| point_from_spki(&spki, profile.algorithm))
                 .or_else(|| {
                     attr_bytes(&attrs, AttributeType::EcPoint).and_then(|v| point_from_ec_point(&v))
                 });
+            // Many HSMs state no public key on the private object: the
+            // public key of the same CKA_ID speaks for it.
+            let stated = match stated {
+                Some(point) => Some(point),
+                None => public_point_by_id(session, id)?,
+            };
             match stated {
                 Some(point) if point != expected_point => {
                     Err(HsmError::KeyChanged(format!("id:{}", hex(id))))
                 }
-                _ => Ok(*h),
+                confirmed => Ok((*h, confirmed.is_some())),
             }
         }
         [] => Err(HsmError::UnknownKey(format!("id:{}", hex(id)))),

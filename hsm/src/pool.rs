@@ -255,6 +255,7 @@ impl<F: SessionFactory> SessionPool<F> {
                 session: None,
                 backoff: Backoff::new(&config),
                 last_probe: Instant::now(),
+                reopen: false,
                 held: HeldReplies::new(),
             };
             let handle = std::thread::Builder::new()
@@ -456,6 +457,9 @@ struct Worker<F: SessionFactory> {
     session: Option<F::Session>,
     backoff: Backoff,
     last_probe: Instant,
+    /// A job's failure dropped the session for a reason a new session may
+    /// cure (not a token gone): reopen once the job is answered.
+    reopen: bool,
     /// Finished jobs whose answers wait for [`HeldReplies::deliver`].
     held: HeldReplies<F::Session>,
 }
@@ -619,6 +623,7 @@ impl<F: SessionFactory> Worker<F> {
     }
 
     fn drop_session(&mut self, class: RvClass) {
+        self.reopen = class != RvClass::TokenGone;
         self.shared.metrics.recovery(class);
         // Dropping closes it; a close on a dead session fails harmlessly.
         self.session = None;
@@ -681,7 +686,20 @@ impl<F: SessionFactory> Worker<F> {
         }
     }
 
-    fn handle(&mut self, mut job: Job<F::Session>) {
+    fn handle(&mut self, job: Job<F::Session>) {
+        self.run_job(job);
+        // A session dropped by the job's failure comes back now (backoff
+        // permitting), not at the next job or idle probe: until then the
+        // pool counts this worker down, and a pool whose every worker hit
+        // one transient error would refuse work for a probe interval. Not
+        // for a token gone: opening would fail too and only lengthen the
+        // backoff that the next job's open waits out.
+        if std::mem::take(&mut self.reopen) && self.session.is_none() {
+            let _ = self.ensure_session(None);
+        }
+    }
+
+    fn run_job(&mut self, mut job: Job<F::Session>) {
         let meta = job.meta();
         let (deadline, idempotent, op, mechanism) =
             (meta.deadline, meta.idempotent, meta.op, meta.mechanism);
@@ -818,18 +836,21 @@ mod tests {
         queue: usize,
         timeout_ms: u64,
     ) -> (Arc<FakeFactory>, SessionPool<FakeFactory>) {
-        let f = Arc::new(FakeFactory {
-            opened: AtomicU64::new(0),
-            refuse_open: Mutex::new(0),
-        });
-        let cfg = PoolConfig {
+        pool_with(PoolConfig {
             size,
             queue_depth: queue,
             op_timeout_ms: timeout_ms,
             backoff_initial_ms: 5,
             backoff_max_ms: 20,
             probe_interval_ms: 50,
-        };
+        })
+    }
+
+    fn pool_with(cfg: PoolConfig) -> (Arc<FakeFactory>, SessionPool<FakeFactory>) {
+        let f = Arc::new(FakeFactory {
+            opened: AtomicU64::new(0),
+            refuse_open: Mutex::new(0),
+        });
         (
             f.clone(),
             SessionPool::start(f, cfg, Arc::new(NoMetrics)).unwrap(),
@@ -871,6 +892,35 @@ mod tests {
             .await;
         assert_eq!(e.unwrap_err().ck_rv(), Some(0x70));
         assert_eq!(f.opened.load(Ordering::SeqCst), before);
+    }
+
+    #[tokio::test]
+    async fn a_session_lost_with_a_failed_job_is_reopened_at_once() {
+        let (f, pool) = pool_with(PoolConfig {
+            size: 1,
+            queue_depth: 4,
+            op_timeout_ms: 2000,
+            backoff_initial_ms: 5,
+            backoff_max_ms: 20,
+            // No idle probe within the test: only the fix can reopen.
+            probe_interval_ms: 600_000,
+        });
+        pool.run("t", None, true, |_: &mut u64| Ok(()))
+            .await
+            .unwrap();
+        // DEVICE_ERROR, not retried (not idempotent): the session is gone.
+        let e = pool
+            .run("t", None, false, |_: &mut u64| -> Result<()> {
+                Err(rv_error(0x30))
+            })
+            .await;
+        assert_eq!(e.unwrap_err().ck_rv(), Some(0x30));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pool.health().sessions_open == 0 {
+            assert!(Instant::now() < deadline, "{:?}", pool.health());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(f.opened.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
@@ -1012,19 +1062,14 @@ mod tests {
 
     #[tokio::test]
     async fn held_answers_do_not_wait_for_a_recovery() {
-        let f = Arc::new(FakeFactory {
-            opened: AtomicU64::new(0),
-            refuse_open: Mutex::new(0),
-        });
-        let cfg = PoolConfig {
+        let (f, pool) = pool_with(PoolConfig {
             size: 1,
             queue_depth: 16,
             op_timeout_ms: 5000,
             backoff_initial_ms: 1500,
             backoff_max_ms: 1500,
             probe_interval_ms: 10_000,
-        };
-        let pool = SessionPool::start(f.clone(), cfg, Arc::new(NoMetrics)).unwrap();
+        });
         // The worker's first session is open before opening is refused.
         pool.run("warm", None, true, |_: &mut u64| Ok(()))
             .await

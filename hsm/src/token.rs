@@ -294,17 +294,21 @@ impl Token {
 pub struct TokenSession {
     /// The logged-in session.
     pub session: Session,
-    handles: HashMap<Vec<u8>, ObjectHandle>,
+    /// CKA_ID → private-key handle, and whether the token stated its
+    /// public key (see [`keys::find_private_key`]).
+    handles: HashMap<Vec<u8>, (ObjectHandle, bool)>,
 }
 
 impl TokenSession {
-    /// The private-key handle for a CKA_ID, found once per session.
+    /// The private-key handle for a CKA_ID, found once per session, and
+    /// whether the token confirmed it is the key of `point` (when not, its
+    /// signatures must be verified in software).
     pub fn private_key(
         &mut self,
         profile: &VendorProfile,
         id: &[u8],
         point: &[u8],
-    ) -> Result<ObjectHandle> {
+    ) -> Result<(ObjectHandle, bool)> {
         if let Some(h) = self.handles.get(id) {
             return Ok(*h);
         }

@@ -525,35 +525,7 @@ fn a_replaced_key_does_not_sign_for_the_old_one() {
         assert!(matches!(taken, Err(HsmError::InvalidInput(_))), "{taken:?}");
 
         // Another application replaces the key behind the pool's back.
-        let pkcs11 = load_module(&module).unwrap();
-        let slot = pkcs11.get_all_slots().unwrap()[0];
-        let s = pkcs11.open_rw_session(slot).unwrap();
-        for h in s
-            .find_objects(&[cryptoki::object::Attribute::Id(b"key-1".to_vec())])
-            .unwrap()
-        {
-            s.destroy_object(h).unwrap();
-        }
-        let sm2 = cryptoki::object::KeyType::new_vendor_defined(0x8000_0004).unwrap();
-        let keygen = cryptoki::mechanism::Mechanism::VendorDefined(
-            cryptoki::mechanism::vendor_defined::VendorDefinedMechanism::new::<()>(
-                cryptoki::mechanism::MechanismType::new_vendor_defined(0x8000_8001).unwrap(),
-                None,
-            ),
-        );
-        use cryptoki::object::Attribute as A;
-        s.generate_key_pair(
-            &keygen,
-            &[A::Token(true), A::KeyType(sm2), A::Id(b"key-1".to_vec())],
-            &[
-                A::Token(true),
-                A::KeyType(sm2),
-                A::Id(b"key-1".to_vec()),
-                A::Label(b"k".to_vec()),
-                A::Sign(true),
-            ],
-        )
-        .unwrap();
+        replace_key(&module, b"key-1", "k");
 
         let r = hsm.sign("k", None, b"m", SignatureEncoding::Der).await;
         assert!(matches!(r, Err(HsmError::KeyChanged(_))), "{r:?}");
@@ -565,6 +537,81 @@ fn a_replaced_key_does_not_sign_for_the_old_one() {
             .sign("k", None, b"m", SignatureEncoding::Der)
             .await
             .unwrap();
+        assert!(sm2_verifies(
+            &new.public_point,
+            "1234567812345678",
+            b"m",
+            &sig
+        ));
+    });
+}
+
+/// Another application deletes the key pair under `id` and generates a new
+/// one with the same CKA_ID and `label`.
+fn replace_key(module: &ModuleSource, id: &[u8], label: &str) {
+    use cryptoki::object::Attribute as A;
+    let pkcs11 = load_module(module).unwrap();
+    let slot = pkcs11.get_all_slots().unwrap()[0];
+    let s = pkcs11.open_rw_session(slot).unwrap();
+    for h in s.find_objects(&[A::Id(id.to_vec())]).unwrap() {
+        s.destroy_object(h).unwrap();
+    }
+    let sm2 = cryptoki::object::KeyType::new_vendor_defined(0x8000_0004).unwrap();
+    let keygen = cryptoki::mechanism::Mechanism::VendorDefined(
+        cryptoki::mechanism::vendor_defined::VendorDefinedMechanism::new::<()>(
+            cryptoki::mechanism::MechanismType::new_vendor_defined(0x8000_8001).unwrap(),
+            None,
+        ),
+    );
+    s.generate_key_pair(
+        &keygen,
+        &[A::Token(true), A::KeyType(sm2), A::Id(id.to_vec())],
+        &[
+            A::Token(true),
+            A::KeyType(sm2),
+            A::Id(id.to_vec()),
+            A::Label(label.as_bytes().to_vec()),
+            A::Sign(true),
+        ],
+    )
+    .unwrap();
+}
+
+/// On a token that states no public key for its keys (modelled by every
+/// C_GetAttributeValue answering "no such attribute"), a key replaced
+/// under the same CKA_ID is not taken on trust: its signatures are checked
+/// in software, so no signature for the old key's digest leaves.
+#[test]
+fn a_replaced_key_on_a_token_that_states_no_public_key_signs_nothing_wrong() {
+    if !common::in_child() {
+        return spawn("a_replaced_key_on_a_token_that_states_no_public_key_signs_nothing_wrong");
+    }
+    let module = embedded();
+    init_token(&module);
+    runtime().block_on(async {
+        // As svsd runs by default: only unconfirmed keys are checked.
+        let mut cfg = config(module.clone());
+        cfg.verify_after_sign = false;
+        let hsm = Hsm::open(&cfg, Arc::new(NoMetrics)).unwrap();
+        let old = hsm
+            .generate_key("k", Some(b"key-2".to_vec()))
+            .await
+            .unwrap();
+        replace_key(&module, b"key-2", "k");
+        svs_softtoken::faults::install("C_GetAttributeValue:rv=0x12").unwrap();
+        let r = hsm.sign("k", None, b"m", SignatureEncoding::Der).await;
+        assert!(matches!(r, Err(HsmError::FaultySignature(_))), "{r:?}");
+        // The key not replaced, stated or not: its signatures go out.
+        svs_softtoken::faults::clear();
+        hsm.refresh_keys().await.unwrap();
+        let new = hsm.key("k").unwrap();
+        assert_ne!(new.public_point, old.public_point);
+        svs_softtoken::faults::install("C_GetAttributeValue:rv=0x12").unwrap();
+        let sig = hsm
+            .sign("k", None, b"m", SignatureEncoding::Der)
+            .await
+            .unwrap();
+        svs_softtoken::faults::clear();
         assert!(sm2_verifies(
             &new.public_point,
             "1234567812345678",

@@ -2189,6 +2189,55 @@ async fn a_key_deleted_by_an_officer_stops_signing_in_the_running_svsd() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_hsm_makes_svsd_not_ready_until_it_answers_again() {
+    let install = Install::new();
+    install.edit_config(|t| t.replace("[hsm.pool]\n", "[hsm.pool]\nop_timeout_ms = 1000\n"));
+    let faults = install.dir.join("faults");
+    std::fs::write(&faults, "").unwrap();
+    let d = install
+        .start_with_env(&[("SVS_SOFTTOKEN_FAULTS_FILE", faults.to_str().unwrap())])
+        .await;
+    let mut probe = d.client(false).await;
+    std::fs::write(&faults, "C_Sign:stall=5000\n").unwrap();
+    // The token re-reads the file within a moment; one request per worker.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut hung = Vec::new();
+    for _ in 0..2 {
+        let mut c = d.client(false).await;
+        hung.push(tokio::spawn(async move {
+            c.post("/v1/sign", &json!({"key":"demo","data":HELLO}))
+                .await
+        }));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(4);
+    loop {
+        let (s, _, v) = probe.get("/readyz").await.unwrap();
+        if s == 503 {
+            assert_eq!(v["error"]["code"], "not_ready", "{v}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still ready: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    std::fs::write(&faults, "").unwrap();
+    for t in hung {
+        let (s, _, v) = t.await.unwrap().unwrap();
+        assert_eq!(s, 504, "{v}");
+    }
+    // Ready again once the stalled calls return.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while probe.get("/readyz").await.unwrap().0 != 200 {
+        assert!(std::time::Instant::now() < deadline, "not ready again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (s, _, v) = probe
+        .post("/v1/sign", &json!({"key":"demo","data":HELLO}))
+        .await
+        .unwrap();
+    assert_eq!(s, 200, "{v}");
+}
+
 /// Polls the log until `needle` has appeared `count` times.
 async fn wait_for_log(d: &Daemon, needle: &str, count: usize) -> String {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
