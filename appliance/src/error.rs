@@ -414,7 +414,7 @@ impl From<HsmError> for SvsError {
             HsmError::Busy { retry_after } => SvsError::HsmBusy { retry_after },
             HsmError::Timeout(_) => SvsError::HsmTimeout,
             HsmError::Config(m) => SvsError::Config(vec![format!("hsm: {m}")]),
-            HsmError::Pkcs11 { rv, function } if is_pin_refusal(rv.name) => {
+            HsmError::Pkcs11 { rv, function } if rv.is_pin_refusal() => {
                 SvsError::PinRefused(format!("{function}: {}", rv.name))
             }
             // Everything else is a token-side failure; the CK_RV name is in
@@ -422,19 +422,6 @@ impl From<HsmError> for SvsError {
             other => SvsError::HsmUnavailable(other.to_string()),
         }
     }
-}
-
-/// The CK_RVs by which a token refuses a PIN: logging in again with the
-/// same PIN cannot succeed and counts towards the lockout.
-fn is_pin_refusal(rv_name: &str) -> bool {
-    matches!(
-        rv_name,
-        "CKR_PIN_INCORRECT"
-            | "CKR_PIN_INVALID"
-            | "CKR_PIN_LEN_RANGE"
-            | "CKR_PIN_EXPIRED"
-            | "CKR_PIN_LOCKED"
-    )
 }
 
 #[cfg(test)]

@@ -35,6 +35,21 @@ pub struct RvInfo {
     pub class: RvClass,
 }
 
+impl RvInfo {
+    /// The token refused the PIN itself: logging in again with the same
+    /// PIN cannot succeed and counts towards the lockout.
+    pub fn is_pin_refusal(&self) -> bool {
+        matches!(
+            self.name,
+            "CKR_PIN_INCORRECT"
+                | "CKR_PIN_INVALID"
+                | "CKR_PIN_LEN_RANGE"
+                | "CKR_PIN_EXPIRED"
+                | "CKR_PIN_LOCKED"
+        )
+    }
+}
+
 /// Names and classifies every `RvError` cryptoki 0.12.1 knows. This match
 /// must stay exhaustive: a new cryptoki variant has to be classified here
 /// deliberately rather than fall into a default.
@@ -343,6 +358,17 @@ pub type Result<T, E = HsmError> = std::result::Result<T, E>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pin_refusals_are_the_five_pin_codes() {
+        let refusals: Vec<u64> = KNOWN_CODES
+            .iter()
+            .copied()
+            .filter(|c| rv_info_from_code(*c).is_some_and(|i| i.is_pin_refusal()))
+            .collect();
+        // INCORRECT, INVALID, LEN_RANGE, EXPIRED, LOCKED.
+        assert_eq!(refusals, [0xa0, 0xa1, 0xa2, 0xa3, 0xa4]);
+    }
 
     const KNOWN_CODES: &[u64] = &[
         0xf2, 0x1, 0x2, 0x3, 0x5, 0x6, 0x7, 0x8, 0x9, 0xa, 0x10, 0x11, 0x12, 0x13, 0x1b, 0x20,

@@ -272,14 +272,7 @@ impl Token {
         match session.login(UserType::User, Some(&pin)) {
             // Login is per application and token: another worker did it.
             Ok(()) | Err(CryptokiError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
-            Err(CryptokiError::Pkcs11(
-                rv @ (RvError::PinIncorrect
-                | RvError::PinInvalid
-                | RvError::PinLenRange
-                | RvError::PinExpired
-                | RvError::PinLocked),
-                f,
-            )) => {
+            Err(CryptokiError::Pkcs11(rv, f)) if rv_info(&rv).is_pin_refusal() => {
                 *refused = Some(rv_info(&rv));
                 Err(CryptokiError::Pkcs11(rv, f).into())
             }
