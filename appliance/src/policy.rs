@@ -264,7 +264,8 @@ pub struct Policy {
     entities: Vec<Arc<Entity>>,
     by_certificate: HashMap<[u8; 32], usize>,
     by_spki: HashMap<[u8; 32], usize>,
-    by_subject: HashMap<(DistinguishedName, DistinguishedName), usize>,
+    /// By subject, then issuer: looked up without copying the names.
+    by_subject: HashMap<DistinguishedName, HashMap<DistinguishedName, usize>>,
 }
 
 impl Policy {
@@ -293,7 +294,10 @@ impl Policy {
                     p.by_spki.insert(*fp, i);
                 }
                 ClientMatch::Subject { subject, issuer } => {
-                    p.by_subject.insert((subject.clone(), issuer.clone()), i);
+                    p.by_subject
+                        .entry(subject.clone())
+                        .or_default()
+                        .insert(issuer.clone(), i);
                 }
             }
             p.entities.push(Arc::new(Entity {
@@ -317,8 +321,7 @@ impl Policy {
                 if !client.issued_directly {
                     return None;
                 }
-                self.by_subject
-                    .get(&(id.subject.clone(), id.issuer.clone()))
+                self.by_subject.get(&id.subject)?.get(&id.issuer)
             })
             .map(|&i| self.entities[i].clone())
             .ok_or(SvsError::Unauthenticated)
