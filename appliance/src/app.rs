@@ -1380,8 +1380,8 @@ mod tests {
         ClientIdentity {
             certificate_sha256: [1; 32],
             spki_sha256: [0; 32],
-            subject: "CN=app1".into(),
-            issuer: "CN=CA".into(),
+            subject: "CN=app1".parse().unwrap(),
+            issuer: "CN=CA".parse().unwrap(),
             not_after: std::time::SystemTime::now() + Duration::from_secs(3600),
         }
     }

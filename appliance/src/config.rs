@@ -13,6 +13,7 @@ use serde::Deserialize;
 use svs_hsm::HsmConfig;
 use svs_hsm::signature::DEFAULT_SM2_ID;
 
+use crate::dn::DistinguishedName;
 use crate::error::SvsError;
 
 /// The operations an entity can be granted.
@@ -53,16 +54,16 @@ pub enum ClientMatch {
     CertificateSha256([u8; 32]),
     /// SHA-256 of the DER SubjectPublicKeyInfo (survives re-issuing with the same key).
     SpkiSha256([u8; 32]),
-    /// Subject DN issued by the CA whose subject DN is `issuer` (both RFC 4514
-    /// strings, compared after normalisation; see [`normalise_dn`]), and
+    /// Subject DN issued by the CA whose subject DN is `issuer` (both
+    /// compared by meaning, see [`crate::dn`]), and
     /// issued directly by it: `issuer` must be the subject of a certificate
     /// in the client CA bundle, whose key verifies the client certificate
     /// (see [`crate::policy::VerifiedClient`]).
     Subject {
         /// Subject DN of the client certificate.
-        subject: String,
+        subject: DistinguishedName,
         /// Subject DN of the issuing CA (one of the client CA bundle).
-        issuer: String,
+        issuer: DistinguishedName,
     },
 }
 
@@ -555,26 +556,6 @@ pub fn parse_fingerprint(s: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
-/// Normalises an RFC 4514 DN for comparison: attribute types upper-case,
-/// no spaces around `,` `+` `=`. Values keep their case.
-pub fn normalise_dn(dn: &str) -> String {
-    let mut out = String::with_capacity(dn.len());
-    for (i, rdn) in dn.split(',').enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        match rdn.split_once('=') {
-            Some((t, v)) => {
-                out.push_str(&t.trim().to_ascii_uppercase());
-                out.push('=');
-                out.push_str(v.trim());
-            }
-            None => out.push_str(rdn.trim()),
-        }
-    }
-    out
-}
-
 /// The most connections (or handshakes) svsd is configured for.
 const MAX_CONNECTIONS: usize = 1_000_000;
 
@@ -635,10 +616,20 @@ fn entity(
     } else {
         match (&raw.subject, &raw.issuer) {
             (Some(s), Some(i)) if !s.trim().is_empty() && !i.trim().is_empty() => {
-                Some(ClientMatch::Subject {
-                    subject: normalise_dn(s),
-                    issuer: normalise_dn(i),
-                })
+                let mut dn = |field: &str, written: &str| {
+                    DistinguishedName::parse(written)
+                        .map_err(|e| {
+                            errors.push(format!(
+                                "{label}: {field} {} is not an RFC 4514 distinguished name: {e}",
+                                crate::dn::quote(written.trim())
+                            ))
+                        })
+                        .ok()
+                };
+                let (subject, issuer) = (dn("subject", s), dn("issuer", i));
+                subject
+                    .zip(issuer)
+                    .map(|(subject, issuer)| ClientMatch::Subject { subject, issuer })
             }
             _ => {
                 errors.push(format!(
@@ -1065,12 +1056,14 @@ impl Config {
             }
         }
         let mut names = BTreeSet::new();
-        let mut matchers = BTreeMap::new();
+        // Keyed by the match itself: subject + issuer written two ways that
+        // mean the same names are the same client.
+        let mut matchers = std::collections::HashMap::new();
         for e in &entities {
             if !names.insert(e.name.clone()) {
                 errors.push(format!("entity {:?} is defined twice", e.name));
             }
-            if let Some(other) = matchers.insert(format!("{:?}", e.client), e.name.clone()) {
+            if let Some(other) = matchers.insert(e.client.clone(), e.name.clone()) {
                 errors.push(format!(
                     "entities {other:?} and {:?} match the same client certificate",
                     e.name
@@ -1171,8 +1164,8 @@ operations = ["verify"]
         assert_eq!(
             c.entities[1].client,
             ClientMatch::Subject {
-                subject: "CN=app2,O=Example".into(),
-                issuer: "CN=SVS CA".into()
+                subject: "CN=app2,O=Example".parse().unwrap(),
+                issuer: "CN=SVS CA".parse().unwrap()
             }
         );
         assert_eq!(c.entities[1].status, EntityStatus::Suspended);
@@ -1383,6 +1376,34 @@ operations = ["dance"]
     }
 
     #[test]
+    fn an_unreadable_subject_or_issuer_is_reported_with_the_other_errors() {
+        let all = errors_of(&format!(
+            "{}[[entity]]\nname = \"dn-bad\"\nsubject = 'CN=bank\\q,O=Bank'\nissuer = 'CN=CA;O=\\E4\\B8'\noperations = []\n",
+            good()
+        ));
+        for needle in [
+            r#"inline entity "dn-bad": subject "CN=bank\q,O=Bank" is not an RFC 4514 distinguished name: CN: \q is no escape"#,
+            r#"inline entity "dn-bad": issuer "CN=CA;O=\E4\B8" is not an RFC 4514 distinguished name: CN: ; must be escaped"#,
+            r#"inline entity "dn-bad": operations must not be empty"#,
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn a_subject_written_another_way_is_the_same_client() {
+        // app2 of good() again, as openssl prints it.
+        let all = errors_of(&format!(
+            "{}[[entity]]\nname = \"app2-again\"\nsubject = 'cn=app2 , O=\\45xample'\nissuer = 'CN=SVS CA'\noperations = [\"verify\"]\n",
+            good()
+        ));
+        assert!(
+            all.contains(r#"entities "app2" and "app2-again" match the same client certificate"#),
+            "{all}"
+        );
+    }
+
+    #[test]
     fn duplicates_and_shared_certificates_are_refused() {
         let mut text = good();
         text.push_str(&format!(
@@ -1471,7 +1492,6 @@ operations = ["dance"]
         assert_eq!(parse_fingerprint(&colons), parse_fingerprint(FP));
         assert!(parse_fingerprint("abc").is_none());
         assert!(parse_fingerprint(&"zz".repeat(32)).is_none());
-        assert_eq!(normalise_dn(" cn = A B ,o=X"), "CN=A B,O=X");
     }
 
     #[test]

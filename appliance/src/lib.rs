@@ -11,6 +11,7 @@ pub mod backend;
 pub mod config;
 pub mod daemon;
 pub mod dev;
+pub mod dn;
 pub mod error;
 pub mod metrics;
 pub mod policy;

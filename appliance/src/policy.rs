@@ -15,7 +15,8 @@ use der::{Decode, Encode};
 use sha2::{Digest, Sha256};
 
 use crate::anomaly::Traffic;
-use crate::config::{ClientMatch, EntityConfig, EntityStatus, Operation, RateLimit, normalise_dn};
+use crate::config::{ClientMatch, EntityConfig, EntityStatus, Operation, RateLimit};
+use crate::dn::DistinguishedName;
 use crate::error::SvsError;
 
 /// What the server knows of a verified client certificate; computed once per
@@ -26,10 +27,10 @@ pub struct ClientIdentity {
     pub certificate_sha256: [u8; 32],
     /// SHA-256 of its DER SubjectPublicKeyInfo.
     pub spki_sha256: [u8; 32],
-    /// Subject DN, normalised RFC 4514.
-    pub subject: String,
-    /// Issuer DN, normalised RFC 4514.
-    pub issuer: String,
+    /// Subject DN.
+    pub subject: DistinguishedName,
+    /// Issuer DN.
+    pub issuer: DistinguishedName,
     /// End of the certificate's validity: checked on every request, as a
     /// connection may outlive its certificate.
     pub not_after: std::time::SystemTime,
@@ -48,8 +49,8 @@ impl ClientIdentity {
         Ok(ClientIdentity {
             certificate_sha256: Sha256::digest(der).into(),
             spki_sha256: Sha256::digest(&spki).into(),
-            subject: normalise_dn(&tbs.subject().to_string()),
-            issuer: normalise_dn(&tbs.issuer().to_string()),
+            subject: DistinguishedName::from_name(tbs.subject()),
+            issuer: DistinguishedName::from_name(tbs.issuer()),
             not_after: tbs.validity().not_after.to_system_time(),
         })
     }
@@ -263,7 +264,8 @@ pub struct Policy {
     entities: Vec<Arc<Entity>>,
     by_certificate: HashMap<[u8; 32], usize>,
     by_spki: HashMap<[u8; 32], usize>,
-    by_subject: HashMap<(String, String), usize>,
+    /// By subject, then issuer: looked up without copying the names.
+    by_subject: HashMap<DistinguishedName, HashMap<DistinguishedName, usize>>,
 }
 
 impl Policy {
@@ -292,7 +294,10 @@ impl Policy {
                     p.by_spki.insert(*fp, i);
                 }
                 ClientMatch::Subject { subject, issuer } => {
-                    p.by_subject.insert((subject.clone(), issuer.clone()), i);
+                    p.by_subject
+                        .entry(subject.clone())
+                        .or_default()
+                        .insert(issuer.clone(), i);
                 }
             }
             p.entities.push(Arc::new(Entity {
@@ -316,8 +321,7 @@ impl Policy {
                 if !client.issued_directly {
                     return None;
                 }
-                self.by_subject
-                    .get(&(id.subject.clone(), id.issuer.clone()))
+                self.by_subject.get(&id.subject)?.get(&id.issuer)
             })
             .map(|&i| self.entities[i].clone())
             .ok_or(SvsError::Unauthenticated)
@@ -362,8 +366,13 @@ mod tests {
         ClientIdentity {
             certificate_sha256: [cert; 32],
             spki_sha256: [spki; 32],
-            subject: subject.into(),
-            issuer: "CN=CA".into(),
+            subject: if subject.is_empty() {
+                // A certificate may have an empty subject; no entity's is.
+                DistinguishedName::from_name(&Default::default())
+            } else {
+                subject.parse().unwrap()
+            },
+            issuer: "CN=CA".parse().unwrap(),
             not_after: std::time::SystemTime::now() + Duration::from_secs(3600),
         }
     }
@@ -385,22 +394,22 @@ mod tests {
                 entity(
                     "c",
                     ClientMatch::Subject {
-                        subject: "CN=c".into(),
-                        issuer: "CN=CA".into(),
+                        subject: "CN=c".parse().unwrap(),
+                        issuer: "CN=CA".parse().unwrap(),
                     },
                 ),
             ],
             None,
         );
-        assert_eq!(find(&p, &id(1, 9, "x")).unwrap().name(), "a");
-        assert_eq!(find(&p, &id(9, 2, "x")).unwrap().name(), "b");
+        assert_eq!(find(&p, &id(1, 9, "CN=x")).unwrap().name(), "a");
+        assert_eq!(find(&p, &id(9, 2, "CN=x")).unwrap().name(), "b");
         assert_eq!(find(&p, &id(9, 9, "CN=c")).unwrap().name(), "c");
         assert_eq!(
             find(&p, &id(9, 9, "CN=d")).unwrap_err(),
             SvsError::Unauthenticated
         );
         let mut other_ca = id(9, 9, "CN=c");
-        other_ca.issuer = "CN=Other".into();
+        other_ca.issuer = "CN=Other".parse().unwrap();
         assert!(find(&p, &other_ca).is_err());
     }
 
@@ -412,8 +421,8 @@ mod tests {
                 entity(
                     "c",
                     ClientMatch::Subject {
-                        subject: "CN=c".into(),
-                        issuer: "CN=CA".into(),
+                        subject: "CN=c".parse().unwrap(),
+                        issuer: "CN=CA".parse().unwrap(),
                     },
                 ),
             ],

@@ -1110,8 +1110,8 @@ mod tests {
                 name: "bank-a".into(),
                 status: EntityStatus::Active,
                 client: ClientMatch::Subject {
-                    subject: "CN=bank-a,O=SVS development".into(),
-                    issuer: issuer.into(),
+                    subject: "CN=bank-a,O=SVS development".parse().unwrap(),
+                    issuer: issuer.parse().unwrap(),
                 },
                 keys: ["k".to_string()].into(),
                 operations: [Operation::Sign].into(),
@@ -1152,7 +1152,10 @@ mod tests {
             .unwrap();
         let id = ClientIdentity::from_der(&rogue).unwrap();
         assert_eq!(
-            (id.subject.as_str(), id.issuer.as_str()),
+            (
+                id.subject.to_string().as_str(),
+                id.issuer.to_string().as_str()
+            ),
             (
                 "CN=bank-a,O=SVS development",
                 "CN=Client CA,O=SVS development"

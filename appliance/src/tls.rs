@@ -18,7 +18,8 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
 
-use crate::config::{ClientMatch, EntityConfig, TlsFiles, normalise_dn};
+use crate::config::{ClientMatch, EntityConfig, TlsFiles};
+use crate::dn::DistinguishedName;
 use crate::error::SvsError;
 use crate::metrics::MetricsTls;
 
@@ -84,20 +85,21 @@ pub fn api_tls(files: &TlsFiles, entities: &[EntityConfig]) -> Result<ApiTls, Sv
 }
 
 /// Refuses entities whose `issuer` is the subject of no certificate in the
-/// client CA bundle (`subjects`, normalised): no client could match them,
-/// or only through a CA the bundle does not name.
+/// client CA bundle (`subjects`, compared by meaning): no client could
+/// match them, or only through a CA the bundle does not name.
 fn check_issuers(
     entities: &[EntityConfig],
-    subjects: &BTreeSet<String>,
+    subjects: &BTreeSet<DistinguishedName>,
     client_ca: &Path,
 ) -> Result<(), SvsError> {
     let errors: Vec<String> = entities
         .iter()
         .filter_map(|e| match &e.client {
             ClientMatch::Subject { issuer, .. } if !subjects.contains(issuer) => Some(format!(
-                "entity {:?}: issuer {issuer:?} is the subject of no certificate in client_ca {}; \
+                "entity {:?}: issuer {} is the subject of no certificate in client_ca {}; \
                  subject + issuer match only certificates issued directly by a CA certificate in client_ca",
                 e.name,
+                issuer.quoted(),
                 client_ca.display()
             )),
             _ => None,
@@ -129,17 +131,19 @@ pub fn metrics_server_config(files: &MetricsTls) -> Result<Arc<ServerConfig>, Sv
 }
 
 /// A client CA bundle as loaded: its verifier, and the subject DNs of its
-/// certificates (normalised, see [`normalise_dn`]).
+/// certificates.
 struct ClientCa {
     verifier: Arc<dyn ClientCertVerifier>,
-    subjects: BTreeSet<String>,
+    subjects: BTreeSet<DistinguishedName>,
 }
 
-/// The subject DN of a DER certificate, normalised; none when x509-cert
-/// cannot read it (such a CA cannot be named as an entity's issuer).
-fn subject_dn(der: &[u8]) -> Option<String> {
+/// The subject DN of a DER certificate; none when x509-cert cannot read it
+/// (such a CA cannot be named as an entity's issuer).
+fn subject_dn(der: &[u8]) -> Option<DistinguishedName> {
     let cert = x509_cert::Certificate::from_der(der).ok()?;
-    Some(normalise_dn(&cert.tbs_certificate().subject().to_string()))
+    Some(DistinguishedName::from_name(
+        cert.tbs_certificate().subject(),
+    ))
 }
 
 fn build(
@@ -178,7 +182,7 @@ fn build(
 }
 
 /// The client certificate verifier for a CA bundle, and the bundle's
-/// subjects (normalised).
+/// subjects.
 fn client_verifier(client_ca: &Path, what: &str) -> Result<ClientCa, SvsError> {
     let mut roots = RootCertStore::empty();
     let mut subjects = BTreeSet::new();
@@ -503,8 +507,8 @@ mod tests {
         let ca2 = DevCa::load(dir.path(), "SVS dev CA").unwrap();
         let client = ca2.client("app1").unwrap();
         let id = ClientIdentity::from_der(&client.cert_der).unwrap();
-        assert_eq!(id.subject, "CN=app1,O=SVS development");
-        assert_eq!(id.issuer, "CN=SVS dev CA,O=SVS development");
+        assert_eq!(id.subject.to_string(), "CN=app1,O=SVS development");
+        assert_eq!(id.issuer.to_string(), "CN=SVS dev CA,O=SVS development");
         assert_eq!(
             svs_hsm::keys::hex(&id.certificate_sha256),
             sha256_hex(&client.cert_der)
@@ -526,8 +530,8 @@ mod tests {
             name: name.into(),
             status: EntityStatus::Active,
             client: ClientMatch::Subject {
-                subject: "CN=bank-a,O=SVS development".into(),
-                issuer: normalise_dn(issuer),
+                subject: "CN=bank-a,O=SVS development".parse().unwrap(),
+                issuer: issuer.parse().unwrap(),
             },
             keys: ["k".to_string()].into(),
             operations: [Operation::Sign].into(),
@@ -548,7 +552,7 @@ mod tests {
             private_key,
             client_ca: dir.path().join("ca.pem"),
         };
-        // Compared normalised, as entities are.
+        // Compared by meaning, as entities are.
         let named = by_subject("named", "cn = Client CA, o = SVS development");
         assert!(api_tls(&files, std::slice::from_ref(&named)).is_ok());
 
@@ -588,5 +592,63 @@ mod tests {
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert!(errors[0].contains("\"elsewhere\""), "{errors:?}");
         assert!(api_tls(&files, &entities[1..]).is_ok());
+    }
+
+    /// `dn` as `openssl x509 -nameopt RFC2253` prints it: each byte of a
+    /// non-ASCII character as \XX.
+    fn as_openssl_prints(dn: &str) -> String {
+        dn.chars()
+            .flat_map(|c| {
+                let mut buf = [0u8; 4];
+                let bytes = c.encode_utf8(&mut buf).as_bytes().to_vec();
+                if c.is_ascii() {
+                    vec![c.to_string()]
+                } else {
+                    bytes.iter().map(|b| format!("\\{b:02X}")).collect()
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_client_ca_with_a_chinese_name_is_named_as_openssl_prints_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = DevCa::generate("中国银行客户端CA").unwrap();
+        ca.save(dir.path()).unwrap();
+        let (certificate, private_key) =
+            save_issued(dir.path(), "server", &ca.server(&["localhost"]).unwrap()).unwrap();
+        let files = TlsFiles {
+            certificate,
+            private_key,
+            client_ca: dir.path().join("ca.pem"),
+        };
+        let escaped = as_openssl_prints("CN=中国银行客户端CA,O=SVS development");
+        assert!(escaped.starts_with(r"CN=\E4\B8\AD"), "{escaped}");
+        for issuer in [escaped.as_str(), "CN=中国银行客户端CA,O=SVS development"] {
+            let entity = by_subject("cn-bank", issuer);
+            assert!(api_tls(&files, &[entity]).is_ok(), "{issuer}");
+        }
+        // Its clients' certificates name it so, and match.
+        let leaf = ClientIdentity::from_der(&ca.client("bank-a").unwrap().cert_der).unwrap();
+        assert_eq!(leaf.issuer, escaped.parse().unwrap());
+        let entity = by_subject("cn-bank", &escaped);
+        let ClientMatch::Subject { subject, issuer } = &entity.client else {
+            unreachable!()
+        };
+        assert_eq!((&leaf.subject, &leaf.issuer), (subject, issuer));
+
+        // Another CA, written the same way, is refused, and the message
+        // shows the name as written: no doubled backslashes.
+        let other = as_openssl_prints("CN=中国工商银行客户端CA,O=SVS development");
+        let Err(SvsError::Config(errors)) = api_tls(&files, &[by_subject("icbc", &other)]) else {
+            panic!("an issuer outside the bundle must be refused")
+        };
+        assert!(
+            errors[0].contains(&format!(
+                "entity \"icbc\": issuer \"{other}\" is the subject of no certificate"
+            )),
+            "{errors:?}"
+        );
+        assert!(!errors[0].contains(r"\\"), "{errors:?}");
     }
 }

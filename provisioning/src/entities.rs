@@ -108,7 +108,7 @@ fn entity_json(e: &EntityConfig, source: &str) -> Value {
         }
         svs_appliance::config::ClientMatch::SpkiSha256(h) => json!({"spki_sha256": hex(h)}),
         svs_appliance::config::ClientMatch::Subject { subject, issuer } => {
-            json!({"subject": subject, "issuer": issuer})
+            json!({"subject": subject.to_string(), "issuer": issuer.to_string()})
         }
     };
     json!({

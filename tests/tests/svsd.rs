@@ -642,6 +642,189 @@ async fn authorisation_matrix_and_unknown_clients() {
     assert_eq!(s, 200);
 }
 
+/// Runs openssl in `dir`; its stdout.
+fn openssl(dir: &std::path::Path, args: &[&str]) -> String {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subject_and_issuer_written_as_openssl_prints_them_match() {
+    if !have_tool(Command::new("openssl").arg("version"), "openssl") {
+        return;
+    }
+    let install = Install::new();
+    let dir = install.dir.as_path();
+    // A client CA with a Chinese name, and under it a client whose subject
+    // has a Chinese O and a multi-valued RDN, as a using unit's CA makes
+    // them (UTF8String).
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "cn-ca-key.pem",
+            "-out",
+            "cn-ca.pem",
+            "-days",
+            "30",
+            "-utf8",
+            "-subj",
+            "/O=中国银行/CN=中国银行客户端CA",
+        ],
+    );
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    openssl(
+        dir,
+        &[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "bank-m-key.pem",
+            "-out",
+            "bank-m.csr",
+            "-utf8",
+            "-multivalue-rdn",
+            "-subj",
+            "/O=中国银行/UID=42+CN=bank-m",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "bank-m.csr",
+            "-CA",
+            "cn-ca.pem",
+            "-CAkey",
+            "cn-ca-key.pem",
+            "-CAcreateserial",
+            "-days",
+            "30",
+            "-sha256",
+            "-extfile",
+            "client.ext",
+            "-out",
+            "bank-m.pem",
+        ],
+    );
+    // The names exactly as the documentation says to get them.
+    let printed = |what: &str| {
+        let out = openssl(
+            dir,
+            &[
+                "x509",
+                "-in",
+                "bank-m.pem",
+                "-noout",
+                what,
+                "-nameopt",
+                "RFC2253",
+            ],
+        );
+        let (_, dn) = out.trim().split_once('=').unwrap();
+        dn.to_owned()
+    };
+    let (subject, issuer) = (printed("-subject"), printed("-issuer"));
+    assert_eq!(
+        subject,
+        r"UID=42+CN=bank-m,O=\E4\B8\AD\E5\9B\BD\E9\93\B6\E8\A1\8C"
+    );
+    assert!(issuer.starts_with(r"CN=\E4\B8\AD"), "{issuer}");
+    let bundle = format!(
+        "{}{}",
+        std::fs::read_to_string(dir.join("ca.pem")).unwrap(),
+        std::fs::read_to_string(dir.join("cn-ca.pem")).unwrap()
+    );
+    std::fs::write(dir.join("clients.pem"), bundle).unwrap();
+    install.edit_config(|t| t.replace("client_ca = \"ca.pem\"", "client_ca = \"clients.pem\""));
+    let dev = install.dev_client();
+    let dev_entity = entity(
+        "dev-client",
+        &dev.sha256,
+        &["demo"],
+        &["sign", "verify"],
+        "",
+    );
+    let by_name = |name: &str, subject: &str, issuer: &str| {
+        format!(
+            "[[entity]]\nname = \"{name}\"\nsubject = '{subject}'\nissuer = '{issuer}'\nkeys = [\"demo\"]\noperations = [\"sign\"]\n"
+        )
+    };
+    let check_config = || {
+        let out = Command::new(svsd_bin())
+            .args(["--check-config", "--allow-root", "--config"])
+            .arg(&install.config)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // The same names in UTF-8 and another RDN order are the same client:
+    // two entities claiming it are refused.
+    install.write_entities(&format!(
+        "{dev_entity}{}{}",
+        by_name("bank-m", &subject, &issuer),
+        by_name(
+            "bank-m-raw",
+            "CN=bank-m+UID=42,O=中国银行",
+            "CN=中国银行客户端CA,O=中国银行"
+        ),
+    ));
+    let (code, log) = check_config();
+    assert_eq!(code, Some(78), "{log}");
+    assert!(
+        log.contains(r#"entities "bank-m" and "bank-m-raw" match the same client certificate"#),
+        "{log}"
+    );
+    install.write_entities(&format!(
+        "{dev_entity}{}",
+        by_name("bank-m", &subject, &issuer)
+    ));
+    let (code, log) = check_config();
+    assert_eq!(code, Some(0), "{log}");
+
+    let d = install.start().await;
+    let (cert, key) = (dir.join("bank-m.pem"), dir.join("bank-m-key.pem"));
+    let bank_m = ClientCert {
+        cert,
+        key,
+        sha256: String::new(),
+    };
+    let mut c = Client::connect(d.addr, &d.ca, &bank_m, false)
+        .await
+        .unwrap();
+    let (s, _, v) = c
+        .post("/v1/sign", &json!({"key":"demo","data":HELLO}))
+        .await
+        .unwrap();
+    assert_eq!(s, 200, "{v}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limit_suspension_and_refused_reload() {
     let install = Install::new();
