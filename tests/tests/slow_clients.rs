@@ -1304,3 +1304,43 @@ async fn unknown_certificates_or_one_entity_cannot_take_every_connection_slot() 
     assert_eq!(sample(&page, held), Some((SLOTS / 2) as f64), "{page}");
     drop(others);
 }
+
+/// A client waiting for a connection slot no longer holds a handshake
+/// permit: with `max_handshakes = 1` and the one slot taken, a client
+/// waiting for it held the only permit, and no other handshake was done
+/// until that client was closed at `handshake_timeout_ms`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_waiting_for_a_slot_does_not_hold_up_other_handshakes() {
+    let inst = install(
+        &[("idle_timeout_ms", 10_000), ("header_timeout_ms", 10_000)],
+        "max_connections = 1\nmax_handshakes = 1\n",
+    );
+    let stranger = inst.issue_client("stranger");
+    let d = inst.start().await;
+    let mut holder = d.client(false).await;
+    let (st, _, _) = holder
+        .post("/v1/sign", &json!({"key":"demo","data":HELLO}))
+        .await
+        .unwrap();
+    assert_eq!(st, 200);
+    // Its handshake done, this one waits for the slot...
+    let mut waiting = tls_stream(d.addr, tls_config(&d.ca, Some(&stranger), false))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // ...while another client's handshake is done (the dev entity is at
+    // its cap, so the server closes it right after).
+    let third = tokio::time::timeout(
+        HANDSHAKE * 3,
+        tls_stream(d.addr, tls_config(&d.ca, Some(&d.client), false)),
+    )
+    .await
+    .expect("handshake not done")
+    .unwrap();
+    let (_, closed) = until_closed(&mut waiting, Instant::now(), Duration::ZERO).await;
+    assert_eq!(closed, None, "the waiting client was closed first");
+    // The waiting client gets no slot in the end (the holder keeps it).
+    let (got, at) = until_closed(&mut waiting, Instant::now(), HANDSHAKE + SLACK).await;
+    assert!(at.is_some() && got.is_empty(), "{got:?} {at:?}");
+    drop((third, holder));
+}
