@@ -210,6 +210,15 @@ impl Traffic {
         }
     }
 
+    /// The (requests, errors) recorded since the last tick.
+    #[cfg(test)]
+    pub(crate) fn pending(&self) -> (u64, u64) {
+        (
+            self.requests.load(Ordering::Relaxed),
+            self.errors.load(Ordering::Relaxed),
+        )
+    }
+
     /// Admits `n` operations against the throttle, when one is set.
     pub fn admit(&self, n: usize, now: Instant) -> Result<(), SvsError> {
         // The common case (no throttle) costs one load.

@@ -3,14 +3,13 @@
 //! Transport-free: [`crate::server`] feeds it parsed requests.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 use svs_hsm::KeyInfo;
 use svs_hsm::signature::{DEFAULT_SM2_ID, SoftwareVerifier};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::anomaly::{AnomalyConfig, Flip};
 use crate::api::{self, Encoding, Input, SignRequest, SignResponse, VerifyRequest, VerifyResponse};
@@ -19,7 +18,7 @@ use crate::backend::SigningBackend;
 use crate::config::{Config, KeyExposure, Limits, Operation};
 use crate::error::{NotReady, SvsError};
 use crate::metrics::{self, Metrics};
-use crate::policy::{Entity, InFlight, Policy, VerifiedClient};
+use crate::policy::{ConnectionSlot, Entity, InFlight, Policy, VerifiedClient, take_up_to};
 use crate::refusals::{LogLimit, RefusalRecords};
 
 /// The parts of the configuration a reload may change.
@@ -103,6 +102,53 @@ impl Admission {
     /// The entity, for routes other than the probes.
     pub fn entity(&self) -> Option<&Entity> {
         self.entity.as_deref()
+    }
+}
+
+/// The part of the in-memory body budget one request body holds: what has
+/// arrived of it, counted in the whole budget and in its entity's share
+/// ([`Limits::entity_body_bytes`]); given back on drop.
+#[derive(Debug)]
+pub struct BodyReservation<'a> {
+    app: &'a App,
+    entity: Option<&'a Entity>,
+    /// The entity's share, from the limits the request was admitted under.
+    share: usize,
+    held: usize,
+}
+
+impl BodyReservation<'_> {
+    /// Counts `n` more bytes of the body. Past the entity's share: 429
+    /// `too_many_concurrent_requests` (its own requests hold too much);
+    /// past the whole budget: 503 `server_busy`.
+    pub fn grow(&mut self, n: usize) -> Result<(), SvsError> {
+        if let Some(e) = self.entity
+            && !e.take_body_bytes(n, self.share)
+        {
+            self.app.metrics.rate_limited(e.name(), "concurrency");
+            return Err(SvsError::TooManyConcurrent);
+        }
+        if !take_up_to(&self.app.body_held, n, self.app.body_budget_bytes) {
+            if let Some(e) = self.entity {
+                e.release_body_bytes(n);
+            }
+            return Err(SvsError::ServerBusy {
+                retry_after: Duration::from_secs(1),
+            });
+        }
+        self.held += n;
+        Ok(())
+    }
+}
+
+impl Drop for BodyReservation<'_> {
+    fn drop(&mut self) {
+        if self.held > 0 {
+            self.app.body_held.fetch_sub(self.held, Ordering::AcqRel);
+            if let Some(e) = self.entity {
+                e.release_body_bytes(self.held);
+            }
+        }
     }
 }
 
@@ -266,10 +312,13 @@ pub struct App {
     selftest: Mutex<Option<Result<(), String>>>,
     draining: AtomicBool,
     metrics: Arc<Metrics>,
-    /// Request bodies held in memory, in bytes, all connections together.
-    body_budget: Arc<Semaphore>,
+    /// Request bodies held in memory, in bytes, all connections together
+    /// (what has arrived of each, not what it may grow to).
+    body_held: AtomicUsize,
     /// Its size (`max_inflight_body_bytes` at start; fixed until restart).
     body_budget_bytes: usize,
+    /// Connections of clients no entity claims, all together.
+    unknown_connections: Arc<AtomicUsize>,
     /// The token object that signs checkpoints, as at start (`[audit]`
     /// changes need a restart): never to be exposed to clients.
     checkpoint_key: Option<String>,
@@ -335,7 +384,8 @@ impl App {
             selftest: Mutex::new(None),
             draining: AtomicBool::new(false),
             metrics,
-            body_budget: Arc::new(Semaphore::new(config.limits.max_inflight_body_bytes)),
+            body_held: AtomicUsize::new(0),
+            unknown_connections: Arc::new(AtomicUsize::new(0)),
             body_budget_bytes: config.limits.max_inflight_body_bytes,
             checkpoint_key: config.audit.checkpoint_key.clone(),
             anchor_object: config.audit.anchor_object.clone(),
@@ -485,16 +535,48 @@ impl App {
         self.audit.check()
     }
 
-    /// Reserves `bytes` of the in-memory body budget for one request body;
-    /// `server_busy` when it is spent (a client cannot make the daemon hold
-    /// more than `max_inflight_body_bytes` of bodies, however many streams).
-    pub fn reserve_body(&self, bytes: usize) -> Result<OwnedSemaphorePermit, SvsError> {
-        u32::try_from(bytes)
-            .ok()
-            .and_then(|n| self.body_budget.clone().try_acquire_many_owned(n).ok())
-            .ok_or(SvsError::ServerBusy {
-                retry_after: Duration::from_secs(1),
-            })
+    /// An empty reservation of the in-memory body budget for one request
+    /// body of `entity`, grown by [`BodyReservation::grow`] as its bytes
+    /// arrive. A body is charged only for what it sent: one reserved whole
+    /// up front (its Content-Length, or `max_body_bytes` without one) let a
+    /// few dozen stalled uploads of one entity hold the whole budget and
+    /// every other tenant get 503 `server_busy`.
+    pub fn body_reservation<'a>(
+        &'a self,
+        entity: Option<&'a Entity>,
+        limits: &Limits,
+    ) -> BodyReservation<'a> {
+        BodyReservation {
+            app: self,
+            entity,
+            share: limits.entity_body_bytes(self.body_budget_bytes),
+            held: 0,
+        }
+    }
+
+    /// Bytes of request bodies held now, all requests together.
+    pub fn body_bytes_held(&self) -> usize {
+        self.body_held.load(Ordering::Acquire)
+    }
+
+    /// A connection slot for a client of `entity` (None: a certificate no
+    /// entity claims), within `max_connections_per_entity` for an entity
+    /// and `max_unknown_connections` for all unknown clients together;
+    /// None when that cap is reached. Counted across reloads.
+    pub fn connection_slot(
+        &self,
+        entity: Option<&Entity>,
+        limits: &Limits,
+    ) -> Option<ConnectionSlot> {
+        match entity {
+            Some(e) => ConnectionSlot::take(e.connections(), limits.max_connections_per_entity),
+            None => ConnectionSlot::take(&self.unknown_connections, limits.max_unknown_connections),
+        }
+    }
+
+    /// Connections held now by clients no entity claims.
+    pub fn unknown_connections(&self) -> usize {
+        self.unknown_connections.load(Ordering::Acquire)
     }
 
     /// Checks done before the body is read: client, entity status, content
@@ -531,9 +613,11 @@ impl App {
             match route.operation() {
                 Some(op) => {
                     e.check_operation(op)?;
-                    e.reserve().map(Some).inspect_err(|err| {
-                        self.metrics.rate_limited(e.name(), limit_reason(err));
-                    })
+                    e.reserve(rt.limits.default_max_concurrent)
+                        .map(Some)
+                        .inspect_err(|err| {
+                            self.metrics.rate_limited(e.name(), limit_reason(err));
+                        })
                 }
                 None => Ok(None),
             }
@@ -566,7 +650,7 @@ impl App {
                 .operation(op.as_str(), name, metrics::NONE, code);
         }
         if let Some(entity) = entity {
-            entity.traffic().record(1, 1);
+            entity.traffic().record(1, u64::from(e.is_clients_doing()));
         }
         let source = entity.map_or(UNKNOWN_ENTITY, Entity::name);
         let op = route
@@ -640,8 +724,16 @@ impl App {
         total
     }
 
-    /// Counts one finished item: metrics and the entity's traffic.
-    fn observed(&self, entity: &Entity, rt: &Runtime, ev: &AuditEvent) {
+    /// Counts one finished item: metrics and the entity's traffic (a
+    /// failure of the server's own, such as the HSM's, is no error of the
+    /// entity's).
+    fn observed(
+        &self,
+        entity: &Entity,
+        rt: &Runtime,
+        result: &Result<serde_json::Value, SvsError>,
+        ev: &AuditEvent,
+    ) {
         // A made-up key name is not in the record: it counts as `_unknown`.
         let key = match ev.key.as_deref() {
             None if ev.outcome == "unknown_key" => metrics::UNKNOWN,
@@ -649,7 +741,10 @@ impl App {
         };
         self.metrics
             .operation(ev.op, entity.name(), key, &ev.outcome);
-        let failed = !matches!(ev.outcome.as_str(), "ok" | "valid" | "invalid");
+        let failed = result
+            .as_ref()
+            .err()
+            .is_some_and(SvsError::is_clients_doing);
         entity.traffic().record(1, u64::from(failed));
     }
 
@@ -770,8 +865,8 @@ impl App {
             Operation::Sign => self.sign_items(&entity, &rt, items).await,
             Operation::Verify => self.verify_items(&entity, &rt, items).await?,
         };
-        for (_, ev) in &results {
-            self.observed(&entity, &rt, ev);
+        for (result, ev) in &results {
+            self.observed(&entity, &rt, result, ev);
         }
         let (values, events): (Vec<_>, Vec<_>) = results.into_iter().unzip();
         // The answer leaves only once its records are on disk.
@@ -2198,16 +2293,92 @@ operations = ["sign", "verify"]
     }
 
     #[test]
-    fn the_body_budget_is_shared_and_given_back() {
+    fn a_body_holds_what_arrived_within_its_entitys_half_of_the_budget() {
         let f = fixture("", &["demo"], "");
-        let budget = f.app.runtime().limits.max_inflight_body_bytes;
-        let a = f.app.reserve_body(budget - 100).unwrap();
-        let Err(SvsError::ServerBusy { retry_after }) = f.app.reserve_body(200) else {
+        let rt = f.app.runtime();
+        let budget = rt.limits.max_inflight_body_bytes;
+        let e = rt.policy.entities()[0].clone();
+        // Nothing is held before a byte arrives.
+        let mut stalled: Vec<_> = (0..1000)
+            .map(|_| f.app.body_reservation(Some(&e), &rt.limits))
+            .collect();
+        assert_eq!(f.app.body_bytes_held(), 0);
+        // One entity's bodies stop at half of the budget: its own refusal.
+        stalled[0].grow(budget / 2 - 100).unwrap();
+        assert_eq!(stalled[1].grow(200), Err(SvsError::TooManyConcurrent));
+        stalled[1].grow(100).unwrap();
+        assert_eq!(f.app.body_bytes_held(), budget / 2);
+        // The rest of the budget is the others' (here a body of no
+        // entity); past the whole budget, 503 server_busy.
+        let mut others = f.app.body_reservation(None, &rt.limits);
+        others.grow(budget / 2).unwrap();
+        let Err(SvsError::ServerBusy { retry_after }) =
+            f.app.body_reservation(None, &rt.limits).grow(1)
+        else {
             panic!("over budget")
         };
         assert!(retry_after > Duration::ZERO);
-        let b = f.app.reserve_body(100).unwrap();
-        drop((a, b));
-        assert!(f.app.reserve_body(budget).is_ok());
+        // A refused chunk is not counted; a dropped body gives all back.
+        drop(others);
+        assert_eq!(f.app.body_bytes_held(), budget / 2);
+        stalled.clear();
+        assert_eq!(f.app.body_bytes_held(), 0);
+        let mut whole = f.app.body_reservation(Some(&e), &rt.limits);
+        whole.grow(budget / 2).unwrap();
+    }
+
+    #[test]
+    fn server_side_failures_are_no_error_of_the_entity() {
+        let f = fixture("", &["demo"], "");
+        let e = f.app.runtime().policy.entities()[0].clone();
+        rt().block_on(async {
+            for server_side in [
+                SvsError::ServerBusy {
+                    retry_after: Duration::from_secs(1),
+                },
+                SvsError::HsmUnavailable("down".into()),
+                SvsError::AuditUnavailable("full".into()),
+            ] {
+                f.app.refuse(&Route::Sign, Some(&e), &server_side).await;
+            }
+            assert_eq!(e.traffic().pending(), (3, 0));
+            f.app
+                .refuse(&Route::Sign, Some(&e), &SvsError::UnsupportedMediaType)
+                .await;
+            assert_eq!(e.traffic().pending(), (4, 1));
+            // A sign item the HSM was too busy for: answered 503, counted
+            // as a request, not as the entity's error.
+            f.app.run_selftests().await.unwrap();
+            f.backend.busy.store(1, Ordering::SeqCst);
+            let reply = call(&f.app, Route::Sign, &json!({"key": "demo", "data": "aGk="})).await;
+            assert_eq!(reply.body["error"]["code"], "hsm_busy", "{reply:?}");
+            assert_eq!(e.traffic().pending(), (5, 1));
+            let reply = call(&f.app, Route::Sign, &json!({"key": "nope", "data": "aGk="})).await;
+            assert_eq!(reply.status, 404);
+            assert_eq!(e.traffic().pending(), (6, 2));
+        });
+    }
+
+    #[test]
+    fn connections_count_per_entity_and_for_unknown_clients_together() {
+        let f = fixture("", &["demo"], "");
+        let mut limits = f.app.runtime().limits.clone();
+        limits.max_connections_per_entity = 3;
+        limits.max_unknown_connections = 2;
+        let e = f.app.runtime().policy.entities()[0].clone();
+        let mine: Vec<_> = (0..3)
+            .map(|_| f.app.connection_slot(Some(&e), &limits).unwrap())
+            .collect();
+        assert!(f.app.connection_slot(Some(&e), &limits).is_none());
+        // Unknown clients have their own group, whatever the entities hold.
+        let unknown: Vec<_> = (0..2)
+            .map(|_| f.app.connection_slot(None, &limits).unwrap())
+            .collect();
+        assert!(f.app.connection_slot(None, &limits).is_none());
+        assert_eq!(f.app.unknown_connections(), 2);
+        drop(unknown);
+        assert_eq!(f.app.unknown_connections(), 0);
+        drop(mine);
+        assert!(f.app.connection_slot(Some(&e), &limits).is_some());
     }
 }

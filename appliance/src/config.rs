@@ -91,7 +91,8 @@ pub struct EntityConfig {
     pub operations: BTreeSet<Operation>,
     /// Token bucket; none means unlimited.
     pub rate: Option<RateLimit>,
-    /// Requests in flight at once; none means unlimited.
+    /// Requests in flight at once; none means `[limits]
+    /// default_max_concurrent`.
     pub max_concurrent: Option<usize>,
 }
 
@@ -150,8 +151,42 @@ pub struct Limits {
     /// acknowledged the GOAWAY's PING.
     pub close_timeout: Duration,
     /// Request bodies held in memory at once, all connections together;
-    /// beyond it requests get 503 `server_busy`. Restart-only.
+    /// beyond it requests get 503 `server_busy`. Restart-only. One entity's
+    /// bodies may hold at most half of it (see [`Limits::entity_body_bytes`]).
     pub max_inflight_body_bytes: usize,
+    /// Requests in flight at once for an entity that sets no
+    /// `max_concurrent` of its own: every entity's admitted requests are
+    /// bounded, whatever its configuration.
+    pub default_max_concurrent: usize,
+    /// Connections one entity may hold at once (default: half of
+    /// `max_connections`), so that no tenant takes every slot.
+    pub max_connections_per_entity: usize,
+    /// Connections held at once by all clients whose certificate no entity
+    /// claims, together (default: 1/16 of `max_connections`): they are only
+    /// ever answered 401, and any certificate of the client CA can make one.
+    pub max_unknown_connections: usize,
+}
+
+/// `default_max_concurrent` unless configured.
+pub const DEFAULT_MAX_CONCURRENT: usize = 256;
+
+impl Limits {
+    /// The most bytes of request bodies one entity may hold at once: half
+    /// of `max_inflight_body_bytes` (at least one whole body), so that one
+    /// tenant's uploads, stalled or not, leave the others room.
+    pub fn entity_body_bytes(&self, budget: usize) -> usize {
+        (budget / 2).max(self.max_body_bytes)
+    }
+
+    /// `max_connections_per_entity` unless configured.
+    fn default_connections_per_entity(max_connections: usize) -> usize {
+        (max_connections / 2).max(1)
+    }
+
+    /// `max_unknown_connections` unless configured.
+    fn default_unknown_connections(max_connections: usize) -> usize {
+        (max_connections / 16).max(1)
+    }
 }
 
 impl Default for Limits {
@@ -169,6 +204,9 @@ impl Default for Limits {
             max_connection_age: Duration::from_secs(600),
             close_timeout: Duration::from_secs(5),
             max_inflight_body_bytes: 64 << 20,
+            default_max_concurrent: DEFAULT_MAX_CONCURRENT,
+            max_connections_per_entity: Limits::default_connections_per_entity(4096),
+            max_unknown_connections: Limits::default_unknown_connections(4096),
         }
     }
 }
@@ -314,6 +352,9 @@ struct RawLimits {
     max_connection_age_ms: Option<u64>,
     close_timeout_ms: Option<u64>,
     max_inflight_body_bytes: Option<usize>,
+    default_max_concurrent: Option<usize>,
+    max_connections_per_entity: Option<usize>,
+    max_unknown_connections: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -909,6 +950,19 @@ impl Config {
             max_inflight_body_bytes: l
                 .max_inflight_body_bytes
                 .unwrap_or(defaults.max_inflight_body_bytes),
+            default_max_concurrent: l
+                .default_max_concurrent
+                .unwrap_or(defaults.default_max_concurrent),
+            max_connections_per_entity: l.max_connections_per_entity.unwrap_or_else(|| {
+                Limits::default_connections_per_entity(
+                    l.max_connections.unwrap_or(defaults.max_connections),
+                )
+            }),
+            max_unknown_connections: l.max_unknown_connections.unwrap_or_else(|| {
+                Limits::default_unknown_connections(
+                    l.max_connections.unwrap_or(defaults.max_connections),
+                )
+            }),
         };
         if limits.max_body_bytes < 256 {
             errors.push("[limits] max_body_bytes must be at least 256");
@@ -928,6 +982,25 @@ impl Config {
             errors.push(format!(
                 "[limits] max_handshakes must be 1-{MAX_CONNECTIONS}"
             ));
+        }
+        if limits.default_max_concurrent == 0 {
+            errors.push("[limits] default_max_concurrent must be > 0");
+        }
+        // A cap above max_connections would mean nothing; zero would shut
+        // every entity (or every unknown client, and so its 401) out.
+        for (name, cap) in [
+            (
+                "max_connections_per_entity",
+                limits.max_connections_per_entity,
+            ),
+            ("max_unknown_connections", limits.max_unknown_connections),
+        ] {
+            if cap == 0 || cap > limits.max_connections {
+                errors.push(format!(
+                    "[limits] {name} must be 1-max_connections ({})",
+                    limits.max_connections
+                ));
+            }
         }
         if limits.max_inflight_body_bytes < limits.max_body_bytes {
             errors.push("[limits] max_inflight_body_bytes must be at least max_body_bytes");
@@ -1224,6 +1297,54 @@ operations = ["dance"]
             "exactly one of",
             "\"nope\" is not in [keys]",
             "inline entity \"x\": unknown variant `dance`",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn connection_caps_default_to_shares_of_max_connections() {
+        let d = Limits::default();
+        assert_eq!(
+            (d.max_connections_per_entity, d.max_unknown_connections),
+            (2048, 256)
+        );
+        assert_eq!(d.default_max_concurrent, DEFAULT_MAX_CONCURRENT);
+        let with = |limits: &str| {
+            let text = good().replace("[audit]", &format!("[limits]\n{limits}\n[audit]"));
+            Config::from_toml(&text, Path::new("/etc/svs/svsd.toml"))
+        };
+        // Derived from the max_connections in the file...
+        let l = with("max_connections = 40").unwrap().limits;
+        assert_eq!(
+            (l.max_connections_per_entity, l.max_unknown_connections),
+            (20, 2)
+        );
+        let l = with("max_connections = 1").unwrap().limits;
+        assert_eq!(
+            (l.max_connections_per_entity, l.max_unknown_connections),
+            (1, 1)
+        );
+        // ...unless set.
+        let l = with(
+            "max_connections = 40\nmax_connections_per_entity = 40\nmax_unknown_connections = 1",
+        )
+        .unwrap()
+        .limits;
+        assert_eq!(
+            (l.max_connections_per_entity, l.max_unknown_connections),
+            (40, 1)
+        );
+        let Err(SvsError::Config(errs)) = with(
+            "max_connections = 40\nmax_connections_per_entity = 41\nmax_unknown_connections = 0\ndefault_max_concurrent = 0",
+        ) else {
+            panic!("caps out of range accepted")
+        };
+        let all = errs.join("\n");
+        for needle in [
+            "max_connections_per_entity must be 1-max_connections (40)",
+            "max_unknown_connections must be 1-max_connections (40)",
+            "default_max_concurrent must be > 0",
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }

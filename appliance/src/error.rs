@@ -344,6 +344,15 @@ impl SvsError {
         }
     }
 
+    /// Whether the client caused this refusal or failure, so that it counts
+    /// as an error of its entity in abnormal-traffic detection: any 4xx.
+    /// A 5xx is the server's state (HSM, audit trail, body budget, drain),
+    /// which every tenant meets alike; counted against the entity, one
+    /// tenant holding the body budget got the others flagged abnormal.
+    pub fn is_clients_doing(&self) -> bool {
+        self.wire().status < 500
+    }
+
     /// Logs the details of a server-side failure (5xx) that its client
     /// message leaves out, at most once a second per code (`held_back`:
     /// the failures of that code left out since its last line). Client

@@ -206,6 +206,8 @@ pub struct Metrics {
     rate_limited: IntCounterVec,
     refusals_suppressed: IntCounterVec,
     tls_handshake_failures: IntCounterVec,
+    connections_over_cap: IntCounterVec,
+    entity_connections: IntGaugeVec,
     config_reloads: IntCounterVec,
     config_reload_ok: IntGauge,
     key_usage: IntCounterVec,
@@ -323,8 +325,22 @@ impl Metrics {
             "0 while the last SIGHUP reload was refused; 1 after a reload was applied, and from start.",
         );
         config_reload_ok.set(1);
+        let connections_over_cap = counter_vec(
+            &r,
+            "svs_connections_refused_total",
+            "API connections closed after their TLS handshake because the client's entity held max_connections_per_entity connections already, by entity (_unknown: certificates no entity claims, max_unknown_connections together).",
+            &["entity"],
+        );
+        connections_over_cap.with_label_values(&[UNKNOWN]);
         Metrics {
             tls_handshake_failures,
+            connections_over_cap,
+            entity_connections: int_gauge_vec(
+                &r,
+                "svs_entity_connections",
+                "API connections held now, by entity (_unknown: certificates no entity claims, together).",
+                &["entity"],
+            ),
             config_reloads,
             config_reload_ok,
             requests: counter_vec(
@@ -541,6 +557,11 @@ impl Metrics {
             .inc();
     }
 
+    /// An API connection closed at its entity's connection cap.
+    pub fn connection_over_cap(&self, entity: &str) {
+        self.connections_over_cap.with_label_values(&[entity]).inc();
+    }
+
     /// A SIGHUP reload was applied, or refused.
     pub fn reload(&self, applied: bool) {
         let result = if applied { "applied" } else { "refused" };
@@ -641,10 +662,17 @@ impl Metrics {
         self.entity_rate.reset();
         self.entity_error_ratio.reset();
         self.entity_throttled.reset();
+        self.entity_connections.reset();
+        self.entity_connections
+            .with_label_values(&[UNKNOWN])
+            .set(app.unknown_connections() as i64);
         self.entities.set(rt.policy.len() as i64);
         for e in rt.policy.entities() {
             let v = e.traffic().view();
             let name = e.name();
+            self.entity_connections
+                .with_label_values(&[name])
+                .set(e.connections().load(Ordering::Relaxed) as i64);
             self.entity_anomaly
                 .with_label_values(&[name, "rate"])
                 .set(i64::from(v.rate_abnormal));

@@ -93,6 +93,10 @@ struct Bucket {
 pub struct EntityLimiter {
     bucket: Mutex<Bucket>,
     in_flight: AtomicUsize,
+    /// Bytes of request bodies its requests hold (read so far).
+    body_bytes: AtomicUsize,
+    /// Its connections (counted by [`ConnectionSlot`]s).
+    connections: Arc<AtomicUsize>,
     traffic: Traffic,
 }
 
@@ -104,6 +108,8 @@ impl EntityLimiter {
                 last: Instant::now(),
             }),
             in_flight: AtomicUsize::new(0),
+            body_bytes: AtomicUsize::new(0),
+            connections: Arc::new(AtomicUsize::new(0)),
             traffic: Traffic::default(),
         }
     }
@@ -155,6 +161,33 @@ fn rate_limited(rate: RateLimit, missing: f64) -> SvsError {
     }
 }
 
+/// Adds `n` to `held` unless the sum would pass `cap`; true when added.
+/// One compare-and-swap loop: no lock on the request path.
+pub fn take_up_to(held: &AtomicUsize, n: usize, cap: usize) -> bool {
+    held.fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
+        h.checked_add(n).filter(|&t| t <= cap)
+    })
+    .is_ok()
+}
+
+/// One connection counted against a cap (an entity's, or that of the
+/// clients no entity claims); given back on drop.
+#[derive(Debug)]
+pub struct ConnectionSlot(Arc<AtomicUsize>);
+
+impl ConnectionSlot {
+    /// A slot of `held`, unless it already counts `cap`.
+    pub fn take(held: &Arc<AtomicUsize>, cap: usize) -> Option<ConnectionSlot> {
+        take_up_to(held, 1, cap).then(|| ConnectionSlot(held.clone()))
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Holds one of an entity's concurrency slots; released on drop.
 #[derive(Debug)]
 pub struct InFlight(Arc<EntityLimiter>);
@@ -189,17 +222,18 @@ impl Entity {
 
     /// Admits a request before its body is read: a concurrency slot, held
     /// until the returned guard drops, and at least one token in the bucket
-    /// (none is taken yet: the item count is not known).
-    pub fn reserve(&self) -> Result<InFlight, SvsError> {
-        self.reserve_at(Instant::now())
+    /// (none is taken yet: the item count is not known). An entity without
+    /// `max_concurrent` has `default_max` slots: each request in flight
+    /// holds a stream and, once its body arrives, memory, so no entity may
+    /// have an unbounded number of them.
+    pub fn reserve(&self, default_max: usize) -> Result<InFlight, SvsError> {
+        self.reserve_at(Instant::now(), default_max)
     }
 
-    fn reserve_at(&self, now: Instant) -> Result<InFlight, SvsError> {
+    fn reserve_at(&self, now: Instant, default_max: usize) -> Result<InFlight, SvsError> {
         let prev = self.limiter.in_flight.fetch_add(1, Ordering::AcqRel);
         let guard = InFlight(self.limiter.clone());
-        if let Some(max) = self.config.max_concurrent
-            && prev >= max
-        {
+        if prev >= self.config.max_concurrent.unwrap_or(default_max) {
             return Err(SvsError::TooManyConcurrent);
         }
         if let Some(rate) = self.config.rate {
@@ -220,10 +254,27 @@ impl Entity {
         }
     }
 
+    /// Counts `n` more bytes of body held by this entity's requests, unless
+    /// that would pass `cap`; true when counted.
+    pub fn take_body_bytes(&self, n: usize, cap: usize) -> bool {
+        take_up_to(&self.limiter.body_bytes, n, cap)
+    }
+
+    /// Gives back `n` bytes counted by [`Entity::take_body_bytes`].
+    pub fn release_body_bytes(&self, n: usize) {
+        self.limiter.body_bytes.fetch_sub(n, Ordering::AcqRel);
+    }
+
+    /// Its connection count, for [`ConnectionSlot::take`] (kept across
+    /// reloads with the rest of its limiter state).
+    pub fn connections(&self) -> &Arc<AtomicUsize> {
+        &self.limiter.connections
+    }
+
     /// Test helper: reserve and charge in one go.
     #[cfg(test)]
     fn admit_at(&self, items: usize, now: Instant) -> Result<InFlight, SvsError> {
-        let g = self.reserve_at(now)?;
+        let g = self.reserve_at(now, usize::MAX)?;
         self.charge_at(items, now)?;
         Ok(g)
     }
@@ -510,7 +561,7 @@ mod tests {
         // 4 s later the bucket is still 5 short: refused, before the body
         // too, and Retry-After covers the debt.
         let t4 = t0 + Duration::from_secs(4);
-        let Err(SvsError::RateLimited { retry_after }) = e.reserve_at(t4) else {
+        let Err(SvsError::RateLimited { retry_after }) = e.reserve_at(t4, usize::MAX) else {
             panic!("the debt must hold the rate")
         };
         assert!(retry_after >= Duration::from_millis(500), "{retry_after:?}");
@@ -533,11 +584,11 @@ mod tests {
         cfg.rate = None;
         let p = Policy::new(&[cfg], None);
         let e = find(&p, &id(1, 0, "")).unwrap();
-        let g1 = e.reserve().unwrap();
-        let g2 = e.reserve().unwrap();
-        assert_eq!(e.reserve().unwrap_err(), SvsError::TooManyConcurrent);
+        let g1 = e.reserve(100).unwrap();
+        let g2 = e.reserve(100).unwrap();
+        assert_eq!(e.reserve(100).unwrap_err(), SvsError::TooManyConcurrent);
         drop(g1);
-        drop((g2, e.reserve().unwrap()));
+        drop((g2, e.reserve(100).unwrap()));
     }
 
     #[test]
@@ -546,16 +597,78 @@ mod tests {
         cfg.rate = None;
         let p = Policy::new(std::slice::from_ref(&cfg), None);
         let e = find(&p, &id(1, 0, "")).unwrap();
-        let g1 = e.reserve().unwrap();
-        let g2 = e.reserve().unwrap();
-        assert_eq!(e.reserve().unwrap_err(), SvsError::TooManyConcurrent);
+        let g1 = e.reserve(100).unwrap();
+        let g2 = e.reserve(100).unwrap();
+        assert_eq!(e.reserve(100).unwrap_err(), SvsError::TooManyConcurrent);
         // The new policy sees the two requests still in flight.
         let p2 = Policy::new(&[cfg], Some(&p));
         let e2 = find(&p2, &id(1, 0, "")).unwrap();
-        assert_eq!(e2.reserve().unwrap_err(), SvsError::TooManyConcurrent);
+        assert_eq!(e2.reserve(100).unwrap_err(), SvsError::TooManyConcurrent);
         drop(g1);
-        let g3 = e2.reserve().unwrap();
+        let g3 = e2.reserve(100).unwrap();
         drop((g2, g3));
-        assert!(e2.reserve().is_ok());
+        assert!(e2.reserve(100).is_ok());
+    }
+
+    #[test]
+    fn an_entity_without_max_concurrent_gets_the_default_cap() {
+        let mut cfg = entity("a", ClientMatch::CertificateSha256([1; 32]));
+        cfg.rate = None;
+        cfg.max_concurrent = None;
+        let p = Policy::new(&[cfg], None);
+        let e = find(&p, &id(1, 0, "")).unwrap();
+        let held: Vec<_> = (0..3).map(|_| e.reserve(3).unwrap()).collect();
+        assert_eq!(e.reserve(3).unwrap_err(), SvsError::TooManyConcurrent);
+        drop(held);
+        // Its own max_concurrent wins over the default, either way.
+        let mut cfg = entity("b", ClientMatch::CertificateSha256([2; 32]));
+        cfg.rate = None;
+        cfg.max_concurrent = Some(5);
+        let p = Policy::new(&[cfg], None);
+        let e = find(&p, &id(2, 0, "")).unwrap();
+        let held: Vec<_> = (0..5).map(|_| e.reserve(1).unwrap()).collect();
+        assert_eq!(e.reserve(1).unwrap_err(), SvsError::TooManyConcurrent);
+        drop(held);
+    }
+
+    #[test]
+    fn connection_slots_are_capped_given_back_and_survive_reload() {
+        let cfg = entity("a", ClientMatch::CertificateSha256([1; 32]));
+        let p = Policy::new(std::slice::from_ref(&cfg), None);
+        let e = find(&p, &id(1, 0, "")).unwrap();
+        let a = ConnectionSlot::take(e.connections(), 2).unwrap();
+        let b = ConnectionSlot::take(e.connections(), 2).unwrap();
+        assert!(ConnectionSlot::take(e.connections(), 2).is_none());
+        // A failed take leaves the count as it was.
+        assert_eq!(e.connections().load(Ordering::Relaxed), 2);
+        // After a reload the entity's connections still count.
+        let p2 = Policy::new(&[cfg], Some(&p));
+        let e2 = find(&p2, &id(1, 0, "")).unwrap();
+        assert!(ConnectionSlot::take(e2.connections(), 2).is_none());
+        drop(a);
+        let c = ConnectionSlot::take(e2.connections(), 2).unwrap();
+        drop((b, c));
+        assert_eq!(e2.connections().load(Ordering::Relaxed), 0);
+        // A group without an entity (unknown clients) works the same.
+        let unknown = Arc::new(AtomicUsize::new(0));
+        let one = ConnectionSlot::take(&unknown, 1).unwrap();
+        assert!(ConnectionSlot::take(&unknown, 1).is_none());
+        drop(one);
+        assert!(ConnectionSlot::take(&unknown, 1).is_some());
+    }
+
+    #[test]
+    fn body_bytes_are_counted_against_the_entity_share() {
+        let p = Policy::new(
+            &[entity("a", ClientMatch::CertificateSha256([1; 32]))],
+            None,
+        );
+        let e = find(&p, &id(1, 0, "")).unwrap();
+        assert!(e.take_body_bytes(600, 1000));
+        assert!(e.take_body_bytes(400, 1000));
+        assert!(!e.take_body_bytes(1, 1000));
+        e.release_body_bytes(400);
+        assert!(e.take_body_bytes(400, 1000));
+        assert!(!e.take_body_bytes(usize::MAX, usize::MAX));
     }
 }

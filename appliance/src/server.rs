@@ -1,5 +1,7 @@
 //! The HTTPS listener: TLS handshakes bounded in number and time, a
-//! connection slot only for a client that completed one, the client's
+//! connection slot only for a client that completed one and whose entity
+//! (or the group of certificates no entity claims) is within its
+//! connection cap, the client's
 //! identity taken once per connection and re-checked per request (validity,
 //! and the client CA after a reload), HTTP/1.1 or HTTP/2 by ALPN, bodies
 //! read after the entity was admitted, with a size cap, a shared byte budget
@@ -12,7 +14,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::{Body as _, Bytes, Incoming};
 use hyper::header::{ALLOW, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use hyper::{Request, Response};
@@ -25,7 +27,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
-use crate::app::{App, Reply, Route};
+use crate::app::{App, BodyReservation, Reply, Route};
 use crate::config::Limits;
 use crate::error::SvsError;
 use crate::policy::{ClientIdentity, VerifiedClient};
@@ -56,7 +58,8 @@ pub enum HandshakeFailure {
     /// The handshake was not done within `handshake_timeout_ms`.
     Timeout,
     /// Handshake done, but no connection slot came free within
-    /// `handshake_timeout_ms`.
+    /// `handshake_timeout_ms` (or `max_handshakes` clients were waiting
+    /// for one already).
     NoSlot,
 }
 
@@ -112,6 +115,27 @@ fn handshake_failed(
     }
 }
 
+/// Connections closed for their entity's (or the unknown clients') cap: a
+/// client can make them at will, so at most one line a second.
+static OVER_CAP_LINES: LogLimits<()> = LogLimits::new(Duration::from_secs(1));
+
+/// Counts and logs a connection closed after its handshake because its
+/// entity (`None`: no entity claims the certificate) holds
+/// `max_connections_per_entity` (`max_unknown_connections`) already.
+fn connection_over_cap(app: &App, entity: Option<&crate::policy::Entity>, peer: SocketAddr) {
+    let entity = entity.map_or(crate::metrics::UNKNOWN, crate::policy::Entity::name);
+    app.metrics().connection_over_cap(entity);
+    if let Some(held_back) = OVER_CAP_LINES.hit(()) {
+        tracing::info!(
+            listener = API_LISTENER,
+            %peer,
+            entity,
+            held_back,
+            "connection cap of the client's entity reached: closed"
+        );
+    }
+}
+
 /// Logs, per listener and reason, the failed handshakes held back since
 /// that kind's last line, once its second is over, so that the tail of a
 /// flood is reported even when nothing follows it. Called once a second.
@@ -122,6 +146,13 @@ pub fn log_held_back_handshake_failures() {
             reason = why.as_str(),
             held_back,
             "failed TLS handshakes left out of the log since its last line"
+        );
+    }
+    for ((), held_back) in OVER_CAP_LINES.held_back() {
+        tracing::info!(
+            listener = API_LISTENER,
+            held_back,
+            "connections closed at their entity's cap left out of the log since its last line"
         );
     }
 }
@@ -179,6 +210,10 @@ pub struct Gates {
     pub connections: Arc<Semaphore>,
     /// TLS handshakes in flight.
     pub handshakes: Arc<Semaphore>,
+    /// Handshaken clients waiting for a connection slot (as many as
+    /// handshakes): they no longer hold a handshake permit, and each is a
+    /// TLS session in memory.
+    pub waiting: Arc<Semaphore>,
 }
 
 impl Gates {
@@ -187,6 +222,7 @@ impl Gates {
         Gates {
             connections: Arc::new(Semaphore::new(limits.max_connections)),
             handshakes: Arc::new(Semaphore::new(limits.max_handshakes)),
+            waiting: Arc::new(Semaphore::new(limits.max_handshakes)),
         }
     }
 }
@@ -482,24 +518,41 @@ fn response(reply: Reply, head_only: bool) -> Response<AnswerBody> {
     resp
 }
 
-/// Reads at most `limit` bytes (what was reserved from the body budget);
-/// `max` is the configured cap, named in the error.
+/// Reads a body of at most `max` bytes within `deadline`, counting each
+/// chunk in `reservation` as it arrives: a client is charged for what it
+/// sent, so a stalled upload holds nothing of the body budget.
 async fn read_body(
-    body: Incoming,
-    limit: usize,
+    body: &mut Incoming,
     max: usize,
     deadline: Duration,
+    reservation: &mut BodyReservation<'_>,
 ) -> Result<Bytes, SvsError> {
-    let collected = tokio::time::timeout(deadline, Limited::new(body, limit).collect())
+    let read = async {
+        let mut chunks: Vec<Bytes> = Vec::new();
+        let mut len = 0usize;
+        while let Some(frame) = body.frame().await {
+            let frame = frame
+                .map_err(|_| SvsError::MalformedRequest("request body could not be read".into()))?;
+            // Trailers carry no body bytes.
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            len = len.saturating_add(data.len());
+            if len > max {
+                return Err(SvsError::BodyTooLarge(max));
+            }
+            reservation.grow(data.len())?;
+            chunks.push(data);
+        }
+        Ok(match chunks.len() {
+            0 => Bytes::new(),
+            1 => chunks.swap_remove(0),
+            _ => Bytes::from(chunks.concat()),
+        })
+    };
+    tokio::time::timeout(deadline, read)
         .await
-        .map_err(|_| SvsError::BodyTimeout(deadline))?;
-    match collected {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(SvsError::BodyTooLarge(max)),
-        Err(_) => Err(SvsError::MalformedRequest(
-            "request body could not be read".into(),
-        )),
-    }
+        .map_err(|_| SvsError::BodyTimeout(deadline))?
 }
 
 /// Whether an answer ends the connection: a client no entity claims (or
@@ -593,20 +646,28 @@ async fn handle_inner(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         let max = limits.max_body_bytes;
-        let read = async {
-            if declared.is_some_and(|n| n > max as u64) {
-                return Err(SvsError::BodyTooLarge(max));
+        let mut reservation = app.body_reservation(adm.entity(), &limits);
+        let read = match body.as_mut() {
+            _ if declared.is_some_and(|n| n > max as u64) => Err(SvsError::BodyTooLarge(max)),
+            None => Err(SvsError::Internal("body taken".into())),
+            Some(incoming) => {
+                let read = read_body(incoming, max, limits.body_timeout, &mut reservation).await;
+                // A body refused for the budget part-way is drained after
+                // the answer (HTTP/2) like one refused before it was read,
+                // so that the client gets its 503 or 429; one found too
+                // large, too slow or broken while read is reset.
+                if let Err(e) = &read
+                    && !matches!(e, SvsError::ServerBusy { .. } | SvsError::TooManyConcurrent)
+                {
+                    body.take();
+                }
+                read
             }
-            // Without a Content-Length the whole cap is reserved.
-            let reserve = declared.map_or(max, |n| n as usize);
-            let budget = app.reserve_body(reserve)?;
-            let incoming = body.take().ok_or(SvsError::Internal("body taken".into()))?;
-            let body = read_body(incoming, reserve, max, limits.body_timeout).await?;
-            Ok((body, Some(budget)))
         };
-        match read.await {
-            Ok(x) => x,
+        match read {
+            Ok(b) => (b, Some(reservation)),
             Err(e) => {
+                drop(reservation);
                 app.refuse(&route, adm.entity(), &e).await;
                 return Err(e);
             }
@@ -740,6 +801,7 @@ pub async fn serve_tls(
         let app = app.clone();
         let tls = tls.clone();
         let connections = gates.connections.clone();
+        let waiting = gates.waiting.clone();
         let watcher = graceful.watcher();
         let stop = stop.clone();
         tokio::spawn(async move {
@@ -770,22 +832,9 @@ pub async fn serve_tls(
                     return;
                 }
             };
-            // A connection slot only for a client that completed the
-            // handshake. Waiting for one keeps the handshake permit, so the
-            // waiters stay bounded too.
-            let _permit = match tokio::time::timeout(handshake, connections.acquire_owned()).await {
-                Ok(Ok(p)) => p,
-                _ => {
-                    handshake_failed(
-                        &app,
-                        API_LISTENER,
-                        HandshakeFailure::NoSlot,
-                        peer_addr,
-                        None,
-                    );
-                    return;
-                }
-            };
+            // The handshake's work is done: its permit goes back before any
+            // wait, so that clients waiting for a slot do not stop others'
+            // handshakes.
             drop(handshake_permit);
             let chain: Vec<CertificateDer<'static>> = stream
                 .get_ref()
@@ -793,7 +842,50 @@ pub async fn serve_tls(
                 .peer_certificates()
                 .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
                 .unwrap_or_default();
-            let peer = Peer::accepted(chain, &current, SystemTime::now());
+            let now = SystemTime::now();
+            let peer = Peer::accepted(chain, &current, now);
+            // Who the client is under the current policy decides whose cap
+            // the connection counts in: its entity's, or that of all the
+            // certificates no entity claims (which only ever get 401), so
+            // that neither one tenant nor any holder of a client-CA
+            // certificate can take every slot.
+            let rt = app.runtime();
+            let entity = peer
+                .current(&current, now)
+                .and_then(|client| rt.policy.identify(client).ok());
+            let Some(_group_slot) = app.connection_slot(entity.as_deref(), &rt.limits) else {
+                connection_over_cap(&app, entity.as_deref(), peer_addr);
+                return;
+            };
+            drop((entity, rt));
+            // A connection slot only for a client that completed the
+            // handshake and is within its cap. The clients waiting for one
+            // are bounded on their own.
+            let no_slot = || {
+                handshake_failed(
+                    &app,
+                    API_LISTENER,
+                    HandshakeFailure::NoSlot,
+                    peer_addr,
+                    None,
+                );
+            };
+            let _permit = match connections.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => {
+                    let Ok(_waiting_turn) = waiting.try_acquire_owned() else {
+                        no_slot();
+                        return;
+                    };
+                    match tokio::time::timeout(handshake, connections.acquire_owned()).await {
+                        Ok(Ok(p)) => p,
+                        _ => {
+                            no_slot();
+                            return;
+                        }
+                    }
+                }
+            };
             let ctx = Arc::new(ConnCtx {
                 app,
                 tls: Some(tls),

@@ -239,7 +239,16 @@ type H2Answer = Result<(u16, Value), h2::Error>;
 /// the server closes the connection. `window`: the client's initial stream
 /// window (0: the server may send no response body at all).
 async fn h2_connect(d: &Daemon, window: Option<u32>) -> (h2::client::SendRequest<Bytes>, H2Conn) {
-    let tls = tls_stream(d.addr, tls_config(&d.ca, Some(&d.client), true))
+    h2_connect_as(d, &d.client, window).await
+}
+
+/// [`h2_connect`] with `client`'s certificate.
+async fn h2_connect_as(
+    d: &Daemon,
+    client: &ClientCert,
+    window: Option<u32>,
+) -> (h2::client::SendRequest<Bytes>, H2Conn) {
+    let tls = tls_stream(d.addr, tls_config(&d.ca, Some(client), true))
         .await
         .unwrap();
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
@@ -940,8 +949,11 @@ async fn fast_clients_are_served_while_slow_clients_hold_the_other_slots() {
             ("body_timeout_ms", 4000),
             ("idle_timeout_ms", 5000),
         ],
-        "max_connections = 8\n",
+        // Every client here is the dev entity: its own cap (half the
+        // slots by default) would close the fifth connection at once.
+        "max_connections = 8\nmax_connections_per_entity = 8\n",
     );
+    let stranger = inst.issue_client("stranger");
     let d = Arc::new(inst.start().await);
     let mut stalled_tls = Vec::new();
     for _ in 0..4 {
@@ -1010,8 +1022,11 @@ async fn fast_clients_are_served_while_slow_clients_hold_the_other_slots() {
         }
         if h2 {
             // While it holds the last slot, a ninth connection gets none:
-            // closed once it has waited handshake_timeout_ms for one.
-            let mut t = tls_stream(d.addr, tls_config(&d.ca, Some(&d.client), false))
+            // closed once it has waited handshake_timeout_ms for one. (One
+            // more of the dev entity's would be closed at once, at its
+            // cap: this one's certificate is claimed by no entity, whose
+            // group has a slot to spare.)
+            let mut t = tls_stream(d.addr, tls_config(&d.ca, Some(&stranger), false))
                 .await
                 .unwrap();
             let start = Instant::now();
@@ -1115,4 +1130,217 @@ async fn sigterm_lets_requests_still_uploading_finish() {
 
     let st = d.wait(Duration::from_secs(10)).expect("svsd did not exit");
     assert!(st.success());
+}
+
+/// The dev installation's entity, as `svsd --dev` writes it, and `other`
+/// (a certificate issued as `other`) allowed to sign with the demo key at
+/// 0.1 requests a second, burst 1, and no `max_concurrent`.
+fn dev_and_other(inst: &Install) -> ClientCert {
+    let dev = inst.dev_client();
+    let other = inst.issue_client("other");
+    inst.write_entities(&format!(
+        "[[entity]]\nname = \"dev-client\"\ncertificate_sha256 = \"{}\"\nkeys = [\"demo\"]\n\
+         operations = [\"sign\", \"verify\"]\nrate = {{ per_second = 10000.0, burst = 20000 }}\n\n\
+         [[entity]]\nname = \"other\"\ncertificate_sha256 = \"{}\"\nkeys = [\"demo\"]\n\
+         operations = [\"sign\"]\nrate = {{ per_second = 0.1, burst = 1 }}\n",
+        dev.sha256, other.sha256
+    ));
+    other
+}
+
+/// The dev client signs once over HTTP/1.1 and once over HTTP/2.
+async fn dev_signs(d: &Daemon, when: &str) {
+    for h2 in [false, true] {
+        let mut c = d.client(h2).await;
+        let (st, _, v) = c
+            .post("/v1/sign", &json!({"key":"demo","data":HELLO}))
+            .await
+            .unwrap();
+        assert_eq!(st, 200, "{when}, h2={h2}: {v}\n{}", d.log_text());
+    }
+}
+
+/// One entity (0.1 requests/s, no `max_concurrent`) opens 32 HTTP/2 sign
+/// streams without Content-Length and sends no body. Each was admitted on
+/// a peek at its token bucket and reserved `max_body_bytes` of the shared
+/// body budget up front: 32 of them held all of it, and every other tenant
+/// got 503 `server_busy` until they timed out. A body is now charged for
+/// the bytes it sent, and one entity's bodies may hold half the budget:
+/// the other entity is served all along, and once the stalled streams do
+/// send bytes, those past the entity's share get 429.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_entitys_stalled_uploads_leave_the_body_budget_to_the_others() {
+    const STREAMS: usize = 32;
+    const SENT: usize = 4000;
+    let inst = install(
+        &[("body_timeout_ms", 4000), ("idle_timeout_ms", 8000)],
+        "max_inflight_body_bytes = 65536\n",
+    );
+    inst.edit_config(|t| t.replace("max_body_bytes = 1048576", "max_body_bytes = 4096"));
+    let other = dev_and_other(&inst);
+    let d = inst.start().await;
+
+    let (s, _conn) = h2_connect_as(&d, &other, None).await;
+    let mut streams = Vec::new();
+    for _ in 0..STREAMS {
+        let mut s = s.clone().ready().await.unwrap();
+        let (resp, stream) = s
+            .send_request(h2_request(&d, "POST", "/v1/sign"), false)
+            .unwrap();
+        streams.push((
+            tokio::spawn(async move { h2_body(resp.await?).await }),
+            stream,
+        ));
+    }
+    // Let every stream be admitted and wait for its body.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (answer, _) in &streams {
+        assert!(!answer.is_finished(), "a stalled stream was answered early");
+    }
+    dev_signs(&d, "while the other entity's uploads stall").await;
+
+    // Now each stalled stream sends SENT bytes and stalls again: 32 x 4000
+    // is more than the whole budget, but only half of it (32768) is the
+    // entity's to take.
+    for (_, stream) in &mut streams {
+        stream
+            .send_data(Bytes::from(vec![b' '; SENT]), false)
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    dev_signs(&d, "while the other entity's uploads hold their share").await;
+
+    let (mut refused, mut timed_out) = (0, 0);
+    for (answer, stream) in streams {
+        let answer = answer.await.unwrap();
+        drop(stream);
+        match answer {
+            Ok((429, v)) if v["error"]["code"] == "too_many_concurrent_requests" => refused += 1,
+            Ok((408, v)) if v["error"]["code"] == "request_timeout" => timed_out += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    // At most 32768 / 4000 streams hold their bytes (and one more a part
+    // of them, should a frame arrive in pieces).
+    assert!(timed_out <= 9, "{timed_out} streams held their bodies");
+    assert_eq!(refused + timed_out, STREAMS);
+    let page = scrape_metrics(inst.metrics_addr).await;
+    let concurrency = r#"svs_rate_limited_total{entity="other",reason="concurrency"}"#;
+    assert_eq!(sample(&page, concurrency), Some(refused as f64), "{page}");
+}
+
+/// Every connection slot for certificates no entity claims (any holder of
+/// a client-CA certificate can make one): with `max_connections = 32`, 32
+/// such connections that never send a request held every slot, and a real
+/// tenant's connection waited `handshake_timeout_ms` and was closed. Now
+/// they share `max_unknown_connections` (by default 1/16 of the slots, 2
+/// here), one entity may hold `max_connections_per_entity` (half, 16), and
+/// the connections past either are closed at once, counted by entity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_certificates_or_one_entity_cannot_take_every_connection_slot() {
+    const SLOTS: usize = 32;
+    let inst = install(
+        &[("idle_timeout_ms", 20_000), ("header_timeout_ms", 20_000)],
+        &format!("max_connections = {SLOTS}\n"),
+    );
+    let other = dev_and_other(&inst);
+    let stranger = inst.issue_client("stranger");
+    let d = inst.start().await;
+
+    // Opens `n` silent connections with `client`'s certificate; returns
+    // those the server did not close within a second.
+    async fn hold(
+        d: &Daemon,
+        client: &ClientCert,
+        n: usize,
+    ) -> Vec<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        let mut open = Vec::new();
+        for _ in 0..n {
+            open.push(
+                tls_stream(d.addr, tls_config(&d.ca, Some(client), false))
+                    .await
+                    .unwrap(),
+            );
+        }
+        let start = Instant::now();
+        let mut held = Vec::new();
+        for mut s in open {
+            let left = Duration::from_secs(1).saturating_sub(start.elapsed());
+            let (_, closed) = until_closed(&mut s, Instant::now(), left).await;
+            if closed.is_none() {
+                held.push(s);
+            }
+        }
+        held
+    }
+
+    let mut strangers = hold(&d, &stranger, SLOTS).await;
+    assert_eq!(strangers.len(), 2, "unknown clients' connections held");
+    dev_signs(&d, "with unknown certificates at their cap").await;
+
+    let others = hold(&d, &other, SLOTS).await;
+    assert_eq!(others.len(), SLOTS / 2, "one entity's connections held");
+    dev_signs(&d, "with another entity at its cap").await;
+
+    // An unknown client that has a connection still gets its 401.
+    let mut s = strangers.pop().unwrap();
+    let body = padded_sign_body(60);
+    s.write_all(h1_head(body.len()).as_bytes()).await.unwrap();
+    s.write_all(&body).await.unwrap();
+    let (got, _) = until_closed(&mut s, Instant::now(), Duration::from_secs(5)).await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 401"), "{text}");
+
+    let page = scrape_metrics(inst.metrics_addr).await;
+    let refused = |entity: &str| {
+        sample(
+            &page,
+            &format!(r#"svs_connections_refused_total{{entity="{entity}"}}"#),
+        )
+    };
+    assert_eq!(refused("_unknown"), Some((SLOTS - 2) as f64), "{page}");
+    assert_eq!(refused("other"), Some((SLOTS / 2) as f64), "{page}");
+    let held = r#"svs_entity_connections{entity="other"}"#;
+    assert_eq!(sample(&page, held), Some((SLOTS / 2) as f64), "{page}");
+    drop(others);
+}
+
+/// A client waiting for a connection slot no longer holds a handshake
+/// permit: with `max_handshakes = 1` and the one slot taken, a client
+/// waiting for it held the only permit, and no other handshake was done
+/// until that client was closed at `handshake_timeout_ms`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_waiting_for_a_slot_does_not_hold_up_other_handshakes() {
+    let inst = install(
+        &[("idle_timeout_ms", 10_000), ("header_timeout_ms", 10_000)],
+        "max_connections = 1\nmax_handshakes = 1\n",
+    );
+    let stranger = inst.issue_client("stranger");
+    let d = inst.start().await;
+    let mut holder = d.client(false).await;
+    let (st, _, _) = holder
+        .post("/v1/sign", &json!({"key":"demo","data":HELLO}))
+        .await
+        .unwrap();
+    assert_eq!(st, 200);
+    // Its handshake done, this one waits for the slot...
+    let mut waiting = tls_stream(d.addr, tls_config(&d.ca, Some(&stranger), false))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // ...while another client's handshake is done (the dev entity is at
+    // its cap, so the server closes it right after).
+    let third = tokio::time::timeout(
+        HANDSHAKE * 3,
+        tls_stream(d.addr, tls_config(&d.ca, Some(&d.client), false)),
+    )
+    .await
+    .expect("handshake not done")
+    .unwrap();
+    let (_, closed) = until_closed(&mut waiting, Instant::now(), Duration::ZERO).await;
+    assert_eq!(closed, None, "the waiting client was closed first");
+    // The waiting client gets no slot in the end (the holder keeps it).
+    let (got, at) = until_closed(&mut waiting, Instant::now(), HANDSHAKE + SLACK).await;
+    assert!(at.is_some() && got.is_empty(), "{got:?} {at:?}");
+    drop((third, holder));
 }
