@@ -483,19 +483,29 @@ fn response(reply: Reply, head_only: bool) -> Response<AnswerBody> {
 }
 
 /// Reads at most `limit` bytes (what was reserved from the body budget);
-/// `max` is the configured cap, named in the error. `None`: the client went
-/// away before its body was in, and there is no one to answer.
+/// `max` is the configured cap, named in the error; `declared` the
+/// Content-Length. `None`: the client went away before its body was in,
+/// and there is no one to answer.
 async fn read_body(
     body: Incoming,
     limit: usize,
     max: usize,
+    declared: Option<u64>,
     deadline: Duration,
 ) -> Result<Option<Bytes>, SvsError> {
     let collected = tokio::time::timeout(deadline, Limited::new(body, limit).collect())
         .await
         .map_err(|_| SvsError::BodyTimeout(deadline))?;
     match collected {
-        Ok(c) => Ok(Some(c.to_bytes())),
+        // An HTTP/2 stream the client resets with NO_ERROR ends its body
+        // without an error (hyper follows RFC 9113 section 8.1), short of
+        // its Content-Length, which a body that ends properly cannot be (h2
+        // refuses it, as hyper does over HTTP/1.1). Without a
+        // Content-Length such a body cannot be told from a whole one.
+        Ok(c) => {
+            let bytes = c.to_bytes();
+            Ok(Some(bytes).filter(|b| declared.is_none_or(|n| b.len() as u64 >= n)))
+        }
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(SvsError::BodyTooLarge(max)),
         Err(e) if client_went_away(&*e) => Ok(None),
         Err(_) => Err(SvsError::MalformedRequest(
@@ -667,7 +677,7 @@ async fn handle_inner(
             let reserve = declared.map_or(max, |n| n as usize);
             let budget = app.reserve_body(reserve)?;
             let incoming = body.take().ok_or(SvsError::Internal("body taken".into()))?;
-            let body = read_body(incoming, reserve, max, limits.body_timeout).await?;
+            let body = read_body(incoming, reserve, max, declared, limits.body_timeout).await?;
             Ok((body, Some(budget)))
         };
         match read.await {

@@ -390,8 +390,9 @@ async fn http2_slow_streams_time_out_alone_while_the_connection_serves_others() 
     assert!(!conn.is_finished());
 }
 
-/// Clients that go away mid-body (HTTP/2: a stream reset, a connection
-/// closed with streams open; HTTP/1.1: a connection closed) are counted
+/// Clients that go away mid-body (HTTP/2: a stream reset, with an error
+/// code or NO_ERROR, a connection closed with streams open; HTTP/1.1: a
+/// connection closed) are counted
 /// as `client_closed` in `svs_requests_total` and as 499 in
 /// `svs_http_requests_total`, each once; they are neither
 /// `malformed_request` nor `request_timeout`, leave no refusal record in
@@ -424,11 +425,17 @@ async fn uploads_the_client_abandons_are_client_closed_not_refusals() {
         .await
         .unwrap();
     assert_eq!(st, 200);
-    // Three streams reset by the client, on a connection that stays.
-    for _ in 0..3 {
+    // Three streams reset by the client, on a connection that stays. A
+    // reset with NO_ERROR ends the body without an error (hyper), short of
+    // its content-length.
+    for reason in [
+        h2::Reason::CANCEL,
+        h2::Reason::NO_ERROR,
+        h2::Reason::INTERNAL_ERROR,
+    ] {
         let (_resp, mut stream) = start_upload(s.clone()).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
-        stream.send_reset(h2::Reason::CANCEL);
+        stream.send_reset(reason);
     }
     // Two streams open when the client closes its connection.
     let (s2, conn2) = h2_connect(&d, None).await;
