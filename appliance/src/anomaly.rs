@@ -9,8 +9,14 @@
 //! trail; with `enforce`, an entity whose rate is abnormal is throttled to
 //! its baseline until the verdict clears.
 //!
-//! The request path only bumps two atomics ([`Traffic::record`]) and, while
-//! a throttle is set, takes a token ([`Traffic::admit`]). A background task
+//! Rates count operations (each batch item one), but a verdict needs
+//! evidence spread over time: `min_requests` HTTP requests in the short
+//! window, arriving in at least `min_active_s` distinct seconds of it. One
+//! request, however large its batch, is never a verdict on its own.
+//!
+//! The request path only bumps three atomics ([`Traffic::record`], once per
+//! HTTP request) and, while a throttle is set, takes a token
+//! ([`Traffic::admit`]). A background task
 //! calls [`Traffic::tick`] once a second for every entity; that is where
 //! windows move and verdicts change.
 
@@ -36,16 +42,21 @@ pub struct AnomalyConfig {
     pub short_window_s: u32,
     /// Time constant of the baseline, in seconds.
     pub long_window_s: u32,
-    /// Seconds an entity is only observed (baseline = plain mean) before
-    /// verdicts start; also after a restart, as the baseline is not persisted.
+    /// Seconds an entity is only observed (baseline = mean of the seconds,
+    /// each capped, see [`Traffic::tick`]) before verdicts start; also after
+    /// a restart, as the baseline is not persisted.
     pub warmup_s: u32,
     /// The short rate is abnormal above `rate_factor` × max(baseline, `min_rate`).
     pub rate_factor: f64,
     /// Requests per second below which no rate is abnormal (quiet entities
     /// have a baseline near zero).
     pub min_rate: f64,
-    /// Requests in the short window below which neither check gives a verdict.
+    /// HTTP requests in the short window below which neither check gives a
+    /// verdict (a batch is one request here, however many items it has).
     pub min_requests: u64,
+    /// Seconds of the short window with at least one request below which
+    /// neither check gives a verdict: the evidence must be spread over time.
+    pub min_active_s: u32,
     /// Refused/failed share of the short window's requests that is abnormal.
     pub error_ratio: f64,
     /// Throttle an entity with an abnormal rate to its baseline.
@@ -62,10 +73,18 @@ impl Default for AnomalyConfig {
             rate_factor: 3.0,
             min_rate: 1.0,
             min_requests: 30,
+            min_active_s: default_min_active_s(60),
             error_ratio: 0.5,
             enforce: false,
         }
     }
+}
+
+/// `min_active_s` when not given: a quarter of the short window (15 of 60
+/// seconds), so that a verdict takes traffic that lasted, not one burst,
+/// while a flood still shows well before the window has filled.
+fn default_min_active_s(short_window_s: u32) -> u32 {
+    short_window_s.div_ceil(4).max(1)
 }
 
 /// `[anomaly]` as written.
@@ -79,6 +98,7 @@ pub(crate) struct RawAnomaly {
     rate_factor: Option<f64>,
     min_rate: Option<f64>,
     min_requests: Option<u64>,
+    min_active_s: Option<u32>,
     error_ratio: Option<f64>,
     enforce: Option<bool>,
 }
@@ -87,14 +107,18 @@ impl AnomalyConfig {
     /// Stage two of `[anomaly]`: defaults and checks; problems go to `errors`.
     pub(crate) fn from_raw(raw: RawAnomaly, errors: &mut Vec<String>) -> AnomalyConfig {
         let d = AnomalyConfig::default();
+        let short_window_s = raw.short_window_s.unwrap_or(d.short_window_s);
         let c = AnomalyConfig {
             enabled: raw.enabled.unwrap_or(d.enabled),
-            short_window_s: raw.short_window_s.unwrap_or(d.short_window_s),
+            short_window_s,
             long_window_s: raw.long_window_s.unwrap_or(d.long_window_s),
             warmup_s: raw.warmup_s.unwrap_or(d.warmup_s),
             rate_factor: raw.rate_factor.unwrap_or(d.rate_factor),
             min_rate: raw.min_rate.unwrap_or(d.min_rate),
             min_requests: raw.min_requests.unwrap_or(d.min_requests),
+            min_active_s: raw
+                .min_active_s
+                .unwrap_or_else(|| default_min_active_s(short_window_s)),
             error_ratio: raw.error_ratio.unwrap_or(d.error_ratio),
             enforce: raw.enforce.unwrap_or(d.enforce),
         };
@@ -114,6 +138,9 @@ impl AnomalyConfig {
         }
         if c.min_requests == 0 {
             errors.push("[anomaly] min_requests must be > 0".into());
+        }
+        if c.min_active_s == 0 || c.min_active_s > c.short_window_s {
+            errors.push("[anomaly] min_active_s must be 1-short_window_s".into());
         }
         if !(c.error_ratio > 0.0 && c.error_ratio <= 1.0) {
             errors.push("[anomaly] error_ratio must be in (0, 1]".into());
@@ -171,14 +198,29 @@ pub struct View {
     pub throttled: bool,
 }
 
+/// One second's counts.
+#[derive(Debug, Default, Clone, Copy)]
+struct Second {
+    /// HTTP requests.
+    requests: u64,
+    /// Operations (each batch item one; a request refused before its items
+    /// is one).
+    ops: u64,
+    /// Operations refused or failed.
+    errors: u64,
+}
+
 #[derive(Debug, Default)]
 struct State {
-    /// Per-tick (requests, errors), newest last, at most the short window.
-    ring: VecDeque<(u64, u64)>,
-    sum_requests: u64,
-    sum_errors: u64,
+    /// Per-tick counts, newest last, at most the short window.
+    ring: VecDeque<Second>,
+    /// The ring's sums.
+    sum: Second,
+    /// Seconds in the ring with at least one request.
+    active: u32,
     ticks: u64,
-    learned: u64,
+    /// Sum of the warm-up's (capped) seconds.
+    learned: f64,
     baseline: f64,
     view: View,
 }
@@ -194,6 +236,7 @@ struct Throttle {
 #[derive(Debug, Default)]
 pub struct Traffic {
     requests: AtomicU64,
+    ops: AtomicU64,
     errors: AtomicU64,
     state: Mutex<State>,
     throttled: AtomicBool,
@@ -201,10 +244,12 @@ pub struct Traffic {
 }
 
 impl Traffic {
-    /// Counts requests (each batch item is one) and how many of them were
-    /// refused or failed. Called on the request path: two relaxed atomics.
-    pub fn record(&self, requests: u64, errors: u64) {
-        self.requests.fetch_add(requests, Ordering::Relaxed);
+    /// Counts one HTTP request of `ops` operations (each batch item one),
+    /// `errors` of them refused or failed. Called once per request: three
+    /// relaxed atomics.
+    pub fn record(&self, ops: u64, errors: u64) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.ops.fetch_add(ops, Ordering::Relaxed);
         if errors > 0 {
             self.errors.fetch_add(errors, Ordering::Relaxed);
         }
@@ -245,7 +290,7 @@ impl Traffic {
             // from_secs_f64 would panic on.
             let wait = Duration::try_from_secs_f64((need - t.tokens) / t.per_second)
                 .unwrap_or(Duration::from_secs(u64::from(u32::MAX)));
-            Err(SvsError::RateLimited { retry_after: wait })
+            Err(SvsError::Throttled { retry_after: wait })
         }
     }
 
@@ -257,32 +302,49 @@ impl Traffic {
     /// Moves the windows by one second and re-evaluates; returns the
     /// verdicts that changed.
     pub fn tick(&self, cfg: &AnomalyConfig, now: Instant) -> Vec<Flip> {
-        let requests = self.requests.swap(0, Ordering::Relaxed);
-        let errors = self.errors.swap(0, Ordering::Relaxed).min(requests);
+        let ops = self.ops.swap(0, Ordering::Relaxed);
+        let second = Second {
+            requests: self.requests.swap(0, Ordering::Relaxed),
+            ops,
+            errors: self.errors.swap(0, Ordering::Relaxed).min(ops),
+        };
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let short = u64::from(cfg.short_window_s.max(1));
-        s.ring.push_back((requests, errors));
-        s.sum_requests += requests;
-        s.sum_errors += errors;
+        // The short window's rate before this second, over its full length
+        // even while it is still filling (see the warm-up below).
+        let recent_rate = s.sum.ops as f64 / short as f64;
+        s.ring.push_back(second);
+        s.sum.requests += second.requests;
+        s.sum.ops += second.ops;
+        s.sum.errors += second.errors;
+        s.active += u32::from(second.requests > 0);
         while s.ring.len() as u64 > short {
-            if let Some((r, e)) = s.ring.pop_front() {
-                s.sum_requests -= r;
-                s.sum_errors -= e;
+            if let Some(old) = s.ring.pop_front() {
+                s.sum.requests -= old.requests;
+                s.sum.ops -= old.ops;
+                s.sum.errors -= old.errors;
+                s.active -= u32::from(old.requests > 0);
             }
         }
         s.ticks += 1;
         let window = s.ring.len().max(1) as f64;
-        let short_rate = s.sum_requests as f64 / window;
-        let error_ratio = if s.sum_requests == 0 {
+        let short_rate = s.sum.ops as f64 / window;
+        let error_ratio = if s.sum.ops == 0 {
             0.0
         } else {
-            s.sum_errors as f64 / s.sum_requests as f64
+            s.sum.errors as f64 / s.sum.ops as f64
         };
         let before = s.view;
         if s.ticks <= u64::from(cfg.warmup_s) {
-            // Learning: the baseline is the plain mean so far.
-            s.learned += requests;
-            s.baseline = s.learned as f64 / s.ticks as f64;
+            // Learning: the baseline is the mean of the seconds so far, but
+            // a second counts at most `rate_factor` × the recent rate (or
+            // `min_rate`), the threshold a rate is judged by: a burst in the
+            // warm-up, one big batch say, cannot set a high baseline. Traffic
+            // that lasts raises the recent rate, and with it the cap, within
+            // short_window_s / rate_factor seconds.
+            let cap = cfg.rate_factor * recent_rate.max(cfg.min_rate);
+            s.learned += (ops as f64).min(cap);
+            s.baseline = s.learned / s.ticks as f64;
             s.view = View {
                 short_rate,
                 baseline: s.baseline,
@@ -296,7 +358,9 @@ impl Traffic {
         }
         let floor = s.baseline.max(cfg.min_rate);
         let limit = cfg.rate_factor * floor;
-        let enough = s.sum_requests >= cfg.min_requests;
+        // Evidence spread over time: enough requests, in enough distinct
+        // seconds. One request, however many items, is never enough.
+        let enough = s.sum.requests >= cfg.min_requests && s.active >= cfg.min_active_s;
         // 10% hysteresis, so a rate hovering at the threshold does not flap.
         let rate_abnormal = if before.rate_abnormal {
             enough && short_rate > 0.9 * limit
@@ -312,9 +376,9 @@ impl Traffic {
         // at most at the threshold, so a flood cannot teach itself normal
         // quickly (it still can, slowly: a lasting change of load is real).
         let x = if rate_abnormal {
-            (requests as f64).min(limit)
+            (ops as f64).min(limit)
         } else {
-            requests as f64
+            ops as f64
         };
         let alpha = 1.0 - (-1.0 / f64::from(cfg.long_window_s.max(1))).exp();
         s.baseline += alpha * (x - s.baseline);
@@ -390,16 +454,40 @@ mod tests {
             rate_factor: 3.0,
             min_rate: 1.0,
             min_requests: 20,
+            min_active_s: 3,
             error_ratio: 0.5,
             enforce: false,
         }
     }
 
-    /// Runs `seconds` ticks at `rate` requests per second, `errors` of them failed.
+    /// Runs `seconds` ticks at `rate` single-item requests per second,
+    /// `errors` of them failed.
     fn run(t: &Traffic, c: &AnomalyConfig, seconds: u32, rate: u64, errors: u64) -> Vec<Flip> {
         let mut flips = Vec::new();
         for _ in 0..seconds {
-            t.record(rate, errors);
+            for i in 0..rate {
+                t.record(1, u64::from(i < errors));
+            }
+            flips.extend(t.tick(c, Instant::now()));
+        }
+        flips
+    }
+
+    /// Runs `seconds` ticks with `requests` batches of `items` each per
+    /// second, `errors` items of each batch failed.
+    fn run_batches(
+        t: &Traffic,
+        c: &AnomalyConfig,
+        seconds: u32,
+        requests: u64,
+        items: u64,
+        errors: u64,
+    ) -> Vec<Flip> {
+        let mut flips = Vec::new();
+        for _ in 0..seconds {
+            for _ in 0..requests {
+                t.record(items, errors);
+            }
             flips.extend(t.tick(c, Instant::now()));
         }
         flips
@@ -408,10 +496,12 @@ mod tests {
     #[test]
     fn a_burst_against_the_baseline_flips_and_clears() {
         let (t, c) = (Traffic::default(), cfg());
-        // Warm-up at 5/s: no verdicts, baseline = mean.
+        // Warm-up at 5/s: no verdicts, baseline = mean, less what the cap
+        // held back while the short window filled (its first 4 s counted
+        // 3, 3, 3, 4.5: 4.675).
         assert!(run(&t, &c, 20, 5, 0).is_empty());
         assert!(t.view().learning);
-        assert!((t.view().baseline - 5.0).abs() < 1e-9);
+        assert!((t.view().baseline - 4.675).abs() < 1e-9, "{:?}", t.view());
         // Steady traffic stays normal, even with noise up to 2×.
         assert!(run(&t, &c, 30, 10, 0).is_empty());
         assert!(!t.view().rate_abnormal);
@@ -471,7 +561,7 @@ mod tests {
         // The bucket holds about one second of the baseline (~5).
         let admitted = (0..50).filter(|_| t.admit(1, now).is_ok()).count();
         assert!((4..=8).contains(&admitted), "admitted {admitted}");
-        let Err(SvsError::RateLimited { retry_after }) = t.admit(1, now) else {
+        let Err(SvsError::Throttled { retry_after }) = t.admit(1, now) else {
             panic!("expected a refusal")
         };
         assert!(retry_after > Duration::ZERO && retry_after < Duration::from_secs(1));
@@ -491,7 +581,7 @@ mod tests {
         // A full bucket (2) lets a batch of 20 through, 18 tokens in debt...
         assert!(t.admit(20, now).is_ok());
         // ...so nothing passes until the debt is paid at 2/s: 9.5 s for one.
-        let Err(SvsError::RateLimited { retry_after }) = t.admit(1, now + Duration::from_secs(9))
+        let Err(SvsError::Throttled { retry_after }) = t.admit(1, now + Duration::from_secs(9))
         else {
             panic!("the debt must be paid first")
         };
@@ -506,7 +596,7 @@ mod tests {
         t.set_throttle(Some(1e-20), now);
         assert!(t.admit(1, now).is_ok());
         // The next token is 1e20 s away: more than a Duration holds.
-        let Err(SvsError::RateLimited { retry_after }) = t.admit(1, now) else {
+        let Err(SvsError::Throttled { retry_after }) = t.admit(1, now) else {
             panic!("expected a refusal")
         };
         assert_eq!(retry_after, Duration::from_secs(u64::from(u32::MAX)));
@@ -518,17 +608,107 @@ mod tests {
     }
 
     #[test]
+    fn one_big_batch_is_no_verdict_and_no_throttle() {
+        let mut c = cfg();
+        c.enforce = true;
+        // A quiet entity, past its warm-up.
+        let t = Traffic::default();
+        run(&t, &c, 20, 0, 0);
+        // One verify batch of 256 items: 25.6/s over the 10 s window, far
+        // over 3 × min_rate, but one request in one second.
+        let mut flips = run_batches(&t, &c, 1, 1, 256, 0);
+        flips.extend(run(&t, &c, 10, 0, 0));
+        assert!(flips.is_empty(), "{flips:?}");
+        // Nor do 20 such batches sent in the same second (min_requests met,
+        // min_active_s not): a burst the rate limit is for, not a trend.
+        flips = run_batches(&t, &c, 1, 20, 256, 0);
+        flips.extend(run(&t, &c, 10, 0, 0));
+        assert!(flips.is_empty(), "{flips:?}");
+        assert!(!t.view().throttled);
+        assert!(t.admit(1, Instant::now()).is_ok());
+        // One batch of 40 items all naming a key the entity may not use.
+        let t2 = Traffic::default();
+        run(&t2, &c, 20, 0, 0);
+        flips = run_batches(&t2, &c, 1, 1, 40, 40);
+        flips.extend(run(&t2, &c, 5, 0, 0));
+        assert!(flips.is_empty(), "{flips:?}");
+    }
+
+    #[test]
+    fn sustained_abuse_is_still_flagged_and_throttled() {
+        let mut c = cfg();
+        c.enforce = true;
+        let t = Traffic::default();
+        run(&t, &c, 20, 0, 0);
+        // Three batches of 100 items every second: the requests are spread
+        // over the window, so the verdict comes once min_requests (20) and
+        // min_active_s (3) are both met, at the 7th second.
+        let mut seen = None;
+        for second in 1..=10 {
+            if run_batches(&t, &c, 1, 3, 100, 0)
+                .iter()
+                .any(|f| f.check == Check::Rate && f.abnormal)
+            {
+                seen.get_or_insert(second);
+            }
+        }
+        assert_eq!(seen, Some(7), "{:?}", t.view());
+        assert!(t.view().throttled);
+        // Failing batches spread over time are an errors verdict too.
+        let t2 = Traffic::default();
+        run(&t2, &c, 20, 3, 0);
+        let flips = run_batches(&t2, &c, 10, 3, 1, 1);
+        assert!(
+            flips.iter().any(|f| f.check == Check::Errors && f.abnormal),
+            "{flips:?}"
+        );
+    }
+
+    #[test]
+    fn a_flood_in_the_warm_up_does_not_set_the_baseline() {
+        let t = Traffic::default();
+        let c = cfg();
+        // A quiet warm-up with one second of 10000 operations in it: the
+        // plain mean would be 500/s.
+        run(&t, &c, 5, 0, 0);
+        run_batches(&t, &c, 1, 10, 1000, 0);
+        run(&t, &c, 14, 0, 0);
+        assert!(t.view().learning);
+        assert!(t.view().baseline < 0.2, "{:?}", t.view());
+        // So 10/s, sustained, is abnormal after it.
+        let flips = run(&t, &c, 10, 10, 0);
+        assert!(
+            flips.iter().any(|f| f.check == Check::Rate && f.abnormal),
+            "{:?}",
+            t.view()
+        );
+        // Traffic that lasts is learned: 100/s from the start of the
+        // warm-up ends it with a baseline near 100.
+        let t2 = Traffic::default();
+        run(&t2, &c, 20, 100, 0);
+        assert!(t2.view().baseline > 80.0, "{:?}", t2.view());
+        assert!(run(&t2, &c, 20, 100, 0).is_empty());
+    }
+
+    #[test]
     fn config_defaults_and_every_error_at_once() {
         let mut errors = Vec::new();
         let c = AnomalyConfig::from_raw(RawAnomaly::default(), &mut errors);
         assert!(errors.is_empty());
         assert_eq!(c, AnomalyConfig::default());
         let raw: RawAnomaly = toml::from_str(
-            "short_window_s = 5000\nlong_window_s = 1\nrate_factor = 0.5\nmin_rate = -1.0\nmin_requests = 0\nerror_ratio = 2.0\n",
+            "short_window_s = 5000\nlong_window_s = 1\nrate_factor = 0.5\nmin_rate = -1.0\nmin_requests = 0\nmin_active_s = 6000\nerror_ratio = 2.0\n",
         )
         .unwrap();
         AnomalyConfig::from_raw(raw, &mut errors);
-        assert_eq!(errors.len(), 6, "{errors:?}");
+        assert_eq!(errors.len(), 7, "{errors:?}");
+        // min_active_s follows a shorter window unless given.
+        let mut errors = Vec::new();
+        let raw: RawAnomaly = toml::from_str("short_window_s = 3\n").unwrap();
+        let c = AnomalyConfig::from_raw(raw, &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(c.min_active_s, 1);
+        assert_eq!(AnomalyConfig::default().min_active_s, 15);
         assert!(toml::from_str::<RawAnomaly>("surprise = 1").is_err());
     }
 }

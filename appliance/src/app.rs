@@ -724,16 +724,16 @@ impl App {
         total
     }
 
-    /// Counts one finished item: metrics and the entity's traffic (a
-    /// failure of the server's own, such as the HSM's, is no error of the
-    /// entity's).
+    /// Counts one finished item in the metrics; returns whether it is an
+    /// error of the entity's (for its traffic, counted once per request):
+    /// a failure of the server's own, such as the HSM's, is not.
     fn observed(
         &self,
         entity: &Entity,
         rt: &Runtime,
         result: &Result<serde_json::Value, SvsError>,
         ev: &AuditEvent,
-    ) {
+    ) -> bool {
         // A made-up key name is not in the record: it counts as `_unknown`.
         let key = match ev.key.as_deref() {
             None if ev.outcome == "unknown_key" => metrics::UNKNOWN,
@@ -741,11 +741,26 @@ impl App {
         };
         self.metrics
             .operation(ev.op, entity.name(), key, &ev.outcome);
-        let failed = result
+        result
             .as_ref()
             .err()
-            .is_some_and(SvsError::is_clients_doing);
-        entity.traffic().record(1, u64::from(failed));
+            .is_some_and(SvsError::is_clients_doing)
+    }
+
+    /// Counts a request whose client went away while its body was on the
+    /// way (reset stream, closed connection): `client_closed` in
+    /// `svs_requests_total`, and one operation of the entity's traffic that
+    /// is not an error. Nothing was refused, so no audit record: no
+    /// operation was asked for, as its body never arrived.
+    pub fn client_closed(&self, route: &Route, entity: Option<&Entity>) {
+        let name = entity.map_or(metrics::UNKNOWN, Entity::name);
+        if let Some(op) = route.operation() {
+            self.metrics
+                .operation(op.as_str(), name, metrics::NONE, metrics::CLIENT_CLOSED);
+        }
+        if let Some(entity) = entity {
+            entity.traffic().record(1, 0);
+        }
     }
 
     /// Handles one request admitted by [`App::precheck`] whose body has
@@ -865,9 +880,11 @@ impl App {
             Operation::Sign => self.sign_items(&entity, &rt, items).await,
             Operation::Verify => self.verify_items(&entity, &rt, items).await?,
         };
+        let mut failed = 0;
         for (result, ev) in &results {
-            self.observed(&entity, &rt, result, ev);
+            failed += u64::from(self.observed(&entity, &rt, result, ev));
         }
+        entity.traffic().record(results.len() as u64, failed);
         let (values, events): (Vec<_>, Vec<_>) = results.into_iter().unzip();
         // The answer leaves only once its records are on disk.
         self.audit.append(events).await?;
@@ -916,9 +933,11 @@ impl App {
         Ok((current, rt))
     }
 
-    /// Everything between the body and the items: body parsed, one token
-    /// per item, anomaly throttle, readiness. (Operation grant and the
-    /// concurrency slot were taken before the body was read.)
+    /// Everything between the body and the items: body parsed, readiness,
+    /// one token per item, anomaly throttle. (Operation grant and the
+    /// concurrency slot were taken before the body was read.) A refusal
+    /// takes no token: readiness is checked before the bucket is charged,
+    /// and a throttle refusal gives the tokens back.
     fn admit(
         &self,
         entity: &Entity,
@@ -937,19 +956,22 @@ impl App {
         } else {
             vec![api::request_value(body)?]
         };
-        entity
-            .charge(items.len())
-            .inspect_err(|e| self.metrics.rate_limited(entity.name(), limit_reason(e)))?;
-        if rt.anomaly.enabled {
-            entity
-                .traffic()
-                .admit(items.len(), Instant::now())
-                .inspect_err(|_| self.metrics.rate_limited(entity.name(), "anomaly"))?;
-        }
         // Nothing is signed unaudited, nor while self-tests fail.
         match op {
             Operation::Sign => self.can_sign()?,
             Operation::Verify => self.audit.check()?,
+        }
+        entity
+            .charge(items.len())
+            .inspect_err(|e| self.metrics.rate_limited(entity.name(), limit_reason(e)))?;
+        // The throttle's own check comes after the bucket, so that a
+        // rate-limited request takes none of its tokens either.
+        if rt.anomaly.enabled
+            && let Err(e) = entity.traffic().admit(items.len(), Instant::now())
+        {
+            entity.refund(items.len());
+            self.metrics.rate_limited(entity.name(), "anomaly");
+            return Err(e);
         }
         Ok(items)
     }
@@ -1905,6 +1927,63 @@ operations = ["sign", "verify"]
             assert_eq!(r["op"], "sign");
         }
         assert!(!serde_json::to_string(&recs).unwrap().contains("secret-key"));
+    }
+
+    #[test]
+    fn refusals_by_readiness_or_the_anomaly_throttle_take_no_rate_tokens() {
+        let f = fixture_with(
+            "",
+            &["demo"],
+            "rate = { per_second = 0.001, burst = 5 }",
+            |c| {
+                // No warm-up, and a floor so low that the throttle, once
+                // its one token is used, refuses for the rest of the test.
+                c.anomaly = AnomalyConfig {
+                    enabled: true,
+                    enforce: true,
+                    short_window_s: 10,
+                    long_window_s: 100,
+                    warmup_s: 0,
+                    min_rate: 0.001,
+                    min_requests: 1,
+                    min_active_s: 1,
+                    ..AnomalyConfig::default()
+                };
+            },
+        );
+        let sign = json!({"key": "demo", "data": "aGk="});
+        let code = |r: &Reply| r.body["error"]["code"].as_str().unwrap_or("ok").to_owned();
+        let message = |r: &Reply| r.body["error"]["message"].as_str().unwrap_or("").to_owned();
+        rt().block_on(async {
+            // Self-tests pending: not ready.
+            for _ in 0..3 {
+                let r = call(&f.app, Route::Sign, &sign).await;
+                assert_eq!(code(&r), "not_ready");
+            }
+            f.app.run_selftests().await.unwrap();
+            // One second of 100 operations: the entity is throttled.
+            let rt = f.app.runtime();
+            let e = rt.policy.entities()[0].clone();
+            e.traffic().record(100, 0);
+            f.app.anomaly_tick().await;
+            assert!(e.traffic().view().throttled, "{:?}", e.traffic().view());
+            // The throttle's one token: served (the entity's bucket: 4 left).
+            assert_eq!(code(&call(&f.app, Route::Sign, &sign).await), "ok");
+            for _ in 0..10 {
+                let r = call(&f.app, Route::Sign, &sign).await;
+                assert_eq!((r.status, code(&r)), (429, "rate_limited".into()));
+                assert!(message(&r).contains("abnormal traffic"), "{}", r.body);
+            }
+            // The throttle lifted, the entity's own bucket still holds the
+            // 4 tokens none of those refusals took.
+            e.traffic().disable();
+            for _ in 0..4 {
+                assert_eq!(code(&call(&f.app, Route::Sign, &sign).await), "ok");
+            }
+            let r = call(&f.app, Route::Sign, &sign).await;
+            assert_eq!(code(&r), "rate_limited");
+            assert_eq!(message(&r), "rate limit exceeded");
+        });
     }
 
     /// Every record of the trail, any type.

@@ -103,6 +103,14 @@ pub enum SvsError {
         /// When a retry can succeed.
         retry_after: Duration,
     },
+    /// The entity's traffic is judged abnormal and it is throttled to its
+    /// usual rate (`[anomaly] enforce`), whatever its own rate limit. Same
+    /// wire code as [`SvsError::RateLimited`]: clients back off the same way.
+    #[error("abnormal traffic: throttled to this entity's usual rate")]
+    Throttled {
+        /// When a retry can succeed.
+        retry_after: Duration,
+    },
     /// The entity already has its maximum of requests in flight.
     #[error("too many concurrent requests")]
     TooManyConcurrent,
@@ -298,6 +306,9 @@ impl SvsError {
             SvsError::RateLimited { retry_after } => {
                 (429, "rate_limited", Some(secs_up(*retry_after)))
             }
+            SvsError::Throttled { retry_after } => {
+                (429, "rate_limited", Some(secs_up(*retry_after)))
+            }
             SvsError::TooManyConcurrent => (429, "too_many_concurrent_requests", Some(1)),
             SvsError::HsmBusy { retry_after } => (503, "hsm_busy", Some(secs_up(*retry_after))),
             SvsError::HsmTimeout => (504, "hsm_timeout", None),
@@ -395,6 +406,7 @@ impl SvsError {
             | SvsError::KeyNotAllowed(_)
             | SvsError::OperationNotAllowed(_)
             | SvsError::RateLimited { .. }
+            | SvsError::Throttled { .. }
             | SvsError::TooManyConcurrent
             | SvsError::HsmBusy { .. }
             | SvsError::HsmTimeout
@@ -498,6 +510,7 @@ mod tests {
                 429,
                 "rate_limited",
             ),
+            (SvsError::Throttled { retry_after: d }, 429, "rate_limited"),
             (
                 SvsError::TooManyConcurrent,
                 429,

@@ -35,6 +35,13 @@ pub const UNKNOWN: &str = "_unknown";
 /// Label value where there is no key (verification with a given public key,
 /// or a request refused before its key was read).
 pub const NONE: &str = "_none";
+/// Outcome of a request whose client went away before its body was in: no
+/// error code, as no answer was made (docs/monitoring.md).
+pub const CLIENT_CLOSED: &str = "client_closed";
+/// The status `svs_http_requests_total` counts for a request that got no
+/// answer because its client went away (nginx's "client closed request";
+/// never sent).
+pub const CLIENT_CLOSED_STATUS: u16 = 499;
 
 /// Default metrics address: loopback, Prometheus' exporter port range.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9464";
@@ -574,6 +581,14 @@ impl Metrics {
     pub(crate) fn refusals_suppressed(&self, entity: &str, code: &str) -> u64 {
         self.refusals_suppressed
             .with_label_values(&[entity, code])
+            .get()
+    }
+
+    /// The count of [`Metrics::http`] for one series.
+    #[cfg(test)]
+    pub(crate) fn http_requests(&self, operation: &str, code: &str) -> u64 {
+        self.http_requests
+            .with_label_values(&[operation, code])
             .get()
     }
 

@@ -271,6 +271,21 @@ impl Entity {
         &self.limiter.connections
     }
 
+    /// Gives back what [`Entity::charge`] took for `items`, for a request
+    /// refused after it was charged (by the anomaly throttle): a refusal
+    /// costs no token. Only refusals come here, so the common path keeps
+    /// its one lock.
+    pub fn refund(&self, items: usize) {
+        self.refund_at(items, Instant::now());
+    }
+
+    fn refund_at(&self, items: usize, now: Instant) {
+        if let Some(rate) = self.config.rate {
+            let mut b = self.limiter.refill(rate, now);
+            b.tokens = (b.tokens + items as f64).min(f64::from(rate.burst));
+        }
+    }
+
     /// Test helper: reserve and charge in one go.
     #[cfg(test)]
     fn admit_at(&self, items: usize, now: Instant) -> Result<InFlight, SvsError> {
@@ -546,6 +561,29 @@ mod tests {
         assert!(e.admit_at(1, t0 + Duration::from_millis(100)).is_err());
         // A batch bigger than the burst passes on a full bucket.
         drop(e.admit_at(50, t0 + Duration::from_secs(10)).unwrap());
+    }
+
+    #[test]
+    fn a_refund_gives_back_what_the_charge_took_and_no_more() {
+        let p = Policy::new(
+            &[entity("a", ClientMatch::CertificateSha256([1; 32]))],
+            None,
+        );
+        let e = find(&p, &id(1, 0, "")).unwrap();
+        let t0 = Instant::now();
+        // 10/s, burst 5: a batch of 50 leaves the bucket 45 in debt; its
+        // refund restores the full bucket, not more.
+        e.charge_at(50, t0).unwrap();
+        e.refund_at(50, t0);
+        for _ in 0..5 {
+            e.charge_at(1, t0).unwrap();
+        }
+        assert!(e.charge_at(1, t0).is_err());
+        e.refund_at(1000, t0);
+        for _ in 0..5 {
+            e.charge_at(1, t0).unwrap();
+        }
+        assert!(e.charge_at(1, t0).is_err());
     }
 
     #[test]

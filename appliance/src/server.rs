@@ -520,19 +520,29 @@ fn response(reply: Reply, head_only: bool) -> Response<AnswerBody> {
 
 /// Reads a body of at most `max` bytes within `deadline`, counting each
 /// chunk in `reservation` as it arrives: a client is charged for what it
-/// sent, so a stalled upload holds nothing of the body budget.
+/// sent, so a stalled upload holds nothing of the body budget. `declared`
+/// is the Content-Length. `None`: the client went away before its body was
+/// in, and there is no one to answer.
 async fn read_body(
     body: &mut Incoming,
     max: usize,
+    declared: Option<u64>,
     deadline: Duration,
     reservation: &mut BodyReservation<'_>,
-) -> Result<Bytes, SvsError> {
+) -> Result<Option<Bytes>, SvsError> {
     let read = async {
         let mut chunks: Vec<Bytes> = Vec::new();
         let mut len = 0usize;
         while let Some(frame) = body.frame().await {
-            let frame = frame
-                .map_err(|_| SvsError::MalformedRequest("request body could not be read".into()))?;
+            let frame = match frame {
+                Ok(frame) => frame,
+                Err(e) if client_went_away(&e) => return Ok(None),
+                Err(_) => {
+                    return Err(SvsError::MalformedRequest(
+                        "request body could not be read".into(),
+                    ));
+                }
+            };
             // Trailers carry no body bytes.
             let Ok(data) = frame.into_data() else {
                 continue;
@@ -544,15 +554,72 @@ async fn read_body(
             reservation.grow(data.len())?;
             chunks.push(data);
         }
-        Ok(match chunks.len() {
+        let bytes = match chunks.len() {
             0 => Bytes::new(),
             1 => chunks.swap_remove(0),
             _ => Bytes::from(chunks.concat()),
-        })
+        };
+        // An HTTP/2 stream the client resets with NO_ERROR ends its body
+        // without an error (hyper follows RFC 9113 section 8.1), short of
+        // its Content-Length, which a body that ends properly cannot be (h2
+        // refuses it, as hyper does over HTTP/1.1). Without a
+        // Content-Length such a body cannot be told from a whole one.
+        Ok(Some(bytes).filter(|b| declared.is_none_or(|n| b.len() as u64 >= n)))
     };
     tokio::time::timeout(deadline, read)
         .await
         .map_err(|_| SvsError::BodyTimeout(deadline))?
+}
+
+/// Whether a body that could not be read broke off because its client went
+/// away (reset its stream, closed or lost the connection) rather than
+/// because it broke HTTP's framing: an HTTP/1.1 chunk that does not parse
+/// (hyper reports it as invalid data or input), an HTTP/2 body longer or
+/// shorter than its content-length (h2 resets the stream itself). Anything
+/// else cut the body short: hyper's HTTP/1.1 "connection error", an EOF,
+/// a reset or a GOAWAY from the client, a broken pipe.
+fn client_went_away(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(err) = cause {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return !matches!(
+                io.kind(),
+                std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput
+            );
+        }
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return !h2.is_library();
+        }
+        cause = err.source();
+    }
+    true
+}
+
+/// Counts an API request in `svs_http_requests_total` and its duration
+/// once it is done, or, when hyper drops its handler before (the client
+/// reset the stream or closed the connection while it waited for the
+/// body, a slot or the HSM), as [`metrics::CLIENT_CLOSED_STATUS`]: every
+/// request that reached the handler is counted once.
+struct HttpCount<'a> {
+    metrics: &'a crate::metrics::Metrics,
+    operation: &'static str,
+    start: Instant,
+    status: u16,
+}
+
+impl HttpCount<'_> {
+    /// Counts the request as answered with `status`; returns its duration.
+    fn answered(mut self, status: u16) -> Duration {
+        self.status = status;
+        self.start.elapsed()
+    }
+}
+
+impl Drop for HttpCount<'_> {
+    fn drop(&mut self) {
+        self.metrics
+            .http(self.operation, self.status, self.start.elapsed());
+    }
 }
 
 /// Whether an answer ends the connection: a client no entity claims (or
@@ -568,21 +635,33 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<AnswerBody>, Infallible> {
     let _active = ctx.activity.begin();
-    let start = Instant::now();
     let (req, body) = req.into_parts();
     let mut body = Some(body);
     let head_only = req.method == hyper::Method::HEAD;
     let http1 = req.version < hyper::Version::HTTP_2;
-    let operation =
-        Route::parse(req.method.as_str(), req.uri.path()).map_or("other", |r| r.metric_name());
-    let reply = handle_inner(&ctx, &req, &mut body)
-        .await
-        .unwrap_or_else(|e| {
+    let count = HttpCount {
+        metrics: ctx.app.metrics(),
+        operation: Route::parse(req.method.as_str(), req.uri.path())
+            .map_or("other", |r| r.metric_name()),
+        start: Instant::now(),
+        status: crate::metrics::CLIENT_CLOSED_STATUS,
+    };
+    let reply = match handle_inner(&ctx, &req, &mut body).await {
+        Ok(Some(reply)) => reply,
+        Ok(None) => {
+            // Nobody to answer; hyper throws this away.
+            drop(count);
+            let mut resp = Response::new(AnswerBody::new(Bytes::new()));
+            *resp.status_mut() = hyper::StatusCode::from_u16(crate::metrics::CLIENT_CLOSED_STATUS)
+                .unwrap_or(hyper::StatusCode::BAD_REQUEST);
+            return Ok(resp);
+        }
+        Err(e) => {
             e.log_details();
             Reply::from(e)
-        });
-    let elapsed = start.elapsed();
-    ctx.app.metrics().http(operation, reply.status, elapsed);
+        }
+    };
+    let elapsed = count.answered(reply.status);
     tracing::debug!(
         status = reply.status,
         latency_us = elapsed.as_micros() as u64,
@@ -609,11 +688,12 @@ async fn handle(
 }
 
 /// Handles a request; its body is taken from `body` only when it is read.
+/// `None`: the client went away while its body was on the way.
 async fn handle_inner(
     ctx: &ConnCtx,
     req: &hyper::http::request::Parts,
     body: &mut Option<Incoming>,
-) -> Result<Reply, SvsError> {
+) -> Result<Option<Reply>, SvsError> {
     let app = &ctx.app;
     let route = Route::parse(req.method.as_str(), req.uri.path())?;
     if ctx.probes_only && !route.is_probe() {
@@ -651,7 +731,14 @@ async fn handle_inner(
             _ if declared.is_some_and(|n| n > max as u64) => Err(SvsError::BodyTooLarge(max)),
             None => Err(SvsError::Internal("body taken".into())),
             Some(incoming) => {
-                let read = read_body(incoming, max, limits.body_timeout, &mut reservation).await;
+                let read = read_body(
+                    incoming,
+                    max,
+                    declared,
+                    limits.body_timeout,
+                    &mut reservation,
+                )
+                .await;
                 // A body refused for the budget part-way is drained after
                 // the answer (HTTP/2) like one refused before it was read,
                 // so that the client gets its 503 or 429; one found too
@@ -665,7 +752,13 @@ async fn handle_inner(
             }
         };
         match read {
-            Ok(b) => (b, Some(reservation)),
+            Ok(Some(b)) => (b, Some(reservation)),
+            // Not a refusal: no record, and no error against the entity.
+            Ok(None) => {
+                drop(reservation);
+                app.client_closed(&route, adm.entity());
+                return Ok(None);
+            }
             Err(e) => {
                 drop(reservation);
                 app.refuse(&route, adm.entity(), &e).await;
@@ -682,6 +775,7 @@ async fn handle_inner(
         app.handle(route, &adm, client, &body),
     )
     .await
+    .map(Some)
     .map_err(|_| SvsError::RequestTimeout(limits.request_timeout))
 }
 
@@ -1389,6 +1483,59 @@ mod tests {
         }
         drop(client);
         start.elapsed()
+    }
+
+    #[test]
+    fn every_request_is_counted_once_answered_or_abandoned() {
+        let m = crate::metrics::Metrics::new();
+        let count = |m| HttpCount {
+            metrics: m,
+            operation: "sign",
+            start: Instant::now(),
+            status: crate::metrics::CLIENT_CLOSED_STATUS,
+        };
+        // Answered.
+        count(&m).answered(200);
+        // Dropped before an answer, as hyper drops a handler whose stream
+        // the client reset.
+        drop(count(&m));
+        assert_eq!(m.http_requests("sign", "200"), 1);
+        assert_eq!(m.http_requests("sign", "499"), 1);
+    }
+
+    #[test]
+    fn a_body_cut_short_is_the_client_leaving_one_that_breaks_framing_is_malformed() {
+        use std::io::{Error, ErrorKind};
+        /// hyper's error around a cause, as its body errors come.
+        #[derive(Debug)]
+        struct Wrapped(Box<dyn std::error::Error + Send + Sync>);
+        impl std::fmt::Display for Wrapped {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("error reading a body from connection")
+            }
+        }
+        impl std::error::Error for Wrapped {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&*self.0)
+            }
+        }
+        let gone = |e: Box<dyn std::error::Error + Send + Sync>| client_went_away(&Wrapped(e));
+        for kind in [
+            ErrorKind::UnexpectedEof,
+            ErrorKind::ConnectionReset,
+            ErrorKind::BrokenPipe,
+        ] {
+            assert!(gone(Box::new(Error::from(kind))), "{kind:?}");
+        }
+        assert!(gone(Box::new(h2::Error::from(h2::Reason::CANCEL))));
+        assert!(gone("connection error".into()));
+        // hyper's HTTP/1.1 chunk decoder reports bad framing as these.
+        for kind in [ErrorKind::InvalidData, ErrorKind::InvalidInput] {
+            assert!(
+                !gone(Box::new(Error::new(kind, "invalid chunk size"))),
+                "{kind:?}"
+            );
+        }
     }
 
     fn short_limits() -> Limits {

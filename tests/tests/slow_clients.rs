@@ -399,6 +399,116 @@ async fn http2_slow_streams_time_out_alone_while_the_connection_serves_others() 
     assert!(!conn.is_finished());
 }
 
+/// Clients that go away mid-body (HTTP/2: a stream reset, with an error
+/// code or NO_ERROR, a connection closed with streams open; HTTP/1.1: a
+/// connection closed) are counted
+/// as `client_closed` in `svs_requests_total` and as 499 in
+/// `svs_http_requests_total`, each once; they are neither
+/// `malformed_request` nor `request_timeout`, leave no refusal record in
+/// the trail and no error in the entity's anomaly error ratio.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_the_client_abandons_are_client_closed_not_refusals() {
+    let inst = install(&[], "");
+    let d = inst.start().await;
+    let series = |outcome: &str| {
+        format!(
+            r#"svs_requests_total{{entity="dev-client",key="_none",operation="sign",outcome="{outcome}"}}"#
+        )
+    };
+    let http_499 = r#"svs_http_requests_total{code="499",operation="sign"}"#;
+    let body = padded_sign_body(100);
+    let start_upload = |s: h2::client::SendRequest<Bytes>| {
+        let mut req = h2_request(&d, "POST", "/v1/sign");
+        req.headers_mut()
+            .insert("content-length", "100".parse().unwrap());
+        let first = Bytes::copy_from_slice(&body[..8]);
+        async move {
+            let mut s = s.ready().await.unwrap();
+            let (resp, mut stream) = s.send_request(req, false).unwrap();
+            stream.send_data(first, false).unwrap();
+            (resp, stream)
+        }
+    };
+    let (s, conn) = h2_connect(&d, None).await;
+    let (st, _) = h2_call(&s, h2_request(&d, "POST", "/v1/sign"), sign_body())
+        .await
+        .unwrap();
+    assert_eq!(st, 200);
+    // Three streams reset by the client, on a connection that stays. A
+    // reset with NO_ERROR ends the body without an error (hyper), short of
+    // its content-length.
+    for reason in [
+        h2::Reason::CANCEL,
+        h2::Reason::NO_ERROR,
+        h2::Reason::INTERNAL_ERROR,
+    ] {
+        let (_resp, mut stream) = start_upload(s.clone()).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stream.send_reset(reason);
+    }
+    // Two streams open when the client closes its connection.
+    let (s2, conn2) = h2_connect(&d, None).await;
+    let open = [
+        start_upload(s2.clone()).await,
+        start_upload(s2.clone()).await,
+    ];
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    conn2.abort();
+    drop((s2, open));
+    // One HTTP/1.1 upload whose connection closes.
+    let cfg = tls_config(&d.ca, Some(&d.client), false);
+    let mut h1 = tls_stream(d.addr, cfg).await.unwrap();
+    h1.write_all(h1_head(body.len()).as_bytes()).await.unwrap();
+    h1.write_all(&body[..20]).await.unwrap();
+    h1.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(h1);
+
+    // Counted as soon as svsd notices, well before body_timeout_ms would
+    // have cut them off; then one anomaly tick for the error ratio.
+    let deadline = Instant::now() + BODY;
+    let page = loop {
+        let page = scrape_metrics(inst.metrics_addr).await;
+        if sample(&page, &series("client_closed")) == Some(6.0) || Instant::now() > deadline {
+            break page;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(sample(&page, &series("client_closed")), Some(6.0), "{page}");
+    assert_eq!(sample(&page, http_499), Some(6.0), "{page}");
+    for outcome in ["malformed_request", "request_timeout"] {
+        assert_eq!(sample(&page, &series(outcome)), None, "{outcome}: {page}");
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let page = scrape_metrics(inst.metrics_addr).await;
+    assert_eq!(
+        sample(&page, r#"svs_entity_error_ratio{entity="dev-client"}"#),
+        Some(0.0),
+        "{page}"
+    );
+    // Only the signature is in the trail, no refusal.
+    let outcomes: Vec<String> = std::fs::read_dir(inst.audit_dir())
+        .unwrap()
+        .flat_map(|e| {
+            let bytes = svs_appliance::audit::read_trail_file(&e.unwrap().path()).unwrap();
+            String::from_utf8(bytes)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str::<Value>(l).unwrap())
+                .filter(|r| r["type"] == "op")
+                .map(|r| r["outcome"].as_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(outcomes, ["ok"]);
+    // The connection whose streams were reset serves on.
+    let (st, _) = h2_call(&s, h2_request(&d, "POST", "/v1/sign"), sign_body())
+        .await
+        .unwrap();
+    assert_eq!(st, 200);
+    assert!(!conn.is_finished());
+}
+
 /// Refusals made before the request body is read (404, 415) reach an
 /// HTTP/2 client that is still uploading, and its stream then ends as
 /// usual: the rest of the body is taken, the stream is not reset (curl
