@@ -29,6 +29,7 @@ use serde::Deserialize;
 use svs_hsm::{HealthState, HsmMetrics, RvClass};
 
 use crate::app::App;
+use crate::config::EntityStatus;
 
 /// Label value for an entity or key that is not configured.
 pub const UNKNOWN: &str = "_unknown";
@@ -230,6 +231,7 @@ pub struct Metrics {
     entity_rate: GaugeVec,
     entity_error_ratio: GaugeVec,
     entity_throttled: IntGaugeVec,
+    entity_active: IntGaugeVec,
     entities: IntGauge,
     mechanisms: Mutex<Vec<u64>>,
     render: Mutex<()>,
@@ -480,6 +482,12 @@ impl Metrics {
                 "1 while an entity is throttled to its baseline (anomaly enforcement).",
                 &["entity"],
             ),
+            entity_active: int_gauge_vec(
+                &r,
+                "svs_entity_active",
+                "1 while an entity is active, 0 while suspended (its configured status).",
+                &["entity"],
+            ),
             entities: int_gauge(&r, "svs_entities", "Configured entities."),
             mechanisms: Mutex::new(Vec::new()),
             render: Mutex::new(()),
@@ -641,6 +649,7 @@ impl Metrics {
         self.entity_rate.reset();
         self.entity_error_ratio.reset();
         self.entity_throttled.reset();
+        self.entity_active.reset();
         self.entities.set(rt.policy.len() as i64);
         for e in rt.policy.entities() {
             let v = e.traffic().view();
@@ -663,6 +672,9 @@ impl Metrics {
             self.entity_throttled
                 .with_label_values(&[name])
                 .set(i64::from(v.throttled));
+            self.entity_active
+                .with_label_values(&[name])
+                .set(i64::from(e.config.status == EntityStatus::Active));
         }
     }
 }
