@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use svs_hsm::KeyInfo;
 use svs_hsm::signature::{DEFAULT_SM2_ID, SoftwareVerifier};
+use svs_hsm::{KeyInfo, KeySet};
 
 use crate::anomaly::{AnomalyConfig, Flip};
 use crate::api::{self, Encoding, Input, SignRequest, SignResponse, VerifyRequest, VerifyResponse};
@@ -20,6 +20,10 @@ use crate::error::{NotReady, SvsError};
 use crate::metrics::{self, Metrics};
 use crate::policy::{ConnectionSlot, Entity, InFlight, Policy, VerifiedClient, take_up_to};
 use crate::refusals::{LogLimit, RefusalRecords};
+use crate::reload::ReloadChanges;
+
+/// How a reload's changes and self-test name the audit checkpoint key.
+const CHECKPOINT_KEY: &str = "checkpoint key";
 
 /// The parts of the configuration a reload may change.
 #[derive(Debug)]
@@ -418,13 +422,26 @@ impl App {
         &self.metrics
     }
 
-    /// Checks that every exposed key exists in the backend.
-    pub fn check_keys(&self, keys: &BTreeMap<String, KeyExposure>) -> Result<(), SvsError> {
-        let missing: Vec<String> = keys
+    /// Checks that every exposed key, and the checkpoint key svsd signs
+    /// with, is among the token's keys `found`.
+    fn check_keys(
+        &self,
+        keys: &BTreeMap<String, KeyExposure>,
+        found: &KeySet,
+    ) -> Result<(), SvsError> {
+        let mut missing: Vec<String> = keys
             .iter()
-            .filter(|(_, k)| self.backend.key(&k.object).is_none())
+            .filter(|(_, k)| !found.contains_key(&k.object))
             .map(|(name, k)| format!("[keys] {name:?}: token object {:?} not found", k.object))
             .collect();
+        // Installed without it, checkpoints would fail until a restart.
+        if let Some(object) = &self.checkpoint_key
+            && !found.contains_key(object)
+        {
+            missing.push(format!(
+                "token object {object:?}, which svsd signs audit checkpoints with, not found"
+            ));
+        }
         if missing.is_empty() {
             Ok(())
         } else {
@@ -432,12 +449,20 @@ impl App {
         }
     }
 
-    /// Installs the entities, keys and limits of a new, valid configuration.
-    /// Limiter state carries over; requests in flight finish under the old.
-    /// A key newly exposed (or moved to another token object) must pass the
-    /// pairwise self-test first, as every key did before READY; otherwise
-    /// the reload is refused and the old configuration keeps serving.
-    pub async fn reload(&self, config: &Config) -> Result<(), SvsError> {
+    /// Installs the entities, keys and limits of a new, valid configuration,
+    /// and the token's keys as they are now; returns what changed, for the
+    /// `reload` audit record. Limiter state carries over; requests in
+    /// flight finish under the old configuration.
+    ///
+    /// The token's keys are re-read but installed only once the reload is
+    /// accepted: a key svsd would sign with that is not the one it signs
+    /// with now (newly exposed, moved to another token object, or deleted
+    /// and created again under the same label) must first pass the pairwise
+    /// self-test, as every key did before READY, signed with the re-read
+    /// key itself. Any failure refuses the reload and changes nothing: the
+    /// old configuration and the old keys keep serving (a key deleted from
+    /// the token can no longer sign, whatever svsd knew of it).
+    pub async fn reload(&self, config: &Config) -> Result<ReloadChanges, SvsError> {
         // The new file's own check compares with its own checkpoint_key,
         // which may differ from (or drop) the one still signing: a client
         // given that key could sign checkpoint texts.
@@ -451,7 +476,6 @@ impl App {
                 "[keys] {name:?} exposes {audit:?}, the token object svsd signs audit checkpoints with"
             )]));
         }
-        self.check_keys(&config.keys)?;
         // A body larger than the whole budget could never be admitted: every
         // such request would get 503 `server_busy` until a restart.
         if config.limits.max_body_bytes > self.body_budget_bytes {
@@ -460,16 +484,53 @@ impl App {
                 config.limits.max_body_bytes, self.body_budget_bytes
             )]));
         }
+        let found = self.backend.discover_keys().await.map_err(|e| {
+            let why = match e {
+                SvsError::HsmUnavailable(why) => why,
+                other => other.to_string(),
+            };
+            SvsError::HsmUnavailable(format!("re-reading the token's keys: {why}"))
+        })?;
+        self.check_keys(&config.keys, &found)?;
         let current = self.runtime();
-        for (name, k) in &config.keys {
-            if current.keys.get(name) != Some(k) {
-                self.pairwise(name, &k.object).await.map_err(|e| {
+        let mut changes = ReloadChanges::between(&current.policy, &current.keys, config);
+        // Only what the new configuration uses is installed, each key tested
+        // if it changed: a key svsd has not tested never signs, not even
+        // for a request admitted under the old configuration.
+        let mut install = KeySet::new();
+        let exposed = config.keys.iter().map(|(name, k)| {
+            let remapped = current.keys.get(name) != Some(k);
+            (Some(name.as_str()), &k.object, remapped)
+        });
+        let checkpoint = self
+            .checkpoint_key
+            .iter()
+            .map(|object| (None, object, false));
+        for (exposure, object, remapped) in exposed.chain(checkpoint) {
+            let Some(info) = found.get(object) else {
+                continue;
+            };
+            let rekeyed = !self
+                .backend
+                .key(object)
+                .is_some_and(|k| k.id == info.id && k.public_point == info.public_point);
+            if rekeyed && !remapped {
+                match exposure {
+                    Some(name) => changes.keys_rekeyed.push(name.to_owned()),
+                    None => changes.checkpoint_key_rekeyed = true,
+                }
+            }
+            if remapped || rekeyed {
+                let name = exposure.unwrap_or(CHECKPOINT_KEY);
+                self.pairwise(name, info.clone()).await.map_err(|e| {
                     SvsError::Config(vec![format!(
-                        "self-test of a newly exposed key failed: {}",
+                        "self-test of a newly exposed or re-created key failed: {}",
                         e.into_reason()
                     )])
                 })?;
+                changes.pairwise_passed.push(name.to_owned());
             }
+            install.insert(object.clone(), info.clone());
         }
         // Built before the write lock, which every request's `runtime()`
         // waits on. Reloads come one at a time (the daemon's signal loop),
@@ -480,8 +541,9 @@ impl App {
             limits: config.limits.clone(),
             anomaly: config.anomaly.clone(),
         });
+        self.backend.install_keys(install);
         *self.runtime.write().unwrap_or_else(|p| p.into_inner()) = next;
-        Ok(())
+        Ok(changes)
     }
 
     /// Marks the daemon as draining: /readyz fails so balancers move away.
@@ -1288,18 +1350,21 @@ impl App {
             .map_err(|e| SelftestFailure::Failed(e.to_string()))?;
         let rt = self.runtime();
         for (name, k) in &rt.keys {
-            self.pairwise(name, &k.object).await?;
+            let info = self.backend.key(&k.object).ok_or_else(|| {
+                SelftestFailure::Failed(format!(
+                    "key {name:?}: token object {:?} not found",
+                    k.object
+                ))
+            })?;
+            self.pairwise(name, info).await?;
         }
         Ok(())
     }
 
-    /// Sign/verify pairwise test of one exposed key, plus a negative check.
-    async fn pairwise(&self, name: &str, object: &str) -> Result<(), SelftestFailure> {
+    /// Sign/verify pairwise test of one key (installed or not), plus a
+    /// negative check.
+    async fn pairwise(&self, name: &str, info: Arc<KeyInfo>) -> Result<(), SelftestFailure> {
         let failed = SelftestFailure::Failed;
-        let info = self
-            .backend
-            .key(object)
-            .ok_or_else(|| failed(format!("key {name:?}: token object {object:?} not found")))?;
         let digest = self
             .verifier
             .digest(
@@ -1311,7 +1376,7 @@ impl App {
             .map_err(|e| failed(format!("key {name:?}: {e}")))?;
         let raw = self
             .backend
-            .sign_digest(object, digest)
+            .sign_digest_with(info.clone(), digest)
             .await
             .map_err(|e| {
                 let why = format!("key {name:?}: sign: {e}");
@@ -1461,9 +1526,20 @@ mod tests {
             }
             self.soft.key(object)
         }
-        fn sign_digest(
+        fn discover_keys(&self) -> BoxFuture<'_, Result<KeySet, SvsError>> {
+            let p256 = self.p256.clone();
+            Box::pin(async move {
+                let mut found = self.soft.discover_keys().await?;
+                found.insert(p256.name.clone(), p256);
+                Ok(found)
+            })
+        }
+        fn install_keys(&self, keys: KeySet) {
+            self.soft.install_keys(keys)
+        }
+        fn sign_digest_with(
             &self,
-            object: &str,
+            key: Arc<KeyInfo>,
             digest: [u8; 32],
         ) -> BoxFuture<'_, Result<[u8; 64], SvsError>> {
             self.signs.fetch_add(1, Ordering::SeqCst);
@@ -1478,7 +1554,7 @@ mod tests {
             if self.down.load(Ordering::SeqCst) {
                 return Box::pin(async { Err(SvsError::HsmUnavailable("test".into())) });
             }
-            self.soft.sign_digest(object, digest)
+            self.soft.sign_digest_with(key, digest)
         }
         fn read_data(&self, label: &str) -> BoxFuture<'_, Result<Vec<Vec<u8>>, SvsError>> {
             self.soft.read_data(label)
@@ -2323,6 +2399,143 @@ operations = ["sign", "verify"]
             f.app.reload(&cfg).await.unwrap();
             assert!(f.app.runtime().keys.contains_key("other"));
         });
+    }
+
+    /// Whether `reply` (a 200 from /v1/sign over "hi") is a signature by `key`.
+    fn signed_by(reply: &Reply, key: &KeyInfo) -> bool {
+        assert_eq!(reply.status, 200, "{:?}", reply.body);
+        let sig = api::b64("signature", reply.body["signature"].as_str().unwrap()).unwrap();
+        SoftwareVerifier::new()
+            .verify_message(
+                key.algorithm,
+                &key.public_point,
+                DEFAULT_SM2_ID,
+                b"hi",
+                &sig,
+            )
+            .is_ok()
+    }
+
+    #[test]
+    fn a_key_re_created_on_the_token_signs_only_after_an_accepted_reload_tested_it() {
+        let f = fixture("", &["demo"], "");
+        let b = &f.backend;
+        let sign = json!({"key": "demo", "data": "aGk="});
+        let served = |app: &Arc<App>| app.backend().key("demo").unwrap();
+        rt().block_on(async {
+            f.app.run_selftests().await.unwrap();
+            let old = served(&f.app);
+            assert!(signed_by(&call(&f.app, Route::Sign, &sign).await, &old));
+            // An officer deletes `demo` and generates it again.
+            let new = b.soft.replace_key("demo").unwrap();
+            assert_ne!(new.public_point, old.public_point);
+
+            // Refused before any test: [keys] names an object not on the token.
+            let ghost = config(&f.dir, "ghost = { object = \"ghost\" }", &["demo"], "");
+            b.signs.store(0, Ordering::SeqCst);
+            let e = f.app.reload(&ghost).await.unwrap_err();
+            assert!(e.to_string().contains("\"ghost\" not found"), "{e}");
+            assert_eq!(b.signs.load(Ordering::SeqCst), 0);
+            // Refused after the re-created key passed its test: another
+            // new key (p256 cannot sign here) fails its own.
+            let p256 = config(
+                &f.dir,
+                "p256 = { object = \"p256\" }",
+                &["demo", "p256"],
+                "",
+            );
+            assert!(f.app.reload(&p256).await.is_err());
+            assert_eq!(b.signs.load(Ordering::SeqCst), 2, "demo, then p256");
+            // Refused: the re-created key's own test fails.
+            b.down.store(true, Ordering::SeqCst);
+            let base = config(&f.dir, "", &["demo"], "");
+            let e = f.app.reload(&base).await.unwrap_err();
+            assert!(e.to_string().contains("key \"demo\": sign"), "{e}");
+            b.down.store(false, Ordering::SeqCst);
+            // Nothing changed: the old key is the one served, and the one
+            // signatures are asked of; gone from the token, it cannot sign.
+            assert_eq!(served(&f.app), old);
+            let key = call(&f.app, Route::Key("demo".into()), &json!({})).await;
+            assert_eq!(
+                key.body["public_key"],
+                api::pem("PUBLIC KEY", &old.spki_der)
+            );
+            let r = call(&f.app, Route::Sign, &sign).await;
+            assert_eq!(r.body["error"]["code"], "unknown_key", "{:?}", r.body);
+
+            // Accepted: tested, installed, named in the changes.
+            b.signs.store(0, Ordering::SeqCst);
+            let changes = f.app.reload(&base).await.unwrap();
+            assert_eq!(b.signs.load(Ordering::SeqCst), 1);
+            assert_eq!(changes.keys_rekeyed, ["demo"]);
+            assert_eq!(changes.pairwise_passed, ["demo"]);
+            assert_eq!(
+                changes.to_string(),
+                "1 entities; keys re-keyed: demo; pairwise test passed: demo"
+            );
+            assert_eq!(served(&f.app), new);
+            assert!(signed_by(&call(&f.app, Route::Sign, &sign).await, &new));
+            // The same key again: nothing to test, nothing changed.
+            let changes = f.app.reload(&base).await.unwrap();
+            assert_eq!(changes.to_string(), "1 entities; no changes");
+            assert_eq!(
+                b.signs.load(Ordering::SeqCst),
+                2,
+                "only the signature above"
+            );
+        });
+    }
+
+    #[test]
+    fn a_reload_names_what_changed_and_refuses_to_lose_the_checkpoint_key() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut cfg = config(tmp.path(), "", &["demo"], "");
+        cfg.audit.checkpoint_key = Some("other".into());
+        let backend = Arc::new(SoftBackend::new(&["demo", "other"]));
+        let audit = Arc::new(AuditTrail::open(&cfg.audit, None).unwrap());
+        let app = Arc::new(App::new(&cfg, backend.clone(), audit));
+        rt().block_on(async {
+            let mut next = cfg.clone();
+            next.entities[0].status = crate::config::EntityStatus::Suspended;
+            // The checkpoint key re-created: tested too, and said.
+            backend.replace_key("other").unwrap();
+            let changes = app.reload(&next).await.unwrap();
+            assert_eq!(
+                changes.to_string(),
+                "1 entities; suspended: app1; checkpoint key re-keyed; pairwise test passed: checkpoint key"
+            );
+            // Deleted: checkpoints could not be signed any more.
+            backend.delete_key("other");
+            let e = app.reload(&cfg).await.unwrap_err();
+            assert!(e.to_string().contains("audit checkpoints"), "{e}");
+            assert_eq!(
+                app.runtime().policy.entities()[0].config.status,
+                crate::config::EntityStatus::Suspended,
+                "the refused reload resumed no one"
+            );
+        });
+    }
+
+    #[test]
+    fn the_entity_active_gauge_follows_suspension_and_removal() {
+        let f = fixture("", &["demo"], "");
+        let gauge = |app: &Arc<App>| {
+            let page = String::from_utf8(app.metrics().render(app)).unwrap();
+            page.lines()
+                .find_map(|l| l.strip_prefix("svs_entity_active{entity=\"app1\"} "))
+                .map(str::to_owned)
+        };
+        assert_eq!(gauge(&f.app).as_deref(), Some("1"));
+        rt().block_on(async {
+            let suspended = config(&f.dir, "", &["demo"], "status = \"suspended\"");
+            f.app.reload(&suspended).await.unwrap();
+            assert_eq!(gauge(&f.app).as_deref(), Some("0"));
+            let mut none = config(&f.dir, "", &["demo"], "");
+            none.entities.clear();
+            let changes = f.app.reload(&none).await.unwrap();
+            assert_eq!(changes.to_string(), "0 entities; removed: app1");
+        });
+        assert_eq!(gauge(&f.app), None, "a removed entity leaves the metric");
     }
 
     #[test]

@@ -6,10 +6,10 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use svs_hsm::signature::normalise_signature;
-use svs_hsm::{Algorithm, HealthState, Hsm, KeyInfo, SignatureEncoding};
+use svs_hsm::{Algorithm, HealthState, Hsm, KeyInfo, KeySet, SignatureEncoding};
 
 use crate::error::SvsError;
 
@@ -18,14 +18,35 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// What svsd needs from a key store.
 pub trait SigningBackend: Send + Sync + 'static {
-    /// The key with this token object name (CKA_LABEL).
+    /// The installed key with this token object name (CKA_LABEL).
     fn key(&self, object: &str) -> Option<Arc<KeyInfo>>;
-    /// Signs a ready 32-byte digest (SM2 e) with the key; raw r‖s.
+    /// The token's keys by object name as they are now, not installed: a
+    /// reload tests the ones that changed before anything serves them.
+    fn discover_keys(&self) -> BoxFuture<'_, Result<KeySet, SvsError>>;
+    /// Makes `keys` (from [`SigningBackend::discover_keys`]) the ones
+    /// [`SigningBackend::key`] answers and signatures by name use.
+    fn install_keys(&self, keys: KeySet);
+    /// Signs a ready 32-byte digest (SM2 e) with this key, installed or not
+    /// (a reload's pairwise test of a key before it serves); raw r‖s.
+    fn sign_digest_with(
+        &self,
+        key: Arc<KeyInfo>,
+        digest: [u8; 32],
+    ) -> BoxFuture<'_, Result<[u8; 64], SvsError>>;
+    /// Signs a ready 32-byte digest (SM2 e) with the installed key; raw r‖s.
     fn sign_digest(
         &self,
         object: &str,
         digest: [u8; 32],
-    ) -> BoxFuture<'_, Result<[u8; 64], SvsError>>;
+    ) -> BoxFuture<'_, Result<[u8; 64], SvsError>> {
+        match self.key(object) {
+            Some(key) => self.sign_digest_with(key, digest),
+            None => {
+                let unknown = SvsError::UnknownKey(object.to_owned());
+                Box::pin(async move { Err(unknown) })
+            }
+        }
+    }
     /// Signs several ready digests, each with its own key object; one
     /// answer per item, in order. Backends with a worker pool hand the
     /// items over in as few jobs as they have workers.
@@ -57,6 +78,28 @@ pub trait SigningBackend: Send + Sync + 'static {
 impl SigningBackend for Hsm {
     fn key(&self, object: &str) -> Option<Arc<KeyInfo>> {
         Hsm::key(self, object).ok()
+    }
+
+    fn discover_keys(&self) -> BoxFuture<'_, Result<KeySet, SvsError>> {
+        Box::pin(async move { Ok(Hsm::discover_keys(self).await?) })
+    }
+
+    fn install_keys(&self, keys: KeySet) {
+        Hsm::install_keys(self, keys);
+    }
+
+    fn sign_digest_with(
+        &self,
+        key: Arc<KeyInfo>,
+        digest: [u8; 32],
+    ) -> BoxFuture<'_, Result<[u8; 64], SvsError>> {
+        Box::pin(async move {
+            Hsm::sign_digests(self, vec![(key, digest)])
+                .await
+                .pop()
+                .unwrap_or(Err(svs_hsm::HsmError::Shutdown))
+                .map_err(SvsError::from)
+        })
     }
 
     fn sign_digest(
@@ -137,9 +180,16 @@ impl SigningBackend for Hsm {
 }
 
 /// SM2 keys in process memory. For tests and benchmarks only: the point of
-/// svsd is that keys live in an HSM.
+/// svsd is that keys live in an HSM. It models a token the way svsd sees
+/// one: the keys on it (which [`SoftBackend::replace_key`] and
+/// [`SoftBackend::delete_key`] change, as an officer would) and the keys
+/// installed from it, which change only with
+/// [`SigningBackend::install_keys`].
 pub struct SoftBackend {
-    keys: HashMap<String, (Arc<KeyInfo>, sm2::dsa::SigningKey)>,
+    /// On the "token", by name: signing finds the private key here by name
+    /// and public point, as the HSM does by CKA_ID and point.
+    token: RwLock<HashMap<String, (Arc<KeyInfo>, sm2::dsa::SigningKey)>>,
+    installed: RwLock<KeySet>,
     /// When set, every signature fails as if the token were gone.
     pub fail: std::sync::atomic::AtomicBool,
     /// Data objects by label.
@@ -148,52 +198,112 @@ pub struct SoftBackend {
 
 impl std::fmt::Debug for SoftBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let installed = self.installed.read().unwrap_or_else(|p| p.into_inner());
         f.debug_struct("SoftBackend")
-            .field("keys", &self.keys.keys().collect::<Vec<_>>())
+            .field("keys", &installed.keys().collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
 }
 
+/// A soft key `name` (CKA_ID `id`) whose scalar is derived from `seed`.
+fn soft_key(name: &str, id: &[u8], seed: &[u8]) -> Option<(Arc<KeyInfo>, sm2::dsa::SigningKey)> {
+    let scalar = crate::audit::sm3(seed);
+    let sk = sm2::SecretKey::from_slice(&scalar)
+        .or_else(|_| sm2::SecretKey::from_slice(&[1u8; 32]))
+        .ok()?;
+    let point = sk.public_key().to_sec1_bytes().to_vec();
+    let signing = sm2::dsa::SigningKey::new("1234567812345678", &sk).ok()?;
+    let info = KeyInfo {
+        name: name.to_owned(),
+        id: id.to_vec(),
+        algorithm: Algorithm::Sm2,
+        spki_der: svs_hsm::keys::spki_for_point(Algorithm::Sm2, &point),
+        public_point: point,
+        certificate_chain: Vec::new(),
+    };
+    Some((Arc::new(info), signing))
+}
+
 impl SoftBackend {
-    /// Keys named `names`, derived deterministically from their names.
+    /// Keys named `names`, derived deterministically from their names, on
+    /// the token and installed.
     pub fn new(names: &[&str]) -> SoftBackend {
-        let mut keys = HashMap::new();
-        for name in names {
-            let scalar = crate::audit::sm3(name.as_bytes());
-            let sk = sm2::SecretKey::from_slice(&scalar).unwrap_or_else(|_| {
-                sm2::SecretKey::from_slice(&[1u8; 32]).unwrap_or_else(|_| unreachable!())
-            });
-            let point = sk.public_key().to_sec1_bytes().to_vec();
-            let signing = match sm2::dsa::SigningKey::new("1234567812345678", &sk) {
-                Ok(s) => s,
-                Err(_) => continue,
-            };
-            let info = KeyInfo {
-                name: (*name).to_owned(),
-                id: name.as_bytes().to_vec(),
-                algorithm: Algorithm::Sm2,
-                spki_der: svs_hsm::keys::spki_for_point(Algorithm::Sm2, &point),
-                public_point: point,
-                certificate_chain: Vec::new(),
-            };
-            keys.insert((*name).to_owned(), (Arc::new(info), signing));
-        }
+        let token: HashMap<_, _> = names
+            .iter()
+            .filter_map(|name| {
+                Some((
+                    (*name).to_owned(),
+                    soft_key(name, name.as_bytes(), name.as_bytes())?,
+                ))
+            })
+            .collect();
+        let installed = token
+            .iter()
+            .map(|(name, (info, _))| (name.clone(), info.clone()))
+            .collect();
         SoftBackend {
-            keys,
+            token: RwLock::new(token),
+            installed: RwLock::new(installed),
             fail: Default::default(),
             data: Default::default(),
         }
+    }
+
+    /// Deletes key `name` from the token and generates another under the
+    /// same name (new CKA_ID and public point), as an officer re-creating
+    /// a key does; not installed. Returns the new key.
+    pub fn replace_key(&self, name: &str) -> Option<Arc<KeyInfo>> {
+        let mut token = self.token.write().unwrap_or_else(|p| p.into_inner());
+        // Seeded by the point it replaces: a new key every time, reproducibly.
+        let seed = token
+            .get(name)
+            .map_or_else(|| name.as_bytes().to_vec(), |(k, _)| k.public_point.clone());
+        let (info, signing) = soft_key(name, &crate::audit::sm3(&seed)[..8], &seed)?;
+        token.insert(name.to_owned(), (info.clone(), signing));
+        Some(info)
+    }
+
+    /// Deletes key `name` from the token (the installed list keeps it until
+    /// the next install; it can no longer sign).
+    pub fn delete_key(&self, name: &str) {
+        self.token
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
     }
 }
 
 impl SigningBackend for SoftBackend {
     fn key(&self, object: &str) -> Option<Arc<KeyInfo>> {
-        self.keys.get(object).map(|(k, _)| k.clone())
+        self.installed
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(object)
+            .cloned()
     }
 
-    fn sign_digest(
+    fn discover_keys(&self) -> BoxFuture<'_, Result<KeySet, SvsError>> {
+        let found = if self.fail.load(std::sync::atomic::Ordering::Relaxed) {
+            Err(SvsError::HsmUnavailable("soft backend told to fail".into()))
+        } else {
+            Ok(self
+                .token
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(|(name, (info, _))| (name.clone(), info.clone()))
+                .collect())
+        };
+        Box::pin(async move { found })
+    }
+
+    fn install_keys(&self, keys: KeySet) {
+        *self.installed.write().unwrap_or_else(|p| p.into_inner()) = keys;
+    }
+
+    fn sign_digest_with(
         &self,
-        object: &str,
+        key: Arc<KeyInfo>,
         digest: [u8; 32],
     ) -> BoxFuture<'_, Result<[u8; 64], SvsError>> {
         use sm2::dsa::signature::hazmat::PrehashSigner;
@@ -201,11 +311,13 @@ impl SigningBackend for SoftBackend {
             if self.fail.load(std::sync::atomic::Ordering::Relaxed) {
                 return Err(SvsError::HsmUnavailable("soft backend told to fail".into()));
             }
-            let (_, key) = self
-                .keys
-                .get(object)
-                .ok_or_else(|| SvsError::UnknownKey(object.to_owned()))?;
-            let sig: sm2::dsa::Signature = key
+            let token = self.token.read().unwrap_or_else(|p| p.into_inner());
+            let signing = token
+                .get(&key.name)
+                .filter(|(on_token, _)| on_token.public_point == key.public_point)
+                .map(|(_, signing)| signing)
+                .ok_or_else(|| SvsError::UnknownKey(key.name.clone()))?;
+            let sig: sm2::dsa::Signature = signing
                 .sign_prehash(&digest)
                 .map_err(|e| SvsError::Internal(e.to_string()))?;
             let mut raw = [0u8; 64];

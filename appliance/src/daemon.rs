@@ -23,6 +23,7 @@ use crate::backend::SigningBackend;
 use crate::config::Config;
 use crate::error::{Missing, NotReady, SvsError};
 use crate::metrics::Metrics;
+use crate::reload::ReloadChanges;
 use crate::server;
 
 /// Options from the command line.
@@ -599,7 +600,6 @@ fn start_error(e: HsmError) -> SvsError {
 /// A started svsd: listeners up, not yet READY.
 struct Running {
     app: Arc<App>,
-    hsm: Arc<Hsm>,
     audit: Arc<AuditTrail>,
     tls: server::TlsSlot,
     stop_tx: watch::Sender<bool>,
@@ -721,7 +721,6 @@ async fn start(config: &Config, probe: &mut ProbeSocket) -> Result<Running, SvsE
     }
     Ok(Running {
         app,
-        hsm,
         audit,
         tls,
         stop_tx,
@@ -744,7 +743,6 @@ impl Running {
     ) -> Result<(), SvsError> {
         let Running {
             app,
-            hsm,
             audit,
             tls,
             stop_tx,
@@ -784,9 +782,9 @@ impl Running {
                         let mut states = vec![NotifyState::Reloading];
                         states.extend(mono);
                         notify(&states);
-                        match reload(&app, &hsm, &tls, &running_config).await {
-                            Ok(new) => {
-                                tracing::info!(entities = new.entities.len(), "configuration reloaded");
+                        match reload(&app, &tls, &running_config).await {
+                            Ok((new, changes)) => {
+                                tracing::info!(entities = new.entities.len(), %changes, "configuration reloaded");
                                 config = new;
                                 status.set_reload_refused(false);
                                 app.metrics().reload(true);
@@ -939,13 +937,14 @@ fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str> {
 
 /// One SIGHUP: the configuration re-read, the token's keys re-read (keys
 /// and certificates provisioned since start become visible), then the new
-/// configuration installed. Any failure refuses it: the old one serves on.
+/// configuration and those keys installed, and a `reload` record naming
+/// what changed. Any failure refuses it: the old configuration and keys
+/// serve on.
 async fn reload(
     app: &Arc<App>,
-    hsm: &Arc<Hsm>,
     tls: &server::TlsSlot,
     running: &Config,
-) -> Result<Config, SvsError> {
+) -> Result<(Config, ReloadChanges), SvsError> {
     let p = running.path.clone();
     let config = tokio::task::spawn_blocking(move || Config::load(&p))
         .await
@@ -960,15 +959,11 @@ async fn reload(
             "{setting} changed: it takes effect only on restart (svsd keeps the value it started with)"
         );
     }
-    // A failed refresh leaves the key list as it was.
-    let keys = hsm
-        .refresh_keys()
-        .await
-        .map_err(|e| SvsError::HsmUnavailable(format!("re-reading the token's keys: {e}")))?;
-    tracing::debug!(keys = keys.len(), "token keys re-read");
-    // (App::reload refuses a max_body_bytes the body budget cannot hold.)
-    // Self-tests of newly exposed keys run here; a failure refuses the reload.
-    app.reload(&config).await?;
+    // The token's keys are re-read and installed by App::reload only if it
+    // accepts the configuration (a failed re-read refuses it). Self-tests
+    // of keys newly exposed or re-created on the token run there, as does
+    // the max_body_bytes check; any failure refuses the reload.
+    let changes = app.reload(&config).await?;
     {
         // A new generation: requests on older connections re-check their
         // client certificate against this configuration's client CA.
@@ -976,14 +971,10 @@ async fn reload(
         let generation = slot.generation + 1;
         *slot = Arc::new(server::TlsGeneration::new(generation, api));
     }
-    if let Err(e) = app
-        .audit()
-        .note("reload", format!("{} entities", config.entities.len()))
-        .await
-    {
+    if let Err(e) = app.audit().note("reload", changes.to_string()).await {
         tracing::error!(error = %e, "cannot record the reload in the audit trail");
     }
-    Ok(config)
+    Ok((config, changes))
 }
 
 /// How soon a periodic self-test the HSM was too busy for runs again.

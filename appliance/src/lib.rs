@@ -16,6 +16,7 @@ pub mod error;
 pub mod metrics;
 pub mod policy;
 pub mod refusals;
+pub mod reload;
 pub mod server;
 pub mod tls;
 

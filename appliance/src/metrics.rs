@@ -29,6 +29,7 @@ use serde::Deserialize;
 use svs_hsm::{HealthState, HsmMetrics, RvClass};
 
 use crate::app::App;
+use crate::config::EntityStatus;
 
 /// Label value for an entity or key that is not configured.
 pub const UNKNOWN: &str = "_unknown";
@@ -239,6 +240,7 @@ pub struct Metrics {
     entity_rate: GaugeVec,
     entity_error_ratio: GaugeVec,
     entity_throttled: IntGaugeVec,
+    entity_active: IntGaugeVec,
     entities: IntGauge,
     mechanisms: Mutex<Vec<u64>>,
     render: Mutex<()>,
@@ -503,6 +505,12 @@ impl Metrics {
                 "1 while an entity is throttled to its baseline (anomaly enforcement).",
                 &["entity"],
             ),
+            entity_active: int_gauge_vec(
+                &r,
+                "svs_entity_active",
+                "1 while an entity is active, 0 while suspended (its configured status).",
+                &["entity"],
+            ),
             entities: int_gauge(&r, "svs_entities", "Configured entities."),
             mechanisms: Mutex::new(Vec::new()),
             render: Mutex::new(()),
@@ -681,6 +689,7 @@ impl Metrics {
         self.entity_connections
             .with_label_values(&[UNKNOWN])
             .set(app.unknown_connections() as i64);
+        self.entity_active.reset();
         self.entities.set(rt.policy.len() as i64);
         for e in rt.policy.entities() {
             let v = e.traffic().view();
@@ -706,6 +715,9 @@ impl Metrics {
             self.entity_throttled
                 .with_label_values(&[name])
                 .set(i64::from(v.throttled));
+            self.entity_active
+                .with_label_values(&[name])
+                .set(i64::from(e.config.status == EntityStatus::Active));
         }
     }
 }

@@ -14,12 +14,15 @@ use crate::signature::{SoftwareVerifier, encode_signature, normalise_signature};
 use crate::token::{Token, TokenSelector, TokenSession};
 use crate::uri::Pkcs11Uri;
 
+/// Signing keys by name (CKA_LABEL).
+pub type KeySet = HashMap<String, Arc<KeyInfo>>;
+
 /// An opened HSM: a token, its signing keys, and the session pool.
 pub struct Hsm {
     token: Arc<Token>,
     profile: Arc<VendorProfile>,
     pool: SessionPool<Token>,
-    keys: RwLock<HashMap<String, Arc<KeyInfo>>>,
+    keys: RwLock<KeySet>,
     verifier: Arc<SoftwareVerifier>,
     verify_after_sign: bool,
     default_id: Vec<u8>,
@@ -89,7 +92,7 @@ impl Hsm {
             profile: Arc::new(token.profile().clone()),
             token,
             pool,
-            keys: RwLock::new(HashMap::new()),
+            keys: RwLock::new(KeySet::new()),
             verifier: Arc::new(SoftwareVerifier::new()),
             verify_after_sign: config.verify_after_sign,
             default_key,
@@ -123,8 +126,13 @@ impl Hsm {
         &self.verifier
     }
 
-    /// Re-reads the token's keys (after provisioning elsewhere) and returns them.
-    pub async fn refresh_keys(&self) -> Result<Vec<Arc<KeyInfo>>> {
+    /// The token's keys by name as they are now, without making them the
+    /// keys [`Hsm::key`] and [`Hsm::sign`] use: a caller that must check
+    /// them first (svsd's reload, whose pairwise tests sign with them
+    /// through [`Hsm::sign_digests`]) installs them with
+    /// [`Hsm::install_keys`] once they pass. Of two keys sharing a label
+    /// only the first is kept.
+    pub async fn discover_keys(&self) -> Result<KeySet> {
         let profile = self.token.profile().clone();
         let found = self
             .pool
@@ -134,7 +142,7 @@ impl Hsm {
                 keys::discover(&s.session, &profile)
             })
             .await?;
-        let mut map = HashMap::new();
+        let mut map = KeySet::new();
         for k in found {
             if map.contains_key(&k.name) {
                 tracing::warn!(key = %k.name, "two keys share a label: only the first is usable by name");
@@ -142,10 +150,21 @@ impl Hsm {
             }
             map.insert(k.name.clone(), Arc::new(k));
         }
-        let mut list: Vec<_> = map.values().cloned().collect();
-        list.sort_by(|a, b| a.name.cmp(&b.name));
-        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = map;
-        Ok(list)
+        Ok(map)
+    }
+
+    /// Makes `keys` (from [`Hsm::discover_keys`]) the keys used by name.
+    pub fn install_keys(&self, keys: KeySet) {
+        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = keys;
+    }
+
+    /// Re-reads the token's keys and installs them at once (at start, and
+    /// after this handle generated a key or imported a certificate);
+    /// returns them. A failure leaves the installed keys as they were.
+    pub async fn refresh_keys(&self) -> Result<Vec<Arc<KeyInfo>>> {
+        let found = self.discover_keys().await?;
+        self.install_keys(found);
+        Ok(self.keys())
     }
 
     /// Known signing keys (as of the last refresh).

@@ -20,7 +20,7 @@ pub mod uri;
 
 pub use config::HsmConfig;
 pub use error::{HsmError, Result, RvClass, RvInfo, rv_info};
-pub use hsm::Hsm;
+pub use hsm::{Hsm, KeySet};
 pub use keys::KeyInfo;
 pub use pin::PinSource;
 pub use pool::{

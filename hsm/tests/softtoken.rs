@@ -148,6 +148,13 @@ async fn end_to_end(module: ModuleSource) {
     assert_eq!(hsm.read_data("anchor").await.unwrap(), [b"two".to_vec()]);
     assert!(hsm.read_data("nia-auth").await.unwrap().is_empty());
     assert_eq!(hsm.refresh_keys().await.unwrap().len(), 2);
+    // Re-read without installing (svsd's reload tests changed keys first).
+    let found = hsm.discover_keys().await.unwrap();
+    hsm.install_keys(Default::default());
+    assert_eq!(hsm.discover_keys().await.unwrap().len(), 2);
+    assert!(hsm.key("nia-auth").is_err(), "discovery installs nothing");
+    hsm.install_keys(found);
+    assert_eq!(hsm.key("nia-auth").unwrap().public_point, key.public_point);
 
     // Sign a message (Z and e on the host), both encodings.
     let msg = b"SVS SM2 message".to_vec();

@@ -891,12 +891,23 @@ async fn rate_limit_suspension_and_refused_reload() {
         .unwrap();
     let reloads = wait_for_reload_metrics(&install, (1, 0, 1)).await;
     assert!(reloads.contains("svs_config_reloads_total"), "{reloads}");
+    // The suspension is in the trail and in the metrics, by name.
+    let active =
+        |page: &str, name: &str| sample(page, &format!("svs_entity_active{{entity=\"{name}\"}}"));
+    assert_eq!(active(&reloads, "limited"), Some(0.0), "{reloads}");
+    assert_eq!(active(&reloads, "dev-client"), Some(1.0), "{reloads}");
+    assert_eq!(
+        notes(&install, "reload"),
+        ["2 entities; suspended: limited"]
+    );
 
     // An invalid new config is refused; the old one keeps serving, and
     // alerting sees it: the suspension it carried was not applied.
     install.write_entities("[[entity]]\nname = \"broken\"\nbogus = true\n");
     d.signal("HUP");
-    wait_for_reload_metrics(&install, (1, 1, 0)).await;
+    let page = wait_for_reload_metrics(&install, (1, 1, 0)).await;
+    assert_eq!(active(&page, "limited"), Some(0.0), "{page}");
+    assert_eq!(notes(&install, "reload").len(), 1, "nothing recorded");
     let mut dc = d.client(false).await;
     assert_eq!(dc.post("/v1/sign", &sign).await.unwrap().0, 200);
     assert!(d.log_text().contains("reload refused"), "{}", d.log_text());
@@ -905,7 +916,15 @@ async fn rate_limit_suspension_and_refused_reload() {
     // Fixed: the next reload is applied and the gauge is back at 1.
     install.write_entities(&entities("active"));
     d.signal("HUP");
-    wait_for_reload_metrics(&install, (2, 1, 1)).await;
+    let page = wait_for_reload_metrics(&install, (2, 1, 1)).await;
+    assert_eq!(active(&page, "limited"), Some(1.0), "{page}");
+    assert_eq!(
+        notes(&install, "reload"),
+        [
+            "2 entities; suspended: limited",
+            "2 entities; resumed: limited"
+        ]
+    );
     let mut c = Client::connect(d.addr, &d.ca, &limited, false)
         .await
         .unwrap();
@@ -2498,6 +2517,121 @@ async fn a_key_generated_after_start_is_exposed_by_sighup_and_a_failed_key_refre
         assert!(std::time::Instant::now() < deadline, "{v}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Every record of the installation's audit trail, in order.
+fn audit_records(install: &Install) -> Vec<Value> {
+    let mut out = Vec::new();
+    for (_, f) in svs_appliance::audit::trail_files(&install.audit_dir()).unwrap() {
+        let bytes = svs_appliance::audit::read_trail_file(&f).unwrap();
+        for line in std::str::from_utf8(&bytes).unwrap().lines() {
+            out.push(serde_json::from_str(line).unwrap());
+        }
+    }
+    out
+}
+
+/// The `detail` of every audit record of type `kind`.
+fn notes(install: &Install, kind: &str) -> Vec<String> {
+    audit_records(install)
+        .into_iter()
+        .filter(|r| r["type"] == kind)
+        .map(|r| r["detail"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_re_created_on_the_token_serves_only_after_an_accepted_reload_tested_it() {
+    let install = Install::new();
+    let d = install.start().await;
+    // A connection per request: the steps between them (svs-provision,
+    // reloads) may outlast keep-alive.
+    let sign = async || {
+        d.client(false)
+            .await
+            .post("/v1/sign", &json!({"key":"demo","data":HELLO}))
+            .await
+            .unwrap()
+    };
+    let served_key = async || {
+        let (s, _, v) = d.client(false).await.get("/v1/keys/demo").await.unwrap();
+        assert_eq!(s, 200, "{v}");
+        v["public_key"].as_str().unwrap().to_owned()
+    };
+    // Whether `signature` over HELLO verifies with the public key `pem`.
+    let verifies = async |pem: &str, signature: &Value| {
+        let body = json!({"public_key": pem, "data": HELLO, "signature": signature});
+        let (s, _, v) = d
+            .client(false)
+            .await
+            .post("/v1/verify", &body)
+            .await
+            .unwrap();
+        assert_eq!(s, 200, "{v}");
+        v["valid"] == json!(true)
+    };
+    let old = served_key().await;
+    let (s, _, v) = sign().await;
+    assert_eq!(s, 200, "{v}");
+    assert!(verifies(&old, &v["signature"]).await);
+
+    // A security officer replaces `demo` on the token while svsd runs,
+    // with the token named directly: with `--config` svs-provision refuses
+    // to delete a key svsd exposes, but nothing stops another tool.
+    let pin = std::fs::read_to_string(&install.config)
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("pin = { file = \"")?
+                .strip_suffix("\" }")
+                .map(String::from)
+        })
+        .unwrap();
+    let provision = |args: &[&str]| {
+        let out = Command::new(svs_provision_bin())
+            .env("SVS_SOFTTOKEN_CONF", install.dir.join("softtoken.toml"))
+            .args(["--token", "svs-dev", "--pin-file", &pin, "--json"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+    provision(&["key", "delete", "--label", "demo", "--yes"]);
+    provision(&["key", "generate", "--label", "demo"]);
+
+    // A reload svsd refuses ([keys] names an object not on the token)
+    // changes nothing: the old key is still the one served, no test ran,
+    // nothing was recorded. Gone from the token, it can sign no more.
+    install.edit_config(|t| t.replace("[keys]\n", "[keys]\nghost = { object = \"ghost\" }\n"));
+    d.signal("HUP");
+    let log = wait_for_log(&d, "reload refused", 1).await;
+    assert!(log.contains("\"ghost\" not found"), "{log}");
+    assert_eq!(served_key().await, old);
+    let (s, _, v) = sign().await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (503, Some("hsm_unavailable")),
+        "{v}"
+    );
+    assert_eq!(notes(&install, "selftest").len(), 1, "the start's only");
+    assert!(notes(&install, "reload").is_empty());
+
+    // Accepted: the new key passes its pairwise test, then serves.
+    install.edit_config(|t| t.replace("ghost = { object = \"ghost\" }\n", ""));
+    d.signal("HUP");
+    wait_for_log(&d, "configuration reloaded", 1).await;
+    let new = served_key().await;
+    assert_ne!(new, old);
+    let (s, _, v) = sign().await;
+    assert_eq!(s, 200, "{v}");
+    assert!(verifies(&new, &v["signature"]).await);
+    assert!(!verifies(&old, &v["signature"]).await);
+    let reloads = notes(&install, "reload");
+    assert_eq!(
+        reloads,
+        ["1 entities; keys re-keyed: demo; pairwise test passed: demo"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
