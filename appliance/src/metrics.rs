@@ -600,6 +600,12 @@ impl Metrics {
             .get()
     }
 
+    /// Self-test runs that failed so far.
+    #[cfg(test)]
+    pub(crate) fn selftest_failures(&self) -> u64 {
+        self.selftest_failures.get()
+    }
+
     /// A self-test run ended.
     pub fn selftest(&self, ok: bool) {
         if !ok {
