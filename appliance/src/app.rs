@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use hyper::body::Bytes;
 use serde_json::json;
 use svs_hsm::signature::{DEFAULT_SM2_ID, SoftwareVerifier};
 use svs_hsm::{KeyInfo, KeySet};
@@ -346,8 +347,9 @@ type ItemResult = (Result<serde_json::Value, SvsError>, AuditEvent);
 struct PreparedSign {
     /// The exposed key name, echoed in the answer.
     key: String,
-    /// The token object behind it.
-    object: String,
+    /// The key the digest was made for (its Z), which must also sign it:
+    /// looked up again, a reload in between could swap the key.
+    info: Arc<KeyInfo>,
     digest: [u8; 32],
     encoding: api::Encoding,
 }
@@ -829,7 +831,7 @@ impl App {
         route: Route,
         adm: &Admission,
         client: Option<VerifiedClient<'_>>,
-        body: &[u8],
+        body: &Bytes,
     ) -> Reply {
         match self.dispatch(route, adm, client, body).await {
             Ok(r) => r,
@@ -845,7 +847,7 @@ impl App {
         route: Route,
         adm: &Admission,
         client: Option<VerifiedClient<'_>>,
-        body: &[u8],
+        body: &Bytes,
     ) -> Result<Reply, SvsError> {
         let rt = &adm.rt;
         match route {
@@ -910,7 +912,7 @@ impl App {
         route: Route,
         adm: &Admission,
         client: Option<VerifiedClient<'_>>,
-        body: &[u8],
+        body: &Bytes,
     ) -> Result<Reply, SvsError> {
         let op = match route {
             Route::Sign | Route::SignBatch => Operation::Sign,
@@ -1030,7 +1032,7 @@ impl App {
     async fn parse_items(
         rt: &Runtime,
         batch: bool,
-        body: &[u8],
+        body: &Bytes,
     ) -> Result<Vec<serde_json::Value>, SvsError> {
         let max_items = rt.limits.max_batch_items;
         let parse = move |body: &[u8]| {
@@ -1046,7 +1048,8 @@ impl App {
         if body.len() <= LARGE_BODY {
             return parse(body);
         }
-        let body = body.to_vec();
+        // The same buffer (counted in the body budget), not a copy.
+        let body = body.clone();
         tokio::task::spawn_blocking(move || parse(&body))
             .await
             .map_err(|_| SvsError::Internal("parse task failed".into()))?
@@ -1144,7 +1147,7 @@ impl App {
         };
         let digests = prepared
             .iter()
-            .filter_map(|(_, p)| p.as_ref().ok().map(|p| (p.object.clone(), p.digest)))
+            .filter_map(|(_, p)| p.as_ref().ok().map(|p| (p.info.clone(), p.digest)))
             .collect();
         let mut signed = self.backend.sign_digests(digests).await.into_iter();
         Ok(prepared
@@ -1190,7 +1193,7 @@ impl App {
         // The client's key name reaches the trail only when it names an
         // exposed key: anything else is client text (possibly personal data).
         ev.key = rt.keys.contains_key(&req.key).then(|| req.key.clone());
-        let (info, object) = self.resolve_key(entity, rt, &req.key, Operation::Sign)?;
+        let info = self.resolve_key(entity, rt, &req.key, Operation::Sign)?;
         let input = Input::decode(
             req.data.as_deref(),
             req.digest.as_deref(),
@@ -1207,7 +1210,7 @@ impl App {
         };
         Ok(PreparedSign {
             key: req.key,
-            object,
+            info,
             digest,
             encoding: req.encoding.unwrap_or_default(),
         })
@@ -1219,17 +1222,15 @@ impl App {
         rt: &Runtime,
         name: &str,
         op: Operation,
-    ) -> Result<(Arc<KeyInfo>, String), SvsError> {
+    ) -> Result<Arc<KeyInfo>, SvsError> {
         let exposure = rt
             .keys
             .get(name)
             .ok_or_else(|| SvsError::UnknownKey(name.to_owned()))?;
         entity.check_key(name, op)?;
-        let info = self
-            .backend
+        self.backend
             .key(&exposure.object)
-            .ok_or_else(|| SvsError::UnknownKey(name.to_owned()))?;
-        Ok((info, exposure.object.clone()))
+            .ok_or_else(|| SvsError::UnknownKey(name.to_owned()))
     }
 
     async fn verify_items(
@@ -1284,7 +1285,7 @@ impl App {
             (Some(k), None, None) => {
                 // As for sign: only an exposed key's name is recorded.
                 ev.key = rt.keys.contains_key(k).then(|| k.clone());
-                let info = self.resolve_key(entity, rt, k, Operation::Verify)?.0;
+                let info = self.resolve_key(entity, rt, k, Operation::Verify)?;
                 // The key's own algorithm: an exposed key may be ECDSA P-256.
                 (info.public_point.clone(), info.algorithm)
             }
@@ -1374,12 +1375,19 @@ impl App {
             .map_err(|e| SelftestFailure::Failed(e.to_string()))?;
         let rt = self.runtime();
         for (name, k) in &rt.keys {
-            let info = self.backend.key(&k.object).ok_or_else(|| {
-                SelftestFailure::Failed(format!(
+            let Some(info) = self.backend.key(&k.object) else {
+                // A reload since the run began withdrew or moved the key:
+                // no verdict on a configuration no longer in force.
+                if !Arc::ptr_eq(&rt, &self.runtime()) {
+                    return Err(SelftestFailure::Inconclusive(
+                        "the configuration was reloaded during the self-test".into(),
+                    ));
+                }
+                return Err(SelftestFailure::Failed(format!(
                     "key {name:?}: token object {:?} not found",
                     k.object
-                ))
-            })?;
+                )));
+            };
             self.pairwise(name, info).await?;
         }
         Ok(())
@@ -1444,7 +1452,7 @@ impl App {
                 &text.message(),
             )
             .map_err(SvsError::from)?;
-        let raw = self.backend.sign_digest(audit_object, digest).await?;
+        let raw = self.backend.sign_digest_with(info.clone(), digest).await?;
         self.audit
             .checkpoint(
                 text.clone(),
@@ -1507,8 +1515,8 @@ pub const SELFTEST_ATTEMPTS: u32 = 3;
 enum SelftestFailure {
     /// A wrong answer, a missing key, an HSM error: not ready.
     Failed(String),
-    /// The HSM had no time for the test (queue full, deadline passed): no
-    /// verdict.
+    /// No verdict: the HSM had no time for the test (queue full, deadline
+    /// passed), or a reload changed the keys under test.
     Inconclusive(String),
 }
 
@@ -1516,7 +1524,7 @@ impl SelftestFailure {
     fn into_reason(self) -> String {
         match self {
             SelftestFailure::Failed(why) => why,
-            SelftestFailure::Inconclusive(why) => format!("{why} (no verdict: HSM busy)"),
+            SelftestFailure::Inconclusive(why) => format!("{why} (no verdict)"),
         }
     }
 }
@@ -1721,8 +1729,13 @@ operations = ["sign", "verify"]
             .await
         {
             Ok(adm) => {
-                app.handle(route, &adm, Some(verified(&client())), body)
-                    .await
+                app.handle(
+                    route,
+                    &adm,
+                    Some(verified(&client())),
+                    &Bytes::copy_from_slice(body),
+                )
+                .await
             }
             Err(e) => Reply::from(e),
         }
@@ -2029,7 +2042,12 @@ operations = ["sign", "verify"]
                 .unwrap();
             let reply = f
                 .app
-                .handle(Route::Sign, &r, None, b"{\"key\":\"secret-key\"")
+                .handle(
+                    Route::Sign,
+                    &r,
+                    None,
+                    &Bytes::from_static(b"{\"key\":\"secret-key\""),
+                )
                 .await;
             assert_eq!(reply.status, 400);
             drop(r);
@@ -2212,7 +2230,10 @@ operations = ["sign", "verify"]
                 match adm {
                     Ok(adm) => {
                         assert_eq!(i, 0);
-                        let r = f.app.handle(Route::Sign, &adm, None, &sign).await;
+                        let r = f
+                            .app
+                            .handle(Route::Sign, &adm, None, &Bytes::from(sign.clone()))
+                            .await;
                         assert_eq!(r.status, 200);
                         signatures.push(r.body["signature"].as_str().unwrap().to_owned());
                     }
@@ -2330,7 +2351,10 @@ operations = ["sign", "verify"]
                 .await;
             assert_eq!(second.unwrap_err(), SvsError::TooManyConcurrent);
             // The first ends in an error: its slot is back.
-            let reply = f.app.handle(Route::Sign, &first, None, b"not json").await;
+            let reply = f
+                .app
+                .handle(Route::Sign, &first, None, &Bytes::from_static(b"not json"))
+                .await;
             assert_eq!(reply.status, 400);
             drop(first);
             assert!(
@@ -2364,7 +2388,7 @@ operations = ["sign", "verify"]
             // Busy every time: a failure after the last attempt.
             b.busy.store(SELFTEST_ATTEMPTS as usize, Ordering::SeqCst);
             let e = f.app.run_periodic_selftests(retry).await.unwrap_err();
-            assert!(e.contains("no verdict: HSM busy"), "{e}");
+            assert!(e.contains("(no verdict)"), "{e}");
             assert_eq!((signs(), failures()), (SELFTEST_ATTEMPTS as usize, 1));
             assert!(f.app.readiness().is_err());
             f.app.run_periodic_selftests(retry).await.unwrap();
@@ -2405,7 +2429,10 @@ operations = ["sign", "verify"]
                     f.app.reload(&next).await.unwrap();
                 }
                 let client = trusted.then(|| verified(&id));
-                let reply = f.app.handle(Route::Sign, &adm, client, &body).await;
+                let reply = f
+                    .app
+                    .handle(Route::Sign, &adm, client, &Bytes::from(body.clone()))
+                    .await;
                 let code = reply.body["error"]["code"].as_str().map(str::to_owned);
                 (reply.status, code)
             };
@@ -2532,7 +2559,7 @@ operations = ["sign", "verify"]
                 api::pem("PUBLIC KEY", &old.spki_der)
             );
             let r = call(&f.app, Route::Sign, &sign).await;
-            assert_eq!(r.body["error"]["code"], "unknown_key", "{:?}", r.body);
+            assert_eq!(r.body["error"]["code"], "hsm_unavailable", "{:?}", r.body);
 
             // Accepted: tested, installed, named in the changes.
             b.signs.store(0, Ordering::SeqCst);

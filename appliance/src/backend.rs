@@ -8,8 +8,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 
-use svs_hsm::signature::normalise_signature;
-use svs_hsm::{Algorithm, HealthState, Hsm, KeyInfo, KeySet, SignatureEncoding};
+use svs_hsm::{Algorithm, HealthState, Hsm, KeyInfo, KeySet};
 
 use crate::error::SvsError;
 
@@ -33,31 +32,17 @@ pub trait SigningBackend: Send + Sync + 'static {
         key: Arc<KeyInfo>,
         digest: [u8; 32],
     ) -> BoxFuture<'_, Result<[u8; 64], SvsError>>;
-    /// Signs a ready 32-byte digest (SM2 e) with the installed key; raw r‖s.
-    fn sign_digest(
-        &self,
-        object: &str,
-        digest: [u8; 32],
-    ) -> BoxFuture<'_, Result<[u8; 64], SvsError>> {
-        match self.key(object) {
-            Some(key) => self.sign_digest_with(key, digest),
-            None => {
-                let unknown = SvsError::UnknownKey(object.to_owned());
-                Box::pin(async move { Err(unknown) })
-            }
-        }
-    }
-    /// Signs several ready digests, each with its own key object; one
+    /// Signs several ready digests, each with the key it was made for; one
     /// answer per item, in order. Backends with a worker pool hand the
     /// items over in as few jobs as they have workers.
     fn sign_digests(
         &self,
-        items: Vec<(String, [u8; 32])>,
+        items: Vec<(Arc<KeyInfo>, [u8; 32])>,
     ) -> BoxFuture<'_, Vec<Result<[u8; 64], SvsError>>> {
         Box::pin(async move {
             let mut out = Vec::with_capacity(items.len());
-            for (object, digest) in items {
-                out.push(self.sign_digest(&object, digest).await);
+            for (key, digest) in items {
+                out.push(self.sign_digest_with(key, digest).await);
             }
             out
         })
@@ -102,42 +87,15 @@ impl SigningBackend for Hsm {
         })
     }
 
-    fn sign_digest(
-        &self,
-        object: &str,
-        digest: [u8; 32],
-    ) -> BoxFuture<'_, Result<[u8; 64], SvsError>> {
-        let object = object.to_owned();
-        Box::pin(async move {
-            let sig = Hsm::sign_digest(self, &object, &digest, SignatureEncoding::Raw).await?;
-            normalise_signature(&sig, SignatureEncoding::Raw).map_err(SvsError::from)
-        })
-    }
-
     fn sign_digests(
         &self,
-        items: Vec<(String, [u8; 32])>,
+        items: Vec<(Arc<KeyInfo>, [u8; 32])>,
     ) -> BoxFuture<'_, Vec<Result<[u8; 64], SvsError>>> {
         Box::pin(async move {
-            // Unknown objects are answered here; the rest go to the pool.
-            let looked_up: Vec<_> = items
+            Hsm::sign_digests(self, items)
+                .await
                 .into_iter()
-                .map(|(object, digest)| Hsm::key(self, &object).map(|k| (k, digest)))
-                .collect();
-            let known = looked_up
-                .iter()
-                .filter_map(|r| r.as_ref().ok().cloned())
-                .collect();
-            let mut signed = Hsm::sign_digests(self, known).await.into_iter();
-            looked_up
-                .into_iter()
-                .map(|r| {
-                    r.map_err(SvsError::from)?;
-                    signed
-                        .next()
-                        .unwrap_or(Err(svs_hsm::HsmError::Shutdown))
-                        .map_err(SvsError::from)
-                })
+                .map(|r| r.map_err(SvsError::from))
                 .collect()
         })
     }
@@ -316,7 +274,14 @@ impl SigningBackend for SoftBackend {
                 .get(&key.name)
                 .filter(|(on_token, _)| on_token.public_point == key.public_point)
                 .map(|(_, signing)| signing)
-                .ok_or_else(|| SvsError::UnknownKey(key.name.clone()))?;
+                // As svs-hsm answers (KeyChanged): the token changed, not
+                // the client's doing.
+                .ok_or_else(|| {
+                    SvsError::HsmUnavailable(format!(
+                        "key {} changed on the token since discovery",
+                        key.name
+                    ))
+                })?;
             let sig: sm2::dsa::Signature = signing
                 .sign_prehash(&digest)
                 .map_err(|e| SvsError::Internal(e.to_string()))?;

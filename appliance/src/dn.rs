@@ -227,7 +227,9 @@ fn written(s: &str) -> &str {
     let s = s.trim_start();
     let trimmed = s.trim_end();
     let backslashes = trimmed.len() - trimmed.trim_end_matches('\\').len();
-    if backslashes % 2 == 1 && s.len() > trimmed.len() {
+    // Only an ASCII space can be escaped so: other white space (a no-break
+    // space) is several bytes and trimmed like any.
+    if backslashes % 2 == 1 && s[trimmed.len()..].starts_with(' ') {
         &s[..trimmed.len() + 1]
     } else {
         trimmed
@@ -467,6 +469,17 @@ mod tests {
     use super::*;
     use x509_cert::attr::AttributeTypeAndValue;
     use x509_cert::name::{Name, RdnSequence, RelativeDistinguishedName};
+
+    #[test]
+    fn a_trailing_backslash_before_other_white_space_is_an_error_not_a_panic() {
+        for s in ["CN=a\\\u{a0}", "CN=a\\\u{3000}", "CN=a\\\t"] {
+            assert!(DistinguishedName::parse(s).is_err(), "{s:?}");
+        }
+        assert_eq!(
+            DistinguishedName::parse("CN=a\\ ").unwrap(),
+            DistinguishedName::parse("CN=a\\20").unwrap()
+        );
+    }
 
     const CN: &str = "2.5.4.3";
     const O: &str = "2.5.4.10";

@@ -12,13 +12,20 @@ use cryptoki::session::Session;
 
 use crate::error::Result;
 
+/// Ours only: private (a public object of the same label, which anyone
+/// can create without the PIN, must not stand in for it) and of
+/// application "svs".
 fn find(session: &Session, label: &str) -> Result<Vec<ObjectHandle>> {
     Ok(session.find_objects(&[
         Attribute::Class(ObjectClass::DATA),
         Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Application(APPLICATION.to_vec()),
         Attribute::Label(label.as_bytes().to_vec()),
     ])?)
 }
+
+const APPLICATION: &[u8] = b"svs";
 
 /// The values of the token's data objects labelled `label` (usually one;
 /// two after a crash during [`replace`]). Needs a logged-in session: the
@@ -44,7 +51,7 @@ pub fn replace(session: &Session, label: &str, value: &[u8]) -> Result<()> {
         Attribute::Token(true),
         Attribute::Private(true),
         Attribute::Label(label.as_bytes().to_vec()),
-        Attribute::Application(b"svs".to_vec()),
+        Attribute::Application(APPLICATION.to_vec()),
         Attribute::Value(value.to_vec()),
     ])?;
     for handle in old {

@@ -287,9 +287,13 @@ impl Token {
 pub struct TokenSession {
     /// The logged-in session.
     pub session: Session,
-    /// CKA_ID → private-key handle, and whether the token stated its
-    /// public key (see [`keys::find_private_key`]).
-    handles: HashMap<Vec<u8>, (ObjectHandle, bool)>,
+    /// CKA_ID → the public point it was found for, its private-key handle,
+    /// and whether the token stated its public key (see
+    /// [`keys::find_private_key`]). An entry serves only its point: a key
+    /// re-created under the same ID and installed by a reload is looked up
+    /// and checked afresh, never served the old key's handle (a number the
+    /// HSM may have reused).
+    handles: HashMap<Vec<u8>, (Vec<u8>, ObjectHandle, bool)>,
 }
 
 impl TokenSession {
@@ -302,8 +306,10 @@ impl TokenSession {
         id: &[u8],
         point: &[u8],
     ) -> Result<(ObjectHandle, bool)> {
-        if let Some(h) = self.handles.get(id) {
-            return Ok(*h);
+        if let Some((cached, h, confirmed)) = self.handles.get(id)
+            && cached == point
+        {
+            return Ok((*h, *confirmed));
         }
         let h = match keys::find_private_key(&self.session, profile, id, point) {
             // Private objects vanish from searches when the login is lost:
@@ -316,7 +322,7 @@ impl TokenSession {
             }
             other => other?,
         };
-        self.handles.insert(id.to_vec(), h);
+        self.handles.insert(id.to_vec(), (point.to_vec(), h.0, h.1));
         Ok(h)
     }
 

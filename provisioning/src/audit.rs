@@ -335,7 +335,6 @@ fn check_time(s: &str) -> Result<()> {
     }
 }
 
-/// `audit show`: records matching the filter, oldest first.
 /// `audit anchor`: shows the token's audit anchor; with `reset`, deletes it
 /// (after the operator typed its label, unless `yes`).
 pub fn anchor(
@@ -397,6 +396,7 @@ pub fn anchor(
     })
 }
 
+/// `audit show`: records matching the filter, oldest first.
 pub fn show(dir: &Path, f: &ShowFilter) -> Result<Report> {
     for t in [&f.since, &f.until].into_iter().flatten() {
         check_time(t)?;
