@@ -540,10 +540,11 @@ mod tests {
         }
     }
 
-    #[test]
-    fn an_entity_issuer_must_be_the_subject_of_a_client_ca_certificate() {
+    /// A dev CA named `cn` in a temporary directory, and the server's TLS
+    /// files it issued (the CA bundle: that CA).
+    fn server_files(cn: &str) -> (tempfile::TempDir, DevCa, TlsFiles) {
         let dir = tempfile::tempdir().unwrap();
-        let ca = DevCa::generate("Client CA").unwrap();
+        let ca = DevCa::generate(cn).unwrap();
         ca.save(dir.path()).unwrap();
         let (certificate, private_key) =
             save_issued(dir.path(), "server", &ca.server(&["localhost"]).unwrap()).unwrap();
@@ -552,6 +553,12 @@ mod tests {
             private_key,
             client_ca: dir.path().join("ca.pem"),
         };
+        (dir, ca, files)
+    }
+
+    #[test]
+    fn an_entity_issuer_must_be_the_subject_of_a_client_ca_certificate() {
+        let (_dir, ca, files) = server_files("Client CA");
         // Compared by meaning, as entities are.
         let named = by_subject("named", "cn = Client CA, o = SVS development");
         assert!(api_tls(&files, std::slice::from_ref(&named)).is_ok());
@@ -612,16 +619,7 @@ mod tests {
 
     #[test]
     fn a_client_ca_with_a_chinese_name_is_named_as_openssl_prints_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = DevCa::generate("中国银行客户端CA").unwrap();
-        ca.save(dir.path()).unwrap();
-        let (certificate, private_key) =
-            save_issued(dir.path(), "server", &ca.server(&["localhost"]).unwrap()).unwrap();
-        let files = TlsFiles {
-            certificate,
-            private_key,
-            client_ca: dir.path().join("ca.pem"),
-        };
+        let (_dir, ca, files) = server_files("中国银行客户端CA");
         let escaped = as_openssl_prints("CN=中国银行客户端CA,O=SVS development");
         assert!(escaped.starts_with(r"CN=\E4\B8\AD"), "{escaped}");
         for issuer in [escaped.as_str(), "CN=中国银行客户端CA,O=SVS development"] {
