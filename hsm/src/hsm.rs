@@ -298,7 +298,12 @@ impl Hsm {
         let mut results = Vec::with_capacity(n);
         for (len, job) in pending {
             match job.await {
-                Ok(out) => results.extend(out),
+                Ok(out) => {
+                    for e in out.iter().filter_map(|r| r.as_ref().err()) {
+                        self.pool.count_item_error(e);
+                    }
+                    results.extend(out)
+                }
                 // Every item of the failed job gets the same answer.
                 Err(e) => results.extend((0..len).map(|_| Err(e.clone()))),
             }

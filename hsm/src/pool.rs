@@ -405,6 +405,13 @@ impl<F: SessionFactory> SessionPool<F> {
         })
     }
 
+    /// Counts an error a job answered for one of its items rather than
+    /// failed with (an item of a batch the token refused), as a failed job's
+    /// error is counted.
+    pub fn count_item_error(&self, e: &HsmError) {
+        self.shared.metrics.error(e.metric_label());
+    }
+
     /// Pool configuration.
     pub fn config(&self) -> &PoolConfig {
         &self.shared.config

@@ -523,7 +523,8 @@ fn a_replaced_key_does_not_sign_for_the_old_one() {
     let module = embedded();
     init_token(&module);
     runtime().block_on(async {
-        let hsm = Hsm::open(&config(module.clone()), Arc::new(NoMetrics)).unwrap();
+        let metrics = Arc::new(CountingMetrics::default());
+        let hsm = Hsm::open(&config(module.clone()), metrics.clone()).unwrap();
         let old = hsm
             .generate_key("k", Some(b"key-1".to_vec()))
             .await
@@ -536,6 +537,16 @@ fn a_replaced_key_does_not_sign_for_the_old_one() {
 
         let r = hsm.sign("k", None, b"m", SignatureEncoding::Der).await;
         assert!(matches!(r, Err(HsmError::KeyChanged(_))), "{r:?}");
+        // In a batch each item is refused alone, and counted like a
+        // refused single signature.
+        let digest = hsm.digest_for(&old, None, b"m").unwrap();
+        let out = hsm.sign_digests(vec![(old.clone(), digest); 3]).await;
+        assert!(
+            out.iter()
+                .all(|r| matches!(r, Err(HsmError::KeyChanged(_)))),
+            "{out:?}"
+        );
+        assert_eq!(metrics.count("key_changed"), 4);
         // After a refresh the new key is served, with its own Z.
         hsm.refresh_keys().await.unwrap();
         let new = hsm.key("k").unwrap();
