@@ -637,9 +637,10 @@ impl App {
     }
 
     /// Checks done before the body is read: client, entity status, content
-    /// type; for signing-API routes also the operation grant, a concurrency
-    /// slot and a non-empty token bucket, so that a refused client never
-    /// gets its body read. A refusal is counted and audited.
+    /// type, a concurrency slot and a non-empty token bucket (a key lookup
+    /// takes its one token here), and for signing-API routes the operation
+    /// grant, so that a refused client never gets its body read. A refusal
+    /// is counted and audited.
     pub async fn precheck(
         &self,
         route: &Route,
@@ -667,17 +668,22 @@ impl App {
             if route.has_body() && !json {
                 return Err(SvsError::UnsupportedMediaType);
             }
-            match route.operation() {
-                Some(op) => {
-                    e.check_operation(op)?;
-                    e.reserve(rt.limits.default_max_concurrent)
-                        .map(Some)
-                        .inspect_err(|err| {
-                            self.metrics.rate_limited(e.name(), limit_reason(err));
-                        })
-                }
-                None => Ok(None),
+            if let Some(op) = route.operation() {
+                e.check_operation(op)?;
             }
+            // A key lookup needs no grant of its own but counts against the
+            // entity's limits like its other requests (one token): none of
+            // an entity's routes is there to be flooded at will.
+            e.reserve(rt.limits.default_max_concurrent)
+                .and_then(|slot| {
+                    if route.operation().is_none() {
+                        e.charge(1)?;
+                    }
+                    Ok(Some(slot))
+                })
+                .inspect_err(|err| {
+                    self.metrics.rate_limited(e.name(), limit_reason(err));
+                })
         });
         match result {
             Ok(in_flight) => Ok(Admission {
@@ -1115,9 +1121,9 @@ impl App {
 
     /// Signs every item: each is checked and hashed on its own, then all
     /// the digests go to the backend in one call (one pool job per worker,
-    /// not per item), then each answer is encoded.
-    /// Signs the items; `large`: the body was large enough that decoding
-    /// and hashing its inputs (milliseconds for a MiB) go off the runtime.
+    /// not per item), then each answer is encoded. `large`: the body was
+    /// large enough that decoding and hashing its inputs (milliseconds for
+    /// a MiB) go off the runtime.
     async fn sign_items(
         self: &Arc<Self>,
         entity: &Arc<Entity>,
@@ -2148,6 +2154,35 @@ operations = ["sign", "verify"]
             let r = call(&f.app, Route::Sign, &sign).await;
             assert_eq!(code(&r), "rate_limited");
             assert_eq!(message(&r), "rate limit exceeded");
+        });
+    }
+
+    #[test]
+    fn key_lookups_take_tokens_from_the_entitys_bucket() {
+        let f = fixture_with(
+            "",
+            &["demo"],
+            "rate = { per_second = 0.001, burst = 3 }",
+            |_| {},
+        );
+        let code = |r: &Reply| r.body["error"]["code"].as_str().unwrap_or("ok").to_owned();
+        rt().block_on(async {
+            f.app.run_selftests().await.unwrap();
+            assert_eq!(code(&call(&f.app, Route::Keys, &json!({})).await), "ok");
+            let key = Route::Key("demo".into());
+            assert_eq!(code(&call(&f.app, key.clone(), &json!({})).await), "ok");
+            assert_eq!(code(&call(&f.app, Route::Keys, &json!({})).await), "ok");
+            for route in [Route::Keys, key] {
+                let r = call(&f.app, route, &json!({})).await;
+                assert_eq!((r.status, code(&r)), (429, "rate_limited".into()));
+                assert!(r.retry_after.is_some());
+            }
+            // One bucket for all of the entity's requests.
+            let sign = json!({"key": "demo", "data": "aGk="});
+            assert_eq!(
+                code(&call(&f.app, Route::Sign, &sign).await),
+                "rate_limited"
+            );
         });
     }
 

@@ -947,15 +947,14 @@ fn recover(dir: &Path) -> Result<(u64, [u8; 32], Option<u64>), SvsError> {
     Ok((0, GENESIS, None))
 }
 
-/// Compares the recovered chain end `(seq, head)` (its file starting at
-/// `current`) with the anchor. Only the record at the anchor's seq in that
-/// file is compared: older files may have been archived, and `audit verify`
-/// checks the chain between.
+/// Compares the recovered chain end `(seq, head)` with the anchor: the
+/// record at the anchor's seq must be the one anchored, in whichever file
+/// holds it. A file archived away (every file left starts after the
+/// anchor) is not compared; `audit verify` checks the chain between.
 fn check_anchor(
     dir: &Path,
     anchor: &Checkpoint,
     (seq, head): (u64, [u8; 32]),
-    current: Option<u64>,
 ) -> Result<(), SvsError> {
     let advice = "put the trail's files back (`svs-provision audit verify` checks them); a new trail on purpose needs the anchor reset by a security officer (`svs-provision audit anchor --reset`). no record was written";
     if seq < anchor.head_seq {
@@ -966,13 +965,21 @@ fn check_anchor(
             anchor.signed_at
         )));
     }
-    let at_anchor = match current {
-        _ if seq == anchor.head_seq => Some(head),
-        Some(first) if first <= anchor.head_seq => {
-            record_hash(&dir.join(file_name(first)), anchor.head_seq)
+    let at_anchor = if seq == anchor.head_seq {
+        Some(head)
+    } else {
+        // The last file to start at or before the anchor holds it.
+        let holder = trail_files(dir)
+            .map_err(|e| SvsError::AuditUnavailable(format!("cannot list {}: {e}", dir.display())))?
+            .into_iter()
+            .rev()
+            .find(|(first, _)| *first <= anchor.head_seq)
+            .map(|(_, path)| path);
+        match holder {
+            Some(path) => record_hash(&path, anchor.head_seq),
+            // Archived away.
+            None => return Ok(()),
         }
-        // In an older (perhaps archived) file.
-        _ => return Ok(()),
     };
     if at_anchor != Some(anchor.head) {
         return Err(SvsError::AuditUnavailable(format!(
@@ -1494,7 +1501,7 @@ impl AuditTrail {
         let lock = lock_dir(&config.dir)?;
         let (seq, head, current) = recover(&config.dir)?;
         if let Some(anchor) = anchor {
-            check_anchor(&config.dir, anchor, (seq, head), current)?;
+            check_anchor(&config.dir, anchor, (seq, head))?;
         }
         let preallocate = config.preallocate.then_some(config.max_file_bytes);
         let sink = FileSink::create(&config.dir, current.unwrap_or(seq + 1), preallocate, lock)
@@ -2587,11 +2594,11 @@ mod tests {
             ..config(dir.path(), 4096)
         };
         // The anchor at the end, inside the newest file, or in an older
-        // (perhaps archived) file, which is not compared.
+        // file.
         for anchor in [
             anchor_at(dir.path(), 200, None),
             anchor_at(dir.path(), newest_first, None),
-            anchor_at(dir.path(), 2, Some([9; 32])),
+            anchor_at(dir.path(), 2, None),
         ] {
             AuditTrail::open(&cfg, Some(&anchor)).unwrap().close();
         }
@@ -2613,8 +2620,8 @@ mod tests {
         assert!(e.contains("svs-provision audit anchor --reset"), "{e}");
         for anchor in [
             anchor_at(dir.path(), 200, Some([9; 32])),
-            // (Compared because the newest file holds it.)
             anchor_at(dir.path(), newest_first, Some([9; 32])),
+            anchor_at(dir.path(), 2, Some([9; 32])),
         ] {
             let e = refused(anchor, dir.path());
             assert!(e.contains("rewritten or replaced"), "{e}");
@@ -2624,6 +2631,21 @@ mod tests {
             before,
             "a refused start changes nothing"
         );
+        // The first file archived away: its records are not compared.
+        let archived = tempfile::tempdir().unwrap();
+        for (first, path) in &trail_files(dir.path()).unwrap()[1..] {
+            std::fs::copy(path, archived.path().join(file_name(*first))).unwrap();
+        }
+        let cfg_archived = AuditConfig {
+            dir: archived.path().to_path_buf(),
+            ..cfg.clone()
+        };
+        AuditTrail::open(
+            &cfg_archived,
+            Some(&anchor_at(dir.path(), 2, Some([9; 32]))),
+        )
+        .unwrap()
+        .close();
         // An emptied directory (or one holding an older copy).
         let empty = tempfile::tempdir().unwrap();
         let e = refused(anchor_at(dir.path(), 200, None), empty.path());
