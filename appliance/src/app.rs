@@ -1375,10 +1375,11 @@ impl App {
     }
 
     async fn selftests(&self) -> Result<(), SelftestFailure> {
+        // The audit trail is not a self-test: it is readiness's own check
+        // (`audit_unavailable`). Counted here too, a full audit disk read
+        // as "self-tests failed", which sends operators to take a healthy
+        // HSM out of service.
         svs_hsm::selftest::sm3_known_answer().map_err(SelftestFailure::Failed)?;
-        self.audit
-            .check()
-            .map_err(|e| SelftestFailure::Failed(e.to_string()))?;
         let rt = self.runtime();
         for (name, k) in &rt.keys {
             let Some(info) = self.backend.key(&k.object) else {
@@ -2750,6 +2751,28 @@ operations = ["sign", "verify"]
         assert_eq!(f.app.body_bytes_held(), 0);
         let mut whole = f.app.body_reservation(Some(&e), &rt.limits);
         whole.grow(budget / 2).unwrap();
+    }
+
+    #[test]
+    fn an_unwritable_audit_trail_is_not_a_failed_self_test() {
+        let f = fixture("", &["demo"], "");
+        let sign = json!({"key": "demo", "data": "aGk="});
+        rt().block_on(async {
+            f.app.run_selftests().await.unwrap();
+            std::fs::remove_dir_all(f.dir.join("audit")).unwrap();
+            let r = call(&f.app, Route::Sign, &sign).await;
+            assert_eq!(r.body["error"]["code"], "audit_unavailable", "{r:?}");
+            // The token still computes right answers; readiness names the
+            // trail, not the self-tests.
+            f.app
+                .run_periodic_selftests(Duration::from_millis(1))
+                .await
+                .unwrap();
+            let e = f.app.readiness().unwrap_err();
+            assert!(matches!(e, SvsError::AuditUnavailable(_)), "{e}");
+            let r = call(&f.app, Route::Sign, &sign).await;
+            assert_eq!(r.body["error"]["code"], "audit_unavailable", "{r:?}");
+        });
     }
 
     #[test]

@@ -2301,7 +2301,15 @@ impl<'k> Verifier<'k> {
                     &message,
                     &sig,
                 )
-                .map_err(|_| "checkpoint signature does not verify".to_string())?;
+                .map_err(|_| {
+                    // The head matched the chain: a first checkpoint whose
+                    // signature fails is as likely the wrong key given.
+                    if self.report.checkpoints == 0 && checked {
+                        "checkpoint signature does not verify (the trail's first checkpoint, its head matching the records: if the public key was given by hand, check it is the audit key's)".to_string()
+                    } else {
+                        "checkpoint signature does not verify".to_string()
+                    }
+                })?;
             if checked {
                 self.report.signed_through = Some(head_seq);
                 self.newest_signed = Some((b.seq, time));
@@ -3220,7 +3228,9 @@ mod tests {
         assert_eq!((r.checkpoints, r.signed_through), (2, Some(16)), "{r:?}");
         // Taken for an SM2 key, the same signatures do not verify.
         let b = verify_dir_with(dir.path(), &key(svs_hsm::Algorithm::Sm2)).unwrap_err();
-        assert_eq!((b.seq, b.kind), (Some(11), BreakKind::BadCheckpoint));
+        assert_eq!((b.seq, &b.kind), (Some(11), &BreakKind::BadCheckpoint));
+        // The first checkpoint failing says the key may be the wrong one.
+        assert!(b.detail.contains("check it is the audit key's"), "{b:?}");
     }
 
     #[test]

@@ -295,6 +295,10 @@ pub struct Config {
     pub selftest_interval: Duration,
     /// The separate entities file, if any.
     pub entities_file: Option<PathBuf>,
+    /// SHA-256 of the entities file's bytes as read: the `reload` record
+    /// names it, so that svs-provision can tell the reload that read its
+    /// edit from one that read the file before.
+    pub entities_sha256: Option<[u8; 32]>,
     /// All entities (inline and from the file).
     pub entities: Vec<EntityConfig>,
     /// The metrics listener (docs/monitoring.md).
@@ -437,46 +441,52 @@ impl Errors {
     ) -> Option<T> {
         self.deserialize(table.get(name)?, &format!("[{name}]"))
     }
-    /// Deserialises one section or entity into its raw struct (which must
-    /// deny unknown fields, as all of stage one's do). serde stops at a
-    /// struct's first error, so an unknown key would hide the others and
-    /// every value error: its unknown keys are found here from the struct's
-    /// own field list, each reported, and dropped before serde reads the
-    /// rest, whose values stage two then checks as usual.
+    /// Deserialises one section or entity into its raw struct (or map).
+    /// serde stops at the first error, so one unknown key or bad value
+    /// would hide every other in the section, and drop the section, with
+    /// false errors following from its absence. So a table that does not
+    /// deserialise whole is tried key by key: each key alone (a complaint
+    /// that some other field is missing means the key itself passed), each
+    /// bad one reported and left out, and the rest deserialised, for stage
+    /// two to check as usual.
     fn deserialize<T: serde::de::DeserializeOwned>(
         &mut self,
         value: &toml::Value,
         label: &str,
     ) -> Option<T> {
-        let first = match T::deserialize(value.clone()) {
+        let whole = match T::deserialize(value.clone()) {
             Ok(v) => return Some(v),
             Err(e) => e,
         };
-        let mut known = value.clone();
-        let unknown: Vec<String> = match (struct_fields::<T>(), known.as_table_mut()) {
-            (Some(fields), Some(t)) => {
-                let unknown: Vec<String> = t
-                    .keys()
-                    .filter(|k| !fields.contains(&k.as_str()))
-                    .cloned()
-                    .collect();
-                for k in &unknown {
-                    t.remove(k);
-                    let e = <serde::de::value::Error as serde::de::Error>::unknown_field(k, fields);
-                    self.push(format!("{label}: {e}"));
-                }
-                unknown
-            }
-            _ => Vec::new(),
-        };
-        if unknown.is_empty() {
-            self.push(format!("{label}: {}", describe(&first)));
+        let Some(table) = value.as_table() else {
+            self.push(format!("{label}: {}", describe(&whole)));
             return None;
-        }
-        match T::deserialize(known) {
-            Ok(v) => Some(v),
-            Err(e) => {
+        };
+        let mut rest = table.clone();
+        let mut bad = Vec::new();
+        for (key, v) in table {
+            let alone = toml::Table::from_iter([(key.clone(), v.clone())]);
+            if let Err(e) = T::deserialize(toml::Value::Table(alone))
+                && missing_field(&e).is_none()
+            {
                 self.push(format!("{label}: {}", describe(&e)));
+                rest.remove(key);
+                bad.push(key.as_str());
+            }
+        }
+        match T::deserialize(toml::Value::Table(rest)) {
+            Ok(v) if !bad.is_empty() => Some(v),
+            // Only together are the keys wrong (or the whole error is not
+            // about any one key): the first error is all serde can say.
+            Ok(_) => {
+                self.push(format!("{label}: {}", describe(&whole)));
+                None
+            }
+            Err(e) => {
+                // A required key reported bad above is not missing as well.
+                if !missing_field(&e).is_some_and(|f| bad.contains(&f)) {
+                    self.push(format!("{label}: {}", describe(&e)));
+                }
                 None
             }
         }
@@ -494,37 +504,12 @@ impl Errors {
     }
 }
 
-/// A struct's field names, as serde's derive hands them to
-/// `deserialize_struct`: the only place they can be read from outside.
-/// None for anything that is not a derived struct (maps, paths).
-fn struct_fields<T: serde::de::DeserializeOwned>() -> Option<&'static [&'static str]> {
-    struct Probe(Option<&'static [&'static str]>);
-    impl<'de> serde::Deserializer<'de> for &mut Probe {
-        type Error = serde::de::value::Error;
-        fn deserialize_any<V: serde::de::Visitor<'de>>(
-            self,
-            _: V,
-        ) -> Result<V::Value, Self::Error> {
-            Err(serde::de::Error::custom("not a struct"))
-        }
-        fn deserialize_struct<V: serde::de::Visitor<'de>>(
-            self,
-            _: &'static str,
-            fields: &'static [&'static str],
-            _: V,
-        ) -> Result<V::Value, Self::Error> {
-            self.0 = Some(fields);
-            Err(serde::de::Error::custom("fields read"))
-        }
-        serde::forward_to_deserialize_any! {
-            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
-            bytes byte_buf option unit unit_struct newtype_struct seq tuple
-            tuple_struct map enum identifier ignored_any
-        }
-    }
-    let mut probe = Probe(None);
-    let _ = T::deserialize(&mut probe);
-    probe.0
+/// The field a "missing field" error names.
+fn missing_field(e: &toml::de::Error) -> Option<&str> {
+    e.message()
+        .strip_prefix("missing field `")?
+        .split('`')
+        .next()
 }
 
 /// A deserialisation error on one line. Errors from a `toml::Value` carry
@@ -1121,8 +1106,14 @@ impl Config {
         // Entities: inline, then the separate file.
         let mut entities = entities_from(table.get("entity"), "inline", &keys, &mut errors);
         let entities_file = entities_file.map(|p| resolve(&base, p));
+        let mut entities_sha256 = None;
         if let Some(file) = &entities_file {
-            match load_entities_file(file, &keys) {
+            let loaded = read(file).and_then(|text| {
+                entities_sha256 =
+                    Some(<sha2::Sha256 as sha2::Digest>::digest(text.as_bytes()).into());
+                entities_from_toml(&text, file, &keys)
+            });
+            match loaded {
                 Ok(list) => entities.extend(list),
                 Err(SvsError::Config(list)) => errors.0.extend(list),
                 Err(other) => errors.push(other.to_string()),
@@ -1168,6 +1159,7 @@ impl Config {
             audit,
             selftest_interval,
             entities_file,
+            entities_sha256,
             entities,
             metrics,
             anomaly,
@@ -1416,6 +1408,26 @@ operations = ["dance"]
         let all = errors_of(&text);
         assert!(all.contains("[audit]: unknown field `rotate`"), "{all}");
         assert!(all.contains("in `max_group_records`"), "{all}");
+        // A bad value, or an unknown key inside an inline table, hides
+        // neither the section's other errors nor the rest of the section.
+        let text = good().replace(
+            "[audit]
+",
+            "[limits]
+max_body_bytes = \"x\"\nmax_batch_items = 0\n[audit]\nrefusal_records = { per_second = 1.0, brust = 3 }\ncheckpoint_interval_s = 999999999\n",
+        );
+        let all = errors_of(&text);
+        for needle in [
+            "[limits]: invalid type: string \"x\", expected usize in `max_body_bytes`",
+            "[limits] max_batch_items must be > 0",
+            "[audit]: unknown field `brust`, expected `per_second` or `burst` in `refusal_records`",
+            "[audit] checkpoint_interval_s must be at most",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+        // Neither a consequence of a left-out key ("missing") nor of a
+        // dropped section ([audit] is required) is reported.
+        assert!(!all.contains("missing"), "{all}");
     }
 
     #[test]

@@ -971,7 +971,8 @@ async fn reload(
         let generation = slot.generation + 1;
         *slot = Arc::new(server::TlsGeneration::new(generation, api));
     }
-    if let Err(e) = app.audit().note("reload", changes.to_string()).await {
+    let detail = crate::reload::record_detail(&changes, config.entities_sha256.as_ref());
+    if let Err(e) = app.audit().note("reload", detail).await {
         tracing::error!(error = %e, "cannot record the reload in the audit trail");
     }
     Ok((config, changes))

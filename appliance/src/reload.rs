@@ -9,6 +9,26 @@ use std::fmt;
 use crate::config::{Config, EntityConfig, EntityStatus};
 use crate::policy::Policy;
 
+/// How the `reload` record names the entities file it read: this, a space,
+/// and the SHA-256 of the file's bytes in hex.
+pub const ENTITIES_SHA256: &str = "entities file sha256";
+
+/// The detail of a `reload` record: what changed, and the digest of the
+/// entities file read (if there is one).
+pub fn record_detail(changes: &ReloadChanges, entities_sha256: Option<&[u8; 32]>) -> String {
+    match entities_sha256 {
+        Some(d) => format!("{changes}; {ENTITIES_SHA256} {}", svs_hsm::keys::hex(d)),
+        None => changes.to_string(),
+    }
+}
+
+/// The entities-file digest a `reload` record's detail names, in hex.
+pub fn entities_sha256_of(detail: &str) -> Option<&str> {
+    detail
+        .split("; ")
+        .find_map(|part| part.strip_prefix(ENTITIES_SHA256)?.strip_prefix(' '))
+}
+
 /// The differences between the running configuration and an accepted one.
 /// Every list is sorted by name.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]

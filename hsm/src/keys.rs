@@ -124,6 +124,44 @@ fn key_name(label: &[u8], id: &[u8]) -> String {
     }
 }
 
+/// The public and private templates of a signing key pair `label`/`id`:
+/// kept on the token, the private half sensitive and never extractable,
+/// and each half good for signing or verifying only (a module's defaults
+/// may also allow decrypt, unwrap or derive, which a signing key must not).
+pub fn key_pair_templates(
+    profile: &VendorProfile,
+    label: &str,
+    id: &[u8],
+) -> Result<(Vec<Attribute>, Vec<Attribute>)> {
+    let ktype = key_type(profile.key_type)?;
+    let public = vec![
+        Attribute::Token(true),
+        Attribute::Private(false),
+        Attribute::Verify(true),
+        Attribute::Encrypt(false),
+        Attribute::Wrap(false),
+        Attribute::Derive(false),
+        Attribute::KeyType(ktype),
+        Attribute::EcParams(profile.algorithm.ec_params().to_vec()),
+        Attribute::Label(label.as_bytes().to_vec()),
+        Attribute::Id(id.to_vec()),
+    ];
+    let private = vec![
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Sign(true),
+        Attribute::Decrypt(false),
+        Attribute::Unwrap(false),
+        Attribute::Derive(false),
+        Attribute::KeyType(ktype),
+        Attribute::Label(label.as_bytes().to_vec()),
+        Attribute::Id(id.to_vec()),
+    ];
+    Ok((public, private))
+}
+
 /// Finds every private key usable for signing with the profile's key type
 /// and pairs it with its public key and certificates.
 pub(crate) fn discover(session: &Session, profile: &VendorProfile) -> Result<Vec<KeyInfo>> {
@@ -369,26 +407,7 @@ pub(crate) fn generate(
         }
         None => session.generate_random_vec(16)?,
     };
-    let ktype = key_type(profile.key_type)?;
-    let public = [
-        Attribute::Token(true),
-        Attribute::Private(false),
-        Attribute::Verify(true),
-        Attribute::KeyType(ktype),
-        Attribute::EcParams(profile.algorithm.ec_params().to_vec()),
-        Attribute::Label(label.as_bytes().to_vec()),
-        Attribute::Id(id.clone()),
-    ];
-    let private = [
-        Attribute::Token(true),
-        Attribute::Private(true),
-        Attribute::Sensitive(true),
-        Attribute::Extractable(false),
-        Attribute::Sign(true),
-        Attribute::KeyType(ktype),
-        Attribute::Label(label.as_bytes().to_vec()),
-        Attribute::Id(id.clone()),
-    ];
+    let (public, private) = key_pair_templates(profile, label, &id)?;
     session.generate_key_pair(&mechanism(profile.keygen_mechanism)?, &public, &private)?;
     discover(session, profile)?
         .into_iter()

@@ -20,6 +20,22 @@ use svs_hsm::{Hsm, HsmConfig, HsmError, ModuleSource, NoMetrics, SignatureEncodi
 const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 const PIN: &str = "4321-user";
 
+/// OpenSC's pkcs11-tool on the test token with `args`: its output, or
+/// None where it is not installed.
+fn pkcs11_tool(args: &[&str]) -> Option<String> {
+    if !common::have_tool("pkcs11-tool", "--version") {
+        return None;
+    }
+    let out = Command::new("pkcs11-tool")
+        .args(["--module", MODULE, "--token-label", "svs-test"])
+        .args(args)
+        .env("SOFTHSM2_CONF", std::env::var_os("SOFTHSM2_CONF").unwrap())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    Some(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 fn setup(dir: &Path) -> PathBuf {
     let tokens = dir.join("tokens");
     std::fs::create_dir_all(&tokens).unwrap();
@@ -168,6 +184,22 @@ async fn body(dir: &Path) {
         .map(|k| k.name.clone())
         .collect();
     assert_eq!(names, ["p256-a", "p256-b"]);
+    // Signing keys only: SoftHSM's defaults would also allow decrypt,
+    // unwrap and derive on the private half, encrypt and wrap on the
+    // public.
+    if let Some(text) = pkcs11_tool(&["--login", "--pin", PIN, "-O"]) {
+        let usages: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("Usage:"))
+            .map(str::trim)
+            .collect();
+        assert!(
+            usages.contains(&"sign")
+                && usages.contains(&"verify")
+                && usages.iter().all(|u| ["sign", "verify"].contains(u)),
+            "{text}"
+        );
+    }
 
     // Data objects (svsd's audit anchor) on an HSM we did not write:
     // replaced, never duplicated, and private (not seen without login).
@@ -175,22 +207,7 @@ async fn body(dir: &Path) {
     hsm.replace_data("anchor", b"one".to_vec()).await.unwrap();
     hsm.replace_data("anchor", b"two".to_vec()).await.unwrap();
     assert_eq!(hsm.read_data("anchor").await.unwrap(), [b"two".to_vec()]);
-    if common::have_tool("pkcs11-tool", "--version") {
-        let out = std::process::Command::new("pkcs11-tool")
-            .args([
-                "--module",
-                MODULE,
-                "--token-label",
-                "svs-test",
-                "-O",
-                "--type",
-                "data",
-            ])
-            .env("SOFTHSM2_CONF", std::env::var_os("SOFTHSM2_CONF").unwrap())
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
-        let text = String::from_utf8_lossy(&out.stdout);
+    if let Some(text) = pkcs11_tool(&["-O", "--type", "data"]) {
         assert!(
             !text.contains("anchor"),
             "private, yet listed without login:\n{text}"

@@ -400,9 +400,10 @@ pub enum AuditCmd {
         /// Only this key.
         #[arg(long)]
         key: Option<String>,
-        /// Only this record type: op, start, stop, reload, selftest, anomaly,
-        /// refusals_suppressed, checkpoint.
-        #[arg(long = "type", value_name = "TYPE")]
+        /// Only this record type.
+        #[arg(long = "type", value_name = "TYPE", value_parser = [
+            "op", "start", "stop", "reload", "selftest", "anomaly", "refusals_suppressed", "checkpoint",
+        ])]
         kind: Option<String>,
         /// Only the last N matching records.
         #[arg(long, value_name = "N")]
@@ -478,9 +479,22 @@ fn target(cli: &Cli, config: Option<&svs_appliance::config::Config>) -> Result<T
     Ok(t)
 }
 
+/// Writes `-o`'s file whole or not at all: a full disk must leave no empty
+/// CSR behind, nor an earlier one cut short. A device or pipe
+/// (`-o /dev/stdout`) is written to as it is.
 fn write_out(path: &Path, text: &str) -> Result<()> {
-    std::fs::write(path, text)
-        .map_err(|e| ProvisionError::Io(format!("cannot write {}: {e}", path.display())))
+    let special = std::fs::metadata(path).is_ok_and(|m| !m.is_file());
+    let written = if special {
+        std::fs::write(path, text)
+    } else {
+        crate::replace::Replacement::write(path, text.as_bytes(), 0o644).and_then(|r| r.commit())
+    };
+    written.map_err(|e| {
+        ProvisionError::Io(format!(
+            "cannot write {}: {e}; nothing was written there",
+            path.display()
+        ))
+    })
 }
 
 fn need_config(

@@ -9,7 +9,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -18,11 +17,13 @@ use sha2::{Digest, Sha256};
 use svs_appliance::config::{
     Config, EntityConfig, EntityStatus, entities_from_toml, load_entities_file, syntax_error,
 };
+use svs_appliance::reload::entities_sha256_of;
 use svs_hsm::keys::hex;
 use toml_edit::value;
 
 use crate::Report;
 use crate::error::{ProvisionError, Result};
+use crate::replace::Replacement;
 
 /// How to tell svsd to re-read its files.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -247,7 +248,7 @@ pub fn add(config_path: &Path, new: &NewEntity, reload: &Reload) -> Result<Repor
     }
     let path = entities_path(&config)?;
     let name = new.name.clone();
-    edit(&config, &path, move |list| {
+    let written = edit(&config, &path, move |list| {
         if list.iter().any(|t| entity_name(t) == Some(&name)) {
             return Err(ProvisionError::AlreadyExists(format!(
                 "an entity named {name:?} exists already"
@@ -256,7 +257,7 @@ pub fn add(config_path: &Path, new: &NewEntity, reload: &Reload) -> Result<Repor
         list.push(table);
         Ok(())
     })?;
-    let outcome = do_reload(&target, &config.audit.dir)?;
+    let outcome = do_reload(&target, &config.audit.dir, &written)?;
     Ok(Report {
         text: format!(
             "entity {:?} added ({field} {fp}, keys [{}], ops [{}]){}\n{}",
@@ -281,7 +282,7 @@ pub fn set_status(
     let path = entities_path(&config)?;
     let target = reload_target(reload)?;
     let owned = name.to_owned();
-    edit(&config, &path, move |list| {
+    let written = edit(&config, &path, move |list| {
         let t = find_entity(list, &owned)?;
         if suspended {
             t["status"] = value("suspended");
@@ -290,7 +291,7 @@ pub fn set_status(
         }
         Ok(())
     })?;
-    let outcome = do_reload(&target, &config.audit.dir)?;
+    let outcome = do_reload(&target, &config.audit.dir, &written)?;
     let state = if suspended { "suspended" } else { "active" };
     Ok(Report {
         text: format!("entity {name:?} is now {state}\n{}", outcome.text),
@@ -316,12 +317,12 @@ pub fn remove(config_path: &Path, name: &str, yes: bool, reload: &Reload) -> Res
         )?;
     }
     let owned = name.to_owned();
-    edit(&config, &path, move |list| {
+    let written = edit(&config, &path, move |list| {
         find_entity(list, &owned)?;
         list.retain(|t| entity_name(t) != Some(owned.as_str()));
         Ok(())
     })?;
-    let outcome = do_reload(&target, &config.audit.dir)?;
+    let outcome = do_reload(&target, &config.audit.dir, &written)?;
     Ok(Report {
         text: format!("entity {name:?} removed\n{}", outcome.text),
         json: json!({"name": name, "removed": true, "reload": outcome.json}),
@@ -379,7 +380,7 @@ fn edit(
     config: &Config,
     path: &Path,
     change: impl FnOnce(&mut toml_edit::ArrayOfTables) -> Result<()>,
-) -> Result<()> {
+) -> Result<Written> {
     let io = |what: &str, e: std::io::Error| {
         ProvisionError::Io(format!(
             "{what} {}: {e}; the file was not changed",
@@ -437,16 +438,7 @@ fn edit(
         body.insert_str(0, HEADER);
     }
 
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".entities-")
-        .suffix(".tmp")
-        .tempfile_in(dir)
-        .map_err(|e| io("cannot create a temporary file beside", e))?;
-    if let Ok(meta) = std::fs::metadata(path) {
-        let _ = tmp.as_file().set_permissions(meta.permissions());
-    }
-    tmp.write_all(body.as_bytes())
-        .and_then(|_| tmp.as_file().sync_all())
+    let tmp = Replacement::write(path, body.as_bytes(), 0o640)
         .map_err(|e| io("cannot write a temporary file beside", e))?;
 
     // svsd's own checks, on exactly the bytes that will be renamed in, but
@@ -461,12 +453,37 @@ fn edit(
     })?;
     cross_check(config, &before, &after)?;
 
-    tmp.persist(path)
-        .map_err(|e| io("cannot replace", e.error))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io("cannot sync the directory of", e))?;
-    Ok(())
+    tmp.commit().map_err(|e| io("cannot replace", e))?;
+    Ok(Written {
+        path: path.to_path_buf(),
+        sha256: sha256_hex(written.as_bytes()),
+    })
+}
+
+/// An edit of the entities file, as written.
+#[derive(Debug)]
+struct Written {
+    path: PathBuf,
+    /// SHA-256 of the bytes written, in hex (as svsd's `reload` record
+    /// names the file it read).
+    sha256: String,
+}
+
+impl Written {
+    /// Whether a reload that read the entities file as `read` (its digest,
+    /// from the `reload` record) includes this edit: it read exactly these
+    /// bytes, or the file as it is now, if another edit has replaced them
+    /// since (editors take turns under the lock, each starting from the
+    /// last one's file, so a later file holds this edit too).
+    fn is_in(&self, read: &str) -> bool {
+        read == self.sha256
+            || std::fs::read(&self.path)
+                .is_ok_and(|now| read == sha256_hex(&now) && read != self.sha256)
+    }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
 }
 
 /// The checks svsd makes across inline entities and the file's.
@@ -570,8 +587,10 @@ fn audit_mark(dir: &Path) -> std::io::Result<u64> {
     Ok(0)
 }
 
-/// The seq of a `reload` record after `mark`, if svsd wrote one.
-fn reload_after(dir: &Path, mark: u64) -> Option<u64> {
+/// The seq of the first `reload` record after `mark` that read `edit`,
+/// if svsd wrote one. A reload that read the file before the edit (another
+/// editor's, sent just before) does not count.
+fn reload_after(dir: &Path, mark: u64, edit: &Written) -> Option<u64> {
     let files = svs_appliance::audit::trail_files(dir).ok()?;
     // Only the file holding `mark` and later ones can hold newer records.
     let start = files.iter().rposition(|(s, _)| *s <= mark).unwrap_or(0);
@@ -582,7 +601,13 @@ fn reload_after(dir: &Path, mark: u64) -> Option<u64> {
                 continue;
             };
             let seq = v.get("seq").and_then(Value::as_u64).unwrap_or(0);
-            if seq > mark && v.get("type").and_then(Value::as_str) == Some("reload") {
+            if seq > mark
+                && v.get("type").and_then(Value::as_str) == Some("reload")
+                && v.get("detail")
+                    .and_then(Value::as_str)
+                    .and_then(entities_sha256_of)
+                    .is_some_and(|read| edit.is_in(read))
+            {
                 return Some(seq);
             }
         }
@@ -594,10 +619,10 @@ fn reload_after(dir: &Path, mark: u64) -> Option<u64> {
 /// new configuration is installed, and writes nothing when it refuses one
 /// (the previous configuration keeps serving). A signal delivered, or
 /// `systemctl reload` returning, says neither.
-fn confirm(dir: &Path, mark: u64, wait: Duration) -> Option<u64> {
+fn confirm(dir: &Path, mark: u64, edit: &Written, wait: Duration) -> Option<u64> {
     let deadline = Instant::now() + wait;
     loop {
-        if let Some(seq) = reload_after(dir, mark) {
+        if let Some(seq) = reload_after(dir, mark, edit) {
             return Some(seq);
         }
         if Instant::now() >= deadline {
@@ -659,11 +684,16 @@ fn reload_target(how: &Reload) -> Result<Target> {
     }
 }
 
-fn do_reload(target: &Target, audit_dir: &Path) -> Result<ReloadOutcome> {
-    do_reload_within(target, audit_dir, RELOAD_WAIT)
+fn do_reload(target: &Target, audit_dir: &Path, edit: &Written) -> Result<ReloadOutcome> {
+    do_reload_within(target, audit_dir, edit, RELOAD_WAIT)
 }
 
-fn do_reload_within(target: &Target, audit_dir: &Path, wait: Duration) -> Result<ReloadOutcome> {
+fn do_reload_within(
+    target: &Target,
+    audit_dir: &Path,
+    edit: &Written,
+    wait: Duration,
+) -> Result<ReloadOutcome> {
     let pid = match *target {
         Target::Nobody => {
             return Ok(ReloadOutcome {
@@ -696,7 +726,7 @@ fn do_reload_within(target: &Target, audit_dir: &Path, wait: Duration) -> Result
         }
     };
     let who = pid.map_or("svsd".to_string(), |p| format!("svsd (pid {p})"));
-    match confirm(audit_dir, mark, wait) {
+    match confirm(audit_dir, mark, edit, wait) {
         Some(seq) => {
             let mut j = method;
             j["sent"] = true.into();
@@ -735,7 +765,8 @@ mod tests {
         assert_eq!(e.exit_code(), 14);
     }
 
-    fn trail_with(dir: &Path, kinds: &[&'static str]) {
+    /// Records of `(type, detail)` appended to the trail in `dir`.
+    fn trail_with(dir: &Path, records: &[(&'static str, String)]) {
         let trail = svs_appliance::audit::AuditTrail::open(
             &svs_appliance::config::AuditConfig::without_token(dir.to_path_buf(), 1 << 20),
             None,
@@ -744,23 +775,60 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        for k in kinds {
-            rt.block_on(trail.note(k, "test".into())).unwrap();
+        for (kind, detail) in records {
+            rt.block_on(trail.note(kind, detail.clone())).unwrap();
         }
         trail.close();
     }
 
+    /// A `reload` record of svsd having read an entities file of `text`.
+    fn reload_of(text: &str) -> (&'static str, String) {
+        let changes = svs_appliance::reload::ReloadChanges::default();
+        let digest: [u8; 32] = Sha256::digest(text.as_bytes()).into();
+        (
+            "reload",
+            svs_appliance::reload::record_detail(&changes, Some(&digest)),
+        )
+    }
+
+    fn nothing() -> String {
+        "test".into()
+    }
+
     #[test]
-    fn a_reload_counts_only_once_svsd_recorded_it() {
+    fn a_reload_counts_only_once_svsd_recorded_it_reading_the_edit() {
         let dir = tempfile::tempdir().unwrap();
-        trail_with(dir.path(), &["start", "reload", "selftest"]);
-        let mark = audit_mark(dir.path()).unwrap();
+        let file = dir.path().join("entities.toml");
+        std::fs::write(&file, "ours").unwrap();
+        let edit = Written {
+            path: file.clone(),
+            sha256: sha256_hex(b"ours"),
+        };
+        let audit = dir.path().join("audit");
+        trail_with(
+            &audit,
+            &[
+                ("start", nothing()),
+                reload_of("ours"),
+                ("selftest", nothing()),
+            ],
+        );
+        let mark = audit_mark(&audit).unwrap();
         assert_eq!(mark, 3);
-        // An older reload record does not confirm a new request.
+        // An older reload record does not confirm a new request, nor does
+        // a newer one that read the file as it was before the edit (another
+        // editor's reload, sent just before).
         let quick = Duration::from_millis(200);
-        assert_eq!(confirm(dir.path(), mark, quick), None);
-        trail_with(dir.path(), &["anomaly", "reload"]);
-        assert_eq!(confirm(dir.path(), mark, quick), Some(5));
+        assert_eq!(confirm(&audit, mark, &edit, quick), None);
+        trail_with(&audit, &[("anomaly", nothing()), reload_of("before")]);
+        assert_eq!(confirm(&audit, mark, &edit, quick), None);
+        trail_with(&audit, &[reload_of("ours")]);
+        assert_eq!(confirm(&audit, mark, &edit, quick), Some(6));
+        // A later editor's file (made from ours) read by the reload counts.
+        std::fs::write(&file, "ours, then theirs").unwrap();
+        let mark = audit_mark(&audit).unwrap();
+        trail_with(&audit, &[reload_of("ours, then theirs")]);
+        assert_eq!(confirm(&audit, mark, &edit, quick), Some(7));
     }
 
     #[test]
@@ -773,7 +841,11 @@ mod tests {
         }
         assert_eq!(reload_target(&Reload::No).unwrap(), Target::Nobody);
         let dir = tempfile::tempdir().unwrap();
-        assert!(do_reload_within(&Target::Nobody, dir.path(), Duration::ZERO).is_ok());
+        let edit = Written {
+            path: dir.path().join("entities.toml"),
+            sha256: sha256_hex(b""),
+        };
+        assert!(do_reload_within(&Target::Nobody, dir.path(), &edit, Duration::ZERO).is_ok());
         let me = std::process::id() as i32;
         let pid_file = dir.path().join("svsd.pid");
         std::fs::write(&pid_file, format!("{me}\n")).unwrap();
@@ -793,7 +865,7 @@ mod tests {
         }
         // svsd gone between the check and the signal: the file has changed
         // by then, so it is a reload not confirmed.
-        let e = do_reload_within(&Target::Pid(i32::MAX), dir.path(), Duration::ZERO)
+        let e = do_reload_within(&Target::Pid(i32::MAX), dir.path(), &edit, Duration::ZERO)
             .err()
             .unwrap();
         assert_eq!(e.exit_code(), 14, "{e}");

@@ -8,7 +8,7 @@ use cryptoki::session::{Session, SessionState};
 use der::Decode;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use svs_hsm::keys::{hex, key_type, mechanism, spki_for_point};
+use svs_hsm::keys::{hex, key_pair_templates, key_type, mechanism, spki_for_point};
 use svs_hsm::{Algorithm, VendorProfile};
 use x509_cert::Certificate;
 
@@ -326,26 +326,7 @@ pub fn generate(opened: &Opened, pins: &mut PinReader, label: &str) -> Result<Re
     let id = session
         .generate_random_vec(16)
         .map_err(ck("drawing a key id from the token's RNG"))?;
-    let ktype = key_type(opened.profile.key_type)?;
-    let public = [
-        Attribute::Token(true),
-        Attribute::Private(false),
-        Attribute::Verify(true),
-        Attribute::KeyType(ktype),
-        Attribute::EcParams(opened.profile.algorithm.ec_params().to_vec()),
-        Attribute::Label(label.as_bytes().to_vec()),
-        Attribute::Id(id.clone()),
-    ];
-    let private = [
-        Attribute::Token(true),
-        Attribute::Private(true),
-        Attribute::Sensitive(true),
-        Attribute::Extractable(false),
-        Attribute::Sign(true),
-        Attribute::KeyType(ktype),
-        Attribute::Label(label.as_bytes().to_vec()),
-        Attribute::Id(id.clone()),
-    ];
+    let (public, private) = key_pair_templates(&opened.profile, label, &id)?;
     crate::progress(&format!(
         "generating key '{label}' in token '{}'…",
         opened.label

@@ -20,6 +20,7 @@ pub mod entities;
 pub mod error;
 pub mod keys;
 pub mod pin;
+pub mod replace;
 pub mod selftest;
 pub mod token;
 

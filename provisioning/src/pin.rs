@@ -64,16 +64,28 @@ impl PinReader {
         }
     }
 
-    /// The current PIN of `role`.
-    pub fn current(&mut self, role: Role) -> Result<Zeroizing<String>> {
+    /// The current PIN of `role`, refused unless it is within the token's
+    /// length limits `min..=max` (0: none): such a PIN cannot be right,
+    /// and trying it would use up one of the token's login attempts (a
+    /// `--pin-file` naming the wrong file, given a few times, would lock
+    /// the PIN svsd logs in with).
+    pub fn current(&mut self, role: Role, min: usize, max: usize) -> Result<Zeroizing<String>> {
         let file = match role {
             Role::User => self.files.user.clone(),
             Role::So => self.files.so.clone(),
         };
-        if let Some(f) = file {
-            return read_file(&f);
+        let pin = match file {
+            Some(f) => read_file(&f)?,
+            None => self.interactive(&format!("{} PIN: ", role.name()), false)?,
+        };
+        let n = pin.len();
+        if (min > 0 && n < min) || (max > 0 && n > max) {
+            return Err(ProvisionError::Usage(format!(
+                "the {} PIN given is {n} bytes long, but the token's PINs are {min} to {max}: it was not tried, so no login attempt was used up",
+                role.name()
+            )));
         }
-        self.interactive(&format!("{} PIN: ", role.name()), false)
+        Ok(pin)
     }
 
     /// A new PIN for `role`, checked against the token's length limits.
@@ -303,9 +315,17 @@ mod tests {
             },
             tty: false,
         };
-        assert_eq!(r.current(Role::So).unwrap().as_str(), "so-secret");
-        let e = r.current(Role::User).unwrap_err();
+        assert_eq!(r.current(Role::So, 4, 64).unwrap().as_str(), "so-secret");
+        let e = r.current(Role::User, 4, 64).unwrap_err();
         assert!(e.to_string().contains("missing"), "{e}");
         assert_eq!(e.exit_code(), 2);
+        // Outside the token's limits: refused without being tried, and
+        // without being shown.
+        for (min, max) in [(10, 64), (4, 8)] {
+            let e = r.current(Role::So, min, max).unwrap_err();
+            assert_eq!(e.exit_code(), 2);
+            assert!(e.to_string().contains("9 bytes long"), "{e}");
+            assert!(!e.to_string().contains("so-secret"), "{e}");
+        }
     }
 }

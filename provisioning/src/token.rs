@@ -207,7 +207,11 @@ impl Opened {
             .pkcs11
             .open_rw_session(self.slot)
             .map_err(|e| ProvisionError::pkcs11(e, "opening a session", "user"))?;
-        let pin = pins.current(Role::User)?;
+        let info = self
+            .pkcs11
+            .get_token_info(self.slot)
+            .map_err(|e| ProvisionError::pkcs11(e, "reading the token's information", "user"))?;
+        let pin = pins.current(Role::User, info.min_pin_length(), info.max_pin_length())?;
         login(&session, UserType::User, &pin, &self.label)?;
         Ok(session)
     }
@@ -424,6 +428,14 @@ pub fn init(
             "a token label must be 1 to 32 bytes long (PKCS#11 pads it to 32)".into(),
         ));
     }
+    // PKCS#11 pads labels with spaces: "svs " would read back as "svs",
+    // pass the uniqueness check below and make `--token svs` ambiguous.
+    if label.ends_with(' ') {
+        return Err(ProvisionError::Usage(format!(
+            "a token label must not end in a space ('{label}'): PKCS#11 pads labels with spaces, so it could not be told from '{}'",
+            label.trim_end()
+        )));
+    }
     let pkcs11 = target.load()?;
     let all = tokens(&pkcs11)?;
     if let Some((s, _)) = all.iter().find(|(s, i)| {
@@ -476,7 +488,7 @@ pub fn init(
     let so_pin = if info.token_initialized() {
         // C_InitToken of an initialised token checks the current SO PIN and
         // keeps it.
-        pins.current(Role::So)?
+        pins.current(Role::So, info.min_pin_length(), info.max_pin_length())?
     } else {
         pins.new_pin(Role::So, true, info.min_pin_length(), info.max_pin_length())?
     };
@@ -506,7 +518,7 @@ pub fn pin_init(target: &Target, pins: &mut PinReader) -> Result<Report> {
     let session = pkcs11
         .open_rw_session(slot)
         .map_err(|e| ProvisionError::pkcs11(e, "opening a session", "SO"))?;
-    let so = pins.current(Role::So)?;
+    let so = pins.current(Role::So, info.min_pin_length(), info.max_pin_length())?;
     login(&session, UserType::So, &so, &label)?;
     let new = pins.new_pin(
         Role::User,
@@ -540,7 +552,7 @@ pub fn pin_change(target: &Target, so: bool, pins: &mut PinReader) -> Result<Rep
     let session = pkcs11
         .open_rw_session(slot)
         .map_err(|e| ProvisionError::pkcs11(e, "opening a session", role.name()))?;
-    let old = pins.current(role)?;
+    let old = pins.current(role, info.min_pin_length(), info.max_pin_length())?;
     login(&session, who, &old, &label)?;
     let result = pins
         .new_pin(role, false, info.min_pin_length(), info.max_pin_length())

@@ -34,6 +34,8 @@ fn token_pin_and_key_lifecycle_on_the_soft_token() {
         .fails(4, "a token labelled 't1' exists already");
     p(&["token", "init", "--label", "t2", "--slot", "0"], "x\n").fails(4, "--reinit");
     p(&["token", "init", "--label", "t2"], "123\n").fails(2, "must be 4 to");
+    // PKCS#11 pads labels with spaces: "t1 " would read back as "t1".
+    p(&["token", "init", "--label", "t1 "], "so-pin-0002\n").fails(2, "end in a space");
     p(&["--token", "t1", "key", "list", "--login"], "anything\n").fails(3, "pin init");
 
     // The SO sets the user PIN; a wrong SO PIN changes nothing.
@@ -78,6 +80,37 @@ fn token_pin_and_key_lifecycle_on_the_soft_token() {
         "user-pin-0002\n",
     )
     .ok();
+
+    // A PIN outside the token's length limits cannot be right: refused
+    // without a login attempt (three would lock the PIN otherwise).
+    let long = format!("{}\n", "7".repeat(300));
+    for _ in 0..4 {
+        p(&["--token", "t1", "key", "list", "--login"], &long).fails(2, "was not tried");
+    }
+    p(
+        &["--token", "t1", "key", "list", "--login"],
+        "user-pin-0002\n",
+    )
+    .ok();
+    // Output that cannot be written is a failure, not a success.
+    let full = std::process::Command::new(env!("CARGO_BIN_EXE_svs-provision"))
+        .args(["--token", "t1", "--json", "token", "info"])
+        .env("SVS_SOFTTOKEN_CONF", &conf)
+        .stdout(std::fs::File::create("/dev/full").unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(full.status.code(), Some(12), "{full:?}");
+    assert!(String::from_utf8_lossy(&full.stderr).contains("cannot write the output"));
+    // Usage errors come as JSON too when JSON is asked for.
+    let usage = p(&["--json", "key", "generate"], "");
+    assert_eq!(usage.code, 2);
+    assert_eq!(usage.json()["error"]["kind"], "usage", "{usage:?}");
+    assert!(
+        usage.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--label")
+    );
 
     // Wrong PINs lock the user PIN; the SO clears the lock with pin init.
     p(&["--token", "t1", "key", "list", "--login"], "nope-1\n").fails(5, "wrong");

@@ -900,6 +900,19 @@ async fn rate_limit_suspension_and_refused_reload() {
         notes(&install, "reload"),
         ["2 entities; suspended: limited"]
     );
+    // It names the entities file it read, by digest (svs-provision
+    // confirms its edits by it).
+    let read = audit_records(&install)
+        .into_iter()
+        .filter(|r| r["type"] == "reload")
+        .map(|r| r["detail"].as_str().unwrap().to_owned())
+        .collect::<Vec<_>>();
+    let file = std::fs::read(install.dir.join("entities.toml")).unwrap();
+    assert_eq!(
+        svs_appliance::reload::entities_sha256_of(&read[0]),
+        Some(svs_hsm::keys::hex(&<sha2::Sha256 as sha2::Digest>::digest(&file)).as_str()),
+        "{read:?}"
+    );
 
     // An invalid new config is refused; the old one keeps serving, and
     // alerting sees it: the suspension it carried was not applied.
@@ -2531,12 +2544,22 @@ fn audit_records(install: &Install) -> Vec<Value> {
     out
 }
 
-/// The `detail` of every audit record of type `kind`.
+/// The `detail` of every audit record of type `kind`, without the digest
+/// of the entities file a `reload` record ends with.
 fn notes(install: &Install, kind: &str) -> Vec<String> {
     audit_records(install)
         .into_iter()
         .filter(|r| r["type"] == kind)
-        .map(|r| r["detail"].as_str().unwrap_or_default().to_owned())
+        .map(|r| {
+            let detail = r["detail"].as_str().unwrap_or_default();
+            match svs_appliance::reload::entities_sha256_of(detail) {
+                Some(digest) => detail.replace(
+                    &format!("; {} {digest}", svs_appliance::reload::ENTITIES_SHA256),
+                    "",
+                ),
+                None => detail.to_owned(),
+            }
+        })
         .collect()
 }
 
