@@ -46,7 +46,9 @@ pub struct LogFormat {
     /// ANSI colours: only for a terminal; in the journal or a file they are
     /// escape-code noise.
     pub ansi: bool,
-    /// svsd's own timestamp: left out under journald, which stamps every line.
+    /// svsd's own timestamp: left out under journald, which stamps every
+    /// line; there each line starts with its syslog priority instead
+    /// ([`PriorityLines`]).
     pub timestamp: bool,
 }
 
@@ -68,30 +70,99 @@ impl LogFormat {
                 tracing_subscriber::EnvFilter::try_new(log_directives(rust_log.as_deref()))
                     .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(log_directives(None))),
             )
-            .with_ansi(self.ansi)
-            .with_writer(std::io::stderr);
+            .with_ansi(self.ansi);
         if self.timestamp {
-            b.init();
+            b.with_writer(std::io::stderr).init();
         } else {
-            b.without_time().init();
+            b.without_time().with_writer(JournalStderr).init();
         }
     }
 }
 
-/// The log filter: `RUST_LOG` (default `info`), with cryptoki's mechanism
-/// module silenced unless `RUST_LOG` names cryptoki: it logs an ERROR for
-/// every vendor-defined mechanism it does not know, which every SM2
-/// signature uses (two lines a signature at `info`).
+/// stderr for journald: every line of an event prefixed with its syslog
+/// priority (sd-daemon(3)), so that `journalctl -p warning` and
+/// priority-based forwarding see svsd's ERROR and ALARM lines; without it
+/// journald files every line at `info`, and the continuation lines of a
+/// multi-line error as lines of their own, at `info` too.
+struct JournalStderr;
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for JournalStderr {
+    type Writer = PriorityLines<std::io::Stderr>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        PriorityLines::new(std::io::stderr(), &tracing::Level::INFO)
+    }
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> Self::Writer {
+        PriorityLines::new(std::io::stderr(), meta.level())
+    }
+}
+
+/// A writer putting `<N>` (the syslog priority of a tracing level) before
+/// every line written through it.
+struct PriorityLines<W> {
+    inner: W,
+    prefix: &'static [u8],
+    at_line_start: bool,
+}
+
+impl<W: std::io::Write> PriorityLines<W> {
+    fn new(inner: W, level: &tracing::Level) -> PriorityLines<W> {
+        let prefix: &'static [u8] = match *level {
+            tracing::Level::ERROR => b"<3>",
+            tracing::Level::WARN => b"<4>",
+            tracing::Level::INFO => b"<6>",
+            _ => b"<7>",
+        };
+        PriorityLines {
+            inner,
+            prefix,
+            at_line_start: true,
+        }
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for PriorityLines<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // One write of the whole event (as the fmt layer makes it), so that
+        // lines from two threads do not interleave.
+        let mut out = Vec::with_capacity(buf.len() + 4 * self.prefix.len());
+        for &b in buf {
+            if self.at_line_start {
+                out.extend_from_slice(self.prefix);
+            }
+            out.push(b);
+            self.at_line_start = b == b'\n';
+        }
+        self.inner.write_all(&out)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// The log filter: `RUST_LOG` (default `info`), with two libraries held
+/// down unless `RUST_LOG` names them. cryptoki's mechanism module logs an
+/// ERROR for every vendor-defined mechanism it does not know, which every
+/// SM2 signature uses (two lines a signature at `info`). h2 logs a WARN for
+/// each connection a client floods with stream resets, which the client can
+/// repeat at will (410 lines a second from four of them): it closes those
+/// connections itself, and the counters show them.
 fn log_directives(rust_log: Option<&str>) -> String {
-    let base = rust_log
+    let mut directives = rust_log
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .unwrap_or("info");
-    if base.contains("cryptoki") {
-        base.to_owned()
-    } else {
-        format!("{base},cryptoki::mechanism=off")
+        .unwrap_or("info")
+        .to_owned();
+    if !directives.contains("cryptoki") {
+        directives.push_str(",cryptoki::mechanism=off");
     }
+    if !directives.contains("h2") {
+        directives.push_str(",h2=error");
+    }
+    directives
 }
 
 /// Refuses root unless told otherwise.
@@ -1051,14 +1122,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cryptoki_mechanism_noise_stays_off_unless_asked_for() {
-        assert_eq!(log_directives(None), "info,cryptoki::mechanism=off");
-        assert_eq!(log_directives(Some(" ")), "info,cryptoki::mechanism=off");
+    fn cryptoki_and_h2_noise_stays_off_unless_asked_for() {
+        let quiet = "info,cryptoki::mechanism=off,h2=error";
+        assert_eq!(log_directives(None), quiet);
+        assert_eq!(log_directives(Some(" ")), quiet);
         assert_eq!(
             log_directives(Some("debug,svs=trace")),
-            "debug,svs=trace,cryptoki::mechanism=off"
+            "debug,svs=trace,cryptoki::mechanism=off,h2=error"
         );
-        assert_eq!(log_directives(Some("cryptoki=debug")), "cryptoki=debug");
+        assert_eq!(
+            log_directives(Some("cryptoki=debug")),
+            "cryptoki=debug,h2=error"
+        );
+        assert_eq!(
+            log_directives(Some("info,h2=debug")),
+            "info,h2=debug,cryptoki::mechanism=off"
+        );
+    }
+
+    #[test]
+    fn every_journald_line_carries_its_priority() {
+        use std::io::Write;
+        let mut w = PriorityLines::new(Vec::new(), &tracing::Level::ERROR);
+        w.write_all(b"ERROR svsd: configuration:\n  [limits]: bad\n")
+            .unwrap();
+        assert_eq!(
+            String::from_utf8(w.inner).unwrap(),
+            "<3>ERROR svsd: configuration:\n<3>  [limits]: bad\n"
+        );
+        let mut w = PriorityLines::new(Vec::new(), &tracing::Level::WARN);
+        w.write_all(b"WARN a").unwrap();
+        w.write_all(b"larm\n").unwrap();
+        assert_eq!(String::from_utf8(w.inner).unwrap(), "<4>WARN alarm\n");
     }
 
     #[test]

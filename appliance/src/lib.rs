@@ -18,6 +18,7 @@ pub mod policy;
 pub mod refusals;
 pub mod reload;
 pub mod server;
+pub mod source_share;
 pub mod tls;
 
 pub use error::SvsError;

@@ -301,7 +301,7 @@ impl Metrics {
         let tls_handshake_failures = counter_vec(
             &r,
             "svs_tls_handshake_failures_total",
-            "Connections closed before they were served, by listener (api, metrics) and reason: refused (TLS handshake failed), timeout (handshake not done in time), no_slot (no connection slot came free in time).",
+            "Connections closed before they were served, by listener (api, metrics) and reason: refused (TLS handshake failed), timeout (handshake not done in time), no_slot (no connection slot came free in time), source_busy (the client's address held its share of a contended listener's slots).",
             &["listener", "reason"],
         );
         // Every series exists from the start, so that rate() and increase()
@@ -312,9 +312,11 @@ impl Metrics {
                 (API_LISTENER, F::Refused),
                 (API_LISTENER, F::Timeout),
                 (API_LISTENER, F::NoSlot),
+                (API_LISTENER, F::SourceBusy),
                 // Its connection slot is taken before the handshake.
                 (METRICS_LISTENER, F::Refused),
                 (METRICS_LISTENER, F::Timeout),
+                (METRICS_LISTENER, F::SourceBusy),
             ] {
                 tls_handshake_failures.with_label_values(&[listener, reason.as_str()]);
             }

@@ -16,7 +16,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body as _, Bytes, Incoming};
-use hyper::header::{ALLOW, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use hyper::header::{
+    ALLOW, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, RETRY_AFTER, TRANSFER_ENCODING,
+};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -32,12 +34,30 @@ use crate::config::Limits;
 use crate::error::SvsError;
 use crate::policy::{ClientIdentity, VerifiedClient};
 use crate::refusals::LogLimits;
+use crate::source_share::{self, SourceShare};
 use crate::tls::ApiTls;
 
 /// HTTP/2 streams per connection: with bodies read only after admission and
 /// a shared body budget, 32 is plenty for one client and bounds what one
 /// connection can make the server hold.
 const H2_MAX_STREAMS: u32 = 32;
+
+/// What a connection may make svsd hold that no budget counts: the
+/// request data an HTTP/2 client may send ahead of what svsd reads, and an
+/// HTTP/1.1 request head. hyper's defaults (1 MiB windows, a ~400 KB head
+/// buffer) let 200 connections that sent and stalled take RSS from 74 to
+/// 218 MB, and 400 unfinished heads from 34 to 190 MB; bodies are counted
+/// in `max_inflight_body_bytes` only once svsd reads them. With these, a
+/// connection holds at most 128 KiB that way. A large body takes a few more
+/// round trips (flow control), which on a LAN costs milliseconds.
+const H2_STREAM_WINDOW: u32 = 64 * 1024;
+const H2_CONNECTION_WINDOW: u32 = 128 * 1024;
+/// A request head over this gets 431.
+const H1_MAX_BUF: usize = 64 * 1024;
+
+/// A source address may hold 1/8 of `max_handshakes` (at least one) once
+/// more than half are taken: 8 of the default 64.
+const HANDSHAKE_SHARES: usize = 8;
 
 /// Plain-HTTP probe connections served at once; more wait in the backlog.
 const PROBE_CONNECTIONS: usize = 16;
@@ -61,6 +81,10 @@ pub enum HandshakeFailure {
     /// `handshake_timeout_ms` (or `max_handshakes` clients were waiting
     /// for one already).
     NoSlot,
+    /// Closed on arrival: more than half of the listener's slots were
+    /// taken, and the client's address held its share of them already
+    /// ([`crate::source_share`]).
+    SourceBusy,
 }
 
 impl HandshakeFailure {
@@ -70,6 +94,7 @@ impl HandshakeFailure {
             HandshakeFailure::Refused => "refused",
             HandshakeFailure::Timeout => "timeout",
             HandshakeFailure::NoSlot => "no_slot",
+            HandshakeFailure::SourceBusy => "source_busy",
         }
     }
 }
@@ -111,6 +136,14 @@ fn handshake_failed(
         }
         HandshakeFailure::NoSlot => {
             tracing::info!(listener, %peer, held_back, "no connection slot free: closed");
+        }
+        HandshakeFailure::SourceBusy => {
+            tracing::info!(
+                listener,
+                %peer,
+                held_back,
+                "the client's address holds its share of the listener's slots: closed"
+            );
         }
     }
 }
@@ -210,6 +243,10 @@ pub struct Gates {
     pub connections: Arc<Semaphore>,
     /// TLS handshakes in flight.
     pub handshakes: Arc<Semaphore>,
+    /// Each source address's share of `handshakes`.
+    pub handshakes_by_source: Arc<SourceShare>,
+    /// `max_handshakes`.
+    pub max_handshakes: usize,
     /// Handshaken clients waiting for a connection slot (as many as
     /// handshakes): they no longer hold a handshake permit, and each is a
     /// TLS session in memory.
@@ -222,6 +259,8 @@ impl Gates {
         Gates {
             connections: Arc::new(Semaphore::new(limits.max_connections)),
             handshakes: Arc::new(Semaphore::new(limits.max_handshakes)),
+            handshakes_by_source: SourceShare::new(limits.max_handshakes / HANDSHAKE_SHARES),
+            max_handshakes: limits.max_handshakes,
             waiting: Arc::new(Semaphore::new(limits.max_handshakes)),
         }
     }
@@ -390,9 +429,9 @@ impl Activity {
     }
 }
 
-/// A refused request's body being drained after its answer: in flight for
-/// the connection's timers, so that a close (a 401 or a suspended entity
-/// closes the connection) waits for it as for any request.
+/// A refused request's body being drained after its answer went out: in
+/// flight for the connection's timers, so that a close (a 401 or a
+/// suspended entity closes the connection) waits for it as for any request.
 struct Draining(Arc<ConnCtx>);
 
 impl std::fmt::Debug for Draining {
@@ -435,10 +474,18 @@ struct ConnCtx {
 /// the stream limit, as a stream stays open while it drains. HTTP/1.1
 /// needs none of this: hyper closes the connection after an answer whose
 /// request was not read.
-#[derive(Debug)]
 struct AnswerBody {
     data: Option<Bytes>,
-    unread_request: Option<(Incoming, usize, Duration, Draining)>,
+    unread_request: Option<(Incoming, usize, Duration, Arc<ConnCtx>)>,
+}
+
+impl std::fmt::Debug for AnswerBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AnswerBody")
+            .field("data", &self.data.as_ref().map(Bytes::len))
+            .field("unread_request", &self.unread_request.is_some())
+            .finish()
+    }
 }
 
 impl AnswerBody {
@@ -452,9 +499,14 @@ impl AnswerBody {
 
 impl Drop for AnswerBody {
     fn drop(&mut self) {
-        let Some((mut body, limit, deadline, in_flight)) = self.unread_request.take() else {
+        let Some((mut body, limit, deadline, ctx)) = self.unread_request.take() else {
             return;
         };
+        // Counted from here, once the answer is out, not from when it was
+        // made: an answer a client never takes (no flow-control window)
+        // would otherwise count as work for ever, and the connection would
+        // never be idle and closed.
+        let in_flight = Draining::new(ctx);
         // hyper drops an answer on its connection's task, in the runtime.
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
@@ -672,8 +724,7 @@ async fn handle(
     if let Some(body) = body.filter(|b| !http1 && !b.is_end_stream()) {
         let limits = &ctx.app.runtime().limits;
         let limits = (limits.max_body_bytes, limits.body_timeout);
-        let in_flight = Draining::new(ctx.clone());
-        resp.body_mut().unread_request = Some((body, limits.0, limits.1, in_flight));
+        resp.body_mut().unread_request = Some((body, limits.0, limits.1, ctx.clone()));
     }
     if close {
         if http1 {
@@ -698,6 +749,17 @@ async fn handle_inner(
     let route = Route::parse(req.method.as_str(), req.uri.path())?;
     if ctx.probes_only && !route.is_probe() {
         return Err(SvsError::NotFound);
+    }
+    // hyper decodes only `chunked`: a body sent `gzip, chunked` would be
+    // read, and signed, still gzip-coded (RFC 9112 section 6.1).
+    let coded = req.headers.get_all(TRANSFER_ENCODING).iter().any(|v| {
+        v.to_str()
+            .map_or(true, |v| !v.trim().eq_ignore_ascii_case("chunked"))
+    });
+    if coded {
+        return Err(SvsError::MalformedRequest(
+            "Transfer-Encoding other than chunked is not supported".into(),
+        ));
     }
     let content_type = req
         .headers
@@ -784,9 +846,12 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     b.http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
+        .max_buf_size(H1_MAX_BUF)
         .keep_alive(true);
     b.http2()
         .timer(TokioTimer::new())
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
         .max_concurrent_streams(H2_MAX_STREAMS)
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(10));
@@ -890,6 +955,18 @@ pub async fn serve_tls(
             },
             _ = stop.changed() => return,
         };
+        let contended =
+            source_share::contended(gates.max_handshakes, gates.handshakes.available_permits());
+        let Some(source_slot) = gates.handshakes_by_source.take(peer_addr.ip(), contended) else {
+            handshake_failed(
+                &app,
+                API_LISTENER,
+                HandshakeFailure::SourceBusy,
+                peer_addr,
+                None,
+            );
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let current = tls.read().unwrap_or_else(|p| p.into_inner()).clone();
         let app = app.clone();
@@ -929,7 +1006,7 @@ pub async fn serve_tls(
             // The handshake's work is done: its permit goes back before any
             // wait, so that clients waiting for a slot do not stop others'
             // handshakes.
-            drop(handshake_permit);
+            drop((handshake_permit, source_slot));
             let chain: Vec<CertificateDer<'static>> = stream
                 .get_ref()
                 .1
@@ -989,7 +1066,15 @@ pub async fn serve_tls(
             });
             let svc_ctx = ctx.clone();
             let svc = hyper::service::service_fn(move |req| handle(svc_ctx.clone(), req));
-            let b = builder(&limits);
+            // A connection that settled on http/1.1 speaks only that, not
+            // HTTP/2 after its preface. One that settled on h2 (or on
+            // nothing) is left to hyper's detection: served HTTP/2 only,
+            // hyper would send its SETTINGS at once and wait for a silent
+            // client until the idle timeout, not the header timeout.
+            let b = match stream.get_ref().1.alpn_protocol() {
+                Some(b"http/1.1") => builder(&limits).http1_only(),
+                _ => builder(&limits),
+            };
             let conn = b.serve_connection(TokioIo::new(stream), svc);
             if let Err(e) = drive(conn, &ctx.activity, &limits, stop).await {
                 tracing::debug!(peer = %peer_addr, error = %e, "connection ended with an error");
@@ -1001,12 +1086,13 @@ pub async fn serve_tls(
 /// Plain-HTTP listener for /healthz and /readyz only.
 pub async fn serve_probes(app: Arc<App>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
     let connections = Arc::new(Semaphore::new(PROBE_CONNECTIONS));
+    let by_source = SourceShare::new(PROBE_CONNECTIONS / 4);
     loop {
         let permit = tokio::select! {
             p = connections.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
             _ = stop.changed() => return,
         };
-        let (tcp, _) = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
@@ -1018,9 +1104,16 @@ pub async fn serve_probes(app: Arc<App>, listener: TcpListener, mut stop: watch:
             },
             _ = stop.changed() => return,
         };
+        // Silent sockets from one host must not keep the health checks
+        // out (nothing is counted: this listener has no certificates).
+        let contended = source_share::contended(PROBE_CONNECTIONS, connections.available_permits());
+        let Some(source_slot) = by_source.take(peer.ip(), contended) else {
+            continue;
+        };
         let stop = stop.clone();
         let app = app.clone();
         tokio::spawn(async move {
+            let _source_slot = source_slot;
             let _permit = permit;
             let limits = side_listener_limits(&app.runtime().limits);
             let ctx = Arc::new(ConnCtx {
@@ -1144,6 +1237,7 @@ pub async fn serve_metrics(
     mut stop: watch::Receiver<bool>,
 ) {
     let connections = Arc::new(Semaphore::new(METRICS_CONNECTIONS));
+    let by_source = SourceShare::new(METRICS_CONNECTIONS / 4);
     loop {
         let permit = tokio::select! {
             p = connections.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
@@ -1160,11 +1254,24 @@ pub async fn serve_metrics(
             },
             _ = stop.changed() => return,
         };
+        // Silent sockets from one host must not keep the scrapers out.
+        let contended =
+            source_share::contended(METRICS_CONNECTIONS, connections.available_permits());
+        let Some(source_slot) = by_source.take(peer.ip(), contended) else {
+            handshake_failed(
+                &app,
+                METRICS_LISTENER,
+                HandshakeFailure::SourceBusy,
+                peer,
+                None,
+            );
+            continue;
+        };
         let app = app.clone();
         let tls = tls.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
-            let _permit = permit;
+            let _permit = (permit, source_slot);
             let limits = side_listener_limits(&app.runtime().limits);
             let activity = Arc::new(Activity::new());
             let (svc_app, act) = (app.clone(), activity.clone());

@@ -211,14 +211,23 @@ fn a_refused_pin_exits_78_at_once_and_says_so_once() {
 }
 
 #[test]
-fn an_invalid_configuration_exits_78_and_journald_lines_carry_no_timestamp() {
+fn an_invalid_configuration_exits_78_and_journald_lines_carry_their_priority_not_a_timestamp() {
     let install = Install::new();
     install.edit_config(|t| t.replace("max_batch_items = 256", "max_batch_items = 0"));
     let (code, log) = exit_status(&install, &[("JOURNAL_STREAM", "8:1234")]);
     assert_eq!(code, Some(78), "{log}");
     assert_eq!(log.matches("max_batch_items").count(), 1, "{log}");
-    for line in log.lines().filter(|l| l.contains("ERROR")) {
-        assert!(line.trim_start().starts_with("ERROR"), "{line}");
+    // Every line, continuation lines of a multi-line error included,
+    // starts with its syslog priority, which journald takes off.
+    let errors: Vec<_> = log.lines().filter(|l| l.contains("ERROR")).collect();
+    assert!(!errors.is_empty(), "{log}");
+    for line in errors {
+        assert!(line.starts_with("<3>ERROR"), "{line}");
+    }
+    let detail = log.lines().find(|l| l.contains("max_batch_items")).unwrap();
+    assert!(detail.starts_with("<3>"), "{detail}");
+    for line in log.lines().filter(|l| l.contains("INFO")) {
+        assert!(line.starts_with("<6>INFO"), "{line}");
     }
     let st = Command::new(svsd_bin())
         .arg("--check-config")
