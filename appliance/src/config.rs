@@ -1136,7 +1136,18 @@ impl Config {
         }
 
         if !errors.0.is_empty() {
-            return Err(SvsError::Config(errors.0));
+            // Two files may be involved: each error names its own (the
+            // entities file's errors name it already).
+            let own = entities_file.as_ref().map(|f| f.display().to_string());
+            let named = errors
+                .0
+                .into_iter()
+                .map(|e| match &own {
+                    Some(f) if e.starts_with(f.as_str()) => e,
+                    _ => format!("{}: {e}", path.display()),
+                })
+                .collect();
+            return Err(SvsError::Config(named));
         }
         let (Some(server), Some(tls), Some(hsm), Some(audit)) = (server, tls, hsm, audit) else {
             return Err(SvsError::Internal("a required section vanished".into()));
@@ -1428,6 +1439,11 @@ max_body_bytes = \"x\"\nmax_batch_items = 0\n[audit]\nrefusal_records = { per_se
         // Neither a consequence of a left-out key ("missing") nor of a
         // dropped section ([audit] is required) is reported.
         assert!(!all.contains("missing"), "{all}");
+        // Each error names its file.
+        assert!(
+            all.lines().all(|l| l.starts_with("/etc/svs/svsd.toml: [")),
+            "{all}"
+        );
     }
 
     #[test]

@@ -122,6 +122,9 @@ impl ProvisionError {
             CryptokiError::Pkcs11(RvError::TokenWriteProtected, _) => ProvisionError::Token(
                 format!("{what}: the token is write-protected; nothing was changed"),
             ),
+            CryptokiError::Pkcs11(RvError::DeviceMemory, _) => ProvisionError::Token(format!(
+                "{what}: the token's storage is full (CKR_DEVICE_MEMORY; for the soft token, the file system of its store_dir); nothing was changed"
+            )),
             CryptokiError::Pkcs11(rv, function) => {
                 let info = svs_hsm::rv_info(&rv);
                 ProvisionError::Token(format!(

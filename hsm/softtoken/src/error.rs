@@ -19,6 +19,8 @@ pub enum Error {
     DataInvalid,
     DataLenRange,
     DeviceError,
+    /// The store's disk is full (CKR_DEVICE_MEMORY).
+    DeviceMemory,
     DeviceRemoved,
     FunctionNotSupported,
     GeneralError,
@@ -78,6 +80,7 @@ impl Error {
             Error::DataInvalid => CKR_DATA_INVALID,
             Error::DataLenRange => CKR_DATA_LEN_RANGE,
             Error::DeviceError => CKR_DEVICE_ERROR,
+            Error::DeviceMemory => CKR_DEVICE_MEMORY,
             Error::DeviceRemoved => CKR_DEVICE_REMOVED,
             Error::FunctionNotSupported => CKR_FUNCTION_NOT_SUPPORTED,
             Error::GeneralError => CKR_GENERAL_ERROR,

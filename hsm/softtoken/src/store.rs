@@ -259,22 +259,33 @@ impl SlotStore {
         use std::os::unix::fs::OpenOptionsExt;
         let json = serde_json::to_vec_pretty(file).map_err(|_| Error::GeneralError)?;
         let tmp = self.dir.join("token.json.tmp");
-        let mut f = OpenOptions::new()
+        let written = OpenOptions::new()
             .create(true)
             .truncate(true)
             .write(true)
             .mode(0o600)
             .open(&tmp)
-            .map_err(|_| Error::DeviceError)?;
-        f.write_all(&json).map_err(|_| Error::DeviceError)?;
-        f.sync_all().map_err(|_| Error::DeviceError)?;
-        drop(f);
+            .and_then(|mut f| f.write_all(&json).and_then(|()| f.sync_all()));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(storage_error(&e));
+        }
         self.hand_to_store_owner(&tmp)?;
-        std::fs::rename(&tmp, self.token_path()).map_err(|_| Error::DeviceError)?;
+        std::fs::rename(&tmp, self.token_path()).map_err(|e| storage_error(&e))?;
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(|_| Error::DeviceError)?;
         Ok(self.stamp())
+    }
+}
+
+/// A write of the store that failed: a full disk (or quota) is the token
+/// out of memory in PKCS#11's terms (CKR_DEVICE_MEMORY), which callers can
+/// tell the officer; anything else is a device error.
+fn storage_error(e: &std::io::Error) -> Error {
+    match e.kind() {
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => Error::DeviceMemory,
+        _ => Error::DeviceError,
     }
 }
 
@@ -345,6 +356,18 @@ mod tests {
         assert_eq!(*rec.unwrap_key(b"123456", "user").unwrap(), *tk);
         assert!(rec.unwrap_key(b"123457", "user").is_none());
         assert!(rec.unwrap_key(b"123456", "so").is_none());
+    }
+
+    #[test]
+    fn a_full_disk_is_the_token_out_of_memory() {
+        for (errno, expected) in [
+            (28, Error::DeviceMemory),  // ENOSPC
+            (122, Error::DeviceMemory), // EDQUOT
+            (5, Error::DeviceError),    // EIO
+        ] {
+            let e = std::io::Error::from_raw_os_error(errno);
+            assert_eq!(storage_error(&e), expected, "{e}");
+        }
     }
 
     #[test]
