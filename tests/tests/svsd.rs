@@ -2601,16 +2601,7 @@ async fn a_key_re_created_on_the_token_serves_only_after_an_accepted_reload_test
     // A security officer replaces `demo` on the token while svsd runs,
     // with the token named directly: with `--config` svs-provision refuses
     // to delete a key svsd exposes, but nothing stops another tool.
-    let pin = std::fs::read_to_string(&install.config)
-        .unwrap()
-        .lines()
-        .find_map(|l| {
-            l.trim()
-                .strip_prefix("pin = { file = \"")?
-                .strip_suffix("\" }")
-                .map(String::from)
-        })
-        .unwrap();
+    let pin = install.pin_file();
     let provision = |args: &[&str]| {
         let out = Command::new(svs_provision_bin())
             .env("SVS_SOFTTOKEN_CONF", install.dir.join("softtoken.toml"))
