@@ -24,7 +24,7 @@ use crate::config::Config;
 use crate::error::{Missing, NotReady, SvsError};
 use crate::metrics::Metrics;
 use crate::reload::ReloadChanges;
-use crate::server;
+use crate::server::{self, MetricsPage};
 
 /// Options from the command line.
 #[derive(Debug, Clone, Default)]
@@ -427,8 +427,56 @@ enum Wake {
     Stop,
 }
 
-/// The probe listener, bound once and kept across start attempts.
-type ProbeSocket = Option<(SocketAddr, TcpListener)>;
+/// A plain side listener (probes, metrics) and its address, bound once
+/// and kept across start attempts.
+type SideSocket = Option<(SocketAddr, TcpListener)>;
+
+/// The side listeners a waiting svsd serves, handed to the start that
+/// succeeds: their ports stay open from the first wait on.
+#[derive(Default)]
+struct SideSockets {
+    probe: SideSocket,
+    metrics: SideSocket,
+}
+
+/// Binds `want` into `slot` unless the socket there has that address
+/// already (a SIGHUP may have changed it). Returns whether it bound anew.
+async fn keep_bound(slot: &mut SideSocket, want: Option<SocketAddr>) -> Result<bool, SvsError> {
+    if slot.as_ref().map(|(a, _)| *a) == want {
+        return Ok(false);
+    }
+    *slot = None;
+    if let Some(a) = want {
+        *slot = server::bind(&[a]).await?.pop().map(|l| (a, l));
+    }
+    Ok(slot.is_some())
+}
+
+/// The listener for `want`: the one in `slot` when its address matches,
+/// else a new one.
+async fn take_or_bind(
+    slot: &mut SideSocket,
+    want: Option<SocketAddr>,
+) -> Result<Option<TcpListener>, SvsError> {
+    match (want, slot.take()) {
+        (Some(a), Some((was, l))) if a == was => Ok(Some(l)),
+        (Some(a), _) => Ok(server::bind(&[a]).await?.pop()),
+        (None, _) => Ok(None),
+    }
+}
+
+/// The metrics listener's TLS, if it has any, as the waiting phase can
+/// build it: `Err` while its files are not there yet (then there is no
+/// metrics listener until they are).
+async fn metrics_tls(config: &Config) -> Result<Option<TlsAcceptor>, SvsError> {
+    let Some(t) = config.metrics.tls.clone() else {
+        return Ok(None);
+    };
+    tokio::task::spawn_blocking(move || crate::tls::metrics_server_config(&t))
+        .await
+        .map_err(|e| SvsError::Internal(e.to_string()))?
+        .map(|c| Some(TlsAcceptor::from(c)))
+}
 
 /// How long one start attempt (files, HSM login, key discovery, audit
 /// trail, listeners, self-tests) may take. One that takes longer is taken
@@ -511,7 +559,10 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), SvsError> {
     check_user(&config, &opts)?;
     let mut signals = Signals::new()?;
     let mut config = config;
-    let mut probe: ProbeSocket = None;
+    let mut side = SideSockets::default();
+    // One registry for the whole run: what the waiting phase counted (the
+    // metrics listener's refusals, HSM errors of failed attempts) carries on.
+    let metrics = Arc::new(Metrics::new());
     let mut last_reason: Option<NotReady> = None;
     let mut retry = RETRY_INITIAL;
     // While waiting and while a start attempt runs the watchdog must still
@@ -524,7 +575,7 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), SvsError> {
         // A SIGHUP during the attempt stays pending for the wait (or the
         // running phase) after it.
         let attempt = tokio::select! {
-            r = start(&config, &mut probe) => Some(r),
+            r = start(&config, &mut side, metrics.clone()) => Some(r),
             _ = signals.term.recv() => None,
             _ = signals.int.recv() => None,
         };
@@ -558,22 +609,39 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), SvsError> {
         } else {
             tracing::debug!(%detail, "still not ready: {reason}");
         }
-        if probe.as_ref().map(|(a, _)| *a) != config.health_listen {
-            probe = None;
-            if let Some(a) = config.health_listen {
-                probe = server::bind(&[a]).await?.pop().map(|l| (a, l));
-                tracing::info!(addr = %a, "listening (plain HTTP, /healthz and /readyz only; not ready)");
-            }
+        if keep_bound(&mut side.probe, config.health_listen).await? {
+            tracing::info!(addr = ?config.health_listen, "listening (plain HTTP, /healthz and /readyz only; not ready)");
         }
         let (stop_tx, stop_rx) = watch::channel(false);
         let (_reason_tx, reason_rx) = watch::channel(error.clone());
-        let server = probe.take().map(|(a, l)| {
+        let probe_task = side.probe.take().map(|(a, l)| {
             let limits = config.limits.clone();
-            (
-                a,
-                tokio::spawn(server::serve_waiting_probes(l, reason_rx, limits, stop_rx)),
-            )
+            let task = server::serve_waiting_probes(l, reason_rx.clone(), limits, stop_rx.clone());
+            (a, tokio::spawn(task))
         });
+        let metrics_task = match metrics_tls(&config).await {
+            Ok(tls) => {
+                if keep_bound(&mut side.metrics, config.metrics.listen).await? {
+                    tracing::info!(addr = ?config.metrics.listen, tls = tls.is_some(), "listening (metrics: /metrics; not ready)");
+                }
+                side.metrics.take().map(|(a, l)| {
+                    let page = MetricsPage::Waiting {
+                        metrics: metrics.clone(),
+                        why: reason_rx.clone(),
+                        limits: config.limits.clone(),
+                    };
+                    (
+                        a,
+                        tokio::spawn(server::serve_metrics(page, l, tls, stop_rx.clone())),
+                    )
+                })
+            }
+            // Its files are among what the wait is for.
+            Err(_) => {
+                side.metrics = None;
+                None
+            }
+        };
         let wake = tokio::select! {
             _ = tokio::time::sleep(retry) => Wake::Retry,
             _ = signals.hup.recv() => Wake::Reload,
@@ -581,9 +649,14 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), SvsError> {
             _ = signals.int.recv() => Wake::Stop,
         };
         let _ = stop_tx.send(true);
-        if let Some((a, task)) = server {
-            let l = task.await.map_err(|e| SvsError::Internal(e.to_string()))?;
-            probe = Some((a, l));
+        for (slot, task) in [
+            (&mut side.probe, probe_task),
+            (&mut side.metrics, metrics_task),
+        ] {
+            if let Some((a, task)) = task {
+                let l = task.await.map_err(|e| SvsError::Internal(e.to_string()))?;
+                *slot = Some((a, l));
+            }
         }
         match wake {
             Wake::Retry => retry = (retry * 2).min(RETRY_MAX),
@@ -680,9 +753,13 @@ struct Running {
 }
 
 /// One full start attempt: files, TLS, HSM login and keys, audit trail,
-/// listeners. Takes the probe listener from `probe` (if its address still
-/// matches) only once nothing that leads to waiting can fail any more.
-async fn start(config: &Config, probe: &mut ProbeSocket) -> Result<Running, SvsError> {
+/// listeners. Takes the side listeners from `side` (where their addresses
+/// still match) only once nothing that leads to waiting can fail any more.
+async fn start(
+    config: &Config,
+    side: &mut SideSockets,
+    metrics: Arc<Metrics>,
+) -> Result<Running, SvsError> {
     // Everything that can be wrong with the files is found before the HSM is touched.
     let c = config.clone();
     let (api, metrics_tls) = tokio::task::spawn_blocking(move || {
@@ -696,7 +773,6 @@ async fn start(config: &Config, probe: &mut ProbeSocket) -> Result<Running, SvsE
     .await
     .map_err(|e| SvsError::Internal(e.to_string()))??;
 
-    let metrics = Arc::new(Metrics::new());
     let hsm_config = config.clone();
     let hsm_metrics = metrics.clone();
     let hsm = tokio::task::spawn_blocking(move || open_hsm(&hsm_config, hsm_metrics))
@@ -748,15 +824,8 @@ async fn start(config: &Config, probe: &mut ProbeSocket) -> Result<Running, SvsE
         .await?;
 
     let listeners = server::bind(&config.listen).await?;
-    let probe_listener = match (config.health_listen, probe.take()) {
-        (Some(a), Some((was, l))) if a == was => Some(l),
-        (Some(a), _) => server::bind(&[a]).await?.pop(),
-        (None, _) => None,
-    };
-    let metrics_listener = match config.metrics.listen {
-        Some(a) => server::bind(&[a]).await?.pop(),
-        None => None,
-    };
+    let probe_listener = take_or_bind(&mut side.probe, config.health_listen).await?;
+    let metrics_listener = take_or_bind(&mut side.metrics, config.metrics.listen).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let tls: server::TlsSlot = Arc::new(RwLock::new(Arc::new(server::TlsGeneration::new(0, api))));
     let gates = server::Gates::new(&config.limits);
@@ -784,7 +853,7 @@ async fn start(config: &Config, probe: &mut ProbeSocket) -> Result<Running, SvsE
             "listening (metrics: /metrics)"
         );
         tokio::spawn(server::serve_metrics(
-            app.clone(),
+            MetricsPage::Running(app.clone()),
             l,
             metrics_tls,
             stop_rx.clone(),

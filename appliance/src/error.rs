@@ -209,6 +209,31 @@ impl NotReady {
     }
 }
 
+/// Every reason label of `svs_not_ready_reason` (docs/monitoring.md).
+pub const NOT_READY_REASONS: &[&str] = &[
+    "not_provisioned",
+    "hsm_unavailable",
+    "selftests_pending",
+    "selftests_failed",
+    "audit_unavailable",
+    "shutting_down",
+    "other",
+];
+
+/// The fixed reason label of a readiness failure, one of
+/// [`NOT_READY_REASONS`]: what an alert can route on without parsing text.
+pub fn not_ready_reason(e: &SvsError) -> &'static str {
+    match e {
+        SvsError::NotReady(NotReady::NotProvisioned(_), _) => "not_provisioned",
+        SvsError::NotReady(NotReady::HsmUnavailable, _) => "hsm_unavailable",
+        SvsError::NotReady(NotReady::SelftestsPending, _) => "selftests_pending",
+        SvsError::NotReady(NotReady::SelftestsFailed, _) => "selftests_failed",
+        SvsError::AuditUnavailable(_) => "audit_unavailable",
+        SvsError::ShuttingDown => "shutting_down",
+        _ => "other",
+    }
+}
+
 impl std::fmt::Display for NotReady {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -541,6 +566,42 @@ mod tests {
             (SvsError::Io("x".into()), 500, "internal_error"),
             (SvsError::Internal("x".into()), 500, "internal_error"),
         ]
+    }
+
+    #[test]
+    fn every_readiness_failure_has_a_listed_reason_label() {
+        let cases = [
+            (
+                SvsError::NotReady(
+                    NotReady::not_provisioned(vec![Missing::Keys]),
+                    String::new(),
+                ),
+                "not_provisioned",
+            ),
+            (
+                SvsError::NotReady(NotReady::HsmUnavailable, String::new()),
+                "hsm_unavailable",
+            ),
+            (
+                SvsError::NotReady(NotReady::SelftestsPending, String::new()),
+                "selftests_pending",
+            ),
+            (
+                SvsError::NotReady(NotReady::SelftestsFailed, String::new()),
+                "selftests_failed",
+            ),
+            (
+                SvsError::AuditUnavailable("disk full".into()),
+                "audit_unavailable",
+            ),
+            (SvsError::ShuttingDown, "shutting_down"),
+            (SvsError::Internal("x".into()), "other"),
+        ];
+        for (e, want) in &cases {
+            assert_eq!(not_ready_reason(e), *want, "{e}");
+        }
+        let labels: Vec<&str> = cases.iter().map(|(_, r)| *r).collect();
+        assert_eq!(labels, NOT_READY_REASONS);
     }
 
     #[test]

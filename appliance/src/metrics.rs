@@ -30,6 +30,7 @@ use svs_hsm::{HealthState, HsmMetrics, RvClass};
 
 use crate::app::App;
 use crate::config::EntityStatus;
+use crate::error::SvsError;
 
 /// Label value for an entity or key that is not configured.
 pub const UNKNOWN: &str = "_unknown";
@@ -46,6 +47,14 @@ pub const CLIENT_CLOSED_STATUS: u16 = 499;
 
 /// Default metrics address: loopback, Prometheus' exporter port range.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9464";
+
+/// Families [`Metrics::render_waiting`] shows (besides `process_*`).
+const WAITING_FAMILIES: &[&str] = &[
+    "svs_build_info",
+    "svs_ready",
+    "svs_not_ready_reason",
+    "svs_tls_handshake_failures_total",
+];
 
 /// Most distinct mechanism numbers given their own label value.
 const MAX_MECHANISMS: usize = 16;
@@ -175,6 +184,15 @@ fn bug<T>(name: &str, e: prometheus::Error) -> T {
     panic!("metric {name}: {e}")
 }
 
+/// The text exposition format of `families`.
+fn encode(families: &[prometheus::proto::MetricFamily]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(32 << 10);
+    if let Err(e) = TextEncoder::new().encode(families, &mut out) {
+        tracing::error!(error = %e, "cannot encode metrics");
+    }
+    out
+}
+
 fn register<C: prometheus::core::Collector + 'static>(r: &Registry, c: C) {
     if let Err(e) = r.register(Box::new(c)) {
         bug::<()>("registration", e);
@@ -234,6 +252,7 @@ pub struct Metrics {
     selftest_failures: IntCounter,
     selftest_last: Gauge,
     ready: IntGauge,
+    not_ready_reason: IntGaugeVec,
     audit_writable: IntGauge,
     cert_expiry: GaugeVec,
     entity_anomaly: IntGaugeVec,
@@ -472,6 +491,18 @@ impl Metrics {
                 "svs_ready",
                 "1 while /readyz is 200: self-tests passed, HSM usable, audit trail writable, not draining.",
             ),
+            not_ready_reason: {
+                let v = int_gauge_vec(
+                    &r,
+                    "svs_not_ready_reason",
+                    "1 for the reason /readyz is 503 (not_provisioned, hsm_unavailable, selftests_pending, selftests_failed, audit_unavailable, shutting_down, other); all 0 while ready.",
+                    &["reason"],
+                );
+                for reason in crate::error::NOT_READY_REASONS {
+                    v.with_label_values(&[reason]);
+                }
+                v
+            },
             audit_writable: int_gauge(
                 &r,
                 "svs_audit_writable",
@@ -637,16 +668,40 @@ impl Metrics {
     pub fn render(&self, app: &App) -> Vec<u8> {
         let _one_at_a_time = self.render.lock().unwrap_or_else(|p| p.into_inner());
         self.refresh(app);
-        let families = self.registry.gather();
-        let mut out = Vec::with_capacity(32 << 10);
-        if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
-            tracing::error!(error = %e, "cannot encode metrics");
+        encode(&self.registry.gather())
+    }
+
+    /// The scrape while svsd waits to start (not provisioned, HSM not
+    /// reachable): readiness and `why`, the build, the process and the
+    /// metrics listener's own handshake failures. Every other family
+    /// describes a part that does not run yet; shown at its initial 0 it
+    /// would say what is false (`svs_audit_writable 0` fires
+    /// SvsAuditWriteFailing for a trail that was never opened), so it is
+    /// left out. A scraper thus sees SvsNotReady with its reason instead
+    /// of a target that is down. Blocking, like [`Metrics::render`].
+    pub fn render_waiting(&self, why: &SvsError) -> Vec<u8> {
+        let _one_at_a_time = self.render.lock().unwrap_or_else(|p| p.into_inner());
+        self.set_readiness(Err(why));
+        let mut families = self.registry.gather();
+        families.retain(|f| {
+            let name = f.name();
+            WAITING_FAMILIES.contains(&name) || name.starts_with("process_")
+        });
+        encode(&families)
+    }
+
+    fn set_readiness(&self, readiness: Result<(), &SvsError>) {
+        self.ready.set(i64::from(readiness.is_ok()));
+        let reason = readiness.err().map(crate::error::not_ready_reason);
+        for r in crate::error::NOT_READY_REASONS {
+            self.not_ready_reason
+                .with_label_values(&[r])
+                .set(i64::from(reason == Some(*r)));
         }
-        out
     }
 
     fn refresh(&self, app: &App) {
-        self.ready.set(i64::from(app.readiness().is_ok()));
+        self.set_readiness(app.readiness().as_ref().map(|_| ()));
         self.audit_writable
             .set(i64::from(app.audit().check().is_ok()));
         let (state, open, stuck, last_success) = match app.backend().pool_health() {
@@ -853,6 +908,56 @@ mod tests {
                 .get(),
             1
         );
+    }
+
+    #[test]
+    fn a_waiting_scrape_shows_why_and_nothing_that_does_not_run_yet() {
+        use crate::error::{Missing, NotReady};
+        let m = Metrics::new();
+        m.tls_handshake_failure("metrics", crate::server::HandshakeFailure::Refused);
+        let why = SvsError::NotReady(NotReady::HsmUnavailable, "slot 0 gone".into());
+        let text = String::from_utf8(m.render_waiting(&why)).unwrap();
+        for series in [
+            "svs_ready 0",
+            r#"svs_not_ready_reason{reason="hsm_unavailable"} 1"#,
+            r#"svs_not_ready_reason{reason="not_provisioned"} 0"#,
+            r#"svs_tls_handshake_failures_total{listener="metrics",reason="refused"} 1"#,
+            &format!(
+                r#"svs_build_info{{version="{}"}} 1"#,
+                env!("CARGO_PKG_VERSION")
+            ),
+        ] {
+            assert!(text.lines().any(|l| l == series), "{series} in\n{text}");
+        }
+        #[cfg(target_os = "linux")]
+        assert!(text.contains("\nprocess_start_time_seconds "), "{text}");
+        // No detail text becomes a label, and no part that is not running is shown.
+        assert!(!text.contains("slot 0"), "{text}");
+        for absent in [
+            "svs_audit_writable",
+            "svs_hsm_health",
+            "svs_selftest_ok",
+            "svs_requests_total",
+        ] {
+            assert!(!text.contains(absent), "{absent} in\n{text}");
+        }
+        // The reason follows the error, and exactly one is 1.
+        let why = SvsError::NotReady(NotReady::not_provisioned(vec![Missing::Pin]), String::new());
+        let text = String::from_utf8(m.render_waiting(&why)).unwrap();
+        let ones: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("svs_not_ready_reason{") && l.ends_with(" 1"))
+            .collect();
+        assert_eq!(
+            ones,
+            [r#"svs_not_ready_reason{reason="not_provisioned"} 1"#]
+        );
+        // Ready: every reason 0.
+        m.set_readiness(Ok(()));
+        for r in crate::error::NOT_READY_REASONS {
+            assert_eq!(m.not_ready_reason.with_label_values(&[r]).get(), 0, "{r}");
+        }
+        assert_eq!(m.ready.get(), 1);
     }
 
     #[test]

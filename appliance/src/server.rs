@@ -32,6 +32,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::app::{App, BodyReservation, Reply, Route};
 use crate::config::Limits;
 use crate::error::SvsError;
+use crate::metrics::Metrics;
 use crate::policy::{ClientIdentity, VerifiedClient};
 use crate::refusals::LogLimits;
 use crate::source_share::{self, SourceShare};
@@ -116,13 +117,13 @@ static HANDSHAKE_LINES: LogLimits<(&'static str, HandshakeFailure)> =
 /// logs it unless its kind had a line less than a second ago (`held_back`:
 /// those of its kind left out since that line).
 fn handshake_failed(
-    app: &App,
+    metrics: &Metrics,
     listener: &'static str,
     why: HandshakeFailure,
     peer: SocketAddr,
     error: Option<&dyn std::fmt::Display>,
 ) {
-    app.metrics().tls_handshake_failure(listener, why);
+    metrics.tls_handshake_failure(listener, why);
     let Some(held_back) = HANDSHAKE_LINES.hit((listener, why)) else {
         return;
     };
@@ -959,7 +960,7 @@ pub async fn serve_tls(
             source_share::contended(gates.max_handshakes, gates.handshakes.available_permits());
         let Some(source_slot) = gates.handshakes_by_source.take(peer_addr.ip(), contended) else {
             handshake_failed(
-                &app,
+                app.metrics(),
                 API_LISTENER,
                 HandshakeFailure::SourceBusy,
                 peer_addr,
@@ -984,7 +985,7 @@ pub async fn serve_tls(
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     handshake_failed(
-                        &app,
+                        app.metrics(),
                         API_LISTENER,
                         HandshakeFailure::Refused,
                         peer_addr,
@@ -994,7 +995,7 @@ pub async fn serve_tls(
                 }
                 Err(_) => {
                     handshake_failed(
-                        &app,
+                        app.metrics(),
                         API_LISTENER,
                         HandshakeFailure::Timeout,
                         peer_addr,
@@ -1034,7 +1035,7 @@ pub async fn serve_tls(
             // are bounded on their own.
             let no_slot = || {
                 handshake_failed(
-                    &app,
+                    app.metrics(),
                     API_LISTENER,
                     HandshakeFailure::NoSlot,
                     peer_addr,
@@ -1186,16 +1187,68 @@ pub async fn serve_waiting_probes(
 /// Connections the metrics listener serves at once; more wait in the backlog.
 const METRICS_CONNECTIONS: usize = 16;
 
+/// What the metrics listener serves: the running daemon's metrics, or
+/// while svsd waits to start, [`Metrics::render_waiting`] of why it waits.
+#[derive(Clone)]
+pub enum MetricsPage {
+    /// Started: everything, refreshed from the App at each scrape.
+    Running(Arc<App>),
+    /// Waiting to start; there is no App yet.
+    Waiting {
+        /// The registry the App will take over, so counters carry on.
+        metrics: Arc<Metrics>,
+        /// Why svsd waits.
+        why: watch::Receiver<SvsError>,
+        /// The configured limits (its connections are driven by them).
+        limits: Limits,
+    },
+}
+
+impl std::fmt::Debug for MetricsPage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MetricsPage::Running(_) => "MetricsPage::Running",
+            MetricsPage::Waiting { .. } => "MetricsPage::Waiting",
+        })
+    }
+}
+
+impl MetricsPage {
+    fn metrics(&self) -> &Metrics {
+        match self {
+            MetricsPage::Running(app) => app.metrics(),
+            MetricsPage::Waiting { metrics, .. } => metrics,
+        }
+    }
+
+    fn limits(&self) -> Limits {
+        match self {
+            MetricsPage::Running(app) => side_listener_limits(&app.runtime().limits),
+            MetricsPage::Waiting { limits, .. } => side_listener_limits(limits),
+        }
+    }
+
+    /// Blocking: CPU work proportional to the series count.
+    fn render(&self) -> Vec<u8> {
+        match self {
+            MetricsPage::Running(app) => app.metrics().render(app),
+            MetricsPage::Waiting { metrics, why, .. } => {
+                let why = why.borrow().clone();
+                metrics.render_waiting(&why)
+            }
+        }
+    }
+}
+
 async fn metrics_request(
-    app: Arc<App>,
+    page: MetricsPage,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let (status, ctype, body) = match (req.method(), req.uri().path()) {
         (&hyper::Method::GET | &hyper::Method::HEAD, "/metrics") => {
-            // Gathering and encoding is CPU work proportional to the series
-            // count: it runs on a blocking thread, never a runtime worker.
-            let a = app.clone();
-            match tokio::task::spawn_blocking(move || a.metrics().render(&a)).await {
+            // Gathering and encoding runs on a blocking thread, never a
+            // runtime worker.
+            match tokio::task::spawn_blocking(move || page.render()).await {
                 Ok(text) => (200, prometheus::TEXT_FORMAT, Bytes::from(text)),
                 Err(_) => (500, "text/plain", Bytes::from_static(b"render failed\n")),
             }
@@ -1225,23 +1278,26 @@ async fn metrics_request(
     Ok(resp)
 }
 
-/// Serves `/metrics` (plain HTTP, or TLS when `tls` is set) until `stop`.
-/// Separate from the API listeners and their connection cap: scrapers can
-/// neither take the API's connections nor be starved by API clients. Its
-/// connections are driven like the API's (idle timeout, maximum age, close
-/// timeout), so that silent clients cannot hold its few slots.
+/// Serves `/metrics` (plain HTTP, or TLS when `tls` is set) until `stop`,
+/// then returns the listener: the full start serves on the socket the
+/// waiting phase used, so a scraper never meets "connection refused"
+/// between the two. Separate from the API listeners and their connection
+/// cap: scrapers can neither take the API's connections nor be starved by
+/// API clients. Its connections are driven like the API's (idle timeout,
+/// maximum age, close timeout), so that silent clients cannot hold its few
+/// slots.
 pub async fn serve_metrics(
-    app: Arc<App>,
+    page: MetricsPage,
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     mut stop: watch::Receiver<bool>,
-) {
+) -> TcpListener {
     let connections = Arc::new(Semaphore::new(METRICS_CONNECTIONS));
     let by_source = SourceShare::new(METRICS_CONNECTIONS / 4);
     loop {
         let permit = tokio::select! {
-            p = connections.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            _ = stop.changed() => return,
+            p = connections.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return listener },
+            _ = stop.changed() => return listener,
         };
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -1252,14 +1308,14 @@ pub async fn serve_metrics(
                     continue;
                 }
             },
-            _ = stop.changed() => return,
+            _ = stop.changed() => return listener,
         };
         // Silent sockets from one host must not keep the scrapers out.
         let contended =
             source_share::contended(METRICS_CONNECTIONS, connections.available_permits());
         let Some(source_slot) = by_source.take(peer.ip(), contended) else {
             handshake_failed(
-                &app,
+                page.metrics(),
                 METRICS_LISTENER,
                 HandshakeFailure::SourceBusy,
                 peer,
@@ -1267,19 +1323,19 @@ pub async fn serve_metrics(
             );
             continue;
         };
-        let app = app.clone();
+        let page = page.clone();
         let tls = tls.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
             let _permit = (permit, source_slot);
-            let limits = side_listener_limits(&app.runtime().limits);
+            let limits = page.limits();
             let activity = Arc::new(Activity::new());
-            let (svc_app, act) = (app.clone(), activity.clone());
+            let (svc_page, act) = (page.clone(), activity.clone());
             let svc = hyper::service::service_fn(move |req| {
-                let (app, act) = (svc_app.clone(), act.clone());
+                let (page, act) = (svc_page.clone(), act.clone());
                 async move {
                     let _active = act.begin();
-                    metrics_request(app, req).await
+                    metrics_request(page, req).await
                 }
             });
             let b = builder(&limits);
@@ -1297,7 +1353,7 @@ pub async fn serve_metrics(
                         }
                         Ok(Err(e)) => {
                             handshake_failed(
-                                &app,
+                                page.metrics(),
                                 METRICS_LISTENER,
                                 HandshakeFailure::Refused,
                                 peer,
@@ -1307,7 +1363,7 @@ pub async fn serve_metrics(
                         }
                         Err(_) => {
                             handshake_failed(
-                                &app,
+                                page.metrics(),
                                 METRICS_LISTENER,
                                 HandshakeFailure::Timeout,
                                 peer,

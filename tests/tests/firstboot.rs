@@ -109,6 +109,24 @@ async fn unprovisioned_svsd_waits_not_ready_and_starts_on_sighup() {
     );
     let (status, alive) = http_get(health, "/healthz").await.unwrap();
     assert_eq!((status, alive), (200, json!({"status": "alive"})));
+    // Prometheus sees a daemon that is up and says why it is not ready
+    // (SvsNotReady), not a target that is down, and nothing of the parts
+    // that do not run yet: `svs_audit_writable 0` would be a false alarm.
+    let page = scrape_metrics(install.metrics_addr).await;
+    assert!(page.starts_with("HTTP/1.0 200"), "{page}");
+    assert_eq!(sample(&page, "svs_ready"), Some(0.0), "{page}");
+    assert_eq!(
+        sample(&page, r#"svs_not_ready_reason{reason="not_provisioned"}"#),
+        Some(1.0),
+        "{page}"
+    );
+    assert_eq!(
+        sample(&page, r#"svs_not_ready_reason{reason="hsm_unavailable"}"#),
+        Some(0.0),
+        "{page}"
+    );
+    assert!(page.contains("\nprocess_resident_memory_bytes "), "{page}");
+    assert!(!page.contains("svs_audit_writable"), "{page}");
     // Retries do not repeat the reason in the log, and nothing else is served.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(http_get(health, "/v1/keys").await.unwrap().0, 404);
@@ -132,6 +150,15 @@ async fn unprovisioned_svsd_waits_not_ready_and_starts_on_sighup() {
     d.signal("HUP");
     let body = wait_for(&d, health, "/readyz", 200).await;
     assert_eq!(body, json!({"status": "ready"}));
+    // The same metrics port now serves everything, all reasons 0.
+    let page = scrape_metrics(install.metrics_addr).await;
+    assert_eq!(sample(&page, "svs_ready"), Some(1.0), "{page}");
+    assert_eq!(
+        sample(&page, r#"svs_not_ready_reason{reason="not_provisioned"}"#),
+        Some(0.0),
+        "{page}"
+    );
+    assert_eq!(sample(&page, "svs_audit_writable"), Some(1.0), "{page}");
     let mut c = d.client(false).await;
     let (status, _, sig) = c
         .post("/v1/sign", &json!({"key": "demo", "data": "aGVsbG8="}))
