@@ -510,6 +510,19 @@ fn need_config(
 }
 
 /// Runs a parsed command line.
+/// Whether `command` creates, changes or destroys token objects or PINs:
+/// those run one at a time per module on this host ([`Target::lock_changes`]).
+fn changes_tokens(command: &Command) -> bool {
+    match command {
+        Command::Token(TokenCmd::Init { .. })
+        | Command::Pin(_)
+        | Command::Key(KeyCmd::Generate { .. } | KeyCmd::Delete { .. })
+        | Command::Cert(CertCmd::Import { .. }) => true,
+        Command::Audit(AuditCmd::Anchor { reset, .. }) => *reset,
+        _ => false,
+    }
+}
+
 pub fn run(cli: Cli) -> Result<Outcome> {
     let config = cli
         .config
@@ -522,6 +535,11 @@ pub fn run(cli: Cli) -> Result<Outcome> {
         new: cli.new_pin_file.clone(),
     });
     let t = target(&cli, config.as_ref())?;
+    let _changing = if changes_tokens(&cli.command) {
+        Some(t.lock_changes()?)
+    } else {
+        None
+    };
     match &cli.command {
         Command::Token(TokenCmd::Init {
             label,

@@ -6,13 +6,15 @@
 //! one-shot sessions are done here directly on cryptoki, with svs-hsm's
 //! module loader so that module handling is the same in both programs.
 
-use std::path::PathBuf;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 
 use cryptoki::context::Pkcs11;
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::{Limit, Slot, TokenInfo};
 use cryptoki::types::AuthPin;
 use serde_json::{Value, json};
+use sha2::Digest;
 use svs_hsm::profile::{ModuleIdentity, ProfileOverride, ProfileTable};
 use svs_hsm::{ModuleSource, Pkcs11Uri, TokenSelector, VendorProfile};
 use zeroize::Zeroizing;
@@ -39,6 +41,11 @@ pub struct Target {
     /// The soft token's config file (svsd's `[embedded_token] config`).
     pub embedded_config: Option<PathBuf>,
 }
+
+/// Held while svs-provision changes a module's tokens; dropping it (or
+/// the process ending) releases the lock.
+#[derive(Debug)]
+pub struct ChangeLock(#[allow(dead_code, reason = "held for its flock")] std::fs::File);
 
 impl Target {
     fn selects(&self) -> bool {
@@ -75,6 +82,73 @@ impl Target {
             ModuleSource::Embedded => "the built-in soft token".into(),
             ModuleSource::Path(p) => p.display().to_string(),
         }
+    }
+
+    /// Serialises svs-provision's check-then-create steps (is the label
+    /// taken? then create) among its processes on this host that use the
+    /// same module: PKCS#11 has no "create unless the label is taken", and
+    /// two officers, or a script run twice, generating one label at once
+    /// both passed the check and left two keys under it (seen on
+    /// SoftHSMv2), of which svsd serves only one by that name. One lock per
+    /// module, not per token: the changes are few and short, and token
+    /// init checks labels across the module's tokens. Processes on other
+    /// hosts sharing a network HSM are not covered (docs/operations.md:
+    /// provision from one place).
+    pub fn lock_changes(&self) -> Result<ChangeLock> {
+        let module = match &self.module {
+            ModuleSource::Path(p) => format!(
+                "module:{}",
+                std::fs::canonicalize(p)
+                    .unwrap_or_else(|_| p.clone())
+                    .display()
+            ),
+            ModuleSource::Embedded => format!(
+                "embedded:{}",
+                self.embedded_config
+                    .as_ref()
+                    .map(|c| std::fs::canonicalize(c).unwrap_or_else(|_| c.clone()))
+                    .or_else(|| std::env::var_os("SVS_SOFTTOKEN_CONF").map(PathBuf::from))
+                    .unwrap_or_default()
+                    .display()
+            ),
+        };
+        let digest = sha2::Sha256::digest(module.as_bytes());
+        let name = format!("svs-provision-{}.lock", &svs_hsm::keys::hex(&digest)[..16]);
+        // /run/lock is the FHS place (tmpfs, sticky, writable by all).
+        let dir = Path::new("/run/lock");
+        let path = if dir.is_dir() {
+            dir.join(name)
+        } else {
+            std::env::temp_dir().join(name)
+        };
+        let cannot = |e: std::io::Error| {
+            ProvisionError::Io(format!(
+                "cannot take the lock {} that keeps two svs-provision runs from changing {} at once: {e}",
+                path.display(),
+                self.module_name()
+            ))
+        };
+        // flock needs no write access: a lock file another user created
+        // (root's, 0644) is opened read-only.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o644)
+            .open(&path)
+            .or_else(|_| std::fs::File::open(&path))
+            .map_err(cannot)?;
+        use rustix::fs::{FlockOperation, flock};
+        if flock(&file, FlockOperation::NonBlockingLockExclusive).is_err() {
+            // The other run may be waiting for its officer's confirmation.
+            crate::progress(&format!(
+                "waiting for another svs-provision run that is changing {}…",
+                self.module_name()
+            ));
+            flock(&file, FlockOperation::LockExclusive).map_err(|e| cannot(e.into()))?;
+        }
+        Ok(ChangeLock(file))
     }
 
     /// Loads (once per process) and initialises the module.

@@ -8,7 +8,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{key_state, prov, sh};
+use common::{Run, key_state, prov, sh};
 
 #[test]
 fn token_pin_and_key_lifecycle_on_the_soft_token() {
@@ -467,4 +467,33 @@ fn enrollment_steps_on_softhsm_with_ecdsa_p256() {
             .unwrap()
             .is_empty()
     );
+
+    // PKCS#11 has no "create unless the label is taken": officers (or a
+    // script run twice) generating one label at once must still end with
+    // one key under it, the others told it exists. SoftHSMv2 does not
+    // refuse duplicate labels itself, unlike svs-softtoken.
+    for round in 0..3 {
+        let label = format!("race-{round}");
+        let runs: Vec<Run> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..6)
+                .map(|_| {
+                    s.spawn(|| p(&["--pin-file", &user, "key", "generate", "--label", &label]))
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let made = runs.iter().filter(|r| r.code == 0).count();
+        assert_eq!(made, 1, "{runs:#?}");
+        for r in runs.into_iter().filter(|r| r.code != 0) {
+            r.fails(4, "exists already");
+        }
+        let keys = key_state(&common, &env);
+        let named = keys["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|k| k["label"] == label.as_str())
+            .count();
+        assert_eq!(named, 1, "{keys}");
+    }
 }
