@@ -1155,7 +1155,11 @@ impl App {
             .iter()
             .filter_map(|(_, p)| p.as_ref().ok().map(|p| (p.info.clone(), p.digest)))
             .collect();
-        let mut signed = self.backend.sign_digests(digests).await.into_iter();
+        let mut signed = self
+            .backend
+            .sign_digests(entity.lane(), digests)
+            .await
+            .into_iter();
         Ok(prepared
             .into_iter()
             .map(|(mut ev, p)| {

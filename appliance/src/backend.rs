@@ -8,7 +8,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 
-use svs_hsm::{Algorithm, HealthState, Hsm, KeyInfo, KeySet};
+use svs_hsm::{Algorithm, HealthState, Hsm, KeyInfo, KeySet, Lane};
 
 use crate::error::SvsError;
 
@@ -34,9 +34,11 @@ pub trait SigningBackend: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<[u8; 64], SvsError>>;
     /// Signs several ready digests, each with the key it was made for; one
     /// answer per item, in order. Backends with a worker pool hand the
-    /// items over in as few jobs as they have workers.
+    /// items over in as few jobs as they have workers, queued in `lane`
+    /// (the entity's): busy lanes take turns.
     fn sign_digests(
         &self,
+        _lane: Lane,
         items: Vec<(Arc<KeyInfo>, [u8; 32])>,
     ) -> BoxFuture<'_, Vec<Result<[u8; 64], SvsError>>> {
         Box::pin(async move {
@@ -89,10 +91,11 @@ impl SigningBackend for Hsm {
 
     fn sign_digests(
         &self,
+        lane: Lane,
         items: Vec<(Arc<KeyInfo>, [u8; 32])>,
     ) -> BoxFuture<'_, Vec<Result<[u8; 64], SvsError>>> {
         Box::pin(async move {
-            Hsm::sign_digests(self, items)
+            Hsm::sign_digests_in(self, lane, items)
                 .await
                 .into_iter()
                 .map(|r| r.map_err(SvsError::from))

@@ -98,11 +98,17 @@ pub struct EntityLimiter {
     /// Its connections (counted by [`ConnectionSlot`]s).
     connections: Arc<AtomicUsize>,
     traffic: Traffic,
+    /// Its HSM queue lane, so that entities take turns at the HSM.
+    lane: svs_hsm::Lane,
 }
+
+/// The next entity's HSM lane; 0 is svs-hsm's shared lane.
+static NEXT_LANE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl EntityLimiter {
     fn new(rate: Option<RateLimit>) -> EntityLimiter {
         EntityLimiter {
+            lane: svs_hsm::Lane(NEXT_LANE.fetch_add(1, Ordering::Relaxed)),
             bucket: Mutex::new(Bucket {
                 tokens: rate.map_or(0.0, |r| f64::from(r.burst)),
                 last: Instant::now(),
@@ -210,6 +216,11 @@ impl Entity {
     /// The entity's name.
     pub fn name(&self) -> &str {
         &self.config.name
+    }
+
+    /// Its lane in the HSM pool's queue (kept across reloads, like its limits).
+    pub fn lane(&self) -> svs_hsm::Lane {
+        self.limiter.lane
     }
 
     /// Refuses a suspended entity.

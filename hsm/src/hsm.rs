@@ -6,6 +6,7 @@ use std::sync::{Arc, RwLock};
 
 use crate::config::HsmConfig;
 use crate::error::{HsmError, Result, RvClass};
+use crate::fair_queue::Lane;
 use crate::keys::{self, KeyInfo};
 use crate::pin::PinSource;
 use crate::pool::{Health, HsmMetrics, SessionPool};
@@ -255,6 +256,17 @@ impl Hsm {
         &self,
         items: Vec<(Arc<KeyInfo>, [u8; 32])>,
     ) -> Vec<Result<[u8; 64]>> {
+        self.sign_digests_in(Lane::SHARED, items).await
+    }
+
+    /// [`Hsm::sign_digests`] for a tenant: its jobs queue in `lane`, and
+    /// busy lanes take turns at the workers (svsd: one per entity), so one
+    /// tenant's backlog does not stand before another's signature.
+    pub async fn sign_digests_in(
+        &self,
+        lane: Lane,
+        items: Vec<(Arc<KeyInfo>, [u8; 32])>,
+    ) -> Vec<Result<[u8; 64]>> {
         let n = items.len();
         let signer = match self.digest_signer() {
             Ok(s) => s,
@@ -272,6 +284,7 @@ impl Hsm {
             // Metrics tell one signature's latency from a chunk's.
             let op = if len == 1 { "sign" } else { "sign_batch" };
             let job = self.pool.submit(
+                lane,
                 op,
                 Some(signer.profile.sign_digest_mechanism),
                 true,

@@ -8,6 +8,7 @@
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod fair_queue;
 pub mod hsm;
 pub mod keys;
 pub mod pin;
@@ -20,6 +21,7 @@ pub mod uri;
 
 pub use config::HsmConfig;
 pub use error::{HsmError, Result, RvClass, RvInfo, rv_info};
+pub use fair_queue::Lane;
 pub use hsm::{Hsm, KeySet};
 pub use keys::KeyInfo;
 pub use pin::PinSource;

@@ -1,8 +1,9 @@
 //! A fixed set of worker threads, each owning one logged-in session.
 //!
 //! PKCS#11 calls block, so they never run on the async runtime: callers put
-//! a job on a bounded queue and await a oneshot. A full queue is an explicit
-//! `Busy`; each job has a deadline. Workers classify failures (see
+//! a job on a bounded queue, in their lane ([`FairQueue`]: tenants take
+//! turns), and await a oneshot. A full queue is an explicit `Busy`; each
+//! job has a deadline. Workers classify failures (see
 //! [`crate::error::rv_info`]) and recover their own session with capped
 //! exponential backoff, retrying an idempotent job once.
 
@@ -12,11 +13,11 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use crate::error::{HsmError, Result, RvClass};
+use crate::fair_queue::{FairQueue, Lane, PopError, PushError};
 
 /// What the pool needs from a token. Implemented for PKCS#11 by
 /// [`crate::token::Token`]; tests can supply doubles.
@@ -208,8 +209,7 @@ impl Shared {
 
 /// The worker pool. Dropping it stops the workers once their current job ends.
 pub struct SessionPool<F: SessionFactory> {
-    tx: Option<Sender<Job<F::Session>>>,
-    rx_len: Receiver<Job<F::Session>>,
+    queue: Arc<FairQueue<Job<F::Session>>>,
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
 }
@@ -234,7 +234,7 @@ impl<F: SessionFactory> SessionPool<F> {
                 "pool size and queue depth must be at least 1".into(),
             ));
         }
-        let (tx, rx) = crossbeam_channel::bounded::<Job<F::Session>>(config.queue_depth);
+        let queue = Arc::new(FairQueue::new(config.queue_depth));
         let shared = Arc::new(Shared {
             health: Mutex::new(HealthRecord {
                 sessions_open: vec![false; config.size],
@@ -251,7 +251,7 @@ impl<F: SessionFactory> SessionPool<F> {
                 index,
                 factory: factory.clone(),
                 shared: shared.clone(),
-                rx: rx.clone(),
+                queue: queue.clone(),
                 session: None,
                 backoff: Backoff::new(&config),
                 last_probe: Instant::now(),
@@ -265,8 +265,7 @@ impl<F: SessionFactory> SessionPool<F> {
             workers.push(handle);
         }
         Ok(SessionPool {
-            tx: Some(tx),
-            rx_len: rx,
+            queue,
             shared,
             workers,
         })
@@ -287,14 +286,16 @@ impl<F: SessionFactory> SessionPool<F> {
         T: Send + 'static,
         W: FnMut(&mut F::Session) -> Result<T> + Send + 'static,
     {
-        self.submit(op, mechanism, idempotent, work).await
+        self.submit(Lane::SHARED, op, mechanism, idempotent, work)
+            .await
     }
 
-    /// Queues `work` now and returns the future of its result, so a caller
-    /// can have several jobs queued (for different workers) at once. As
-    /// [`SessionPool::run`] otherwise; the deadline runs from now.
+    /// Queues `work` now in `lane` and returns the future of its result, so
+    /// a caller can have several jobs queued (for different workers) at
+    /// once. As [`SessionPool::run`] otherwise; the deadline runs from now.
     pub fn submit<T, W>(
         &self,
+        lane: Lane,
         op: &'static str,
         mechanism: Option<u64>,
         idempotent: bool,
@@ -309,7 +310,7 @@ impl<F: SessionFactory> SessionPool<F> {
         // the future is first polled: a caller awaiting several jobs one
         // after another must not wait for each in turn.
         let deadline = tokio::time::Instant::now() + timeout;
-        let queued = self.enqueue(op, mechanism, idempotent, timeout, work);
+        let queued = self.enqueue(lane, op, mechanism, idempotent, timeout, work);
         let shared = self.shared.clone();
         async move {
             match tokio::time::timeout_at(deadline, queued?).await {
@@ -325,6 +326,7 @@ impl<F: SessionFactory> SessionPool<F> {
 
     fn enqueue<T, W>(
         &self,
+        lane: Lane,
         op: &'static str,
         mechanism: Option<u64>,
         idempotent: bool,
@@ -350,18 +352,17 @@ impl<F: SessionFactory> SessionPool<F> {
             },
             _session: std::marker::PhantomData,
         });
-        let tx = self.tx.as_ref().ok_or(HsmError::Shutdown)?;
-        match tx.try_send(job) {
+        match self.queue.push(lane, job) {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
+            Err(PushError::Full(_)) => {
                 self.shared.metrics.error("busy");
                 return Err(HsmError::Busy {
                     retry_after: self.retry_after(),
                 });
             }
-            Err(TrySendError::Disconnected(_)) => return Err(HsmError::Shutdown),
+            Err(PushError::Closed(_)) => return Err(HsmError::Shutdown),
         }
-        self.shared.metrics.queue_depth(self.rx_len.len());
+        self.shared.metrics.queue_depth(self.queue.len());
         Ok(rx)
     }
 
@@ -375,7 +376,7 @@ impl<F: SessionFactory> SessionPool<F> {
     /// Current health.
     pub fn health(&self) -> Health {
         let timeout = Duration::from_millis(self.shared.config.op_timeout_ms);
-        let queue_depth = self.rx_len.len();
+        let queue_depth = self.queue.len();
         self.shared.record(|h| {
             let workers = h.sessions_open.len();
             let sessions_open = h.sessions_open.iter().filter(|o| **o).count();
@@ -420,7 +421,7 @@ impl<F: SessionFactory> SessionPool<F> {
 
 impl<F: SessionFactory> Drop for SessionPool<F> {
     fn drop(&mut self) {
-        self.tx = None;
+        self.queue.close();
         // Workers stuck in a stalled PKCS#11 call would block a join forever;
         // they exit on their own once the call returns.
         self.workers.clear();
@@ -460,7 +461,7 @@ struct Worker<F: SessionFactory> {
     index: usize,
     factory: Arc<F>,
     shared: Arc<Shared>,
-    rx: Receiver<Job<F::Session>>,
+    queue: Arc<FairQueue<Job<F::Session>>>,
     session: Option<F::Session>,
     backoff: Backoff,
     last_probe: Instant,
@@ -543,10 +544,10 @@ impl<F: SessionFactory> Worker<F> {
             let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 // Held answers go out before the worker could block.
                 let next = if self.held.is_empty() {
-                    self.rx.recv_timeout(probe_every)
+                    self.queue.pop_timeout(probe_every)
                 } else {
-                    match self.rx.try_recv() {
-                        Ok(job) => {
+                    match self.queue.try_pop() {
+                        Some(job) => {
                             // Held answers wait only for quick signatures,
                             // never for a batch chunk, a key generation or
                             // anything else that may take long.
@@ -555,7 +556,7 @@ impl<F: SessionFactory> Worker<F> {
                             }
                             Ok(job)
                         }
-                        Err(_) => {
+                        None => {
                             self.held.deliver();
                             return true;
                         }
@@ -563,18 +564,18 @@ impl<F: SessionFactory> Worker<F> {
                 };
                 match next {
                     Ok(job) => {
-                        self.shared.metrics.queue_depth(self.rx.len());
+                        self.shared.metrics.queue_depth(self.queue.len());
                         self.handle(job);
-                        if self.held.due() || self.rx.len() < HOLD_MIN_QUEUED {
+                        if self.held.due() || self.queue.len() < HOLD_MIN_QUEUED {
                             self.held.deliver();
                         }
                         true
                     }
-                    Err(RecvTimeoutError::Timeout) => {
+                    Err(PopError::Timeout) => {
                         self.idle();
                         true
                     }
-                    Err(RecvTimeoutError::Disconnected) => false,
+                    Err(PopError::Closed) => false,
                 }
             }));
             match step {
@@ -1068,6 +1069,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_lane_with_a_backlog_does_not_stand_before_another_lanes_job() {
+        let (_f, pool) = pool(1, 64, 5000);
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let job = |tag: &'static str| {
+            let order = order.clone();
+            move |_: &mut u64| {
+                order.lock().unwrap().push(tag);
+                Ok(())
+            }
+        };
+        // The worker is busy while the backlog builds up.
+        let blocker = pool.submit(Lane(1), "blocker", None, true, |_: &mut u64| {
+            std::thread::sleep(Duration::from_millis(50));
+            Ok(())
+        });
+        let backlog: Vec<_> = (0..20)
+            .map(|_| pool.submit(Lane(1), "sign", None, true, job("bulk")))
+            .collect();
+        let other = pool.submit(Lane(2), "sign", None, true, job("other"));
+        blocker.await.unwrap();
+        other.await.unwrap();
+        for b in backlog {
+            b.await.unwrap();
+        }
+        let order = order.lock().unwrap();
+        assert_eq!(order.len(), 21);
+        // At most one of the backlog went first (depending on whether the
+        // worker had taken the blocker before the backlog came), not 20.
+        let at = order.iter().position(|t| *t == "other");
+        assert!(at.is_some_and(|i| i <= 1), "{order:?}");
+    }
+
+    #[tokio::test]
     async fn held_answers_do_not_wait_for_a_recovery() {
         let (f, pool) = pool_with(PoolConfig {
             size: 1,
@@ -1083,23 +1117,23 @@ mod tests {
             .unwrap();
         let start = Instant::now();
         // A slow job keeps the worker while the rest queues up behind it.
-        let blocker = pool.submit("blocker", None, true, |_: &mut u64| {
+        let blocker = pool.submit(Lane::SHARED, "blocker", None, true, |_: &mut u64| {
             std::thread::sleep(Duration::from_millis(100));
             Ok(())
         });
         // A is a quick signature with a saturated queue behind it: held …
-        let a = pool.submit(HOLD_OP, None, true, |_: &mut u64| Ok(()));
+        let a = pool.submit(Lane::SHARED, HOLD_OP, None, true, |_: &mut u64| Ok(()));
         // … and B fails, sending the worker into a 1.5 s reopen backoff.
         *f.refuse_open.lock().unwrap() = 1;
         let mut first = true;
-        let b = pool.submit(HOLD_OP, None, true, move |_: &mut u64| {
+        let b = pool.submit(Lane::SHARED, HOLD_OP, None, true, move |_: &mut u64| {
             if std::mem::take(&mut first) {
                 return Err(rv_error(0xB3)); // SESSION_HANDLE_INVALID
             }
             Ok(())
         });
         let behind: Vec<_> = (0..HOLD_MIN_QUEUED)
-            .map(|_| pool.submit(HOLD_OP, None, true, |_: &mut u64| Ok(())))
+            .map(|_| pool.submit(Lane::SHARED, HOLD_OP, None, true, |_: &mut u64| Ok(())))
             .collect();
         let a = tokio::spawn(async move { a.await.map(|()| start.elapsed()) });
         let b = tokio::spawn(async move { b.await.map(|()| start.elapsed()) });
@@ -1122,19 +1156,19 @@ mod tests {
     async fn held_answers_do_not_wait_for_a_long_job() {
         let (_f, pool) = pool(1, 16, 5000);
         let start = Instant::now();
-        let blocker = pool.submit("blocker", None, true, |_: &mut u64| {
+        let blocker = pool.submit(Lane::SHARED, "blocker", None, true, |_: &mut u64| {
             std::thread::sleep(Duration::from_millis(100));
             Ok(())
         });
         // A quick signature, held while the queue is deep …
-        let a = pool.submit(HOLD_OP, None, true, |_: &mut u64| Ok(()));
+        let a = pool.submit(Lane::SHARED, HOLD_OP, None, true, |_: &mut u64| Ok(()));
         // … must not wait for the key generation behind it.
-        let long = pool.submit("generate", None, false, |_: &mut u64| {
+        let long = pool.submit(Lane::SHARED, "generate", None, false, |_: &mut u64| {
             std::thread::sleep(Duration::from_millis(1000));
             Ok(())
         });
         let behind: Vec<_> = (0..HOLD_MIN_QUEUED)
-            .map(|_| pool.submit(HOLD_OP, None, true, |_: &mut u64| Ok(())))
+            .map(|_| pool.submit(Lane::SHARED, HOLD_OP, None, true, |_: &mut u64| Ok(())))
             .collect();
         let a = tokio::spawn(async move { a.await.map(|()| start.elapsed()) });
         blocker.await.unwrap();
@@ -1156,8 +1190,8 @@ mod tests {
             std::thread::sleep(Duration::from_millis(250));
             Ok(())
         };
-        let first = pool.submit("a", None, true, slow);
-        let second = pool.submit("b", None, true, slow);
+        let first = pool.submit(Lane::SHARED, "a", None, true, slow);
+        let second = pool.submit(Lane::SHARED, "b", None, true, slow);
         first.await.unwrap();
         // Polled only now, 250 ms in: its 300 ms ran out at 300 ms, not 550.
         let r = second.await;
