@@ -1,7 +1,8 @@
 //! Load generator for svsd: compares HTTPS sign throughput (single and
 //! batched, HTTP/1.1 and HTTP/2 keep-alive) with the in-process token
 //! throughput on the same cores, measures latency at half of peak, RSS with
-//! many connections, and time from start to ready.
+//! many connections, time from start to ready, and one entity's latency
+//! next to another's batch load.
 //!
 //! `cargo run --release -p svs-e2e --bin svs-bench -- [--clients N] [--seconds S] [--cpus split|shared]`
 //!
@@ -18,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use serde_json::json;
-use svs_e2e::{Install, b64};
+use svs_e2e::{ClientCert, Install, b64};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -42,8 +43,9 @@ struct Args {
     connections: usize,
     /// Run one measurement alone, e.g. under `perf record`: `token`, `h1`
     /// (single requests over HTTP/1.1), `h2`, `half` (HTTP/1.1 latency at
-    /// half of the HTTP/1.1 peak) or `batch` (HTTP/1.1 batches).
-    #[arg(long, value_parser = ["token", "h1", "h2", "half", "batch"])]
+    /// half of the HTTP/1.1 peak), `batch` (HTTP/1.1 batches) or
+    /// `neighbours` (one entity's latency next to another's batch load).
+    #[arg(long, value_parser = ["token", "h1", "h2", "half", "batch", "neighbours"])]
     only: Option<String>,
     /// `[audit] preallocate` for the daemon under test (its default: true),
     /// to see what zero-filled trail files are worth on this disk.
@@ -451,6 +453,51 @@ async fn half_peak(install: &Install, d: &svs_e2e::Daemon, args: &Args, peak: f6
     );
 }
 
+/// Single signatures a second of the quiet entity in [`neighbours`].
+const QUIET_RATE: f64 = 100.0;
+
+/// One entity (the dev client) keeps `--clients` batch requests in flight
+/// while another, `quiet`, sends single signatures at a steady
+/// [`QUIET_RATE`] over one connection: the second's latency (from each
+/// request's due time) is what a tenant meets next to a heavy one.
+async fn neighbours(d: &svs_e2e::Daemon, quiet: &ClientCert, args: &Args) {
+    let seconds = args.latency_seconds;
+    let (addr, ca, cert) = (d.addr, d.ca.clone(), quiet.clone());
+    let quiet_task = tokio::spawn(async move {
+        let mut c = svs_e2e::Client::connect(addr, &ca, &cert, false)
+            .await
+            .unwrap();
+        let item = json!({"key": "demo", "data": b64(b"a quiet tenant's request")});
+        // Let the bulk load build up first.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let start = Instant::now();
+        let mut lat = Vec::new();
+        for i in 0u64.. {
+            let due = start + Duration::from_secs_f64(i as f64 / QUIET_RATE);
+            if due.duration_since(start) >= Duration::from_secs(seconds.saturating_sub(1)) {
+                break;
+            }
+            tokio::time::sleep_until(due.into()).await;
+            let (s, _, v) = c.post("/v1/sign", &item).await.unwrap();
+            assert_eq!(s, 200, "{v}");
+            lat.push(due.elapsed());
+        }
+        lat
+    });
+    let (bulk, _) = http(d, args.clients, false, args.batch, seconds, None).await;
+    let mut lat = quiet_task.await.unwrap();
+    lat.sort();
+    println!(
+        "next to an entity signing {bulk:.0}/s in batches of {} on {} connections, another's single signatures at {QUIET_RATE}/s: p50 {:?}, p99 {:?}, max {:?} ({} requests)",
+        args.batch,
+        args.clients,
+        pct(&lat, 0.5),
+        pct(&lat, 0.99),
+        lat.last().copied().unwrap_or_default(),
+        lat.len()
+    );
+}
+
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
@@ -475,11 +522,15 @@ async fn main() {
     // rate limit, which a batched run at full speed would otherwise hit.
     let entities = install.dir.join("entities.toml");
     let text = std::fs::read_to_string(&entities).unwrap();
+    let quiet = install.issue_client("quiet");
     std::fs::write(
         &entities,
         text.replace(
             "per_second = 10000.0, burst = 20000",
             "per_second = 100000000.0, burst = 100000000",
+        ) + &format!(
+            "\n[[entity]]\nname = \"quiet\"\ncertificate_sha256 = \"{}\"\nkeys = [\"demo\"]\noperations = [\"sign\"]\n",
+            quiet.sha256
         ),
     )
     .unwrap();
@@ -509,6 +560,10 @@ async fn main() {
             let d = install.start_with(&[], server_cpus).await;
             let (batched, _) = http(&d, args.clients, false, args.batch, args.seconds, None).await;
             return println!("batch of {}: {batched:.0}/s", args.batch);
+        }
+        Some("neighbours") => {
+            let d = install.start_with(&[], server_cpus).await;
+            return neighbours(&d, &quiet, &args).await;
         }
         Some(proto) => {
             let d = install.start_with(&[], server_cpus).await;
@@ -547,6 +602,7 @@ async fn main() {
             half_peak(&install, &d, &args, single).await;
         }
     }
+    neighbours(&d, &quiet, &args).await;
     let mut conns = Vec::new();
     for _ in 0..args.connections {
         let mut c = d.client(false).await;
