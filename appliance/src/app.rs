@@ -302,6 +302,8 @@ pub struct App {
     audit: Arc<AuditTrail>,
     /// `None` until the first self-test run finishes.
     selftest: Mutex<Option<Result<(), String>>>,
+    /// The token's user PIN state as last read, to log its changes once.
+    user_pin: Mutex<Option<svs_hsm::UserPinState>>,
     draining: AtomicBool,
     metrics: Arc<Metrics>,
     /// Request bodies held in memory, in bytes, all connections together
@@ -384,6 +386,7 @@ impl App {
             })),
             audit,
             selftest: Mutex::new(None),
+            user_pin: Mutex::new(None),
             draining: AtomicBool::new(false),
             metrics,
             body_held: AtomicUsize::new(0),
@@ -541,7 +544,68 @@ impl App {
         });
         self.backend.install_keys(install);
         *self.runtime.write().unwrap_or_else(|p| p.into_inner()) = next;
+        self.retest_after_reload(&mut changes).await;
         Ok(changes)
+    }
+
+    /// A failed self-test stands until the next periodic run (up to
+    /// `[selftest] interval_s`), and keeps every key and tenant from
+    /// signing. An accepted reload may have removed its cause (the key
+    /// re-created and tested above, or no longer exposed), so the tests run
+    /// again at once: before, svsd stayed not ready for minutes after the
+    /// reload that fixed it. A run the HSM is too busy for leaves the
+    /// verdict to the periodic one.
+    async fn retest_after_reload(&self, changes: &mut ReloadChanges) {
+        let failed = matches!(
+            *self.selftest.lock().unwrap_or_else(|p| p.into_inner()),
+            Some(Err(_))
+        );
+        if !failed {
+            return;
+        }
+        match self.selftests().await {
+            Err(SelftestFailure::Inconclusive(_)) => {}
+            result => {
+                let result = result.map_err(SelftestFailure::into_reason);
+                changes.selftests_rerun = Some(result.is_ok());
+                let _ = self.record_selftest(result).await;
+            }
+        }
+    }
+
+    /// Reads the token's user PIN state into the metrics, and logs each
+    /// change once. A PIN locked (an officer's wrong PINs, or someone
+    /// guessing) leaves svsd signing on the sessions it has, so readiness
+    /// stays; but the next restart, or a session recovered after an HSM
+    /// error, cannot log in. Unnoticed, that is an outage at the next
+    /// reboot: hence an alarm and `svs_hsm_user_pin{state="locked"}` now.
+    pub async fn check_user_pin(&self) {
+        let state = match self.backend.user_pin_state().await {
+            Ok(Some(s)) => s,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read the token's user PIN state");
+                return;
+            }
+        };
+        self.metrics.user_pin(&state);
+        let before = self
+            .user_pin
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(state)
+            .unwrap_or_default();
+        if state.locked && !before.locked {
+            tracing::error!(
+                "ALARM the token's user PIN is locked: svsd keeps signing on its open sessions, but a restart or a session recovered after an HSM error cannot log in until a security officer unlocks it (`svs-provision pin init`, docs/operations.md)"
+            );
+        } else if state.final_try && !before.final_try && !state.locked {
+            tracing::warn!(
+                "the token's user PIN has one try left: one more wrong PIN (from svs-provision or anyone) locks it"
+            );
+        } else if before.locked && !state.locked {
+            tracing::info!("the token's user PIN is no longer locked");
+        }
     }
 
     /// Marks the daemon as draining: /readyz fails so balancers move away.
@@ -839,10 +903,17 @@ impl App {
         client: Option<VerifiedClient<'_>>,
         body: &Bytes,
     ) -> Reply {
+        let probe = route == Route::Readyz;
         match self.dispatch(route, adm, client, body).await {
             Ok(r) => r,
             Err(e) => {
-                e.log_details();
+                // A 503 is what /readyz is for, not a failed request: once
+                // a probe per few seconds, it filled the journal through an
+                // outage that the alarm, STATUS= and the metrics already
+                // report.
+                if !probe {
+                    e.log_details();
+                }
                 Reply::from(e)
             }
         }
@@ -1614,6 +1685,9 @@ mod tests {
         }
         fn health(&self) -> Result<(), String> {
             self.soft.health()
+        }
+        fn user_pin_state(&self) -> BoxFuture<'_, Result<Option<svs_hsm::UserPinState>, SvsError>> {
+            self.soft.user_pin_state()
         }
     }
 
@@ -2601,16 +2675,29 @@ operations = ["sign", "verify"]
             let r = call(&f.app, Route::Sign, &sign).await;
             assert_eq!(r.body["error"]["code"], "hsm_unavailable", "{:?}", r.body);
 
-            // Accepted: tested, installed, named in the changes.
+            // Then the periodic self-test fails on it: nothing signs, with
+            // any key, and a refused reload changes nothing.
+            assert!(f.app.run_selftests().await.is_err());
+            assert!(f.app.reload(&ghost).await.is_err());
+            assert!(matches!(
+                f.app.readiness(),
+                Err(SvsError::NotReady(NotReady::SelftestsFailed, _))
+            ));
+
+            // Accepted: tested, installed, named in the changes; the failed
+            // self-tests run again at once and pass: ready again, without
+            // waiting for the next periodic run.
             b.signs.store(0, Ordering::SeqCst);
             let changes = f.app.reload(&base).await.unwrap();
-            assert_eq!(b.signs.load(Ordering::SeqCst), 1);
+            assert_eq!(b.signs.load(Ordering::SeqCst), 2, "pairwise, then self-test");
             assert_eq!(changes.keys_rekeyed, ["demo"]);
             assert_eq!(changes.pairwise_passed, ["demo"]);
+            assert_eq!(changes.selftests_rerun, Some(true));
             assert_eq!(
                 changes.to_string(),
-                "1 entities; keys re-keyed: demo; pairwise test passed: demo"
+                "1 entities; keys re-keyed: demo; pairwise test passed: demo; failed self-tests run again: passed"
             );
+            f.app.readiness().unwrap();
             assert_eq!(served(&f.app), new);
             assert!(signed_by(&call(&f.app, Route::Sign, &sign).await, &new));
             // The same key again: nothing to test, nothing changed.
@@ -2618,9 +2705,43 @@ operations = ["sign", "verify"]
             assert_eq!(changes.to_string(), "1 entities; no changes");
             assert_eq!(
                 b.signs.load(Ordering::SeqCst),
-                2,
+                3,
                 "only the signature above"
             );
+        });
+    }
+
+    #[test]
+    fn a_locked_user_pin_shows_in_the_metrics_and_leaves_signing_alone() {
+        let f = fixture("", &["demo"], "");
+        let pin = |app: &Arc<App>, state: &str| {
+            let page = String::from_utf8(app.metrics().render(app)).unwrap();
+            let series = format!("svs_hsm_user_pin{{state=\"{state}\"}} ");
+            page.lines()
+                .find_map(|l| l.strip_prefix(&series))
+                .map(str::to_owned)
+        };
+        rt().block_on(async {
+            f.app.run_selftests().await.unwrap();
+            // The series exist before the first read.
+            assert_eq!(pin(&f.app, "locked").as_deref(), Some("0"));
+            *f.backend.soft.pin_state.lock().unwrap() = svs_hsm::UserPinState {
+                count_low: true,
+                final_try: false,
+                locked: true,
+            };
+            f.app.check_user_pin().await;
+            assert_eq!(pin(&f.app, "locked").as_deref(), Some("1"));
+            assert_eq!(pin(&f.app, "count_low").as_deref(), Some("1"));
+            assert_eq!(pin(&f.app, "final_try").as_deref(), Some("0"));
+            // Open sessions keep signing: readiness stays.
+            f.app.readiness().unwrap();
+            let r = call(&f.app, Route::Sign, &json!({"key": "demo", "data": "aGk="})).await;
+            assert_eq!(r.status, 200, "{:?}", r.body);
+            // Unlocked by an officer.
+            *f.backend.soft.pin_state.lock().unwrap() = svs_hsm::UserPinState::default();
+            f.app.check_user_pin().await;
+            assert_eq!(pin(&f.app, "locked").as_deref(), Some("0"));
         });
     }
 

@@ -8,7 +8,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 
-use svs_hsm::{Algorithm, HealthState, Hsm, KeyInfo, KeySet, Lane};
+use svs_hsm::{Algorithm, HealthState, Hsm, KeyInfo, KeySet, Lane, UserPinState};
 
 use crate::error::SvsError;
 
@@ -60,6 +60,9 @@ pub trait SigningBackend: Send + Sync + 'static {
     fn pool_health(&self) -> Option<svs_hsm::Health> {
         None
     }
+    /// The token's user PIN state (count low, final try, locked); none
+    /// for backends that have no PIN.
+    fn user_pin_state(&self) -> BoxFuture<'_, Result<Option<UserPinState>, SvsError>>;
 }
 
 impl SigningBackend for Hsm {
@@ -138,6 +141,10 @@ impl SigningBackend for Hsm {
     fn pool_health(&self) -> Option<svs_hsm::Health> {
         Some(Hsm::health(self))
     }
+
+    fn user_pin_state(&self) -> BoxFuture<'_, Result<Option<UserPinState>, SvsError>> {
+        Box::pin(async move { Ok(Some(Hsm::user_pin_state(self).await?)) })
+    }
 }
 
 /// SM2 keys in process memory. For tests and benchmarks only: the point of
@@ -155,6 +162,8 @@ pub struct SoftBackend {
     pub fail: std::sync::atomic::AtomicBool,
     /// Data objects by label.
     data: std::sync::Mutex<HashMap<String, Vec<u8>>>,
+    /// What [`SigningBackend::user_pin_state`] answers (tests set it).
+    pub pin_state: std::sync::Mutex<UserPinState>,
 }
 
 impl std::fmt::Debug for SoftBackend {
@@ -207,6 +216,7 @@ impl SoftBackend {
             installed: RwLock::new(installed),
             fail: Default::default(),
             data: Default::default(),
+            pin_state: Default::default(),
         }
     }
 
@@ -281,7 +291,7 @@ impl SigningBackend for SoftBackend {
                 // the client's doing.
                 .ok_or_else(|| {
                     SvsError::HsmUnavailable(format!(
-                        "key {} changed on the token since discovery",
+                        "key {} is no longer the one read from the token",
                         key.name
                     ))
                 })?;
@@ -315,5 +325,10 @@ impl SigningBackend for SoftBackend {
         } else {
             Ok(())
         }
+    }
+
+    fn user_pin_state(&self) -> BoxFuture<'_, Result<Option<UserPinState>, SvsError>> {
+        let state = *self.pin_state.lock().unwrap_or_else(|p| p.into_inner());
+        Box::pin(async move { Ok(Some(state)) })
     }
 }

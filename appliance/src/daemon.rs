@@ -741,6 +741,29 @@ fn start_error(e: HsmError) -> SvsError {
     }
 }
 
+/// A PIN refused at start ends svsd (status 78): the message must say
+/// where the PIN came from and what to do, since the CK_RV alone ("Login:
+/// CKR_PIN_INCORRECT") leaves the operator to guess, and every guess
+/// costs one of the token's tries.
+fn pin_refusal_hint(e: SvsError, pin: Option<&PinSource>) -> SvsError {
+    let SvsError::PinRefused(what) = e else {
+        return e;
+    };
+    let source = match pin {
+        Some(PinSource::Credential(name)) => format!("the systemd credential {name:?}"),
+        Some(PinSource::File(path)) => format!("the file {}", path.display()),
+        None => "the configured PIN source".into(),
+    };
+    let hint = if what.contains("CKR_PIN_LOCKED") {
+        "the user PIN is locked: a security officer sets a new one with `svs-provision pin init` (which clears the lock), then puts it in ".to_owned() + &source + " (docs/operations.md §4)"
+    } else {
+        format!(
+            "the PIN in {source} is not the token's user PIN (changed with `svs-provision pin change`, or the token restored from an older backup than the credential): put the right one there (docs/operations.md §4) and start svsd again; each wrong try counts towards the token's lockout"
+        )
+    };
+    SvsError::PinRefused(format!("{what} \u{2014} {hint}"))
+}
+
 /// A started svsd: listeners up, not yet READY.
 struct Running {
     app: Arc<App>,
@@ -778,7 +801,7 @@ async fn start(
     let hsm = tokio::task::spawn_blocking(move || open_hsm(&hsm_config, hsm_metrics))
         .await
         .map_err(|e| SvsError::Internal(e.to_string()))?
-        .map_err(start_error)?;
+        .map_err(|e| pin_refusal_hint(start_error(e), config.hsm.pin.as_ref()))?;
     let hsm = Arc::new(hsm);
     let found = hsm.refresh_keys().await.map_err(start_error)?;
     tracing::info!(keys = found.len(), profile = %hsm.profile().name, "HSM open and logged in");
@@ -1118,6 +1141,9 @@ async fn reload(
     Ok((config, changes))
 }
 
+/// How often the token's user PIN state is read (one C_GetTokenInfo).
+const USER_PIN_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// How soon a periodic self-test the HSM was too busy for runs again.
 const SELFTEST_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -1158,6 +1184,20 @@ fn spawn_duties(
                     a.anomaly_tick().await;
                     a.flush_refusals().await;
                 }
+                _ = s.changed() => return,
+            }
+        }
+    });
+    // The user PIN's state: a lock does not stop signing, so only this
+    // shows it before the next restart fails.
+    let a = app.clone();
+    let mut s = stop.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(USER_PIN_CHECK_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => a.check_user_pin().await,
                 _ = s.changed() => return,
             }
         }

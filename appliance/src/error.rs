@@ -89,7 +89,7 @@ pub enum SvsError {
     #[error("application entity {0:?} is suspended")]
     EntitySuspended(String),
     /// No exposed key has this name.
-    #[error("unknown key {0:?}")]
+    #[error("unknown key {}", ClientText(.0))]
     UnknownKey(String),
     /// The key exists but this entity may not use it.
     #[error("key {0:?} is not allowed for this application entity")]
@@ -209,6 +209,30 @@ impl NotReady {
     }
 }
 
+/// A name the client made up, as an error message repeats it: quoted and
+/// escaped, and cut at [`ClientText::MAX_CHARS`], so a message never
+/// carries kilobytes of whatever a client sent (the name's length says
+/// enough).
+struct ClientText<'a>(&'a str);
+
+impl ClientText<'_> {
+    const MAX_CHARS: usize = 64;
+}
+
+impl std::fmt::Display for ClientText<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.char_indices().nth(Self::MAX_CHARS) {
+            None => write!(f, "{:?}", self.0),
+            Some((cut, _)) => write!(
+                f,
+                "{:?}\u{2026} ({} characters)",
+                &self.0[..cut],
+                self.0.chars().count()
+            ),
+        }
+    }
+}
+
 /// Every reason label of `svs_not_ready_reason` (docs/monitoring.md).
 pub const NOT_READY_REASONS: &[&str] = &[
     "not_provisioned",
@@ -241,7 +265,7 @@ impl std::fmt::Display for NotReady {
                 let list: Vec<String> = missing.iter().map(ToString::to_string).collect();
                 write!(
                     f,
-                    "not provisioned: {} missing \u{2014} run svs-provision",
+                    "not provisioned: {} missing \u{2014} provision the appliance (docs/operations.md §3)",
                     list.join(", ")
                 )
             }
@@ -569,6 +593,21 @@ mod tests {
     }
 
     #[test]
+    fn a_made_up_key_name_is_repeated_escaped_and_cut() {
+        let short = SvsError::UnknownKey("bank\n\0x".into());
+        assert_eq!(short.to_string(), r#"unknown key "bank\n\0x""#);
+        let long = SvsError::UnknownKey("<script>".repeat(625));
+        let text = long.to_string();
+        assert!(text.starts_with(r#"unknown key "<script>"#), "{text}");
+        assert!(text.ends_with("\u{2026} (5000 characters)"), "{text}");
+        assert!(text.len() < 120, "{text}");
+        // Cut on a character, not inside one.
+        let wide = SvsError::UnknownKey("密".repeat(100)).to_string();
+        assert!(wide.contains(&"密".repeat(64)), "{wide}");
+        assert!(!wide.contains(&"密".repeat(65)), "{wide}");
+    }
+
+    #[test]
     fn every_readiness_failure_has_a_listed_reason_label() {
         let cases = [
             (
@@ -680,11 +719,11 @@ mod tests {
         let cases = [
             (
                 NotReady::not_provisioned(vec![Missing::Pin, Missing::Tls, Missing::Pin]),
-                "not provisioned: TLS files, HSM PIN missing \u{2014} run svs-provision",
+                "not provisioned: TLS files, HSM PIN missing \u{2014} provision the appliance (docs/operations.md §3)",
             ),
             (
                 NotReady::not_provisioned(vec![Missing::Keys, Missing::Token]),
-                "not provisioned: token, keys missing \u{2014} run svs-provision",
+                "not provisioned: token, keys missing \u{2014} provision the appliance (docs/operations.md §3)",
             ),
             (NotReady::HsmUnavailable, "HSM unavailable or not logged in"),
             (NotReady::SelftestsPending, "self-tests pending"),

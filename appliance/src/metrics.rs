@@ -247,6 +247,7 @@ pub struct Metrics {
     hsm_health: IntGaugeVec,
     hsm_logged_in: IntGauge,
     hsm_stuck: IntGauge,
+    hsm_user_pin: IntGaugeVec,
     hsm_last_success: Gauge,
     selftest_ok: IntGauge,
     selftest_failures: IntCounter,
@@ -486,6 +487,18 @@ impl Metrics {
                 "svs_selftest_last_run_timestamp_seconds",
                 "When self-tests last ran (Unix time; 0 = not yet).",
             ),
+            hsm_user_pin: {
+                let v = int_gauge_vec(
+                    &r,
+                    "svs_hsm_user_pin",
+                    "1 while the token reports the user PIN in this state: count_low (a wrong PIN since the last good login), final_try (one more locks it), locked (no new login until a security officer unlocks it; open sessions keep signing).",
+                    &["state"],
+                );
+                for state in ["count_low", "final_try", "locked"] {
+                    v.with_label_values(&[state]);
+                }
+                v
+            },
             ready: int_gauge(
                 &r,
                 "svs_ready",
@@ -548,6 +561,19 @@ impl Metrics {
             mechanisms: Mutex::new(Vec::new()),
             render: Mutex::new(()),
             registry: r,
+        }
+    }
+
+    /// The token's user PIN state, as last read.
+    pub fn user_pin(&self, state: &svs_hsm::UserPinState) {
+        for (name, on) in [
+            ("count_low", state.count_low),
+            ("final_try", state.final_try),
+            ("locked", state.locked),
+        ] {
+            self.hsm_user_pin
+                .with_label_values(&[name])
+                .set(i64::from(on));
         }
     }
 

@@ -63,6 +63,9 @@ pub struct ReloadChanges {
     /// Keys that passed the pairwise self-test before the reload was
     /// accepted: every exposed, remapped and re-keyed one.
     pub pairwise_passed: Vec<String>,
+    /// The self-tests had failed and ran again after the reload: whether
+    /// they passed (svsd ready again) or not.
+    pub selftests_rerun: Option<bool>,
 }
 
 impl ReloadChanges {
@@ -178,6 +181,11 @@ impl fmt::Display for ReloadChanges {
                 "; pairwise test passed: {}",
                 self.pairwise_passed.join(", ")
             )?;
+        }
+        match self.selftests_rerun {
+            Some(true) => f.write_str("; failed self-tests run again: passed")?,
+            Some(false) => f.write_str("; failed self-tests run again: still failing")?,
+            None => {}
         }
         Ok(())
     }

@@ -250,7 +250,9 @@ pub enum HsmError {
     /// The token's key under this CKA_ID is not the one discovered (deleted,
     /// or deleted and re-created, meanwhile); keys must be refreshed before
     /// it signs.
-    #[error("key {0} changed on the token since discovery: refresh keys")]
+    #[error(
+        "key {0} is no longer the one read from the token (deleted, or deleted and created again): the keys must be read again (svsd: `systemctl reload svsd`, which tests a re-created key first)"
+    )]
     KeyChanged(String),
     /// The request is malformed (wrong digest length, bad signature encoding…).
     #[error("invalid input: {0}")]

@@ -12,7 +12,7 @@ use crate::pin::PinSource;
 use crate::pool::{Health, HsmMetrics, SessionPool};
 use crate::profile::{Algorithm, ProfileTable, SignatureEncoding, VendorProfile};
 use crate::signature::{SoftwareVerifier, encode_signature, normalise_signature};
-use crate::token::{Token, TokenSelector, TokenSession};
+use crate::token::{Token, TokenSelector, TokenSession, UserPinState};
 use crate::uri::Pkcs11Uri;
 
 /// Signing keys by name (CKA_LABEL).
@@ -120,6 +120,15 @@ impl Hsm {
     /// Pool health for readiness probes and metrics.
     pub fn health(&self) -> Health {
         self.pool.health()
+    }
+
+    /// The user PIN's state ([`Token::user_pin_state`]), off the async
+    /// runtime.
+    pub async fn user_pin_state(&self) -> Result<UserPinState> {
+        let token = self.token.clone();
+        tokio::task::spawn_blocking(move || token.user_pin_state())
+            .await
+            .map_err(|e| HsmError::Unavailable(format!("token info: {e}")))?
     }
 
     /// The software verifier (also usable without any key on the token).

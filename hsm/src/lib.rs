@@ -29,5 +29,5 @@ pub use pool::{
     Health, HealthState, HsmMetrics, NoMetrics, PoolConfig, SessionFactory, SessionPool,
 };
 pub use profile::{Algorithm, SignatureEncoding, VendorProfile};
-pub use token::{ModuleSource, Token, TokenSelector};
+pub use token::{ModuleSource, Token, TokenSelector, UserPinState};
 pub use uri::Pkcs11Uri;

@@ -137,6 +137,20 @@ impl TokenSelector {
     }
 }
 
+/// The user PIN's state from the token's flags. Sessions logged in before
+/// stay logged in when the PIN locks, so a running daemon keeps signing;
+/// but no new login (a restart, a session recovered after an HSM error)
+/// succeeds until a security officer unlocks it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct UserPinState {
+    /// A wrong PIN was entered since the last good login (CKF_USER_PIN_COUNT_LOW).
+    pub count_low: bool,
+    /// One more wrong PIN locks it (CKF_USER_PIN_FINAL_TRY).
+    pub final_try: bool,
+    /// Locked (CKF_USER_PIN_LOCKED).
+    pub locked: bool,
+}
+
 /// An opened module with a chosen token, the user PIN and the profile in use.
 /// It is the pool's [`SessionFactory`]: every worker's session comes from here.
 pub struct Token {
@@ -249,6 +263,17 @@ impl Token {
     /// The slot currently holding the token.
     pub fn slot(&self) -> Slot {
         *self.slot.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The user PIN's state as the token reports it (CK_TOKEN_INFO
+    /// flags). Blocking: one C_GetTokenInfo, no session needed.
+    pub fn user_pin_state(&self) -> Result<UserPinState> {
+        let info = self.pkcs11.get_token_info(self.slot())?;
+        Ok(UserPinState {
+            count_low: info.user_pin_count_low(),
+            final_try: info.user_pin_final_try(),
+            locked: info.user_pin_locked(),
+        })
     }
 
     fn open_session(&self) -> Result<Session> {

@@ -105,7 +105,7 @@ async fn unprovisioned_svsd_waits_not_ready_and_starts_on_sighup() {
     assert_eq!(body["error"]["code"], "not_ready");
     assert_eq!(
         body["error"]["message"],
-        "not provisioned: TLS files, HSM PIN missing \u{2014} run svs-provision"
+        "not provisioned: TLS files, HSM PIN missing \u{2014} provision the appliance (docs/operations.md §3)"
     );
     let (status, alive) = http_get(health, "/healthz").await.unwrap();
     assert_eq!((status, alive), (200, json!({"status": "alive"})));
@@ -198,7 +198,7 @@ async fn sigterm_while_waiting_exits_0_and_keys_missing_is_a_reason() {
     let body = wait_for(&d, health, "/readyz", 503).await;
     assert_eq!(
         body["error"]["message"],
-        "not provisioned: keys missing \u{2014} run svs-provision"
+        "not provisioned: keys missing \u{2014} provision the appliance (docs/operations.md §3)"
     );
     let mut pings = 0;
     let until = Instant::now() + Duration::from_millis(2500);
@@ -233,6 +233,17 @@ fn a_refused_pin_exits_78_at_once_and_says_so_once() {
     assert_eq!(code, Some(78), "{log}");
     assert_eq!(log.matches("refused the PIN").count(), 1, "{log}");
     assert!(log.contains("CKR_PIN_INCORRECT"), "{log}");
+    // Where the PIN came from and what to do, never the PIN.
+    let pin_file = install.dir.join("pin");
+    assert!(
+        log.contains(&format!(
+            "the PIN in the file {} is not the token's user PIN",
+            pin_file.display()
+        )),
+        "{log}"
+    );
+    assert!(log.contains("docs/operations.md §4"), "{log}");
+    assert!(!log.contains("00000000"), "{log}");
     // stderr is a file here: no colour codes.
     assert!(!log.contains('\u{1b}'), "{log}");
 }
@@ -435,7 +446,7 @@ async fn a_half_written_tls_file_is_waited_for_not_fatal() {
     let body = wait_for(&d, health, "/readyz", 503).await;
     assert_eq!(
         body["error"]["message"],
-        "not provisioned: TLS files missing \u{2014} run svs-provision"
+        "not provisioned: TLS files missing \u{2014} provision the appliance (docs/operations.md §3)"
     );
     assert!(
         d.log_text().contains("server.pem is incomplete"),

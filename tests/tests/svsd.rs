@@ -2702,6 +2702,15 @@ async fn systemd_status_follows_readiness_when_a_periodic_self_test_fails_and_re
     until_status("not ready: self-tests failed");
     let (s, _, v) = c.get("/readyz").await.unwrap();
     assert_eq!(s, 503, "{v}");
+    // A 503 from /readyz is its answer, not a failed request: the journal
+    // has the alarm, not a line per probe.
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(c.get("/readyz").await.unwrap().0, 503);
+    }
+    let log = d.log_text();
+    assert!(log.contains("ALARM self-test failed"), "{log}");
+    assert!(!log.contains("request failed"), "{log}");
 
     std::fs::write(&faults, "").unwrap();
     until_status("ready");
@@ -2726,4 +2735,51 @@ fn openssl_sm2_verify(
         .current_dir(dir)
         .output()
         .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_pin_locked_while_svsd_runs_raises_an_alarm_and_signing_goes_on() {
+    let install = Install::new();
+    let d = install.start().await;
+    let page = scrape_metrics(install.metrics_addr).await;
+    assert_eq!(
+        sample(&page, r#"svs_hsm_user_pin{state="locked"}"#),
+        Some(0.0),
+        "{page}"
+    );
+    // Someone types wrong PINs at the token until it locks.
+    let wrong = install.dir.join("wrong-pin");
+    std::fs::write(&wrong, "not-the-pin\n").unwrap();
+    // Five wrong PINs lock the dev token; the run that finds it locked
+    // exits 6 (the fifth or, depending on how svs-provision reads the
+    // token's flags, a sixth).
+    let mut codes = Vec::new();
+    while codes.last() != Some(&Some(6)) {
+        assert!(codes.len() < 6, "never locked: {codes:?}");
+        let out = Command::new(svs_provision_bin())
+            .env("SVS_SOFTTOKEN_CONF", install.dir.join("softtoken.toml"))
+            .args(["--token", "svs-dev", "--pin-file"])
+            .arg(&wrong)
+            .args(["key", "list", "--login"])
+            .output()
+            .unwrap();
+        codes.push(out.status.code());
+    }
+    let log = wait_for_log(&d, "ALARM the token's user PIN is locked", 1).await;
+    assert!(!log.contains("not-the-pin"), "{log}");
+    let page = scrape_metrics(install.metrics_addr).await;
+    assert_eq!(
+        sample(&page, r#"svs_hsm_user_pin{state="locked"}"#),
+        Some(1.0),
+        "{page}"
+    );
+    // The sessions svsd logged in before keep signing; readiness stays.
+    assert_eq!(sample(&page, "svs_ready"), Some(1.0), "{page}");
+    let (s, _, v) = d
+        .client(false)
+        .await
+        .post("/v1/sign", &json!({"key":"demo","data":HELLO}))
+        .await
+        .unwrap();
+    assert_eq!(s, 200, "{v}");
 }
