@@ -110,10 +110,12 @@ pub enum TokenCmd {
         /// The new token label (1-32 bytes).
         #[arg(long)]
         label: String,
-        /// Slot to initialise (default: the first empty token).
+        /// Slot to initialise (default: the first empty token; with
+        /// --reinit, the token already labelled --label).
         #[arg(long)]
         slot: Option<u64>,
-        /// Re-initialise a token that holds keys (destroys them all).
+        /// Re-initialise an initialised token, destroying every key on it:
+        /// the one in --slot, else the one already labelled --label.
         #[arg(long)]
         reinit: bool,
         /// Do not ask for confirmation (with --reinit).

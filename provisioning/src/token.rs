@@ -512,12 +512,36 @@ pub fn init(
     }
     let pkcs11 = target.load()?;
     let all = tokens(&pkcs11)?;
-    if let Some((s, _)) = all.iter().find(|(s, i)| {
-        i.token_initialized() && i.label().trim_end() == label && Some(s.id()) != slot_id
-    }) {
+    let labelled: Vec<u64> = all
+        .iter()
+        .filter(|(_, i)| i.token_initialized() && i.label().trim_end() == label)
+        .map(|(s, _)| s.id())
+        .collect();
+    // Wiping a token for a fresh start usually keeps its label (svsd's
+    // configuration names it): with --reinit and no --slot, the token
+    // holding the label is the one meant.
+    let slot_id = match (slot_id, labelled.as_slice()) {
+        (None, [one]) if reinit => Some(*one),
+        (None, [_, _, ..]) if reinit => {
+            return Err(ProvisionError::Usage(format!(
+                "{} tokens are labelled '{label}'; name the one to re-initialise with --slot N. Tokens present: {}",
+                labelled.len(),
+                present(&all)
+            )));
+        }
+        _ => slot_id,
+    };
+    if let Some(taken) = labelled.iter().find(|s| Some(**s) != slot_id) {
+        let how = match slot_id {
+            Some(id) => format!(
+                "give slot {id} another label, or re-initialise slot {taken} itself with --slot {taken} --reinit"
+            ),
+            None => format!(
+                "choose another label, or re-initialise that token with --reinit (or --slot {taken} --reinit)"
+            ),
+        };
         return Err(ProvisionError::AlreadyExists(format!(
-            "a token labelled '{label}' exists already (slot {}); labels must be unique. Tokens present: {}",
-            s.id(),
+            "a token labelled '{label}' exists already (slot {taken}); labels must be unique: {how}, which destroys every key on it. Tokens present: {}",
             present(&all)
         )));
     }

@@ -190,6 +190,18 @@ fn token_pin_and_key_lifecycle_on_the_soft_token() {
         "so-pin-0002\n",
     )
     .fails(13, "--yes");
+    // Without --slot, --reinit means the token that holds the label.
+    p(
+        &["token", "init", "--label", "t1", "--reinit"],
+        "so-pin-0002\n",
+    )
+    .fails(13, "--yes");
+    // Another slot may still not take a label that a token holds.
+    p(
+        &["token", "init", "--label", "t1", "--slot", "1", "--reinit"],
+        "so-pin-0002\n",
+    )
+    .fails(4, "--slot 0 --reinit");
     assert_eq!(
         key_state(&["--token", "t1"], &env)["keys"]
             .as_array()
@@ -197,6 +209,20 @@ fn token_pin_and_key_lifecycle_on_the_soft_token() {
             .len(),
         1
     );
+    p(
+        &["token", "init", "--label", "t1", "--reinit", "--yes"],
+        "wrong-so\n",
+    )
+    .fails(5, "SO PIN is wrong");
+    p(
+        &["token", "init", "--label", "t1", "--reinit", "--yes"],
+        "so-pin-0002\n",
+    )
+    .ok();
+    let info = p(&["--json", "token", "info"], "").ok().json();
+    assert_eq!(info["tokens"][0]["label"], "t1");
+    assert_eq!(info["tokens"][0]["user_pin_initialized"], false);
+    assert_eq!(info["tokens"][1]["initialized"], false);
 }
 
 const SOFTHSM: &str = "/usr/lib/softhsm/libsofthsm2.so";
