@@ -372,6 +372,55 @@ const HEADER: &str = "# Application entities, read by svsd (entities_file in svs
 # Managed with `svs-provision entity ...`, which rewrites this file atomically\n\
 # and asks svsd to reload; comments and layout are kept.\n\n";
 
+/// The entities file's text `text` (read from `path`) after `change`.
+fn edited(
+    text: &str,
+    path: &Path,
+    change: impl FnOnce(&mut toml_edit::ArrayOfTables) -> Result<()>,
+) -> Result<String> {
+    let mut doc: toml_edit::DocumentMut = text.parse().map_err(|e: toml_edit::TomlError| {
+        ProvisionError::Config(format!(
+            "{}; the file is not valid TOML: fix it by hand first",
+            syntax_error(path, text, e.span(), e.message())
+        ))
+    })?;
+    // A file of comments only (as packaged) holds them as the document's
+    // trailing text, which toml_edit writes after the tables: kept there,
+    // the file's header would end up below the first entity added.
+    let mut header = None;
+    if doc.get("entity").is_none() {
+        if doc.as_table().is_empty() {
+            header = doc.trailing().as_str().map(str::to_owned);
+            doc.set_trailing("");
+        }
+        doc.insert(
+            "entity",
+            toml_edit::Item::ArrayOfTables(toml_edit::ArrayOfTables::new()),
+        );
+    }
+    let list = doc
+        .get_mut("entity")
+        .and_then(toml_edit::Item::as_array_of_tables_mut)
+        .ok_or_else(|| {
+            ProvisionError::Config(format!(
+                "{}: `entity` must be an array of tables ([[entity]])",
+                path.display()
+            ))
+        })?;
+    change(list)?;
+    if let Some(header) = header.filter(|h| !h.trim().is_empty()) {
+        match list.get_mut(0) {
+            Some(first) => first.decor_mut().set_prefix(format!("{header}\n")),
+            None => doc.set_trailing(header),
+        }
+    }
+    let mut body = doc.to_string();
+    if !body.trim_start().starts_with('#') {
+        body.insert_str(0, HEADER);
+    }
+    Ok(body)
+}
+
 /// Locks, re-reads, changes and atomically replaces the entities file.
 /// Edited as a TOML document (toml_edit), not re-serialised from values:
 /// officers annotate entities (owner, ticket, contact) and those comments
@@ -410,33 +459,8 @@ fn edit(
 
     // Re-read under the lock: another editor may have just written.
     let text = std::fs::read_to_string(path).map_err(|e| io("cannot read", e))?;
-    let mut doc: toml_edit::DocumentMut = text.parse().map_err(|e: toml_edit::TomlError| {
-        ProvisionError::Config(format!(
-            "{}; the file is not valid TOML: fix it by hand first",
-            syntax_error(path, &text, e.span(), e.message())
-        ))
-    })?;
-    if doc.get("entity").is_none() {
-        doc.insert(
-            "entity",
-            toml_edit::Item::ArrayOfTables(toml_edit::ArrayOfTables::new()),
-        );
-    }
-    let list = doc
-        .get_mut("entity")
-        .and_then(toml_edit::Item::as_array_of_tables_mut)
-        .ok_or_else(|| {
-            ProvisionError::Config(format!(
-                "{}: `entity` must be an array of tables ([[entity]])",
-                path.display()
-            ))
-        })?;
     let before: Vec<EntityConfig> = load_entities_file(path, &config.keys).unwrap_or_default();
-    change(list)?;
-    let mut body = doc.to_string();
-    if !body.trim_start().starts_with('#') {
-        body.insert_str(0, HEADER);
-    }
+    let body = edited(&text, path, change)?;
 
     let tmp = Replacement::write(path, body.as_bytes(), 0o640)
         .map_err(|e| io("cannot write a temporary file beside", e))?;
@@ -755,6 +779,33 @@ mod tests {
         for bad in ["", "0", "-1/s", "fast", "NaN"] {
             assert!(parse_rate(bad).is_err(), "{bad}");
         }
+    }
+
+    fn push_entity(name: &str) -> impl FnOnce(&mut toml_edit::ArrayOfTables) -> Result<()> {
+        let name = name.to_owned();
+        move |list| {
+            let mut t = toml_edit::Table::new();
+            t["name"] = value(name);
+            list.push(t);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_packaged_files_header_stays_at_the_top_when_entities_are_added() {
+        let packaged = include_str!("../../image/deb/entities.toml");
+        let path = Path::new("/etc/svs/entities.toml");
+        let once = edited(packaged, path, push_entity("bank-a")).unwrap();
+        assert!(once.starts_with(packaged), "{once}");
+        assert!(!once.contains(HEADER.trim_end()), "{once}");
+        assert!(once.trim_end().ends_with("name = \"bank-a\""), "{once}");
+        let twice = edited(&once, path, push_entity("bank-b")).unwrap();
+        assert!(twice.starts_with(&once), "{twice}");
+        // A file without comments of its own gets the header, once.
+        let bare = edited("", path, push_entity("bank-a")).unwrap();
+        assert!(bare.starts_with(HEADER), "{bare}");
+        let again = edited(&bare, path, push_entity("bank-b")).unwrap();
+        assert_eq!(again.matches(HEADER.trim_end()).count(), 1, "{again}");
     }
 
     #[test]
