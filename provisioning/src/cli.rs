@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand};
 use svs_hsm::{ModuleSource, Pkcs11Uri};
 
 use crate::Report;
-use crate::audit::{AuditKey, ShowFilter};
+use crate::audit::{AuditKey, Configured, ShowFilter};
 use crate::entities::{NewEntity, Reload};
 use crate::error::{ProvisionError, Result};
 use crate::pin::{PinFiles, PinReader};
@@ -779,7 +779,16 @@ pub fn run(cli: Cli) -> Result<Outcome> {
             last,
         }) => {
             let dir = crate::audit::dir_from(dir.clone(), config.as_ref())?;
-            Ok(crate::audit::show(
+            let configured = config.as_ref().map(|c| Configured {
+                entities: c.entities.iter().map(|e| e.name.clone()).collect(),
+                keys: c
+                    .keys
+                    .keys()
+                    .cloned()
+                    .chain(c.audit.checkpoint_key.clone())
+                    .collect(),
+            });
+            let (report, note) = crate::audit::show(
                 &dir,
                 &ShowFilter {
                     since: since.clone(),
@@ -788,9 +797,10 @@ pub fn run(cli: Cli) -> Result<Outcome> {
                     key: key.clone(),
                     kind: kind.clone(),
                     last: *last,
+                    configured,
                 },
-            )?
-            .into())
+            )?;
+            Ok(Outcome { report, note })
         }
         Command::Selftest { labels } => {
             let opened = Opened::open(&t)?;

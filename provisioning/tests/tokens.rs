@@ -225,6 +225,19 @@ fn token_pin_and_key_lifecycle_on_the_soft_token() {
     assert_eq!(info["tokens"][1]["initialized"], false);
 }
 
+#[test]
+fn audit_show_takes_only_record_types_that_exist() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_str().unwrap();
+    for typo in ["sig", "Op", "checkpoints"] {
+        prov(&["audit", "show", "--dir", dir, "--type", typo], &[], "").fails(
+            2,
+            "possible values: op, start, stop, reload, selftest, anomaly, refusals_suppressed, checkpoint",
+        );
+    }
+    prov(&["audit", "show", "--dir", dir, "--type", "op"], &[], "").ok();
+}
+
 const SOFTHSM: &str = "/usr/lib/softhsm/libsofthsm2.so";
 
 #[test]
