@@ -20,7 +20,7 @@ use svs_hsm::{ModuleSource, Pkcs11Uri, TokenSelector, VendorProfile};
 use zeroize::Zeroizing;
 
 use crate::Report;
-use crate::error::{ProvisionError, Result};
+use crate::error::{ProvisionError, Result, TriesLeft};
 use crate::pin::{PinReader, Role};
 
 /// Where to find the token: from the command line, else from svsd's config.
@@ -286,16 +286,29 @@ impl Opened {
             .get_token_info(self.slot)
             .map_err(|e| ProvisionError::pkcs11(e, "reading the token's information", "user"))?;
         let pin = pins.current(Role::User, info.min_pin_length(), info.max_pin_length())?;
-        login(&session, UserType::User, &pin, &self.label)?;
+        login(
+            &self.pkcs11,
+            self.slot,
+            &session,
+            Role::User,
+            &pin,
+            &self.label,
+        )?;
         Ok(session)
     }
 }
 
-fn login(session: &Session, who: UserType, pin: &Zeroizing<String>, label: &str) -> Result<()> {
-    let role = if matches!(who, UserType::So) {
-        "SO"
-    } else {
-        "user"
+fn login(
+    pkcs11: &Pkcs11,
+    slot: Slot,
+    session: &Session,
+    role: Role,
+    pin: &Zeroizing<String>,
+    label: &str,
+) -> Result<()> {
+    let who = match role {
+        Role::User => UserType::User,
+        Role::So => UserType::So,
     };
     match session.login(who, Some(&AuthPin::new(pin.as_str().into()))) {
         Ok(()) => Ok(()),
@@ -303,12 +316,42 @@ fn login(session: &Session, who: UserType, pin: &Zeroizing<String>, label: &str)
         Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => {
             Ok(())
         }
-        Err(e) => Err(ProvisionError::pkcs11(
+        Err(e) => Err(pin_refused(
+            pkcs11,
+            slot,
             e,
-            &format!("logging in to token '{label}' as {role}"),
+            &format!("logging in to token '{label}' as {}", role.name()),
             role,
         )),
     }
+}
+
+/// A failed PIN check of `role`, told with what the token's flags say
+/// about the tries left once it counted this one.
+fn pin_refused(
+    pkcs11: &Pkcs11,
+    slot: Slot,
+    e: cryptoki::error::Error,
+    what: &str,
+    role: Role,
+) -> ProvisionError {
+    let left = match pkcs11.get_token_info(slot) {
+        Ok(info) => {
+            let (locked, last) = match role {
+                Role::User => (info.user_pin_locked(), info.user_pin_final_try()),
+                Role::So => (info.so_pin_locked(), info.so_pin_final_try()),
+            };
+            if locked {
+                TriesLeft::None
+            } else if last {
+                TriesLeft::One
+            } else {
+                TriesLeft::Unknown
+            }
+        }
+        Err(_) => TriesLeft::Unknown,
+    };
+    ProvisionError::pin_refused(e, what, role.name(), left)
 }
 
 /// The vendor profile: by name, or recognised from what the module says.
@@ -597,7 +640,13 @@ pub fn init(
     pkcs11
         .init_token(*slot, &AuthPin::new(so_pin.as_str().into()), label)
         .map_err(|e| {
-            ProvisionError::pkcs11(e, &format!("initialising slot {}", slot.id()), "SO")
+            pin_refused(
+                &pkcs11,
+                *slot,
+                e,
+                &format!("initialising slot {}", slot.id()),
+                Role::So,
+            )
         })?;
     Ok(Report {
         text: format!(
@@ -617,7 +666,7 @@ pub fn pin_init(target: &Target, pins: &mut PinReader) -> Result<Report> {
         .open_rw_session(slot)
         .map_err(|e| ProvisionError::pkcs11(e, "opening a session", "SO"))?;
     let so = pins.current(Role::So, info.min_pin_length(), info.max_pin_length())?;
-    login(&session, UserType::So, &so, &label)?;
+    login(&pkcs11, slot, &session, Role::So, &so, &label)?;
     let new = pins.new_pin(
         Role::User,
         false,
@@ -642,16 +691,12 @@ pub fn pin_change(target: &Target, so: bool, pins: &mut PinReader) -> Result<Rep
     let pkcs11 = target.load()?;
     let (slot, info) = select(&pkcs11, target)?;
     let label = info.label().trim_end().to_owned();
-    let (role, who) = if so {
-        (Role::So, UserType::So)
-    } else {
-        (Role::User, UserType::User)
-    };
+    let role = if so { Role::So } else { Role::User };
     let session = pkcs11
         .open_rw_session(slot)
         .map_err(|e| ProvisionError::pkcs11(e, "opening a session", role.name()))?;
     let old = pins.current(role, info.min_pin_length(), info.max_pin_length())?;
-    login(&session, who, &old, &label)?;
+    login(&pkcs11, slot, &session, role, &old, &label)?;
     let result = pins
         .new_pin(role, false, info.min_pin_length(), info.max_pin_length())
         .and_then(|new| {

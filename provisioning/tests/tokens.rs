@@ -113,9 +113,14 @@ fn token_pin_and_key_lifecycle_on_the_soft_token() {
     );
 
     // Wrong PINs lock the user PIN; the SO clears the lock with pin init.
+    // The officer hears when one try is left, and when a PIN just locked.
     p(&["--token", "t1", "key", "list", "--login"], "nope-1\n").fails(5, "wrong");
-    p(&["--token", "t1", "key", "list", "--login"], "nope-2\n").fails(5, "wrong");
-    p(&["--token", "t1", "key", "list", "--login"], "nope-3\n");
+    p(&["--token", "t1", "key", "list", "--login"], "nope-2\n").fails(
+        5,
+        "user PIN is wrong, and one try is left before the PIN locks",
+    );
+    p(&["--token", "t1", "key", "list", "--login"], "nope-3\n")
+        .fails(6, "that was the last try: the user PIN is now locked");
     p(
         &["--token", "t1", "key", "list", "--login"],
         "user-pin-0002\n",
@@ -174,6 +179,11 @@ fn token_pin_and_key_lifecycle_on_the_soft_token() {
         "so-pin-0001\nuser-pin-0004\n",
     )
     .fails(5, "SO PIN is wrong");
+    p(
+        &["--token", "t1", "pin", "init"],
+        "so-pin-0001\nuser-pin-0004\n",
+    )
+    .fails(5, "SO PIN is wrong, and one try is left");
     p(
         &["--token", "t1", "pin", "init"],
         "so-pin-0002\nuser-pin-0004\n",
