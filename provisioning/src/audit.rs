@@ -503,7 +503,11 @@ pub fn show(dir: &Path, f: &ShowFilter) -> Result<(Report, Option<String>)> {
     }
     if unreadable > 0 {
         text.push_str(&format!(
-            "note: {unreadable} lines were not readable records; run `svs-provision audit verify` to locate damage\n"
+            "note: {unreadable} lines were not readable records; run `{}` to locate damage\n",
+            crate::cli::command(&format!(
+                "audit verify --dir {}",
+                crate::cli::shell_word(&dir.to_string_lossy())
+            ))
         ));
     }
     text.push_str("(this listing does not check the hash chain: `audit verify` does)\n");

@@ -547,7 +547,8 @@ const RELOAD_WAIT: Duration = Duration::from_secs(5);
 
 fn not_reloaded(why: String) -> ProvisionError {
     ProvisionError::NotReloaded(format!(
-        "the entities file was updated, but {why}. Until svsd reloads, it keeps serving the previous entities: fix the cause, then `systemctl reload svsd` (or `kill -HUP <svsd pid>`) and check `svs-provision audit show --type reload --last 1`"
+        "the entities file was updated, but {why}. Until svsd reloads, it keeps serving the previous entities: fix the cause, then `systemctl reload svsd` (or `kill -HUP <svsd pid>`) and check `{}`",
+        crate::cli::command("audit show --type reload --last 1")
     ))
 }
 

@@ -124,14 +124,16 @@ impl ProvisionError {
                 unlock_advice()
             )),
             CryptokiError::Pkcs11(RvError::PinLenRange, _) => ProvisionError::Usage(format!(
-                "{what}: the {who} PIN has a length the token does not accept (see `svs-provision token info` for the limits)"
+                "{what}: the {who} PIN has a length the token does not accept (see `{}` for the limits)",
+                crate::cli::command("token info")
             )),
             CryptokiError::Pkcs11(RvError::PinInvalid, _) => ProvisionError::Usage(format!(
                 "{what}: the token refuses the characters of the new {who} PIN"
             )),
             CryptokiError::Pkcs11(RvError::UserPinNotInitialized, _) => {
                 ProvisionError::NotFound(format!(
-                    "{what}: the user PIN has not been set on this token yet; the security officer sets it with `svs-provision pin init`"
+                    "{what}: the user PIN has not been set on this token yet; the security officer sets it with `{}`",
+                    crate::cli::command("pin init")
                 ))
             }
             CryptokiError::Pkcs11(RvError::TokenWriteProtected, _) => ProvisionError::Token(
@@ -154,7 +156,10 @@ impl ProvisionError {
 
 /// What to do about a locked PIN.
 fn unlock_advice() -> String {
-    "the security officer must reset it with `svs-provision pin init` (a locked SO PIN means the token must be re-initialised)".into()
+    format!(
+        "the security officer must reset it with `{}` (a locked SO PIN means the token must be re-initialised)",
+        crate::cli::command("pin init")
+    )
 }
 
 impl ProvisionError {

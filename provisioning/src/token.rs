@@ -227,9 +227,10 @@ pub fn select(pkcs11: &Pkcs11, target: &Target) -> Result<(Slot, TokenInfo)> {
             present(&all)
         ))),
         [] => Err(ProvisionError::NotFound(format!(
-            "no initialised token in {}; tokens present: {}. Create one with `svs-provision token init --label NAME`",
+            "no initialised token in {}; tokens present: {}. Create one with `{}`",
             target.module_name(),
-            present(&all)
+            present(&all),
+            crate::cli::command_for_token(None, "token init --label NAME")
         ))),
         many => Err(ProvisionError::Usage(format!(
             "{} tokens match in {}: {}; choose one with --token LABEL",
@@ -497,8 +498,9 @@ pub fn info(target: &Target) -> Result<Report> {
             }
         } else {
             text.push_str(&format!(
-                "slot {}: empty token (create one with `svs-provision token init --label NAME`)\n",
-                slot.id()
+                "slot {}: empty token (create one with `{}`)\n",
+                slot.id(),
+                crate::cli::command_for_token(None, "token init --label NAME")
             ));
         }
         items.push(j);
@@ -650,8 +652,9 @@ pub fn init(
         })?;
     Ok(Report {
         text: format!(
-            "token '{label}' initialised in slot {}. Next: set the user PIN with `svs-provision --token {label} pin init`\n",
-            slot.id()
+            "token '{label}' initialised in slot {}. Next: set the user PIN with `{}`\n",
+            slot.id(),
+            crate::cli::command_for_token(Some(label), "pin init")
         ),
         json: json!({"token": label, "slot": slot.id(), "initialized": true}),
     })

@@ -178,7 +178,10 @@ async fn enrollment_flow_with_svsd_and_audit_verification() {
         &p("cert.pem"),
     ])
     .fails(3, "no key labelled 'nosuch'");
-    run(&["key", "generate", "--label", "enrolled"]).fails(4, "exists already");
+    run(&["key", "generate", "--label", "enrolled"]).fails(
+        4,
+        &format!("`svs-provision -c {config} key delete --label enrolled`"),
+    );
     run(&["csr", "--label", "nosuch", "--subject", "CN=x"]).fails(3, "keys present:");
     run(&["csr", "--label", "enrolled", "--subject", "garbage"]).fails(2, "RFC 4514");
     prov(

@@ -292,7 +292,9 @@ fn enrollment_steps_on_softhsm_with_ecdsa_p256() {
         prov(&a, &env, "")
     };
 
-    prov(
+    // Suggested commands repeat the module (and token, profile) given:
+    // without them they would act on the built-in soft token.
+    let made = prov(
         &[
             "--module",
             SOFTHSM,
@@ -307,6 +309,13 @@ fn enrollment_steps_on_softhsm_with_ecdsa_p256() {
         "",
     )
     .ok();
+    assert!(
+        made.stdout.contains(&format!(
+            "`svs-provision --module {SOFTHSM} --token svs-hsm pin init`"
+        )),
+        "{}",
+        made.stdout
+    );
     p(&["--so-pin-file", &so, "--new-pin-file", &user, "pin", "init"]).ok();
     let key = p(&[
         "--pin-file",
@@ -321,7 +330,12 @@ fn enrollment_steps_on_softhsm_with_ecdsa_p256() {
     .json();
     assert_eq!(key["algorithm"], "ECDSA-P256");
     p(&["--pin-file", &wrong, "key", "generate", "--label", "x"]).fails(5, "user PIN is wrong");
-    p(&["--pin-file", &user, "key", "generate", "--label", "p256"]).fails(4, "exists already");
+    p(&["--pin-file", &user, "key", "generate", "--label", "p256"]).fails(
+        4,
+        &format!(
+            "`svs-provision --module {SOFTHSM} --token svs-hsm --profile ecdsa-p256 key delete --label p256`"
+        ),
+    );
 
     p(&[
         "--pin-file",
