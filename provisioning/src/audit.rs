@@ -205,7 +205,7 @@ pub struct VerifyArgs {
 pub fn verify(dir: &Path, key: &AuditKey, args: &VerifyArgs) -> Result<Report> {
     if !dir.is_dir() {
         return Err(ProvisionError::NotFound(format!(
-            "audit directory {} does not exist (svsd's [audit] dir)",
+            "audit directory {} does not exist",
             dir.display()
         )));
     }
@@ -541,16 +541,35 @@ pub fn show(dir: &Path, f: &ShowFilter) -> Result<(Report, Option<String>)> {
     ))
 }
 
-/// The audit directory: `--dir`, else svsd's `[audit] dir`.
+/// The audit directory: `--dir`, else svsd's `[audit] dir`; refused,
+/// naming where it came from, when it is no directory.
 pub fn dir_from(
     dir: Option<PathBuf>,
     config: Option<&svs_appliance::config::Config>,
 ) -> Result<PathBuf> {
-    dir.or_else(|| config.map(|c| c.audit.dir.clone())).ok_or_else(|| {
-        ProvisionError::Usage(
-            "which audit trail? give --dir DIR, or --config /etc/svs/svsd.toml to use svsd's [audit] dir".into(),
-        )
-    })
+    let (dir, source) = match (dir, config) {
+        (Some(d), _) => (d, "--dir".to_owned()),
+        (None, Some(c)) => (
+            c.audit.dir.clone(),
+            format!("svsd's [audit] dir in {}", c.path.display()),
+        ),
+        (None, None) => {
+            return Err(ProvisionError::Usage(
+                "which audit trail? give --dir DIR, or --config /etc/svs/svsd.toml to use svsd's [audit] dir".into(),
+            ));
+        }
+    };
+    match std::fs::metadata(&dir) {
+        Ok(m) if m.is_dir() => Ok(dir),
+        Ok(_) => Err(ProvisionError::Usage(format!(
+            "{} is not a directory ({source}): give the audit directory",
+            dir.display()
+        ))),
+        Err(_) => Err(ProvisionError::NotFound(format!(
+            "audit directory {} does not exist ({source})",
+            dir.display()
+        ))),
+    }
 }
 
 #[cfg(test)]

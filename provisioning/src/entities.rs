@@ -67,6 +67,14 @@ pub struct NewEntity {
 
 /// svsd's configuration, loaded for its keys and entities file.
 pub fn load_config(path: &Path) -> Result<Config> {
+    // A path that names nothing is a typo (or the wrong host), not a
+    // configuration to fix.
+    if std::fs::metadata(path).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) {
+        return Err(ProvisionError::NotFound(format!(
+            "no such file: {} (--config names svsd's configuration, e.g. /etc/svs/svsd.toml)",
+            path.display()
+        )));
+    }
     Config::load(path).map_err(|e| {
         ProvisionError::Config(format!(
             "{}: {e}\nFix svsd's configuration first (svsd --check-config -c {0} checks it)",

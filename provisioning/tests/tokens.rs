@@ -236,6 +236,22 @@ fn token_pin_and_key_lifecycle_on_the_soft_token() {
 }
 
 #[test]
+fn a_missing_file_or_directory_is_named_with_the_option_that_gave_it() {
+    prov(&["-c", "/nonexistent/svsd.toml", "token", "info"], &[], "")
+        .fails(3, "no such file: /nonexistent/svsd.toml");
+    let missing = "/nonexistent/audit";
+    for args in [
+        &["audit", "verify", "--dir", missing, "--skip-signatures"][..],
+        &["audit", "show", "--dir", missing],
+    ] {
+        prov(args, &[], "").fails(
+            3,
+            "audit directory /nonexistent/audit does not exist (--dir)",
+        );
+    }
+}
+
+#[test]
 fn audit_show_takes_only_record_types_that_exist() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_str().unwrap();
