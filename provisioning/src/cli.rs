@@ -574,6 +574,34 @@ fn write_out(path: &Path, text: &str) -> Result<()> {
     })
 }
 
+/// Refuses an `-o` that [`write_out`] could not write.
+fn check_out(path: &Path) -> Result<()> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => {
+            return Err(ProvisionError::Usage(format!(
+                "{} is a directory: give -o a file name; nothing was done",
+                path.display()
+            )));
+        }
+        // A device or pipe (-o /dev/stdout) is written to as it is.
+        Ok(m) if !m.is_file() => return Ok(()),
+        _ => {}
+    }
+    crate::replace::Replacement::check(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            ProvisionError::NotFound(format!(
+                "cannot write {}: its directory does not exist; nothing was done",
+                path.display()
+            ))
+        } else {
+            ProvisionError::Io(format!(
+                "cannot write {}: no file can be made in its directory ({e}); nothing was done",
+                path.display()
+            ))
+        }
+    })
+}
+
 fn need_config(
     cli: &Cli,
     config: Option<svs_appliance::config::Config>,
@@ -695,12 +723,18 @@ pub fn run(cli: Cli) -> Result<Outcome> {
             }
         }
         Command::Csr(a) => {
-            let opened = Opened::open(&t)?;
             let opts = crate::csr::CsrOptions {
                 subject: a.subject.clone(),
                 sans: a.sans.clone(),
                 key_usage: a.key_usage.clone(),
             };
+            // Before the token: a mistake found after the PIN would have
+            // used a login, and after signing, thrown the request away.
+            crate::csr::check_options(&opts)?;
+            if let Some(path) = &a.out {
+                check_out(path)?;
+            }
+            let opened = Opened::open(&t)?;
             let (pem, report) = crate::csr::csr(&opened, &mut pins, &a.label, &opts)?;
             match &a.out {
                 Some(path) => {

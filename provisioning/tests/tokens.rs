@@ -92,6 +92,31 @@ fn token_pin_and_key_lifecycle_on_the_soft_token() {
         "user-pin-0002\n",
     )
     .ok();
+    // A request's input and output file are checked before the PIN is
+    // read: the wrong PIN after them is never tried.
+    let csr = ["--token", "t1", "csr", "--label", "a", "--subject", "CN=a"];
+    let nodir = tmp.path().join("nodir").join("a.csr");
+    for (extra, code, says) in [
+        (
+            &["--key-usage", "digitalsignature"][..],
+            2,
+            "case-sensitive: digitalSignature",
+        ),
+        (&["--san", "a.example"], 2, "no type prefix"),
+        (
+            &["-o", nodir.to_str().unwrap()],
+            3,
+            "its directory does not exist",
+        ),
+        (&["-o", tmp.path().to_str().unwrap()], 2, "is a directory"),
+    ] {
+        let args: Vec<&str> = csr.iter().chain(extra).copied().collect();
+        p(&args, "nope-0\n").fails(code, says);
+    }
+    let info = p(&["--token", "t1", "--json", "token", "info"], "")
+        .ok()
+        .json();
+    assert_eq!(info["tokens"][0]["user_pin_count_low"], false, "{info}");
     // Output that cannot be written is a failure, not a success.
     let full = std::process::Command::new(env!("CARGO_BIN_EXE_svs-provision"))
         .args(["--token", "t1", "--json", "token", "info"])
