@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use common::{Run, key_state, prov, sh};
@@ -113,10 +114,44 @@ fn token_pin_and_key_lifecycle_on_the_soft_token() {
         let args: Vec<&str> = csr.iter().chain(extra).copied().collect();
         p(&args, "nope-0\n").fails(code, says);
     }
-    let info = p(&["--token", "t1", "--json", "token", "info"], "")
-        .ok()
-        .json();
-    assert_eq!(info["tokens"][0]["user_pin_count_low"], false, "{info}");
+    // A PIN file of two lines is refused untried.
+    let pin_file = tmp.path().join("pin");
+    let pin_path = pin_file.to_str().unwrap();
+    let login = [
+        "--pin-file",
+        pin_path,
+        "--token",
+        "t1",
+        "key",
+        "list",
+        "--login",
+    ];
+    std::fs::write(&pin_file, "user-pin-0002\nuser-pin-0002\n").unwrap();
+    std::fs::set_permissions(&pin_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    p(&login, "").fails(2, "holds more than one line");
+    let tried = || {
+        p(&["--token", "t1", "--json", "token", "info"], "")
+            .ok()
+            .json()["tokens"][0]["user_pin_count_low"]
+            .as_bool()
+            .unwrap()
+    };
+    assert!(!tried(), "a login attempt was used up");
+    p(&["--token", "t1", "key", "list", "--login"], "nope-0\n").fails(5, "wrong");
+    assert!(tried(), "the token shows a wrong PIN");
+    // A PIN file others can read works, with a warning.
+    std::fs::write(&pin_file, "user-pin-0002\n").unwrap();
+    let quiet = p(&login, "").ok();
+    assert!(!quiet.stderr.contains("warning"), "{}", quiet.stderr);
+    std::fs::set_permissions(&pin_file, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let warned = p(&login, "").ok();
+    assert!(
+        warned.stderr.contains(&format!(
+            "PIN file {pin_path} can be read by its group; make it private with `chmod 600 {pin_path}`"
+        )),
+        "{}",
+        warned.stderr
+    );
     // Output that cannot be written is a failure, not a success.
     let full = std::process::Command::new(env!("CARGO_BIN_EXE_svs-provision"))
         .args(["--token", "t1", "--json", "token", "info"])
