@@ -287,6 +287,23 @@ pub fn set_status(
     reload: &Reload,
 ) -> Result<Report> {
     let config = load_config(config_path)?;
+    let (want, state) = if suspended {
+        (EntityStatus::Suspended, "suspended")
+    } else {
+        (EntityStatus::Active, "active")
+    };
+    // Before svsd is looked for: what is already so needs no write, no
+    // reload and no svsd at all.
+    if config
+        .entities
+        .iter()
+        .any(|e| e.name == name && e.status == want)
+    {
+        return Ok(Report {
+            text: format!("entity {name:?} is already {state}; nothing was changed\n"),
+            json: json!({"name": name, "status": state, "changed": false, "reload": null}),
+        });
+    }
     let path = entities_path(&config)?;
     let target = reload_target(reload)?;
     let owned = name.to_owned();
@@ -300,10 +317,9 @@ pub fn set_status(
         Ok(())
     })?;
     let outcome = do_reload(&target, &config.audit.dir, &written)?;
-    let state = if suspended { "suspended" } else { "active" };
     Ok(Report {
         text: format!("entity {name:?} is now {state}\n{}", outcome.text),
-        json: json!({"name": name, "status": state, "reload": outcome.json}),
+        json: json!({"name": name, "status": state, "changed": true, "reload": outcome.json}),
     })
 }
 
