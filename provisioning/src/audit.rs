@@ -205,7 +205,7 @@ pub struct VerifyArgs {
 pub fn verify(dir: &Path, key: &AuditKey, args: &VerifyArgs) -> Result<Report> {
     if !dir.is_dir() {
         return Err(ProvisionError::NotFound(format!(
-            "audit directory {} does not exist (svsd's [audit] dir)",
+            "audit directory {} does not exist",
             dir.display()
         )));
     }
@@ -313,6 +313,19 @@ pub struct ShowFilter {
     pub kind: Option<String>,
     /// Only the last N matching records.
     pub last: Option<usize>,
+    /// What svsd's configuration names, when it was given.
+    pub configured: Option<Configured>,
+}
+
+/// The entity and key names svsd's configuration knows: a filter naming
+/// neither one of them nor anything in the trail is most likely mistyped.
+/// Not an error: records outlive the entities and keys they name.
+#[derive(Debug, Clone, Default)]
+pub struct Configured {
+    /// Entity names (svsd.toml and the entities file).
+    pub entities: Vec<String>,
+    /// Exposed key names, and the audit key's label (checkpoints name it).
+    pub keys: Vec<String>,
 }
 
 fn check_time(s: &str) -> Result<()> {
@@ -396,8 +409,9 @@ pub fn anchor(
     })
 }
 
-/// `audit show`: records matching the filter, oldest first.
-pub fn show(dir: &Path, f: &ShowFilter) -> Result<Report> {
+/// `audit show`: records matching the filter, oldest first, and a note
+/// for standard error on an `--entity` or `--key` that looks mistyped.
+pub fn show(dir: &Path, f: &ShowFilter) -> Result<(Report, Option<String>)> {
     for t in [&f.since, &f.until].into_iter().flatten() {
         check_time(t)?;
     }
@@ -409,6 +423,7 @@ pub fn show(dir: &Path, f: &ShowFilter) -> Result<Report> {
     })?;
     let mut out: Vec<Value> = Vec::new();
     let mut unreadable = 0usize;
+    let (mut entity_seen, mut key_seen) = (false, false);
     for (_, path) in &files {
         let bytes = svs_appliance::audit::read_trail_file(path)
             .map_err(|e| ProvisionError::Io(format!("cannot read {}: {e}", path.display())))?;
@@ -419,6 +434,8 @@ pub fn show(dir: &Path, f: &ShowFilter) -> Result<Report> {
                 continue;
             };
             let field = |k: &str| v.get(k).and_then(Value::as_str);
+            entity_seen |= f.entity.is_some() && field("entity") == f.entity.as_deref();
+            key_seen |= f.key.is_some() && field("key") == f.key.as_deref();
             let time = field("time").unwrap_or("");
             // A bound written to the second (…:00Z) must not sort after
             // records with fractions of that second (…:00.5Z): compare
@@ -486,26 +503,73 @@ pub fn show(dir: &Path, f: &ShowFilter) -> Result<Report> {
     }
     if unreadable > 0 {
         text.push_str(&format!(
-            "note: {unreadable} lines were not readable records; run `svs-provision audit verify` to locate damage\n"
+            "note: {unreadable} lines were not readable records; run `{}` to locate damage\n",
+            crate::cli::command(&format!(
+                "audit verify --dir {}",
+                crate::cli::shell_word(&dir.to_string_lossy())
+            ))
         ));
     }
     text.push_str("(this listing does not check the hash chain: `audit verify` does)\n");
-    Ok(Report {
-        text,
-        json: json!({"records": out, "unreadable_lines": unreadable}),
-    })
+    let mut note = String::new();
+    if let Some(c) = &f.configured {
+        for (what, wanted, seen, known) in [
+            ("entity", &f.entity, entity_seen, &c.entities),
+            ("key", &f.key, key_seen, &c.keys),
+        ] {
+            if let Some(name) = wanted
+                && !seen
+                && !known.contains(name)
+            {
+                note.push_str(&format!(
+                    "note: no {what} named '{name}' is configured; configured: {}. No record names it either: check the spelling\n",
+                    if known.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        known.join(", ")
+                    }
+                ));
+            }
+        }
+    }
+    Ok((
+        Report {
+            text,
+            json: json!({"records": out, "unreadable_lines": unreadable}),
+        },
+        (!note.is_empty()).then_some(note),
+    ))
 }
 
-/// The audit directory: `--dir`, else svsd's `[audit] dir`.
+/// The audit directory: `--dir`, else svsd's `[audit] dir`; refused,
+/// naming where it came from, when it is no directory.
 pub fn dir_from(
     dir: Option<PathBuf>,
     config: Option<&svs_appliance::config::Config>,
 ) -> Result<PathBuf> {
-    dir.or_else(|| config.map(|c| c.audit.dir.clone())).ok_or_else(|| {
-        ProvisionError::Usage(
-            "which audit trail? give --dir DIR, or --config /etc/svs/svsd.toml to use svsd's [audit] dir".into(),
-        )
-    })
+    let (dir, source) = match (dir, config) {
+        (Some(d), _) => (d, "--dir".to_owned()),
+        (None, Some(c)) => (
+            c.audit.dir.clone(),
+            format!("svsd's [audit] dir in {}", c.path.display()),
+        ),
+        (None, None) => {
+            return Err(ProvisionError::Usage(
+                "which audit trail? give --dir DIR, or --config /etc/svs/svsd.toml to use svsd's [audit] dir".into(),
+            ));
+        }
+    };
+    match std::fs::metadata(&dir) {
+        Ok(m) if m.is_dir() => Ok(dir),
+        Ok(_) => Err(ProvisionError::Usage(format!(
+            "{} is not a directory ({source}): give the audit directory",
+            dir.display()
+        ))),
+        Err(_) => Err(ProvisionError::NotFound(format!(
+            "audit directory {} does not exist ({source})",
+            dir.display()
+        ))),
+    }
 }
 
 #[cfg(test)]
@@ -527,15 +591,24 @@ mod tests {
         }
     }
 
-    fn trail(dir: &Path, notes: usize) {
+    /// A new trail in `dir` (files of `max_file_bytes`) and a runtime to write it with.
+    fn open_trail(
+        dir: &Path,
+        max_file_bytes: u64,
+    ) -> (svs_appliance::audit::AuditTrail, tokio::runtime::Runtime) {
         let trail = svs_appliance::audit::AuditTrail::open(
-            &svs_appliance::config::AuditConfig::without_token(dir.to_path_buf(), 1024),
+            &svs_appliance::config::AuditConfig::without_token(dir.to_path_buf(), max_file_bytes),
             None,
         )
         .unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
+        (trail, rt)
+    }
+
+    fn trail(dir: &Path, notes: usize) {
+        let (trail, rt) = open_trail(dir, 1024);
         for _ in 0..notes {
             rt.block_on(trail.note("selftest", "ok".into())).unwrap();
         }
@@ -579,14 +652,7 @@ mod tests {
     #[test]
     fn summaries_of_suppressed_refusals_verify_and_show_like_any_note() {
         let dir = tempfile::tempdir().unwrap();
-        let trail = svs_appliance::audit::AuditTrail::open(
-            &svs_appliance::config::AuditConfig::without_token(dir.path().to_path_buf(), 1 << 20),
-            None,
-        )
-        .unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
+        let (trail, rt) = open_trail(dir.path(), 1 << 20);
         rt.block_on(async {
             trail.note("start", "svsd started".into()).await.unwrap();
             trail
@@ -604,7 +670,7 @@ mod tests {
         trail.close();
         let r = verify(dir.path(), &AuditKey::Skip, &VerifyArgs::default()).unwrap();
         assert_eq!(r.json["records"], 4, "{}", r.json);
-        let shown = show(
+        let (shown, _) = show(
             dir.path(),
             &ShowFilter {
                 kind: Some("refusals_suppressed".into()),
@@ -620,6 +686,60 @@ mod tests {
             "{}",
             shown.text
         );
+    }
+
+    #[test]
+    fn a_filter_naming_nothing_configured_or_recorded_gets_a_note() {
+        let dir = tempfile::tempdir().unwrap();
+        let (trail, rt) = open_trail(dir.path(), 1 << 20);
+        let op = |entity: &str, key: &str| svs_appliance::audit::AuditEvent {
+            entity: entity.into(),
+            op: "sign",
+            key: Some(key.into()),
+            input_sm3: None,
+            output_sm3: None,
+            outcome: "ok".into(),
+            latency_us: 1,
+        };
+        rt.block_on(trail.append(vec![op("bank-a", "sign"), op("retired", "old-key")]))
+            .unwrap();
+        trail.close();
+        let configured = Configured {
+            entities: vec!["bank-a".into(), "bank-b".into()],
+            keys: vec!["sign".into()],
+        };
+        let shown = |entity: &str, key: Option<&str>, configured: Option<Configured>| {
+            show(
+                dir.path(),
+                &ShowFilter {
+                    entity: Some(entity.into()),
+                    key: key.map(str::to_owned),
+                    configured,
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+        };
+        let (r, note) = shown("bank_a", Some("sgn"), Some(configured.clone()));
+        assert!(r.text.contains("no matching records"), "{}", r.text);
+        let note = note.expect("a typo gets a note");
+        assert!(
+            note.contains("no entity named 'bank_a' is configured; configured: bank-a, bank-b"),
+            "{note}"
+        );
+        assert!(
+            note.contains("no key named 'sgn' is configured; configured: sign"),
+            "{note}"
+        );
+        // Configured but idle, or named by old records only: no note.
+        assert_eq!(shown("bank-b", None, Some(configured.clone())).1, None);
+        let (r, note) = shown("retired", Some("old-key"), Some(configured));
+        assert_eq!(
+            (r.json["records"].as_array().unwrap().len(), note),
+            (1, None)
+        );
+        // Without svsd's configuration nothing is known to compare with.
+        assert_eq!(shown("bank_a", None, None).1, None);
     }
 
     #[test]

@@ -240,9 +240,10 @@ pub fn import(
             leaf.tbs_certificate().subject_public_key_info().to_der()?,
         ));
         return Err(ProvisionError::Certificate(format!(
-            "the certificate in {} is for another key: its public key has spki_sha256 {cert_fp}, key '{label}' has {}. Nothing was stored; check that the CA answered the request made with `svs-provision csr --label {label}`",
+            "the certificate in {} is for another key: its public key has spki_sha256 {cert_fp}, key '{label}' has {}. Nothing was stored; check that the CA answered the request made with `{}`",
             file.display(),
-            key.fingerprint()
+            key.fingerprint(),
+            crate::cli::command(&format!("csr --label {label}"))
         )));
     }
     if key.id.is_empty() {

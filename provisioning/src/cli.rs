@@ -1,12 +1,14 @@
 //! The command line (clap) and the dispatch to the library's commands.
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use clap::{Args, Parser, Subcommand};
 use svs_hsm::{ModuleSource, Pkcs11Uri};
 
 use crate::Report;
-use crate::audit::{AuditKey, ShowFilter};
+use crate::audit::{AuditKey, Configured, ShowFilter};
 use crate::entities::{NewEntity, Reload};
 use crate::error::{ProvisionError, Result};
 use crate::pin::{PinFiles, PinReader};
@@ -110,10 +112,12 @@ pub enum TokenCmd {
         /// The new token label (1-32 bytes).
         #[arg(long)]
         label: String,
-        /// Slot to initialise (default: the first empty token).
+        /// Slot to initialise (default: the first empty token; with
+        /// --reinit, the token already labelled --label).
         #[arg(long)]
         slot: Option<u64>,
-        /// Re-initialise a token that holds keys (destroys them all).
+        /// Re-initialise an initialised token, destroying every key on it:
+        /// the one in --slot, else the one already labelled --label.
         #[arg(long)]
         reinit: bool,
         /// Do not ask for confirmation (with --reinit).
@@ -427,6 +431,79 @@ impl From<Report> for Outcome {
     }
 }
 
+/// The options of a command line that choose svsd's configuration, the
+/// module, the token and the profile.
+#[derive(Debug, Clone, Default)]
+struct Selecting {
+    config: Option<PathBuf>,
+    module: Option<String>,
+    token: Option<String>,
+    profile: Option<String>,
+}
+
+/// This command line's selecting options, for the commands that messages
+/// suggest: with another configuration or module than the default, the
+/// bare command would act on another token. A process-wide value because
+/// those messages are made deep in the library (error mapping included),
+/// where the command line is not at hand; a process runs one command.
+static SELECTING: OnceLock<Selecting> = OnceLock::new();
+
+impl Selecting {
+    fn of(cli: &Cli) -> Selecting {
+        Selecting {
+            config: cli.config.clone(),
+            module: cli.module.clone(),
+            token: cli.token.clone(),
+            profile: cli.profile.clone(),
+        }
+    }
+
+    fn command(&self, token: Option<&str>, rest: &str) -> String {
+        let config = self.config.as_ref().map(|c| c.to_string_lossy());
+        let mut words = vec![Cow::Borrowed("svs-provision")];
+        for (option, value) in [
+            ("-c", config.as_deref()),
+            ("--module", self.module.as_deref()),
+            ("--token", token),
+            ("--profile", self.profile.as_deref()),
+        ] {
+            if let Some(v) = value {
+                words.push(option.into());
+                words.push(shell_word(v));
+            }
+        }
+        words.push(rest.into());
+        words.join(" ")
+    }
+}
+
+/// `svs-provision`, the selecting options given on this command line, and
+/// `rest`: a command to suggest in a message.
+pub fn command(rest: &str) -> String {
+    let selecting = SELECTING.get_or_init(Selecting::default);
+    selecting.command(selecting.token.as_deref(), rest)
+}
+
+/// [`command`] for the token labelled `token` instead of the one given
+/// (`None`: no --token at all, for commands that make tokens).
+pub fn command_for_token(token: Option<&str>, rest: &str) -> String {
+    SELECTING
+        .get_or_init(Selecting::default)
+        .command(token, rest)
+}
+
+/// `s` as one word for a POSIX shell, quoted only when it needs to be.
+pub fn shell_word(s: &str) -> Cow<'_, str> {
+    let plain = !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_@%+=:,./-".contains(c));
+    if plain {
+        Cow::Borrowed(s)
+    } else {
+        Cow::Owned(format!("'{}'", s.replace('\'', r"'\''")))
+    }
+}
+
 fn target(cli: &Cli, config: Option<&svs_appliance::config::Config>) -> Result<Target> {
     let mut t = Target {
         profile: "auto".into(),
@@ -497,6 +574,34 @@ fn write_out(path: &Path, text: &str) -> Result<()> {
     })
 }
 
+/// Refuses an `-o` that [`write_out`] could not write.
+fn check_out(path: &Path) -> Result<()> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => {
+            return Err(ProvisionError::Usage(format!(
+                "{} is a directory: give -o a file name; nothing was done",
+                path.display()
+            )));
+        }
+        // A device or pipe (-o /dev/stdout) is written to as it is.
+        Ok(m) if !m.is_file() => return Ok(()),
+        _ => {}
+    }
+    crate::replace::Replacement::check(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            ProvisionError::NotFound(format!(
+                "cannot write {}: its directory does not exist; nothing was done",
+                path.display()
+            ))
+        } else {
+            ProvisionError::Io(format!(
+                "cannot write {}: no file can be made in its directory ({e}); nothing was done",
+                path.display()
+            ))
+        }
+    })
+}
+
 fn need_config(
     cli: &Cli,
     config: Option<svs_appliance::config::Config>,
@@ -524,6 +629,7 @@ fn changes_tokens(command: &Command) -> bool {
 }
 
 pub fn run(cli: Cli) -> Result<Outcome> {
+    let _ = SELECTING.set(Selecting::of(&cli));
     let config = cli
         .config
         .as_deref()
@@ -617,12 +723,18 @@ pub fn run(cli: Cli) -> Result<Outcome> {
             }
         }
         Command::Csr(a) => {
-            let opened = Opened::open(&t)?;
             let opts = crate::csr::CsrOptions {
                 subject: a.subject.clone(),
                 sans: a.sans.clone(),
                 key_usage: a.key_usage.clone(),
             };
+            // Before the token: a mistake found after the PIN would have
+            // used a login, and after signing, thrown the request away.
+            crate::csr::check_options(&opts)?;
+            if let Some(path) = &a.out {
+                check_out(path)?;
+            }
+            let opened = Opened::open(&t)?;
             let (pem, report) = crate::csr::csr(&opened, &mut pins, &a.label, &opts)?;
             match &a.out {
                 Some(path) => {
@@ -777,7 +889,16 @@ pub fn run(cli: Cli) -> Result<Outcome> {
             last,
         }) => {
             let dir = crate::audit::dir_from(dir.clone(), config.as_ref())?;
-            Ok(crate::audit::show(
+            let configured = config.as_ref().map(|c| Configured {
+                entities: c.entities.iter().map(|e| e.name.clone()).collect(),
+                keys: c
+                    .keys
+                    .keys()
+                    .cloned()
+                    .chain(c.audit.checkpoint_key.clone())
+                    .collect(),
+            });
+            let (report, note) = crate::audit::show(
                 &dir,
                 &ShowFilter {
                     since: since.clone(),
@@ -786,9 +907,10 @@ pub fn run(cli: Cli) -> Result<Outcome> {
                     key: key.clone(),
                     kind: kind.clone(),
                     last: *last,
+                    configured,
                 },
-            )?
-            .into())
+            )?;
+            Ok(Outcome { report, note })
         }
         Command::Selftest { labels } => {
             let opened = Opened::open(&t)?;
@@ -847,6 +969,38 @@ mod tests {
                 e.kind()
             );
         }
+    }
+
+    #[test]
+    fn suggested_commands_repeat_the_selecting_options_as_typed() {
+        let cli = Cli::parse_from([
+            "svs-provision",
+            "--pin-file",
+            "/root/pin",
+            "-c",
+            "/srv/svs test/svsd.toml",
+            "--module",
+            "/opt/hsm/lib.so",
+            "--token",
+            "pkcs11:token=svs;serial=7",
+            "key",
+            "list",
+        ]);
+        let s = Selecting::of(&cli);
+        assert_eq!(
+            s.command(s.token.as_deref(), "pin init"),
+            "svs-provision -c '/srv/svs test/svsd.toml' --module /opt/hsm/lib.so --token 'pkcs11:token=svs;serial=7' pin init"
+        );
+        assert_eq!(
+            s.command(Some("new"), "pin init"),
+            "svs-provision -c '/srv/svs test/svsd.toml' --module /opt/hsm/lib.so --token new pin init"
+        );
+        assert_eq!(
+            Selecting::default().command(None, "token info"),
+            "svs-provision token info"
+        );
+        assert_eq!(shell_word("it's"), r"'it'\''s'");
+        assert_eq!(shell_word(""), "''");
     }
 
     #[test]

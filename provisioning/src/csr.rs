@@ -83,25 +83,46 @@ fn general_name(s: &str) -> Result<GeneralName> {
     }
 }
 
+/// Key usage names as OpenSSL and RFC 5280 write them.
+const KEY_USAGES: [(&str, KeyUsages); 8] = [
+    ("digitalSignature", KeyUsages::DigitalSignature),
+    ("nonRepudiation", KeyUsages::NonRepudiation),
+    ("contentCommitment", KeyUsages::NonRepudiation),
+    ("keyEncipherment", KeyUsages::KeyEncipherment),
+    ("dataEncipherment", KeyUsages::DataEncipherment),
+    ("keyAgreement", KeyUsages::KeyAgreement),
+    ("keyCertSign", KeyUsages::KeyCertSign),
+    ("cRLSign", KeyUsages::CRLSign),
+];
+
 fn key_usage(names: &[String]) -> Result<KeyUsage> {
     let mut flags = der::flagset::FlagSet::<KeyUsages>::default();
     for n in names {
-        flags |= match n.as_str() {
-            "digitalSignature" => KeyUsages::DigitalSignature,
-            "nonRepudiation" | "contentCommitment" => KeyUsages::NonRepudiation,
-            "keyEncipherment" => KeyUsages::KeyEncipherment,
-            "dataEncipherment" => KeyUsages::DataEncipherment,
-            "keyAgreement" => KeyUsages::KeyAgreement,
-            "keyCertSign" => KeyUsages::KeyCertSign,
-            "cRLSign" => KeyUsages::CRLSign,
-            other => {
+        match KEY_USAGES.iter().find(|(name, _)| name == n) {
+            Some((_, flag)) => flags |= *flag,
+            None => {
+                let all: Vec<&str> = KEY_USAGES.iter().map(|(name, _)| *name).collect();
+                let case = KEY_USAGES
+                    .iter()
+                    .find(|(name, _)| name.eq_ignore_ascii_case(n))
+                    .map(|(name, _)| format!(" (names are case-sensitive: {name})"))
+                    .unwrap_or_default();
                 return Err(ProvisionError::Usage(format!(
-                    "unknown key usage {other:?}; use digitalSignature, nonRepudiation, keyEncipherment, dataEncipherment, keyAgreement, keyCertSign, cRLSign"
+                    "unknown key usage {n:?}{case}; use {}",
+                    all.join(", ")
                 )));
             }
-        };
+        }
     }
     Ok(KeyUsage(flags))
+}
+
+/// Checks the subject, SANs and key usages without a key: what the
+/// request needs besides the key is refused before any PIN is read or
+/// the token is used.
+pub fn check_options(opts: &CsrOptions) -> Result<()> {
+    parse_subject(&opts.subject)?;
+    extensions(opts).map(drop)
 }
 
 /// The CertificationRequestInfo for `key` (all input checked here, before
@@ -109,6 +130,21 @@ fn key_usage(names: &[String]) -> Result<KeyUsage> {
 pub fn request_info(key: &Key, opts: &CsrOptions) -> Result<CertReqInfo> {
     let subject = parse_subject(&opts.subject)?;
     let public_key = SubjectPublicKeyInfoOwned::from_der(&key.spki())?;
+    let extensions = extensions(opts)?;
+    let mut attributes = SetOfVec::new();
+    if !extensions.is_empty() {
+        attributes.insert(ExtensionReq(extensions).try_into()?)?;
+    }
+    Ok(CertReqInfo {
+        version: Version::V1,
+        subject,
+        public_key,
+        attributes,
+    })
+}
+
+/// The requested extensions: subject alternative names and key usage.
+fn extensions(opts: &CsrOptions) -> Result<Vec<Extension>> {
     let mut extensions = Vec::new();
     let sans: Vec<String> = opts
         .sans
@@ -142,16 +178,7 @@ pub fn request_info(key: &Key, opts: &CsrOptions) -> Result<CertReqInfo> {
             extn_value: OctetString::new(key_usage(&usages)?.to_der()?)?,
         });
     }
-    let mut attributes = SetOfVec::new();
-    if !extensions.is_empty() {
-        attributes.insert(ExtensionReq(extensions).try_into()?)?;
-    }
-    Ok(CertReqInfo {
-        version: Version::V1,
-        subject,
-        public_key,
-        attributes,
-    })
+    Ok(extensions)
 }
 
 /// Puts a DER signature over `info` into a request.
@@ -178,8 +205,7 @@ pub fn csr(
     label: &str,
     opts: &CsrOptions,
 ) -> Result<(String, Report)> {
-    // Check the subject and extensions before asking for a PIN.
-    parse_subject(&opts.subject)?;
+    check_options(opts)?;
     let session = opened.user_session(pins)?;
     let key = keys::find(&session, &opened.profile, label, &opened.label)?;
     let info = request_info(&key, opts)?;
@@ -221,6 +247,11 @@ mod tests {
         assert!(general_name("svs.example").is_err());
         assert!(key_usage(&["digitalSignature".into(), "nonRepudiation".into()]).is_ok());
         assert!(key_usage(&["sign".into()]).is_err());
+        let e = key_usage(&["digitalsignature".into()]).unwrap_err();
+        assert!(
+            e.to_string().contains("case-sensitive: digitalSignature"),
+            "{e}"
+        );
     }
 
     #[test]

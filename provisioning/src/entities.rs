@@ -67,6 +67,14 @@ pub struct NewEntity {
 
 /// svsd's configuration, loaded for its keys and entities file.
 pub fn load_config(path: &Path) -> Result<Config> {
+    // A path that names nothing is a typo (or the wrong host), not a
+    // configuration to fix.
+    if std::fs::metadata(path).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) {
+        return Err(ProvisionError::NotFound(format!(
+            "no such file: {} (--config names svsd's configuration, e.g. /etc/svs/svsd.toml)",
+            path.display()
+        )));
+    }
     Config::load(path).map_err(|e| {
         ProvisionError::Config(format!(
             "{}: {e}\nFix svsd's configuration first (svsd --check-config -c {0} checks it)",
@@ -279,6 +287,23 @@ pub fn set_status(
     reload: &Reload,
 ) -> Result<Report> {
     let config = load_config(config_path)?;
+    let (want, state) = if suspended {
+        (EntityStatus::Suspended, "suspended")
+    } else {
+        (EntityStatus::Active, "active")
+    };
+    // Before svsd is looked for: what is already so needs no write, no
+    // reload and no svsd at all.
+    if config
+        .entities
+        .iter()
+        .any(|e| e.name == name && e.status == want)
+    {
+        return Ok(Report {
+            text: format!("entity {name:?} is already {state}; nothing was changed\n"),
+            json: json!({"name": name, "status": state, "changed": false, "reload": null}),
+        });
+    }
     let path = entities_path(&config)?;
     let target = reload_target(reload)?;
     let owned = name.to_owned();
@@ -292,10 +317,9 @@ pub fn set_status(
         Ok(())
     })?;
     let outcome = do_reload(&target, &config.audit.dir, &written)?;
-    let state = if suspended { "suspended" } else { "active" };
     Ok(Report {
         text: format!("entity {name:?} is now {state}\n{}", outcome.text),
-        json: json!({"name": name, "status": state, "reload": outcome.json}),
+        json: json!({"name": name, "status": state, "changed": true, "reload": outcome.json}),
     })
 }
 
@@ -372,6 +396,55 @@ const HEADER: &str = "# Application entities, read by svsd (entities_file in svs
 # Managed with `svs-provision entity ...`, which rewrites this file atomically\n\
 # and asks svsd to reload; comments and layout are kept.\n\n";
 
+/// The entities file's text `text` (read from `path`) after `change`.
+fn edited(
+    text: &str,
+    path: &Path,
+    change: impl FnOnce(&mut toml_edit::ArrayOfTables) -> Result<()>,
+) -> Result<String> {
+    let mut doc: toml_edit::DocumentMut = text.parse().map_err(|e: toml_edit::TomlError| {
+        ProvisionError::Config(format!(
+            "{}; the file is not valid TOML: fix it by hand first",
+            syntax_error(path, text, e.span(), e.message())
+        ))
+    })?;
+    // A file of comments only (as packaged) holds them as the document's
+    // trailing text, which toml_edit writes after the tables: kept there,
+    // the file's header would end up below the first entity added.
+    let mut header = None;
+    if doc.get("entity").is_none() {
+        if doc.as_table().is_empty() {
+            header = doc.trailing().as_str().map(str::to_owned);
+            doc.set_trailing("");
+        }
+        doc.insert(
+            "entity",
+            toml_edit::Item::ArrayOfTables(toml_edit::ArrayOfTables::new()),
+        );
+    }
+    let list = doc
+        .get_mut("entity")
+        .and_then(toml_edit::Item::as_array_of_tables_mut)
+        .ok_or_else(|| {
+            ProvisionError::Config(format!(
+                "{}: `entity` must be an array of tables ([[entity]])",
+                path.display()
+            ))
+        })?;
+    change(list)?;
+    if let Some(header) = header.filter(|h| !h.trim().is_empty()) {
+        match list.get_mut(0) {
+            Some(first) => first.decor_mut().set_prefix(format!("{header}\n")),
+            None => doc.set_trailing(header),
+        }
+    }
+    let mut body = doc.to_string();
+    if !body.trim_start().starts_with('#') {
+        body.insert_str(0, HEADER);
+    }
+    Ok(body)
+}
+
 /// Locks, re-reads, changes and atomically replaces the entities file.
 /// Edited as a TOML document (toml_edit), not re-serialised from values:
 /// officers annotate entities (owner, ticket, contact) and those comments
@@ -410,33 +483,8 @@ fn edit(
 
     // Re-read under the lock: another editor may have just written.
     let text = std::fs::read_to_string(path).map_err(|e| io("cannot read", e))?;
-    let mut doc: toml_edit::DocumentMut = text.parse().map_err(|e: toml_edit::TomlError| {
-        ProvisionError::Config(format!(
-            "{}; the file is not valid TOML: fix it by hand first",
-            syntax_error(path, &text, e.span(), e.message())
-        ))
-    })?;
-    if doc.get("entity").is_none() {
-        doc.insert(
-            "entity",
-            toml_edit::Item::ArrayOfTables(toml_edit::ArrayOfTables::new()),
-        );
-    }
-    let list = doc
-        .get_mut("entity")
-        .and_then(toml_edit::Item::as_array_of_tables_mut)
-        .ok_or_else(|| {
-            ProvisionError::Config(format!(
-                "{}: `entity` must be an array of tables ([[entity]])",
-                path.display()
-            ))
-        })?;
     let before: Vec<EntityConfig> = load_entities_file(path, &config.keys).unwrap_or_default();
-    change(list)?;
-    let mut body = doc.to_string();
-    if !body.trim_start().starts_with('#') {
-        body.insert_str(0, HEADER);
-    }
+    let body = edited(&text, path, change)?;
 
     let tmp = Replacement::write(path, body.as_bytes(), 0o640)
         .map_err(|e| io("cannot write a temporary file beside", e))?;
@@ -523,7 +571,8 @@ const RELOAD_WAIT: Duration = Duration::from_secs(5);
 
 fn not_reloaded(why: String) -> ProvisionError {
     ProvisionError::NotReloaded(format!(
-        "the entities file was updated, but {why}. Until svsd reloads, it keeps serving the previous entities: fix the cause, then `systemctl reload svsd` (or `kill -HUP <svsd pid>`) and check `svs-provision audit show --type reload --last 1`"
+        "the entities file was updated, but {why}. Until svsd reloads, it keeps serving the previous entities: fix the cause, then `systemctl reload svsd` (or `kill -HUP <svsd pid>`) and check `{}`",
+        crate::cli::command("audit show --type reload --last 1")
     ))
 }
 
@@ -755,6 +804,33 @@ mod tests {
         for bad in ["", "0", "-1/s", "fast", "NaN"] {
             assert!(parse_rate(bad).is_err(), "{bad}");
         }
+    }
+
+    fn push_entity(name: &str) -> impl FnOnce(&mut toml_edit::ArrayOfTables) -> Result<()> {
+        let name = name.to_owned();
+        move |list| {
+            let mut t = toml_edit::Table::new();
+            t["name"] = value(name);
+            list.push(t);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_packaged_files_header_stays_at_the_top_when_entities_are_added() {
+        let packaged = include_str!("../../image/deb/entities.toml");
+        let path = Path::new("/etc/svs/entities.toml");
+        let once = edited(packaged, path, push_entity("bank-a")).unwrap();
+        assert!(once.starts_with(packaged), "{once}");
+        assert!(!once.contains(HEADER.trim_end()), "{once}");
+        assert!(once.trim_end().ends_with("name = \"bank-a\""), "{once}");
+        let twice = edited(&once, path, push_entity("bank-b")).unwrap();
+        assert!(twice.starts_with(&once), "{twice}");
+        // A file without comments of its own gets the header, once.
+        let bare = edited("", path, push_entity("bank-a")).unwrap();
+        assert!(bare.starts_with(HEADER), "{bare}");
+        let again = edited(&bare, path, push_entity("bank-b")).unwrap();
+        assert_eq!(again.matches(HEADER.trim_end()).count(), 1, "{again}");
     }
 
     #[test]

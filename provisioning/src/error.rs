@@ -55,6 +55,20 @@ pub enum ProvisionError {
 /// Result with the crate's error.
 pub type Result<T, E = ProvisionError> = std::result::Result<T, E>;
 
+/// What a token's flags say about a PIN it has just refused. The flags
+/// are read after the refusal, so CKF_*_PIN_COUNT_LOW ("a wrong PIN was
+/// entered since the last good one") is always set by then and tells
+/// nothing more: only the last try and the lock are worth saying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TriesLeft {
+    /// The flags say no more, or could not be read.
+    Unknown,
+    /// CKF_*_PIN_FINAL_TRY: the next wrong PIN locks it.
+    One,
+    /// CKF_*_PIN_LOCKED: this wrong PIN locked it.
+    None,
+}
+
 impl ProvisionError {
     /// The process exit code for this error. Exhaustive on purpose: a new
     /// variant must be given its code here deliberately. 0 is success and 2
@@ -106,17 +120,20 @@ impl ProvisionError {
                 ))
             }
             CryptokiError::Pkcs11(RvError::PinLocked, _) => ProvisionError::PinLocked(format!(
-                "{what}: the {who} PIN is locked after too many wrong PINs; the security officer must reset it with `svs-provision pin init` (a locked SO PIN means the token must be re-initialised)"
+                "{what}: the {who} PIN is locked after too many wrong PINs; {}",
+                unlock_advice()
             )),
             CryptokiError::Pkcs11(RvError::PinLenRange, _) => ProvisionError::Usage(format!(
-                "{what}: the {who} PIN has a length the token does not accept (see `svs-provision token info` for the limits)"
+                "{what}: the {who} PIN has a length the token does not accept (see `{}` for the limits)",
+                crate::cli::command("token info")
             )),
             CryptokiError::Pkcs11(RvError::PinInvalid, _) => ProvisionError::Usage(format!(
                 "{what}: the token refuses the characters of the new {who} PIN"
             )),
             CryptokiError::Pkcs11(RvError::UserPinNotInitialized, _) => {
                 ProvisionError::NotFound(format!(
-                    "{what}: the user PIN has not been set on this token yet; the security officer sets it with `svs-provision pin init`"
+                    "{what}: the user PIN has not been set on this token yet; the security officer sets it with `{}`",
+                    crate::cli::command("pin init")
                 ))
             }
             CryptokiError::Pkcs11(RvError::TokenWriteProtected, _) => ProvisionError::Token(
@@ -133,6 +150,36 @@ impl ProvisionError {
                 ))
             }
             other => ProvisionError::Token(format!("{what}: {other}")),
+        }
+    }
+}
+
+/// What to do about a locked PIN.
+fn unlock_advice() -> String {
+    format!(
+        "the security officer must reset it with `{}` (a locked SO PIN means the token must be re-initialised)",
+        crate::cli::command("pin init")
+    )
+}
+
+impl ProvisionError {
+    /// Like [`ProvisionError::pkcs11`], for a refused PIN whose token said
+    /// afterwards how many tries are `left`: the officer about to try
+    /// again must know that the next wrong PIN locks it, or that this one
+    /// did (then the error is [`ProvisionError::PinLocked`]).
+    pub fn pin_refused(e: CryptokiError, what: &str, who: &str, left: TriesLeft) -> ProvisionError {
+        if !matches!(e, CryptokiError::Pkcs11(RvError::PinIncorrect, _)) {
+            return ProvisionError::pkcs11(e, what, who);
+        }
+        match left {
+            TriesLeft::Unknown => ProvisionError::pkcs11(e, what, who),
+            TriesLeft::One => ProvisionError::PinIncorrect(format!(
+                "{what}: the {who} PIN is wrong, and one try is left before the PIN locks; nothing was changed. Make sure of the PIN before trying again"
+            )),
+            TriesLeft::None => ProvisionError::PinLocked(format!(
+                "{what}: the {who} PIN is wrong, and that was the last try: the {who} PIN is now locked; {}",
+                unlock_advice()
+            )),
         }
     }
 }
@@ -215,6 +262,16 @@ mod tests {
             "user",
         );
         assert_eq!(e.exit_code(), 6);
+        let wrong =
+            || CryptokiError::Pkcs11(RvError::PinIncorrect, cryptoki::context::Function::Login);
+        let e = ProvisionError::pin_refused(wrong(), "logging in", "user", TriesLeft::One);
+        assert_eq!(e.exit_code(), 5);
+        assert!(e.to_string().contains("one try is left"), "{e}");
+        let e = ProvisionError::pin_refused(wrong(), "logging in", "SO", TriesLeft::None);
+        assert_eq!(e.exit_code(), 6);
+        assert!(e.to_string().contains("SO PIN is now locked"), "{e}");
+        let e = ProvisionError::pin_refused(wrong(), "logging in", "user", TriesLeft::Unknown);
+        assert!(e.to_string().contains("user PIN is wrong ("), "{e}");
         let e = ProvisionError::pkcs11(
             CryptokiError::Pkcs11(RvError::DeviceError, cryptoki::context::Function::Sign),
             "signing",

@@ -319,8 +319,9 @@ pub fn generate(opened: &Opened, pins: &mut PinReader, label: &str) -> Result<Re
     let existing = discover(&session, &opened.profile)?;
     if existing.iter().any(|k| k.label == label) {
         return Err(ProvisionError::AlreadyExists(format!(
-            "a key labelled '{label}' exists already on token '{}'; choose another label (or delete it first with `svs-provision key delete --label {label}`)",
-            opened.label
+            "a key labelled '{label}' exists already on token '{}'; choose another label (or delete it first with `{}`)",
+            opened.label,
+            crate::cli::command(&format!("key delete --label {label}"))
         )));
     }
     let id = session

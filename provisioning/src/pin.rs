@@ -7,6 +7,7 @@
 
 use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use rustix::termios::{self, LocalModes, OptionalActions};
@@ -159,9 +160,38 @@ fn check_length(pin: &str, role: Role, min: usize, max: usize) -> Result<()> {
 
 fn read_file(path: &Path) -> Result<Zeroizing<String>> {
     // svs-hsm's reader: one trailing newline ignored, never echoes content.
-    svs_hsm::PinSource::File(path.to_path_buf())
+    let pin = svs_hsm::PinSource::File(path.to_path_buf())
         .read()
-        .map_err(|e| ProvisionError::Usage(format!("{e}")))
+        .map_err(|e| ProvisionError::Usage(format!("{e}")))?;
+    if let Some(who) = std::fs::metadata(path)
+        .ok()
+        .and_then(|m| readable_by_others(m.permissions().mode()))
+    {
+        eprintln!(
+            "svs-provision: warning: PIN file {} can be read by {who}; make it private with `chmod 600 {}`",
+            path.display(),
+            crate::cli::shell_word(&path.to_string_lossy())
+        );
+    }
+    // Taken whole, a second line would make a wrong PIN and use up one of
+    // the token's tries.
+    if pin.contains(['\n', '\r']) {
+        return Err(ProvisionError::Usage(format!(
+            "PIN file {} holds more than one line: it must hold only the PIN (a final newline is fine). It was not tried, so no login attempt was used up",
+            path.display()
+        )));
+    }
+    Ok(pin)
+}
+
+/// Who besides the owner may read a file of `mode`, if anyone.
+fn readable_by_others(mode: u32) -> Option<&'static str> {
+    match (mode & 0o040 != 0, mode & 0o004 != 0) {
+        (true, true) => Some("its group and all users"),
+        (true, false) => Some("its group"),
+        (false, true) => Some("all users"),
+        (false, false) => None,
+    }
 }
 
 /// One line of standard input, without its line ending; `None` at EOF.
@@ -319,6 +349,25 @@ mod tests {
         let e = r.current(Role::User, 4, 64).unwrap_err();
         assert!(e.to_string().contains("missing"), "{e}");
         assert_eq!(e.exit_code(), 2);
+        // Two lines are no PIN; a final CRLF is still fine.
+        for (text, ok) in [
+            ("so-secret\nso-secret\n", false),
+            ("so-secret\n\n", false),
+            ("so\rsecret", false),
+            ("so-secret\r\n", true),
+        ] {
+            std::fs::write(dir.path().join("lines"), text).unwrap();
+            let got = read_file(&dir.path().join("lines"));
+            assert_eq!(got.is_ok(), ok, "{text:?}");
+            if let Err(e) = got {
+                assert_eq!(e.exit_code(), 2);
+                assert!(e.to_string().contains("more than one line"), "{e}");
+                assert!(!e.to_string().contains("secret"), "{e}");
+            }
+        }
+        assert_eq!(readable_by_others(0o600), None);
+        assert_eq!(readable_by_others(0o640), Some("its group"));
+        assert_eq!(readable_by_others(0o604), Some("all users"));
         // Outside the token's limits: refused without being tried, and
         // without being shown.
         for (min, max) in [(10, 64), (4, 8)] {

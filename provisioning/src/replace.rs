@@ -23,14 +23,8 @@ impl Replacement {
     /// when there is no such file yet.
     pub fn write(path: &Path, bytes: &[u8], new_mode: u32) -> std::io::Result<Replacement> {
         let old = std::fs::metadata(path).ok();
-        let target = match old {
-            Some(_) => std::fs::canonicalize(path)?,
-            None => path.to_path_buf(),
-        };
-        let dir = target
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
+        let target = target_of(path)?;
+        let dir = dir_of(&target);
         let name = target
             .file_name()
             .and_then(|n| n.to_str())
@@ -71,12 +65,35 @@ impl Replacement {
     pub fn commit(self) -> std::io::Result<()> {
         let target = self.target;
         self.tmp.persist(&target).map_err(|e| e.error)?;
-        let dir = target
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        std::fs::File::open(dir)?.sync_all()
+        std::fs::File::open(dir_of(&target))?.sync_all()
     }
+
+    /// Whether a replacement of `path` could be written: its directory
+    /// exists and takes a new file (tried, as permissions, ACLs and
+    /// read-only mounts all decide). Lets a command refuse before work it
+    /// would otherwise throw away, such as a signature made in the token.
+    pub fn check(path: &Path) -> std::io::Result<()> {
+        tempfile::Builder::new()
+            .prefix(".svs-provision-check-")
+            .tempfile_in(dir_of(&target_of(path)?))
+            .map(drop)
+    }
+}
+
+/// The file a replacement of `path` replaces: a symbolic link is followed.
+fn target_of(path: &Path) -> std::io::Result<PathBuf> {
+    match std::fs::metadata(path) {
+        Ok(_) => std::fs::canonicalize(path),
+        Err(_) => Ok(path.to_path_buf()),
+    }
+}
+
+/// The directory holding `target`.
+fn dir_of(target: &Path) -> &Path {
+    target
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
 }
 
 #[cfg(test)]
@@ -132,5 +149,14 @@ mod tests {
             .unwrap();
         let mode = std::fs::metadata(&fresh).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o644);
+    }
+
+    #[test]
+    fn a_check_finds_a_missing_directory_and_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        Replacement::check(&dir.path().join("new.csr")).unwrap();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        let e = Replacement::check(&dir.path().join("nodir/new.csr")).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
     }
 }

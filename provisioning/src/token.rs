@@ -20,7 +20,7 @@ use svs_hsm::{ModuleSource, Pkcs11Uri, TokenSelector, VendorProfile};
 use zeroize::Zeroizing;
 
 use crate::Report;
-use crate::error::{ProvisionError, Result};
+use crate::error::{ProvisionError, Result, TriesLeft};
 use crate::pin::{PinReader, Role};
 
 /// Where to find the token: from the command line, else from svsd's config.
@@ -227,9 +227,10 @@ pub fn select(pkcs11: &Pkcs11, target: &Target) -> Result<(Slot, TokenInfo)> {
             present(&all)
         ))),
         [] => Err(ProvisionError::NotFound(format!(
-            "no initialised token in {}; tokens present: {}. Create one with `svs-provision token init --label NAME`",
+            "no initialised token in {}; tokens present: {}. Create one with `{}`",
             target.module_name(),
-            present(&all)
+            present(&all),
+            crate::cli::command_for_token(None, "token init --label NAME")
         ))),
         many => Err(ProvisionError::Usage(format!(
             "{} tokens match in {}: {}; choose one with --token LABEL",
@@ -286,16 +287,29 @@ impl Opened {
             .get_token_info(self.slot)
             .map_err(|e| ProvisionError::pkcs11(e, "reading the token's information", "user"))?;
         let pin = pins.current(Role::User, info.min_pin_length(), info.max_pin_length())?;
-        login(&session, UserType::User, &pin, &self.label)?;
+        login(
+            &self.pkcs11,
+            self.slot,
+            &session,
+            Role::User,
+            &pin,
+            &self.label,
+        )?;
         Ok(session)
     }
 }
 
-fn login(session: &Session, who: UserType, pin: &Zeroizing<String>, label: &str) -> Result<()> {
-    let role = if matches!(who, UserType::So) {
-        "SO"
-    } else {
-        "user"
+fn login(
+    pkcs11: &Pkcs11,
+    slot: Slot,
+    session: &Session,
+    role: Role,
+    pin: &Zeroizing<String>,
+    label: &str,
+) -> Result<()> {
+    let who = match role {
+        Role::User => UserType::User,
+        Role::So => UserType::So,
     };
     match session.login(who, Some(&AuthPin::new(pin.as_str().into()))) {
         Ok(()) => Ok(()),
@@ -303,12 +317,42 @@ fn login(session: &Session, who: UserType, pin: &Zeroizing<String>, label: &str)
         Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => {
             Ok(())
         }
-        Err(e) => Err(ProvisionError::pkcs11(
+        Err(e) => Err(pin_refused(
+            pkcs11,
+            slot,
             e,
-            &format!("logging in to token '{label}' as {role}"),
+            &format!("logging in to token '{label}' as {}", role.name()),
             role,
         )),
     }
+}
+
+/// A failed PIN check of `role`, told with what the token's flags say
+/// about the tries left once it counted this one.
+fn pin_refused(
+    pkcs11: &Pkcs11,
+    slot: Slot,
+    e: cryptoki::error::Error,
+    what: &str,
+    role: Role,
+) -> ProvisionError {
+    let left = match pkcs11.get_token_info(slot) {
+        Ok(info) => {
+            let (locked, last) = match role {
+                Role::User => (info.user_pin_locked(), info.user_pin_final_try()),
+                Role::So => (info.so_pin_locked(), info.so_pin_final_try()),
+            };
+            if locked {
+                TriesLeft::None
+            } else if last {
+                TriesLeft::One
+            } else {
+                TriesLeft::Unknown
+            }
+        }
+        Err(_) => TriesLeft::Unknown,
+    };
+    ProvisionError::pin_refused(e, what, role.name(), left)
 }
 
 /// The vendor profile: by name, or recognised from what the module says.
@@ -454,8 +498,9 @@ pub fn info(target: &Target) -> Result<Report> {
             }
         } else {
             text.push_str(&format!(
-                "slot {}: empty token (create one with `svs-provision token init --label NAME`)\n",
-                slot.id()
+                "slot {}: empty token (create one with `{}`)\n",
+                slot.id(),
+                crate::cli::command_for_token(None, "token init --label NAME")
             ));
         }
         items.push(j);
@@ -512,12 +557,36 @@ pub fn init(
     }
     let pkcs11 = target.load()?;
     let all = tokens(&pkcs11)?;
-    if let Some((s, _)) = all.iter().find(|(s, i)| {
-        i.token_initialized() && i.label().trim_end() == label && Some(s.id()) != slot_id
-    }) {
+    let labelled: Vec<u64> = all
+        .iter()
+        .filter(|(_, i)| i.token_initialized() && i.label().trim_end() == label)
+        .map(|(s, _)| s.id())
+        .collect();
+    // Wiping a token for a fresh start usually keeps its label (svsd's
+    // configuration names it): with --reinit and no --slot, the token
+    // holding the label is the one meant.
+    let slot_id = match (slot_id, labelled.as_slice()) {
+        (None, [one]) if reinit => Some(*one),
+        (None, [_, _, ..]) if reinit => {
+            return Err(ProvisionError::Usage(format!(
+                "{} tokens are labelled '{label}'; name the one to re-initialise with --slot N. Tokens present: {}",
+                labelled.len(),
+                present(&all)
+            )));
+        }
+        _ => slot_id,
+    };
+    if let Some(taken) = labelled.iter().find(|s| Some(**s) != slot_id) {
+        let how = match slot_id {
+            Some(id) => format!(
+                "give slot {id} another label, or re-initialise slot {taken} itself with --slot {taken} --reinit"
+            ),
+            None => format!(
+                "choose another label, or re-initialise that token with --reinit (or --slot {taken} --reinit)"
+            ),
+        };
         return Err(ProvisionError::AlreadyExists(format!(
-            "a token labelled '{label}' exists already (slot {}); labels must be unique. Tokens present: {}",
-            s.id(),
+            "a token labelled '{label}' exists already (slot {taken}); labels must be unique: {how}, which destroys every key on it. Tokens present: {}",
             present(&all)
         )));
     }
@@ -573,12 +642,19 @@ pub fn init(
     pkcs11
         .init_token(*slot, &AuthPin::new(so_pin.as_str().into()), label)
         .map_err(|e| {
-            ProvisionError::pkcs11(e, &format!("initialising slot {}", slot.id()), "SO")
+            pin_refused(
+                &pkcs11,
+                *slot,
+                e,
+                &format!("initialising slot {}", slot.id()),
+                Role::So,
+            )
         })?;
     Ok(Report {
         text: format!(
-            "token '{label}' initialised in slot {}. Next: set the user PIN with `svs-provision --token {label} pin init`\n",
-            slot.id()
+            "token '{label}' initialised in slot {}. Next: set the user PIN with `{}`\n",
+            slot.id(),
+            crate::cli::command_for_token(Some(label), "pin init")
         ),
         json: json!({"token": label, "slot": slot.id(), "initialized": true}),
     })
@@ -593,7 +669,7 @@ pub fn pin_init(target: &Target, pins: &mut PinReader) -> Result<Report> {
         .open_rw_session(slot)
         .map_err(|e| ProvisionError::pkcs11(e, "opening a session", "SO"))?;
     let so = pins.current(Role::So, info.min_pin_length(), info.max_pin_length())?;
-    login(&session, UserType::So, &so, &label)?;
+    login(&pkcs11, slot, &session, Role::So, &so, &label)?;
     let new = pins.new_pin(
         Role::User,
         false,
@@ -618,16 +694,12 @@ pub fn pin_change(target: &Target, so: bool, pins: &mut PinReader) -> Result<Rep
     let pkcs11 = target.load()?;
     let (slot, info) = select(&pkcs11, target)?;
     let label = info.label().trim_end().to_owned();
-    let (role, who) = if so {
-        (Role::So, UserType::So)
-    } else {
-        (Role::User, UserType::User)
-    };
+    let role = if so { Role::So } else { Role::User };
     let session = pkcs11
         .open_rw_session(slot)
         .map_err(|e| ProvisionError::pkcs11(e, "opening a session", role.name()))?;
     let old = pins.current(role, info.min_pin_length(), info.max_pin_length())?;
-    login(&session, who, &old, &label)?;
+    login(&pkcs11, slot, &session, role, &old, &label)?;
     let result = pins
         .new_pin(role, false, info.min_pin_length(), info.max_pin_length())
         .and_then(|new| {

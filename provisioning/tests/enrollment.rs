@@ -8,6 +8,7 @@
 
 mod common;
 
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -178,7 +179,10 @@ async fn enrollment_flow_with_svsd_and_audit_verification() {
         &p("cert.pem"),
     ])
     .fails(3, "no key labelled 'nosuch'");
-    run(&["key", "generate", "--label", "enrolled"]).fails(4, "exists already");
+    run(&["key", "generate", "--label", "enrolled"]).fails(
+        4,
+        &format!("`svs-provision -c {config} key delete --label enrolled`"),
+    );
     run(&["csr", "--label", "nosuch", "--subject", "CN=x"]).fails(3, "keys present:");
     run(&["csr", "--label", "enrolled", "--subject", "garbage"]).fails(2, "RFC 4514");
     prov(
@@ -379,6 +383,25 @@ async fn enrollment_flow_with_svsd_and_audit_verification() {
         "--no-reload",
     ])
     .ok();
+    // A suspend or resume that changes nothing writes nothing and needs
+    // no svsd to reload.
+    let entities_file = || std::fs::metadata(dir.join("entities.toml")).unwrap().ino();
+    let unchanged = entities_file();
+    let r = run(&["entity", "resume", "--name", "app1"]).ok();
+    assert!(
+        r.stdout
+            .contains("entity \"app1\" is already active; nothing was changed"),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(entities_file(), unchanged);
+    run(&["entity", "suspend", "--name", "app1", "--no-reload"]).ok();
+    let suspended = entities_file();
+    assert_ne!(suspended, unchanged);
+    let r = run(&["entity", "suspend", "--name", "app1"]).ok();
+    assert!(r.stdout.contains("is already suspended"), "{}", r.stdout);
+    assert_eq!(entities_file(), suspended);
+    run(&["entity", "resume", "--name", "app1", "--no-reload"]).ok();
     let ents = run(&["--json", "entity", "list"]).ok().json();
     let a = ents["entities"]
         .as_array()

@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use common::{Run, key_state, prov, sh};
@@ -92,6 +93,65 @@ fn token_pin_and_key_lifecycle_on_the_soft_token() {
         "user-pin-0002\n",
     )
     .ok();
+    // A request's input and output file are checked before the PIN is
+    // read: the wrong PIN after them is never tried.
+    let csr = ["--token", "t1", "csr", "--label", "a", "--subject", "CN=a"];
+    let nodir = tmp.path().join("nodir").join("a.csr");
+    for (extra, code, says) in [
+        (
+            &["--key-usage", "digitalsignature"][..],
+            2,
+            "case-sensitive: digitalSignature",
+        ),
+        (&["--san", "a.example"], 2, "no type prefix"),
+        (
+            &["-o", nodir.to_str().unwrap()],
+            3,
+            "its directory does not exist",
+        ),
+        (&["-o", tmp.path().to_str().unwrap()], 2, "is a directory"),
+    ] {
+        let args: Vec<&str> = csr.iter().chain(extra).copied().collect();
+        p(&args, "nope-0\n").fails(code, says);
+    }
+    // A PIN file of two lines is refused untried.
+    let pin_file = tmp.path().join("pin");
+    let pin_path = pin_file.to_str().unwrap();
+    let login = [
+        "--pin-file",
+        pin_path,
+        "--token",
+        "t1",
+        "key",
+        "list",
+        "--login",
+    ];
+    std::fs::write(&pin_file, "user-pin-0002\nuser-pin-0002\n").unwrap();
+    std::fs::set_permissions(&pin_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    p(&login, "").fails(2, "holds more than one line");
+    let tried = || {
+        p(&["--token", "t1", "--json", "token", "info"], "")
+            .ok()
+            .json()["tokens"][0]["user_pin_count_low"]
+            .as_bool()
+            .unwrap()
+    };
+    assert!(!tried(), "a login attempt was used up");
+    p(&["--token", "t1", "key", "list", "--login"], "nope-0\n").fails(5, "wrong");
+    assert!(tried(), "the token shows a wrong PIN");
+    // A PIN file others can read works, with a warning.
+    std::fs::write(&pin_file, "user-pin-0002\n").unwrap();
+    let quiet = p(&login, "").ok();
+    assert!(!quiet.stderr.contains("warning"), "{}", quiet.stderr);
+    std::fs::set_permissions(&pin_file, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let warned = p(&login, "").ok();
+    assert!(
+        warned.stderr.contains(&format!(
+            "PIN file {pin_path} can be read by its group; make it private with `chmod 600 {pin_path}`"
+        )),
+        "{}",
+        warned.stderr
+    );
     // Output that cannot be written is a failure, not a success.
     let full = std::process::Command::new(env!("CARGO_BIN_EXE_svs-provision"))
         .args(["--token", "t1", "--json", "token", "info"])
@@ -113,9 +173,14 @@ fn token_pin_and_key_lifecycle_on_the_soft_token() {
     );
 
     // Wrong PINs lock the user PIN; the SO clears the lock with pin init.
+    // The officer hears when one try is left, and when a PIN just locked.
     p(&["--token", "t1", "key", "list", "--login"], "nope-1\n").fails(5, "wrong");
-    p(&["--token", "t1", "key", "list", "--login"], "nope-2\n").fails(5, "wrong");
-    p(&["--token", "t1", "key", "list", "--login"], "nope-3\n");
+    p(&["--token", "t1", "key", "list", "--login"], "nope-2\n").fails(
+        5,
+        "user PIN is wrong, and one try is left before the PIN locks",
+    );
+    p(&["--token", "t1", "key", "list", "--login"], "nope-3\n")
+        .fails(6, "that was the last try: the user PIN is now locked");
     p(
         &["--token", "t1", "key", "list", "--login"],
         "user-pin-0002\n",
@@ -176,6 +241,11 @@ fn token_pin_and_key_lifecycle_on_the_soft_token() {
     .fails(5, "SO PIN is wrong");
     p(
         &["--token", "t1", "pin", "init"],
+        "so-pin-0001\nuser-pin-0004\n",
+    )
+    .fails(5, "SO PIN is wrong, and one try is left");
+    p(
+        &["--token", "t1", "pin", "init"],
         "so-pin-0002\nuser-pin-0004\n",
     )
     .ok();
@@ -190,6 +260,18 @@ fn token_pin_and_key_lifecycle_on_the_soft_token() {
         "so-pin-0002\n",
     )
     .fails(13, "--yes");
+    // Without --slot, --reinit means the token that holds the label.
+    p(
+        &["token", "init", "--label", "t1", "--reinit"],
+        "so-pin-0002\n",
+    )
+    .fails(13, "--yes");
+    // Another slot may still not take a label that a token holds.
+    p(
+        &["token", "init", "--label", "t1", "--slot", "1", "--reinit"],
+        "so-pin-0002\n",
+    )
+    .fails(4, "--slot 0 --reinit");
     assert_eq!(
         key_state(&["--token", "t1"], &env)["keys"]
             .as_array()
@@ -197,6 +279,49 @@ fn token_pin_and_key_lifecycle_on_the_soft_token() {
             .len(),
         1
     );
+    p(
+        &["token", "init", "--label", "t1", "--reinit", "--yes"],
+        "wrong-so\n",
+    )
+    .fails(5, "SO PIN is wrong");
+    p(
+        &["token", "init", "--label", "t1", "--reinit", "--yes"],
+        "so-pin-0002\n",
+    )
+    .ok();
+    let info = p(&["--json", "token", "info"], "").ok().json();
+    assert_eq!(info["tokens"][0]["label"], "t1");
+    assert_eq!(info["tokens"][0]["user_pin_initialized"], false);
+    assert_eq!(info["tokens"][1]["initialized"], false);
+}
+
+#[test]
+fn a_missing_file_or_directory_is_named_with_the_option_that_gave_it() {
+    prov(&["-c", "/nonexistent/svsd.toml", "token", "info"], &[], "")
+        .fails(3, "no such file: /nonexistent/svsd.toml");
+    let missing = "/nonexistent/audit";
+    for args in [
+        &["audit", "verify", "--dir", missing, "--skip-signatures"][..],
+        &["audit", "show", "--dir", missing],
+    ] {
+        prov(args, &[], "").fails(
+            3,
+            "audit directory /nonexistent/audit does not exist (--dir)",
+        );
+    }
+}
+
+#[test]
+fn audit_show_takes_only_record_types_that_exist() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_str().unwrap();
+    for typo in ["sig", "Op", "checkpoints"] {
+        prov(&["audit", "show", "--dir", dir, "--type", typo], &[], "").fails(
+            2,
+            "possible values: op, start, stop, reload, selftest, anomaly, refusals_suppressed, checkpoint",
+        );
+    }
+    prov(&["audit", "show", "--dir", dir, "--type", "op"], &[], "").ok();
 }
 
 const SOFTHSM: &str = "/usr/lib/softhsm/libsofthsm2.so";
@@ -243,7 +368,9 @@ fn enrollment_steps_on_softhsm_with_ecdsa_p256() {
         prov(&a, &env, "")
     };
 
-    prov(
+    // Suggested commands repeat the module (and token, profile) given:
+    // without them they would act on the built-in soft token.
+    let made = prov(
         &[
             "--module",
             SOFTHSM,
@@ -258,6 +385,13 @@ fn enrollment_steps_on_softhsm_with_ecdsa_p256() {
         "",
     )
     .ok();
+    assert!(
+        made.stdout.contains(&format!(
+            "`svs-provision --module {SOFTHSM} --token svs-hsm pin init`"
+        )),
+        "{}",
+        made.stdout
+    );
     p(&["--so-pin-file", &so, "--new-pin-file", &user, "pin", "init"]).ok();
     let key = p(&[
         "--pin-file",
@@ -272,7 +406,12 @@ fn enrollment_steps_on_softhsm_with_ecdsa_p256() {
     .json();
     assert_eq!(key["algorithm"], "ECDSA-P256");
     p(&["--pin-file", &wrong, "key", "generate", "--label", "x"]).fails(5, "user PIN is wrong");
-    p(&["--pin-file", &user, "key", "generate", "--label", "p256"]).fails(4, "exists already");
+    p(&["--pin-file", &user, "key", "generate", "--label", "p256"]).fails(
+        4,
+        &format!(
+            "`svs-provision --module {SOFTHSM} --token svs-hsm --profile ecdsa-p256 key delete --label p256`"
+        ),
+    );
 
     p(&[
         "--pin-file",
