@@ -9,7 +9,7 @@ use svs_hsm::{ModuleSource, Pkcs11Uri};
 
 use crate::Report;
 use crate::audit::{AuditKey, Configured, ShowFilter};
-use crate::entities::{NewEntity, Reload};
+use crate::entities::{EntityChange, NewEntity, Reload};
 use crate::error::{ProvisionError, Result};
 use crate::pin::{PinFiles, PinReader};
 use crate::token::{Opened, Target};
@@ -303,6 +303,44 @@ pub enum EntityCmd {
         /// Add it suspended.
         #[arg(long)]
         suspended: bool,
+        #[command(flatten)]
+        reload: ReloadArgs,
+    },
+    /// Change an entity in place: a renewed client certificate, its keys,
+    /// operations or limits. Settings not named stay as they are, and so
+    /// does its status.
+    Update {
+        /// Entity name.
+        #[arg(long)]
+        name: String,
+        /// Its new client certificate (PEM or DER, then intermediates),
+        /// checked as for `add`; replaces how the client was recognised.
+        #[arg(long)]
+        cert: Option<PathBuf>,
+        /// With --cert: recognise the client by its public key only.
+        #[arg(long, requires = "cert")]
+        match_key: bool,
+        /// The keys it may use from now on (all of them), comma-separated.
+        #[arg(long, value_delimiter = ',', value_name = "K1,K2")]
+        keys: Option<Vec<String>>,
+        /// The operations from now on: sign, verify (comma-separated).
+        #[arg(long, value_delimiter = ',', value_name = "OPS")]
+        ops: Option<Vec<String>>,
+        /// A new rate limit, e.g. 200/s.
+        #[arg(long, value_name = "R/s", conflicts_with = "no_rate")]
+        rate: Option<String>,
+        /// Burst size for the new rate limit (default: one second's worth).
+        #[arg(long, requires = "rate")]
+        burst: Option<u32>,
+        /// Remove the rate limit.
+        #[arg(long)]
+        no_rate: bool,
+        /// A new cap on requests in flight at once.
+        #[arg(long, conflicts_with = "no_max_concurrent")]
+        max_concurrent: Option<usize>,
+        /// Remove the cap (svsd's [limits] default_max_concurrent applies).
+        #[arg(long)]
+        no_max_concurrent: bool,
         #[command(flatten)]
         reload: ReloadArgs,
     },
@@ -801,6 +839,33 @@ pub fn run(cli: Cli) -> Result<Outcome> {
                         burst: *burst,
                         max_concurrent: *max_concurrent,
                         suspended: *suspended,
+                    },
+                    &reload.how(),
+                )?
+                .into()),
+                EntityCmd::Update {
+                    name,
+                    cert,
+                    match_key,
+                    keys,
+                    ops,
+                    rate,
+                    burst,
+                    no_rate,
+                    max_concurrent,
+                    no_max_concurrent,
+                    reload,
+                } => Ok(crate::entities::update(
+                    &path,
+                    name,
+                    &EntityChange {
+                        cert: cert.clone().map(|c| (c, !match_key)),
+                        keys: keys.clone(),
+                        ops: ops.clone(),
+                        rate: rate.clone().map(|r| (r, *burst)),
+                        no_rate: *no_rate,
+                        max_concurrent: *max_concurrent,
+                        no_max_concurrent: *no_max_concurrent,
                     },
                     &reload.how(),
                 )?

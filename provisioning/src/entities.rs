@@ -179,77 +179,104 @@ pub fn list(config_path: &Path) -> Result<Report> {
     })
 }
 
+/// Keys named that svsd does not expose.
+fn check_keys(config: &Config, keys: &[String]) -> Result<()> {
+    match keys.iter().find(|k| !config.keys.contains_key(*k)) {
+        None => Ok(()),
+        Some(k) => Err(ProvisionError::NotFound(format!(
+            "key {k:?} is not exposed by svsd; exposed keys ([keys] in {}): {}",
+            config.path.display(),
+            config.keys.keys().cloned().collect::<Vec<_>>().join(", ")
+        ))),
+    }
+}
+
+fn check_ops(ops: &[String]) -> Result<()> {
+    match ops.iter().find(|op| *op != "sign" && *op != "verify") {
+        None => Ok(()),
+        Some(op) => Err(ProvisionError::Usage(format!(
+            "unknown operation {op:?}; operations are sign and verify"
+        ))),
+    }
+}
+
+/// How svsd is to recognise the client of `cert` (which must pass svsd's
+/// handshake check now): the entity field and its fingerprint.
+fn client_match(
+    config: &Config,
+    cert: &Path,
+    match_certificate: bool,
+) -> Result<(&'static str, String)> {
+    let certs = crate::cert::read_certificates(cert)?;
+    let chain: Vec<Vec<u8>> = certs.iter().map(|(der, _)| der.clone()).collect();
+    svs_appliance::tls::check_client_chain(&config.tls.client_ca, &chain, SystemTime::now())
+        .map_err(|e| {
+            ProvisionError::Certificate(format!("{}: {e}. Nothing was changed", cert.display()))
+        })?;
+    let (der, parsed) = certs.into_iter().next().ok_or_else(|| {
+        ProvisionError::Certificate(format!("{}: no certificate", cert.display()))
+    })?;
+    Ok(if match_certificate {
+        ("certificate_sha256", hex(&Sha256::digest(&der)))
+    } else {
+        use der::Encode;
+        let spki = parsed
+            .tbs_certificate()
+            .subject_public_key_info()
+            .to_der()?;
+        ("spki_sha256", hex(&Sha256::digest(spki)))
+    })
+}
+
+/// The `rate` value of `--rate`/`--burst`.
+fn rate_value(rate: Option<&str>, burst: Option<u32>) -> Result<Option<toml_edit::InlineTable>> {
+    let Some(r) = rate.map(parse_rate).transpose()? else {
+        if burst.is_some() {
+            return Err(ProvisionError::Usage("--burst needs --rate".into()));
+        }
+        return Ok(None);
+    };
+    let mut t = toml_edit::InlineTable::new();
+    t.insert("per_second", r.into());
+    if let Some(b) = burst {
+        t.insert("burst", i64::from(b).into());
+    }
+    Ok(Some(t))
+}
+
+fn string_array(items: &[String]) -> toml_edit::Item {
+    value(
+        items
+            .iter()
+            .map(String::as_str)
+            .collect::<toml_edit::Array>(),
+    )
+}
+
 /// `entity add`.
 pub fn add(config_path: &Path, new: &NewEntity, reload: &Reload) -> Result<Report> {
     let config = load_config(config_path)?;
     let target = reload_target(reload)?;
-    for k in &new.keys {
-        if !config.keys.contains_key(k) {
-            return Err(ProvisionError::NotFound(format!(
-                "key {k:?} is not exposed by svsd; exposed keys ([keys] in {}): {}",
-                config.path.display(),
-                config.keys.keys().cloned().collect::<Vec<_>>().join(", ")
-            )));
-        }
-    }
-    for op in &new.ops {
-        if op != "sign" && op != "verify" {
-            return Err(ProvisionError::Usage(format!(
-                "unknown operation {op:?}; operations are sign and verify"
-            )));
-        }
-    }
+    check_keys(&config, &new.keys)?;
+    check_ops(&new.ops)?;
     if config.entities.iter().any(|e| e.name == new.name) {
         return Err(ProvisionError::AlreadyExists(format!(
-            "an entity named {:?} exists already; choose another name (or remove it first)",
+            "an entity named {:?} exists already; choose another name (or change it with `entity update`)",
             new.name
         )));
     }
-    let certs = crate::cert::read_certificates(&new.cert)?;
-    let chain: Vec<Vec<u8>> = certs.iter().map(|(der, _)| der.clone()).collect();
-    svs_appliance::tls::check_client_chain(&config.tls.client_ca, &chain, SystemTime::now())
-        .map_err(|e| {
-            ProvisionError::Certificate(format!("{}: {e}. Nothing was changed", new.cert.display()))
-        })?;
-    let (der, cert) = certs.into_iter().next().ok_or_else(|| {
-        ProvisionError::Certificate(format!("{}: no certificate", new.cert.display()))
-    })?;
-    let (field, fp) = if new.match_certificate {
-        ("certificate_sha256", hex(&Sha256::digest(&der)))
-    } else {
-        use der::Encode;
-        let spki = cert.tbs_certificate().subject_public_key_info().to_der()?;
-        ("spki_sha256", hex(&Sha256::digest(spki)))
-    };
-    let rate = new.rate.as_deref().map(parse_rate).transpose()?;
-    if rate.is_none() && new.burst.is_some() {
-        return Err(ProvisionError::Usage("--burst needs --rate".into()));
-    }
+    let (field, fp) = client_match(&config, &new.cert, new.match_certificate)?;
+    let rate = rate_value(new.rate.as_deref(), new.burst)?;
     let mut table = toml_edit::Table::new();
     table["name"] = value(new.name.as_str());
     if new.suspended {
         table["status"] = value("suspended");
     }
     table[field] = value(fp.as_str());
-    table["keys"] = value(
-        new.keys
-            .iter()
-            .map(String::as_str)
-            .collect::<toml_edit::Array>(),
-    );
-    table["operations"] = value(
-        new.ops
-            .iter()
-            .map(String::as_str)
-            .collect::<toml_edit::Array>(),
-    );
+    table["keys"] = string_array(&new.keys);
+    table["operations"] = string_array(&new.ops);
     if let Some(r) = rate {
-        let mut t = toml_edit::InlineTable::new();
-        t.insert("per_second", r.into());
-        if let Some(b) = new.burst {
-            t.insert("burst", i64::from(b).into());
-        }
-        table["rate"] = value(t);
+        table["rate"] = value(r);
     }
     if let Some(m) = new.max_concurrent {
         table["max_concurrent"] = value(m as i64);
@@ -276,6 +303,129 @@ pub fn add(config_path: &Path, new: &NewEntity, reload: &Reload) -> Result<Repor
             outcome.text
         ),
         json: json!({"name": new.name, field: fp, "reload": outcome.json}),
+    })
+}
+
+/// What `entity update` changes; `None` leaves a setting as it is.
+#[derive(Debug, Clone, Default)]
+pub struct EntityChange {
+    /// A new client certificate (a renewed one), and whether to match the
+    /// whole certificate (false: its public key only).
+    pub cert: Option<(PathBuf, bool)>,
+    /// The keys it may use, all of them.
+    pub keys: Option<Vec<String>>,
+    /// The operations, all of them.
+    pub ops: Option<Vec<String>>,
+    /// A new rate limit ("R/s") and burst.
+    pub rate: Option<(String, Option<u32>)>,
+    /// Drop the rate limit.
+    pub no_rate: bool,
+    /// A new concurrency cap.
+    pub max_concurrent: Option<usize>,
+    /// Drop the concurrency cap (back to svsd's default).
+    pub no_max_concurrent: bool,
+}
+
+/// Fields that recognise an entity's client: a new certificate replaces
+/// whichever of them the entity used.
+const CLIENT_FIELDS: [&str; 4] = ["certificate_sha256", "spki_sha256", "subject", "issuer"];
+
+/// `entity update`: changes an entity's grants, limits or client
+/// certificate in place. Renewing an application's certificate or granting
+/// it a newly exposed key by `remove` + `add` cut the application off in
+/// between and made the officer type its settings again; its status
+/// (suspended or not) and every setting not named stay as they are.
+pub fn update(
+    config_path: &Path,
+    name: &str,
+    change: &EntityChange,
+    reload: &Reload,
+) -> Result<Report> {
+    let config = load_config(config_path)?;
+    if !config.entities.iter().any(|e| e.name == name) {
+        return Err(not_found(name, &config));
+    }
+    if let Some(keys) = &change.keys {
+        check_keys(&config, keys)?;
+    }
+    if let Some(ops) = &change.ops {
+        check_ops(ops)?;
+    }
+    let rate = match &change.rate {
+        Some((r, burst)) => rate_value(Some(r), *burst)?,
+        None => None,
+    };
+    let client = match &change.cert {
+        Some((cert, whole)) => Some(client_match(&config, cert, *whole)?),
+        None => None,
+    };
+    let mut said = Vec::new();
+    if let Some((field, fp)) = &client {
+        said.push(format!("{field} {fp}"));
+    }
+    if let Some(keys) = &change.keys {
+        said.push(format!("keys [{}]", keys.join(",")));
+    }
+    if let Some(ops) = &change.ops {
+        said.push(format!("ops [{}]", ops.join(",")));
+    }
+    if let Some((r, _)) = &change.rate {
+        said.push(format!("rate {r}"));
+    } else if change.no_rate {
+        said.push("no rate limit".into());
+    }
+    if let Some(m) = change.max_concurrent {
+        said.push(format!("max_concurrent {m}"));
+    } else if change.no_max_concurrent {
+        said.push("svsd's default max_concurrent".into());
+    }
+    if said.is_empty() {
+        return Err(ProvisionError::Usage(
+            "nothing to change: give --cert, --keys, --ops, --rate/--no-rate or --max-concurrent/--no-max-concurrent".into(),
+        ));
+    }
+    let path = entities_path(&config)?;
+    let target = reload_target(reload)?;
+    let owned = name.to_owned();
+    let change = change.clone();
+    let written = edit(&config, &path, move |list| {
+        let t = find_entity(list, &owned)?;
+        if let Some((field, fp)) = client {
+            for f in CLIENT_FIELDS {
+                t.remove(f);
+            }
+            t[field] = value(fp.as_str());
+        }
+        if let Some(keys) = &change.keys {
+            t["keys"] = string_array(keys);
+        }
+        if let Some(ops) = &change.ops {
+            t["operations"] = string_array(ops);
+        }
+        match rate {
+            Some(r) => t["rate"] = value(r),
+            None if change.no_rate => {
+                t.remove("rate");
+            }
+            None => {}
+        }
+        match change.max_concurrent {
+            Some(m) => t["max_concurrent"] = value(m as i64),
+            None if change.no_max_concurrent => {
+                t.remove("max_concurrent");
+            }
+            None => {}
+        }
+        Ok(())
+    })?;
+    let outcome = do_reload(&target, &config.audit.dir, &written)?;
+    Ok(Report {
+        text: format!(
+            "entity {name:?} updated: {}\n{}",
+            said.join(", "),
+            outcome.text
+        ),
+        json: json!({"name": name, "updated": said, "reload": outcome.json}),
     })
 }
 

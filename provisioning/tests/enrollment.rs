@@ -402,14 +402,18 @@ async fn enrollment_flow_with_svsd_and_audit_verification() {
     assert!(r.stdout.contains("is already suspended"), "{}", r.stdout);
     assert_eq!(entities_file(), suspended);
     run(&["entity", "resume", "--name", "app1", "--no-reload"]).ok();
-    let ents = run(&["--json", "entity", "list"]).ok().json();
-    let a = ents["entities"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["name"] == "app1")
-        .unwrap()
-        .clone();
+    // How `entity list --json` shows an entity.
+    let listed = |name: &str| {
+        let ents = run(&["--json", "entity", "list"]).ok().json();
+        ents["entities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    let a = listed("app1");
     assert_eq!(
         a["client"]["certificate_sha256"],
         app.sha256.replace(':', "").to_lowercase()
@@ -507,6 +511,98 @@ async fn enrollment_flow_with_svsd_and_audit_verification() {
     run(&["entity", "suspend", "--name", "app1", "--pid", &pid]).fails(14, "did not confirm");
     install.edit_config(|t| t.replace(ghost, ""));
     run(&["entity", "resume", "--name", "app1", "--pid", &pid]).ok();
+
+    // `entity update`: a key granted and a renewed certificate, in place,
+    // without a remove and add (which cut the application off between).
+    let sign_with = async |cert: &svs_e2e::ClientCert, key: &str| {
+        let mut c = Client::connect(daemon.addr, &daemon.ca, cert, false)
+            .await
+            .unwrap();
+        let (st, _, body) = c
+            .post("/v1/sign", &json!({"key": key, "data": b64(msg)}))
+            .await
+            .unwrap();
+        (st, body["error"]["code"].as_str().map(str::to_owned))
+    };
+    assert_eq!(
+        sign_with(&app, "demo").await,
+        (403, Some("key_not_allowed".into()))
+    );
+    let before = std::fs::read_to_string(dir.join("entities.toml")).unwrap();
+    run(&["entity", "update", "--name", "app1", "--no-reload"]).fails(2, "nothing to change");
+    run(&[
+        "entity",
+        "update",
+        "--name",
+        "app9",
+        "--ops",
+        "sign",
+        "--no-reload",
+    ])
+    .fails(3, "no entity named \"app9\"");
+    run(&[
+        "entity",
+        "update",
+        "--name",
+        "app1",
+        "--keys",
+        "enrolled,nosuch",
+        "--no-reload",
+    ])
+    .fails(3, "not exposed by svsd");
+    run(&[
+        "entity",
+        "update",
+        "--name",
+        "app1",
+        "--cert",
+        foreign.to_str().unwrap(),
+        "--no-reload",
+    ])
+    .fails(7, "Nothing was changed");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("entities.toml")).unwrap(),
+        before
+    );
+    let r = run(&[
+        "entity",
+        "update",
+        "--name",
+        "app1",
+        "--keys",
+        "enrolled,demo",
+        "--pid",
+        &pid,
+    ])
+    .ok();
+    assert!(r.stdout.contains("keys [enrolled,demo]"), "{}", r.stdout);
+    assert_eq!(sign_with(&app, "demo").await, (200, None));
+    let renewed = install.issue_client("app1-renewed");
+    run(&[
+        "entity",
+        "update",
+        "--name",
+        "app1",
+        "--cert",
+        renewed.cert.to_str().unwrap(),
+        "--pid",
+        &pid,
+    ])
+    .ok();
+    assert_eq!(sign_with(&renewed, "enrolled").await, (200, None));
+    assert_eq!(
+        sign_with(&app, "enrolled").await,
+        (401, Some("unauthenticated".into()))
+    );
+    let a = listed("app1");
+    assert_eq!(
+        a["client"]["certificate_sha256"],
+        renewed.sha256.as_str(),
+        "{a}"
+    );
+    // Settings not named stay: its rate limit and its operations.
+    assert_eq!(a["rate"]["per_second"], 100.0, "{a}");
+    assert_eq!(a["operations"], json!(["sign", "verify"]), "{a}");
     let entities = std::fs::read_to_string(dir.join("entities.toml")).unwrap();
     assert!(
         entities.contains(note) && entities.contains(trailing),
