@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -292,7 +293,7 @@ pub fn add(config_path: &Path, new: &NewEntity, reload: &Reload) -> Result<Repor
         list.push(table);
         Ok(())
     })?;
-    let outcome = do_reload(&target, &config.audit.dir, &written)?;
+    let outcome = do_reload(&target, &config, &written)?;
     Ok(Report {
         text: format!(
             "entity {:?} added ({field} {fp}, keys [{}], ops [{}]){}\n{}",
@@ -418,7 +419,7 @@ pub fn update(
         }
         Ok(())
     })?;
-    let outcome = do_reload(&target, &config.audit.dir, &written)?;
+    let outcome = do_reload(&target, &config, &written)?;
     Ok(Report {
         text: format!(
             "entity {name:?} updated: {}\n{}",
@@ -466,7 +467,7 @@ pub fn set_status(
         }
         Ok(())
     })?;
-    let outcome = do_reload(&target, &config.audit.dir, &written)?;
+    let outcome = do_reload(&target, &config, &written)?;
     Ok(Report {
         text: format!("entity {name:?} is now {state}\n{}", outcome.text),
         json: json!({"name": name, "status": state, "changed": true, "reload": outcome.json}),
@@ -496,7 +497,7 @@ pub fn remove(config_path: &Path, name: &str, yes: bool, reload: &Reload) -> Res
         list.retain(|t| entity_name(t) != Some(owned.as_str()));
         Ok(())
     })?;
-    let outcome = do_reload(&target, &config.audit.dir, &written)?;
+    let outcome = do_reload(&target, &config, &written)?;
     Ok(Report {
         text: format!("entity {name:?} removed\n{}", outcome.text),
         json: json!({"name": name, "removed": true, "reload": outcome.json}),
@@ -883,13 +884,47 @@ fn reload_target(how: &Reload) -> Result<Target> {
     }
 }
 
-fn do_reload(target: &Target, audit_dir: &Path, edit: &Written) -> Result<ReloadOutcome> {
-    do_reload_within(target, audit_dir, edit, RELOAD_WAIT)
+fn do_reload(target: &Target, config: &Config, edit: &Written) -> Result<ReloadOutcome> {
+    do_reload_within(
+        target,
+        &config.audit.dir,
+        config.health_listen,
+        edit,
+        RELOAD_WAIT,
+    )
+}
+
+/// Why svsd's probe listener at `addr` says it is waiting to start (not
+/// provisioned, HSM unreachable), if it says so. A waiting svsd has no
+/// audit trail open, so it writes no `reload` record; but SIGHUP makes it
+/// re-read its configuration, and it reads the entities file when it
+/// starts. A running svsd that is not ready (self-tests failed) still
+/// writes reload records, so it never gets here.
+fn waiting_reason(addr: SocketAddr) -> Option<String> {
+    use std::io::{Read, Write};
+    let timeout = Duration::from_secs(1);
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).ok()?;
+    s.set_read_timeout(Some(timeout)).ok()?;
+    s.write_all(b"GET /readyz HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .ok()?;
+    let mut raw = Vec::new();
+    s.take(64 << 10).read_to_end(&mut raw).ok()?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    if !head.starts_with("HTTP/1.0 503") && !head.starts_with("HTTP/1.1 503") {
+        return None;
+    }
+    let body: Value = serde_json::from_str(body).ok()?;
+    let message = body["error"]["message"].as_str()?;
+    (body["error"]["code"] == "not_ready"
+        && (message.starts_with("not provisioned") || message.starts_with("HSM unavailable")))
+    .then(|| message.to_owned())
 }
 
 fn do_reload_within(
     target: &Target,
     audit_dir: &Path,
+    health: Option<SocketAddr>,
     edit: &Written,
     wait: Duration,
 ) -> Result<ReloadOutcome> {
@@ -936,16 +971,68 @@ fn do_reload_within(
                 json: j,
             })
         }
-        None => Err(not_reloaded(format!(
-            "{who} was asked to reload and did not confirm within {}s (no new `reload` audit record): it refused the new configuration (its log says why) or is not running",
-            wait.as_secs()
-        ))),
+        None => match health.and_then(waiting_reason) {
+            Some(reason) => {
+                let mut j = method;
+                j["sent"] = true.into();
+                j["confirmed"] = false.into();
+                j["waiting"] = reason.clone().into();
+                Ok(ReloadOutcome {
+                    text: format!(
+                        "{who} is waiting to start ({reason}): it reads the entities file when it starts\n"
+                    ),
+                    json: j,
+                })
+            }
+            None => Err(not_reloaded(format!(
+                "{who} was asked to reload and did not confirm within {}s (no new `reload` audit record): it refused the new configuration (its log says why), is not running, or is still waiting to be provisioned (`systemctl status svsd`; then it reads the file when it starts)",
+                wait.as_secs()
+            ))),
+        },
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A one-shot HTTP server answering `answer` to one request.
+    fn probe_answering(answer: &'static str) -> SocketAddr {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            if let Ok((mut s, _)) = l.accept() {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf);
+                let _ = s.write_all(answer.as_bytes());
+            }
+        });
+        addr
+    }
+
+    #[test]
+    fn a_probe_saying_svsd_waits_to_start_is_told_from_other_answers() {
+        let waiting = probe_answering(
+            "HTTP/1.0 503 Service Unavailable\r\ncontent-type: application/json\r\n\r\n{\"error\":{\"code\":\"not_ready\",\"message\":\"not provisioned: HSM PIN missing\"}}",
+        );
+        assert_eq!(
+            waiting_reason(waiting).as_deref(),
+            Some("not provisioned: HSM PIN missing")
+        );
+        // Running but not ready: it writes reload records, so no excuse.
+        let failing = probe_answering(
+            "HTTP/1.0 503 Service Unavailable\r\n\r\n{\"error\":{\"code\":\"not_ready\",\"message\":\"self-tests failed\"}}",
+        );
+        assert_eq!(waiting_reason(failing), None);
+        let ready = probe_answering("HTTP/1.0 200 OK\r\n\r\n{\"status\":\"ready\"}");
+        assert_eq!(waiting_reason(ready), None);
+        // Nothing listening.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let closed = l.local_addr().unwrap();
+        drop(l);
+        assert_eq!(waiting_reason(closed), None);
+    }
 
     #[test]
     fn rates() {
@@ -1071,7 +1158,7 @@ mod tests {
             path: dir.path().join("entities.toml"),
             sha256: sha256_hex(b""),
         };
-        assert!(do_reload_within(&Target::Nobody, dir.path(), &edit, Duration::ZERO).is_ok());
+        assert!(do_reload_within(&Target::Nobody, dir.path(), None, &edit, Duration::ZERO).is_ok());
         let me = std::process::id() as i32;
         let pid_file = dir.path().join("svsd.pid");
         std::fs::write(&pid_file, format!("{me}\n")).unwrap();
@@ -1091,9 +1178,15 @@ mod tests {
         }
         // svsd gone between the check and the signal: the file has changed
         // by then, so it is a reload not confirmed.
-        let e = do_reload_within(&Target::Pid(i32::MAX), dir.path(), &edit, Duration::ZERO)
-            .err()
-            .unwrap();
+        let e = do_reload_within(
+            &Target::Pid(i32::MAX),
+            dir.path(),
+            None,
+            &edit,
+            Duration::ZERO,
+        )
+        .err()
+        .unwrap();
         assert_eq!(e.exit_code(), 14, "{e}");
     }
 }

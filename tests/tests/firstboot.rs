@@ -143,6 +143,25 @@ async fn unprovisioned_svsd_waits_not_ready_and_starts_on_sighup() {
         "details belong in the log: {log}"
     );
 
+    // An officer suspends an entity before svsd has started: svsd, waiting,
+    // writes no reload record, and svs-provision says what that means
+    // instead of "did not confirm" (exit 14).
+    for command in ["suspend", "resume"] {
+        let out = Command::new(svs_provision_bin())
+            .arg("--config")
+            .arg(&install.config)
+            .args(["entity", command, "--name", "dev-client", "--pid"])
+            .arg(d.child.id().to_string())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{out:?}");
+        assert!(
+            stdout.contains("is waiting to start (not provisioned: TLS files, HSM PIN missing"),
+            "{stdout}"
+        );
+    }
+
     // svs-provision puts the files in place and reloads.
     for f in ["server.pem", "server-key.pem", "ca.pem", "pin"] {
         std::fs::copy(install.dir.join(f), prod.join(f)).unwrap();
