@@ -2356,7 +2356,7 @@ impl<'k> Verifier<'k> {
             (Some((_, _, signed)), Some(given)) => {
                 if given != signed {
                     self.report.warnings.push(format!(
-                        "the newest signed checkpoint says svsd checkpoints every {}s, not the {}s given: coverage is measured with the shorter",
+                        "the newest signed checkpoint says svsd checkpoints every {}s, not the {}s expected (--checkpoint-interval, else svsd's configuration, else its default of 300s): coverage is measured with the shorter",
                         signed.as_secs(),
                         given.as_secs()
                     ));
@@ -3521,7 +3521,7 @@ mod tests {
         f.write(dir.path(), 1);
         let r = verify_dir_with(dir.path(), &keyed(&point, 3000)).unwrap();
         assert_eq!(r.interval, Some(Duration::from_secs(300)));
-        assert!(r.warnings[0].contains("not the 3000s given"), "{r:?}");
+        assert!(r.warnings[0].contains("not the 3000s expected"), "{r:?}");
         let b = verify_dir_with(dir.path(), &keyed(&point, 30)).unwrap_err();
         assert_eq!(b.kind, BreakKind::Unsigned { after: 10 });
         // An unknown interval given: the signed one applies.
