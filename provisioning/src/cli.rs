@@ -346,11 +346,16 @@ pub enum EntityCmd {
     },
     /// List entities.
     List,
-    /// Suspend an entity (its requests are refused from the reload on).
+    /// Suspend an entity, or with --all every entity of the entities file
+    /// in one reload (an emergency: a key possibly compromised); their
+    /// requests are refused from the reload on.
     Suspend {
         /// Entity name.
+        #[arg(long, required_unless_present = "all", conflicts_with = "all")]
+        name: Option<String>,
+        /// Every entity in the entities file.
         #[arg(long)]
-        name: String,
+        all: bool,
         #[command(flatten)]
         reload: ReloadArgs,
     },
@@ -871,9 +876,12 @@ pub fn run(cli: Cli) -> Result<Outcome> {
                 )?
                 .into()),
                 EntityCmd::List => Ok(crate::entities::list(&path)?.into()),
-                EntityCmd::Suspend { name, reload } => {
-                    Ok(crate::entities::set_status(&path, name, true, &reload.how())?.into())
-                }
+                EntityCmd::Suspend { name, all, reload } => match (name, all) {
+                    (Some(name), false) => {
+                        Ok(crate::entities::set_status(&path, name, true, &reload.how())?.into())
+                    }
+                    _ => Ok(crate::entities::suspend_all(&path, &reload.how())?.into()),
+                },
                 EntityCmd::Resume { name, reload } => {
                     Ok(crate::entities::set_status(&path, name, false, &reload.how())?.into())
                 }

@@ -133,15 +133,21 @@ fn entity_json(e: &EntityConfig, source: &str) -> Value {
     })
 }
 
-/// `entity list`.
-pub fn list(config_path: &Path) -> Result<Report> {
-    let config = load_config(config_path)?;
-    let file_names: BTreeSet<String> = match &config.entities_file {
+/// The names of the entities in the entities file (the others are inline
+/// in svsd.toml, which svs-provision does not edit).
+fn entities_file_names(config: &Config) -> BTreeSet<String> {
+    match &config.entities_file {
         Some(p) => load_entities_file(p, &config.keys)
             .map(|l| l.into_iter().map(|e| e.name).collect())
             .unwrap_or_default(),
         None => BTreeSet::new(),
-    };
+    }
+}
+
+/// `entity list`.
+pub fn list(config_path: &Path) -> Result<Report> {
+    let config = load_config(config_path)?;
+    let file_names = entities_file_names(&config);
     let mut text = String::new();
     let mut items = Vec::new();
     for e in &config.entities {
@@ -471,6 +477,63 @@ pub fn set_status(
     Ok(Report {
         text: format!("entity {name:?} is now {state}\n{}", outcome.text),
         json: json!({"name": name, "status": state, "changed": true, "reload": outcome.json}),
+    })
+}
+
+/// `entity suspend --all`: every entity of the entities file suspended in
+/// one edit and one reload. One by one, each a reload, the last entity
+/// was still signing seconds after the first was cut off.
+pub fn suspend_all(config_path: &Path, reload: &Reload) -> Result<Report> {
+    let config = load_config(config_path)?;
+    let path = entities_path(&config)?;
+    let file_names = entities_file_names(&config);
+    let inline: Vec<&str> = config
+        .entities
+        .iter()
+        .filter(|e| !file_names.contains(&e.name))
+        .map(|e| e.name.as_str())
+        .collect();
+    let to_suspend: Vec<String> = config
+        .entities
+        .iter()
+        .filter(|e| file_names.contains(&e.name) && e.status == EntityStatus::Active)
+        .map(|e| e.name.clone())
+        .collect();
+    let inline_note = if inline.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "entities written inline in {} are not in the entities file: suspend them there ({})\n",
+            config.path.display(),
+            inline.join(", ")
+        )
+    };
+    if to_suspend.is_empty() {
+        return Ok(Report {
+            text: format!(
+                "every entity in the entities file is already suspended; nothing was changed\n{inline_note}"
+            ),
+            json: json!({"suspended": [], "changed": false, "inline": inline, "reload": null}),
+        });
+    }
+    let target = reload_target(reload)?;
+    let names = to_suspend.clone();
+    let written = edit(&config, &path, move |list| {
+        for t in list.iter_mut() {
+            if entity_name(t).is_some_and(|n| names.iter().any(|s| s == n)) {
+                t["status"] = value("suspended");
+            }
+        }
+        Ok(())
+    })?;
+    let outcome = do_reload(&target, &config, &written)?;
+    Ok(Report {
+        text: format!(
+            "suspended: {}\n{inline_note}{}",
+            to_suspend.join(", "),
+            outcome.text
+        ),
+        json: json!({"suspended": to_suspend, "changed": true, "inline": inline, "reload": outcome.json}),
     })
 }
 

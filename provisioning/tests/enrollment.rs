@@ -603,6 +603,29 @@ async fn enrollment_flow_with_svsd_and_audit_verification() {
     // Settings not named stay: its rate limit and its operations.
     assert_eq!(a["rate"]["per_second"], 100.0, "{a}");
     assert_eq!(a["operations"], json!(["sign", "verify"]), "{a}");
+
+    // An emergency: every entity suspended in one edit and one reload.
+    let r = run(&["entity", "suspend", "--all", "--pid", &pid]).ok();
+    assert!(
+        r.stdout.contains("suspended: dev-client, app1"),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(
+        sign_with(&renewed, "enrolled").await,
+        (403, Some("entity_suspended".into()))
+    );
+    assert_eq!(
+        sign_with(&install.dev_client(), "demo").await,
+        (403, Some("entity_suspended".into()))
+    );
+    let r = run(&["entity", "suspend", "--all", "--no-reload"]).ok();
+    assert!(r.stdout.contains("already suspended"), "{}", r.stdout);
+    run(&["entity", "suspend", "--no-reload"]).fails(2, "--name");
+    for name in ["dev-client", "app1"] {
+        run(&["entity", "resume", "--name", name, "--pid", &pid]).ok();
+    }
+    assert_eq!(sign_with(&renewed, "enrolled").await, (200, None));
     let entities = std::fs::read_to_string(dir.join("entities.toml")).unwrap();
     assert!(
         entities.contains(note) && entities.contains(trailing),
