@@ -182,6 +182,10 @@ pub enum KeyCmd {
         /// Key label.
         #[arg(long)]
         label: String,
+        /// Its CKA_ID in hex, to pick one of several keys sharing the label
+        /// (as `key list` shows them).
+        #[arg(long, value_name = "HEX")]
+        id: Option<String>,
         /// Do not ask for confirmation.
         #[arg(long)]
         yes: bool,
@@ -659,7 +663,7 @@ fn need_config(
 
 /// Runs a parsed command line.
 /// Whether `command` creates, changes or destroys token objects or PINs:
-/// those run one at a time per module on this host ([`Target::lock_changes`]).
+/// those run one at a time on this host ([`Target::lock_changes`]).
 fn changes_tokens(command: &Command) -> bool {
     match command {
         Command::Token(TokenCmd::Init { .. })
@@ -739,7 +743,7 @@ pub fn run(cli: Cli) -> Result<Outcome> {
                         }),
                     }
                 }
-                KeyCmd::Delete { label, yes } => {
+                KeyCmd::Delete { label, id, yes } => {
                     // Deleting a key svsd still serves would take signing
                     // (or audit checkpoints) down at its next start.
                     if let Some(c) = &config {
@@ -761,7 +765,7 @@ pub fn run(cli: Cli) -> Result<Outcome> {
                             )));
                         }
                     }
-                    Ok(crate::keys::delete(&opened, &mut pins, label, *yes)?.into())
+                    Ok(crate::keys::delete(&opened, &mut pins, label, id.as_deref(), *yes)?.into())
                 }
             }
         }

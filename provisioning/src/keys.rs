@@ -215,7 +215,13 @@ pub fn find(session: &Session, profile: &VendorProfile, label: &str, token: &str
     match (matching.next(), matching.next()) {
         (Some(k), None) => Ok(k.clone()),
         (Some(_), Some(_)) => Err(ProvisionError::Usage(format!(
-            "several keys on token '{token}' are labelled '{label}'; svsd can use only one of them by name: delete or relabel the others"
+            "several keys on token '{token}' are labelled '{label}' (ids {}); svsd can use only one of them by name: delete the others with `{}`",
+            keys.iter()
+                .filter(|k| k.label == label)
+                .map(|k| hex(&k.id))
+                .collect::<Vec<_>>()
+                .join(", "),
+            crate::cli::command(&format!("key delete --label {label} --id ID"))
         ))),
         (None, _) => Err(ProvisionError::NotFound(format!(
             "no key labelled '{label}' on token '{token}'; keys present: {}",
@@ -440,9 +446,26 @@ pub fn export_public(opened: &Opened, label: &str) -> Result<(Key, String)> {
 
 /// `key delete`: destroys the private key, public key and certificates of
 /// the key (everything sharing its CKA_ID).
-pub fn delete(opened: &Opened, pins: &mut PinReader, label: &str, yes: bool) -> Result<Report> {
+pub fn delete(
+    opened: &Opened,
+    pins: &mut PinReader,
+    label: &str,
+    id: Option<&str>,
+    yes: bool,
+) -> Result<Report> {
     let session = opened.user_session(pins)?;
-    let key = find(&session, &opened.profile, label, &opened.label)?;
+    let key = match id {
+        None => find(&session, &opened.profile, label, &opened.label)?,
+        Some(id) => discover(&session, &opened.profile)?
+            .into_iter()
+            .find(|k| k.label == label && hex(&k.id).eq_ignore_ascii_case(id.trim()))
+            .ok_or_else(|| {
+                ProvisionError::NotFound(format!(
+                    "no key labelled '{label}' with id {id} on token '{}' (`key list` shows the ids)",
+                    opened.label
+                ))
+            })?,
+    };
     if key.id.is_empty() {
         return Err(ProvisionError::Usage(format!(
             "key '{label}' has no CKA_ID, so its objects cannot be told apart from others; delete it with the vendor's tool"

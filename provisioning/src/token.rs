@@ -14,7 +14,6 @@ use cryptoki::session::{Session, UserType};
 use cryptoki::slot::{Limit, Slot, TokenInfo};
 use cryptoki::types::AuthPin;
 use serde_json::{Value, json};
-use sha2::Digest;
 use svs_hsm::profile::{ModuleIdentity, ProfileOverride, ProfileTable};
 use svs_hsm::{ModuleSource, Pkcs11Uri, TokenSelector, VendorProfile};
 use zeroize::Zeroizing;
@@ -85,35 +84,19 @@ impl Target {
     }
 
     /// Serialises svs-provision's check-then-create steps (is the label
-    /// taken? then create) among its processes on this host that use the
-    /// same module: PKCS#11 has no "create unless the label is taken", and
-    /// two officers, or a script run twice, generating one label at once
-    /// both passed the check and left two keys under it (seen on
-    /// SoftHSMv2), of which svsd serves only one by that name. One lock per
-    /// module, not per token: the changes are few and short, and token
-    /// init checks labels across the module's tokens. Processes on other
-    /// hosts sharing a network HSM are not covered (docs/operations.md:
-    /// provision from one place).
+    /// taken? then create) among its processes on this host: PKCS#11 has
+    /// no "create unless the label is taken", and two officers, or a
+    /// script run twice, generating one label at once both passed the
+    /// check and left two keys under it (seen on SoftHSMv2), of which svsd
+    /// serves only one by that name. One lock for the whole host, not per
+    /// module or token: the same token is reached by several routes (the
+    /// built-in soft token or its .so, a configuration path, relative or
+    /// through a link), which a lock keyed on the route did not serialise;
+    /// the changes are few and short, so waiting for an unrelated one
+    /// costs little. Processes on other hosts sharing a network HSM are not
+    /// covered (docs/operations.md: provision from one place).
     pub fn lock_changes(&self) -> Result<ChangeLock> {
-        let module = match &self.module {
-            ModuleSource::Path(p) => format!(
-                "module:{}",
-                std::fs::canonicalize(p)
-                    .unwrap_or_else(|_| p.clone())
-                    .display()
-            ),
-            ModuleSource::Embedded => format!(
-                "embedded:{}",
-                self.embedded_config
-                    .as_ref()
-                    .map(|c| std::fs::canonicalize(c).unwrap_or_else(|_| c.clone()))
-                    .or_else(|| std::env::var_os("SVS_SOFTTOKEN_CONF").map(PathBuf::from))
-                    .unwrap_or_default()
-                    .display()
-            ),
-        };
-        let digest = sha2::Sha256::digest(module.as_bytes());
-        let name = format!("svs-provision-{}.lock", &svs_hsm::keys::hex(&digest)[..16]);
+        let name = "svs-provision.lock";
         // /run/lock is the FHS place (tmpfs, sticky, writable by all).
         let dir = Path::new("/run/lock");
         let path = if dir.is_dir() {
@@ -123,9 +106,8 @@ impl Target {
         };
         let cannot = |e: std::io::Error| {
             ProvisionError::Io(format!(
-                "cannot take the lock {} that keeps two svs-provision runs from changing {} at once: {e}",
-                path.display(),
-                self.module_name()
+                "cannot take the lock {} that keeps two svs-provision runs from changing tokens at once: {e}",
+                path.display()
             ))
         };
         // flock needs no write access: a lock file another user created
@@ -142,10 +124,9 @@ impl Target {
         use rustix::fs::{FlockOperation, flock};
         if flock(&file, FlockOperation::NonBlockingLockExclusive).is_err() {
             // The other run may be waiting for its officer's confirmation.
-            crate::progress(&format!(
-                "waiting for another svs-provision run that is changing {}…",
-                self.module_name()
-            ));
+            crate::progress(
+                "waiting for another svs-provision run that is changing a token (it may be waiting for its officer)…",
+            );
             flock(&file, FlockOperation::LockExclusive).map_err(|e| cannot(e.into()))?;
         }
         Ok(ChangeLock(file))

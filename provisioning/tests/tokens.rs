@@ -635,4 +635,60 @@ fn enrollment_steps_on_softhsm_with_ecdsa_p256() {
             .count();
         assert_eq!(named, 1, "{keys}");
     }
+
+    // A second key under a label, made by another tool: svs-provision
+    // names both ids and deletes the one given.
+    let out = std::process::Command::new("pkcs11-tool")
+        .env("SOFTHSM2_CONF", &conf)
+        .args(["--module", SOFTHSM, "--token-label", "svs-hsm", "--login"])
+        .args(["--pin", "user-pin-0001", "--keypairgen", "--key-type"])
+        .args(["EC:prime256v1", "--label", "race-0", "--id", "0badc0de"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let r = p(&[
+        "--pin-file",
+        &user,
+        "key",
+        "delete",
+        "--label",
+        "race-0",
+        "--yes",
+    ])
+    .fails(2, "several keys");
+    assert!(r.stderr.contains("0badc0de"), "{}", r.stderr);
+    assert!(r.stderr.contains("--id ID"), "{}", r.stderr);
+    p(&[
+        "--pin-file",
+        &user,
+        "key",
+        "delete",
+        "--label",
+        "race-0",
+        "--id",
+        "0BADC0DE",
+        "--yes",
+    ])
+    .ok();
+    p(&[
+        "--pin-file",
+        &user,
+        "key",
+        "delete",
+        "--label",
+        "race-0",
+        "--id",
+        "0badc0de",
+        "--yes",
+    ])
+    .fails(3, "with id 0badc0de");
+    let keys = key_state(&common, &env);
+    let left: Vec<&serde_json::Value> = keys["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|k| k["label"] == "race-0")
+        .collect();
+    assert_eq!(left.len(), 1, "{keys}");
+    assert_ne!(left[0]["id"], "0badc0de", "{keys}");
 }
