@@ -786,12 +786,23 @@ async fn start(
     // Everything that can be wrong with the files is found before the HSM is touched.
     let c = config.clone();
     let (api, metrics_tls) = tokio::task::spawn_blocking(move || {
-        unprovisioned_files(&c)?;
+        let waiting = unprovisioned_files(&c);
+        // TLS files that are all there are checked even while the PIN is
+        // still missing: one that is complete but wrong (a key that is not
+        // the certificate's) is an invalid configuration, which waiting
+        // would report only once the PIN came, at the officer's last step.
+        if let Err(e @ SvsError::NotReady(NotReady::NotProvisioned(missing), _)) = &waiting
+            && missing.contains(&Missing::Tls)
+        {
+            return Err(e.clone());
+        }
         let metrics_tls = match (&c.metrics.listen, &c.metrics.tls) {
             (Some(_), Some(t)) => Some(TlsAcceptor::from(crate::tls::metrics_server_config(t)?)),
             _ => None,
         };
-        Ok::<_, SvsError>((api_tls(&c)?, metrics_tls))
+        let api = api_tls(&c)?;
+        waiting?;
+        Ok::<_, SvsError>((api, metrics_tls))
     })
     .await
     .map_err(|e| SvsError::Internal(e.to_string()))??;

@@ -245,6 +245,26 @@ fn exit_status(install: &Install, env: &[(&str, &str)]) -> (Option<i32>, String)
 }
 
 #[test]
+fn tls_files_that_are_there_but_wrong_end_svsd_while_the_pin_is_still_missing() {
+    let install = Install::new();
+    // The officer's TLS step went wrong (another key than the
+    // certificate's); the PIN credential is not there yet.
+    std::fs::copy(
+        install.dir.join("client-key.pem"),
+        install.dir.join("server-key.pem"),
+    )
+    .unwrap();
+    std::fs::remove_file(install.dir.join("pin")).unwrap();
+    let (code, log) = exit_status(&install, &[]);
+    assert_eq!(code, Some(78), "{log}");
+    assert!(
+        log.contains("server-key.pem") || log.contains("private_key"),
+        "{log}"
+    );
+    assert!(!log.contains("not ready: not provisioned"), "{log}");
+}
+
+#[test]
 fn a_refused_pin_exits_78_at_once_and_says_so_once() {
     let install = Install::new();
     std::fs::write(install.dir.join("pin"), "00000000\n").unwrap();
