@@ -208,9 +208,14 @@ fn check_ops(ops: &[String]) -> Result<()> {
 }
 
 /// How svsd is to recognise the client of `cert` (which must pass svsd's
-/// handshake check now): the entity field and its fingerprint.
+/// handshake check now) for entity `name`: the entity field and its
+/// fingerprint. A certificate svsd already takes for another entity is
+/// refused: svsd picks the most specific match, so a renewal given the
+/// wrong file (another tenant's certificate, matched there by key or
+/// subject) silently moved that tenant's requests onto this entity's keys.
 fn client_match(
     config: &Config,
+    name: &str,
     cert: &Path,
     match_certificate: bool,
 ) -> Result<(&'static str, String)> {
@@ -223,6 +228,28 @@ fn client_match(
     let (der, parsed) = certs.into_iter().next().ok_or_else(|| {
         ProvisionError::Certificate(format!("{}: no certificate", cert.display()))
     })?;
+    let identity = svs_appliance::policy::ClientIdentity::from_der(&der)
+        .map_err(|e| ProvisionError::Certificate(format!("{}: {e}", cert.display())))?;
+    let others: Vec<_> = config
+        .entities
+        .iter()
+        .filter(|e| e.name != name)
+        .cloned()
+        .collect();
+    let policy = svs_appliance::policy::Policy::new(&others, None);
+    // Subject matching applies only to a leaf a client CA issued
+    // directly; a file without intermediates is taken to be one.
+    let client = svs_appliance::policy::VerifiedClient {
+        identity: &identity,
+        issued_directly: chain.len() == 1,
+    };
+    if let Ok(other) = policy.identify(client) {
+        let other = other.name();
+        return Err(ProvisionError::AlreadyExists(format!(
+            "{}: svsd already recognises this certificate as entity {other:?}; giving it to {name:?} would move {other:?}'s requests to {name:?}'s keys. Check the file. Nothing was changed",
+            cert.display()
+        )));
+    }
     Ok(if match_certificate {
         ("certificate_sha256", hex(&Sha256::digest(&der)))
     } else {
@@ -272,7 +299,7 @@ pub fn add(config_path: &Path, new: &NewEntity, reload: &Reload) -> Result<Repor
             new.name
         )));
     }
-    let (field, fp) = client_match(&config, &new.cert, new.match_certificate)?;
+    let (field, fp) = client_match(&config, &new.name, &new.cert, new.match_certificate)?;
     let rate = rate_value(new.rate.as_deref(), new.burst)?;
     let mut table = toml_edit::Table::new();
     table["name"] = value(new.name.as_str());
@@ -363,7 +390,7 @@ pub fn update(
         None => None,
     };
     let client = match &change.cert {
-        Some((cert, whole)) => Some(client_match(&config, cert, *whole)?),
+        Some((cert, whole)) => Some(client_match(&config, name, cert, *whole)?),
         None => None,
     };
     let mut said = Vec::new();

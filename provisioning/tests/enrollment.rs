@@ -560,6 +560,37 @@ async fn enrollment_flow_with_svsd_and_audit_verification() {
         "--no-reload",
     ])
     .fails(7, "Nothing was changed");
+    // Another tenant's certificate, given by mistake: svsd would take it for
+    // that tenant no longer (the most specific match wins), so it is refused,
+    // as `add` of it matched by key instead of whole certificate is.
+    let dev_cert = install.dev_client().cert;
+    run(&[
+        "entity",
+        "update",
+        "--name",
+        "app1",
+        "--cert",
+        dev_cert.to_str().unwrap(),
+        "--match-key",
+        "--no-reload",
+    ])
+    .fails(
+        4,
+        "already recognises this certificate as entity \"dev-client\"",
+    );
+    run(&[
+        "entity",
+        "add",
+        "--name",
+        "app2",
+        "--cert",
+        dev_cert.to_str().unwrap(),
+        "--match-key",
+        "--ops",
+        "verify",
+        "--no-reload",
+    ])
+    .fails(4, "already recognises this certificate");
     assert_eq!(
         std::fs::read_to_string(dir.join("entities.toml")).unwrap(),
         before
