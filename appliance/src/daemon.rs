@@ -853,7 +853,10 @@ async fn start(
     audit
         .note(
             "start",
-            format!("svsd {} started", env!("CARGO_PKG_VERSION")),
+            crate::reload::record_detail(
+                &format_args!("svsd {} started", env!("CARGO_PKG_VERSION")),
+                config.entities_sha256.as_ref(),
+            ),
         )
         .await?;
 

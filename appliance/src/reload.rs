@@ -13,12 +13,13 @@ use crate::policy::Policy;
 /// and the SHA-256 of the file's bytes in hex.
 pub const ENTITIES_SHA256: &str = "entities file sha256";
 
-/// The detail of a `reload` record: what changed, and the digest of the
-/// entities file read (if there is one).
-pub fn record_detail(changes: &ReloadChanges, entities_sha256: Option<&[u8; 32]>) -> String {
+/// The detail of a `reload` or `start` record: what it says (what
+/// changed; the version started), and the digest of the entities file read
+/// (if there is one), by which svs-provision knows its edit was read.
+pub fn record_detail(what: &dyn std::fmt::Display, entities_sha256: Option<&[u8; 32]>) -> String {
     match entities_sha256 {
-        Some(d) => format!("{changes}; {ENTITIES_SHA256} {}", svs_hsm::keys::hex(d)),
-        None => changes.to_string(),
+        Some(d) => format!("{what}; {ENTITIES_SHA256} {}", svs_hsm::keys::hex(d)),
+        None => what.to_string(),
     }
 }
 

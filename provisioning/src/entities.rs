@@ -452,6 +452,15 @@ pub fn update(
         }
         Ok(())
     })?;
+    if written.is_none() {
+        return Ok(Report {
+            text: format!(
+                "entity {name:?} already has {}; nothing was changed\n",
+                said.join(", ")
+            ),
+            json: json!({"name": name, "updated": [], "changed": false, "reload": null}),
+        });
+    }
     let outcome = do_reload(&target, &config, &written)?;
     Ok(Report {
         text: format!(
@@ -459,7 +468,7 @@ pub fn update(
             said.join(", "),
             outcome.text
         ),
-        json: json!({"name": name, "updated": said, "reload": outcome.json}),
+        json: json!({"name": name, "updated": said, "changed": true, "reload": outcome.json}),
     })
 }
 
@@ -514,10 +523,12 @@ pub fn suspend_all(config_path: &Path, reload: &Reload) -> Result<Report> {
     let config = load_config(config_path)?;
     let path = entities_path(&config)?;
     let file_names = entities_file_names(&config);
+    // Inline entities svs-provision cannot suspend: only the active ones
+    // are news to the officer.
     let inline: Vec<&str> = config
         .entities
         .iter()
-        .filter(|e| !file_names.contains(&e.name))
+        .filter(|e| !file_names.contains(&e.name) && e.status == EntityStatus::Active)
         .map(|e| e.name.as_str())
         .collect();
     let to_suspend: Vec<String> = config
@@ -530,16 +541,19 @@ pub fn suspend_all(config_path: &Path, reload: &Reload) -> Result<Report> {
         String::new()
     } else {
         format!(
-            "entities written inline in {} are not in the entities file: suspend them there ({})\n",
+            "still active: entities written inline in {}, which only that file can suspend ({})\n",
             config.path.display(),
             inline.join(", ")
         )
     };
     if to_suspend.is_empty() {
+        let already = if file_names.is_empty() {
+            "the entities file has no entities"
+        } else {
+            "every entity in the entities file is already suspended"
+        };
         return Ok(Report {
-            text: format!(
-                "every entity in the entities file is already suspended; nothing was changed\n{inline_note}"
-            ),
+            text: format!("{already}; nothing was changed\n{inline_note}"),
             json: json!({"suspended": [], "changed": false, "inline": inline, "reload": null}),
         });
     }
@@ -694,7 +708,7 @@ fn edit(
     config: &Config,
     path: &Path,
     change: impl FnOnce(&mut toml_edit::ArrayOfTables) -> Result<()>,
-) -> Result<Written> {
+) -> Result<Option<Written>> {
     let io = |what: &str, e: std::io::Error| {
         ProvisionError::Io(format!(
             "{what} {}: {e}; the file was not changed",
@@ -726,6 +740,10 @@ fn edit(
     let text = std::fs::read_to_string(path).map_err(|e| io("cannot read", e))?;
     let before: Vec<EntityConfig> = load_entities_file(path, &config.keys).unwrap_or_default();
     let body = edited(&text, path, change)?;
+    // Nothing to write, and nothing for svsd to reload.
+    if body == text {
+        return Ok(None);
+    }
 
     let tmp = Replacement::write(path, body.as_bytes(), 0o640)
         .map_err(|e| io("cannot write a temporary file beside", e))?;
@@ -743,10 +761,10 @@ fn edit(
     cross_check(config, &before, &after)?;
 
     tmp.commit().map_err(|e| io("cannot replace", e))?;
-    Ok(Written {
+    Ok(Some(Written {
         path: path.to_path_buf(),
         sha256: sha256_hex(written.as_bytes()),
-    })
+    }))
 }
 
 /// An edit of the entities file, as written.
@@ -891,8 +909,13 @@ fn reload_after(dir: &Path, mark: u64, edit: &Written) -> Option<u64> {
                 continue;
             };
             let seq = v.get("seq").and_then(Value::as_u64).unwrap_or(0);
+            // A `start` counts too: a reload sent to an svsd waiting to
+            // start made it start, with the edited file.
             if seq > mark
-                && v.get("type").and_then(Value::as_str) == Some("reload")
+                && matches!(
+                    v.get("type").and_then(Value::as_str),
+                    Some("reload" | "start")
+                )
                 && v.get("detail")
                     .and_then(Value::as_str)
                     .and_then(entities_sha256_of)
@@ -974,14 +997,22 @@ fn reload_target(how: &Reload) -> Result<Target> {
     }
 }
 
-fn do_reload(target: &Target, config: &Config, edit: &Written) -> Result<ReloadOutcome> {
-    do_reload_within(
-        target,
-        &config.audit.dir,
-        config.health_listen,
-        edit,
-        RELOAD_WAIT,
-    )
+/// Asks svsd to reload after `edit`; an edit that changed nothing (None)
+/// needs no reload.
+fn do_reload(target: &Target, config: &Config, edit: &Option<Written>) -> Result<ReloadOutcome> {
+    match edit {
+        Some(edit) => do_reload_within(
+            target,
+            &config.audit.dir,
+            config.health_listen,
+            edit,
+            RELOAD_WAIT,
+        ),
+        None => Ok(ReloadOutcome {
+            text: "the file already said so: nothing was written, svsd not reloaded\n".into(),
+            json: json!({"method": "none", "sent": false, "confirmed": false, "changed": false}),
+        }),
+    }
 }
 
 /// Why svsd's probe listener at `addr` says it is waiting to start (not
@@ -1057,7 +1088,9 @@ fn do_reload_within(
             j["confirmed"] = true.into();
             j["audit_seq"] = seq.into();
             Ok(ReloadOutcome {
-                text: format!("{who} reloaded (confirmed by its reload audit record, seq {seq})\n"),
+                text: format!(
+                    "{who} reloaded (confirmed by its audit record at seq {seq}, which read the edited file)\n"
+                ),
                 json: j,
             })
         }

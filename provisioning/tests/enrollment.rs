@@ -595,19 +595,27 @@ async fn enrollment_flow_with_svsd_and_audit_verification() {
         std::fs::read_to_string(dir.join("entities.toml")).unwrap(),
         before
     );
-    let r = run(&[
-        "entity",
-        "update",
-        "--name",
-        "app1",
-        "--keys",
-        "enrolled,demo",
-        "--pid",
-        &pid,
-    ])
-    .ok();
+    let grant_demo = || {
+        run(&[
+            "entity",
+            "update",
+            "--name",
+            "app1",
+            "--keys",
+            "enrolled,demo",
+            "--pid",
+            &pid,
+        ])
+        .ok()
+    };
+    let r = grant_demo();
     assert!(r.stdout.contains("keys [enrolled,demo]"), "{}", r.stdout);
     assert_eq!(sign_with(&app, "demo").await, (200, None));
+    // The same again changes nothing: no write, no reload.
+    let unchanged = entities_file();
+    let r = grant_demo();
+    assert!(r.stdout.contains("nothing was changed"), "{}", r.stdout);
+    assert_eq!(entities_file(), unchanged);
     let renewed = install.issue_client("app1-renewed");
     run(&[
         "entity",

@@ -146,14 +146,17 @@ async fn unprovisioned_svsd_waits_not_ready_and_starts_on_sighup() {
     // An officer suspends an entity before svsd has started: svsd, waiting,
     // writes no reload record, and svs-provision says what that means
     // instead of "did not confirm" (exit 14).
-    for command in ["suspend", "resume"] {
-        let out = Command::new(svs_provision_bin())
+    let entity = |command: &str| {
+        Command::new(svs_provision_bin())
             .arg("--config")
             .arg(&install.config)
             .args(["entity", command, "--name", "dev-client", "--pid"])
             .arg(d.child.id().to_string())
             .output()
-            .unwrap();
+            .unwrap()
+    };
+    for command in ["suspend", "resume"] {
+        let out = entity(command);
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "{out:?}");
         assert!(
@@ -162,11 +165,21 @@ async fn unprovisioned_svsd_waits_not_ready_and_starts_on_sighup() {
         );
     }
 
-    // svs-provision puts the files in place and reloads.
+    // The officer puts the files in place; the next `entity` command's
+    // reload makes svsd start, and its `start` record, which read the
+    // edited entities file, confirms the edit.
     for f in ["server.pem", "server-key.pem", "ca.pem", "pin"] {
         std::fs::copy(install.dir.join(f), prod.join(f)).unwrap();
     }
-    d.signal("HUP");
+    let out = entity("suspend");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        stdout.contains("reloaded (confirmed by its audit record"),
+        "{stdout}"
+    );
+    let out = entity("resume");
+    assert!(out.status.success(), "{out:?}");
     let body = wait_for(&d, health, "/readyz", 200).await;
     assert_eq!(body, json!({"status": "ready"}));
     // The same metrics port now serves everything, all reasons 0.
