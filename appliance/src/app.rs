@@ -605,6 +605,8 @@ impl App {
             );
         } else if before.locked && !state.locked {
             tracing::info!("the token's user PIN is no longer locked");
+        } else if before.final_try && !state.final_try {
+            tracing::info!("the token's user PIN is no longer one wrong try from locking");
         }
     }
 

@@ -302,7 +302,7 @@ pub enum EntityCmd {
         #[arg(long)]
         burst: Option<u32>,
         /// Requests in flight at once.
-        #[arg(long)]
+        #[arg(long, value_parser = at_least_one)]
         max_concurrent: Option<usize>,
         /// Add it suspended.
         #[arg(long)]
@@ -340,7 +340,7 @@ pub enum EntityCmd {
         #[arg(long)]
         no_rate: bool,
         /// A new cap on requests in flight at once.
-        #[arg(long, conflicts_with = "no_max_concurrent")]
+        #[arg(long, conflicts_with = "no_max_concurrent", value_parser = at_least_one)]
         max_concurrent: Option<usize>,
         /// Remove the cap (svsd's [limits] default_max_concurrent applies).
         #[arg(long)]
@@ -382,6 +382,15 @@ pub enum EntityCmd {
         #[command(flatten)]
         reload: ReloadArgs,
     },
+}
+
+/// A count that must be at least 1 (svsd refuses 0), refused as bad usage
+/// (exit 2) rather than as an invalid configuration after the edit.
+fn at_least_one(s: &str) -> std::result::Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("{s:?} is not a whole number of at least 1")),
+    }
 }
 
 /// `audit …`

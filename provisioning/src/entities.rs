@@ -157,7 +157,7 @@ pub fn list(config_path: &Path) -> Result<Report> {
             "svsd.toml"
         };
         text.push_str(&format!(
-            "{}  {}  keys [{}]  ops [{}]{}{}\n",
+            "{}  {}  keys [{}]  ops [{}]{}{}{}\n",
             e.name,
             status_name(e.status),
             e.keys.iter().cloned().collect::<Vec<_>>().join(","),
@@ -168,6 +168,9 @@ pub fn list(config_path: &Path) -> Result<Report> {
                 .join(","),
             e.rate
                 .map(|r| format!("  rate {}/s burst {}", r.per_second, r.burst))
+                .unwrap_or_default(),
+            e.max_concurrent
+                .map(|m| format!("  max_concurrent {m}"))
                 .unwrap_or_default(),
             if source == "svsd.toml" {
                 "  (inline in svsd.toml: edit that file to change it)"
@@ -278,11 +281,14 @@ fn rate_value(rate: Option<&str>, burst: Option<u32>) -> Result<Option<toml_edit
     Ok(Some(t))
 }
 
+/// `items` as a TOML array, each once, in the order first given.
 fn string_array(items: &[String]) -> toml_edit::Item {
+    let mut seen = BTreeSet::new();
     value(
         items
             .iter()
             .map(String::as_str)
+            .filter(|i| seen.insert(*i))
             .collect::<toml_edit::Array>(),
     )
 }

@@ -615,6 +615,29 @@ async fn enrollment_flow_with_svsd_and_audit_verification() {
     let unchanged = entities_file();
     let r = grant_demo();
     assert!(r.stdout.contains("nothing was changed"), "{}", r.stdout);
+    // A key named twice is written once: the same again.
+    let r = run(&[
+        "entity",
+        "update",
+        "--name",
+        "app1",
+        "--keys",
+        "enrolled,demo,demo",
+        "--pid",
+        &pid,
+    ])
+    .ok();
+    assert!(r.stdout.contains("nothing was changed"), "{}", r.stdout);
+    run(&[
+        "entity",
+        "update",
+        "--name",
+        "app1",
+        "--max-concurrent",
+        "0",
+        "--no-reload",
+    ])
+    .fails(2, "at least 1");
     assert_eq!(entities_file(), unchanged);
     let renewed = install.issue_client("app1-renewed");
     run(&[
