@@ -529,7 +529,13 @@ async fn enrollment_flow_with_svsd_and_audit_verification() {
         (403, Some("key_not_allowed".into()))
     );
     let before = std::fs::read_to_string(dir.join("entities.toml")).unwrap();
-    run(&["entity", "update", "--name", "app1", "--no-reload"]).fails(2, "nothing to change");
+    // `entity update --name app1` with `extra`.
+    let update_app1 = |extra: &[&str]| {
+        let mut args = vec!["entity", "update", "--name", "app1"];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    update_app1(&["--no-reload"]).fails(2, "nothing to change");
     run(&[
         "entity",
         "update",
@@ -540,35 +546,14 @@ async fn enrollment_flow_with_svsd_and_audit_verification() {
         "--no-reload",
     ])
     .fails(3, "no entity named \"app9\"");
-    run(&[
-        "entity",
-        "update",
-        "--name",
-        "app1",
-        "--keys",
-        "enrolled,nosuch",
-        "--no-reload",
-    ])
-    .fails(3, "not exposed by svsd");
-    run(&[
-        "entity",
-        "update",
-        "--name",
-        "app1",
-        "--cert",
-        foreign.to_str().unwrap(),
-        "--no-reload",
-    ])
-    .fails(7, "Nothing was changed");
+    update_app1(&["--keys", "enrolled,nosuch", "--no-reload"]).fails(3, "not exposed by svsd");
+    update_app1(&["--cert", foreign.to_str().unwrap(), "--no-reload"])
+        .fails(7, "Nothing was changed");
     // Another tenant's certificate, given by mistake: svsd would take it for
     // that tenant no longer (the most specific match wins), so it is refused,
     // as `add` of it matched by key instead of whole certificate is.
     let dev_cert = install.dev_client().cert;
-    run(&[
-        "entity",
-        "update",
-        "--name",
-        "app1",
+    update_app1(&[
         "--cert",
         dev_cert.to_str().unwrap(),
         "--match-key",
@@ -595,19 +580,7 @@ async fn enrollment_flow_with_svsd_and_audit_verification() {
         std::fs::read_to_string(dir.join("entities.toml")).unwrap(),
         before
     );
-    let grant_demo = || {
-        run(&[
-            "entity",
-            "update",
-            "--name",
-            "app1",
-            "--keys",
-            "enrolled,demo",
-            "--pid",
-            &pid,
-        ])
-        .ok()
-    };
+    let grant_demo = || update_app1(&["--keys", "enrolled,demo", "--pid", &pid]).ok();
     let r = grant_demo();
     assert!(r.stdout.contains("keys [enrolled,demo]"), "{}", r.stdout);
     assert_eq!(sign_with(&app, "demo").await, (200, None));
@@ -616,41 +589,12 @@ async fn enrollment_flow_with_svsd_and_audit_verification() {
     let r = grant_demo();
     assert!(r.stdout.contains("nothing was changed"), "{}", r.stdout);
     // A key named twice is written once: the same again.
-    let r = run(&[
-        "entity",
-        "update",
-        "--name",
-        "app1",
-        "--keys",
-        "enrolled,demo,demo",
-        "--pid",
-        &pid,
-    ])
-    .ok();
+    let r = update_app1(&["--keys", "enrolled,demo,demo", "--pid", &pid]).ok();
     assert!(r.stdout.contains("nothing was changed"), "{}", r.stdout);
-    run(&[
-        "entity",
-        "update",
-        "--name",
-        "app1",
-        "--max-concurrent",
-        "0",
-        "--no-reload",
-    ])
-    .fails(2, "at least 1");
+    update_app1(&["--max-concurrent", "0", "--no-reload"]).fails(2, "at least 1");
     assert_eq!(entities_file(), unchanged);
     let renewed = install.issue_client("app1-renewed");
-    run(&[
-        "entity",
-        "update",
-        "--name",
-        "app1",
-        "--cert",
-        renewed.cert.to_str().unwrap(),
-        "--pid",
-        &pid,
-    ])
-    .ok();
+    update_app1(&["--cert", renewed.cert.to_str().unwrap(), "--pid", &pid]).ok();
     assert_eq!(sign_with(&renewed, "enrolled").await, (200, None));
     assert_eq!(
         sign_with(&app, "enrolled").await,

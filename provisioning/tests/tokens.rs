@@ -646,42 +646,26 @@ fn enrollment_steps_on_softhsm_with_ecdsa_p256() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
-    let r = p(&[
-        "--pin-file",
-        &user,
-        "key",
-        "delete",
-        "--label",
-        "race-0",
-        "--yes",
-    ])
-    .fails(2, "several keys");
+    let delete_race0 = |id: Option<&str>| {
+        let mut args = vec![
+            "--pin-file",
+            &user,
+            "key",
+            "delete",
+            "--label",
+            "race-0",
+            "--yes",
+        ];
+        if let Some(id) = id {
+            args.extend(["--id", id]);
+        }
+        p(&args)
+    };
+    let r = delete_race0(None).fails(2, "several keys");
     assert!(r.stderr.contains("0badc0de"), "{}", r.stderr);
     assert!(r.stderr.contains("--id ID"), "{}", r.stderr);
-    p(&[
-        "--pin-file",
-        &user,
-        "key",
-        "delete",
-        "--label",
-        "race-0",
-        "--id",
-        "0BADC0DE",
-        "--yes",
-    ])
-    .ok();
-    p(&[
-        "--pin-file",
-        &user,
-        "key",
-        "delete",
-        "--label",
-        "race-0",
-        "--id",
-        "0badc0de",
-        "--yes",
-    ])
-    .fails(3, "with id 0badc0de");
+    delete_race0(Some("0BADC0DE")).ok();
+    delete_race0(Some("0badc0de")).fails(3, "with id 0badc0de");
     let keys = key_state(&common, &env);
     let left: Vec<&serde_json::Value> = keys["keys"]
         .as_array()
