@@ -296,7 +296,7 @@ fn string_array(items: &[String]) -> toml_edit::Item {
 /// `entity add`.
 pub fn add(config_path: &Path, new: &NewEntity, reload: &Reload) -> Result<Report> {
     let config = load_config(config_path)?;
-    let target = reload_target(reload)?;
+    let target = reload_target(reload, &config.path)?;
     check_keys(&config, &new.keys)?;
     check_ops(&new.ops)?;
     if config.entities.iter().any(|e| e.name == new.name) {
@@ -425,7 +425,7 @@ pub fn update(
         ));
     }
     let path = entities_path(&config)?;
-    let target = reload_target(reload)?;
+    let target = reload_target(reload, &config.path)?;
     let owned = name.to_owned();
     let change = change.clone();
     let written = edit(&config, &path, move |list| {
@@ -504,7 +504,7 @@ pub fn set_status(
         });
     }
     let path = entities_path(&config)?;
-    let target = reload_target(reload)?;
+    let target = reload_target(reload, &config.path)?;
     let owned = name.to_owned();
     let written = edit(&config, &path, move |list| {
         let t = find_entity(list, &owned)?;
@@ -563,7 +563,7 @@ pub fn suspend_all(config_path: &Path, reload: &Reload) -> Result<Report> {
             json: json!({"suspended": [], "changed": false, "inline": inline, "reload": null}),
         });
     }
-    let target = reload_target(reload)?;
+    let target = reload_target(reload, &config.path)?;
     let names = to_suspend.clone();
     let written = edit(&config, &path, move |list| {
         for t in list.iter_mut() {
@@ -592,7 +592,7 @@ pub fn remove(config_path: &Path, name: &str, yes: bool, reload: &Reload) -> Res
     if !config.entities.iter().any(|e| e.name == name) {
         return Err(not_found(name, &config));
     }
-    let target = reload_target(reload)?;
+    let target = reload_target(reload, &config.path)?;
     if !yes {
         crate::pin::confirm(
             &format!(
@@ -966,7 +966,7 @@ enum Target {
 /// names no svsd, or no svsd under systemd, is the operator's to correct,
 /// and found out after the edit it would leave a changed file behind that
 /// the corrected command then trips over (the entity exists already).
-fn reload_target(how: &Reload) -> Result<Target> {
+fn reload_target(how: &Reload, config: &Path) -> Result<Target> {
     let refuse = |why: String| {
         ProvisionError::Usage(format!(
             "{why}; nothing was changed. Pass --pid or --pid-file naming the running svsd, or --no-reload to change the file only"
@@ -997,11 +997,62 @@ fn reload_target(how: &Reload) -> Result<Target> {
                 .map_err(|_| refuse(format!("{} does not hold a process id", path.display())))?
         }
     };
-    match not_svsd(pid) {
-        None => Ok(Target::Pid(pid)),
-        Some(why) => Err(refuse(why)),
+    if let Some(why) = not_svsd(pid) {
+        return Err(refuse(why));
+    }
+    // Another svsd (a second instance, a test one) would reload its own
+    // files, not the one edited, and the edit would wait unconfirmed.
+    if let Some(theirs) = svsd_config_of(pid) {
+        let same = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        if same(&theirs) != same(config) {
+            return Err(refuse(format!(
+                "svsd (pid {pid}) runs with the configuration {}, not {}",
+                theirs.display(),
+                config.display()
+            )));
+        }
+    }
+    Ok(Target::Pid(pid))
+}
+
+/// The configuration file svsd `pid` was started with, from its command
+/// line (`--config`/`-c`, else svsd's default), relative paths taken from
+/// its working directory; None when it cannot be told (`--dev`, which
+/// makes its own, or /proc not readable).
+fn svsd_config_of(pid: i32) -> Option<PathBuf> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<String> = raw
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    if args.iter().any(|a| a == "--dev") {
+        return None;
+    }
+    let mut named = None;
+    let mut it = args.iter().skip(1);
+    while let Some(a) = it.next() {
+        if a == "--config" || a == "-c" {
+            named = it.next().cloned();
+        } else if let Some(v) = a.strip_prefix("--config=") {
+            named = Some(v.to_owned());
+        } else if let Some(v) = a.strip_prefix("-c").filter(|v| !v.is_empty()) {
+            named = Some(v.to_owned());
+        }
+    }
+    let path = PathBuf::from(named.unwrap_or_else(|| SVSD_DEFAULT_CONFIG.to_owned()));
+    if path.is_absolute() {
+        Some(path)
+    } else {
+        Some(
+            std::fs::read_link(format!("/proc/{pid}/cwd"))
+                .ok()?
+                .join(path),
+        )
     }
 }
+
+/// svsd's configuration file when it is started without `--config`.
+const SVSD_DEFAULT_CONFIG: &str = "/etc/svs/svsd.toml";
 
 /// Asks svsd to reload after `edit`; an edit that changed nothing (None)
 /// needs no reload.
@@ -1278,10 +1329,14 @@ mod tests {
         if !(Path::new("/run/systemd/system").exists()
             && systemctl(&["is-active", "--quiet", "svsd"]))
         {
-            let e = reload_target(&Reload::Auto).expect_err("nothing to ask must not pass");
+            let e = reload_target(&Reload::Auto, Path::new(SVSD_DEFAULT_CONFIG))
+                .expect_err("nothing to ask must not pass");
             assert_eq!(e.exit_code(), 2, "{e}");
         }
-        assert_eq!(reload_target(&Reload::No).unwrap(), Target::Nobody);
+        assert_eq!(
+            reload_target(&Reload::No, Path::new(SVSD_DEFAULT_CONFIG)).unwrap(),
+            Target::Nobody
+        );
         let dir = tempfile::tempdir().unwrap();
         let edit = Written {
             path: dir.path().join("entities.toml"),
@@ -1300,7 +1355,7 @@ mod tests {
             ),
             (Reload::PidFile(pid_file), "not svsd"),
         ] {
-            let e = reload_target(&how).expect_err("must refuse");
+            let e = reload_target(&how, Path::new(SVSD_DEFAULT_CONFIG)).expect_err("must refuse");
             assert_eq!(e.exit_code(), 2, "{e}");
             let e = e.to_string();
             assert!(e.contains(says) && e.contains("nothing was changed"), "{e}");

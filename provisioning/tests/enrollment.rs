@@ -490,6 +490,25 @@ async fn enrollment_flow_with_svsd_and_audit_verification() {
     // nothing changes, and the corrected command can simply be run again.
     let entities_before = std::fs::read_to_string(dir.join("entities.toml")).unwrap();
     run(&["entity", "suspend", "--name", "app1", "--pid", "1"]).fails(2, "not svsd");
+    // An svsd started with another configuration would not read this one.
+    let other = dir.join("svsd-copy.toml");
+    std::fs::copy(dir.join("svsd.toml"), &other).unwrap();
+    prov(
+        &[
+            "--config",
+            other.to_str().unwrap(),
+            "entity",
+            "suspend",
+            "--name",
+            "app1",
+            "--pid",
+            &pid,
+        ],
+        &[],
+        "",
+    )
+    .fails(2, "runs with the configuration");
+    std::fs::remove_file(&other).unwrap();
     let missing = work.join("nonexistent.pid");
     run(&[
         "entity",
