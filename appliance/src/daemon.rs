@@ -465,17 +465,15 @@ async fn take_or_bind(
     }
 }
 
-/// The metrics listener's TLS, if it has any, as the waiting phase can
-/// build it: `Err` while its files are not there yet (then there is no
-/// metrics listener until they are).
-async fn metrics_tls(config: &Config) -> Result<Option<TlsAcceptor>, SvsError> {
-    let Some(t) = config.metrics.tls.clone() else {
-        return Ok(None);
-    };
-    tokio::task::spawn_blocking(move || crate::tls::metrics_server_config(&t))
-        .await
-        .map_err(|e| SvsError::Internal(e.to_string()))?
-        .map(|c| Some(TlsAcceptor::from(c)))
+/// The metrics listener's TLS, if it is enabled and has any: `Err` while
+/// its files are not there yet or are wrong. Blocking (reads the files).
+fn metrics_tls(config: &Config) -> Result<Option<TlsAcceptor>, SvsError> {
+    match (&config.metrics.listen, &config.metrics.tls) {
+        (Some(_), Some(t)) => Ok(Some(TlsAcceptor::from(crate::tls::metrics_server_config(
+            t,
+        )?))),
+        _ => Ok(None),
+    }
 }
 
 /// How long one start attempt (files, HSM login, key discovery, audit
@@ -619,7 +617,13 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), SvsError> {
             let task = server::serve_waiting_probes(l, reason_rx.clone(), limits, stop_rx.clone());
             (a, tokio::spawn(task))
         });
-        let metrics_task = match metrics_tls(&config).await {
+        // While waiting, TLS files not there yet mean no metrics listener
+        // until they are (the start attempt names them).
+        let c = config.clone();
+        let tls = tokio::task::spawn_blocking(move || metrics_tls(&c))
+            .await
+            .map_err(|e| SvsError::Internal(e.to_string()))?;
+        let metrics_task = match tls {
             Ok(tls) => {
                 if keep_bound(&mut side.metrics, config.metrics.listen).await? {
                     tracing::info!(addr = ?config.metrics.listen, tls = tls.is_some(), "listening (metrics: /metrics; not ready)");
@@ -796,10 +800,7 @@ async fn start(
         {
             return Err(e.clone());
         }
-        let metrics_tls = match (&c.metrics.listen, &c.metrics.tls) {
-            (Some(_), Some(t)) => Some(TlsAcceptor::from(crate::tls::metrics_server_config(t)?)),
-            _ => None,
-        };
+        let metrics_tls = metrics_tls(&c)?;
         let api = api_tls(&c)?;
         waiting?;
         Ok::<_, SvsError>((api, metrics_tls))
