@@ -57,6 +57,11 @@ struct Args {
     /// `shared`: everything on all CPUs.
     #[arg(long, default_value = "split", value_parser = ["split", "shared"])]
     cpus: String,
+    /// Measure the latency at this rate (requests a second) rather than at
+    /// half of the peak just measured: two builds compared at one load,
+    /// since the peak itself moves with the machine's other tenants.
+    #[arg(long)]
+    latency_rate: Option<f64>,
     /// HSM sessions (`[hsm.pool] size`) for svsd and the in-process token.
     #[arg(long, default_value_t = 2)]
     pool_size: usize,
@@ -378,7 +383,7 @@ async fn half_peak(install: &Install, d: &svs_e2e::Daemon, args: &Args, peak: f6
         false,
         1,
         args.latency_seconds,
-        Some(peak / 2.0),
+        Some(args.latency_rate.unwrap_or(peak / 2.0)),
     )
     .await;
     let pauses = detector.finish();
@@ -401,7 +406,12 @@ async fn half_peak(install: &Install, d: &svs_e2e::Daemon, args: &Args, peak: f6
         .collect();
     let control = untouched(&timed, &shifted);
     println!(
-        "HTTP/1.1 at half peak ({rate:.0}/s): p50 {:?}, p99 {:?} (target p99 ≤ 2 ms); p90 {:?}, p99.9 {:?}, max {:?}",
+        "HTTP/1.1 at {} ({rate:.0}/s): p50 {:?}, p99 {:?} (target p99 ≤ 2 ms); p90 {:?}, p99.9 {:?}, max {:?}",
+        if args.latency_rate.is_some() {
+            "the given rate"
+        } else {
+            "half peak"
+        },
         pct(&lat, 0.5),
         pct(&lat, 0.99),
         pct(&lat, 0.9),
@@ -426,6 +436,15 @@ async fn half_peak(install: &Install, d: &svs_e2e::Daemon, args: &Args, peak: f6
         share(&control),
         pct(&control, 0.99),
         pct(&control, 0.999),
+    );
+    let delta = |series: &str| {
+        sample(&after, series).unwrap_or(0.0) - sample(&before, series).unwrap_or(0.0)
+    };
+    let commits = delta("svs_audit_fsync_duration_seconds_count");
+    println!(
+        "  audit: {commits:.0} commits of {:.1} records on average, {:.3} ms each on average",
+        delta("svs_audit_records_total") / commits.max(1.0),
+        1e3 * delta("svs_audit_fsync_duration_seconds_sum") / commits.max(1.0),
     );
     println!(
         "  svsd's view: {:.2}% of sign requests over 2 ms; {:.2}% of audit commits over 1 ms, {:.2}% over 2.5 ms",
