@@ -265,6 +265,66 @@ fn client_match(
     })
 }
 
+/// Writes `entity update`'s change into the entity's table `t`. Values
+/// changed keep their place and comments.
+fn apply_change(
+    t: &mut toml_edit::Table,
+    client: Option<(&str, String)>,
+    change: &EntityChange,
+    rate: Option<toml_edit::InlineTable>,
+) {
+    if let Some((field, fp)) = client {
+        // The field kept is changed where it stands, with its comment.
+        for f in CLIENT_FIELDS.iter().filter(|f| **f != field) {
+            t.remove(f);
+        }
+        set_in_place(t, field, fp.as_str().into());
+    }
+    if let Some(keys) = &change.keys {
+        set_in_place(t, "keys", string_array(keys));
+    }
+    if let Some(ops) = &change.ops {
+        set_in_place(t, "operations", string_array(ops));
+    }
+    match rate {
+        // A `[entity.rate]` table keeps its place and comments.
+        Some(r) => match t.get_mut("rate").and_then(toml_edit::Item::as_table_mut) {
+            Some(table) => {
+                table.remove("burst");
+                for (k, v) in r.iter() {
+                    set_in_place(table, k, v.clone());
+                }
+            }
+            None => set_in_place(t, "rate", r.into()),
+        },
+        None if change.no_rate => {
+            t.remove("rate");
+        }
+        None => {}
+    }
+    match change.max_concurrent {
+        Some(m) => set_in_place(t, "max_concurrent", (m as i64).into()),
+        None if change.no_max_concurrent => {
+            t.remove("max_concurrent");
+        }
+        None => {}
+    }
+}
+
+/// Sets `key` to `v`; a value already there keeps its comments and layout
+/// around it (toml_edit's `t[key] = …` would drop them).
+fn set_in_place(t: &mut dyn toml_edit::TableLike, key: &str, mut v: toml_edit::Value) {
+    match t.get_mut(key).and_then(toml_edit::Item::as_value_mut) {
+        Some(old) => {
+            *v.decor_mut() = old.decor().clone();
+            *old = v;
+        }
+        None => {
+            t.insert(key, toml_edit::Item::Value(v));
+        }
+    }
+}
+
 /// The `rate` value of `--rate`/`--burst`.
 fn rate_value(rate: Option<&str>, burst: Option<u32>) -> Result<Option<toml_edit::InlineTable>> {
     let Some(r) = rate.map(parse_rate).transpose()? else {
@@ -282,15 +342,14 @@ fn rate_value(rate: Option<&str>, burst: Option<u32>) -> Result<Option<toml_edit
 }
 
 /// `items` as a TOML array, each once, in the order first given.
-fn string_array(items: &[String]) -> toml_edit::Item {
+fn string_array(items: &[String]) -> toml_edit::Value {
     let mut seen = BTreeSet::new();
-    value(
-        items
-            .iter()
-            .map(String::as_str)
-            .filter(|i| seen.insert(*i))
-            .collect::<toml_edit::Array>(),
-    )
+    items
+        .iter()
+        .map(String::as_str)
+        .filter(|i| seen.insert(*i))
+        .collect::<toml_edit::Array>()
+        .into()
 }
 
 /// `entity add`.
@@ -313,8 +372,8 @@ pub fn add(config_path: &Path, new: &NewEntity, reload: &Reload) -> Result<Repor
         table["status"] = value("suspended");
     }
     table[field] = value(fp.as_str());
-    table["keys"] = string_array(&new.keys);
-    table["operations"] = string_array(&new.ops);
+    table["keys"] = value(string_array(&new.keys));
+    table["operations"] = value(string_array(&new.ops));
     if let Some(r) = rate {
         table["rate"] = value(r);
     }
@@ -429,33 +488,7 @@ pub fn update(
     let owned = name.to_owned();
     let change = change.clone();
     let written = edit(&config, &path, move |list| {
-        let t = find_entity(list, &owned)?;
-        if let Some((field, fp)) = client {
-            for f in CLIENT_FIELDS {
-                t.remove(f);
-            }
-            t[field] = value(fp.as_str());
-        }
-        if let Some(keys) = &change.keys {
-            t["keys"] = string_array(keys);
-        }
-        if let Some(ops) = &change.ops {
-            t["operations"] = string_array(ops);
-        }
-        match rate {
-            Some(r) => t["rate"] = value(r),
-            None if change.no_rate => {
-                t.remove("rate");
-            }
-            None => {}
-        }
-        match change.max_concurrent {
-            Some(m) => t["max_concurrent"] = value(m as i64),
-            None if change.no_max_concurrent => {
-                t.remove("max_concurrent");
-            }
-            None => {}
-        }
+        apply_change(find_entity(list, &owned)?, client, &change, rate);
         Ok(())
     })?;
     if written.is_none() {
@@ -1212,6 +1245,66 @@ mod tests {
         let closed = l.local_addr().unwrap();
         drop(l);
         assert_eq!(waiting_reason(closed), None);
+    }
+
+    #[test]
+    fn an_update_changes_values_where_they_stand_and_keeps_their_comments() {
+        let text = "\
+# bank-a: owner ops
+[[entity]]
+name = \"bank-a\"
+certificate_sha256 = \"00\" # renewed yearly
+keys = [\"k1\"] # the demo key only
+operations = [\"sign\"]
+max_concurrent = 4 # agreed with the unit
+
+[entity.rate] # per contract
+per_second = 10.0
+burst = 20
+";
+        let mut doc: toml_edit::DocumentMut = text.parse().unwrap();
+        let list = doc["entity"].as_array_of_tables_mut().unwrap();
+        let change = EntityChange {
+            keys: Some(vec!["k1".into(), "k2".into(), "k2".into()]),
+            max_concurrent: Some(8),
+            ..EntityChange::default()
+        };
+        let rate = rate_value(Some("50/s"), None).unwrap();
+        apply_change(
+            find_entity(list, "bank-a").unwrap(),
+            Some(("certificate_sha256", "11".into())),
+            &change,
+            rate,
+        );
+        assert_eq!(
+            doc.to_string(),
+            "\
+# bank-a: owner ops
+[[entity]]
+name = \"bank-a\"
+certificate_sha256 = \"11\" # renewed yearly
+keys = [\"k1\", \"k2\"] # the demo key only
+operations = [\"sign\"]
+max_concurrent = 8 # agreed with the unit
+
+[entity.rate] # per contract
+per_second = 50.0
+"
+        );
+        // A certificate matched another way replaces the old field; an
+        // inline rate stays inline.
+        let mut doc: toml_edit::DocumentMut = "[[entity]]\nname = \"b\"\nsubject = \"CN=b\"\nissuer = \"CN=ca\"\nrate = { per_second = 1.0 }\n".parse().unwrap();
+        let list = doc["entity"].as_array_of_tables_mut().unwrap();
+        apply_change(
+            find_entity(list, "b").unwrap(),
+            Some(("spki_sha256", "22".into())),
+            &EntityChange::default(),
+            rate_value(Some("2"), Some(5)).unwrap(),
+        );
+        assert_eq!(
+            doc.to_string(),
+            "[[entity]]\nname = \"b\"\nrate = { per_second = 2.0, burst = 5 }\nspki_sha256 = \"22\"\n"
+        );
     }
 
     #[test]
