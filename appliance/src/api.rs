@@ -5,7 +5,7 @@
 use der::{Decode, Encode};
 use serde::{Deserialize, Serialize};
 use svs_hsm::SignatureEncoding;
-use svs_hsm::signature::{der_to_raw, raw_to_der};
+use svs_hsm::signature::{DEFAULT_SM2_ID, der_to_raw, raw_to_der};
 
 use crate::error::SvsError;
 
@@ -106,6 +106,30 @@ pub struct VerifyRequest {
     /// Encoding of `signature`.
     #[serde(default, deserialize_with = "present")]
     pub encoding: Option<Encoding>,
+}
+
+impl SignRequest {
+    /// What is to be signed.
+    pub fn input(&self) -> Result<Input, SvsError> {
+        Input::decode(
+            self.data.as_deref(),
+            self.digest.as_deref(),
+            self.id.as_deref(),
+            DEFAULT_SM2_ID,
+        )
+    }
+}
+
+impl VerifyRequest {
+    /// What was signed.
+    pub fn input(&self) -> Result<Input, SvsError> {
+        Input::decode(
+            self.data.as_deref(),
+            self.digest.as_deref(),
+            self.id.as_deref(),
+            DEFAULT_SM2_ID,
+        )
+    }
 }
 
 /// The one key of a batch body, `{"items": [...]}`.

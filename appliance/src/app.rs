@@ -1277,12 +1277,7 @@ impl App {
         // exposed key: anything else is client text (possibly personal data).
         ev.key = rt.keys.contains_key(&req.key).then(|| req.key.clone());
         let info = self.resolve_key(entity, rt, &req.key, Operation::Sign)?;
-        let input = Input::decode(
-            req.data.as_deref(),
-            req.digest.as_deref(),
-            req.id.as_deref(),
-            DEFAULT_SM2_ID,
-        )?;
+        let input = req.input()?;
         ev.input_sm3 = Some(input.audit_digest());
         let digest = match &input {
             Input::Digest(d) => *d,
@@ -1381,12 +1376,7 @@ impl App {
                 ));
             }
         };
-        let input = Input::decode(
-            req.data.as_deref(),
-            req.digest.as_deref(),
-            req.id.as_deref(),
-            DEFAULT_SM2_ID,
-        )?;
+        let input = req.input()?;
         ev.input_sm3 = Some(input.audit_digest());
         let raw = api::decode_signature(&req.signature, req.encoding.unwrap_or(Encoding::Der))?;
         let digest = match &input {

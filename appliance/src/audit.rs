@@ -285,7 +285,7 @@ fn records_end(bytes: &[u8]) -> usize {
 }
 
 /// `bytes` without the zeros at its end.
-fn without_zero_tail(bytes: &[u8]) -> &[u8] {
+pub(crate) fn without_zero_tail(bytes: &[u8]) -> &[u8] {
     &bytes[..bytes.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1)]
 }
 
@@ -798,7 +798,7 @@ impl Sink for FileSink {
 /// A trail file that is a symbolic link (or anything but a regular file) is
 /// refused before anything is touched: it is not svsd's, and writing or
 /// cutting it would change whatever it points to.
-fn recover(dir: &Path) -> Result<(u64, [u8; 32], Option<u64>), SvsError> {
+pub(crate) fn recover(dir: &Path) -> Result<(u64, [u8; 32], Option<u64>), SvsError> {
     let io = |e: std::io::Error| SvsError::AuditUnavailable(format!("{}: {e}", dir.display()));
     let files = trail_files(dir).map_err(io)?;
     for (_, path) in &files {
@@ -1869,7 +1869,7 @@ pub fn verify_dir_with(dir: &Path, opts: &VerifyOptions<'_>) -> Result<ChainRepo
 /// left of one, which svsd cuts at its next start); else the start of the
 /// line holding the zeros and why they are damage: zeros with acknowledged
 /// records after them.
-fn newest_shape(bytes: &[u8], first_seq: u64) -> Result<usize, (usize, String)> {
+pub(crate) fn newest_shape(bytes: &[u8], first_seq: u64) -> Result<usize, (usize, String)> {
     let end = records_end(bytes);
     if end == bytes.len() {
         return Ok(end);

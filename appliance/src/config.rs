@@ -548,9 +548,30 @@ fn parse_table(text: &str, what: &Path) -> Result<toml::Table, SvsError> {
         .map_err(|e| SvsError::Config(vec![syntax_error(what, text, e.span(), e.message())]))
 }
 
+/// Largest configuration or entities file read: far above any real one
+/// (a thousand entities take about 300 KiB).
+const MAX_FILE_BYTES: u64 = 16 << 20;
+
+/// Reads a configuration file. A FIFO or device named by mistake (or an
+/// entities file on `/dev/zero`) is refused rather than read until it ends
+/// or memory runs out.
 fn read(path: &Path) -> Result<String, SvsError> {
-    std::fs::read_to_string(path)
-        .map_err(|e| SvsError::Config(vec![format!("cannot read {}: {e}", path.display())]))
+    use std::io::Read;
+    let error =
+        |why: String| SvsError::Config(vec![format!("cannot read {}: {why}", path.display())]);
+    let file = std::fs::File::open(path).map_err(|e| error(e.to_string()))?;
+    let meta = file.metadata().map_err(|e| error(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(error("not a regular file".into()));
+    }
+    let mut text = String::new();
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| error(e.to_string()))?;
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return Err(error(format!("larger than {} MiB", MAX_FILE_BYTES >> 20)));
+    }
+    Ok(text)
 }
 
 fn resolve(base: &Path, p: PathBuf) -> PathBuf {

@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod dev;
 pub mod dn;
 pub mod error;
+pub mod fuzzing;
 pub mod metrics;
 pub mod policy;
 pub mod refusals;
