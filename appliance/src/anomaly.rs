@@ -4,7 +4,7 @@
 //! whose access traffic is abnormal, so each entity's traffic is compared
 //! with its own history: the request rate over a short window against a
 //! slowly moving baseline (an exponentially weighted mean over the long
-//! window), and the share of refused or failed requests in the short
+//! window), and the share of refused (answered 4xx) requests in the short
 //! window. A flip in either verdict is logged and written to the audit
 //! trail; with `enforce`, an entity whose rate is abnormal is throttled to
 //! its baseline until the verdict clears.
@@ -154,7 +154,7 @@ impl AnomalyConfig {
 pub enum Check {
     /// Short-window rate against the baseline.
     Rate,
-    /// Share of refused or failed requests.
+    /// Share of refused (answered 4xx) requests.
     Errors,
 }
 
@@ -186,7 +186,7 @@ pub struct View {
     pub short_rate: f64,
     /// Baseline requests per second.
     pub baseline: f64,
-    /// Refused/failed share of the short window (0 when empty).
+    /// Refused (answered 4xx) share of the short window (0 when empty).
     pub error_ratio: f64,
     /// Still in warm-up: no verdicts yet.
     pub learning: bool,
@@ -206,7 +206,7 @@ struct Second {
     /// Operations (each batch item one; a request refused before its items
     /// is one).
     ops: u64,
-    /// Operations refused or failed.
+    /// Operations refused (answered 4xx).
     errors: u64,
 }
 
@@ -245,7 +245,7 @@ pub struct Traffic {
 
 impl Traffic {
     /// Counts one HTTP request of `ops` operations (each batch item one),
-    /// `errors` of them refused or failed. Called once per request: three
+    /// `errors` of them refused (answered 4xx). Called once per request: three
     /// relaxed atomics.
     pub fn record(&self, ops: u64, errors: u64) {
         self.requests.fetch_add(1, Ordering::Relaxed);

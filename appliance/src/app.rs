@@ -3,7 +3,7 @@
 //! Transport-free: [`crate::server`] feeds it parsed requests.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -302,6 +302,12 @@ pub struct App {
     audit: Arc<AuditTrail>,
     /// `None` until the first self-test run finishes.
     selftest: Mutex<Option<Result<(), String>>>,
+    /// Self-test runs started, and the number of the run whose verdict
+    /// `selftest` holds: a run that ends after a later one has recorded
+    /// (a periodic run still waiting on the HSM while a reload's re-run
+    /// passes) is too old to overwrite it.
+    selftest_runs: AtomicU64,
+    selftest_recorded: AtomicU64,
     /// The token's user PIN state as last read, to log its changes once.
     user_pin: Mutex<Option<svs_hsm::UserPinState>>,
     draining: AtomicBool,
@@ -386,6 +392,8 @@ impl App {
             })),
             audit,
             selftest: Mutex::new(None),
+            selftest_runs: AtomicU64::new(0),
+            selftest_recorded: AtomicU64::new(0),
             user_pin: Mutex::new(None),
             draining: AtomicBool::new(false),
             metrics,
@@ -495,6 +503,14 @@ impl App {
         self.check_keys(&config.keys, &found)?;
         let current = self.runtime();
         let mut changes = ReloadChanges::between(&current.policy, &current.keys, config);
+        for (section, changed) in [
+            ("[limits]", current.limits != config.limits),
+            ("[anomaly]", current.anomaly != config.anomaly),
+        ] {
+            if changed {
+                changes.settings_changed.push(section.to_owned());
+            }
+        }
         // Only what the new configuration uses is installed, each key tested
         // if it changed: a key svsd has not tested never signs, not even
         // for a request admitted under the old configuration.
@@ -511,15 +527,20 @@ impl App {
             let Some(info) = found.get(object) else {
                 continue;
             };
-            let rekeyed = !self
-                .backend
-                .key(object)
+            let installed = self.backend.key(object);
+            let rekeyed = !installed
+                .as_ref()
                 .is_some_and(|k| k.id == info.id && k.public_point == info.public_point);
             if rekeyed && !remapped {
                 match exposure {
                     Some(name) => changes.keys_rekeyed.push(name.to_owned()),
                     None => changes.checkpoint_key_rekeyed = true,
                 }
+            }
+            if let (Some(name), Some(k), false, false) = (exposure, &installed, rekeyed, remapped)
+                && k.certificate_chain != info.certificate_chain
+            {
+                changes.certificates_changed.push(name.to_owned());
             }
             if remapped || rekeyed {
                 let name = exposure.unwrap_or(CHECKPOINT_KEY);
@@ -556,19 +577,16 @@ impl App {
     /// reload that fixed it. A run the HSM is too busy for leaves the
     /// verdict to the periodic one.
     async fn retest_after_reload(&self, changes: &mut ReloadChanges) {
-        let failed = matches!(
-            *self.selftest.lock().unwrap_or_else(|p| p.into_inner()),
-            Some(Err(_))
-        );
-        if !failed {
+        if !self.selftest_failed() {
             return;
         }
+        let run = self.next_selftest_run();
         match self.selftests().await {
             Err(SelftestFailure::Inconclusive(_)) => {}
             result => {
                 let result = result.map_err(SelftestFailure::into_reason);
                 changes.selftests_rerun = Some(result.is_ok());
-                let _ = self.record_selftest(result).await;
+                let _ = self.record_selftest(run, result).await;
             }
         }
     }
@@ -617,11 +635,36 @@ impl App {
 
     /// Records a self-test result.
     pub fn set_selftest(&self, result: Result<(), String>) {
+        let run = self.next_selftest_run();
+        self.set_selftest_of(run, result);
+    }
+
+    /// Records run `run`'s verdict unless a later run's is there already;
+    /// returns whether it did.
+    fn set_selftest_of(&self, run: u64, result: Result<(), String>) -> bool {
+        let mut verdict = self.selftest.lock().unwrap_or_else(|p| p.into_inner());
+        if run < self.selftest_recorded.load(Ordering::SeqCst) {
+            return false;
+        }
+        self.selftest_recorded.store(run, Ordering::SeqCst);
         self.metrics.selftest(result.is_ok());
         if let Err(why) = &result {
             tracing::error!(reason = %why, "ALARM self-test failed: not ready, signing refused");
         }
-        *self.selftest.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
+        *verdict = Some(result);
+        true
+    }
+
+    fn next_selftest_run(&self) -> u64 {
+        self.selftest_runs.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Whether the last recorded self-test failed.
+    pub fn selftest_failed(&self) -> bool {
+        matches!(
+            *self.selftest.lock().unwrap_or_else(|p| p.into_inner()),
+            Some(Err(_))
+        )
     }
 
     /// Ready to sign: self-tests passed, HSM up, audit writable, not draining.
@@ -637,6 +680,12 @@ impl App {
     /// listeners are closed, HTTP/1.1 keep-alive is off and HTTP/2 has sent
     /// GOAWAY), and the drain exists to let exactly those finish.
     fn can_sign(&self) -> Result<(), SvsError> {
+        // The HSM first: while it is down, a self-test run then fails too,
+        // and the reason must name the HSM, not send operators after the
+        // self-tests.
+        self.backend
+            .health()
+            .map_err(|why| SvsError::NotReady(NotReady::HsmUnavailable, why))?;
         match self
             .selftest
             .lock()
@@ -652,9 +701,6 @@ impl App {
             Some(Err(why)) => return Err(SvsError::NotReady(NotReady::SelftestsFailed, why)),
             Some(Ok(())) => {}
         }
-        self.backend
-            .health()
-            .map_err(|why| SvsError::NotReady(NotReady::HsmUnavailable, why))?;
         self.audit.check()
     }
 
@@ -779,7 +825,11 @@ impl App {
                 .operation(op.as_str(), name, metrics::NONE, code);
         }
         if let Some(entity) = entity {
-            entity.traffic().record(1, u64::from(e.is_clients_doing()));
+            // svsd's own throttle of an abnormal entity is no error of the
+            // entity's: counted, its 429s raised a second anomaly (errors)
+            // for the flood the first (rate) had already reported.
+            let error = e.is_clients_doing() && !matches!(e, SvsError::Throttled { .. });
+            entity.traffic().record(1, u64::from(error));
         }
         let source = entity.map_or(UNKNOWN_ENTITY, Entity::name);
         let op = route
@@ -853,27 +903,14 @@ impl App {
         total
     }
 
-    /// Counts one finished item in the metrics; returns whether it is an
-    /// error of the entity's (for its traffic, counted once per request):
-    /// a failure of the server's own, such as the HSM's, is not.
-    fn observed(
-        &self,
-        entity: &Entity,
-        rt: &Runtime,
-        result: &Result<serde_json::Value, SvsError>,
-        ev: &AuditEvent,
-    ) -> bool {
+    /// The `key` label of a finished item in `svs_requests_total`.
+    fn key_label(rt: &Runtime, ev: &AuditEvent) -> String {
         // A made-up key name is not in the record: it counts as `_unknown`.
-        let key = match ev.key.as_deref() {
+        match ev.key.as_deref() {
             None if ev.outcome == "unknown_key" => metrics::UNKNOWN,
             k => rt.key_label(k),
-        };
-        self.metrics
-            .operation(ev.op, entity.name(), key, &ev.outcome);
-        result
-            .as_ref()
-            .err()
-            .is_some_and(SvsError::is_clients_doing)
+        }
+        .to_owned()
     }
 
     /// Counts a request whose client went away while its body was on the
@@ -1020,14 +1057,30 @@ impl App {
             Operation::Sign => self.sign_items(&entity, &rt, items, large).await?,
             Operation::Verify => self.verify_items(&entity, &rt, items).await?,
         };
+        // An error of the entity's counts in its traffic once per request;
+        // a failure of the server's own, such as the HSM's, does not.
         let mut failed = 0;
+        let mut labels = Vec::with_capacity(results.len());
         for (result, ev) in &results {
-            failed += u64::from(self.observed(&entity, &rt, result, ev));
+            failed += u64::from(
+                result
+                    .as_ref()
+                    .err()
+                    .is_some_and(SvsError::is_clients_doing),
+            );
+            labels.push((ev.op, Self::key_label(&rt, ev), ev.outcome.clone()));
         }
         entity.traffic().record(results.len() as u64, failed);
         let (values, events): (Vec<_>, Vec<_>) = results.into_iter().unzip();
-        // The answer leaves only once its records are on disk.
-        self.audit.append(events).await?;
+        // The answer leaves only once its records are on disk; if they
+        // cannot be written, every item is answered (and counted) 503.
+        let appended = self.audit.append(events).await;
+        let unaudited = appended.as_ref().err().map(|e| e.wire().code);
+        for (op, key, outcome) in &labels {
+            self.metrics
+                .operation(op, entity.name(), key, unaudited.unwrap_or(outcome));
+        }
+        appended?;
         if batch {
             let values: Vec<_> = values
                 .into_iter()
@@ -1399,8 +1452,9 @@ impl App {
     /// Runs the self-tests: SM3 known answer, then a sign/verify pairwise
     /// test through the backend with every exposed key. Records the result.
     pub async fn run_selftests(&self) -> Result<(), String> {
+        let run = self.next_selftest_run();
         let result = self.selftests().await.map_err(SelftestFailure::into_reason);
-        self.record_selftest(result).await
+        self.record_selftest(run, result).await
     }
 
     /// The periodic self-test. A run the HSM was too busy for (its queue
@@ -1412,7 +1466,9 @@ impl App {
     /// signing for a whole interval (300 s by default).
     pub async fn run_periodic_selftests(&self, retry_after: Duration) -> Result<(), String> {
         let mut attempt = 1;
+        let mut run;
         let result = loop {
+            run = self.next_selftest_run();
             match self.selftests().await {
                 Err(SelftestFailure::Inconclusive(why)) if attempt < SELFTEST_ATTEMPTS => {
                     tracing::warn!(
@@ -1426,10 +1482,15 @@ impl App {
                 other => break other.map_err(SelftestFailure::into_reason),
             }
         };
-        self.record_selftest(result).await
+        self.record_selftest(run, result).await
     }
 
-    async fn record_selftest(&self, result: Result<(), String>) -> Result<(), String> {
+    /// Records run `run`'s verdict, in the trail and for readiness, unless
+    /// a later run has recorded one meanwhile.
+    async fn record_selftest(&self, run: u64, result: Result<(), String>) -> Result<(), String> {
+        if run < self.selftest_recorded.load(Ordering::SeqCst) {
+            return result;
+        }
         let detail = match &result {
             Ok(()) => "passed".to_string(),
             Err(e) => format!("failed: {e}"),
@@ -1437,7 +1498,7 @@ impl App {
         if let Err(e) = self.audit.note("selftest", detail).await {
             tracing::error!(error = %e, "cannot record the self-test in the audit trail");
         }
-        self.set_selftest(result.clone());
+        self.set_selftest_of(run, result.clone());
         result
     }
 
@@ -2216,6 +2277,15 @@ operations = ["sign", "verify"]
                 assert_eq!((r.status, code(&r)), (429, "rate_limited".into()));
                 assert!(message(&r).contains("abnormal traffic"), "{}", r.body);
             }
+            // Those 429s are svsd's own doing: no error share of the
+            // entity's, so no second anomaly for the same flood.
+            f.app.anomaly_tick().await;
+            assert_eq!(
+                e.traffic().view().error_ratio,
+                0.0,
+                "{:?}",
+                e.traffic().view()
+            );
             // The throttle lifted, the entity's own bucket still holds the
             // 4 tokens none of those refusals took.
             e.traffic().disable();
@@ -2755,6 +2825,15 @@ operations = ["sign", "verify"]
                 changes.to_string(),
                 "1 entities; suspended: app1; checkpoint key re-keyed; pairwise test passed: checkpoint key"
             );
+            // A certificate imported for a key, and limits changed.
+            backend.set_certificate_chain("demo", vec![vec![0x30, 0x00]]);
+            let mut limits = next.clone();
+            limits.limits.max_batch_items += 1;
+            let changes = app.reload(&limits).await.unwrap();
+            assert_eq!(
+                changes.to_string(),
+                "1 entities; certificates changed: demo; settings changed: [limits]"
+            );
             // Deleted: checkpoints could not be signed any more.
             backend.delete_key("other");
             let e = app.reload(&cfg).await.unwrap_err();
@@ -2871,6 +2950,47 @@ operations = ["sign", "verify"]
     }
 
     #[test]
+    fn while_the_hsm_is_down_readiness_names_the_hsm_not_the_self_test_it_failed() {
+        let f = fixture("", &["demo"], "");
+        rt().block_on(async {
+            f.app.run_selftests().await.unwrap();
+            // The token pulled: signatures fail and so does the next run.
+            f.backend.down.store(true, Ordering::SeqCst);
+            f.backend.soft.fail.store(true, Ordering::SeqCst);
+            assert!(f.app.run_selftests().await.is_err());
+            assert!(matches!(
+                f.app.readiness(),
+                Err(SvsError::NotReady(NotReady::HsmUnavailable, _))
+            ));
+            // Back: the failed run is what stands until the next one.
+            f.backend.down.store(false, Ordering::SeqCst);
+            f.backend.soft.fail.store(false, Ordering::SeqCst);
+            assert!(matches!(
+                f.app.readiness(),
+                Err(SvsError::NotReady(NotReady::SelftestsFailed, _))
+            ));
+            f.app.run_selftests().await.unwrap();
+            f.app.readiness().unwrap();
+        });
+    }
+
+    #[test]
+    fn a_self_test_run_that_ends_after_a_later_one_recorded_does_not_overwrite_it() {
+        let f = fixture("", &["demo"], "");
+        // A periodic run starts (the HSM is slow), then a reload's re-run
+        // starts, passes and records; then the periodic one fails late.
+        let periodic = f.app.next_selftest_run();
+        let rerun = f.app.next_selftest_run();
+        assert!(f.app.set_selftest_of(rerun, Ok(())));
+        assert!(!f.app.set_selftest_of(periodic, Err("late".into())));
+        f.app.readiness().unwrap();
+        // A later run's verdict does count.
+        let next = f.app.next_selftest_run();
+        assert!(f.app.set_selftest_of(next, Err("wrong answer".into())));
+        assert!(f.app.selftest_failed());
+    }
+
+    #[test]
     fn an_unwritable_audit_trail_is_not_a_failed_self_test() {
         let f = fixture("", &["demo"], "");
         let sign = json!({"key": "demo", "data": "aGk="});
@@ -2889,6 +3009,24 @@ operations = ["sign", "verify"]
             assert!(matches!(e, SvsError::AuditUnavailable(_)), "{e}");
             let r = call(&f.app, Route::Sign, &sign).await;
             assert_eq!(r.body["error"]["code"], "audit_unavailable", "{r:?}");
+            // Both answered 503, both counted so: the first was signed, but
+            // its record could not be written.
+            let page = String::from_utf8(f.app.metrics().render(&f.app)).unwrap();
+            let counted: Vec<_> = page
+                .lines()
+                .filter(|l| l.starts_with("svs_requests_total{"))
+                .collect();
+            assert!(
+                counted
+                    .iter()
+                    .all(|l| l.contains(r#"outcome="audit_unavailable""#)),
+                "{counted:?}"
+            );
+            let total: f64 = counted
+                .iter()
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum();
+            assert_eq!(total, 2.0, "{counted:?}");
         });
     }
 

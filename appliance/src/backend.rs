@@ -234,6 +234,17 @@ impl SoftBackend {
         Some(info)
     }
 
+    /// Gives key `name` on the token a certificate chain (an import), the
+    /// key itself the same.
+    pub fn set_certificate_chain(&self, name: &str, chain: Vec<Vec<u8>>) {
+        let mut token = self.token.write().unwrap_or_else(|p| p.into_inner());
+        if let Some((info, _)) = token.get_mut(name) {
+            let mut with = (**info).clone();
+            with.certificate_chain = chain;
+            *info = Arc::new(with);
+        }
+    }
+
     /// Deletes key `name` from the token (the installed list keeps it until
     /// the next install; it can no longer sign).
     pub fn delete_key(&self, name: &str) {

@@ -1162,23 +1162,43 @@ const USER_PIN_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs
 /// How soon a periodic self-test the HSM was too busy for runs again.
 const SELFTEST_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// The wait before the next periodic self-test while the tests fail, after
+/// a run that passed or not (`retry`: the wait while they were failing):
+/// none after a pass (the interval); after failures
+/// [`SELFTEST_RETRY_AFTER`], then twice as long each time up to the
+/// interval.
+fn selftest_retry(
+    retry: Option<std::time::Duration>,
+    every: std::time::Duration,
+    passed: bool,
+) -> Option<std::time::Duration> {
+    if passed {
+        return None;
+    }
+    Some(retry.map_or(SELFTEST_RETRY_AFTER, |r| r * 2).min(every))
+}
+
 fn spawn_duties(
     app: &Arc<App>,
     config: &Config,
     stop: watch::Receiver<bool>,
     status: Arc<StatusLine>,
 ) {
-    // Periodic self-tests.
+    // Periodic self-tests. After a failure the next run comes sooner, at
+    // 5 s and then twice as long each time up to the interval: a test that
+    // failed while the HSM was pulled for a moment (or a key was being
+    // re-created) otherwise kept every tenant refused for the rest of the
+    // interval (300 s by default) after the cause was gone.
     let a = app.clone();
     let every = config.selftest_interval;
     let mut s = stop.clone();
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(every);
-        tick.tick().await;
+        let mut retry = selftest_retry(None, every, !a.selftest_failed());
         loop {
             tokio::select! {
-                _ = tick.tick() => {
-                    let _ = a.run_periodic_selftests(SELFTEST_RETRY_AFTER).await;
+                _ = tokio::time::sleep(retry.unwrap_or(every)) => {
+                    let passed = a.run_periodic_selftests(SELFTEST_RETRY_AFTER).await.is_ok();
+                    retry = selftest_retry(retry, every, passed);
                 }
                 _ = s.changed() => return,
             }
@@ -1262,6 +1282,22 @@ mod tests {
             log_directives(Some("info,h2=debug")),
             "info,h2=debug,cryptoki::mechanism=off"
         );
+    }
+
+    #[test]
+    fn a_failed_self_test_is_retried_sooner_and_sooner_no_later_than_the_interval() {
+        let s = std::time::Duration::from_secs;
+        let every = s(300);
+        let mut retry = None;
+        let mut waits = Vec::new();
+        for _ in 0..9 {
+            retry = selftest_retry(retry, every, false);
+            waits.push(retry.unwrap_or(every).as_secs());
+        }
+        assert_eq!(waits, [5, 10, 20, 40, 80, 160, 300, 300, 300]);
+        assert_eq!(selftest_retry(Some(s(20)), every, true), None);
+        // An interval shorter than the first retry is kept.
+        assert_eq!(selftest_retry(None, s(2), false), Some(s(2)));
     }
 
     #[test]

@@ -536,13 +536,13 @@ impl Metrics {
             entity_rate: gauge_vec(
                 &r,
                 "svs_entity_request_rate",
-                "An entity's requests per second: over the short window, and its baseline.",
+                "An entity's operations per second (each batch item one): over the short window, and its baseline.",
                 &["entity", "window"],
             ),
             entity_error_ratio: gauge_vec(
                 &r,
                 "svs_entity_error_ratio",
-                "Share of an entity's requests in the short window that were refused or failed.",
+                "Share of an entity's operations in the short window answered with a 4xx (refused, or the client's mistake); the server's own 5xx do not count.",
                 &["entity"],
             ),
             entity_throttled: int_gauge_vec(

@@ -59,6 +59,12 @@ pub struct ReloadChanges {
     /// Key names on the same token object whose key there is another one
     /// (deleted and created again: another CKA_ID or public key).
     pub keys_rekeyed: Vec<String>,
+    /// Key names whose certificate chain on the token changed (imported,
+    /// renewed or deleted), the key itself the same.
+    pub certificates_changed: Vec<String>,
+    /// Sections whose reloadable settings changed (`[limits]`,
+    /// `[anomaly]`).
+    pub settings_changed: Vec<String>,
     /// The audit checkpoint key is another key on the token.
     pub checkpoint_key_rekeyed: bool,
     /// Keys that passed the pairwise self-test before the reload was
@@ -161,6 +167,8 @@ impl fmt::Display for ReloadChanges {
             ("keys withdrawn", &self.keys_withdrawn),
             ("keys remapped", &self.keys_remapped),
             ("keys re-keyed", &self.keys_rekeyed),
+            ("certificates changed", &self.certificates_changed),
+            ("settings changed", &self.settings_changed),
         ];
         let mut changed = false;
         for (label, names) in lists {

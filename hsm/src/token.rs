@@ -417,10 +417,24 @@ pub(crate) fn require_user(session: &Session) -> Result<()> {
 
 fn find_slot(pkcs11: &Pkcs11, selector: &TokenSelector) -> Result<Slot> {
     let lib = pkcs11.get_library_info()?;
+    let slots = pkcs11.get_slots_with_token()?;
+    if slots.is_empty() {
+        // Not "no token matches": that sends an officer to provision an
+        // HSM that is only unplugged or unreachable.
+        return Err(HsmError::Unavailable(
+            "no slot holds a token (HSM disconnected, or token removed)".into(),
+        ));
+    }
     let mut found = Vec::new();
-    for slot in pkcs11.get_slots_with_token()? {
-        let Ok(info) = pkcs11.get_token_info(slot) else {
-            continue;
+    // A token whose description cannot be read may be the one wanted.
+    let mut unreadable = None;
+    for slot in slots {
+        let info = match pkcs11.get_token_info(slot) {
+            Ok(info) => info,
+            Err(e) => {
+                unreadable.get_or_insert(e);
+                continue;
+            }
         };
         if selector.is_empty() && !info.token_initialized() {
             continue;
@@ -431,7 +445,10 @@ fn find_slot(pkcs11: &Pkcs11, selector: &TokenSelector) -> Result<Slot> {
     }
     match found.as_slice() {
         [slot] => Ok(*slot),
-        [] => Err(HsmError::TokenNotFound(selector.describe())),
+        [] => Err(match unreadable {
+            Some(e) => HsmError::from(e),
+            None => HsmError::TokenNotFound(selector.describe()),
+        }),
         _ => Err(HsmError::Config(format!(
             "{} tokens match {}: select one by label, serial or URI",
             found.len(),

@@ -772,6 +772,11 @@ async fn recovery(module: ModuleSource) {
     faults::install("*:token_not_present").unwrap();
     let (ok, failed) = sign_many(&hsm, &point, 5, "token removed").await;
     assert_eq!((ok, failed), (0, 5));
+    // Opened while it is gone: the HSM is unavailable, not the token
+    // unprovisioned (svsd waits for the HSM rather than sending the officer
+    // to provision it).
+    let e = Hsm::open(&cfg, Arc::new(NoMetrics)).unwrap_err();
+    assert!(matches!(e, svs_hsm::HsmError::Unavailable(_)), "{e:?}");
     // Idle probes notice that no worker has a session any more.
     tokio::time::sleep(Duration::from_millis(400)).await;
     let h = hsm.health();
