@@ -389,7 +389,7 @@ impl Metrics {
             request_seconds: histogram_vec(
                 &r,
                 "svs_request_duration_seconds",
-                "Time from request headers to the answer, by operation (route).",
+                "Time from request headers to the answer of requests answered 2xx, by operation (route).",
                 &["operation"],
                 LATENCY_BUCKETS,
             ),
@@ -602,9 +602,14 @@ impl Metrics {
         self.http_requests
             .with_label_values(&[operation, code])
             .inc();
-        self.request_seconds
-            .with_label_values(&[operation])
-            .observe(elapsed.as_secs_f64());
+        // The latency of requests served: counted, instant refusals (a
+        // flood of 429s) and an outage's quick 503s made the latency SLO
+        // look healthy. Failures are SvsErrorsRising's.
+        if status < 400 {
+            self.request_seconds
+                .with_label_values(&[operation])
+                .observe(elapsed.as_secs_f64());
+        }
     }
 
     /// A request refused by an entity's limits.
@@ -875,6 +880,22 @@ mod tests {
         assert_eq!(status_text(200, &mut b), "200");
         assert_eq!(status_text(429, &mut b), "429");
         assert_eq!(status_text(5, &mut b), "100");
+    }
+
+    #[test]
+    fn request_latency_is_that_of_requests_served() {
+        let m = Metrics::new();
+        let ms = Duration::from_millis(1);
+        m.http("sign", 200, ms);
+        m.http("sign", 429, ms);
+        m.http("sign", 503, ms);
+        let count = m
+            .request_seconds
+            .with_label_values(&["sign"])
+            .get_sample_count();
+        assert_eq!(count, 1);
+        let counted = m.http_requests.with_label_values(&["sign", "429"]).get();
+        assert_eq!(counted, 1);
     }
 
     #[test]
