@@ -779,8 +779,11 @@ fn edit(
     let text = std::fs::read_to_string(path).map_err(|e| io("cannot read", e))?;
     let before: Vec<EntityConfig> = load_entities_file(path, &config.keys).unwrap_or_default();
     let body = edited(&text, path, change)?;
-    // Nothing to write, and nothing for svsd to reload.
-    if body == text {
+    // Nothing to write, and nothing for svsd to reload. Compared with the
+    // file as an edit that changes nothing renders it too: rendering puts
+    // the header on a file that has none, and that alone must not write
+    // the file and reload svsd.
+    if body == text || body == edited(&text, path, |_| Ok(()))? {
         return Ok(None);
     }
 
@@ -1305,6 +1308,72 @@ per_second = 50.0
             doc.to_string(),
             "[[entity]]\nname = \"b\"\nrate = { per_second = 2.0, burst = 5 }\nspki_sha256 = \"22\"\n"
         );
+    }
+
+    /// An svsd configuration in a temporary directory: a client CA, key
+    /// `demo` exposed, an entities file of `entities`.
+    struct Fixture {
+        dir: tempfile::TempDir,
+        config: PathBuf,
+    }
+
+    impl Fixture {
+        fn new(entities: &str) -> Fixture {
+            use svs_appliance::tls::devpki::{DevCa, save_issued};
+            let dir = tempfile::tempdir().unwrap();
+            let ca = DevCa::generate("Test CA").unwrap();
+            ca.save(dir.path()).unwrap();
+            save_issued(dir.path(), "server", &ca.server(&["localhost"]).unwrap()).unwrap();
+            std::fs::create_dir(dir.path().join("audit")).unwrap();
+            std::fs::write(dir.path().join("pin"), "123456\n").unwrap();
+            std::fs::write(dir.path().join("entities.toml"), entities).unwrap();
+            let config = dir.path().join("svsd.toml");
+            std::fs::write(
+                &config,
+                format!(
+                    "entities_file = \"entities.toml\"\n\
+                     [server]\nlisten = [\"127.0.0.1:1\"]\n\
+                     [tls]\ncertificate = \"server.pem\"\nprivate_key = \"server-key.pem\"\nclient_ca = \"ca.pem\"\n\
+                     [hsm]\nmodule = \"embedded\"\ntoken_label = \"t\"\npin = {{ file = \"{}\" }}\n\
+                     [keys]\ndemo = {{ object = \"demo\" }}\n\
+                     [audit]\ndir = \"audit\"\ncheckpoint_interval_s = 0\n",
+                    dir.path().join("pin").display()
+                ),
+            )
+            .unwrap();
+            Fixture { dir, config }
+        }
+
+        fn entities(&self) -> PathBuf {
+            self.dir.path().join("entities.toml")
+        }
+    }
+
+    #[test]
+    fn an_update_that_changes_nothing_writes_nothing_in_a_file_without_header() {
+        let text = "[[entity]]\nname = \"a\"\nspki_sha256 = \"0000000000000000000000000000000000000000000000000000000000000000\"\nkeys = [\"demo\"]\noperations = [\"sign\"]\n";
+        let f = Fixture::new(text);
+        let change = EntityChange {
+            keys: Some(vec!["demo".into()]),
+            ..EntityChange::default()
+        };
+        let r = update(&f.config, "a", &change, &Reload::No).unwrap();
+        assert!(r.text.contains("nothing was changed"), "{}", r.text);
+        assert_eq!(r.json["changed"], false);
+        assert_eq!(std::fs::read_to_string(f.entities()).unwrap(), text);
+        let r = set_status(&f.config, "a", false, &Reload::No).unwrap();
+        assert_eq!(r.json["changed"], false);
+        assert_eq!(std::fs::read_to_string(f.entities()).unwrap(), text);
+        // A real change may still give it the header.
+        let change = EntityChange {
+            ops: Some(vec!["sign".into(), "verify".into()]),
+            ..EntityChange::default()
+        };
+        let r = update(&f.config, "a", &change, &Reload::No).unwrap();
+        assert_eq!(r.json["changed"], true);
+        let now = std::fs::read_to_string(f.entities()).unwrap();
+        assert!(now.starts_with(HEADER), "{now}");
+        assert!(now.contains("operations = [\"sign\", \"verify\"]"), "{now}");
     }
 
     #[test]
