@@ -570,12 +570,12 @@ pub fn suspend_all(config_path: &Path, reload: &Reload) -> Result<Report> {
         .filter(|e| !file_names.contains(&e.name) && e.status == EntityStatus::Active)
         .map(|e| e.name.as_str())
         .collect();
-    let to_suspend: Vec<String> = config
+    // What was so before the lock spares the write, the reload and the
+    // search for svsd; which entities to suspend is decided under the lock.
+    let any_active = config
         .entities
         .iter()
-        .filter(|e| file_names.contains(&e.name) && e.status == EntityStatus::Active)
-        .map(|e| e.name.clone())
-        .collect();
+        .any(|e| file_names.contains(&e.name) && e.status == EntityStatus::Active);
     let inline_note = if inline.is_empty() {
         String::new()
     } else {
@@ -585,7 +585,7 @@ pub fn suspend_all(config_path: &Path, reload: &Reload) -> Result<Report> {
             inline.join(", ")
         )
     };
-    if to_suspend.is_empty() {
+    if !any_active {
         let already = if file_names.is_empty() {
             "the entities file has no entities"
         } else {
@@ -597,23 +597,39 @@ pub fn suspend_all(config_path: &Path, reload: &Reload) -> Result<Report> {
         });
     }
     let target = reload_target(reload, &config.path)?;
-    let names = to_suspend.clone();
-    let written = edit(&config, &path, move |list| {
+    // Chosen again under the lock, from the file as it is then: an entity
+    // another officer added or resumed while this run waited for the lock
+    // would otherwise stay active (still signing, in the emergency this
+    // command is for) while the command said everything was suspended.
+    let mut suspended = Vec::new();
+    let written = edit(&config, &path, |list| {
         for t in list.iter_mut() {
-            if entity_name(t).is_some_and(|n| names.iter().any(|s| s == n)) {
-                t["status"] = value("suspended");
+            let Some(name) = entity_name(t).map(str::to_owned) else {
+                continue;
+            };
+            if t.get("status").and_then(toml_edit::Item::as_str) != Some("suspended") {
+                set_in_place(t, "status", "suspended".into());
+                suspended.push(name);
             }
         }
         Ok(())
     })?;
+    if written.is_none() {
+        return Ok(Report {
+            text: format!(
+                "every entity in the entities file is already suspended; nothing was changed\n{inline_note}"
+            ),
+            json: json!({"suspended": [], "changed": false, "inline": inline, "reload": null}),
+        });
+    }
     let outcome = do_reload(&target, &config, &written)?;
     Ok(Report {
         text: format!(
             "suspended: {}\n{inline_note}{}",
-            to_suspend.join(", "),
+            suspended.join(", "),
             outcome.text
         ),
-        json: json!({"suspended": to_suspend, "changed": true, "inline": inline, "reload": outcome.json}),
+        json: json!({"suspended": suspended, "changed": true, "inline": inline, "reload": outcome.json}),
     })
 }
 
@@ -1347,6 +1363,97 @@ per_second = 50.0
         fn entities(&self) -> PathBuf {
             self.dir.path().join("entities.toml")
         }
+    }
+
+    /// An `[[entity]]` table for `name`, recognised by a made-up public
+    /// key `digit` repeated (each entity needs its own).
+    fn entity_toml(name: &str, digit: char, status: &str) -> String {
+        format!(
+            "[[entity]]\nname = \"{name}\"\n{status}spki_sha256 = \"{}\"\nkeys = [\"demo\"]\noperations = [\"sign\"]\n",
+            digit.to_string().repeat(64)
+        )
+    }
+
+    /// Whether some process or thread waits for a lock on `lock`, as
+    /// /proc/locks tells (a waiter's line has `->`; files are named by
+    /// device and inode).
+    fn someone_waits_for(lock: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let ino = std::fs::metadata(lock).unwrap().ino().to_string();
+        std::fs::read_to_string("/proc/locks")
+            .unwrap()
+            .lines()
+            .any(|l| {
+                l.contains("->")
+                    && l.split_whitespace().any(|f| {
+                        f.matches(':').count() == 2 && f.rsplit(':').next() == Some(ino.as_str())
+                    })
+            })
+    }
+
+    /// Runs `command` while this test holds the entities file's lock;
+    /// once `command` waits for it, `meanwhile` (another officer's edit)
+    /// runs, then the lock is released.
+    fn racing<T: Send + 'static>(
+        f: &Fixture,
+        command: impl FnOnce() -> T + Send + 'static,
+        meanwhile: impl FnOnce(),
+    ) -> T {
+        let lock_path = f.dir.path().join(".entities.toml.lock");
+        let lock = File::create(&lock_path).unwrap();
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).unwrap();
+        let run = std::thread::spawn(command);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !someone_waits_for(&lock_path) {
+            assert!(!run.is_finished(), "the command did not wait for the lock");
+            assert!(Instant::now() < deadline, "the command never took the lock");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        meanwhile();
+        drop(lock);
+        run.join().unwrap()
+    }
+
+    #[test]
+    fn suspend_all_suspends_the_entities_written_while_it_waited_for_the_lock() {
+        let f = Fixture::new(&entity_toml("a", '1', ""));
+        let config = f.config.clone();
+        let r = racing(
+            &f,
+            move || suspend_all(&config, &Reload::No),
+            || {
+                // Another officer's `entity add b` and `entity resume c`.
+                let text = [
+                    entity_toml("a", '1', ""),
+                    entity_toml("b", '2', ""),
+                    entity_toml("c", '3', "status = \"active\"\n"),
+                ]
+                .join("\n");
+                std::fs::write(f.entities(), text).unwrap();
+            },
+        )
+        .unwrap();
+        let config = load_config(&f.config).unwrap();
+        let states: Vec<_> = config
+            .entities
+            .iter()
+            .map(|e| (e.name.as_str(), e.status))
+            .collect();
+        assert_eq!(
+            states,
+            [
+                ("a", EntityStatus::Suspended),
+                ("b", EntityStatus::Suspended),
+                ("c", EntityStatus::Suspended)
+            ]
+        );
+        assert_eq!(r.json["suspended"], json!(["a", "b", "c"]), "{}", r.text);
+        assert!(r.text.starts_with("suspended: a, b, c\n"), "{}", r.text);
+        // Once all are, nothing is written.
+        let before = std::fs::read_to_string(f.entities()).unwrap();
+        let r = suspend_all(&f.config, &Reload::No).unwrap();
+        assert_eq!(r.json["changed"], false);
+        assert_eq!(std::fs::read_to_string(f.entities()).unwrap(), before);
     }
 
     #[test]
