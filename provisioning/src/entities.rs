@@ -210,18 +210,58 @@ fn check_ops(ops: &[String]) -> Result<()> {
     }
 }
 
+/// A client certificate given to entity `name`: what svsd would see of it.
+struct Claim {
+    name: String,
+    cert: PathBuf,
+    identity: svs_appliance::policy::ClientIdentity,
+    /// No intermediate came with it (see [`VerifiedClient`]).
+    ///
+    /// [`VerifiedClient`]: svs_appliance::policy::VerifiedClient
+    issued_directly: bool,
+}
+
+impl Claim {
+    /// Refuses the certificate if svsd, serving `entities`, already takes
+    /// it for another entity: svsd picks the most specific match, so a
+    /// renewal given the wrong file (another tenant's certificate, matched
+    /// there by key or subject) silently moved that tenant's requests onto
+    /// this entity's keys. svsd's own matching decides, so that every way
+    /// of matching (whole certificate, key, subject and issuer) counts.
+    fn check_against(&self, entities: &[EntityConfig]) -> Result<()> {
+        let others: Vec<_> = entities
+            .iter()
+            .filter(|e| e.name != self.name)
+            .cloned()
+            .collect();
+        let policy = svs_appliance::policy::Policy::new(&others, None);
+        let client = svs_appliance::policy::VerifiedClient {
+            identity: &self.identity,
+            issued_directly: self.issued_directly,
+        };
+        match policy.identify(client) {
+            Ok(other) => {
+                let (other, name) = (other.name(), &self.name);
+                Err(ProvisionError::AlreadyExists(format!(
+                    "{}: svsd already recognises this certificate as entity {other:?}; giving it to {name:?} would move {other:?}'s requests to {name:?}'s keys. Check the file. Nothing was changed",
+                    self.cert.display()
+                )))
+            }
+            Err(_) => Ok(()),
+        }
+    }
+}
+
 /// How svsd is to recognise the client of `cert` (which must pass svsd's
 /// handshake check now) for entity `name`: the entity field and its
-/// fingerprint. A certificate svsd already takes for another entity is
-/// refused: svsd picks the most specific match, so a renewal given the
-/// wrong file (another tenant's certificate, matched there by key or
-/// subject) silently moved that tenant's requests onto this entity's keys.
+/// fingerprint, and the claim that [`edit`] checks again under the lock
+/// (checked here first, against the entities as read before it).
 fn client_match(
     config: &Config,
     name: &str,
     cert: &Path,
     match_certificate: bool,
-) -> Result<(&'static str, String)> {
+) -> Result<((&'static str, String), Claim)> {
     let certs = crate::cert::read_certificates(cert)?;
     let chain: Vec<Vec<u8>> = certs.iter().map(|(der, _)| der.clone()).collect();
     svs_appliance::tls::check_client_chain(&config.tls.client_ca, &chain, SystemTime::now())
@@ -233,27 +273,16 @@ fn client_match(
     })?;
     let identity = svs_appliance::policy::ClientIdentity::from_der(&der)
         .map_err(|e| ProvisionError::Certificate(format!("{}: {e}", cert.display())))?;
-    let others: Vec<_> = config
-        .entities
-        .iter()
-        .filter(|e| e.name != name)
-        .cloned()
-        .collect();
-    let policy = svs_appliance::policy::Policy::new(&others, None);
-    // Subject matching applies only to a leaf a client CA issued
-    // directly; a file without intermediates is taken to be one.
-    let client = svs_appliance::policy::VerifiedClient {
-        identity: &identity,
+    let claim = Claim {
+        name: name.to_owned(),
+        cert: cert.to_path_buf(),
+        identity,
+        // Subject matching applies only to a leaf a client CA issued
+        // directly; a file without intermediates is taken to be one.
         issued_directly: chain.len() == 1,
     };
-    if let Ok(other) = policy.identify(client) {
-        let other = other.name();
-        return Err(ProvisionError::AlreadyExists(format!(
-            "{}: svsd already recognises this certificate as entity {other:?}; giving it to {name:?} would move {other:?}'s requests to {name:?}'s keys. Check the file. Nothing was changed",
-            cert.display()
-        )));
-    }
-    Ok(if match_certificate {
+    claim.check_against(&config.entities)?;
+    let field = if match_certificate {
         ("certificate_sha256", hex(&Sha256::digest(&der)))
     } else {
         use der::Encode;
@@ -262,7 +291,8 @@ fn client_match(
             .subject_public_key_info()
             .to_der()?;
         ("spki_sha256", hex(&Sha256::digest(spki)))
-    })
+    };
+    Ok((field, claim))
 }
 
 /// Writes `entity update`'s change into the entity's table `t`. Values
@@ -364,7 +394,7 @@ pub fn add(config_path: &Path, new: &NewEntity, reload: &Reload) -> Result<Repor
             new.name
         )));
     }
-    let (field, fp) = client_match(&config, &new.name, &new.cert, new.match_certificate)?;
+    let ((field, fp), claim) = client_match(&config, &new.name, &new.cert, new.match_certificate)?;
     let rate = rate_value(new.rate.as_deref(), new.burst)?;
     let mut table = toml_edit::Table::new();
     table["name"] = value(new.name.as_str());
@@ -382,7 +412,7 @@ pub fn add(config_path: &Path, new: &NewEntity, reload: &Reload) -> Result<Repor
     }
     let path = entities_path(&config)?;
     let name = new.name.clone();
-    let written = edit(&config, &path, move |list| {
+    let written = edit(&config, &path, Some(&claim), move |list| {
         if list.iter().any(|t| entity_name(t) == Some(&name)) {
             return Err(ProvisionError::AlreadyExists(format!(
                 "an entity named {name:?} exists already"
@@ -454,9 +484,12 @@ pub fn update(
         Some((r, burst)) => rate_value(Some(r), *burst)?,
         None => None,
     };
-    let client = match &change.cert {
-        Some((cert, whole)) => Some(client_match(&config, name, cert, *whole)?),
-        None => None,
+    let (client, claim) = match &change.cert {
+        Some((cert, whole)) => {
+            let (client, claim) = client_match(&config, name, cert, *whole)?;
+            (Some(client), Some(claim))
+        }
+        None => (None, None),
     };
     let mut said = Vec::new();
     if let Some((field, fp)) = &client {
@@ -487,7 +520,7 @@ pub fn update(
     let target = reload_target(reload, &config.path)?;
     let owned = name.to_owned();
     let change = change.clone();
-    let written = edit(&config, &path, move |list| {
+    let written = edit(&config, &path, claim.as_ref(), move |list| {
         apply_change(find_entity(list, &owned)?, client, &change, rate);
         Ok(())
     })?;
@@ -539,7 +572,7 @@ pub fn set_status(
     let path = entities_path(&config)?;
     let target = reload_target(reload, &config.path)?;
     let owned = name.to_owned();
-    let written = edit(&config, &path, move |list| {
+    let written = edit(&config, &path, None, move |list| {
         let t = find_entity(list, &owned)?;
         if suspended {
             t["status"] = value("suspended");
@@ -602,7 +635,7 @@ pub fn suspend_all(config_path: &Path, reload: &Reload) -> Result<Report> {
     // would otherwise stay active (still signing, in the emergency this
     // command is for) while the command said everything was suspended.
     let mut suspended = Vec::new();
-    let written = edit(&config, &path, |list| {
+    let written = edit(&config, &path, None, |list| {
         for t in list.iter_mut() {
             let Some(name) = entity_name(t).map(str::to_owned) else {
                 continue;
@@ -651,7 +684,7 @@ pub fn remove(config_path: &Path, name: &str, yes: bool, reload: &Reload) -> Res
         )?;
     }
     let owned = name.to_owned();
-    let written = edit(&config, &path, move |list| {
+    let written = edit(&config, &path, None, move |list| {
         find_entity(list, &owned)?;
         list.retain(|t| entity_name(t) != Some(owned.as_str()));
         Ok(())
@@ -762,6 +795,7 @@ fn edited(
 fn edit(
     config: &Config,
     path: &Path,
+    claim: Option<&Claim>,
     change: impl FnOnce(&mut toml_edit::ArrayOfTables) -> Result<()>,
 ) -> Result<Option<Written>> {
     let io = |what: &str, e: std::io::Error| {
@@ -816,7 +850,7 @@ fn edit(
             "the edited entities file would be refused by svsd, so it was not written: {e}"
         ))
     })?;
-    cross_check(config, &before, &after)?;
+    cross_check(config, &before, &after, claim)?;
 
     tmp.commit().map_err(|e| io("cannot replace", e))?;
     Ok(Some(Written {
@@ -851,8 +885,17 @@ fn sha256_hex(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))
 }
 
-/// The checks svsd makes across inline entities and the file's.
-fn cross_check(config: &Config, before: &[EntityConfig], after: &[EntityConfig]) -> Result<()> {
+/// The checks svsd makes across inline entities and the file's, and
+/// `claim`'s check against the entities as svsd would have them: made
+/// again here, under the lock, since the entities read before it may have
+/// changed since (another officer's `entity add` of the same certificate,
+/// matched another way, passed the identical-field check below).
+fn cross_check(
+    config: &Config,
+    before: &[EntityConfig],
+    after: &[EntityConfig],
+    claim: Option<&Claim>,
+) -> Result<()> {
     let from_file: BTreeSet<&str> = before.iter().map(|e| e.name.as_str()).collect();
     let inline = config
         .entities
@@ -873,6 +916,16 @@ fn cross_check(config: &Config, before: &[EntityConfig], after: &[EntityConfig])
                 e.name
             )));
         }
+    }
+    if let Some(claim) = claim {
+        let all: Vec<EntityConfig> = config
+            .entities
+            .iter()
+            .filter(|e| !from_file.contains(e.name.as_str()))
+            .chain(after)
+            .cloned()
+            .collect();
+        claim.check_against(&all)?;
     }
     Ok(())
 }
@@ -1331,6 +1384,7 @@ per_second = 50.0
     struct Fixture {
         dir: tempfile::TempDir,
         config: PathBuf,
+        ca: svs_appliance::tls::devpki::DevCa,
     }
 
     impl Fixture {
@@ -1357,11 +1411,22 @@ per_second = 50.0
                 ),
             )
             .unwrap();
-            Fixture { dir, config }
+            Fixture { dir, config, ca }
         }
 
         fn entities(&self) -> PathBuf {
             self.dir.path().join("entities.toml")
+        }
+
+        /// A client certificate with common name `cn`, on disk, and what
+        /// svsd would see of it.
+        fn client(&self, cn: &str) -> (PathBuf, svs_appliance::policy::ClientIdentity) {
+            let issued = self.ca.client(cn).unwrap();
+            let (cert, _) =
+                svs_appliance::tls::devpki::save_issued(self.dir.path(), cn, &issued).unwrap();
+            let identity =
+                svs_appliance::policy::ClientIdentity::from_der(&issued.cert_der).unwrap();
+            (cert, identity)
         }
     }
 
@@ -1454,6 +1519,69 @@ per_second = 50.0
         let r = suspend_all(&f.config, &Reload::No).unwrap();
         assert_eq!(r.json["changed"], false);
         assert_eq!(std::fs::read_to_string(f.entities()).unwrap(), before);
+    }
+
+    #[test]
+    fn a_certificate_another_officer_gave_another_entity_meanwhile_is_refused_under_the_lock() {
+        let f = Fixture::new(&entity_toml("a", '1', ""));
+        let (cert, id) = f.client("app-x");
+        // `entity add c` of the same certificate, matched by its hash, is
+        // written while `entity add b` (by its key) waits for the lock.
+        let theirs = format!(
+            "{}\n[[entity]]\nname = \"c\"\ncertificate_sha256 = \"{}\"\nkeys = [\"demo\"]\noperations = [\"sign\"]\n",
+            entity_toml("a", '1', ""),
+            hex(&id.certificate_sha256)
+        );
+        let new = NewEntity {
+            name: "b".into(),
+            cert: cert.clone(),
+            match_certificate: false,
+            keys: vec!["demo".into()],
+            ops: vec!["sign".into()],
+            rate: None,
+            burst: None,
+            max_concurrent: None,
+            suspended: false,
+        };
+        let config = f.config.clone();
+        let e = racing(
+            &f,
+            move || add(&config, &new, &Reload::No),
+            || std::fs::write(f.entities(), &theirs).unwrap(),
+        )
+        .expect_err("two entities would match one certificate");
+        assert_eq!(e.exit_code(), 4, "{e}");
+        assert!(
+            e.to_string()
+                .contains("already recognises this certificate as entity \"c\""),
+            "{e}"
+        );
+        assert_eq!(std::fs::read_to_string(f.entities()).unwrap(), theirs);
+
+        // The same for `entity update --cert`, the other matching by key.
+        let theirs = format!(
+            "{}\n[[entity]]\nname = \"d\"\nspki_sha256 = \"{}\"\nkeys = [\"demo\"]\noperations = [\"sign\"]\n",
+            entity_toml("a", '1', ""),
+            hex(&id.spki_sha256)
+        );
+        std::fs::write(f.entities(), entity_toml("a", '1', "")).unwrap();
+        let config = f.config.clone();
+        let change = EntityChange {
+            cert: Some((cert, true)),
+            ..EntityChange::default()
+        };
+        let e = racing(
+            &f,
+            move || update(&config, "a", &change, &Reload::No),
+            || std::fs::write(f.entities(), &theirs).unwrap(),
+        )
+        .expect_err("two entities would match one certificate");
+        assert!(
+            e.to_string()
+                .contains("already recognises this certificate as entity \"d\""),
+            "{e}"
+        );
+        assert_eq!(std::fs::read_to_string(f.entities()).unwrap(), theirs);
     }
 
     #[test]
