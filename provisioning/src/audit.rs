@@ -400,6 +400,10 @@ pub fn anchor(
             label,
         )?;
     }
+    // Not before the confirmation (an officer at its prompt would hold up
+    // every other run). The anchor shown is not checked again: svsd moves
+    // it on as its trail grows, and takes no lock of ours.
+    let _changing = crate::token::lock_changes()?;
     let removed = svs_hsm::data::remove(&session, label)?;
     Ok(Report {
         text: format!(

@@ -233,6 +233,9 @@ pub fn import(
     let chain_warnings = check_chain(&leaf, &chain_certs, now, opts.force)?;
 
     let session = opened.user_session(pins)?;
+    // Not before the PIN (an officer at its prompt would hold up every
+    // other run), but before looking at what the token holds.
+    let _changing = crate::token::lock_changes()?;
     let key: Key = keys::find(&session, &opened.profile, label, &opened.label)?;
     let cert_key = cert_point(&leaf_der, key.algorithm);
     if cert_key.as_deref() != Some(key.point.as_slice()) {

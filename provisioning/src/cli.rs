@@ -670,20 +670,9 @@ fn need_config(
     }
 }
 
-/// Runs a parsed command line.
-/// Whether `command` creates, changes or destroys token objects or PINs:
-/// those run one at a time on this host ([`Target::lock_changes`]).
-fn changes_tokens(command: &Command) -> bool {
-    match command {
-        Command::Token(TokenCmd::Init { .. })
-        | Command::Pin(_)
-        | Command::Key(KeyCmd::Generate { .. } | KeyCmd::Delete { .. })
-        | Command::Cert(CertCmd::Import { .. }) => true,
-        Command::Audit(AuditCmd::Anchor { reset, .. }) => *reset,
-        _ => false,
-    }
-}
-
+/// Runs a parsed command line. The commands that change a token take
+/// the host's change lock themselves ([`crate::token::lock_changes`]), once
+/// they have their PINs and confirmations.
 pub fn run(cli: Cli) -> Result<Outcome> {
     let _ = SELECTING.set(Selecting::of(&cli));
     let config = cli
@@ -697,11 +686,6 @@ pub fn run(cli: Cli) -> Result<Outcome> {
         new: cli.new_pin_file.clone(),
     });
     let t = target(&cli, config.as_ref())?;
-    let _changing = if changes_tokens(&cli.command) {
-        Some(t.lock_changes()?)
-    } else {
-        None
-    };
     match &cli.command {
         Command::Token(TokenCmd::Init {
             label,

@@ -210,18 +210,58 @@ fn check_ops(ops: &[String]) -> Result<()> {
     }
 }
 
+/// A client certificate given to entity `name`: what svsd would see of it.
+struct Claim {
+    name: String,
+    cert: PathBuf,
+    identity: svs_appliance::policy::ClientIdentity,
+    /// No intermediate came with it (see [`VerifiedClient`]).
+    ///
+    /// [`VerifiedClient`]: svs_appliance::policy::VerifiedClient
+    issued_directly: bool,
+}
+
+impl Claim {
+    /// Refuses the certificate if svsd, serving `entities`, already takes
+    /// it for another entity: svsd picks the most specific match, so a
+    /// renewal given the wrong file (another tenant's certificate, matched
+    /// there by key or subject) silently moved that tenant's requests onto
+    /// this entity's keys. svsd's own matching decides, so that every way
+    /// of matching (whole certificate, key, subject and issuer) counts.
+    fn check_against(&self, entities: &[EntityConfig]) -> Result<()> {
+        let others: Vec<_> = entities
+            .iter()
+            .filter(|e| e.name != self.name)
+            .cloned()
+            .collect();
+        let policy = svs_appliance::policy::Policy::new(&others, None);
+        let client = svs_appliance::policy::VerifiedClient {
+            identity: &self.identity,
+            issued_directly: self.issued_directly,
+        };
+        match policy.identify(client) {
+            Ok(other) => {
+                let (other, name) = (other.name(), &self.name);
+                Err(ProvisionError::AlreadyExists(format!(
+                    "{}: svsd already recognises this certificate as entity {other:?}; giving it to {name:?} would move {other:?}'s requests to {name:?}'s keys. Check the file. Nothing was changed",
+                    self.cert.display()
+                )))
+            }
+            Err(_) => Ok(()),
+        }
+    }
+}
+
 /// How svsd is to recognise the client of `cert` (which must pass svsd's
 /// handshake check now) for entity `name`: the entity field and its
-/// fingerprint. A certificate svsd already takes for another entity is
-/// refused: svsd picks the most specific match, so a renewal given the
-/// wrong file (another tenant's certificate, matched there by key or
-/// subject) silently moved that tenant's requests onto this entity's keys.
+/// fingerprint, and the claim that [`edit`] checks again under the lock
+/// (checked here first, against the entities as read before it).
 fn client_match(
     config: &Config,
     name: &str,
     cert: &Path,
     match_certificate: bool,
-) -> Result<(&'static str, String)> {
+) -> Result<((&'static str, String), Claim)> {
     let certs = crate::cert::read_certificates(cert)?;
     let chain: Vec<Vec<u8>> = certs.iter().map(|(der, _)| der.clone()).collect();
     svs_appliance::tls::check_client_chain(&config.tls.client_ca, &chain, SystemTime::now())
@@ -233,27 +273,16 @@ fn client_match(
     })?;
     let identity = svs_appliance::policy::ClientIdentity::from_der(&der)
         .map_err(|e| ProvisionError::Certificate(format!("{}: {e}", cert.display())))?;
-    let others: Vec<_> = config
-        .entities
-        .iter()
-        .filter(|e| e.name != name)
-        .cloned()
-        .collect();
-    let policy = svs_appliance::policy::Policy::new(&others, None);
-    // Subject matching applies only to a leaf a client CA issued
-    // directly; a file without intermediates is taken to be one.
-    let client = svs_appliance::policy::VerifiedClient {
-        identity: &identity,
+    let claim = Claim {
+        name: name.to_owned(),
+        cert: cert.to_path_buf(),
+        identity,
+        // Subject matching applies only to a leaf a client CA issued
+        // directly; a file without intermediates is taken to be one.
         issued_directly: chain.len() == 1,
     };
-    if let Ok(other) = policy.identify(client) {
-        let other = other.name();
-        return Err(ProvisionError::AlreadyExists(format!(
-            "{}: svsd already recognises this certificate as entity {other:?}; giving it to {name:?} would move {other:?}'s requests to {name:?}'s keys. Check the file. Nothing was changed",
-            cert.display()
-        )));
-    }
-    Ok(if match_certificate {
+    claim.check_against(&config.entities)?;
+    let field = if match_certificate {
         ("certificate_sha256", hex(&Sha256::digest(&der)))
     } else {
         use der::Encode;
@@ -262,7 +291,8 @@ fn client_match(
             .subject_public_key_info()
             .to_der()?;
         ("spki_sha256", hex(&Sha256::digest(spki)))
-    })
+    };
+    Ok((field, claim))
 }
 
 /// Writes `entity update`'s change into the entity's table `t`. Values
@@ -364,7 +394,7 @@ pub fn add(config_path: &Path, new: &NewEntity, reload: &Reload) -> Result<Repor
             new.name
         )));
     }
-    let (field, fp) = client_match(&config, &new.name, &new.cert, new.match_certificate)?;
+    let ((field, fp), claim) = client_match(&config, &new.name, &new.cert, new.match_certificate)?;
     let rate = rate_value(new.rate.as_deref(), new.burst)?;
     let mut table = toml_edit::Table::new();
     table["name"] = value(new.name.as_str());
@@ -382,7 +412,7 @@ pub fn add(config_path: &Path, new: &NewEntity, reload: &Reload) -> Result<Repor
     }
     let path = entities_path(&config)?;
     let name = new.name.clone();
-    let written = edit(&config, &path, move |list| {
+    let written = edit(&config, &path, Some(&claim), move |list| {
         if list.iter().any(|t| entity_name(t) == Some(&name)) {
             return Err(ProvisionError::AlreadyExists(format!(
                 "an entity named {name:?} exists already"
@@ -454,9 +484,12 @@ pub fn update(
         Some((r, burst)) => rate_value(Some(r), *burst)?,
         None => None,
     };
-    let client = match &change.cert {
-        Some((cert, whole)) => Some(client_match(&config, name, cert, *whole)?),
-        None => None,
+    let (client, claim) = match &change.cert {
+        Some((cert, whole)) => {
+            let (client, claim) = client_match(&config, name, cert, *whole)?;
+            (Some(client), Some(claim))
+        }
+        None => (None, None),
     };
     let mut said = Vec::new();
     if let Some((field, fp)) = &client {
@@ -487,7 +520,7 @@ pub fn update(
     let target = reload_target(reload, &config.path)?;
     let owned = name.to_owned();
     let change = change.clone();
-    let written = edit(&config, &path, move |list| {
+    let written = edit(&config, &path, claim.as_ref(), move |list| {
         apply_change(find_entity(list, &owned)?, client, &change, rate);
         Ok(())
     })?;
@@ -539,7 +572,7 @@ pub fn set_status(
     let path = entities_path(&config)?;
     let target = reload_target(reload, &config.path)?;
     let owned = name.to_owned();
-    let written = edit(&config, &path, move |list| {
+    let written = edit(&config, &path, None, move |list| {
         let t = find_entity(list, &owned)?;
         if suspended {
             t["status"] = value("suspended");
@@ -570,12 +603,12 @@ pub fn suspend_all(config_path: &Path, reload: &Reload) -> Result<Report> {
         .filter(|e| !file_names.contains(&e.name) && e.status == EntityStatus::Active)
         .map(|e| e.name.as_str())
         .collect();
-    let to_suspend: Vec<String> = config
+    // What was so before the lock spares the write, the reload and the
+    // search for svsd; which entities to suspend is decided under the lock.
+    let any_active = config
         .entities
         .iter()
-        .filter(|e| file_names.contains(&e.name) && e.status == EntityStatus::Active)
-        .map(|e| e.name.clone())
-        .collect();
+        .any(|e| file_names.contains(&e.name) && e.status == EntityStatus::Active);
     let inline_note = if inline.is_empty() {
         String::new()
     } else {
@@ -585,7 +618,7 @@ pub fn suspend_all(config_path: &Path, reload: &Reload) -> Result<Report> {
             inline.join(", ")
         )
     };
-    if to_suspend.is_empty() {
+    if !any_active {
         let already = if file_names.is_empty() {
             "the entities file has no entities"
         } else {
@@ -597,23 +630,39 @@ pub fn suspend_all(config_path: &Path, reload: &Reload) -> Result<Report> {
         });
     }
     let target = reload_target(reload, &config.path)?;
-    let names = to_suspend.clone();
-    let written = edit(&config, &path, move |list| {
+    // Chosen again under the lock, from the file as it is then: an entity
+    // another officer added or resumed while this run waited for the lock
+    // would otherwise stay active (still signing, in the emergency this
+    // command is for) while the command said everything was suspended.
+    let mut suspended = Vec::new();
+    let written = edit(&config, &path, None, |list| {
         for t in list.iter_mut() {
-            if entity_name(t).is_some_and(|n| names.iter().any(|s| s == n)) {
-                t["status"] = value("suspended");
+            let Some(name) = entity_name(t).map(str::to_owned) else {
+                continue;
+            };
+            if t.get("status").and_then(toml_edit::Item::as_str) != Some("suspended") {
+                set_in_place(t, "status", "suspended".into());
+                suspended.push(name);
             }
         }
         Ok(())
     })?;
+    if written.is_none() {
+        return Ok(Report {
+            text: format!(
+                "every entity in the entities file is already suspended; nothing was changed\n{inline_note}"
+            ),
+            json: json!({"suspended": [], "changed": false, "inline": inline, "reload": null}),
+        });
+    }
     let outcome = do_reload(&target, &config, &written)?;
     Ok(Report {
         text: format!(
             "suspended: {}\n{inline_note}{}",
-            to_suspend.join(", "),
+            suspended.join(", "),
             outcome.text
         ),
-        json: json!({"suspended": to_suspend, "changed": true, "inline": inline, "reload": outcome.json}),
+        json: json!({"suspended": suspended, "changed": true, "inline": inline, "reload": outcome.json}),
     })
 }
 
@@ -635,7 +684,7 @@ pub fn remove(config_path: &Path, name: &str, yes: bool, reload: &Reload) -> Res
         )?;
     }
     let owned = name.to_owned();
-    let written = edit(&config, &path, move |list| {
+    let written = edit(&config, &path, None, move |list| {
         find_entity(list, &owned)?;
         list.retain(|t| entity_name(t) != Some(owned.as_str()));
         Ok(())
@@ -746,6 +795,7 @@ fn edited(
 fn edit(
     config: &Config,
     path: &Path,
+    claim: Option<&Claim>,
     change: impl FnOnce(&mut toml_edit::ArrayOfTables) -> Result<()>,
 ) -> Result<Option<Written>> {
     let io = |what: &str, e: std::io::Error| {
@@ -779,8 +829,11 @@ fn edit(
     let text = std::fs::read_to_string(path).map_err(|e| io("cannot read", e))?;
     let before: Vec<EntityConfig> = load_entities_file(path, &config.keys).unwrap_or_default();
     let body = edited(&text, path, change)?;
-    // Nothing to write, and nothing for svsd to reload.
-    if body == text {
+    // Nothing to write, and nothing for svsd to reload. Compared with the
+    // file as an edit that changes nothing renders it too: rendering puts
+    // the header on a file that has none, and that alone must not write
+    // the file and reload svsd.
+    if body == text || body == edited(&text, path, |_| Ok(()))? {
         return Ok(None);
     }
 
@@ -797,7 +850,7 @@ fn edit(
             "the edited entities file would be refused by svsd, so it was not written: {e}"
         ))
     })?;
-    cross_check(config, &before, &after)?;
+    cross_check(config, &before, &after, claim)?;
 
     tmp.commit().map_err(|e| io("cannot replace", e))?;
     Ok(Some(Written {
@@ -832,8 +885,17 @@ fn sha256_hex(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))
 }
 
-/// The checks svsd makes across inline entities and the file's.
-fn cross_check(config: &Config, before: &[EntityConfig], after: &[EntityConfig]) -> Result<()> {
+/// The checks svsd makes across inline entities and the file's, and
+/// `claim`'s check against the entities as svsd would have them: made
+/// again here, under the lock, since the entities read before it may have
+/// changed since (another officer's `entity add` of the same certificate,
+/// matched another way, passed the identical-field check below).
+fn cross_check(
+    config: &Config,
+    before: &[EntityConfig],
+    after: &[EntityConfig],
+    claim: Option<&Claim>,
+) -> Result<()> {
     let from_file: BTreeSet<&str> = before.iter().map(|e| e.name.as_str()).collect();
     let inline = config
         .entities
@@ -854,6 +916,16 @@ fn cross_check(config: &Config, before: &[EntityConfig], after: &[EntityConfig])
                 e.name
             )));
         }
+    }
+    if let Some(claim) = claim {
+        let all: Vec<EntityConfig> = config
+            .entities
+            .iter()
+            .filter(|e| !from_file.contains(e.name.as_str()))
+            .chain(after)
+            .cloned()
+            .collect();
+        claim.check_against(&all)?;
     }
     Ok(())
 }
@@ -1305,6 +1377,238 @@ per_second = 50.0
             doc.to_string(),
             "[[entity]]\nname = \"b\"\nrate = { per_second = 2.0, burst = 5 }\nspki_sha256 = \"22\"\n"
         );
+    }
+
+    /// An svsd configuration in a temporary directory: a client CA, key
+    /// `demo` exposed, an entities file of `entities`.
+    struct Fixture {
+        dir: tempfile::TempDir,
+        config: PathBuf,
+        ca: svs_appliance::tls::devpki::DevCa,
+    }
+
+    impl Fixture {
+        fn new(entities: &str) -> Fixture {
+            use svs_appliance::tls::devpki::{DevCa, save_issued};
+            let dir = tempfile::tempdir().unwrap();
+            let ca = DevCa::generate("Test CA").unwrap();
+            ca.save(dir.path()).unwrap();
+            save_issued(dir.path(), "server", &ca.server(&["localhost"]).unwrap()).unwrap();
+            std::fs::create_dir(dir.path().join("audit")).unwrap();
+            std::fs::write(dir.path().join("pin"), "123456\n").unwrap();
+            std::fs::write(dir.path().join("entities.toml"), entities).unwrap();
+            let config = dir.path().join("svsd.toml");
+            std::fs::write(
+                &config,
+                format!(
+                    "entities_file = \"entities.toml\"\n\
+                     [server]\nlisten = [\"127.0.0.1:1\"]\n\
+                     [tls]\ncertificate = \"server.pem\"\nprivate_key = \"server-key.pem\"\nclient_ca = \"ca.pem\"\n\
+                     [hsm]\nmodule = \"embedded\"\ntoken_label = \"t\"\npin = {{ file = \"{}\" }}\n\
+                     [keys]\ndemo = {{ object = \"demo\" }}\n\
+                     [audit]\ndir = \"audit\"\ncheckpoint_interval_s = 0\n",
+                    dir.path().join("pin").display()
+                ),
+            )
+            .unwrap();
+            Fixture { dir, config, ca }
+        }
+
+        fn entities(&self) -> PathBuf {
+            self.dir.path().join("entities.toml")
+        }
+
+        /// A client certificate with common name `cn`, on disk, and what
+        /// svsd would see of it.
+        fn client(&self, cn: &str) -> (PathBuf, svs_appliance::policy::ClientIdentity) {
+            let issued = self.ca.client(cn).unwrap();
+            let (cert, _) =
+                svs_appliance::tls::devpki::save_issued(self.dir.path(), cn, &issued).unwrap();
+            let identity =
+                svs_appliance::policy::ClientIdentity::from_der(&issued.cert_der).unwrap();
+            (cert, identity)
+        }
+    }
+
+    /// An `[[entity]]` table for `name`, recognised by a made-up public
+    /// key `digit` repeated (each entity needs its own).
+    fn entity_toml(name: &str, digit: char, status: &str) -> String {
+        format!(
+            "[[entity]]\nname = \"{name}\"\n{status}spki_sha256 = \"{}\"\nkeys = [\"demo\"]\noperations = [\"sign\"]\n",
+            digit.to_string().repeat(64)
+        )
+    }
+
+    /// Whether some process or thread waits for a lock on `lock`, as
+    /// /proc/locks tells (a waiter's line has `->`; files are named by
+    /// device and inode).
+    fn someone_waits_for(lock: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let ino = std::fs::metadata(lock).unwrap().ino().to_string();
+        std::fs::read_to_string("/proc/locks")
+            .unwrap()
+            .lines()
+            .any(|l| {
+                l.contains("->")
+                    && l.split_whitespace().any(|f| {
+                        f.matches(':').count() == 2 && f.rsplit(':').next() == Some(ino.as_str())
+                    })
+            })
+    }
+
+    /// Runs `command` while this test holds the entities file's lock;
+    /// once `command` waits for it, `meanwhile` (another officer's edit)
+    /// runs, then the lock is released.
+    fn racing<T: Send + 'static>(
+        f: &Fixture,
+        command: impl FnOnce() -> T + Send + 'static,
+        meanwhile: impl FnOnce(),
+    ) -> T {
+        let lock_path = f.dir.path().join(".entities.toml.lock");
+        let lock = File::create(&lock_path).unwrap();
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).unwrap();
+        let run = std::thread::spawn(command);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !someone_waits_for(&lock_path) {
+            assert!(!run.is_finished(), "the command did not wait for the lock");
+            assert!(Instant::now() < deadline, "the command never took the lock");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        meanwhile();
+        drop(lock);
+        run.join().unwrap()
+    }
+
+    #[test]
+    fn suspend_all_suspends_the_entities_written_while_it_waited_for_the_lock() {
+        let f = Fixture::new(&entity_toml("a", '1', ""));
+        let config = f.config.clone();
+        let r = racing(
+            &f,
+            move || suspend_all(&config, &Reload::No),
+            || {
+                // Another officer's `entity add b` and `entity resume c`.
+                let text = [
+                    entity_toml("a", '1', ""),
+                    entity_toml("b", '2', ""),
+                    entity_toml("c", '3', "status = \"active\"\n"),
+                ]
+                .join("\n");
+                std::fs::write(f.entities(), text).unwrap();
+            },
+        )
+        .unwrap();
+        let config = load_config(&f.config).unwrap();
+        let states: Vec<_> = config
+            .entities
+            .iter()
+            .map(|e| (e.name.as_str(), e.status))
+            .collect();
+        assert_eq!(
+            states,
+            [
+                ("a", EntityStatus::Suspended),
+                ("b", EntityStatus::Suspended),
+                ("c", EntityStatus::Suspended)
+            ]
+        );
+        assert_eq!(r.json["suspended"], json!(["a", "b", "c"]), "{}", r.text);
+        assert!(r.text.starts_with("suspended: a, b, c\n"), "{}", r.text);
+        // Once all are, nothing is written.
+        let before = std::fs::read_to_string(f.entities()).unwrap();
+        let r = suspend_all(&f.config, &Reload::No).unwrap();
+        assert_eq!(r.json["changed"], false);
+        assert_eq!(std::fs::read_to_string(f.entities()).unwrap(), before);
+    }
+
+    #[test]
+    fn a_certificate_another_officer_gave_another_entity_meanwhile_is_refused_under_the_lock() {
+        let f = Fixture::new(&entity_toml("a", '1', ""));
+        let (cert, id) = f.client("app-x");
+        // `entity add c` of the same certificate, matched by its hash, is
+        // written while `entity add b` (by its key) waits for the lock.
+        let theirs = format!(
+            "{}\n[[entity]]\nname = \"c\"\ncertificate_sha256 = \"{}\"\nkeys = [\"demo\"]\noperations = [\"sign\"]\n",
+            entity_toml("a", '1', ""),
+            hex(&id.certificate_sha256)
+        );
+        let new = NewEntity {
+            name: "b".into(),
+            cert: cert.clone(),
+            match_certificate: false,
+            keys: vec!["demo".into()],
+            ops: vec!["sign".into()],
+            rate: None,
+            burst: None,
+            max_concurrent: None,
+            suspended: false,
+        };
+        let config = f.config.clone();
+        let e = racing(
+            &f,
+            move || add(&config, &new, &Reload::No),
+            || std::fs::write(f.entities(), &theirs).unwrap(),
+        )
+        .expect_err("two entities would match one certificate");
+        assert_eq!(e.exit_code(), 4, "{e}");
+        assert!(
+            e.to_string()
+                .contains("already recognises this certificate as entity \"c\""),
+            "{e}"
+        );
+        assert_eq!(std::fs::read_to_string(f.entities()).unwrap(), theirs);
+
+        // The same for `entity update --cert`, the other matching by key.
+        let theirs = format!(
+            "{}\n[[entity]]\nname = \"d\"\nspki_sha256 = \"{}\"\nkeys = [\"demo\"]\noperations = [\"sign\"]\n",
+            entity_toml("a", '1', ""),
+            hex(&id.spki_sha256)
+        );
+        std::fs::write(f.entities(), entity_toml("a", '1', "")).unwrap();
+        let config = f.config.clone();
+        let change = EntityChange {
+            cert: Some((cert, true)),
+            ..EntityChange::default()
+        };
+        let e = racing(
+            &f,
+            move || update(&config, "a", &change, &Reload::No),
+            || std::fs::write(f.entities(), &theirs).unwrap(),
+        )
+        .expect_err("two entities would match one certificate");
+        assert!(
+            e.to_string()
+                .contains("already recognises this certificate as entity \"d\""),
+            "{e}"
+        );
+        assert_eq!(std::fs::read_to_string(f.entities()).unwrap(), theirs);
+    }
+
+    #[test]
+    fn an_update_that_changes_nothing_writes_nothing_in_a_file_without_header() {
+        let text = "[[entity]]\nname = \"a\"\nspki_sha256 = \"0000000000000000000000000000000000000000000000000000000000000000\"\nkeys = [\"demo\"]\noperations = [\"sign\"]\n";
+        let f = Fixture::new(text);
+        let change = EntityChange {
+            keys: Some(vec!["demo".into()]),
+            ..EntityChange::default()
+        };
+        let r = update(&f.config, "a", &change, &Reload::No).unwrap();
+        assert!(r.text.contains("nothing was changed"), "{}", r.text);
+        assert_eq!(r.json["changed"], false);
+        assert_eq!(std::fs::read_to_string(f.entities()).unwrap(), text);
+        let r = set_status(&f.config, "a", false, &Reload::No).unwrap();
+        assert_eq!(r.json["changed"], false);
+        assert_eq!(std::fs::read_to_string(f.entities()).unwrap(), text);
+        // A real change may still give it the header.
+        let change = EntityChange {
+            ops: Some(vec!["sign".into(), "verify".into()]),
+            ..EntityChange::default()
+        };
+        let r = update(&f.config, "a", &change, &Reload::No).unwrap();
+        assert_eq!(r.json["changed"], true);
+        let now = std::fs::read_to_string(f.entities()).unwrap();
+        assert!(now.starts_with(HEADER), "{now}");
+        assert!(now.contains("operations = [\"sign\", \"verify\"]"), "{now}");
     }
 
     #[test]

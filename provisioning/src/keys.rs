@@ -322,6 +322,9 @@ fn check_label(label: &str) -> Result<()> {
 pub fn generate(opened: &Opened, pins: &mut PinReader, label: &str) -> Result<Report> {
     check_label(label)?;
     let session = opened.user_session(pins)?;
+    // Not before the PIN (an officer at its prompt would hold up every
+    // other run), but before the check that the label is free.
+    let _changing = crate::token::lock_changes()?;
     let existing = discover(&session, &opened.profile)?;
     if existing.iter().any(|k| k.label == label) {
         return Err(ProvisionError::AlreadyExists(format!(
@@ -482,9 +485,20 @@ pub fn delete(
             label,
         )?;
     }
+    // Not before the confirmation (an officer at its prompt would hold up
+    // every other run). Then by id: exactly the key confirmed, unless
+    // another run deleted it meanwhile.
+    let _changing = crate::token::lock_changes()?;
     let handles = session
         .find_objects(&[Attribute::Id(key.id.clone())])
         .map_err(ck("searching the key's objects"))?;
+    if handles.is_empty() {
+        return Err(ProvisionError::NotFound(format!(
+            "key '{label}' (id {}) is no longer on token '{}': another run deleted it meanwhile; nothing was deleted",
+            hex(&key.id),
+            opened.label
+        )));
+    }
     let mut deleted = 0;
     for h in handles {
         session

@@ -6,7 +6,6 @@
 //! one-shot sessions are done here directly on cryptoki, with svs-hsm's
 //! module loader so that module handling is the same in both programs.
 
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use cryptoki::context::Pkcs11;
@@ -83,55 +82,6 @@ impl Target {
         }
     }
 
-    /// Serialises svs-provision's check-then-create steps (is the label
-    /// taken? then create) among its processes on this host: PKCS#11 has
-    /// no "create unless the label is taken", and two officers, or a
-    /// script run twice, generating one label at once both passed the
-    /// check and left two keys under it (seen on SoftHSMv2), of which svsd
-    /// serves only one by that name. One lock for the whole host, not per
-    /// module or token: the same token is reached by several routes (the
-    /// built-in soft token or its .so, a configuration path, relative or
-    /// through a link), which a lock keyed on the route did not serialise;
-    /// the changes are few and short, so waiting for an unrelated one
-    /// costs little. Processes on other hosts sharing a network HSM are not
-    /// covered (docs/operations.md: provision from one place).
-    pub fn lock_changes(&self) -> Result<ChangeLock> {
-        let name = "svs-provision.lock";
-        // /run/lock is the FHS place (tmpfs, sticky, writable by all).
-        let dir = Path::new("/run/lock");
-        let path = if dir.is_dir() {
-            dir.join(name)
-        } else {
-            std::env::temp_dir().join(name)
-        };
-        let cannot = |e: std::io::Error| {
-            ProvisionError::Io(format!(
-                "cannot take the lock {} that keeps two svs-provision runs from changing tokens at once: {e}",
-                path.display()
-            ))
-        };
-        // flock needs no write access: a lock file another user created
-        // (root's, 0644) is opened read-only.
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o644)
-            .open(&path)
-            .or_else(|_| std::fs::File::open(&path))
-            .map_err(cannot)?;
-        use rustix::fs::{FlockOperation, flock};
-        if flock(&file, FlockOperation::NonBlockingLockExclusive).is_err() {
-            // The other run may be waiting for its officer's confirmation.
-            crate::progress(
-                "waiting for another svs-provision run that is changing a token (it may be waiting for its officer)…",
-            );
-            flock(&file, FlockOperation::LockExclusive).map_err(|e| cannot(e.into()))?;
-        }
-        Ok(ChangeLock(file))
-    }
-
     /// Loads (once per process) and initialises the module.
     pub fn load(&self) -> Result<Pkcs11> {
         if let (ModuleSource::Embedded, Some(conf)) = (&self.module, &self.embedded_config) {
@@ -147,6 +97,106 @@ impl Target {
             other => other.into(),
         })
     }
+}
+
+/// Serialises svs-provision's check-then-create steps (is the label
+/// taken? then create) among its processes on this host: PKCS#11 has no
+/// "create unless the label is taken", and two officers, or a script run
+/// twice, generating one label at once both passed the check and left two
+/// keys under it (seen on SoftHSMv2), of which svsd serves only one by that
+/// name. One lock for the whole host, not per module or token: the same
+/// token is reached by several routes (the built-in soft token or its .so,
+/// a configuration path, relative or through a link), which a lock keyed on
+/// the route did not serialise; the changes are few and short, so waiting
+/// for an unrelated one costs little. Processes on other hosts sharing a
+/// network HSM are not covered (docs/operations.md: provision from one
+/// place).
+///
+/// Taken by each command that changes a token (`token init`, `pin init`
+/// and `pin change`, `key generate` and `key delete`, `cert import`,
+/// `audit anchor --reset`) once it has every PIN and confirmation it needs
+/// and just before it looks at the token to change it: held across a
+/// prompt, one officer at a prompt held up every other run on the host,
+/// scripted ones included, for as long as he took.
+pub fn lock_changes() -> Result<ChangeLock> {
+    let euid = rustix::process::geteuid().as_raw();
+    lock_at(&lock_path(euid), euid)
+}
+
+/// The change lock's file for a process of effective user `euid`.
+///
+/// Root's is in /run, which only root may write: in the world-writable
+/// /run/lock any local user could create the file first, or open it and
+/// hold its flock, and so stop every provisioning run (a file there that
+/// is not root's would only turn the hang into a refusal). Other users
+/// (tests, a module driven from an unprivileged account) get a file of
+/// their own in /run/lock, or the temporary directory, which [`lock_at`]
+/// checks is theirs; their runs are not serialised with root's, whose
+/// token files they cannot change anyway.
+pub fn lock_path(euid: u32) -> PathBuf {
+    let run = Path::new("/run");
+    if euid == 0 && run.is_dir() {
+        return run.join("svs-provision.lock");
+    }
+    let dir = Path::new("/run/lock");
+    let dir = if dir.is_dir() {
+        dir.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    };
+    dir.join(format!("svs-provision-{euid}.lock"))
+}
+
+/// Takes the change lock on `path` for a process of effective user
+/// `euid`, waiting for the run that holds it.
+pub fn lock_at(path: &Path, euid: u32) -> Result<ChangeLock> {
+    use rustix::fs::{FileType, FlockOperation, Mode, OFlags, flock};
+    let cannot = |why: String| {
+        ProvisionError::Io(format!(
+            "cannot take the lock {} that keeps two svs-provision runs from changing tokens at once: {why}",
+            path.display()
+        ))
+    };
+    // Not followed: a link planted there would have us create or lock a
+    // file of its maker's choosing.
+    let fd = rustix::fs::open(
+        path,
+        OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    )
+    .map_err(|e| match e {
+        rustix::io::Errno::LOOP => cannot(format!(
+            "it is a symbolic link; nothing was changed. Remove it (`rm {}`) and run again",
+            crate::cli::shell_word(&path.to_string_lossy())
+        )),
+        e => cannot(format!("{e}; nothing was changed")),
+    })?;
+    let st = rustix::fs::fstat(&fd).map_err(|e| cannot(format!("{e}; nothing was changed")))?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile || st.st_uid != euid {
+        // Whoever made it could hold its flock for ever (or, for a
+        // device or pipe, worse): a refusal names it, a wait would not.
+        return Err(cannot(format!(
+            "it is not a regular file of user {euid} (its owner is user {}); nothing was changed. Remove it (`rm {}`) and run again",
+            st.st_uid,
+            crate::cli::shell_word(&path.to_string_lossy())
+        )));
+    }
+    // One made by an older version (0644) could be opened, and so locked,
+    // by any user.
+    if st.st_mode & 0o077 != 0 {
+        rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o600))
+            .map_err(|e| cannot(format!("{e}; nothing was changed")))?;
+    }
+    let file = std::fs::File::from(fd);
+    if flock(&file, FlockOperation::NonBlockingLockExclusive).is_err() {
+        // Otherwise a wait looks like a hang.
+        crate::progress(
+            "waiting for another svs-provision run that is changing a token (it may be waiting for its officer)…",
+        );
+        flock(&file, FlockOperation::LockExclusive)
+            .map_err(|e| cannot(format!("{e}; nothing was changed")))?;
+    }
+    Ok(ChangeLock(file))
 }
 
 /// Every slot with a token, with what the token says about itself.
@@ -513,31 +563,17 @@ fn missing_mechanisms(pkcs11: &Pkcs11, slot: Slot, p: &VendorProfile) -> Vec<Str
     out
 }
 
-/// `token init`: gives an empty token (or, with `reinit`, an existing one
-/// whose SO PIN is known, losing every object) a label and an SO PIN.
-pub fn init(
+/// The slot `token init` is to initialise, after checking that `label`
+/// stays unique and that an initialised token is only wiped with
+/// `reinit`.
+fn choose_for_init(
+    pkcs11: &Pkcs11,
     target: &Target,
     label: &str,
     slot_id: Option<u64>,
     reinit: bool,
-    yes: bool,
-    pins: &mut PinReader,
-) -> Result<Report> {
-    if label.is_empty() || label.len() > 32 {
-        return Err(ProvisionError::Usage(
-            "a token label must be 1 to 32 bytes long (PKCS#11 pads it to 32)".into(),
-        ));
-    }
-    // PKCS#11 pads labels with spaces: "svs " would read back as "svs",
-    // pass the uniqueness check below and make `--token svs` ambiguous.
-    if label.ends_with(' ') {
-        return Err(ProvisionError::Usage(format!(
-            "a token label must not end in a space ('{label}'): PKCS#11 pads labels with spaces, so it could not be told from '{}'",
-            label.trim_end()
-        )));
-    }
-    let pkcs11 = target.load()?;
-    let all = tokens(&pkcs11)?;
+) -> Result<(Slot, TokenInfo)> {
+    let all = tokens(pkcs11)?;
     let labelled: Vec<u64> = all
         .iter()
         .filter(|(_, i)| i.token_initialized() && i.label().trim_end() == label)
@@ -590,24 +626,50 @@ pub fn init(
             })?,
     };
     let (slot, info) = chosen;
-    if info.token_initialized() {
-        if !reinit {
-            return Err(ProvisionError::AlreadyExists(format!(
-                "slot {} already holds token '{}'; re-initialising it destroys every key on it. If that is really wanted, add --reinit (the current SO PIN is needed)",
-                slot.id(),
-                info.label().trim_end()
-            )));
-        }
-        if !yes {
-            crate::pin::confirm(
-                &format!(
-                    "Re-initialising token '{}' in slot {} DESTROYS EVERY KEY AND CERTIFICATE ON IT.",
-                    info.label().trim_end(),
-                    slot.id()
-                ),
+    if info.token_initialized() && !reinit {
+        return Err(ProvisionError::AlreadyExists(format!(
+            "slot {} already holds token '{}'; re-initialising it destroys every key on it. If that is really wanted, add --reinit (the current SO PIN is needed)",
+            slot.id(),
+            info.label().trim_end()
+        )));
+    }
+    Ok((*slot, info.clone()))
+}
+
+/// `token init`: gives an empty token (or, with `reinit`, an existing one
+/// whose SO PIN is known, losing every object) a label and an SO PIN.
+pub fn init(
+    target: &Target,
+    label: &str,
+    slot_id: Option<u64>,
+    reinit: bool,
+    yes: bool,
+    pins: &mut PinReader,
+) -> Result<Report> {
+    if label.is_empty() || label.len() > 32 {
+        return Err(ProvisionError::Usage(
+            "a token label must be 1 to 32 bytes long (PKCS#11 pads it to 32)".into(),
+        ));
+    }
+    // PKCS#11 pads labels with spaces: "svs " would read back as "svs",
+    // pass the uniqueness check below and make `--token svs` ambiguous.
+    if label.ends_with(' ') {
+        return Err(ProvisionError::Usage(format!(
+            "a token label must not end in a space ('{label}'): PKCS#11 pads labels with spaces, so it could not be told from '{}'",
+            label.trim_end()
+        )));
+    }
+    let pkcs11 = target.load()?;
+    let (slot, info) = choose_for_init(&pkcs11, target, label, slot_id, reinit)?;
+    if info.token_initialized() && !yes {
+        crate::pin::confirm(
+            &format!(
+                "Re-initialising token '{}' in slot {} DESTROYS EVERY KEY AND CERTIFICATE ON IT.",
                 info.label().trim_end(),
-            )?;
-        }
+                slot.id()
+            ),
+            info.label().trim_end(),
+        )?;
     }
     let so_pin = if info.token_initialized() {
         // C_InitToken of an initialised token checks the current SO PIN and
@@ -616,16 +678,29 @@ pub fn init(
     } else {
         pins.new_pin(Role::So, true, info.min_pin_length(), info.max_pin_length())?
     };
+    let _changing = lock_changes()?;
+    // Chosen again under the lock: while this run waited for its officer
+    // (or for the lock), another may have initialised or labelled a token.
+    let (again, now) = choose_for_init(&pkcs11, target, label, slot_id, reinit)?;
+    if again.id() != slot.id()
+        || now.token_initialized() != info.token_initialized()
+        || now.label() != info.label()
+    {
+        return Err(ProvisionError::Cancelled(format!(
+            "the tokens changed while this run waited (another run initialised one): slot {} is no longer what was chosen; nothing was changed. Run the command again",
+            slot.id()
+        )));
+    }
     crate::progress(&format!(
         "initialising token '{label}' in slot {}…",
         slot.id()
     ));
     pkcs11
-        .init_token(*slot, &AuthPin::new(so_pin.as_str().into()), label)
+        .init_token(slot, &AuthPin::new(so_pin.as_str().into()), label)
         .map_err(|e| {
             pin_refused(
                 &pkcs11,
-                *slot,
+                slot,
                 e,
                 &format!("initialising slot {}", slot.id()),
                 Role::So,
@@ -658,6 +733,8 @@ pub fn pin_init(target: &Target, pins: &mut PinReader) -> Result<Report> {
         info.max_pin_length(),
     );
     let result = new.and_then(|new| {
+        // Only now: both PINs were asked for without it.
+        let _changing = lock_changes()?;
         session
             .init_pin(&AuthPin::new(new.as_str().into()))
             .map_err(|e| ProvisionError::pkcs11(e, "setting the user PIN", "user"))
@@ -684,6 +761,8 @@ pub fn pin_change(target: &Target, so: bool, pins: &mut PinReader) -> Result<Rep
     let result = pins
         .new_pin(role, false, info.min_pin_length(), info.max_pin_length())
         .and_then(|new| {
+            // Only now: both PINs were asked for without it.
+            let _changing = lock_changes()?;
             session
                 .set_pin(
                     &AuthPin::new(old.as_str().into()),
@@ -703,4 +782,76 @@ pub fn pin_change(target: &Target, so: bool, pins: &mut PinReader) -> Result<Rep
         text: format!("{} PIN of token '{label}' changed\n", role.name()),
         json: json!({"token": label, "changed": role.name()}),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    #[test]
+    fn the_change_lock_is_a_private_regular_file_of_the_user_running() {
+        let dir = tempfile::tempdir().unwrap();
+        let euid = rustix::process::geteuid().as_raw();
+        let path = dir.path().join("svs-provision.lock");
+        let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().mode() & 0o7777;
+
+        let held = lock_at(&path, euid).unwrap();
+        assert!(std::fs::symlink_metadata(&path).unwrap().is_file());
+        assert_eq!(mode(&path), 0o600);
+        let other = std::fs::File::open(&path).unwrap();
+        assert!(
+            rustix::fs::flock(&other, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+                .is_err(),
+            "the lock is not held"
+        );
+        drop(held);
+
+        // Made by someone else (here: as if the user running were another):
+        // whoever made it could hold it for ever, so it is refused by name.
+        let e = lock_at(&path, euid.wrapping_add(1)).unwrap_err();
+        assert_eq!(e.exit_code(), 12, "{e}");
+        let e = e.to_string();
+        assert!(e.contains(path.to_str().unwrap()), "{e}");
+        assert!(e.contains(&format!("its owner is user {euid}")), "{e}");
+
+        // One an older version left readable by all is made private.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        drop(lock_at(&path, euid).unwrap());
+        assert_eq!(mode(&path), 0o600);
+
+        // A link is not followed; a directory or a pipe is no lock file.
+        let link = dir.path().join("link.lock");
+        std::os::unix::fs::symlink(dir.path().join("elsewhere"), &link).unwrap();
+        let e = lock_at(&link, euid).unwrap_err().to_string();
+        assert!(
+            e.contains("symbolic link") && e.contains("link.lock"),
+            "{e}"
+        );
+        assert!(!dir.path().join("elsewhere").exists());
+        let sub = dir.path().join("dir.lock");
+        std::fs::create_dir(&sub).unwrap();
+        assert!(lock_at(&sub, euid).is_err());
+        let fifo = dir.path().join("fifo.lock");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        let e = lock_at(&fifo, euid).unwrap_err().to_string();
+        assert!(
+            e.contains("not a regular file") && e.contains("fifo.lock"),
+            "{e}"
+        );
+
+        // Root's is where only root can make files; another user's is
+        // named by its uid.
+        if Path::new("/run").is_dir() {
+            assert_eq!(lock_path(0), Path::new("/run/svs-provision.lock"));
+        }
+        assert!(lock_path(1000).ends_with("svs-provision-1000.lock"));
+    }
 }

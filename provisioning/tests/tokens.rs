@@ -676,3 +676,125 @@ fn enrollment_steps_on_softhsm_with_ecdsa_p256() {
     assert_eq!(left.len(), 1, "{keys}");
     assert_ne!(left[0]["id"], "0badc0de", "{keys}");
 }
+
+/// Whether process `pid` waits for a file lock, as /proc/locks tells (a
+/// waiter's line has `->`).
+fn waits_for_a_lock(pid: u32) -> bool {
+    let pid = pid.to_string();
+    std::fs::read_to_string("/proc/locks")
+        .unwrap()
+        .lines()
+        .any(|l| l.contains("->") && l.split_whitespace().any(|f| f == pid))
+}
+
+/// Waits up to `secs` for `child` to end; kills it and panics otherwise.
+fn ends_within(child: &mut std::process::Child, secs: u64, what: &str) -> Run {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what}: still running after {secs}s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    use std::io::Read;
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    Run {
+        code: child.wait().unwrap().code().unwrap_or(-1),
+        stdout,
+        stderr,
+    }
+}
+
+#[test]
+fn no_run_waits_for_its_pin_or_confirmation_while_holding_the_change_lock() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let tmp = tempfile::tempdir().unwrap();
+    let conf = tmp.path().join("softtoken.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "store_dir = \"{}\"\nslots = 1\nkdf_iterations = 1000\n",
+            tmp.path().join("store").display()
+        ),
+    )
+    .unwrap();
+    let conf = conf.to_str().unwrap().to_owned();
+    let env = [("SVS_SOFTTOKEN_CONF", conf.as_str())];
+    let p = |args: &[&str], stdin: &str| prov(args, &env, stdin);
+    p(&["token", "init", "--label", "t"], "so-pin-0001\n").ok();
+    p(&["pin", "init"], "so-pin-0001\nuser-pin-0001\n").ok();
+    p(&["key", "generate", "--label", "a"], "user-pin-0001\n").ok();
+    let spawn = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_svs-provision"))
+            .args(args)
+            .env("SVS_SOFTTOKEN_CONF", &conf)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+
+    // Another run holds the lock (this test, standing in for an officer's
+    // run that is changing a token).
+    let held = svs_provision::token::lock_changes().unwrap();
+
+    // A confirmation that cannot be asked is refused at once, not after
+    // the lock: it was asked before the lock is taken.
+    let mut delete = spawn(&["key", "delete", "--label", "a"]);
+    delete
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"user-pin-0001\n")
+        .unwrap();
+    ends_within(&mut delete, 60, "key delete without a terminal")
+        .fails(13, "cannot ask for confirmation");
+
+    // A run waiting for its PIN does not hold or wait for the lock; given
+    // the PIN, it waits for the lock, and goes on once it is free.
+    let mut generate = spawn(&["--json", "key", "generate", "--label", "b"]);
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while std::time::Instant::now() < until {
+        assert!(
+            !waits_for_a_lock(generate.id()),
+            "key generate waits for the lock before its PIN was given"
+        );
+        assert!(generate.try_wait().unwrap().is_none());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let mut stdin = generate.stdin.take().unwrap();
+    stdin.write_all(b"user-pin-0001\n").unwrap();
+    drop(stdin);
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !waits_for_a_lock(generate.id()) {
+        assert!(
+            generate.try_wait().unwrap().is_none(),
+            "key generate did not wait for the lock"
+        );
+        assert!(
+            std::time::Instant::now() < until,
+            "never waited for the lock"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    drop(held);
+    let out = ends_within(&mut generate, 60, "key generate").ok().json();
+    assert_eq!(out["label"], "b");
+}
