@@ -190,9 +190,7 @@ pub fn lock_at(path: &Path, euid: u32) -> Result<ChangeLock> {
     let file = std::fs::File::from(fd);
     if flock(&file, FlockOperation::NonBlockingLockExclusive).is_err() {
         // Otherwise a wait looks like a hang.
-        crate::progress(
-            "waiting for another svs-provision run that is changing a token (it may be waiting for its officer)…",
-        );
+        crate::progress("waiting for another svs-provision run that is changing a token…");
         flock(&file, FlockOperation::LockExclusive)
             .map_err(|e| cannot(format!("{e}; nothing was changed")))?;
     }
