@@ -460,7 +460,11 @@ async fn take_or_bind(
 ) -> Result<Option<TcpListener>, SvsError> {
     match (want, slot.take()) {
         (Some(a), Some((was, l))) if a == was => Ok(Some(l)),
-        (Some(a), _) => Ok(server::bind(&[a]).await?.pop()),
+        (Some(a), old) => {
+            // Closed first: 0.0.0.0:P still open refuses 127.0.0.1:P.
+            drop(old);
+            Ok(server::bind(&[a]).await?.pop())
+        }
         (None, _) => Ok(None),
     }
 }
@@ -1282,6 +1286,27 @@ mod tests {
             log_directives(Some("info,h2=debug")),
             "info,h2=debug,cryptoki::mechanism=off"
         );
+    }
+
+    #[test]
+    fn a_side_listener_moved_to_an_overlapping_address_is_bound_again() {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async {
+                let wild: SocketAddr = "0.0.0.0:0".parse().unwrap();
+                let mut slot: SideSocket = None;
+                keep_bound(&mut slot, Some(wild)).await.unwrap();
+                let port = slot.as_ref().unwrap().1.local_addr().unwrap().port();
+                let wild = SocketAddr::from(([0, 0, 0, 0], port));
+                let local = SocketAddr::from(([127, 0, 0, 1], port));
+                slot = None;
+                keep_bound(&mut slot, Some(wild)).await.unwrap();
+                let l = take_or_bind(&mut slot, Some(local)).await.unwrap().unwrap();
+                assert_eq!(l.local_addr().unwrap(), local);
+                assert!(slot.is_none());
+            });
     }
 
     #[test]
