@@ -20,6 +20,15 @@ use std::time::{Duration, Instant};
 const SPIN_STEPS: u32 = 7;
 const YIELD_STEPS: u32 = 4;
 
+/// Emptied lanes kept with their deque, so that a lane that comes and goes
+/// does not allocate each time. Past this many lanes, an emptied one is
+/// dropped: svsd gives every entity a lane of its own, and entities
+/// removed or renamed by reloads would otherwise keep theirs for good.
+const IDLE_LANES_KEPT: usize = 64;
+/// Slots an emptied lane keeps; a burst that grew it further gives the rest
+/// back.
+const IDLE_LANE_SLOTS: usize = 64;
+
 /// Whose job it is, for taking turns. Numbers are the caller's; jobs of
 /// one lane keep their order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -50,8 +59,7 @@ pub(crate) enum PopError {
 }
 
 struct State<T> {
-    /// Every lane that has had a job; emptied lanes keep their (empty)
-    /// deque, so a lane that comes and goes does not allocate each time.
+    /// Lanes with jobs, and up to [`IDLE_LANES_KEPT`] emptied ones.
     lanes: HashMap<Lane, VecDeque<T>>,
     /// The lanes with jobs, in the order they are served next.
     turn: VecDeque<Lane>,
@@ -124,8 +132,14 @@ impl<T> FairQueue<T> {
         let lane = s.turn.pop_front()?;
         let queue = s.lanes.get_mut(&lane)?;
         let item = queue.pop_front()?;
-        if !queue.is_empty() {
+        let emptied = queue.is_empty();
+        if emptied {
+            queue.shrink_to(IDLE_LANE_SLOTS);
+        }
+        if !emptied {
             s.turn.push_back(lane);
+        } else if s.lanes.len() > IDLE_LANES_KEPT {
+            s.lanes.remove(&lane);
         }
         self.len.fetch_sub(1, Ordering::Relaxed);
         Some(item)
@@ -193,6 +207,21 @@ impl<T> FairQueue<T> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lanes_of_tenants_gone_do_not_stay() {
+        let q = FairQueue::new(64);
+        for lane in 1..=10_000 {
+            for i in 0..64 {
+                q.push(Lane(lane), i).unwrap();
+            }
+            while q.try_pop().is_some() {}
+        }
+        let s = q.lock();
+        assert!(s.lanes.len() <= IDLE_LANES_KEPT, "{}", s.lanes.len());
+        let slots: usize = s.lanes.values().map(VecDeque::capacity).sum();
+        assert!(slots <= IDLE_LANES_KEPT * IDLE_LANE_SLOTS, "{slots}");
+    }
 
     #[test]
     fn lanes_take_turns_and_each_keeps_its_order() {
