@@ -604,7 +604,12 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), SvsError> {
         // Logged once per reason: a retry every few seconds must not fill
         // the journal.
         if last_reason.as_ref() != Some(reason) {
-            tracing::warn!(%detail, "not ready: {reason}; waiting (retrying every {}s and on SIGHUP)", RETRY_MAX.as_secs());
+            tracing::warn!(
+                %detail,
+                "not ready: {reason}; waiting (retrying after {}s, twice as long each time up to every {}s, and at once on SIGHUP)",
+                RETRY_INITIAL.as_secs(),
+                RETRY_MAX.as_secs()
+            );
             let status = format!("not ready: {reason}");
             notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
             last_reason = Some(reason.clone());
