@@ -111,24 +111,14 @@ pub struct VerifyRequest {
 impl SignRequest {
     /// What is to be signed.
     pub fn input(&self) -> Result<Input, SvsError> {
-        Input::decode(
-            self.data.as_deref(),
-            self.digest.as_deref(),
-            self.id.as_deref(),
-            DEFAULT_SM2_ID,
-        )
+        Input::of_request(&self.data, &self.digest, &self.id)
     }
 }
 
 impl VerifyRequest {
     /// What was signed.
     pub fn input(&self) -> Result<Input, SvsError> {
-        Input::decode(
-            self.data.as_deref(),
-            self.digest.as_deref(),
-            self.id.as_deref(),
-            DEFAULT_SM2_ID,
-        )
+        Input::of_request(&self.data, &self.digest, &self.id)
     }
 }
 
@@ -423,6 +413,20 @@ pub enum Input {
 }
 
 impl Input {
+    /// A request's `data`/`digest`/`id`, with GM/T 0009's default ID.
+    fn of_request(
+        data: &Option<String>,
+        digest: &Option<String>,
+        id: &Option<String>,
+    ) -> Result<Input, SvsError> {
+        Input::decode(
+            data.as_deref(),
+            digest.as_deref(),
+            id.as_deref(),
+            DEFAULT_SM2_ID,
+        )
+    }
+
     /// Decodes `data`/`digest`/`id`.
     pub fn decode(
         data: Option<&str>,
