@@ -670,9 +670,39 @@ fn need_config(
     }
 }
 
-/// Runs a parsed command line. The commands that change a token take
-/// the host's change lock themselves ([`crate::token::lock_changes`]), once
-/// they have their PINs and confirmations.
+/// Whether `command` creates, changes or destroys token objects or PINs:
+/// those run one at a time on this host ([`crate::token::lock_changes`]).
+fn changes_tokens(command: &Command) -> bool {
+    match command {
+        Command::Token(TokenCmd::Init { .. })
+        | Command::Pin(_)
+        | Command::Key(KeyCmd::Generate { .. } | KeyCmd::Delete { .. })
+        | Command::Cert(CertCmd::Import { .. }) => true,
+        Command::Audit(AuditCmd::Anchor { reset, .. }) => *reset,
+        _ => false,
+    }
+}
+
+/// What `command` would ask the officer to confirm, when it cannot ask:
+/// no terminal, and no `--yes`. (`token init --reinit` first checks the
+/// labels on the token, whose refusals say more.)
+fn unconfirmable(command: &Command) -> Option<&'static str> {
+    if crate::pin::stdin_is_tty() {
+        return None;
+    }
+    match command {
+        Command::Key(KeyCmd::Delete { yes: false, .. }) => Some("deleting a key"),
+        _ => None,
+    }
+}
+
+/// Runs a parsed command line. A command that changes a token holds the
+/// host's change lock ([`crate::token::lock_changes`]) from before it
+/// opens the module: a run that only read the token while another wrote
+/// it saw it torn (SoftHSMv2 rewrites its files in place: the token was
+/// "not found"). The lock is given up while a prompt waits for the officer
+/// ([`crate::token::released_while`]), and each command's check-then-create
+/// step takes it again.
 pub fn run(cli: Cli) -> Result<Outcome> {
     let _ = SELECTING.set(Selecting::of(&cli));
     let config = cli
@@ -686,6 +716,18 @@ pub fn run(cli: Cli) -> Result<Outcome> {
         new: cli.new_pin_file.clone(),
     });
     let t = target(&cli, config.as_ref())?;
+    // A confirmation that cannot be asked is refused before the lock is
+    // waited for, rather than after.
+    if let Some(question) = unconfirmable(&cli.command) {
+        return Err(ProvisionError::Cancelled(format!(
+            "{question}: cannot ask for confirmation without a terminal; pass --yes to confirm. Nothing was changed"
+        )));
+    }
+    let _changing = if changes_tokens(&cli.command) {
+        Some(crate::token::lock_changes()?)
+    } else {
+        None
+    };
     match &cli.command {
         Command::Token(TokenCmd::Init {
             label,

@@ -261,6 +261,10 @@ impl Drop for EchoOff {
 }
 
 fn prompt_hidden(prompt: &str) -> Result<Zeroizing<String>> {
+    crate::token::released_while(|| prompt_hidden_now(prompt))?
+}
+
+fn prompt_hidden_now(prompt: &str) -> Result<Zeroizing<String>> {
     let io = |e: std::io::Error| ProvisionError::Io(format!("terminal: {e}"));
     let mut err = std::io::stderr().lock();
     write!(err, "{prompt}").map_err(io)?;
@@ -291,7 +295,7 @@ pub fn confirm(question: &str, expected: &str) -> Result<()> {
     err.flush().map_err(io)?;
     drop(err);
     let mut line = String::new();
-    std::io::stdin().read_line(&mut line).map_err(io)?;
+    crate::token::released_while(|| std::io::stdin().read_line(&mut line))?.map_err(io)?;
     if line.trim_end_matches(['\n', '\r']) == expected {
         Ok(())
     } else {

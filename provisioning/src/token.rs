@@ -41,9 +41,70 @@ pub struct Target {
 }
 
 /// Held while svs-provision changes a module's tokens; dropping it (or
-/// the process ending) releases the lock.
+/// the process ending) releases the lock. A lock taken from
+/// [`lock_changes`] while this process holds one already shares it.
 #[derive(Debug)]
-pub struct ChangeLock(#[allow(dead_code, reason = "held for its flock")] std::fs::File);
+pub struct ChangeLock(Option<std::fs::File>);
+
+impl Drop for ChangeLock {
+    fn drop(&mut self) {
+        if self.0.is_none() {
+            let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
+            held.1 = held.1.saturating_sub(1);
+            if held.1 == 0 {
+                held.0 = None;
+            }
+        }
+    }
+}
+
+/// The change lock this process holds through [`lock_changes`], and how
+/// many [`ChangeLock`]s share it. svs-provision is one thread: this is
+/// where a prompt finds the lock to give up while it waits.
+static HELD: std::sync::Mutex<(Option<std::fs::File>, usize)> = std::sync::Mutex::new((None, 0));
+
+/// Runs `wait_for_officer` (a prompt on the terminal) without the change
+/// lock, when this process holds it, and takes the lock again after: an
+/// officer at a prompt must not hold up every other run on the host.
+/// What the command checked on the token before is checked again once it
+/// has the lock back (its check-then-create step takes the lock itself).
+pub fn released_while<T>(wait_for_officer: impl FnOnce() -> T) -> Result<T> {
+    use rustix::fs::{FlockOperation, flock};
+    let file = {
+        let held = HELD.lock().unwrap_or_else(|p| p.into_inner());
+        match held.0.as_ref().map(std::fs::File::try_clone) {
+            None => None,
+            Some(Ok(f)) => Some(f),
+            Some(Err(e)) => {
+                return Err(ProvisionError::Io(format!(
+                    "cannot hand over the change lock during a prompt: {e}"
+                )));
+            }
+        }
+    };
+    let Some(file) = file else {
+        return Ok(wait_for_officer());
+    };
+    let _ = flock(&file, FlockOperation::Unlock);
+    let answer = wait_for_officer();
+    take_flock(&file).map_err(|e| {
+        ProvisionError::Io(format!(
+            "cannot take the change lock again after the prompt: {e}; nothing was changed"
+        ))
+    })?;
+    Ok(answer)
+}
+
+/// Waits for the flock on `file`, saying so on a terminal.
+fn take_flock(file: &std::fs::File) -> rustix::io::Result<()> {
+    use rustix::fs::{FlockOperation, flock};
+    if flock(file, FlockOperation::NonBlockingLockExclusive).is_err() {
+        // Otherwise a wait looks like a hang.
+        crate::progress("waiting for another svs-provision run that is changing a token…");
+        flock(file, FlockOperation::LockExclusive)?;
+    }
+    Ok(())
+}
 
 impl Target {
     fn selects(&self) -> bool {
@@ -119,8 +180,21 @@ impl Target {
 /// prompt, one officer at a prompt held up every other run on the host,
 /// scripted ones included, for as long as he took.
 pub fn lock_changes() -> Result<ChangeLock> {
+    {
+        let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
+        if held.0.is_some() {
+            held.1 += 1;
+            return Ok(ChangeLock(None));
+        }
+    }
     let euid = rustix::process::geteuid().as_raw();
-    lock_at(&lock_path(euid), euid)
+    let mut taken = lock_at(&lock_path(euid), euid)?;
+    let file = taken.0.take();
+    // Emptied, it would count itself out of `HELD` when dropped.
+    std::mem::forget(taken);
+    let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
+    *held = (file, 1);
+    Ok(ChangeLock(None))
 }
 
 /// The change lock's file for a process of effective user `euid`.
@@ -150,7 +224,7 @@ pub fn lock_path(euid: u32) -> PathBuf {
 /// Takes the change lock on `path` for a process of effective user
 /// `euid`, waiting for the run that holds it.
 pub fn lock_at(path: &Path, euid: u32) -> Result<ChangeLock> {
-    use rustix::fs::{FileType, FlockOperation, Mode, OFlags, flock};
+    use rustix::fs::{FileType, Mode, OFlags};
     let cannot = |why: String| {
         ProvisionError::Io(format!(
             "cannot take the lock {} that keeps two svs-provision runs from changing tokens at once: {why}",
@@ -188,13 +262,8 @@ pub fn lock_at(path: &Path, euid: u32) -> Result<ChangeLock> {
             .map_err(|e| cannot(format!("{e}; nothing was changed")))?;
     }
     let file = std::fs::File::from(fd);
-    if flock(&file, FlockOperation::NonBlockingLockExclusive).is_err() {
-        // Otherwise a wait looks like a hang.
-        crate::progress("waiting for another svs-provision run that is changing a token…");
-        flock(&file, FlockOperation::LockExclusive)
-            .map_err(|e| cannot(format!("{e}; nothing was changed")))?;
-    }
-    Ok(ChangeLock(file))
+    take_flock(&file).map_err(|e| cannot(format!("{e}; nothing was changed")))?;
+    Ok(ChangeLock(Some(file)))
 }
 
 /// Every slot with a token, with what the token says about itself.
@@ -786,6 +855,40 @@ pub fn pin_change(target: &Target, so: bool, pins: &mut PinReader) -> Result<Rep
 mod tests {
     use super::*;
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    #[test]
+    fn a_prompt_gives_the_change_lock_up_while_it_waits_and_takes_it_back() {
+        use rustix::fs::{FlockOperation, flock};
+        let euid = rustix::process::geteuid().as_raw();
+        let path = lock_path(euid);
+        let other = || std::fs::File::options().read(true).open(&path).unwrap();
+        let held = lock_changes().unwrap();
+        // Shared by a second taker in the process (a command's own step).
+        let again = lock_changes().unwrap();
+        drop(again);
+        assert!(flock(other(), FlockOperation::NonBlockingLockExclusive).is_err());
+        let free_meanwhile = released_while(|| {
+            let f = other();
+            let free = flock(&f, FlockOperation::NonBlockingLockExclusive).is_ok();
+            let _ = flock(&f, FlockOperation::Unlock);
+            free
+        })
+        .unwrap();
+        assert!(
+            free_meanwhile,
+            "another run can change tokens while this one prompts"
+        );
+        assert!(
+            flock(other(), FlockOperation::NonBlockingLockExclusive).is_err(),
+            "held again after the prompt"
+        );
+        drop(held);
+        let f = other();
+        assert!(flock(&f, FlockOperation::NonBlockingLockExclusive).is_ok());
+        // Without the lock, a prompt just runs.
+        drop(f);
+        assert_eq!(released_while(|| 7).unwrap(), 7);
+    }
 
     #[test]
     fn the_change_lock_is_a_private_regular_file_of_the_user_running() {
