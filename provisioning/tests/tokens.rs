@@ -11,19 +11,25 @@ use std::path::Path;
 
 use common::{Run, key_state, prov, sh};
 
-#[test]
-fn token_pin_and_key_lifecycle_on_the_soft_token() {
-    let tmp = tempfile::tempdir().unwrap();
-    let conf = tmp.path().join("softtoken.toml");
+/// A soft-token configuration in `dir` (a store there, a fast KDF, and
+/// `settings`); its path, for `SVS_SOFTTOKEN_CONF`.
+fn soft_token_conf(dir: &Path, settings: &str) -> String {
+    let conf = dir.join("softtoken.toml");
     std::fs::write(
         &conf,
         format!(
-            "store_dir = \"{}\"\nslots = 2\nkdf_iterations = 1000\nmax_login_failures = 3\n",
-            tmp.path().join("store").display()
+            "store_dir = \"{}\"\nkdf_iterations = 1000\n{settings}",
+            dir.join("store").display()
         ),
     )
     .unwrap();
-    let conf = conf.to_str().unwrap().to_owned();
+    conf.to_str().unwrap().to_owned()
+}
+
+#[test]
+fn token_pin_and_key_lifecycle_on_the_soft_token() {
+    let tmp = tempfile::tempdir().unwrap();
+    let conf = soft_token_conf(tmp.path(), "slots = 2\nmax_login_failures = 3\n");
     let env = [("SVS_SOFTTOKEN_CONF", conf.as_str())];
     let p = |args: &[&str], stdin: &str| prov(args, &env, stdin);
 
@@ -725,16 +731,7 @@ fn a_confirmation_that_cannot_be_asked_is_refused_at_once_and_scripted_runs_wait
     use std::io::Write;
     use std::process::{Command, Stdio};
     let tmp = tempfile::tempdir().unwrap();
-    let conf = tmp.path().join("softtoken.toml");
-    std::fs::write(
-        &conf,
-        format!(
-            "store_dir = \"{}\"\nslots = 1\nkdf_iterations = 1000\n",
-            tmp.path().join("store").display()
-        ),
-    )
-    .unwrap();
-    let conf = conf.to_str().unwrap().to_owned();
+    let conf = soft_token_conf(tmp.path(), "slots = 1\n");
     let env = [("SVS_SOFTTOKEN_CONF", conf.as_str())];
     let p = |args: &[&str], stdin: &str| prov(args, &env, stdin);
     p(&["token", "init", "--label", "t"], "so-pin-0001\n").ok();
