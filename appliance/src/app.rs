@@ -42,11 +42,15 @@ pub struct Runtime {
 impl Runtime {
     /// The `key` metric label for a key name a client gave: configured
     /// names as they are, anything else one bucket.
-    pub fn key_label<'a>(&'a self, key: Option<&'a str>) -> &'a str {
+    pub fn key_label(&self, key: Option<&str>) -> &str {
         match key {
             None => metrics::NONE,
-            Some(k) if self.keys.contains_key(k) => k,
-            Some(_) => metrics::UNKNOWN,
+            // The runtime's own copy of the name: a label that outlives the
+            // request (counted after its audit record is written).
+            Some(k) => self
+                .keys
+                .get_key_value(k)
+                .map_or(metrics::UNKNOWN, |(name, _)| name.as_str()),
         }
     }
 }
@@ -904,13 +908,12 @@ impl App {
     }
 
     /// The `key` label of a finished item in `svs_requests_total`.
-    fn key_label(rt: &Runtime, ev: &AuditEvent) -> String {
+    fn key_label<'r>(rt: &'r Runtime, ev: &AuditEvent) -> &'r str {
         // A made-up key name is not in the record: it counts as `_unknown`.
         match ev.key.as_deref() {
             None if ev.outcome == "unknown_key" => metrics::UNKNOWN,
             k => rt.key_label(k),
         }
-        .to_owned()
     }
 
     /// Counts a request whose client went away while its body was on the

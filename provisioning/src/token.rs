@@ -188,12 +188,9 @@ pub fn lock_changes() -> Result<ChangeLock> {
         }
     }
     let euid = rustix::process::geteuid().as_raw();
-    let mut taken = lock_at(&lock_path(euid), euid)?;
-    let file = taken.0.take();
-    // Emptied, it would count itself out of `HELD` when dropped.
-    std::mem::forget(taken);
+    let file = lock_file(&lock_path(euid), euid)?;
     let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
-    *held = (file, 1);
+    *held = (Some(file), 1);
     Ok(ChangeLock(None))
 }
 
@@ -224,6 +221,11 @@ pub fn lock_path(euid: u32) -> PathBuf {
 /// Takes the change lock on `path` for a process of effective user
 /// `euid`, waiting for the run that holds it.
 pub fn lock_at(path: &Path, euid: u32) -> Result<ChangeLock> {
+    lock_file(path, euid).map(|file| ChangeLock(Some(file)))
+}
+
+/// [`lock_at`]'s file, locked.
+fn lock_file(path: &Path, euid: u32) -> Result<std::fs::File> {
     use rustix::fs::{FileType, Mode, OFlags};
     let cannot = |why: String| {
         ProvisionError::Io(format!(
@@ -263,7 +265,7 @@ pub fn lock_at(path: &Path, euid: u32) -> Result<ChangeLock> {
     }
     let file = std::fs::File::from(fd);
     take_flock(&file).map_err(|e| cannot(format!("{e}; nothing was changed")))?;
-    Ok(ChangeLock(Some(file)))
+    Ok(file)
 }
 
 /// Every slot with a token, with what the token says about itself.
