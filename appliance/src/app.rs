@@ -1602,13 +1602,16 @@ impl App {
         Ok(seq)
     }
 
-    /// Records the current chain head as the audit anchor (at a clean
-    /// stop, when no checkpoint covers the last records).
-    pub async fn anchor_head(&self, interval: Duration) -> Result<(), SvsError> {
+    /// Records `head` (the `stop` record's) as the audit anchor at a clean
+    /// stop, when no checkpoint covers the last records.
+    pub async fn anchor_head(
+        &self,
+        (seq, head, last_time): crate::audit::ChainHead,
+        interval: Duration,
+    ) -> Result<(), SvsError> {
         if self.anchor_object.is_none() {
             return Ok(());
         }
-        let (seq, head, last_time) = self.audit.head().await?;
         self.update_anchor(&crate::audit::Checkpoint::now(
             seq, head, interval, &last_time,
         ))
@@ -1955,7 +1958,11 @@ operations = ["sign", "verify"]
         assert_eq!((first.head_seq, first.interval_s), (1, 300));
         rt().block_on(async {
             f.app.audit.note("stop", "test".into()).await.unwrap();
-            f.app.anchor_head(Duration::from_secs(300)).await.unwrap();
+            let head = f.app.audit.head().await.unwrap();
+            f.app
+                .anchor_head(head, Duration::from_secs(300))
+                .await
+                .unwrap();
         });
         // The start, the checkpoint, the stop.
         let (seq, head, _) = rt().block_on(f.app.audit.head()).unwrap();
@@ -1974,8 +1981,11 @@ operations = ["sign", "verify"]
         .unwrap();
         // A head already recorded is not written again (a checkpoint
         // overtaken by the stop's update).
-        rt().block_on(f.app.anchor_head(Duration::from_secs(300)))
-            .unwrap();
+        rt().block_on(
+            f.app
+                .anchor_head((seq, head, String::new()), Duration::from_secs(300)),
+        )
+        .unwrap();
         rt().block_on(f.app.audit.note("start", "test".into()))
             .unwrap();
         let e = rt()

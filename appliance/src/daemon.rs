@@ -550,8 +550,10 @@ fn spawn_watchdog(clock: AttemptClock) {
 /// Two phases. *Waiting*: a start attempt found the installation not
 /// provisioned (TLS files, PIN, token or keys missing) or the HSM
 /// unreachable; svsd reports READY=1 with a not-ready STATUS, answers the
-/// probe listener with the reason, and tries the whole start again on
-/// SIGHUP (configuration re-read) and periodically. *Running*: a start
+/// probe listener with the reason (`starting` during the first attempt),
+/// serves the metrics page, and tries the whole start again on SIGHUP
+/// (configuration re-read) and periodically; both side listeners answer
+/// during every attempt as well. *Running*: a start
 /// succeeded. Any other start error (invalid configuration, a refused PIN,
 /// an unwritable audit trail) ends svsd: waiting could not fix it.
 /// SIGTERM/SIGINT during a start attempt ends svsd at once, however long
@@ -567,40 +569,53 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), SvsError> {
     let metrics = Arc::new(Metrics::new());
     let mut last_reason: Option<NotReady> = None;
     let mut retry = RETRY_INITIAL;
+    // What /readyz and the metrics page say until a start succeeds.
+    let (why_tx, why) = watch::channel(SvsError::NotReady(
+        NotReady::Starting,
+        "the first start attempt is running".into(),
+    ));
     // While waiting and while a start attempt runs the watchdog must still
     // be pinged: an unprovisioned appliance is alive, and systemd would
     // otherwise kill it after WatchdogSec. One that hangs is not.
     let clock = AttemptClock::default();
     spawn_watchdog(clock.clone());
     loop {
+        // The probe and metrics ports answer during the start attempt too:
+        // one that hangs on the HSM for minutes is "not ready" to
+        // monitoring, not down.
+        let pages = WaitingPages::serve(&mut side, &config, &metrics, &why).await?;
         clock.begin();
         // A SIGHUP during the attempt stays pending for the wait (or the
         // running phase) after it.
         let attempt = tokio::select! {
-            r = start(&config, &mut side, metrics.clone()) => Some(r),
+            r = start(&config, metrics.clone()) => Some(r),
             _ = signals.term.recv() => None,
             _ = signals.int.recv() => None,
         };
-        let Some(attempt) = attempt else {
-            notify(&[NotifyState::Stopping]);
-            tracing::info!("stopped during a start attempt");
-            return Ok(());
-        };
         let error = match attempt {
-            Ok(running) => {
+            None => {
+                pages.stop(&mut side).await?;
+                notify(&[NotifyState::Stopping]);
+                tracing::info!("stopped during a start attempt");
+                return Ok(());
+            }
+            Some(Ok(running)) => {
                 if last_reason.is_some() {
                     tracing::info!("provisioned: starting");
                 }
+                pages.stop(&mut side).await?;
                 // The attempt (and the watchdog's deadline) ends after the
                 // self-tests, in `serve`.
-                return running.serve(config, signals, started, clock).await;
+                return running.serve(config, side, signals, started, clock).await;
             }
-            Err(e) => e,
+            Some(Err(e)) => e,
         };
         clock.end();
         let SvsError::NotReady(reason, detail) = &error else {
+            pages.stop(&mut side).await?;
             return Err(error);
         };
+        let status = format!("not ready: {reason}");
         // Logged once per reason: a retry every few seconds must not fill
         // the journal.
         if last_reason.as_ref() != Some(reason) {
@@ -610,71 +625,28 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), SvsError> {
                 RETRY_INITIAL.as_secs(),
                 RETRY_MAX.as_secs()
             );
-            let status = format!("not ready: {reason}");
             notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
             last_reason = Some(reason.clone());
         } else {
             tracing::debug!(%detail, "still not ready: {reason}");
         }
-        if keep_bound(&mut side.probe, config.health_listen).await? {
-            tracing::info!(addr = ?config.health_listen, "listening (plain HTTP, /healthz and /readyz only; not ready)");
-        }
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let (_reason_tx, reason_rx) = watch::channel(error.clone());
-        let probe_task = side.probe.take().map(|(a, l)| {
-            let limits = config.limits.clone();
-            let task = server::serve_waiting_probes(l, reason_rx.clone(), limits, stop_rx.clone());
-            (a, tokio::spawn(task))
-        });
-        // While waiting, TLS files not there yet mean no metrics listener
-        // until they are (the start attempt names them).
-        let c = config.clone();
-        let tls = tokio::task::spawn_blocking(move || metrics_tls(&c))
-            .await
-            .map_err(|e| SvsError::Internal(e.to_string()))?;
-        let metrics_task = match tls {
-            Ok(tls) => {
-                if keep_bound(&mut side.metrics, config.metrics.listen).await? {
-                    tracing::info!(addr = ?config.metrics.listen, tls = tls.is_some(), "listening (metrics: /metrics; not ready)");
-                }
-                side.metrics.take().map(|(a, l)| {
-                    let page = MetricsPage::Waiting {
-                        metrics: metrics.clone(),
-                        why: reason_rx.clone(),
-                        limits: config.limits.clone(),
-                    };
-                    (
-                        a,
-                        tokio::spawn(server::serve_metrics(page, l, tls, stop_rx.clone())),
-                    )
-                })
-            }
-            // Its files are among what the wait is for.
-            Err(_) => {
-                side.metrics = None;
-                None
-            }
-        };
+        why_tx.send_replace(error.clone());
         let wake = tokio::select! {
             _ = tokio::time::sleep(retry) => Wake::Retry,
             _ = signals.hup.recv() => Wake::Reload,
             _ = signals.term.recv() => Wake::Stop,
             _ = signals.int.recv() => Wake::Stop,
         };
-        let _ = stop_tx.send(true);
-        for (slot, task) in [
-            (&mut side.probe, probe_task),
-            (&mut side.metrics, metrics_task),
-        ] {
-            if let Some((a, task)) = task {
-                let l = task.await.map_err(|e| SvsError::Internal(e.to_string()))?;
-                *slot = Some((a, l));
-            }
-        }
+        // Stopped for the next attempt to serve them again: a reload may
+        // move them, or the metrics TLS files may have come.
+        pages.stop(&mut side).await?;
         match wake {
             Wake::Retry => retry = (retry * 2).min(RETRY_MAX),
             Wake::Reload => {
                 retry = RETRY_INITIAL;
+                let mut states = vec![NotifyState::Reloading];
+                states.extend(NotifyState::monotonic_usec_now().ok());
+                notify(&states);
                 // A configuration that does not load is refused, as a reload
                 // of a running svsd is: the wait goes on with the old one.
                 let path = config.path.clone();
@@ -690,6 +662,9 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), SvsError> {
                         tracing::error!(error = %e, "reload refused: still waiting with the previous configuration")
                     }
                 }
+                // The reload is done (systemd waits for READY=1 after
+                // RELOADING=1); the attempt it leads to may still fail.
+                notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
             }
             Wake::Stop => {
                 notify(&[NotifyState::Stopping]);
@@ -697,6 +672,81 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), SvsError> {
                 return Ok(());
             }
         }
+    }
+}
+
+/// The probe and metrics listeners of an svsd that is not started: /readyz
+/// answers 503 with why, the metrics page says it too.
+struct WaitingPages {
+    stop: watch::Sender<bool>,
+    probe: Option<(SocketAddr, tokio::task::JoinHandle<TcpListener>)>,
+    metrics: Option<(SocketAddr, tokio::task::JoinHandle<TcpListener>)>,
+}
+
+impl WaitingPages {
+    /// Serves the side listeners of `config`, bound once and kept in `side`.
+    async fn serve(
+        side: &mut SideSockets,
+        config: &Config,
+        metrics: &Arc<Metrics>,
+        why: &watch::Receiver<SvsError>,
+    ) -> Result<WaitingPages, SvsError> {
+        let (stop, stop_rx) = watch::channel(false);
+        if keep_bound(&mut side.probe, config.health_listen).await? {
+            tracing::info!(addr = ?config.health_listen, "listening (plain HTTP, /healthz and /readyz only; not ready)");
+        }
+        let probe = side.probe.take().map(|(a, l)| {
+            let limits = config.limits.clone();
+            let task = server::serve_waiting_probes(l, why.clone(), limits, stop_rx.clone());
+            (a, tokio::spawn(task))
+        });
+        // While waiting, TLS files not there yet mean no metrics listener
+        // until they are (the start attempt names them).
+        let c = config.clone();
+        let tls = tokio::task::spawn_blocking(move || metrics_tls(&c))
+            .await
+            .map_err(|e| SvsError::Internal(e.to_string()))?;
+        let metrics = match tls {
+            Ok(tls) => {
+                if keep_bound(&mut side.metrics, config.metrics.listen).await? {
+                    tracing::info!(addr = ?config.metrics.listen, tls = tls.is_some(), "listening (metrics: /metrics; not ready)");
+                }
+                side.metrics.take().map(|(a, l)| {
+                    let page = MetricsPage::Waiting {
+                        metrics: metrics.clone(),
+                        why: why.clone(),
+                        limits: config.limits.clone(),
+                    };
+                    let task = server::serve_metrics(page, l, tls, stop_rx.clone());
+                    (a, tokio::spawn(task))
+                })
+            }
+            // Its files are among what the wait is for.
+            Err(_) => {
+                side.metrics = None;
+                None
+            }
+        };
+        Ok(WaitingPages {
+            stop,
+            probe,
+            metrics,
+        })
+    }
+
+    /// Stops serving; the listeners go back into `side`, still bound.
+    async fn stop(self, side: &mut SideSockets) -> Result<(), SvsError> {
+        let _ = self.stop.send(true);
+        for (slot, task) in [
+            (&mut side.probe, self.probe),
+            (&mut side.metrics, self.metrics),
+        ] {
+            if let Some((a, task)) = task {
+                let l = task.await.map_err(|e| SvsError::Internal(e.to_string()))?;
+                *slot = Some((a, l));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -782,20 +832,17 @@ struct Running {
     app: Arc<App>,
     audit: Arc<AuditTrail>,
     tls: server::TlsSlot,
+    metrics_tls: Option<TlsAcceptor>,
     stop_tx: watch::Sender<bool>,
     stop_rx: watch::Receiver<bool>,
     accept_tasks: Vec<tokio::task::JoinHandle<()>>,
     graceful: Arc<GracefulShutdown>,
 }
 
-/// One full start attempt: files, TLS, HSM login and keys, audit trail,
-/// listeners. Takes the side listeners from `side` (where their addresses
-/// still match) only once nothing that leads to waiting can fail any more.
-async fn start(
-    config: &Config,
-    side: &mut SideSockets,
-    metrics: Arc<Metrics>,
-) -> Result<Running, SvsError> {
+/// One full start attempt: files, TLS, HSM login and keys, API listeners,
+/// audit trail. The side listeners are the caller's: they answer while
+/// this runs.
+async fn start(config: &Config, metrics: Arc<Metrics>) -> Result<Running, SvsError> {
     // Everything that can be wrong with the files is found before the HSM is touched.
     let c = config.clone();
     let (api, metrics_tls) = tokio::task::spawn_blocking(move || {
@@ -853,6 +900,9 @@ async fn start(
             })?,
         None => None,
     };
+    // Bound before the trail is opened: a port that is taken ends svsd
+    // without a `start` record that no `stop` would follow.
+    let listeners = server::bind(&config.listen).await?;
     let audit_config = config.audit.clone();
     let audit =
         tokio::task::spawn_blocking(move || AuditTrail::open(&audit_config, anchor.as_ref()))
@@ -870,9 +920,6 @@ async fn start(
         )
         .await?;
 
-    let listeners = server::bind(&config.listen).await?;
-    let probe_listener = take_or_bind(&mut side.probe, config.health_listen).await?;
-    let metrics_listener = take_or_bind(&mut side.metrics, config.metrics.listen).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let tls: server::TlsSlot = Arc::new(RwLock::new(Arc::new(server::TlsGeneration::new(0, api))));
     let gates = server::Gates::new(&config.limits);
@@ -889,27 +936,11 @@ async fn start(
             stop_rx.clone(),
         )));
     }
-    if let Some(l) = probe_listener {
-        tracing::info!(addr = ?config.health_listen, "listening (plain HTTP, /healthz and /readyz only)");
-        tokio::spawn(server::serve_probes(app.clone(), l, stop_rx.clone()));
-    }
-    if let Some(l) = metrics_listener {
-        tracing::info!(
-            addr = ?config.metrics.listen,
-            tls = metrics_tls.is_some(),
-            "listening (metrics: /metrics)"
-        );
-        tokio::spawn(server::serve_metrics(
-            MetricsPage::Running(app.clone()),
-            l,
-            metrics_tls,
-            stop_rx.clone(),
-        ));
-    }
     Ok(Running {
         app,
         audit,
         tls,
+        metrics_tls,
         stop_tx,
         stop_rx,
         accept_tasks,
@@ -918,12 +949,13 @@ async fn start(
 }
 
 impl Running {
-    /// Self-tests, READY, background duties, SIGHUP reloads until
-    /// SIGTERM/SIGINT, then the drain. The start attempt timed by `clock`
-    /// ends with the self-tests.
+    /// Side listeners, self-tests, READY, background duties, SIGHUP
+    /// reloads until SIGTERM/SIGINT, then the drain. The start attempt
+    /// timed by `clock` ends with the self-tests.
     async fn serve(
         self,
         config: Config,
+        mut side: SideSockets,
         mut signals: Signals,
         started: Instant,
         clock: AttemptClock,
@@ -932,11 +964,31 @@ impl Running {
             app,
             audit,
             tls,
+            metrics_tls,
             stop_tx,
             stop_rx,
             accept_tasks,
             graceful,
         } = self;
+        // Before the self-tests: the probes say "self-tests pending" while
+        // they run.
+        if let Some(l) = take_or_bind(&mut side.probe, config.health_listen).await? {
+            tracing::info!(addr = ?config.health_listen, "listening (plain HTTP, /healthz and /readyz only)");
+            tokio::spawn(server::serve_probes(app.clone(), l, stop_rx.clone()));
+        }
+        if let Some(l) = take_or_bind(&mut side.metrics, config.metrics.listen).await? {
+            tracing::info!(
+                addr = ?config.metrics.listen,
+                tls = metrics_tls.is_some(),
+                "listening (metrics: /metrics)"
+            );
+            tokio::spawn(server::serve_metrics(
+                MetricsPage::Running(app.clone()),
+                l,
+                metrics_tls,
+                stop_rx.clone(),
+            ));
+        }
         // Ready only after login and self-tests.
         let tests = tokio::select! {
             r = app.run_selftests() => Some(r),
@@ -959,17 +1011,28 @@ impl Running {
         // compared with these at every reload.
         let running_config = config.clone();
         let mut config = config;
+        let mut duties = tokio::task::JoinSet::new();
         if tests.is_some() {
             status.ready(&app);
-            spawn_duties(&app, &config, stop_rx.clone(), status.clone());
+            duties = spawn_duties(&app, &config, stop_rx.clone(), status.clone());
             loop {
                 tokio::select! {
                     _ = signals.hup.recv() => {
-                        let mono = NotifyState::monotonic_usec_now().ok();
                         let mut states = vec![NotifyState::Reloading];
-                        states.extend(mono);
+                        states.extend(NotifyState::monotonic_usec_now().ok());
                         notify(&states);
-                        match reload(&app, &tls, &running_config).await {
+                        // A stop does not wait for a reload: one that waits
+                        // on a slow HSM would outlast systemd's stop timeout,
+                        // and the kill would leave the trail without its
+                        // stop. A reload cut short may have installed the new
+                        // configuration without its `reload` record; the
+                        // drain and the `stop` record follow at once.
+                        let result = tokio::select! {
+                            r = reload(&app, &tls, &running_config) => r,
+                            _ = signals.term.recv() => break,
+                            _ = signals.int.recv() => break,
+                        };
+                        match result {
                             Ok((new, changes)) => {
                                 tracing::info!(entities = new.entities.len(), %changes, "configuration reloaded");
                                 config = new;
@@ -999,26 +1062,39 @@ impl Running {
         );
         app.start_draining();
         let _ = stop_tx.send(true);
-        for t in accept_tasks {
-            let _ = t.await;
-        }
-        let graceful = Arc::try_unwrap(graceful).ok();
-        if let Some(g) = graceful
-            && tokio::time::timeout(config.grace_period, g.shutdown())
-                .await
-                .is_err()
+        // Idle duties end at once. One in the middle of a run (a periodic
+        // self-test or a checkpoint on a slow HSM) finishes within the grace
+        // period, or is ended after it: its record must not follow `stop`.
+        let drain = async {
+            for t in accept_tasks {
+                let _ = t.await;
+            }
+            if let Ok(g) = Arc::try_unwrap(graceful) {
+                g.shutdown().await;
+            }
+            while duties.join_next().await.is_some() {}
+        };
+        if tokio::time::timeout(config.grace_period, drain)
+            .await
+            .is_err()
         {
-            tracing::warn!("grace period over: closing the remaining connections");
+            tracing::warn!(
+                "grace period over: requests still in flight are refused (503, the audit trail is closed) and their connections closed at exit"
+            );
         }
+        duties.shutdown().await;
         // Refusals counted since the last tick are in the trail before it ends.
         app.flush_refusals().await;
-        if let Err(e) = audit.note("stop", "svsd stopped".into()).await {
-            tracing::error!(error = %e, "cannot record the stop in the audit trail");
-        } else if let Err(e) = app
-            .anchor_head(config.audit.checkpoint_interval.unwrap_or_default())
-            .await
-        {
-            tracing::error!(error = %e, "ALARM cannot record the trail's end in the audit anchor");
+        match audit.last_note("stop", "svsd stopped".into()).await {
+            Err(e) => tracing::error!(error = %e, "cannot record the stop in the audit trail"),
+            Ok(head) => {
+                if let Err(e) = app
+                    .anchor_head(head, config.audit.checkpoint_interval.unwrap_or_default())
+                    .await
+                {
+                    tracing::error!(error = %e, "ALARM cannot record the trail's end in the audit anchor");
+                }
+            }
         }
         let audit_for_close = audit.clone();
         let _ = tokio::task::spawn_blocking(move || audit_for_close.close()).await;
@@ -1187,12 +1263,14 @@ fn selftest_retry(
     Some(retry.map_or(SELFTEST_RETRY_AFTER, |r| r * 2).min(every))
 }
 
+/// Starts the periodic duties; their handles, for the stop to end them.
 fn spawn_duties(
     app: &Arc<App>,
     config: &Config,
     stop: watch::Receiver<bool>,
     status: Arc<StatusLine>,
-) {
+) -> tokio::task::JoinSet<()> {
+    let mut duties = tokio::task::JoinSet::new();
     // Periodic self-tests. After a failure the next run comes sooner, at
     // 5 s and then twice as long each time up to the interval: a test that
     // failed while the HSM was pulled for a moment (or a key was being
@@ -1201,7 +1279,7 @@ fn spawn_duties(
     let a = app.clone();
     let every = config.selftest_interval;
     let mut s = stop.clone();
-    tokio::spawn(async move {
+    duties.spawn(async move {
         let mut retry = selftest_retry(None, every, !a.selftest_failed());
         loop {
             tokio::select! {
@@ -1218,7 +1296,7 @@ fn spawn_duties(
     // the audit trail are counted in it.
     let a = app.clone();
     let mut s = stop.clone();
-    tokio::spawn(async move {
+    duties.spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -1236,7 +1314,7 @@ fn spawn_duties(
     // shows it before the next restart fails.
     let a = app.clone();
     let mut s = stop.clone();
-    tokio::spawn(async move {
+    duties.spawn(async move {
         let mut tick = tokio::time::interval(USER_PIN_CHECK_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -1253,7 +1331,7 @@ fn spawn_duties(
     ) {
         let a = app.clone();
         let mut s = stop;
-        tokio::spawn(async move {
+        duties.spawn(async move {
             let mut tick = tokio::time::interval(every);
             loop {
                 tokio::select! {
@@ -1266,6 +1344,7 @@ fn spawn_duties(
             }
         });
     }
+    duties
 }
 
 #[cfg(test)]

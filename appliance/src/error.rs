@@ -192,6 +192,9 @@ impl std::fmt::Display for Missing {
 pub enum NotReady {
     /// Start-up found parts of the installation missing (sorted, no duplicates).
     NotProvisioned(Vec<Missing>),
+    /// The first start attempt is still running (files, HSM login, keys,
+    /// audit trail): nothing has failed yet.
+    Starting,
     /// The HSM cannot be reached, or its sessions are not logged in.
     HsmUnavailable,
     /// The start-up self-tests have not finished.
@@ -235,6 +238,7 @@ impl std::fmt::Display for ClientText<'_> {
 
 /// Every reason label of `svs_not_ready_reason` (docs/monitoring.md).
 pub const NOT_READY_REASONS: &[&str] = &[
+    "starting",
     "not_provisioned",
     "hsm_unavailable",
     "selftests_pending",
@@ -248,6 +252,7 @@ pub const NOT_READY_REASONS: &[&str] = &[
 /// [`NOT_READY_REASONS`]: what an alert can route on without parsing text.
 pub fn not_ready_reason(e: &SvsError) -> &'static str {
     match e {
+        SvsError::NotReady(NotReady::Starting, _) => "starting",
         SvsError::NotReady(NotReady::NotProvisioned(_), _) => "not_provisioned",
         SvsError::NotReady(NotReady::HsmUnavailable, _) => "hsm_unavailable",
         SvsError::NotReady(NotReady::SelftestsPending, _) => "selftests_pending",
@@ -269,6 +274,7 @@ impl std::fmt::Display for NotReady {
                     list.join(", ")
                 )
             }
+            NotReady::Starting => f.write_str("starting"),
             NotReady::HsmUnavailable => f.write_str("HSM unavailable or not logged in"),
             NotReady::SelftestsPending => f.write_str("self-tests pending"),
             NotReady::SelftestsFailed => f.write_str("self-tests failed"),
@@ -611,6 +617,10 @@ mod tests {
     fn every_readiness_failure_has_a_listed_reason_label() {
         let cases = [
             (
+                SvsError::NotReady(NotReady::Starting, String::new()),
+                "starting",
+            ),
+            (
                 SvsError::NotReady(
                     NotReady::not_provisioned(vec![Missing::Keys]),
                     String::new(),
@@ -725,6 +735,7 @@ mod tests {
                 NotReady::not_provisioned(vec![Missing::Keys, Missing::Token]),
                 "not provisioned: token, keys missing \u{2014} provision the appliance (docs/operations.md §3)",
             ),
+            (NotReady::Starting, "starting"),
             (NotReady::HsmUnavailable, "HSM unavailable or not logged in"),
             (NotReady::SelftestsPending, "self-tests pending"),
             (NotReady::SelftestsFailed, "self-tests failed"),

@@ -557,7 +557,7 @@ impl Metrics {
                 let v = int_gauge_vec(
                     &r,
                     "svs_not_ready_reason",
-                    "1 for the reason /readyz is 503 (not_provisioned, hsm_unavailable, selftests_pending, selftests_failed, audit_unavailable, shutting_down, other); all 0 while ready.",
+                    "1 for the reason /readyz is 503 (starting, not_provisioned, hsm_unavailable, selftests_pending, selftests_failed, audit_unavailable, shutting_down, other); all 0 while ready.",
                     &["reason"],
                 );
                 for reason in crate::error::NOT_READY_REASONS {

@@ -250,6 +250,14 @@ impl Install {
     /// Starts svsd with extra environment variables, confined to `cpus`
     /// (a `taskset` CPU list such as `1` or `2-3`) when given.
     pub async fn start_with(&self, env: &[(&str, &str)], cpus: Option<&str>) -> Daemon {
+        let d = self.spawn_with(env, cpus);
+        d.wait_ready().await;
+        d
+    }
+
+    /// Starts svsd with extra environment variables (and confined to
+    /// `cpus`), without waiting for it to be ready.
+    pub fn spawn_with(&self, env: &[(&str, &str)], cpus: Option<&str>) -> Daemon {
         static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let log = self.dir.join(format!("svsd-{run}.log"));
@@ -271,15 +279,13 @@ impl Install {
             cmd.env(k, v);
         }
         let child = cmd.spawn().unwrap();
-        let d = Daemon {
+        Daemon {
             child,
             log,
             addr: self.addr,
             ca: self.dir.join("ca.pem"),
             client: self.dev_client(),
-        };
-        d.wait_ready().await;
-        d
+        }
     }
 }
 
@@ -305,7 +311,8 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    async fn wait_ready(&self) {
+    /// Waits until /readyz answers 200 (at most 20 s).
+    pub async fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(mut c) = Client::connect(self.addr, &self.ca, &self.client, false).await

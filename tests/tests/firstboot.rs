@@ -47,25 +47,7 @@ async fn wait_for(d: &Daemon, addr: SocketAddr, path: &str, status: u16) -> Valu
 
 /// Starts svsd on `install` without waiting for it to be ready.
 fn spawn(install: &Install, env: &[(&str, &str)]) -> Daemon {
-    let log = install
-        .dir
-        .join(format!("svsd-firstboot-{}.log", free_port()));
-    let mut cmd = Command::new(svsd_bin());
-    cmd.arg("--config")
-        .arg(&install.config)
-        .arg("--allow-root")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    Daemon {
-        child: cmd.spawn().unwrap(),
-        log,
-        addr: install.addr,
-        ca: install.dir.join("ca.pem"),
-        client: install.dev_client(),
-    }
+    install.spawn_with(env, None)
 }
 
 /// Adds a plain-HTTP probe listener to the installation; returns its address.
@@ -514,7 +496,60 @@ async fn a_half_written_tls_file_is_waited_for_not_fatal() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_during_a_hanging_start_attempt_ends_svsd() {
+async fn the_side_ports_answer_while_the_first_start_attempt_hangs_and_sigterm_ends_it() {
+    let install = Install::new();
+    let health = add_health_listen(&install);
+    let faults = install.dir.join("faults");
+    // A network HSM that does not answer: the login never returns (for
+    // ten minutes).
+    std::fs::write(&faults, "C_Login:stall=600000").unwrap();
+    let mut d = spawn(
+        &install,
+        &[("SVS_SOFTTOKEN_FAULTS_FILE", faults.to_str().unwrap())],
+    );
+    let body = wait_for(&d, health, "/readyz", 503).await;
+    assert_eq!(body["error"]["message"], "starting", "{body}");
+    let page = scrape_metrics(install.metrics_addr).await;
+    assert_eq!(
+        sample(&page, r#"svs_not_ready_reason{reason="starting"}"#),
+        Some(1.0),
+        "{page}"
+    );
+    assert_eq!(sample(&page, "svs_ready"), Some(0.0), "{page}");
+    assert_eq!(
+        wait_for(&d, health, "/healthz", 200).await["status"],
+        "alive"
+    );
+    sigterm_ends_the_start_attempt(&mut d);
+    // Nothing reached the trail: the attempt never got that far.
+    assert!(audit_is_empty(&install));
+}
+
+/// SIGTERM during a start attempt: svsd exits 0 at once, saying so.
+fn sigterm_ends_the_start_attempt(d: &mut Daemon) {
+    d.signal("TERM");
+    let st = d.wait(Duration::from_secs(20));
+    assert_eq!(st.and_then(|s| s.code()), Some(0), "{}", d.log_text());
+    assert!(
+        d.log_text().contains("stopped during a start attempt"),
+        "{}",
+        d.log_text()
+    );
+}
+
+/// No record in the installation's trail (or no trail at all).
+fn audit_is_empty(install: &Install) -> bool {
+    if !install.audit_dir().exists() {
+        return true;
+    }
+    svs_appliance::audit::trail_files(&install.audit_dir())
+        .unwrap()
+        .iter()
+        .all(|(_, f)| svs_appliance::audit::read_trail_file(f).unwrap().is_empty())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_while_waiting_is_announced_and_its_hanging_attempt_keeps_the_probes_answering() {
     let install = Install::new();
     let health = add_health_listen(&install);
     install.edit_config(|t| {
@@ -525,35 +560,62 @@ async fn sigterm_during_a_hanging_start_attempt_ends_svsd() {
     });
     let faults = install.dir.join("faults");
     std::fs::write(&faults, "").unwrap();
+    let notify_path = install.dir.join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
     let mut d = spawn(
         &install,
-        &[("SVS_SOFTTOKEN_FAULTS_FILE", faults.to_str().unwrap())],
+        &[
+            ("SVS_SOFTTOKEN_FAULTS_FILE", faults.to_str().unwrap()),
+            ("NOTIFY_SOCKET", notify_path.to_str().unwrap()),
+        ],
     );
-    wait_for(&d, health, "/readyz", 503).await;
-    // A network HSM that stops answering: the next login never returns
-    // (for ten minutes).
+    let waiting = wait_for(&d, health, "/readyz", 503).await;
+    // The next login never returns (for ten minutes).
     std::fs::write(&faults, "C_Login:stall=600000").unwrap();
+    while notify.recv(&mut [0u8; 512]).is_ok() {}
     d.signal("HUP");
-    // In an attempt, svsd does not serve the probe listener: a probe that
-    // gets no answer for a second shows the attempt hanging.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while tokio::time::timeout(Duration::from_secs(1), http_get(health, "/readyz"))
-        .await
-        .is_ok()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "no attempt hangs: {}",
-            d.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    // systemd (Type=notify-reload) waits for READY=1 after RELOADING=1.
+    let mut heard = Vec::new();
+    let until = Instant::now() + Duration::from_secs(10);
+    let mut buf = [0u8; 512];
+    while !heard.iter().any(|l: &String| l == "READY=1") && Instant::now() < until {
+        if let Ok(n) = notify.recv(&mut buf) {
+            heard.extend(
+                String::from_utf8_lossy(&buf[..n])
+                    .lines()
+                    .map(str::to_owned),
+            );
+        }
     }
-    d.signal("TERM");
-    let st = d.wait(Duration::from_secs(20));
-    assert_eq!(st.and_then(|s| s.code()), Some(0), "{}", d.log_text());
+    let reloading = heard.iter().position(|l| l == "RELOADING=1");
+    let ready = heard.iter().position(|l| l == "READY=1");
     assert!(
-        d.log_text().contains("stopped during a start attempt"),
-        "{}",
+        reloading.is_some() && reloading < ready,
+        "heard {heard:?}\n{}",
         d.log_text()
     );
+    // The attempt the reload started hangs on the login; the probe goes on
+    // answering with the reason svsd waits for.
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        let answer = tokio::time::timeout(Duration::from_secs(1), http_get(health, "/readyz"))
+            .await
+            .unwrap_or_else(|_| panic!("the probe hangs during the attempt: {}", d.log_text()));
+        assert_eq!(answer, Some((503, waiting.clone())));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    sigterm_ends_the_start_attempt(&mut d);
+}
+
+#[test]
+fn a_taken_api_port_ends_svsd_before_the_trail_records_a_start() {
+    let install = Install::new();
+    let _taken = std::net::TcpListener::bind(install.addr).unwrap();
+    let (code, log) = exit_status(&install, &[]);
+    assert_ne!(code, Some(0), "{log}");
+    assert!(log.contains(&install.addr.to_string()), "{log}");
+    assert!(audit_is_empty(&install), "{log}");
 }

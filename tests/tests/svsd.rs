@@ -1219,6 +1219,115 @@ async fn sigterm_drains_requests_in_flight() {
     assert!(r.records >= 6);
 }
 
+/// svsd started with the soft token's faults read from a file (empty for
+/// now: no faults); the file, for the test to write faults into.
+async fn start_with_faults_file(install: &Install) -> (Daemon, std::path::PathBuf) {
+    let faults = install.dir.join("faults");
+    std::fs::write(&faults, "").unwrap();
+    let d = install
+        .start_with_env(&[("SVS_SOFTTOKEN_FAULTS_FILE", faults.to_str().unwrap())])
+        .await;
+    (d, faults)
+}
+
+/// The trail's records, checked to end with the `stop` record and to
+/// verify.
+fn the_trail_ends_with_the_stop(install: &Install) -> Vec<Value> {
+    let records = audit_records(install);
+    assert_eq!(records.last().unwrap()["type"], "stop", "{records:?}");
+    svs_appliance::audit::verify_dir(&install.audit_dir(), None).unwrap();
+    records
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_does_not_wait_for_a_reload_stuck_on_the_hsm() {
+    let install = Install::new();
+    // HSM calls may take 30 s before they time out: a reload that waits on
+    // them would hold the stop that long.
+    install.edit_config(|t| {
+        t.replace("grace_period_ms = 5000", "grace_period_ms = 1000")
+            .replace(
+                "[hsm.pool]\nsize = 2\n",
+                "[hsm.pool]\nsize = 2\nop_timeout_ms = 30000\n",
+            )
+    });
+    let (mut d, faults) = start_with_faults_file(&install).await;
+    // The reload must self-test a newly exposed key, and the HSM now takes
+    // a minute for each signature.
+    expose_other(&install);
+    std::fs::write(&faults, "C_Sign:stall=60000").unwrap();
+    d.signal("HUP");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let asked = std::time::Instant::now();
+    d.signal("TERM");
+    let st = d.wait(Duration::from_secs(20)).expect("svsd did not exit");
+    // Within the grace period and the trail's close, not after the reload.
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "svsd took {:?} to stop\n{}",
+        asked.elapsed(),
+        d.log_text()
+    );
+    assert!(st.success(), "{}", d.log_text());
+    assert!(
+        !d.log_text().contains("configuration reloaded"),
+        "the reload was not stuck: {}",
+        d.log_text()
+    );
+    the_trail_ends_with_the_stop(&install);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_periodic_self_test_running_at_sigterm_is_not_recorded_after_the_stop() {
+    let install = Install::new();
+    install.edit_config(|t| {
+        t.replace("grace_period_ms = 5000", "grace_period_ms = 1000")
+            .replace(
+                "[selftest]\ninterval_s = 300\n",
+                "[selftest]\ninterval_s = 1\n",
+            )
+    });
+    let (mut d, faults) = start_with_faults_file(&install).await;
+    // The next periodic run waits 2 s on the HSM; the stop's anchor update
+    // (which looks its object up) 3 s.
+    std::fs::write(&faults, "C_Sign:stall=2000;C_FindObjects:stall=3000").unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    d.signal("TERM");
+    let st = d.wait(Duration::from_secs(20)).expect("svsd did not exit");
+    assert!(st.success(), "{}", d.log_text());
+    the_trail_ends_with_the_stop(&install);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_still_running_after_the_grace_period_are_not_recorded_after_the_stop() {
+    let install = Install::new();
+    install.edit_config(|t| t.replace("grace_period_ms = 5000", "grace_period_ms = 500"));
+    // Every C_Sign after the start's self-tests stalls 2.5 s.
+    let mut d = install
+        .start_with_env(&[("SVS_SOFTTOKEN_FAULTS", "C_Sign:stall=2500:after=2")])
+        .await;
+    let mut tasks = Vec::new();
+    for _ in 0..2 {
+        let mut c = d.client(false).await;
+        tasks.push(tokio::spawn(async move {
+            c.post("/v1/sign", &json!({"key":"demo","data":HELLO}))
+                .await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    d.signal("TERM");
+    // Refused (503) or cut off at exit: never a signature the trail lacks.
+    for t in tasks {
+        if let Ok((s, _, v)) = t.await.unwrap() {
+            assert_ne!(s, 200, "{v}");
+        }
+    }
+    let st = d.wait(Duration::from_secs(20)).expect("svsd did not exit");
+    assert!(st.success(), "{}", d.log_text());
+    let records = the_trail_ends_with_the_stop(&install);
+    assert!(records.iter().all(|r| r["outcome"] != "ok"), "{records:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_chain_survives_kill_9_and_holds_every_signature_handed_out() {
     let install = Install::new();
@@ -1729,11 +1838,7 @@ async fn a_failing_periodic_self_test_stops_signing_until_it_passes_again() {
             "[selftest]\ninterval_s = 1\n",
         )
     });
-    let faults = install.dir.join("faults");
-    std::fs::write(&faults, "").unwrap();
-    let d = install
-        .start_with_env(&[("SVS_SOFTTOKEN_FAULTS_FILE", faults.to_str().unwrap())])
-        .await;
+    let (d, faults) = start_with_faults_file(&install).await;
     let mut c = d.client(false).await;
     let sign = json!({"key":"demo","data":HELLO});
     assert_eq!(c.post("/v1/sign", &sign).await.unwrap().0, 200);
@@ -2408,11 +2513,7 @@ async fn a_key_deleted_by_an_officer_stops_signing_in_the_running_svsd() {
 async fn a_hung_hsm_makes_svsd_not_ready_until_it_answers_again() {
     let install = Install::new();
     install.edit_config(|t| t.replace("[hsm.pool]\n", "[hsm.pool]\nop_timeout_ms = 1000\n"));
-    let faults = install.dir.join("faults");
-    std::fs::write(&faults, "").unwrap();
-    let d = install
-        .start_with_env(&[("SVS_SOFTTOKEN_FAULTS_FILE", faults.to_str().unwrap())])
-        .await;
+    let (d, faults) = start_with_faults_file(&install).await;
     let mut probe = d.client(false).await;
     std::fs::write(&faults, "C_Sign:stall=5000\n").unwrap();
     // The token re-reads the file within a moment; one request per worker.
@@ -2473,11 +2574,7 @@ async fn wait_for_log(d: &Daemon, needle: &str, count: usize) -> String {
 async fn a_key_generated_after_start_is_exposed_by_sighup_and_a_failed_key_refresh_keeps_the_keys()
 {
     let install = Install::new();
-    let faults = install.dir.join("faults");
-    std::fs::write(&faults, "").unwrap();
-    let d = install
-        .start_with_env(&[("SVS_SOFTTOKEN_FAULTS_FILE", faults.to_str().unwrap())])
-        .await;
+    let (d, faults) = start_with_faults_file(&install).await;
     // svs-provision's part (operations.md §3.6), done while svsd runs: a new
     // key on the token, exposed in [keys], granted to the entity, SIGHUP.
     let token = install.open_token(1).await;

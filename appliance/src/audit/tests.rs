@@ -122,6 +122,44 @@ fn a_written_trail_verifies_and_continues_after_reopen() {
 }
 
 #[test]
+fn the_last_note_ends_the_trail_and_names_its_head() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), 3, 1 << 20);
+    let trail = AuditTrail::open(&config(dir.path(), 1 << 20), None).unwrap();
+    rt().block_on(async {
+        trail.append(vec![event(3)]).await.unwrap();
+        let (seq, head, time) = trail
+            .last_note("stop", "svsd stopped".into())
+            .await
+            .unwrap();
+        assert_eq!(seq, 5);
+        assert!(!time.is_empty());
+        // What a stopping svsd still does is refused, not recorded after it.
+        for refused in [
+            trail.append(vec![event(4)]).await,
+            trail.note("selftest", "passed".into()).await,
+            trail.last_note("stop", "again".into()).await.map(|_| ()),
+        ] {
+            let e = refused.unwrap_err();
+            assert!(matches!(e, SvsError::AuditUnavailable(_)), "{e}");
+        }
+        trail.close();
+        let files = trail_files(dir.path()).unwrap();
+        assert_eq!(
+            files.iter().find_map(|(_, p)| record_hash(p, 5)),
+            Some(head)
+        );
+    });
+    let r = verify_dir(dir.path(), None).unwrap();
+    assert_eq!(r.last_seq, 5);
+    let text = std::fs::read_to_string(only_file(dir.path())).unwrap();
+    assert!(
+        text.lines().last().unwrap().contains(r#""type":"stop""#),
+        "{text}"
+    );
+}
+
+#[test]
 fn rotation_by_size_keeps_one_chain() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), 200, 4096);

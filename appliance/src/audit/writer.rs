@@ -336,6 +336,36 @@ impl AuditTrail {
             .map(|_| ())
     }
 
+    /// Appends the trail's last record (svsd's `stop`) and closes the trail
+    /// to appends: whatever a stopping svsd still does after it (a request
+    /// past the grace period) is refused, not recorded after the stop.
+    /// Returns the head this record made.
+    pub async fn last_note(
+        &self,
+        kind: &'static str,
+        detail: String,
+    ) -> Result<ChainHead, SvsError> {
+        self.check()?;
+        let (ack, appended) = oneshot::channel();
+        let (head_ack, head) = oneshot::channel();
+        {
+            let mut tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+            let sender = tx
+                .take()
+                .ok_or_else(|| SvsError::AuditUnavailable("audit trail closed".into()))?;
+            // One after the other on the writer's queue: the head read is
+            // the one the note made. The writer commits both, then ends.
+            let entries = vec![Entry::Note { kind, detail }];
+            sender
+                .send(Job::Append { entries, ack })
+                .and_then(|()| sender.send(Job::Head { ack: head_ack }))
+                .map_err(|_| SvsError::AuditUnavailable("audit writer stopped".into()))?;
+        }
+        let stopped = |_| SvsError::AuditUnavailable("audit writer stopped".into());
+        appended.await.map_err(stopped)??;
+        head.await.map_err(stopped)?
+    }
+
     /// Appends notes of one kind together (one group commit); returns once
     /// they are on disk.
     pub async fn notes(&self, kind: &'static str, details: Vec<String>) -> Result<(), SvsError> {
