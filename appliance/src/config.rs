@@ -808,6 +808,25 @@ impl Config {
 
     /// Validates TOML text as if read from `path`.
     pub fn from_toml(text: &str, path: &Path) -> Result<Config, SvsError> {
+        Config::from_toml_with(text, path, None)
+    }
+
+    /// Reads and validates the file as [`Config::load`] does, but with
+    /// `entities` as its entities file's text, not the file on disk (which
+    /// errors still name): svs-provision judges an edit of that file by the
+    /// whole configuration svsd would load with it, before writing it.
+    /// Without `entities_file` in the file, `entities` is not used.
+    pub fn load_with_entities(path: &Path, entities: &str) -> Result<Config, SvsError> {
+        let text = read(path)?;
+        Config::from_toml_with(&text, path, Some(entities))
+    }
+
+    /// [`Config::from_toml`], with the entities file's text given or read.
+    fn from_toml_with(
+        text: &str,
+        path: &Path,
+        entities_text: Option<&str>,
+    ) -> Result<Config, SvsError> {
         let table = parse_table(text, path)?;
         let base = path
             .parent()
@@ -1129,7 +1148,11 @@ impl Config {
         let entities_file = entities_file.map(|p| resolve(&base, p));
         let mut entities_sha256 = None;
         if let Some(file) = &entities_file {
-            let loaded = read(file).and_then(|text| {
+            let text = match entities_text {
+                Some(t) => Ok(std::borrow::Cow::Borrowed(t)),
+                None => read(file).map(std::borrow::Cow::Owned),
+            };
+            let loaded = text.and_then(|text| {
                 entities_sha256 =
                     Some(<sha2::Sha256 as sha2::Digest>::digest(text.as_bytes()).into());
                 entities_from_toml(&text, file, &keys)
@@ -1649,6 +1672,50 @@ max_body_bytes = \"x\"\nmax_batch_items = 0\n[audit]\nrefusal_records = { per_se
             panic!()
         };
         assert!(errs.join("\n").contains("surprise"));
+    }
+
+    #[test]
+    fn entities_text_given_instead_of_the_file_is_judged_with_the_configuration() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, file) = (
+            dir.path().join("svsd.toml"),
+            dir.path().join("entities.toml"),
+        );
+        let text = good().replacen("[server]", "entities_file = \"entities.toml\"\n[server]", 1);
+        std::fs::write(&config, text).unwrap();
+        let entity = |key: &str| {
+            format!(
+                "[[entity]]\nname = \"ext\"\nspki_sha256 = \"{}\"\nkeys = [\"{key}\"]\noperations = [\"sign\"]\n",
+                FP.replace("00", "01")
+            )
+        };
+        // The file on disk names a key svsd.toml no longer exposes.
+        std::fs::write(&file, entity("retired")).unwrap();
+        assert!(Config::load(&config).is_err());
+        let fixed = entity("demo");
+        let c = Config::load_with_entities(&config, &fixed).unwrap();
+        assert_eq!(c.entities.last().unwrap().name, "ext");
+        let digest: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(fixed.as_bytes()).into();
+        assert_eq!(c.entities_sha256, Some(digest));
+        // The text given is checked against the inline entities too, and
+        // its errors name the file it stands for.
+        let inline_client = entity("demo")
+            .replace("spki_sha256", "certificate_sha256")
+            .replace(&FP.replace("00", "01"), FP);
+        let Err(SvsError::Config(errs)) = Config::load_with_entities(&config, &inline_client)
+        else {
+            panic!()
+        };
+        assert!(
+            errs.join("\n").contains("match the same client"),
+            "{errs:?}"
+        );
+        let Err(SvsError::Config(errs)) = Config::load_with_entities(&config, &entity("retired"))
+        else {
+            panic!()
+        };
+        let named = format!("{} entity \"ext\": key \"retired\"", file.display());
+        assert!(errs.iter().any(|e| e.starts_with(&named)), "{errs:?}");
     }
 
     #[test]

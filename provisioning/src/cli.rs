@@ -708,7 +708,14 @@ pub fn run(cli: Cli) -> Result<Outcome> {
     let config = cli
         .config
         .as_deref()
-        .map(crate::entities::load_config)
+        .map(|path| match &cli.command {
+            // The edit may be what repairs svsd's entities file; it is
+            // judged by its result ([`crate::entities::load_for_edit`]).
+            Command::Entity(cmd) if !matches!(cmd, EntityCmd::List) => {
+                crate::entities::load_for_edit(path).map(|e| e.config)
+            }
+            _ => crate::entities::load_config(path),
+        })
         .transpose()?;
     let mut pins = PinReader::new(PinFiles {
         user: cli.pin_file.clone(),

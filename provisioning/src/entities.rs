@@ -2,10 +2,12 @@
 //! svsd reads (svsd.toml's `entities_file`), then asks svsd to reload.
 //!
 //! An edit is: lock, re-read, change, write a temporary file beside it,
-//! fsync, check it with svsd's own loader (`load_entities_file`) plus the
-//! cross-checks svsd makes against inline entities, rename over the old
-//! file, fsync the directory. Any failure before the rename leaves the file
-//! as it was.
+//! fsync, check the whole configuration svsd would load with it
+//! (`Config::load_with_entities`: svsd.toml and the edited text), rename
+//! over the old file, fsync the directory. Any failure before the rename
+//! leaves the file as it was. The file as it was need not pass: an edit
+//! that repairs it (a key svsd.toml no longer exposes, taken out of an
+//! entity's grants) is written.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -15,9 +17,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use svs_appliance::config::{
-    Config, EntityConfig, EntityStatus, entities_from_toml, load_entities_file, syntax_error,
-};
+use svs_appliance::config::{Config, EntityConfig, EntityStatus, entities_from_toml, syntax_error};
+use svs_appliance::error::SvsError;
 use svs_appliance::reload::entities_sha256_of;
 use svs_hsm::keys::hex;
 use toml_edit::value;
@@ -84,6 +85,42 @@ pub fn load_config(path: &Path) -> Result<Config> {
     })
 }
 
+/// svsd's configuration, as an edit of its entities file starts from it.
+#[derive(Debug)]
+pub struct ForEdit {
+    /// With `file_refused`, the inline entities only.
+    pub config: Config,
+    /// svsd refuses its configuration for what the entities file says
+    /// (alone or beside the inline entities), which the edit may repair.
+    pub file_refused: bool,
+}
+
+/// [`load_config`] for a command that edits the entities file. svsd.toml
+/// must pass on its own: no entity edit repairs it. The entities file need
+/// not (a key taken out of svsd.toml's `[keys]` that an entity still
+/// names): the edit's result is judged, under the lock, before it is
+/// written.
+pub fn load_for_edit(path: &Path) -> Result<ForEdit> {
+    let refused = match load_config(path) {
+        Ok(config) => {
+            return Ok(ForEdit {
+                config,
+                file_refused: false,
+            });
+        }
+        Err(e) => e,
+    };
+    // Judged with an entities file of no entities, svsd.toml shows its own
+    // errors only.
+    match Config::load_with_entities(path, "") {
+        Ok(config) if config.entities_file.as_deref().is_some_and(Path::is_file) => Ok(ForEdit {
+            config,
+            file_refused: true,
+        }),
+        _ => Err(refused),
+    }
+}
+
 fn entities_path(config: &Config) -> Result<PathBuf> {
     config.entities_file.clone().ok_or_else(|| {
         ProvisionError::Config(format!(
@@ -134,14 +171,36 @@ fn entity_json(e: &EntityConfig, source: &str) -> Value {
 }
 
 /// The names of the entities in the entities file (the others are inline
-/// in svsd.toml, which svs-provision does not edit).
+/// in svsd.toml, which svs-provision does not edit), whether or not svsd
+/// would accept them.
 fn entities_file_names(config: &Config) -> BTreeSet<String> {
-    match &config.entities_file {
-        Some(p) => load_entities_file(p, &config.keys)
-            .map(|l| l.into_iter().map(|e| e.name).collect())
-            .unwrap_or_default(),
-        None => BTreeSet::new(),
-    }
+    config
+        .entities_file
+        .as_deref()
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .map(|text| names_in(&text))
+        .unwrap_or_default()
+}
+
+/// The names entities-file text gives its entities.
+fn names_in(text: &str) -> BTreeSet<String> {
+    let Ok(doc) = text.parse::<toml_edit::DocumentMut>() else {
+        return BTreeSet::new();
+    };
+    doc.get("entity")
+        .and_then(toml_edit::Item::as_array_of_tables)
+        .map(|list| {
+            list.iter()
+                .filter_map(|t| entity_name(t).map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether svsd's configuration names entity `name`: one in an entities
+/// file svsd refuses is not in `config`, yet is there to edit.
+fn exists(config: &Config, name: &str) -> bool {
+    config.entities.iter().any(|e| e.name == name) || entities_file_names(config).contains(name)
 }
 
 /// `entity list`.
@@ -384,11 +443,11 @@ fn string_array(items: &[String]) -> toml_edit::Value {
 
 /// `entity add`.
 pub fn add(config_path: &Path, new: &NewEntity, reload: &Reload) -> Result<Report> {
-    let config = load_config(config_path)?;
+    let config = load_for_edit(config_path)?.config;
     let target = reload_target(reload, &config.path)?;
     check_keys(&config, &new.keys)?;
     check_ops(&new.ops)?;
-    if config.entities.iter().any(|e| e.name == new.name) {
+    if exists(&config, &new.name) {
         return Err(ProvisionError::AlreadyExists(format!(
             "an entity named {:?} exists already; choose another name (or change it with `entity update`)",
             new.name
@@ -470,8 +529,8 @@ pub fn update(
     change: &EntityChange,
     reload: &Reload,
 ) -> Result<Report> {
-    let config = load_config(config_path)?;
-    if !config.entities.iter().any(|e| e.name == name) {
+    let config = load_for_edit(config_path)?.config;
+    if !exists(&config, name) {
         return Err(not_found(name, &config));
     }
     if let Some(keys) = &change.keys {
@@ -551,18 +610,23 @@ pub fn set_status(
     suspended: bool,
     reload: &Reload,
 ) -> Result<Report> {
-    let config = load_config(config_path)?;
+    let ForEdit {
+        config,
+        file_refused,
+    } = load_for_edit(config_path)?;
     let (want, state) = if suspended {
         (EntityStatus::Suspended, "suspended")
     } else {
         (EntityStatus::Active, "active")
     };
     // Before svsd is looked for: what is already so needs no write, no
-    // reload and no svsd at all.
-    if config
-        .entities
-        .iter()
-        .any(|e| e.name == name && e.status == want)
+    // reload and no svsd at all. Not while svsd refuses the entities file:
+    // it serves none of what the files say then.
+    if !file_refused
+        && config
+            .entities
+            .iter()
+            .any(|e| e.name == name && e.status == want)
     {
         return Ok(Report {
             text: format!("entity {name:?} is already {state}; nothing was changed\n"),
@@ -592,7 +656,10 @@ pub fn set_status(
 /// one edit and one reload. One by one, each a reload, the last entity
 /// was still signing seconds after the first was cut off.
 pub fn suspend_all(config_path: &Path, reload: &Reload) -> Result<Report> {
-    let config = load_config(config_path)?;
+    let ForEdit {
+        config,
+        file_refused,
+    } = load_for_edit(config_path)?;
     let path = entities_path(&config)?;
     let file_names = entities_file_names(&config);
     // Inline entities svs-provision cannot suspend: only the active ones
@@ -618,7 +685,9 @@ pub fn suspend_all(config_path: &Path, reload: &Reload) -> Result<Report> {
             inline.join(", ")
         )
     };
-    if !any_active {
+    // A file svsd refuses has its entities missing from `config`: the edit
+    // decides.
+    if !any_active && !file_refused {
         let already = if file_names.is_empty() {
             "the entities file has no entities"
         } else {
@@ -668,10 +737,10 @@ pub fn suspend_all(config_path: &Path, reload: &Reload) -> Result<Report> {
 
 /// `entity remove`.
 pub fn remove(config_path: &Path, name: &str, yes: bool, reload: &Reload) -> Result<Report> {
-    let config = load_config(config_path)?;
+    let config = load_for_edit(config_path)?.config;
     let path = entities_path(&config)?;
     // Fail on an unknown name before asking anything.
-    if !config.entities.iter().any(|e| e.name == name) {
+    if !exists(&config, name) {
         return Err(not_found(name, &config));
     }
     let target = reload_target(reload, &config.path)?;
@@ -697,17 +766,18 @@ pub fn remove(config_path: &Path, name: &str, yes: bool, reload: &Reload) -> Res
 }
 
 fn not_found(name: &str, config: &Config) -> ProvisionError {
+    let mut names: Vec<String> = config.entities.iter().map(|e| e.name.clone()).collect();
+    for n in entities_file_names(config) {
+        if !names.contains(&n) {
+            names.push(n);
+        }
+    }
     ProvisionError::NotFound(format!(
         "no entity named {name:?}; entities: {}",
-        if config.entities.is_empty() {
+        if names.is_empty() {
             "none".to_string()
         } else {
-            config
-                .entities
-                .iter()
-                .map(|e| e.name.clone())
-                .collect::<Vec<_>>()
-                .join(", ")
+            names.join(", ")
         }
     ))
 }
@@ -827,14 +897,28 @@ fn edit(
 
     // Re-read under the lock: another editor may have just written.
     let text = std::fs::read_to_string(path).map_err(|e| io("cannot read", e))?;
-    let before: Vec<EntityConfig> = load_entities_file(path, &config.keys).unwrap_or_default();
+    // svsd's verdict on the files as they stand: the edit need not start
+    // from a configuration svsd accepts, only end in one.
+    let earlier = match judged(config, &text)? {
+        Ok(_) => Vec::new(),
+        Err(errors) => errors,
+    };
     let body = edited(&text, path, change)?;
     // Nothing to write, and nothing for svsd to reload. Compared with the
     // file as an edit that changes nothing renders it too: rendering puts
     // the header on a file that has none, and that alone must not write
     // the file and reload svsd.
     if body == text || body == edited(&text, path, |_| Ok(()))? {
-        return Ok(None);
+        // Unless svsd refuses the file as it stands: then it does not
+        // serve what the file says, and "already so" would mislead.
+        if earlier.is_empty() {
+            return Ok(None);
+        }
+        return Err(ProvisionError::Config(format!(
+            "this changes nothing in the entities file, and svsd refuses its configuration as it stands, so nothing was written:\n  {}\nFix it first (svsd --check-config -c {} checks it)",
+            earlier.join("\n  "),
+            config.path.display()
+        )));
     }
 
     let tmp = Replacement::write(path, body.as_bytes(), 0o640)
@@ -845,12 +929,24 @@ fn edit(
     // the officer and is gone by the time the message is read.
     let written = std::fs::read_to_string(tmp.path())
         .map_err(|e| io("cannot read back the temporary file beside", e))?;
-    let after = entities_from_toml(&written, path, &config.keys).map_err(|e| {
-        ProvisionError::Config(format!(
-            "the edited entities file would be refused by svsd, so it was not written: {e}"
-        ))
-    })?;
-    cross_check(config, &before, &after, claim)?;
+    // From a configuration svsd accepted, two entities clashing are this
+    // edit's doing, and said so (exit 4) before svsd's whole verdict.
+    if earlier.is_empty()
+        && let Ok(after) = entities_from_toml(&written, path, &config.keys)
+    {
+        cross_check(config, &names_in(&text), &after)?;
+    }
+    match judged(config, &written)? {
+        // Checked again under the lock, against the entities svsd would
+        // serve: another officer may have given the certificate to an
+        // entity meanwhile, matched another way.
+        Ok(result) => {
+            if let Some(claim) = claim {
+                claim.check_against(&result.entities)?;
+            }
+        }
+        Err(errors) => return Err(refused(config, &errors, &earlier)),
+    }
 
     tmp.commit().map_err(|e| io("cannot replace", e))?;
     Ok(Some(Written {
@@ -881,26 +977,64 @@ impl Written {
     }
 }
 
+/// The refusal of an edit that svsd would refuse for `errors`. Those in
+/// `earlier` (the files as they stood) are marked: the edit itself may be
+/// right, and they need fixing by hand.
+fn refused(config: &Config, errors: &[String], earlier: &[String]) -> ProvisionError {
+    let listed: Vec<String> = errors
+        .iter()
+        .map(|e| {
+            if earlier.contains(e) {
+                format!("{e} (already so before this edit)")
+            } else {
+                e.clone()
+            }
+        })
+        .collect();
+    let hint = if errors.iter().all(|e| earlier.contains(e)) {
+        format!(
+            "\nNone of them is this edit's: fix them (svsd --check-config -c {} checks the configuration), then run it again",
+            config.path.display()
+        )
+    } else {
+        String::new()
+    };
+    ProvisionError::Config(format!(
+        "the edited entities file would be refused by svsd, so it was not written:\n  {}{hint}",
+        listed.join("\n  ")
+    ))
+}
+
+/// svsd's configuration as svsd would load it with `entities` as its
+/// entities file's text, or every error for which it would refuse it.
+fn judged(config: &Config, entities: &str) -> Result<std::result::Result<Config, Vec<String>>> {
+    match Config::load_with_entities(&config.path, entities) {
+        Ok(c) => Ok(Ok(c)),
+        Err(SvsError::Config(errors)) => Ok(Err(errors)),
+        Err(e) => Err(ProvisionError::Config(format!(
+            "{}: {e}; the entities file was not changed",
+            config.path.display()
+        ))),
+    }
+}
+
 fn sha256_hex(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))
 }
 
-/// The checks svsd makes across inline entities and the file's, and
-/// `claim`'s check against the entities as svsd would have them: made
-/// again here, under the lock, since the entities read before it may have
-/// changed since (another officer's `entity add` of the same certificate,
-/// matched another way, passed the identical-field check below).
+/// The checks svsd makes across inline entities and the file's (`after`;
+/// `from_file` names the file's entities before the edit, which `config`
+/// may hold too): made again here, under the lock, since another officer
+/// may have added the same name or certificate since `config` was read.
 fn cross_check(
     config: &Config,
-    before: &[EntityConfig],
+    from_file: &BTreeSet<String>,
     after: &[EntityConfig],
-    claim: Option<&Claim>,
 ) -> Result<()> {
-    let from_file: BTreeSet<&str> = before.iter().map(|e| e.name.as_str()).collect();
     let inline = config
         .entities
         .iter()
-        .filter(|e| !from_file.contains(e.name.as_str()));
+        .filter(|e| !from_file.contains(&e.name));
     let mut names = BTreeSet::new();
     let mut clients: BTreeMap<String, String> = BTreeMap::new();
     for e in inline.chain(after.iter()) {
@@ -916,16 +1050,6 @@ fn cross_check(
                 e.name
             )));
         }
-    }
-    if let Some(claim) = claim {
-        let all: Vec<EntityConfig> = config
-            .entities
-            .iter()
-            .filter(|e| !from_file.contains(e.name.as_str()))
-            .chain(after)
-            .cloned()
-            .collect();
-        claim.check_against(&all)?;
     }
     Ok(())
 }
@@ -1609,6 +1733,116 @@ per_second = 50.0
         let now = std::fs::read_to_string(f.entities()).unwrap();
         assert!(now.starts_with(HEADER), "{now}");
         assert!(now.contains("operations = [\"sign\", \"verify\"]"), "{now}");
+    }
+
+    /// An entities file that svsd refuses only because `bank-a` (and, with
+    /// `also_c`, `bank-c`) names a key svsd.toml no longer exposes.
+    fn retired_key(also_c: bool) -> String {
+        let mut text = format!(
+            "# bank-a: owner ops, ticket OPS-1\n{}keys = [\"retired\"] # the 2025 key\noperations = [\"sign\"]\n\n{}",
+            "[[entity]]\nname = \"bank-a\"\nspki_sha256 = \"1111111111111111111111111111111111111111111111111111111111111111\"\n",
+            entity_toml("bank-b", '2', "")
+        );
+        if also_c {
+            text.push('\n');
+            text.push_str(&entity_toml("bank-c", '3', "").replace("\"demo\"", "\"retired\""));
+        }
+        text
+    }
+
+    #[test]
+    fn an_edit_that_repairs_the_entities_file_is_written() {
+        use clap::Parser;
+        let f = Fixture::new(&retired_key(false));
+        let e = load_config(&f.config).expect_err("svsd refuses the file as it is");
+        assert!(e.to_string().contains("\"retired\""), "{e}");
+        // As the officer runs it: the command line loads the configuration
+        // first too.
+        let cli = crate::cli::Cli::try_parse_from([
+            "svs-provision",
+            "--config",
+            f.config.to_str().unwrap(),
+            "entity",
+            "update",
+            "--name",
+            "bank-a",
+            "--keys",
+            "demo",
+            "--no-reload",
+        ])
+        .unwrap();
+        let r = crate::cli::run(cli).unwrap().report;
+        assert_eq!(r.json["changed"], true, "{}", r.text);
+        let now = std::fs::read_to_string(f.entities()).unwrap();
+        assert!(
+            now.starts_with("# bank-a: owner ops, ticket OPS-1\n"),
+            "{now}"
+        );
+        assert!(now.contains("keys = [\"demo\"] # the 2025 key\n"), "{now}");
+        let config = load_config(&f.config).unwrap();
+        assert_eq!(config.entities.len(), 2);
+
+        // Removing the entity at fault repairs it too.
+        std::fs::write(f.entities(), retired_key(false)).unwrap();
+        remove(&f.config, "bank-a", true, &Reload::No).unwrap();
+        let names: Vec<_> = load_config(&f.config)
+            .unwrap()
+            .entities
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        assert_eq!(names, ["bank-b"]);
+    }
+
+    #[test]
+    fn an_edit_that_leaves_the_configuration_refused_writes_nothing() {
+        let f = Fixture::new(&retired_key(true));
+        let before = std::fs::read(f.entities()).unwrap();
+        let refused = |e: ProvisionError| {
+            assert_eq!(e.exit_code(), 8, "{e}");
+            let e = e.to_string();
+            // bank-c's error is older than the edit, and says so.
+            let c = e
+                .lines()
+                .find(|l| l.contains("entity \"bank-c\": key \"retired\""))
+                .unwrap_or_else(|| panic!("{e}"));
+            assert!(
+                c.contains("already so before this edit") || e.contains("as it stands"),
+                "{e}"
+            );
+            assert_eq!(std::fs::read(f.entities()).unwrap(), before, "{e}");
+            e
+        };
+        let fix_a = EntityChange {
+            keys: Some(vec!["demo".into()]),
+            ..EntityChange::default()
+        };
+        let e = refused(update(&f.config, "bank-a", &fix_a, &Reload::No).unwrap_err());
+        assert!(!e.contains("\"bank-a\""), "bank-a's error is fixed: {e}");
+        let e = refused(set_status(&f.config, "bank-a", true, &Reload::No).unwrap_err());
+        assert!(e.contains("\"bank-a\""), "{e}");
+        refused(suspend_all(&f.config, &Reload::No).unwrap_err());
+        // Nothing to change is refused as well: the file is not as svsd
+        // serves it, whatever it says about bank-b.
+        refused(set_status(&f.config, "bank-b", false, &Reload::No).unwrap_err());
+        let (cert, _) = f.client("app-x");
+        let new = NewEntity {
+            name: "bank-d".into(),
+            cert,
+            match_certificate: false,
+            keys: vec!["demo".into()],
+            ops: vec!["sign".into()],
+            rate: None,
+            burst: None,
+            max_concurrent: None,
+            suspended: false,
+        };
+        refused(add(&f.config, &new, &Reload::No).unwrap_err());
+        // An entity that is in neither file is still not found.
+        let e = update(&f.config, "bank-x", &fix_a, &Reload::No).unwrap_err();
+        assert_eq!(e.exit_code(), 3, "{e}");
+        assert!(e.to_string().contains("bank-a"), "{e}");
+        assert_eq!(std::fs::read(f.entities()).unwrap(), before);
     }
 
     #[test]
