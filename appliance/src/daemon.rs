@@ -579,11 +579,16 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), SvsError> {
     // otherwise kill it after WatchdogSec. One that hangs is not.
     let clock = AttemptClock::default();
     spawn_watchdog(clock.clone());
+    // The probe and metrics ports answer during start attempts too: one
+    // that hangs on the HSM for minutes is "not ready" to monitoring, not
+    // down. Served on across retries: a restart would drop connections
+    // accepted and not yet answered.
+    let mut serving: Option<WaitingPages> = None;
     loop {
-        // The probe and metrics ports answer during the start attempt too:
-        // one that hangs on the HSM for minutes is "not ready" to
-        // monitoring, not down.
-        let pages = WaitingPages::serve(&mut side, &config, &metrics, &why).await?;
+        let pages = match serving.take() {
+            Some(pages) => pages,
+            None => WaitingPages::serve(&mut side, &config, &metrics, &why).await?,
+        };
         clock.begin();
         // A SIGHUP during the attempt stays pending for the wait (or the
         // running phase) after it.
@@ -599,14 +604,17 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), SvsError> {
                 tracing::info!("stopped during a start attempt");
                 return Ok(());
             }
-            Some(Ok(running)) => {
+            Some(Ok(prepared)) => {
                 if last_reason.is_some() {
                     tracing::info!("provisioned: starting");
                 }
                 pages.stop(&mut side).await?;
+                // Not raced with SIGTERM (see `Prepared::open`); one that
+                // comes meanwhile is taken by `serve`, which records the stop.
+                let running = prepared.open(&config, &mut side, metrics).await?;
                 // The attempt (and the watchdog's deadline) ends after the
                 // self-tests, in `serve`.
-                return running.serve(config, side, signals, started, clock).await;
+                return running.serve(config, signals, started, clock).await;
             }
             Some(Err(e)) => e,
         };
@@ -637,13 +645,21 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), SvsError> {
             _ = signals.term.recv() => Wake::Stop,
             _ = signals.int.recv() => Wake::Stop,
         };
-        // Stopped for the next attempt to serve them again: a reload may
-        // move them, or the metrics TLS files may have come.
-        pages.stop(&mut side).await?;
         match wake {
-            Wake::Retry => retry = (retry * 2).min(RETRY_MAX),
+            Wake::Retry => {
+                retry = (retry * 2).min(RETRY_MAX);
+                // Served anew only to add the metrics listener, once its
+                // TLS files are there.
+                if pages.lacks_metrics(&config) {
+                    pages.stop(&mut side).await?;
+                } else {
+                    serving = Some(pages);
+                }
+            }
             Wake::Reload => {
                 retry = RETRY_INITIAL;
+                // A reload may move the side listeners.
+                pages.stop(&mut side).await?;
                 let mut states = vec![NotifyState::Reloading];
                 states.extend(NotifyState::monotonic_usec_now().ok());
                 notify(&states);
@@ -667,6 +683,7 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), SvsError> {
                 notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
             }
             Wake::Stop => {
+                pages.stop(&mut side).await?;
                 notify(&[NotifyState::Stopping]);
                 tracing::info!("stopped (was not ready)");
                 return Ok(());
@@ -692,6 +709,16 @@ impl WaitingPages {
         why: &watch::Receiver<SvsError>,
     ) -> Result<WaitingPages, SvsError> {
         let (stop, stop_rx) = watch::channel(false);
+        // Every socket whose address changed is let go before any is bound:
+        // a reload may swap the two ports.
+        for (slot, want) in [
+            (&mut side.probe, config.health_listen),
+            (&mut side.metrics, config.metrics.listen),
+        ] {
+            if slot.as_ref().map(|(a, _)| *a) != want {
+                *slot = None;
+            }
+        }
         if keep_bound(&mut side.probe, config.health_listen).await? {
             tracing::info!(addr = ?config.health_listen, "listening (plain HTTP, /healthz and /readyz only; not ready)");
         }
@@ -732,6 +759,12 @@ impl WaitingPages {
             probe,
             metrics,
         })
+    }
+
+    /// Whether `config` wants a metrics listener this does not serve (its
+    /// TLS files were not there yet).
+    fn lacks_metrics(&self, config: &Config) -> bool {
+        config.metrics.listen.is_some() && self.metrics.is_none()
     }
 
     /// Stops serving; the listeners go back into `side`, still bound.
@@ -833,6 +866,8 @@ struct Running {
     audit: Arc<AuditTrail>,
     tls: server::TlsSlot,
     metrics_tls: Option<TlsAcceptor>,
+    probe_listener: Option<TcpListener>,
+    metrics_listener: Option<TcpListener>,
     stop_tx: watch::Sender<bool>,
     stop_rx: watch::Receiver<bool>,
     accept_tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -842,7 +877,7 @@ struct Running {
 /// One full start attempt: files, TLS, HSM login and keys, API listeners,
 /// audit trail. The side listeners are the caller's: they answer while
 /// this runs.
-async fn start(config: &Config, metrics: Arc<Metrics>) -> Result<Running, SvsError> {
+async fn start(config: &Config, metrics: Arc<Metrics>) -> Result<Prepared, SvsError> {
     // Everything that can be wrong with the files is found before the HSM is touched.
     let c = config.clone();
     let (api, metrics_tls) = tokio::task::spawn_blocking(move || {
@@ -903,49 +938,92 @@ async fn start(config: &Config, metrics: Arc<Metrics>) -> Result<Running, SvsErr
     // Bound before the trail is opened: a port that is taken ends svsd
     // without a `start` record that no `stop` would follow.
     let listeners = server::bind(&config.listen).await?;
-    let audit_config = config.audit.clone();
-    let audit =
-        tokio::task::spawn_blocking(move || AuditTrail::open(&audit_config, anchor.as_ref()))
-            .await
-            .map_err(|e| SvsError::Internal(e.to_string()))??;
-    let audit = Arc::new(audit);
-    let app = Arc::new(App::with_metrics(config, backend, audit.clone(), metrics));
-    audit
-        .note(
-            "start",
-            crate::reload::record_detail(
-                &format_args!("svsd {} started", env!("CARGO_PKG_VERSION")),
-                config.entities_sha256.as_ref(),
-            ),
-        )
-        .await?;
-
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let tls: server::TlsSlot = Arc::new(RwLock::new(Arc::new(server::TlsGeneration::new(0, api))));
-    let gates = server::Gates::new(&config.limits);
-    let graceful = Arc::new(GracefulShutdown::new());
-    let mut accept_tasks = Vec::new();
-    for (l, addr) in listeners.into_iter().zip(&config.listen) {
-        tracing::info!(%addr, "listening (HTTPS, client certificate required)");
-        accept_tasks.push(tokio::spawn(server::serve_tls(
-            app.clone(),
-            l,
-            tls.clone(),
-            gates.clone(),
-            graceful.clone(),
-            stop_rx.clone(),
-        )));
-    }
-    Ok(Running {
-        app,
-        audit,
-        tls,
+    Ok(Prepared {
+        api,
         metrics_tls,
-        stop_tx,
-        stop_rx,
-        accept_tasks,
-        graceful,
+        backend,
+        anchor,
+        listeners,
     })
+}
+
+/// A start attempt that has found everything it needs: the trail is next.
+struct Prepared {
+    api: crate::tls::ApiTls,
+    metrics_tls: Option<TlsAcceptor>,
+    backend: Arc<dyn SigningBackend>,
+    anchor: Option<crate::audit::Checkpoint>,
+    listeners: Vec<TcpListener>,
+}
+
+impl Prepared {
+    /// Takes the side listeners, opens the trail with its `start` record,
+    /// and serves the API. Must not be cut short (raced with SIGTERM): a
+    /// `start` record already queued would stay without its `stop`.
+    async fn open(
+        self,
+        config: &Config,
+        side: &mut SideSockets,
+        metrics: Arc<Metrics>,
+    ) -> Result<Running, SvsError> {
+        let Prepared {
+            api,
+            metrics_tls,
+            backend,
+            anchor,
+            listeners,
+        } = self;
+        // Before the trail too: one that was not bound while waiting (its TLS
+        // files came since) may find its port taken.
+        let probe_listener = take_or_bind(&mut side.probe, config.health_listen).await?;
+        let metrics_listener = take_or_bind(&mut side.metrics, config.metrics.listen).await?;
+        let audit_config = config.audit.clone();
+        let audit =
+            tokio::task::spawn_blocking(move || AuditTrail::open(&audit_config, anchor.as_ref()))
+                .await
+                .map_err(|e| SvsError::Internal(e.to_string()))??;
+        let audit = Arc::new(audit);
+        let app = Arc::new(App::with_metrics(config, backend, audit.clone(), metrics));
+        audit
+            .note(
+                "start",
+                crate::reload::record_detail(
+                    &format_args!("svsd {} started", env!("CARGO_PKG_VERSION")),
+                    config.entities_sha256.as_ref(),
+                ),
+            )
+            .await?;
+
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let tls: server::TlsSlot =
+            Arc::new(RwLock::new(Arc::new(server::TlsGeneration::new(0, api))));
+        let gates = server::Gates::new(&config.limits);
+        let graceful = Arc::new(GracefulShutdown::new());
+        let mut accept_tasks = Vec::new();
+        for (l, addr) in listeners.into_iter().zip(&config.listen) {
+            tracing::info!(%addr, "listening (HTTPS, client certificate required)");
+            accept_tasks.push(tokio::spawn(server::serve_tls(
+                app.clone(),
+                l,
+                tls.clone(),
+                gates.clone(),
+                graceful.clone(),
+                stop_rx.clone(),
+            )));
+        }
+        Ok(Running {
+            app,
+            audit,
+            tls,
+            metrics_tls,
+            probe_listener,
+            metrics_listener,
+            stop_tx,
+            stop_rx,
+            accept_tasks,
+            graceful,
+        })
+    }
 }
 
 impl Running {
@@ -955,7 +1033,6 @@ impl Running {
     async fn serve(
         self,
         config: Config,
-        mut side: SideSockets,
         mut signals: Signals,
         started: Instant,
         clock: AttemptClock,
@@ -965,6 +1042,8 @@ impl Running {
             audit,
             tls,
             metrics_tls,
+            probe_listener,
+            metrics_listener,
             stop_tx,
             stop_rx,
             accept_tasks,
@@ -972,11 +1051,11 @@ impl Running {
         } = self;
         // Before the self-tests: the probes say "self-tests pending" while
         // they run.
-        if let Some(l) = take_or_bind(&mut side.probe, config.health_listen).await? {
+        if let Some(l) = probe_listener {
             tracing::info!(addr = ?config.health_listen, "listening (plain HTTP, /healthz and /readyz only)");
             tokio::spawn(server::serve_probes(app.clone(), l, stop_rx.clone()));
         }
-        if let Some(l) = take_or_bind(&mut side.metrics, config.metrics.listen).await? {
+        if let Some(l) = metrics_listener {
             tracing::info!(
                 addr = ?config.metrics.listen,
                 tls = metrics_tls.is_some(),

@@ -7,6 +7,7 @@
 //! them and pick. That also avoids `C_SetAttributeValue` on `CKA_VALUE`,
 //! which some HSMs refuse for data objects.
 
+use cryptoki::error::{Error as CryptokiError, RvError};
 use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 
@@ -55,7 +56,13 @@ pub fn replace(session: &Session, label: &str, value: &[u8]) -> Result<()> {
         Attribute::Value(value.to_vec()),
     ])?;
     for handle in old {
-        session.destroy_object(handle)?;
+        match session.destroy_object(handle) {
+            // Destroyed already by a replacement on another session (svsd's
+            // stop racing a checkpoint's that its abort left running in the
+            // pool): the goal, no value but the newest, is met either way.
+            Err(CryptokiError::Pkcs11(RvError::ObjectHandleInvalid, _)) => {}
+            r => r?,
+        }
     }
     Ok(())
 }

@@ -1302,7 +1302,8 @@ fn do_reload(target: &Target, config: &Config, edit: &Option<Written>) -> Result
 }
 
 /// Why svsd's probe listener at `addr` says it is waiting to start (not
-/// provisioned, HSM unreachable), if it says so. A waiting svsd has no
+/// provisioned, HSM unreachable, its first start attempt still running),
+/// if it says so. A waiting svsd has no
 /// audit trail open, so it writes no `reload` record; but SIGHUP makes it
 /// re-read its configuration, and it reads the entities file when it
 /// starts. A running svsd that is not ready (self-tests failed) still
@@ -1324,8 +1325,10 @@ fn waiting_reason(addr: SocketAddr) -> Option<String> {
     let body: Value = serde_json::from_str(body).ok()?;
     let message = body["error"]["message"].as_str()?;
     (body["error"]["code"] == "not_ready"
-        && (message.starts_with("not provisioned") || message.starts_with("HSM unavailable")))
-    .then(|| message.to_owned())
+        && (message.starts_with("not provisioned")
+            || message.starts_with("HSM unavailable")
+            || message == "starting"))
+        .then(|| message.to_owned())
 }
 
 fn do_reload_within(
@@ -1429,6 +1432,12 @@ mod tests {
             waiting_reason(waiting).as_deref(),
             Some("not provisioned: HSM PIN missing")
         );
+        // Its first start attempt still running: the SIGHUP is taken once it
+        // has started (or makes it start again).
+        let starting = probe_answering(
+            "HTTP/1.0 503 Service Unavailable\r\n\r\n{\"error\":{\"code\":\"not_ready\",\"message\":\"starting\"}}",
+        );
+        assert_eq!(waiting_reason(starting).as_deref(), Some("starting"));
         // Running but not ready: it writes reload records, so no excuse.
         let failing = probe_answering(
             "HTTP/1.0 503 Service Unavailable\r\n\r\n{\"error\":{\"code\":\"not_ready\",\"message\":\"self-tests failed\"}}",

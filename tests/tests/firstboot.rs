@@ -189,12 +189,7 @@ async fn unprovisioned_svsd_waits_not_ready_and_starts_on_sighup() {
 async fn sigterm_while_waiting_exits_0_and_keys_missing_is_a_reason() {
     let install = Install::new();
     let health = add_health_listen(&install);
-    install.edit_config(|t| {
-        t.replace(
-            "demo = { object = \"demo\" }",
-            "demo = { object = \"later\" }",
-        )
-    });
+    keys_missing(&install);
     // As under systemd with WatchdogSec=1s: the waiting daemon must keep
     // pinging, or systemd would kill an appliance that is only unprovisioned.
     let notify_path = install.dir.join("notify.sock");
@@ -552,12 +547,7 @@ fn audit_is_empty(install: &Install) -> bool {
 async fn a_reload_while_waiting_is_announced_and_its_hanging_attempt_keeps_the_probes_answering() {
     let install = Install::new();
     let health = add_health_listen(&install);
-    install.edit_config(|t| {
-        t.replace(
-            "demo = { object = \"demo\" }",
-            "demo = { object = \"later\" }",
-        )
-    });
+    keys_missing(&install);
     let faults = install.dir.join("faults");
     std::fs::write(&faults, "").unwrap();
     let notify_path = install.dir.join("notify.sock");
@@ -608,6 +598,67 @@ async fn a_reload_while_waiting_is_announced_and_its_hanging_attempt_keeps_the_p
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     sigterm_ends_the_start_attempt(&mut d);
+}
+
+/// An installation whose keys are not on the token yet: svsd waits.
+fn keys_missing(install: &Install) {
+    install.edit_config(|t| {
+        t.replace(
+            "demo = { object = \"demo\" }",
+            "demo = { object = \"later\" }",
+        )
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_connection_opened_while_waiting_is_answered_across_retries() {
+    let install = Install::new();
+    let health = add_health_listen(&install);
+    keys_missing(&install);
+    let mut d = spawn(&install, &[]);
+    let waiting = wait_for(&d, health, "/readyz", 503).await;
+    // Connected now, asked after the next retries (at 1 and 3 s).
+    let mut s = tokio::net::TcpStream::connect(health).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    s.write_all(b"GET /readyz HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.unwrap();
+    let text = String::from_utf8_lossy(&raw);
+    assert!(
+        text.starts_with("HTTP/1.0 503"),
+        "{text:?}\n{}",
+        d.log_text()
+    );
+    let body: Value = serde_json::from_str(text.split_once("\r\n\r\n").unwrap().1).unwrap();
+    assert_eq!(body, waiting);
+    d.signal("TERM");
+    assert_eq!(d.wait(Duration::from_secs(15)).unwrap().code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_while_waiting_may_swap_the_probe_and_metrics_ports() {
+    let install = Install::new();
+    let health = add_health_listen(&install);
+    keys_missing(&install);
+    let mut d = spawn(&install, &[]);
+    wait_for(&d, health, "/readyz", 503).await;
+    let metrics = install.metrics_addr;
+    install.edit_config(|t| {
+        t.replace(&format!("\"{health}\""), "\"HEALTH\"")
+            .replace(&format!("\"{metrics}\""), &format!("\"{health}\""))
+            .replace("\"HEALTH\"", &format!("\"{metrics}\""))
+    });
+    d.signal("HUP");
+    // The probe now answers on the metrics port, and the metrics page is
+    // served on the probe's.
+    wait_for(&d, metrics, "/readyz", 503).await;
+    let page = scrape_metrics(health).await;
+    assert_eq!(sample(&page, "svs_ready"), Some(0.0), "{page}");
+    d.signal("TERM");
+    let st = d.wait(Duration::from_secs(15));
+    assert_eq!(st.and_then(|s| s.code()), Some(0), "{}", d.log_text());
 }
 
 #[test]
