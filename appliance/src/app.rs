@@ -298,6 +298,14 @@ impl Route {
     }
 }
 
+/// A reload [`App::check_reload`] accepted, not yet installed.
+#[derive(Debug)]
+pub struct ReloadPlan {
+    changes: ReloadChanges,
+    keys: KeySet,
+    next: Arc<Runtime>,
+}
+
 /// Shared state of the daemon.
 pub struct App {
     backend: Arc<dyn SigningBackend>,
@@ -332,7 +340,7 @@ pub struct App {
     /// anchor is updated: a checkpoint and the stop's update can meet, and
     /// two replacing the same object would each destroy the old one (and
     /// the later head must win).
-    anchor_written: tokio::sync::Mutex<u64>,
+    anchor_written: Arc<tokio::sync::Mutex<u64>>,
     /// Which refusals get an audit record of their own.
     refusals: RefusalRecords,
     /// Refusal-audit failures logged at most once a second (clients can
@@ -406,7 +414,7 @@ impl App {
             body_budget_bytes: config.limits.max_inflight_body_bytes,
             checkpoint_key: config.audit.checkpoint_key.clone(),
             anchor_object: config.audit.anchor_object.clone(),
-            anchor_written: tokio::sync::Mutex::new(0),
+            anchor_written: Arc::new(tokio::sync::Mutex::new(0)),
             refusals: RefusalRecords::new(config.audit.refusal_records),
             refusal_log: LogLimit::new(Duration::from_secs(1)),
         }
@@ -476,6 +484,14 @@ impl App {
     /// old configuration and the old keys keep serving (a key deleted from
     /// the token can no longer sign, whatever svsd knew of it).
     pub async fn reload(&self, config: &Config) -> Result<ReloadChanges, SvsError> {
+        let mut changes = self.install_reload(self.check_reload(config).await?);
+        self.retest_after_reload(&mut changes).await;
+        Ok(changes)
+    }
+
+    /// Everything [`App::reload`] checks and tests before it installs
+    /// anything; changes nothing, so it may be cut short.
+    pub async fn check_reload(&self, config: &Config) -> Result<ReloadPlan, SvsError> {
         // The new file's own check compares with its own checkpoint_key,
         // which may differ from (or drop) the one still signing: a client
         // given that key could sign checkpoint texts.
@@ -567,10 +583,20 @@ impl App {
             limits: config.limits.clone(),
             anomaly: config.anomaly.clone(),
         });
-        self.backend.install_keys(install);
-        *self.runtime.write().unwrap_or_else(|p| p.into_inner()) = next;
-        self.retest_after_reload(&mut changes).await;
-        Ok(changes)
+        Ok(ReloadPlan {
+            changes,
+            keys: install,
+            next,
+        })
+    }
+
+    /// Installs what [`App::check_reload`] accepted: one step, with no
+    /// await, so the `reload` record that follows it is never cut off from
+    /// it.
+    pub fn install_reload(&self, plan: ReloadPlan) -> ReloadChanges {
+        self.backend.install_keys(plan.keys);
+        *self.runtime.write().unwrap_or_else(|p| p.into_inner()) = plan.next;
+        plan.changes
     }
 
     /// A failed self-test stands until the next periodic run (up to
@@ -580,7 +606,7 @@ impl App {
     /// again at once: before, svsd stayed not ready for minutes after the
     /// reload that fixed it. A run the HSM is too busy for leaves the
     /// verdict to the periodic one.
-    async fn retest_after_reload(&self, changes: &mut ReloadChanges) {
+    pub async fn retest_after_reload(&self, changes: &mut ReloadChanges) {
         if !self.selftest_failed() {
             return;
         }
@@ -1623,27 +1649,37 @@ impl App {
     /// (appliances sharing the token and the label) or this trail started
     /// over, and overwriting would hide either.
     async fn update_anchor(&self, text: &crate::audit::Checkpoint) -> Result<(), SvsError> {
-        let Some(label) = &self.anchor_object else {
+        let Some(label) = self.anchor_object.clone() else {
             return Ok(());
         };
-        let mut written = self.anchor_written.lock().await;
-        if text.head_seq <= *written {
-            // A checkpoint overtaken by the stop's update: already covered.
-            return Ok(());
-        }
-        let on_token = crate::audit::anchor_head(&self.backend.read_data(label).await?)
-            .map_err(|e| SvsError::AuditUnavailable(format!("audit anchor {label:?}: {e}")))?;
-        if let Some(on_token) = on_token
-            && on_token.head_seq > text.head_seq
-        {
-            return Err(SvsError::AuditUnavailable(format!(
-                "the token's audit anchor {label:?} is at seq {}, ahead of this trail's seq {}: another svsd writes the same anchor (set [audit] anchor_object apart), or this trail was started over; left unchanged",
-                on_token.head_seq, text.head_seq
-            )));
-        }
-        self.backend.replace_data(label, text.message()).await?;
-        *written = text.head_seq;
-        Ok(())
+        let (backend, text) = (self.backend.clone(), text.clone());
+        let mut written = self.anchor_written.clone().lock_owned().await;
+        // A task of its own, holding the lock until the HSM has answered: a
+        // caller cut short (a checkpoint ended at the stop) would otherwise
+        // leave its replacement running in the pool while the stop's starts,
+        // and each could destroy the other's new value.
+        let update = tokio::spawn(async move {
+            if text.head_seq <= *written {
+                // A checkpoint overtaken by the stop's update: already covered.
+                return Ok(());
+            }
+            let on_token = crate::audit::anchor_head(&backend.read_data(&label).await?)
+                .map_err(|e| SvsError::AuditUnavailable(format!("audit anchor {label:?}: {e}")))?;
+            if let Some(on_token) = on_token
+                && on_token.head_seq > text.head_seq
+            {
+                return Err(SvsError::AuditUnavailable(format!(
+                    "the token's audit anchor {label:?} is at seq {}, ahead of this trail's seq {}: another svsd writes the same anchor (set [audit] anchor_object apart), or this trail was started over; left unchanged",
+                    on_token.head_seq, text.head_seq
+                )));
+            }
+            backend.replace_data(&label, text.message()).await?;
+            *written = text.head_seq;
+            Ok(())
+        });
+        update
+            .await
+            .map_err(|e| SvsError::Internal(format!("audit anchor update: {e}")))?
     }
 }
 

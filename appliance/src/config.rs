@@ -763,14 +763,6 @@ fn entities_from(
     out
 }
 
-/// Reads the entities file on its own. Keys are checked against `keys`.
-pub fn load_entities_file(
-    path: &Path,
-    keys: &BTreeMap<String, KeyExposure>,
-) -> Result<Vec<EntityConfig>, SvsError> {
-    entities_from_toml(&read(path)?, path, keys)
-}
-
 /// Checks entities-file text as if read from `path`: svs-provision checks
 /// its edit, written to a temporary file, under the name of the file it
 /// will replace, which is the one the officer knows.
@@ -1423,7 +1415,11 @@ operations = ["dance"]
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("entities.toml");
         std::fs::write(&file, "[[entity]]\nname \"bank-a\"\n").unwrap();
-        let Err(SvsError::Config(errs)) = load_entities_file(&file, &BTreeMap::new()) else {
+        let Err(SvsError::Config(errs)) = entities_from_toml(
+            &std::fs::read_to_string(&file).unwrap(),
+            &file,
+            &BTreeMap::new(),
+        ) else {
             panic!("expected a syntax error")
         };
         assert!(
@@ -1511,7 +1507,11 @@ max_body_bytes = \"x\"\nmax_batch_items = 0\n[audit]\nrefusal_records = { per_se
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("entities.toml");
         std::fs::write(&file, entity).unwrap();
-        let Err(SvsError::Config(errs)) = load_entities_file(&file, &BTreeMap::new()) else {
+        let Err(SvsError::Config(errs)) = entities_from_toml(
+            &std::fs::read_to_string(&file).unwrap(),
+            &file,
+            &BTreeMap::new(),
+        ) else {
             panic!("expected errors")
         };
         let all = errs.join("\n");

@@ -405,6 +405,11 @@ const RETRY_MAX: Duration = Duration::from_secs(10);
 /// attempt, so that a signal during start-up is neither lost nor fatal.
 struct Signals {
     hup: Signal,
+    stop: StopSignals,
+}
+
+/// SIGTERM and SIGINT: either stops svsd.
+struct StopSignals {
     term: Signal,
     int: Signal,
 }
@@ -414,9 +419,28 @@ impl Signals {
         let sig = |k| signal(k).map_err(|e| SvsError::Io(e.to_string()));
         Ok(Signals {
             hup: sig(SignalKind::hangup())?,
-            term: sig(SignalKind::terminate())?,
-            int: sig(SignalKind::interrupt())?,
+            stop: StopSignals {
+                term: sig(SignalKind::terminate())?,
+                int: sig(SignalKind::interrupt())?,
+            },
         })
+    }
+
+    /// RELOADING=1 for systemd, which then waits for READY=1.
+    fn reloading() {
+        let mut states = vec![NotifyState::Reloading];
+        states.extend(NotifyState::monotonic_usec_now().ok());
+        notify(&states);
+    }
+}
+
+impl StopSignals {
+    /// The next SIGTERM or SIGINT.
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
     }
 }
 
@@ -585,7 +609,7 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), SvsError> {
     // accepted and not yet answered.
     let mut serving: Option<WaitingPages> = None;
     loop {
-        let pages = match serving.take() {
+        let mut pages = match serving.take() {
             Some(pages) => pages,
             None => WaitingPages::serve(&mut side, &config, &metrics, &why).await?,
         };
@@ -594,8 +618,7 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), SvsError> {
         // running phase) after it.
         let attempt = tokio::select! {
             r = start(&config, metrics.clone()) => Some(r),
-            _ = signals.term.recv() => None,
-            _ = signals.int.recv() => None,
+            _ = signals.stop.recv() => None,
         };
         let error = match attempt {
             None => {
@@ -642,27 +665,21 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), SvsError> {
         let wake = tokio::select! {
             _ = tokio::time::sleep(retry) => Wake::Retry,
             _ = signals.hup.recv() => Wake::Reload,
-            _ = signals.term.recv() => Wake::Stop,
-            _ = signals.int.recv() => Wake::Stop,
+            _ = signals.stop.recv() => Wake::Stop,
         };
         match wake {
             Wake::Retry => {
                 retry = (retry * 2).min(RETRY_MAX);
-                // Served anew only to add the metrics listener, once its
-                // TLS files are there.
-                if pages.lacks_metrics(&config) {
-                    pages.stop(&mut side).await?;
-                } else {
-                    serving = Some(pages);
-                }
+                pages
+                    .serve_metrics(&mut side, &config, &metrics, &why)
+                    .await?;
+                serving = Some(pages);
             }
             Wake::Reload => {
                 retry = RETRY_INITIAL;
                 // A reload may move the side listeners.
                 pages.stop(&mut side).await?;
-                let mut states = vec![NotifyState::Reloading];
-                states.extend(NotifyState::monotonic_usec_now().ok());
-                notify(&states);
+                Signals::reloading();
                 // A configuration that does not load is refused, as a reload
                 // of a running svsd is: the wait goes on with the old one.
                 let path = config.path.clone();
@@ -724,47 +741,54 @@ impl WaitingPages {
         }
         let probe = side.probe.take().map(|(a, l)| {
             let limits = config.limits.clone();
-            let task = server::serve_waiting_probes(l, why.clone(), limits, stop_rx.clone());
+            let task = server::serve_waiting_probes(l, why.clone(), limits, stop_rx);
             (a, tokio::spawn(task))
         });
-        // While waiting, TLS files not there yet mean no metrics listener
-        // until they are (the start attempt names them).
+        let mut pages = WaitingPages {
+            stop,
+            probe,
+            metrics: None,
+        };
+        pages.serve_metrics(side, config, metrics, why).await?;
+        Ok(pages)
+    }
+
+    /// Serves the metrics listener of `config` unless it is served already.
+    /// While waiting, TLS files not there yet mean no metrics listener until
+    /// they are (the start attempt names them): called again at each retry.
+    async fn serve_metrics(
+        &mut self,
+        side: &mut SideSockets,
+        config: &Config,
+        metrics: &Arc<Metrics>,
+        why: &watch::Receiver<SvsError>,
+    ) -> Result<(), SvsError> {
+        if self.metrics.is_some() || config.metrics.listen.is_none() {
+            return Ok(());
+        }
         let c = config.clone();
         let tls = tokio::task::spawn_blocking(move || metrics_tls(&c))
             .await
             .map_err(|e| SvsError::Internal(e.to_string()))?;
-        let metrics = match tls {
+        match tls {
             Ok(tls) => {
                 if keep_bound(&mut side.metrics, config.metrics.listen).await? {
                     tracing::info!(addr = ?config.metrics.listen, tls = tls.is_some(), "listening (metrics: /metrics; not ready)");
                 }
-                side.metrics.take().map(|(a, l)| {
+                self.metrics = side.metrics.take().map(|(a, l)| {
                     let page = MetricsPage::Waiting {
                         metrics: metrics.clone(),
                         why: why.clone(),
                         limits: config.limits.clone(),
                     };
-                    let task = server::serve_metrics(page, l, tls, stop_rx.clone());
+                    let task = server::serve_metrics(page, l, tls, self.stop.subscribe());
                     (a, tokio::spawn(task))
-                })
+                });
             }
             // Its files are among what the wait is for.
-            Err(_) => {
-                side.metrics = None;
-                None
-            }
-        };
-        Ok(WaitingPages {
-            stop,
-            probe,
-            metrics,
-        })
-    }
-
-    /// Whether `config` wants a metrics listener this does not serve (its
-    /// TLS files were not there yet).
-    fn lacks_metrics(&self, config: &Config) -> bool {
-        config.metrics.listen.is_some() && self.metrics.is_none()
+            Err(_) => side.metrics = None,
+        }
+        Ok(())
     }
 
     /// Stops serving; the listeners go back into `side`, still bound.
@@ -1071,8 +1095,7 @@ impl Running {
         // Ready only after login and self-tests.
         let tests = tokio::select! {
             r = app.run_selftests() => Some(r),
-            _ = signals.term.recv() => None,
-            _ = signals.int.recv() => None,
+            _ = signals.stop.recv() => None,
         };
         clock.end();
         let status = Arc::new(StatusLine::default());
@@ -1097,39 +1120,30 @@ impl Running {
             loop {
                 tokio::select! {
                     _ = signals.hup.recv() => {
-                        let mut states = vec![NotifyState::Reloading];
-                        states.extend(NotifyState::monotonic_usec_now().ok());
-                        notify(&states);
-                        // A stop does not wait for a reload: one that waits
-                        // on a slow HSM would outlast systemd's stop timeout,
-                        // and the kill would leave the trail without its
-                        // stop. A reload cut short may have installed the new
-                        // configuration without its `reload` record; the
-                        // drain and the `stop` record follow at once.
-                        let result = tokio::select! {
-                            r = reload(&app, &tls, &running_config) => r,
-                            _ = signals.term.recv() => break,
-                            _ = signals.int.recv() => break,
-                        };
-                        match result {
-                            Ok((new, changes)) => {
+                        Signals::reloading();
+                        let (reloaded, stop) = reload(&app, &tls, &running_config, &mut signals.stop).await;
+                        match reloaded {
+                            Some(Ok((new, changes))) => {
                                 tracing::info!(entities = new.entities.len(), %changes, "configuration reloaded");
                                 config = new;
                                 status.set_reload_refused(false);
                                 app.metrics().reload(true);
                             }
-                            Err(e) => {
+                            Some(Err(e)) => {
                                 tracing::error!(error = %e, "reload refused: the previous configuration keeps serving");
                                 status.set_reload_refused(true);
                                 // A refusal otherwise shows only in the log and
                                 // STATUS, which alerting does not read.
                                 app.metrics().reload(false);
                             }
+                            None => tracing::info!("reload given up for the stop"),
+                        }
+                        if stop {
+                            break;
                         }
                         status.ready(&app);
                     }
-                    _ = signals.term.recv() => break,
-                    _ = signals.int.recv() => break,
+                    _ = signals.stop.recv() => break,
                 }
             }
         }
@@ -1281,12 +1295,55 @@ fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str> {
 /// and certificates provisioned since start become visible), then the new
 /// configuration and those keys installed, and a `reload` record naming
 /// what changed. Any failure refuses it: the old configuration and keys
-/// serve on.
+/// serve on. `None` and `true`: a SIGTERM/SIGINT ended it before anything
+/// was installed. `true` with a result: one came after.
+///
+/// A stop does not wait for a reload: one that waits on a slow HSM would
+/// outlast systemd's stop timeout, and the kill would leave the trail
+/// without its `stop`. Only the parts that change nothing (and the re-run
+/// of failed self-tests, which records itself) are given up for it: what
+/// is installed always gets its `reload` record.
 async fn reload(
     app: &Arc<App>,
     tls: &server::TlsSlot,
     running: &Config,
-) -> Result<(Config, ReloadChanges), SvsError> {
+    stop: &mut StopSignals,
+) -> (Option<Result<(Config, ReloadChanges), SvsError>>, bool) {
+    let checked = tokio::select! {
+        r = check_reload(app, running) => r,
+        () = stop.recv() => return (None, true),
+    };
+    let (config, api, plan) = match checked {
+        Ok(checked) => checked,
+        Err(e) => return (Some(Err(e)), false),
+    };
+    let mut changes = app.install_reload(plan);
+    {
+        // A new generation: requests on older connections re-check their
+        // client certificate against this configuration's client CA.
+        let mut slot = tls.write().unwrap_or_else(|p| p.into_inner());
+        let generation = slot.generation + 1;
+        *slot = Arc::new(server::TlsGeneration::new(generation, api));
+    }
+    let stopped = tokio::select! {
+        () = app.retest_after_reload(&mut changes) => false,
+        () = stop.recv() => true,
+    };
+    let detail = crate::reload::record_detail(&changes, config.entities_sha256.as_ref());
+    if let Err(e) = app.audit().note("reload", detail).await {
+        tracing::error!(error = %e, "cannot record the reload in the audit trail");
+    }
+    (Some(Ok((config, changes))), stopped)
+}
+
+/// What a reload reads and checks before it installs anything: the
+/// configuration, the API's TLS files, and [`App::check_reload`] (the
+/// token's keys re-read, keys newly exposed or re-created self-tested, the
+/// max_body_bytes check). Changes nothing.
+async fn check_reload(
+    app: &Arc<App>,
+    running: &Config,
+) -> Result<(Config, crate::tls::ApiTls, crate::app::ReloadPlan), SvsError> {
     let p = running.path.clone();
     let config = tokio::task::spawn_blocking(move || Config::load(&p))
         .await
@@ -1301,23 +1358,8 @@ async fn reload(
             "{setting} changed: it takes effect only on restart (svsd keeps the value it started with)"
         );
     }
-    // The token's keys are re-read and installed by App::reload only if it
-    // accepts the configuration (a failed re-read refuses it). Self-tests
-    // of keys newly exposed or re-created on the token run there, as does
-    // the max_body_bytes check; any failure refuses the reload.
-    let changes = app.reload(&config).await?;
-    {
-        // A new generation: requests on older connections re-check their
-        // client certificate against this configuration's client CA.
-        let mut slot = tls.write().unwrap_or_else(|p| p.into_inner());
-        let generation = slot.generation + 1;
-        *slot = Arc::new(server::TlsGeneration::new(generation, api));
-    }
-    let detail = crate::reload::record_detail(&changes, config.entities_sha256.as_ref());
-    if let Err(e) = app.audit().note("reload", detail).await {
-        tracing::error!(error = %e, "cannot record the reload in the audit trail");
-    }
-    Ok((config, changes))
+    let plan = app.check_reload(&config).await?;
+    Ok((config, api, plan))
 }
 
 /// How often the token's user PIN state is read (one C_GetTokenInfo).

@@ -34,7 +34,13 @@ const APPLICATION: &[u8] = b"svs";
 pub fn read(session: &Session, label: &str) -> Result<Vec<Vec<u8>>> {
     let mut values = Vec::new();
     for handle in find(session, label)? {
-        for attribute in session.get_attributes(handle, &[AttributeType::Value])? {
+        let attributes = match session.get_attributes(handle, &[AttributeType::Value]) {
+            // Destroyed since it was found, by a replacement on another
+            // session: its successor is among those found, or comes after.
+            Err(CryptokiError::Pkcs11(RvError::ObjectHandleInvalid, _)) => continue,
+            r => r?,
+        };
+        for attribute in attributes {
             if let Attribute::Value(v) = attribute {
                 values.push(v);
             }
@@ -57,9 +63,9 @@ pub fn replace(session: &Session, label: &str, value: &[u8]) -> Result<()> {
     ])?;
     for handle in old {
         match session.destroy_object(handle) {
-            // Destroyed already by a replacement on another session (svsd's
-            // stop racing a checkpoint's that its abort left running in the
-            // pool): the goal, no value but the newest, is met either way.
+            // Destroyed already by a replacement on another session (another
+            // svsd's, or svs-provision's reset): the goal, none of the values
+            // found left, is met either way.
             Err(CryptokiError::Pkcs11(RvError::ObjectHandleInvalid, _)) => {}
             r => r?,
         }

@@ -1230,6 +1230,23 @@ async fn start_with_faults_file(install: &Install) -> (Daemon, std::path::PathBu
     (d, faults)
 }
 
+/// SIGHUP, then SIGTERM while the reload waits on the HSM: svsd exits 0
+/// within the grace period and the trail's close, not after the reload.
+async fn sigterm_during_a_reload_stops_at_once(d: &mut Daemon) {
+    d.signal("HUP");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let asked = std::time::Instant::now();
+    d.signal("TERM");
+    let st = d.wait(Duration::from_secs(20)).expect("svsd did not exit");
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "svsd took {:?} to stop\n{}",
+        asked.elapsed(),
+        d.log_text()
+    );
+    assert!(st.success(), "{}", d.log_text());
+}
+
 /// The trail's records, checked to end with the `stop` record and to
 /// verify.
 fn the_trail_ends_with_the_stop(install: &Install) -> Vec<Value> {
@@ -1256,25 +1273,49 @@ async fn sigterm_does_not_wait_for_a_reload_stuck_on_the_hsm() {
     // a minute for each signature.
     expose_other(&install);
     std::fs::write(&faults, "C_Sign:stall=60000").unwrap();
-    d.signal("HUP");
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    let asked = std::time::Instant::now();
-    d.signal("TERM");
-    let st = d.wait(Duration::from_secs(20)).expect("svsd did not exit");
-    // Within the grace period and the trail's close, not after the reload.
-    assert!(
-        asked.elapsed() < Duration::from_secs(5),
-        "svsd took {:?} to stop\n{}",
-        asked.elapsed(),
-        d.log_text()
-    );
-    assert!(st.success(), "{}", d.log_text());
+    sigterm_during_a_reload_stops_at_once(&mut d).await;
     assert!(
         !d.log_text().contains("configuration reloaded"),
         "the reload was not stuck: {}",
         d.log_text()
     );
     the_trail_ends_with_the_stop(&install);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_installed_before_sigterm_is_recorded_before_the_stop() {
+    let install = Install::new();
+    // Three sessions: the reload's re-run of the self-tests and a periodic
+    // run may each hold one stuck, and the stop's anchor update needs one.
+    install.edit_config(|t| {
+        t.replace("grace_period_ms = 5000", "grace_period_ms = 1000")
+            .replace(
+                "[selftest]\ninterval_s = 300\n",
+                "[selftest]\ninterval_s = 1\n",
+            )
+            .replace(
+                "[hsm.pool]\nsize = 2\n",
+                "[hsm.pool]\nsize = 3\nop_timeout_ms = 30000\n",
+            )
+    });
+    let (mut d, faults) = start_with_faults_file(&install).await;
+    std::fs::write(&faults, "C_Sign:device_error").unwrap();
+    let mut c = d.client(false).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while c.get("/readyz").await.unwrap().0 != 503 {
+        assert!(std::time::Instant::now() < deadline, "{}", d.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The reload is accepted and installed at once (nothing on the token
+    // changed); the self-tests it runs again, since they failed, hang.
+    std::fs::write(&faults, "C_Sign:stall=60000").unwrap();
+    sigterm_during_a_reload_stops_at_once(&mut d).await;
+    let records = the_trail_ends_with_the_stop(&install);
+    let kinds: Vec<_> = records
+        .iter()
+        .map(|r| r["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds[kinds.len() - 2..], ["reload", "stop"], "{kinds:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
