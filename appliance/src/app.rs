@@ -615,8 +615,11 @@ impl App {
             Err(SelftestFailure::Inconclusive(_)) => {}
             result => {
                 let result = result.map_err(SelftestFailure::into_reason);
-                changes.selftests_rerun = Some(result.is_ok());
+                let passed = result.is_ok();
                 let _ = self.record_selftest(run, result).await;
+                // Only once applied: a re-run given up for a stop is not
+                // claimed in the reload record.
+                changes.selftests_rerun = Some(passed);
             }
         }
     }

@@ -397,6 +397,11 @@ fn api_tls(config: &Config) -> Result<crate::tls::ApiTls, SvsError> {
 
 /// First retry of a start that is waiting; doubled up to [`RETRY_MAX`].
 const RETRY_INITIAL: Duration = Duration::from_secs(1);
+/// How long the stop waits for the audit anchor to be set to its `stop`
+/// record: with the longest grace period (40 s) it still ends within the
+/// unit's TimeoutStopSec (45 s).
+const ANCHOR_AT_STOP: Duration = Duration::from_secs(4);
+
 /// Slowest retry of a waiting start: a network HSM that comes back, or
 /// files put in place without a reload, are noticed within this.
 const RETRY_MAX: Duration = Duration::from_secs(10);
@@ -1181,11 +1186,19 @@ impl Running {
         match audit.last_note("stop", "svsd stopped".into()).await {
             Err(e) => tracing::error!(error = %e, "cannot record the stop in the audit trail"),
             Ok(head) => {
-                if let Err(e) = app
-                    .anchor_head(head, config.audit.checkpoint_interval.unwrap_or_default())
-                    .await
-                {
-                    tracing::error!(error = %e, "ALARM cannot record the trail's end in the audit anchor");
+                let interval = config.audit.checkpoint_interval.unwrap_or_default();
+                // Bounded: a stuck HSM (a checkpoint's replacement ahead of
+                // this one) must not hold the exit past systemd's stop
+                // timeout, whose kill would skip the trail's close.
+                match tokio::time::timeout(ANCHOR_AT_STOP, app.anchor_head(head, interval)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "ALARM cannot record the trail's end in the audit anchor")
+                    }
+                    Err(_) => tracing::error!(
+                        "ALARM the trail's end is not in the audit anchor: the HSM did not answer within {} s; the anchor stays at the last checkpoint",
+                        ANCHOR_AT_STOP.as_secs()
+                    ),
                 }
             }
         }

@@ -32,21 +32,29 @@ const APPLICATION: &[u8] = b"svs";
 /// two after a crash during [`replace`]). Needs a logged-in session: the
 /// objects are private.
 pub fn read(session: &Session, label: &str) -> Result<Vec<Vec<u8>>> {
-    let mut values = Vec::new();
-    for handle in find(session, label)? {
-        let attributes = match session.get_attributes(handle, &[AttributeType::Value]) {
-            // Destroyed since it was found, by a replacement on another
-            // session: its successor is among those found, or comes after.
-            Err(CryptokiError::Pkcs11(RvError::ObjectHandleInvalid, _)) => continue,
-            r => r?,
-        };
-        for attribute in attributes {
-            if let Attribute::Value(v) = attribute {
-                values.push(v);
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let mut values = Vec::new();
+        let mut gone = false;
+        for handle in find(session, label)? {
+            match session.get_attributes(handle, &[AttributeType::Value]) {
+                // Destroyed since it was found, by a replacement on another
+                // session, whose new value this search may have missed.
+                Err(CryptokiError::Pkcs11(RvError::ObjectHandleInvalid, _)) if tries < 3 => {
+                    gone = true;
+                    break;
+                }
+                r => values.extend(r?.into_iter().filter_map(|a| match a {
+                    Attribute::Value(v) => Some(v),
+                    _ => None,
+                })),
             }
         }
+        if !gone {
+            return Ok(values);
+        }
     }
-    Ok(values)
 }
 
 /// Makes `value` the only data object labelled `label`: a private,

@@ -724,6 +724,7 @@ impl<F: SessionFactory> Worker<F> {
                 job.fail(HsmError::Timeout(budget));
                 return;
             }
+            let opening = self.session.is_none();
             if let Err(e) = self.ensure_session(Some(deadline)) {
                 job.fail(e);
                 return;
@@ -731,6 +732,13 @@ impl<F: SessionFactory> Worker<F> {
             let Some(session) = self.session.as_mut() else {
                 continue;
             };
+            if opening {
+                // Opening and logging in (on a slow HSM) may have outlasted
+                // the caller: the checks above again, before the job runs
+                // for nobody (an anchor replaced after its caller gave up
+                // could undo a newer one).
+                continue;
+            }
             let in_use = self.shared.in_use.fetch_add(1, Ordering::Relaxed) + 1;
             self.shared.metrics.sessions_in_use(in_use);
             let index = self.index;
