@@ -48,7 +48,7 @@ pub struct LogFormat {
     pub ansi: bool,
     /// svsd's own timestamp: left out under journald, which stamps every
     /// line; there each line starts with its syslog priority instead
-    /// ([`PriorityLines`]).
+    /// (`PriorityLines`).
     pub timestamp: bool,
 }
 

@@ -651,7 +651,7 @@ fn client_went_away(e: &(dyn std::error::Error + 'static)) -> bool {
 /// Counts an API request in `svs_http_requests_total` and its duration
 /// once it is done, or, when hyper drops its handler before (the client
 /// reset the stream or closed the connection while it waited for the
-/// body, a slot or the HSM), as [`metrics::CLIENT_CLOSED_STATUS`]: every
+/// body, a slot or the HSM), as [`crate::metrics::CLIENT_CLOSED_STATUS`]: every
 /// request that reached the handler is counted once.
 struct HttpCount<'a> {
     metrics: &'a crate::metrics::Metrics,

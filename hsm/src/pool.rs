@@ -1,7 +1,7 @@
 //! A fixed set of worker threads, each owning one logged-in session.
 //!
 //! PKCS#11 calls block, so they never run on the async runtime: callers put
-//! a job on a bounded queue, in their lane ([`FairQueue`]: tenants take
+//! a job on a bounded queue, in their lane (`FairQueue`: tenants take
 //! turns), and await a oneshot. A full queue is an explicit `Busy`; each
 //! job has a deadline. Workers classify failures (see
 //! [`crate::error::rv_info`]) and recover their own session with capped
