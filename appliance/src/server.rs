@@ -981,7 +981,12 @@ pub async fn serve_tls(
             let _watcher = watcher;
             let limits = app.runtime().limits.clone();
             let handshake = limits.handshake_timeout;
-            let stream = match tokio::time::timeout(handshake, current.acceptor.accept(tcp)).await {
+            // Pinned out here, not dropped inside the timeout: a stalled
+            // handshake's connection closes only after its failure is
+            // counted, so a client that sees the close finds the count.
+            let accept = current.acceptor.accept(tcp);
+            tokio::pin!(accept);
+            let stream = match tokio::time::timeout(handshake, &mut accept).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     handshake_failed(
@@ -1346,7 +1351,10 @@ pub async fn serve_metrics(
                 }
                 Some(acceptor) => {
                     let handshake = limits.handshake_timeout;
-                    match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
+                    // As on the API listener: counted before the close.
+                    let accept = acceptor.accept(tcp);
+                    tokio::pin!(accept);
+                    match tokio::time::timeout(handshake, &mut accept).await {
                         Ok(Ok(s)) => {
                             let conn = b.serve_connection(TokioIo::new(s), svc);
                             drive(conn, &activity, &limits, stop).await
