@@ -18,7 +18,7 @@ use crate::audit::{AuditEvent, AuditTrail};
 use crate::backend::SigningBackend;
 use crate::config::{Config, KeyExposure, Limits, Operation};
 use crate::error::{NotReady, SvsError};
-use crate::metrics::{self, Metrics};
+use crate::metrics::{self, LimitReason, Metrics};
 use crate::policy::{ConnectionSlot, Entity, InFlight, Policy, VerifiedClient, take_up_to};
 use crate::refusals::{LogLimit, RefusalRecords};
 use crate::reload::ReloadChanges;
@@ -134,7 +134,9 @@ impl BodyReservation<'_> {
         if let Some(e) = self.entity
             && !e.take_body_bytes(n, self.share)
         {
-            self.app.metrics.rate_limited(e.name(), "concurrency");
+            self.app
+                .metrics
+                .rate_limited(e.name(), LimitReason::Concurrency);
             return Err(SvsError::TooManyConcurrent);
         }
         if !take_up_to(&self.app.body_held, n, self.app.body_budget_bytes) {
@@ -393,15 +395,17 @@ impl App {
         metrics: Arc<Metrics>,
     ) -> App {
         metrics.register_audit(audit.stats());
+        let runtime = Runtime {
+            policy: Policy::new(&config.entities, None),
+            keys: config.keys.clone(),
+            limits: config.limits.clone(),
+            anomaly: config.anomaly.clone(),
+        };
+        metrics.configured(&runtime);
         App {
             backend,
             verifier: SoftwareVerifier::new(),
-            runtime: RwLock::new(Arc::new(Runtime {
-                policy: Policy::new(&config.entities, None),
-                keys: config.keys.clone(),
-                limits: config.limits.clone(),
-                anomaly: config.anomaly.clone(),
-            })),
+            runtime: RwLock::new(Arc::new(runtime)),
             audit,
             selftest: Mutex::new(None),
             selftest_runs: AtomicU64::new(0),
@@ -595,6 +599,7 @@ impl App {
     /// it.
     pub fn install_reload(&self, plan: ReloadPlan) -> ReloadChanges {
         self.backend.install_keys(plan.keys);
+        self.metrics.configured(&plan.next);
         *self.runtime.write().unwrap_or_else(|p| p.into_inner()) = plan.next;
         plan.changes
     }
@@ -1184,7 +1189,8 @@ impl App {
             && let Err(e) = entity.traffic().admit(items.len(), Instant::now())
         {
             entity.refund(items.len());
-            self.metrics.rate_limited(entity.name(), "anomaly");
+            self.metrics
+                .rate_limited(entity.name(), LimitReason::Anomaly);
             return Err(e);
         }
         Ok(())
@@ -1710,10 +1716,10 @@ impl SelftestFailure {
 }
 
 /// The `reason` label of a limiter refusal.
-fn limit_reason(e: &SvsError) -> &'static str {
+fn limit_reason(e: &SvsError) -> LimitReason {
     match e {
-        SvsError::TooManyConcurrent => "concurrency",
-        _ => "rate",
+        SvsError::TooManyConcurrent => LimitReason::Concurrency,
+        _ => LimitReason::Rate,
     }
 }
 
@@ -3066,7 +3072,7 @@ operations = ["sign", "verify"]
             let page = String::from_utf8(f.app.metrics().render(&f.app)).unwrap();
             let counted: Vec<_> = page
                 .lines()
-                .filter(|l| l.starts_with("svs_requests_total{"))
+                .filter(|l| l.starts_with("svs_requests_total{") && !l.ends_with(" 0"))
                 .collect();
             assert!(
                 counted
@@ -3080,6 +3086,67 @@ operations = ["sign", "verify"]
                 .sum();
             assert_eq!(total, 2.0, "{counted:?}");
         });
+    }
+
+    /// The series an alert takes `increase()` of exist at 0 before their
+    /// first event, for the configuration at start and after a reload.
+    #[test]
+    fn counters_of_configured_entities_and_keys_start_at_zero() {
+        let f = fixture("other = { object = \"other\" }", &["demo"], "");
+        let page = |app: &App| String::from_utf8(app.metrics().render(app)).unwrap();
+        let zero = |page: &str, series: &str| {
+            assert!(
+                page.lines().any(|l| l == format!("{series} 0")),
+                "{series} in {page}"
+            );
+        };
+        let absent = |page: &str, series: &str| {
+            assert!(!page.contains(series), "{series} in {page}");
+        };
+        let text = page(&f.app);
+        for reason in ["rate", "concurrency", "anomaly"] {
+            zero(
+                &text,
+                &format!(r#"svs_rate_limited_total{{entity="app1",reason="{reason}"}}"#),
+            );
+        }
+        zero(
+            &text,
+            r#"svs_requests_total{entity="app1",key="demo",operation="sign",outcome="ok"}"#,
+        );
+        zero(
+            &text,
+            r#"svs_requests_total{entity="app1",key="demo",operation="verify",outcome="valid"}"#,
+        );
+        zero(
+            &text,
+            r#"svs_requests_total{entity="app1",key="demo",operation="verify",outcome="invalid"}"#,
+        );
+        zero(
+            &text,
+            r#"svs_requests_total{entity="_unknown",key="_none",operation="sign",outcome="unauthenticated"}"#,
+        );
+        zero(
+            &text,
+            r#"svs_key_operations_total{key="other",operation="sign"}"#,
+        );
+        // Only what the entity may do: not a key it is not granted.
+        absent(&text, r#"entity="app1",key="other""#);
+
+        let mut next = config(
+            &f.dir,
+            "other = { object = \"other\" }",
+            &["demo", "other"],
+            "",
+        );
+        next.entities[0].operations.remove(&Operation::Verify);
+        rt().block_on(f.app.reload(&next)).unwrap();
+        let text = page(&f.app);
+        zero(
+            &text,
+            r#"svs_requests_total{entity="app1",key="other",operation="sign",outcome="ok"}"#,
+        );
+        absent(&text, r#"entity="app1",key="other",operation="verify""#);
     }
 
     #[test]

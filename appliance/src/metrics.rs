@@ -29,7 +29,7 @@ use serde::Deserialize;
 use svs_hsm::{HealthState, HsmMetrics, RvClass};
 
 use crate::app::App;
-use crate::config::EntityStatus;
+use crate::config::{EntityStatus, Operation};
 use crate::error::SvsError;
 
 /// Label value for an entity or key that is not configured.
@@ -44,6 +44,34 @@ pub const CLIENT_CLOSED: &str = "client_closed";
 /// answer because its client went away (nginx's "client closed request";
 /// never sent).
 pub const CLIENT_CLOSED_STATUS: u16 = 499;
+
+/// Why an entity's request was refused by its limits: the `reason` of
+/// `svs_rate_limited_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitReason {
+    /// Its token bucket is empty.
+    Rate,
+    /// Its requests in flight, or the body bytes they hold, are at its cap.
+    Concurrency,
+    /// The anomaly throttle holds it to its baseline.
+    Anomaly,
+}
+
+impl LimitReason {
+    const ALL: [LimitReason; 3] = [
+        LimitReason::Rate,
+        LimitReason::Concurrency,
+        LimitReason::Anomaly,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            LimitReason::Rate => "rate",
+            LimitReason::Concurrency => "concurrency",
+            LimitReason::Anomaly => "anomaly",
+        }
+    }
+}
 
 /// Default metrics address: loopback, Prometheus' exporter port range.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9464";
@@ -412,6 +440,16 @@ impl Metrics {
             &["entity"],
         );
         connections_over_cap.with_label_values(&[UNKNOWN]);
+        let requests = counter_vec(
+            &r,
+            "svs_requests_total",
+            "Signing API operations (a batch item counts as one) by operation, entity, key and outcome (ok, valid, invalid or the error code).",
+            &["operation", "entity", "key", "outcome"],
+        );
+        // Clients no entity claims: what SvsUnknownClients counts.
+        for op in [Operation::Sign, Operation::Verify] {
+            requests.with_label_values(&[op.as_str(), UNKNOWN, NONE, "unauthenticated"]);
+        }
         Metrics {
             tls_handshake_failures,
             connections_over_cap,
@@ -423,12 +461,7 @@ impl Metrics {
             ),
             config_reloads,
             config_reload_ok,
-            requests: counter_vec(
-                &r,
-                "svs_requests_total",
-                "Signing API operations (a batch item counts as one) by operation, entity, key and outcome (ok, valid, invalid or the error code).",
-                &["operation", "entity", "key", "outcome"],
-            ),
+            requests,
             http_requests: counter_vec(
                 &r,
                 "svs_http_requests_total",
@@ -662,8 +695,44 @@ impl Metrics {
     }
 
     /// A request refused by an entity's limits.
-    pub fn rate_limited(&self, entity: &str, reason: &'static str) {
-        self.rate_limited.with_label_values(&[entity, reason]).inc();
+    pub fn rate_limited(&self, entity: &str, reason: LimitReason) {
+        self.rate_limited
+            .with_label_values(&[entity, reason.as_str()])
+            .inc();
+    }
+
+    /// Creates at 0 the counter series `rt` makes possible that an alert or
+    /// a dashboard divides or takes `increase()` of: an entity's limits,
+    /// the answers of each operation it may run with each key it may use,
+    /// each exposed key's use. A series born at its first event is read by
+    /// `rate()` and `increase()` as starting there, so the burst that
+    /// created it went uncounted (a first flood of 429s, an entity's first
+    /// minute of signing). Series of entities or keys a reload removed keep
+    /// their counts until restart, as counters should.
+    pub fn configured(&self, rt: &crate::app::Runtime) {
+        for e in rt.policy.entities() {
+            for reason in LimitReason::ALL {
+                self.rate_limited
+                    .with_label_values(&[e.name(), reason.as_str()]);
+            }
+            for op in &e.config.operations {
+                let outcomes: &[&str] = match op {
+                    Operation::Sign => &["ok"],
+                    Operation::Verify => &["valid", "invalid"],
+                };
+                for key in e.keys().iter().filter(|k| rt.keys.contains_key(*k)) {
+                    for outcome in outcomes {
+                        self.requests
+                            .with_label_values(&[op.as_str(), e.name(), key, outcome]);
+                    }
+                }
+            }
+        }
+        for key in rt.keys.keys() {
+            for op in [Operation::Sign, Operation::Verify] {
+                self.key_usage.with_label_values(&[key, op.as_str()]);
+            }
+        }
     }
 
     /// A refused request counted in a summary note instead of its own
