@@ -528,7 +528,7 @@ impl App {
         let current = self.runtime();
         let mut changes = ReloadChanges::between(&current.policy, &current.keys, config);
         for (section, changed) in [
-            ("[limits]", current.limits != config.limits),
+            ("[limits]", current.limits.reload_differs(&config.limits)),
             ("[anomaly]", current.anomaly != config.anomaly),
         ] {
             if changed {
@@ -2892,6 +2892,12 @@ operations = ["sign", "verify"]
                 changes.to_string(),
                 "1 entities; certificates changed: demo; settings changed: [limits]"
             );
+            // Limits sized at start: not applied, so not claimed.
+            let mut restart_only = limits.clone();
+            restart_only.limits.max_handshakes += 1;
+            restart_only.limits.max_inflight_body_bytes += 1;
+            let changes = app.reload(&restart_only).await.unwrap();
+            assert_eq!(changes.to_string(), "1 entities; no changes");
             // Deleted: checkpoints could not be signed any more.
             backend.delete_key("other");
             let e = app.reload(&cfg).await.unwrap_err();

@@ -171,6 +171,20 @@ pub struct Limits {
 pub const DEFAULT_MAX_CONCURRENT: usize = 256;
 
 impl Limits {
+    /// Whether `other` differs from these in a limit a reload applies: any
+    /// but `max_connections`, `max_handshakes` and
+    /// `max_inflight_body_bytes`, which are sized at start (a change of
+    /// those alone is no change the `reload` record may claim).
+    pub fn reload_differs(&self, other: &Limits) -> bool {
+        let restart_only_kept = Limits {
+            max_connections: self.max_connections,
+            max_handshakes: self.max_handshakes,
+            max_inflight_body_bytes: self.max_inflight_body_bytes,
+            ..other.clone()
+        };
+        *self != restart_only_kept
+    }
+
     /// The most bytes of request bodies one entity may hold at once: half
     /// of `max_inflight_body_bytes` (at least one whole body), so that one
     /// tenant's uploads, stalled or not, leave the others room.

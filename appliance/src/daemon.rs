@@ -786,6 +786,7 @@ impl WaitingPages {
                         why: why.clone(),
                         limits: config.limits.clone(),
                     };
+                    let tls = Arc::new(RwLock::new(tls));
                     let task = server::serve_metrics(page, l, tls, self.stop.subscribe());
                     (a, tokio::spawn(task))
                 });
@@ -894,7 +895,7 @@ struct Running {
     app: Arc<App>,
     audit: Arc<AuditTrail>,
     tls: server::TlsSlot,
-    metrics_tls: Option<TlsAcceptor>,
+    metrics_tls: server::MetricsTls,
     probe_listener: Option<TcpListener>,
     metrics_listener: Option<TcpListener>,
     stop_tx: watch::Sender<bool>,
@@ -1044,7 +1045,7 @@ impl Prepared {
             app,
             audit,
             tls,
-            metrics_tls,
+            metrics_tls: Arc::new(RwLock::new(metrics_tls)),
             probe_listener,
             metrics_listener,
             stop_tx,
@@ -1087,13 +1088,13 @@ impl Running {
         if let Some(l) = metrics_listener {
             tracing::info!(
                 addr = ?config.metrics.listen,
-                tls = metrics_tls.is_some(),
+                tls = metrics_tls.read().is_ok_and(|t| t.is_some()),
                 "listening (metrics: /metrics)"
             );
             tokio::spawn(server::serve_metrics(
                 MetricsPage::Running(app.clone()),
                 l,
-                metrics_tls,
+                metrics_tls.clone(),
                 stop_rx.clone(),
             ));
         }
@@ -1126,7 +1127,7 @@ impl Running {
                 tokio::select! {
                     _ = signals.hup.recv() => {
                         Signals::reloading();
-                        let (reloaded, stop) = reload(&app, &tls, &running_config, &mut signals.stop).await;
+                        let (reloaded, stop) = reload(&app, (&tls, &metrics_tls), &running_config, &mut signals.stop).await;
                         match reloaded {
                             Some(Ok((new, changes))) => {
                                 tracing::info!(entities = new.entities.len(), %changes, "configuration reloaded");
@@ -1318,7 +1319,7 @@ fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str> {
 /// is installed always gets its `reload` record.
 async fn reload(
     app: &Arc<App>,
-    tls: &server::TlsSlot,
+    (tls, metrics_tls): (&server::TlsSlot, &server::MetricsTls),
     running: &Config,
     stop: &mut StopSignals,
 ) -> (Option<Result<(Config, ReloadChanges), SvsError>>, bool) {
@@ -1326,7 +1327,7 @@ async fn reload(
         r = check_reload(app, running) => r,
         () = stop.recv() => return (None, true),
     };
-    let (config, api, plan) = match checked {
+    let (config, api, metrics, plan) = match checked {
         Ok(checked) => checked,
         Err(e) => return (Some(Err(e)), false),
     };
@@ -1337,6 +1338,9 @@ async fn reload(
         let mut slot = tls.write().unwrap_or_else(|p| p.into_inner());
         let generation = slot.generation + 1;
         *slot = Arc::new(server::TlsGeneration::new(generation, api));
+    }
+    if let Some(metrics) = metrics {
+        *metrics_tls.write().unwrap_or_else(|p| p.into_inner()) = Some(metrics);
     }
     let stopped = tokio::select! {
         () = app.retest_after_reload(&mut changes) => false,
@@ -1350,21 +1354,35 @@ async fn reload(
 }
 
 /// What a reload reads and checks before it installs anything: the
-/// configuration, the API's TLS files, and [`App::check_reload`] (the
-/// token's keys re-read, keys newly exposed or re-created self-tested, the
+/// configuration, the API's TLS files, the metrics listener's (when it
+/// serves TLS from the files it started with: renewed in place, they are
+/// used from the reload on), and [`App::check_reload`] (the token's keys
+/// re-read, keys newly exposed or re-created self-tested, the
 /// max_body_bytes check). Changes nothing.
 async fn check_reload(
     app: &Arc<App>,
     running: &Config,
-) -> Result<(Config, crate::tls::ApiTls, crate::app::ReloadPlan), SvsError> {
+) -> Result<
+    (
+        Config,
+        crate::tls::ApiTls,
+        Option<TlsAcceptor>,
+        crate::app::ReloadPlan,
+    ),
+    SvsError,
+> {
     let p = running.path.clone();
     let config = tokio::task::spawn_blocking(move || Config::load(&p))
         .await
         .map_err(|e| SvsError::Internal(e.to_string()))??;
     let c = config.clone();
-    let api = tokio::task::spawn_blocking(move || api_tls(&c))
-        .await
-        .map_err(|e| SvsError::Internal(e.to_string()))??;
+    let same_metrics = running.metrics == config.metrics;
+    let (api, metrics) = tokio::task::spawn_blocking(move || {
+        let metrics = if same_metrics { metrics_tls(&c)? } else { None };
+        Ok::<_, SvsError>((api_tls(&c)?, metrics))
+    })
+    .await
+    .map_err(|e| SvsError::Internal(e.to_string()))??;
     // Said at every reload while the file differs from what runs.
     for setting in restart_only_changes(running, &config) {
         tracing::warn!(
@@ -1372,7 +1390,7 @@ async fn check_reload(
         );
     }
     let plan = app.check_reload(&config).await?;
-    Ok((config, api, plan))
+    Ok((config, api, metrics, plan))
 }
 
 /// How often the token's user PIN state is read (one C_GetTokenInfo).

@@ -25,8 +25,8 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulConnection, GracefulShutdown};
 use rustls::server::danger::ClientCertVerifier;
 use rustls_pki_types::{CertificateDer, UnixTime};
-use tokio::net::TcpListener;
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::app::{App, BodyReservation, Reply, Route};
@@ -35,7 +35,7 @@ use crate::error::SvsError;
 use crate::metrics::Metrics;
 use crate::policy::{ClientIdentity, VerifiedClient};
 use crate::refusals::LogLimits;
-use crate::source_share::{self, SourceShare};
+use crate::source_share::{self, SourceShare, SourceSlot};
 use crate::tls::ApiTls;
 
 /// HTTP/2 streams per connection: with bodies read only after admission and
@@ -60,8 +60,76 @@ const H1_MAX_BUF: usize = 64 * 1024;
 /// more than half are taken: 8 of the default 64.
 const HANDSHAKE_SHARES: usize = 8;
 
-/// Plain-HTTP probe connections served at once; more wait in the backlog.
+/// Plain-HTTP probe connections served at once (see [`SideSlots`]).
 const PROBE_CONNECTIONS: usize = 16;
+
+/// The few connection slots of a side listener (probes, metrics): `size`
+/// at once, more wait in the backlog; and once more than half are taken, a
+/// source address holding a quarter of them has its next connection closed
+/// on arrival, so that silent sockets from one host cannot keep the health
+/// checks or the scrapers out.
+struct SideSlots {
+    connections: Arc<Semaphore>,
+    by_source: Arc<SourceShare>,
+    size: usize,
+}
+
+/// What [`SideSlots::accept`] got.
+enum SideAccept {
+    /// A connection and the slots it holds until it ends.
+    Connection(TcpStream, SocketAddr, (OwnedSemaphorePermit, SourceSlot)),
+    /// A connection closed at once: its source holds its share.
+    SourceBusy(SocketAddr),
+    /// `stop` fired.
+    Stopped,
+}
+
+impl SideSlots {
+    fn new(size: usize) -> SideSlots {
+        SideSlots {
+            connections: Arc::new(Semaphore::new(size)),
+            by_source: SourceShare::new(size / 4),
+            size,
+        }
+    }
+
+    /// Waits for a free slot, then for the next connection. `listener`
+    /// names the listener in the log.
+    async fn accept(
+        &self,
+        listener: &TcpListener,
+        name: &str,
+        stop: &mut watch::Receiver<bool>,
+    ) -> SideAccept {
+        let permit = tokio::select! {
+            p = self.connections.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return SideAccept::Stopped,
+            },
+            _ = stop.changed() => return SideAccept::Stopped,
+        };
+        loop {
+            let (tcp, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // E.g. out of file descriptors: do not spin.
+                        tracing::warn!(error = %e, listener = name, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = stop.changed() => return SideAccept::Stopped,
+            };
+            let contended =
+                source_share::contended(self.size, self.connections.available_permits());
+            return match self.by_source.take(peer.ip(), contended) {
+                Some(slot) => SideAccept::Connection(tcp, peer, (permit, slot)),
+                None => SideAccept::SourceBusy(peer),
+            };
+        }
+    }
+}
 
 /// The longest a probe or metrics connection may sit idle or send its
 /// request head. Those listeners have few slots, and their clients (a load
@@ -1091,36 +1159,19 @@ pub async fn serve_tls(
 
 /// Plain-HTTP listener for /healthz and /readyz only.
 pub async fn serve_probes(app: Arc<App>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
-    let connections = Arc::new(Semaphore::new(PROBE_CONNECTIONS));
-    let by_source = SourceShare::new(PROBE_CONNECTIONS / 4);
+    let slots = SideSlots::new(PROBE_CONNECTIONS);
     loop {
-        let permit = tokio::select! {
-            p = connections.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            _ = stop.changed() => return,
-        };
-        let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // E.g. out of file descriptors: do not spin.
-                    tracing::warn!(error = %e, "probe accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stop.changed() => return,
-        };
-        // Silent sockets from one host must not keep the health checks
-        // out (nothing is counted: this listener has no certificates).
-        let contended = source_share::contended(PROBE_CONNECTIONS, connections.available_permits());
-        let Some(source_slot) = by_source.take(peer.ip(), contended) else {
-            continue;
+        // A source past its share is not counted: this listener has no
+        // certificates to tell clients apart.
+        let (tcp, slot) = match slots.accept(&listener, "probe", &mut stop).await {
+            SideAccept::Connection(tcp, _, slot) => (tcp, slot),
+            SideAccept::SourceBusy(_) => continue,
+            SideAccept::Stopped => return,
         };
         let stop = stop.clone();
         let app = app.clone();
         tokio::spawn(async move {
-            let _source_slot = source_slot;
-            let _permit = permit;
+            let _slot = slot;
             let limits = side_listener_limits(&app.runtime().limits);
             let ctx = Arc::new(ConnCtx {
                 app,
@@ -1149,26 +1200,16 @@ pub async fn serve_waiting_probes(
     limits: Limits,
     mut stop: watch::Receiver<bool>,
 ) -> TcpListener {
-    let connections = Arc::new(Semaphore::new(PROBE_CONNECTIONS));
+    let slots = SideSlots::new(PROBE_CONNECTIONS);
     loop {
-        let permit = tokio::select! {
-            p = connections.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return listener },
-            _ = stop.changed() => return listener,
-        };
-        let tcp = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((tcp, _)) => tcp,
-                Err(e) => {
-                    tracing::warn!(error = %e, "probe accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stop.changed() => return listener,
+        let (tcp, slot) = match slots.accept(&listener, "probe", &mut stop).await {
+            SideAccept::Connection(tcp, _, slot) => (tcp, slot),
+            SideAccept::SourceBusy(_) => continue,
+            SideAccept::Stopped => return listener,
         };
         let (stop, reason, limits) = (stop.clone(), reason.clone(), side_listener_limits(&limits));
         tokio::spawn(async move {
-            let _permit = permit;
+            let _slot = slot;
             let activity = Arc::new(Activity::new());
             let act = activity.clone();
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -1189,7 +1230,7 @@ pub async fn serve_waiting_probes(
     }
 }
 
-/// Connections the metrics listener serves at once; more wait in the backlog.
+/// Connections the metrics listener serves at once (see [`SideSlots`]).
 const METRICS_CONNECTIONS: usize = 16;
 
 /// What the metrics listener serves: the running daemon's metrics, or
@@ -1283,7 +1324,12 @@ async fn metrics_request(
     Ok(resp)
 }
 
-/// Serves `/metrics` (plain HTTP, or TLS when `tls` is set) until `stop`,
+/// The metrics listener's TLS (none: plain HTTP). A reload puts the
+/// certificate and client CA read from the same files again in here, for
+/// the connections that follow.
+pub type MetricsTls = Arc<RwLock<Option<TlsAcceptor>>>;
+
+/// Serves `/metrics` (plain HTTP, or TLS when `tls` holds one) until `stop`,
 /// then returns the listener: the full start serves on the socket the
 /// waiting phase used, so a scraper never meets "connection refused"
 /// between the two. Separate from the API listeners and their connection
@@ -1294,45 +1340,30 @@ async fn metrics_request(
 pub async fn serve_metrics(
     page: MetricsPage,
     listener: TcpListener,
-    tls: Option<TlsAcceptor>,
+    tls: MetricsTls,
     mut stop: watch::Receiver<bool>,
 ) -> TcpListener {
-    let connections = Arc::new(Semaphore::new(METRICS_CONNECTIONS));
-    let by_source = SourceShare::new(METRICS_CONNECTIONS / 4);
+    let slots = SideSlots::new(METRICS_CONNECTIONS);
     loop {
-        let permit = tokio::select! {
-            p = connections.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return listener },
-            _ = stop.changed() => return listener,
-        };
-        let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stop.changed() => return listener,
-        };
-        // Silent sockets from one host must not keep the scrapers out.
-        let contended =
-            source_share::contended(METRICS_CONNECTIONS, connections.available_permits());
-        let Some(source_slot) = by_source.take(peer.ip(), contended) else {
-            handshake_failed(
-                page.metrics(),
-                METRICS_LISTENER,
-                HandshakeFailure::SourceBusy,
-                peer,
-                None,
-            );
-            continue;
+        let (tcp, peer, slot) = match slots.accept(&listener, "metrics", &mut stop).await {
+            SideAccept::Connection(tcp, peer, slot) => (tcp, peer, slot),
+            SideAccept::SourceBusy(peer) => {
+                handshake_failed(
+                    page.metrics(),
+                    METRICS_LISTENER,
+                    HandshakeFailure::SourceBusy,
+                    peer,
+                    None,
+                );
+                continue;
+            }
+            SideAccept::Stopped => return listener,
         };
         let page = page.clone();
-        let tls = tls.clone();
+        let tls = tls.read().unwrap_or_else(|p| p.into_inner()).clone();
         let stop = stop.clone();
         tokio::spawn(async move {
-            let _permit = (permit, source_slot);
+            let _slot = slot;
             let limits = page.limits();
             let activity = Arc::new(Activity::new());
             let (svc_page, act) = (page.clone(), activity.clone());

@@ -1201,17 +1201,30 @@ fn reload_target(how: &Reload, config: &Path) -> Result<Target> {
             "{why}; nothing was changed. Pass --pid or --pid-file naming the running svsd, or --no-reload to change the file only"
         ))
     };
+    // Another svsd (a second instance, a test one) would reload its own
+    // files, not the one edited, and the edit would wait unconfirmed.
+    let same_config = |pid: i32| match svsd_config_of(pid) {
+        Some(theirs) if canonical(&theirs) != canonical(config) => Err(refuse(format!(
+            "svsd (pid {pid}) runs with the configuration {}, not {}",
+            theirs.display(),
+            config.display()
+        ))),
+        _ => Ok(()),
+    };
     let pid = match how {
         Reload::No => return Ok(Target::Nobody),
-        Reload::Systemd => return Ok(Target::Systemd),
+        Reload::Systemd => {
+            systemd_main_pid().map_or(Ok(()), same_config)?;
+            return Ok(Target::Systemd);
+        }
         Reload::Auto => {
-            return if Path::new("/run/systemd/system").exists()
-                && systemctl(&["is-active", "--quiet", "svsd"])
+            if !(Path::new("/run/systemd/system").exists()
+                && systemctl(&["is-active", "--quiet", "svsd"]))
             {
-                Ok(Target::Systemd)
-            } else {
-                Err(refuse("no svsd running under systemd was found".into()))
-            };
+                return Err(refuse("no svsd running under systemd was found".into()));
+            }
+            systemd_main_pid().map_or(Ok(()), same_config)?;
+            return Ok(Target::Systemd);
         }
         Reload::Pid(pid) => *pid,
         Reload::PidFile(path) => {
@@ -1229,19 +1242,28 @@ fn reload_target(how: &Reload, config: &Path) -> Result<Target> {
     if let Some(why) = not_svsd(pid) {
         return Err(refuse(why));
     }
-    // Another svsd (a second instance, a test one) would reload its own
-    // files, not the one edited, and the edit would wait unconfirmed.
-    if let Some(theirs) = svsd_config_of(pid) {
-        let same = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
-        if same(&theirs) != same(config) {
-            return Err(refuse(format!(
-                "svsd (pid {pid}) runs with the configuration {}, not {}",
-                theirs.display(),
-                config.display()
-            )));
-        }
-    }
+    same_config(pid)?;
     Ok(Target::Pid(pid))
+}
+
+fn canonical(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// The main process of systemd's svsd unit, when it has one.
+fn systemd_main_pid() -> Option<i32> {
+    let out = std::process::Command::new("systemctl")
+        .args(["show", "--property=MainPID", "--value", "svsd"])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    String::from_utf8(out.stdout)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+        .filter(|pid| *pid > 0)
 }
 
 /// The configuration file svsd `pid` was started with, from its command

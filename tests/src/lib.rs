@@ -440,6 +440,56 @@ pub async fn tls_stream(
         .await
 }
 
+/// Polls the log until `needle` has appeared `count` times.
+pub async fn wait_for_log(d: &Daemon, needle: &str, count: usize) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = d.log_text();
+        if log.matches(needle).count() >= count {
+            return log;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{needle:?} not logged {count} times: {log}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// GET over plain HTTP/1.0 (the server closes after the answer).
+pub async fn probe_get(addr: SocketAddr, path: &str) -> Option<(u16, Value)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.ok()?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, serde_json::from_str(body).ok()?))
+}
+
+/// Polls `path` on a plain-HTTP listener until it answers `status`
+/// (within 30 s); returns the JSON body.
+pub async fn wait_for(d: &Daemon, addr: SocketAddr, path: &str, status: u16) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some((s, body)) = probe_get(addr, path).await
+            && s == status
+        {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{path} never answered {status}: {}",
+            d.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// svsd's metrics page (plain HTTP, as the dev configuration serves it),
 /// with the response head.
 pub async fn scrape_metrics(addr: SocketAddr) -> String {

@@ -13,38 +13,6 @@ use serde_json::{Value, json};
 use svs_e2e::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// GET over plain HTTP/1.0 (the server closes after the answer).
-async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, Value)> {
-    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).await.ok()?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    let status = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, serde_json::from_str(body).ok()?))
-}
-
-/// Polls `path` on the probe listener until it answers `status`.
-async fn wait_for(d: &Daemon, addr: SocketAddr, path: &str, status: u16) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some((s, body)) = http_get(addr, path).await
-            && s == status
-        {
-            return body;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{path} never answered {status}: {}",
-            d.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// Starts svsd on `install` without waiting for it to be ready.
 fn spawn(install: &Install, env: &[(&str, &str)]) -> Daemon {
     install.spawn_with(env, None)
@@ -89,7 +57,7 @@ async fn unprovisioned_svsd_waits_not_ready_and_starts_on_sighup() {
         body["error"]["message"],
         "not provisioned: TLS files, HSM PIN missing \u{2014} provision the appliance (docs/operations.md §3)"
     );
-    let (status, alive) = http_get(health, "/healthz").await.unwrap();
+    let (status, alive) = probe_get(health, "/healthz").await.unwrap();
     assert_eq!((status, alive), (200, json!({"status": "alive"})));
     // Prometheus sees a daemon that is up and says why it is not ready
     // (SvsNotReady), not a target that is down, and nothing of the parts
@@ -111,7 +79,7 @@ async fn unprovisioned_svsd_waits_not_ready_and_starts_on_sighup() {
     assert!(!page.contains("svs_audit_writable"), "{page}");
     // Retries do not repeat the reason in the log, and nothing else is served.
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert_eq!(http_get(health, "/v1/keys").await.unwrap().0, 404);
+    assert_eq!(probe_get(health, "/v1/keys").await.unwrap().0, 404);
     let mut d = d;
     assert!(d.wait(Duration::from_millis(10)).is_none(), "svsd exited");
     let log = d.log_text();
@@ -591,7 +559,7 @@ async fn a_reload_while_waiting_is_announced_and_its_hanging_attempt_keeps_the_p
     // answering with the reason svsd waits for.
     let until = Instant::now() + Duration::from_millis(1500);
     while Instant::now() < until {
-        let answer = tokio::time::timeout(Duration::from_secs(1), http_get(health, "/readyz"))
+        let answer = tokio::time::timeout(Duration::from_secs(1), probe_get(health, "/readyz"))
             .await
             .unwrap_or_else(|_| panic!("the probe hangs during the attempt: {}", d.log_text()));
         assert_eq!(answer, Some((503, waiting.clone())));

@@ -13,7 +13,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use svs_e2e::{Client, Install, b64, free_port, have_tool, sample, tls_config, tls_stream};
+use svs_e2e::{
+    Client, Install, b64, free_port, have_tool, sample, tls_config, tls_stream, wait_for_log,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn monitoring_dir() -> PathBuf {
@@ -352,6 +354,46 @@ async fn metrics_listener_with_tls_and_client_certificates() {
         "{}",
         String::from_utf8_lossy(&raw)
     );
+}
+
+/// A metrics certificate renewed in place is served from the next reload
+/// on, like the API's (before, only from a restart, and no reload said
+/// so); renewed files that are wrong refuse the reload, and the listener
+/// keeps serving the certificate it has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_metrics_certificate_is_served_after_a_reload() {
+    let install = Install::new();
+    install.enable_metrics_tls();
+    // Files of its own, so that only the metrics listener's change.
+    let dir = &install.dir;
+    std::fs::copy(dir.join("server.pem"), dir.join("metrics.pem")).unwrap();
+    std::fs::copy(dir.join("server-key.pem"), dir.join("metrics-key.pem")).unwrap();
+    install.edit_config(|t| {
+        t.replace(
+            "[metrics.tls]\ncertificate = \"server.pem\"\nprivate_key = \"server-key.pem\"",
+            "[metrics.tls]\ncertificate = \"metrics.pem\"\nprivate_key = \"metrics-key.pem\"",
+        )
+    });
+    let d = install.start().await;
+    let served = async || {
+        let config = tls_config(&d.ca, Some(&d.client), false);
+        let s = tls_stream(install.metrics_addr, config).await.unwrap();
+        s.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+    };
+    let first = served().await;
+    let ca = svs_appliance::tls::devpki::DevCa::load(dir, svs_appliance::dev::DEV_CA_NAME).unwrap();
+    let renewed = ca.server(&["localhost", "127.0.0.1"]).unwrap();
+    svs_appliance::tls::devpki::save_issued(dir, "metrics", &renewed).unwrap();
+    assert_eq!(served().await, first, "served before the reload");
+    d.signal("HUP");
+    wait_for_log(&d, "configuration reloaded", 1).await;
+    assert_eq!(served().await, renewed.cert_der);
+
+    std::fs::write(dir.join("metrics-key.pem"), "not a key").unwrap();
+    d.signal("HUP");
+    let log = wait_for_log(&d, "reload refused", 1).await;
+    assert!(log.contains("metrics"), "{log}");
+    assert_eq!(served().await, renewed.cert_der);
 }
 
 #[test]

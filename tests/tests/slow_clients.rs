@@ -938,6 +938,18 @@ async fn http2_clients_that_stop_reading_are_bounded_and_dropped() {
 /// served at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_clients_cannot_hold_the_metrics_or_probe_listener() {
+    silent_side_clients(false).await;
+}
+
+/// The same while svsd waits to start (a key it exposes is not on the
+/// token yet), when the probes are what says why: before, one host's 16
+/// silent connections held every slot of the waiting probe listener.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_clients_cannot_hold_the_side_listeners_of_a_waiting_svsd() {
+    silent_side_clients(true).await;
+}
+
+async fn silent_side_clients(waiting: bool) {
     const SIDE_IDLE: Duration = Duration::from_secs(5);
     const SILENT: usize = 16;
     let inst = install(
@@ -951,7 +963,14 @@ async fn silent_clients_cannot_hold_the_metrics_or_probe_listener() {
             &format!("[server]\nhealth_listen = \"{probes}\"\n"),
         )
     });
-    let d = inst.start().await;
+    let d = if waiting {
+        inst.edit_config(|t| t.replace("{ object = \"demo\" }", "{ object = \"later\" }"));
+        let d = inst.spawn_with(&[], None);
+        wait_for(&d, probes, "/readyz", 503).await;
+        d
+    } else {
+        inst.start().await
+    };
     let start = Instant::now();
     // The silent host is 127.0.0.2 (all of 127/8 is loopback); the
     // scraper and the health check are 127.0.0.1.
@@ -999,8 +1018,12 @@ async fn silent_clients_cannot_hold_the_metrics_or_probe_listener() {
         }
     }
     assert_eq!(on_arrival, 2 * (SILENT - 8), "closed on arrival");
-    let mut c = d.client(true).await;
-    assert_eq!(c.get("/readyz").await.unwrap().0, 200);
+    if waiting {
+        wait_for(&d, probes, "/readyz", 503).await;
+    } else {
+        let mut c = d.client(true).await;
+        assert_eq!(c.get("/readyz").await.unwrap().0, 200);
+    }
 }
 
 // ------------------------------------------------------------------ TLS

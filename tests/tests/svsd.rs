@@ -2595,22 +2595,6 @@ async fn a_hung_hsm_makes_svsd_not_ready_until_it_answers_again() {
     assert_eq!(s, 200, "{v}");
 }
 
-/// Polls the log until `needle` has appeared `count` times.
-async fn wait_for_log(d: &Daemon, needle: &str, count: usize) -> String {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let log = d.log_text();
-        if log.matches(needle).count() >= count {
-            return log;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{needle:?} not logged {count} times: {log}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_generated_after_start_is_exposed_by_sighup_and_a_failed_key_refresh_keeps_the_keys()
 {
