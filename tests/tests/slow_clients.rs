@@ -724,6 +724,96 @@ async fn connections_that_never_send_a_request_are_closed_when_idle() {
     drop(polite);
 }
 
+/// HTTP/2 control frames cost svsd bounded memory, however many come:
+/// PING, SETTINGS, WINDOW_UPDATE and PRIORITY frames written as fast as
+/// the socket takes them, by a client that never reads (the PING and
+/// SETTINGS acknowledgements back up on the socket, and svsd stops reading
+/// it: they do not queue in svsd) and by one that reads everything. Other
+/// clients are served meanwhile, and neither flood keeps its connection
+/// past the idle timeout: control frames are no request, and neither
+/// client acknowledges the closing PING.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_control_frame_floods_cost_bounded_memory_and_end_when_idle() {
+    let inst = install(&[], "");
+    let d = inst.start().await;
+    dev_signs(&d, "warm-up").await;
+    let before = rss_kib(&d);
+    // 1,000 of each frame, 35 KiB a write.
+    let mut chunk = Vec::new();
+    for i in 0..1000u32 {
+        chunk.extend(frame(0x6, 0, 0, &i.to_be_bytes().repeat(2))); // PING
+        chunk.extend(frame(FRAME_SETTINGS, 0, 0, &[]));
+        chunk.extend(frame(0x8, 0, 0, &1u32.to_be_bytes())); // WINDOW_UPDATE
+        // PRIORITY of an idle stream, depending on the connection.
+        chunk.extend(frame(0x2, 0, 2 * i + 1, &[0, 0, 0, 0, 15]));
+    }
+    let mut floods = Vec::new();
+    for reads in [false, true] {
+        let cfg = tls_config(&d.ca, Some(&d.client), true);
+        let t = tls_stream(d.addr, cfg).await.unwrap();
+        let (mut rd, mut wr) = tokio::io::split(t);
+        let chunk = chunk.clone();
+        floods.push(tokio::spawn(async move {
+            let start = Instant::now();
+            let reader = tokio::spawn(async move {
+                let mut got = 0usize;
+                let mut buf = vec![0u8; 64 * 1024];
+                if reads {
+                    while let Ok(n @ 1..) = rd.read(&mut buf).await {
+                        got += n;
+                    }
+                }
+                // The non-reader keeps its half open, unread.
+                (rd, got)
+            });
+            let mut sent = H2_PREFACE.len();
+            wr.write_all(H2_PREFACE).await.unwrap();
+            wr.write_all(&frame(FRAME_SETTINGS, 0, 0, &[]))
+                .await
+                .unwrap();
+            let deadline = IDLE + CLOSE + SLACK;
+            let ended = loop {
+                match tokio::time::timeout_at((start + deadline).into(), wr.write_all(&chunk)).await
+                {
+                    Ok(Ok(())) => sent += chunk.len(),
+                    Ok(Err(_)) => break Some(start.elapsed()),
+                    Err(_) => break None,
+                }
+            };
+            let (_rd, got) = reader.await.unwrap();
+            (reads, sent, got, ended)
+        }));
+    }
+    // Signing goes on beside the floods, and svsd's memory is sampled.
+    let mut peak = before;
+    let sampling = Instant::now();
+    while sampling.elapsed() < IDLE {
+        dev_signs(&d, "during the floods").await;
+        peak = peak.max(rss_kib(&d));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for f in floods {
+        let (reads, sent, got, ended) = f.await.unwrap();
+        println!(
+            "flood (reading: {reads}): {} KiB sent, {} KiB read, ended after {ended:?}",
+            sent / 1024,
+            got / 1024
+        );
+        assert!(
+            sent > chunk.len(),
+            "the flood never got going: {sent} bytes"
+        );
+        // Ended by svsd at the idle timeout and the close timeout after it,
+        // or sooner by svsd's GOAWAY; the write that notices may come late.
+        let ended = ended.unwrap_or_else(|| panic!("flood (reading: {reads}) still connected"));
+        assert!(ended <= IDLE + CLOSE + SLACK, "{ended:?}");
+    }
+    peak = peak.max(rss_kib(&d));
+    println!("svsd RSS {before} KiB before the floods, peak {peak} KiB");
+    assert!(peak < before + 8 * 1024, "{before} KiB -> {peak} KiB");
+    dev_signs(&d, "after the floods").await;
+}
+
 /// svsd's resident memory, KiB.
 fn rss_kib(d: &Daemon) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{}/status", d.child.id())).unwrap();
