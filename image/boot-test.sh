@@ -12,8 +12,11 @@
 #   makes its own identity, loads the firewall, and svsd reports not-ready
 #   with a reason; then the officer's procedure of docs/operations.md §3.5-3.9
 #   is run over SSH (token, PINs, keys, TLS, entity) and the same signing
-#   checks as for dev follow, with the key "sign"; last, the package is
-#   installed again (the upgrade path) and svsd must come back ready.
+#   checks as for dev follow, with the key "sign"; then the entity is
+#   suspended and resumed with svs-provision (a reload through systemd,
+#   confirmed by its audit record), and an edit of another configuration
+#   than the unit's is refused; last, the package is installed again (the
+#   upgrade path) and svsd must come back ready.
 #
 # The image is not modified (the guest writes to a qcow2 overlay). Host
 # listeners: the forwarded ports, bound to 127.0.0.1 only. qemu is stopped
@@ -303,6 +306,23 @@ if [ "$VARIANT" = dev ]; then
     restarts=$(guest systemctl show -p NRestarts --value svsd.service)
     [ "$restarts" = 0 ] || fail "svsd restarted $restarts times"
 else
+    # An entity edit on the running appliance: svs-provision reloads svsd
+    # through systemd and waits for the reload record that read its edit.
+    sign_status() {
+        "${CURL[@]}" -o /dev/null -w '%{http_code}' -H 'content-type: application/json' \
+            -d "{\"key\":\"$KEY\",\"data\":\"$data\"}" "$BASE/v1/sign"
+    }
+    step "entity suspend (systemctl reload, confirmed)" "$P entity suspend --name boot-test-app"
+    [ "$(sign_status)" = 403 ] || fail "a suspended entity still signs"
+    step "entity resume (systemctl reload, confirmed)" "$P entity resume --name boot-test-app"
+    [ "$(sign_status)" = 200 ] || fail "a resumed entity does not sign"
+    # Another configuration than the unit's: refused before any edit.
+    step "a second configuration" "cp /etc/svs/svsd.toml /root/other.toml"
+    rc=0
+    guest "svs-provision -c /root/other.toml entity suspend --name boot-test-app" >"$RUN/step.log" 2>&1 || rc=$?
+    [ "$rc" = 2 ] && grep -q "runs with the configuration" "$RUN/step.log" ||
+        { cat "$RUN/step.log"; fail "an edit of another configuration than svsd's was not refused (exit $rc)"; }
+    log "ok   entity suspend and resume reload svsd through systemd; another configuration's edit refused"
     # The upgrade path of docs/operations.md §7 with the package this image
     # was built from: postinst checks the configuration with the new svsd
     # and restarts the running one; the appliance must come back ready.
