@@ -3110,32 +3110,21 @@ operations = ["sign", "verify"]
             assert!(!page.contains(series), "{series} in {page}");
         };
         let text = page(&f.app);
-        for reason in ["rate", "concurrency", "anomaly"] {
-            zero(
-                &text,
-                &format!(r#"svs_rate_limited_total{{entity="app1",reason="{reason}"}}"#),
-            );
-        }
-        zero(
-            &text,
+        for series in [
+            r#"svs_rate_limited_total{entity="app1",reason="rate"}"#,
+            r#"svs_rate_limited_total{entity="app1",reason="concurrency"}"#,
+            r#"svs_rate_limited_total{entity="app1",reason="anomaly"}"#,
+            r#"svs_connections_refused_total{entity="app1"}"#,
             r#"svs_requests_total{entity="app1",key="demo",operation="sign",outcome="ok"}"#,
-        );
-        zero(
-            &text,
             r#"svs_requests_total{entity="app1",key="demo",operation="verify",outcome="valid"}"#,
-        );
-        zero(
-            &text,
-            r#"svs_requests_total{entity="app1",key="demo",operation="verify",outcome="invalid"}"#,
-        );
-        zero(
-            &text,
             r#"svs_requests_total{entity="_unknown",key="_none",operation="sign",outcome="unauthenticated"}"#,
-        );
-        zero(
-            &text,
             r#"svs_key_operations_total{key="other",operation="sign"}"#,
-        );
+            r#"svs_hsm_recoveries_total{class="relogin"}"#,
+        ] {
+            zero(&text, series);
+        }
+        // Error outcomes come with their first event.
+        absent(&text, r#"outcome="invalid""#);
         // Only what the entity may do: not a key it is not granted.
         absent(&text, r#"entity="app1",key="other""#);
 

@@ -1354,9 +1354,10 @@ async fn reload(
 }
 
 /// What a reload reads and checks before it installs anything: the
-/// configuration, the API's TLS files, the metrics listener's (when it
-/// serves TLS from the files it started with: renewed in place, they are
-/// used from the reload on), and [`App::check_reload`] (the token's keys
+/// configuration, the API's TLS files, the metrics listener's (when
+/// `[metrics]` is as svsd started with it: renewed in place, they are used
+/// from the reload on; unusable, they are kept as they were, with an
+/// alarm), and [`App::check_reload`] (the token's keys
 /// re-read, keys newly exposed or re-created self-tested, the
 /// max_body_bytes check). Changes nothing.
 async fn check_reload(
@@ -1378,11 +1379,24 @@ async fn check_reload(
     let c = config.clone();
     let same_metrics = running.metrics == config.metrics;
     let (api, metrics) = tokio::task::spawn_blocking(move || {
-        let metrics = if same_metrics { metrics_tls(&c)? } else { None };
+        let metrics = if same_metrics {
+            metrics_tls(&c)
+        } else {
+            Ok(None)
+        };
         Ok::<_, SvsError>((api_tls(&c)?, metrics))
     })
     .await
     .map_err(|e| SvsError::Internal(e.to_string()))??;
+    // Not a reason to refuse the reload: monitoring files that are half
+    // renewed must not hold up an entity's suspension.
+    let metrics = metrics.unwrap_or_else(|e| {
+        tracing::error!(
+            error = %e,
+            "ALARM the [metrics.tls] files cannot be used: the metrics listener keeps the certificate it has"
+        );
+        None
+    });
     // Said at every reload while the file differs from what runs.
     for setting in restart_only_changes(running, &config) {
         tracing::warn!(

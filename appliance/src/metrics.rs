@@ -506,12 +506,18 @@ impl Metrics {
                 "HSM errors by CK_RV name or error kind.",
                 &["rv"],
             ),
-            hsm_recoveries: counter_vec(
-                &r,
-                "svs_hsm_recoveries_total",
-                "Recovery steps taken by HSM pool workers, by class.",
-                &["class"],
-            ),
+            hsm_recoveries: {
+                let v = counter_vec(
+                    &r,
+                    "svs_hsm_recoveries_total",
+                    "Recovery steps taken by HSM pool workers, by class.",
+                    &["class"],
+                );
+                for class in RvClass::ALL {
+                    v.with_label_values(&[recovery_label(class)]);
+                }
+                v
+            },
             hsm_queue_depth: int_gauge(
                 &r,
                 "svs_hsm_queue_depth",
@@ -702,29 +708,30 @@ impl Metrics {
     }
 
     /// Creates at 0 the counter series `rt` makes possible that an alert or
-    /// a dashboard divides or takes `increase()` of: an entity's limits,
-    /// the answers of each operation it may run with each key it may use,
-    /// each exposed key's use. A series born at its first event is read by
-    /// `rate()` and `increase()` as starting there, so the burst that
-    /// created it went uncounted (a first flood of 429s, an entity's first
-    /// minute of signing). Series of entities or keys a reload removed keep
-    /// their counts until restart, as counters should.
+    /// a dashboard divides or takes `increase()` of: an entity's limits and
+    /// connection cap, the successful answers of each operation it may run
+    /// with each key it may use, each exposed key's use. A series born at
+    /// its first event is read by `rate()` and `increase()` as starting
+    /// there, so the burst that created it went uncounted (a first flood of
+    /// 429s, an entity's first minute of signing). At most 4 + 2 × keys
+    /// series an entity (each scrape encodes them all); error outcomes
+    /// still appear with their first event. Series of entities or keys a
+    /// reload removed keep their counts until restart, as counters should.
     pub fn configured(&self, rt: &crate::app::Runtime) {
         for e in rt.policy.entities() {
             for reason in LimitReason::ALL {
                 self.rate_limited
                     .with_label_values(&[e.name(), reason.as_str()]);
             }
+            self.connections_over_cap.with_label_values(&[e.name()]);
             for op in &e.config.operations {
-                let outcomes: &[&str] = match op {
-                    Operation::Sign => &["ok"],
-                    Operation::Verify => &["valid", "invalid"],
+                let success = match op {
+                    Operation::Sign => "ok",
+                    Operation::Verify => "valid",
                 };
                 for key in e.keys().iter().filter(|k| rt.keys.contains_key(*k)) {
-                    for outcome in outcomes {
-                        self.requests
-                            .with_label_values(&[op.as_str(), e.name(), key, outcome]);
-                    }
+                    self.requests
+                        .with_label_values(&[op.as_str(), e.name(), key, success]);
                 }
             }
         }
@@ -977,14 +984,19 @@ impl HsmMetrics for Metrics {
     }
 
     fn recovery(&self, class: RvClass) {
-        let name = match class {
-            RvClass::CallerError => "caller_error",
-            RvClass::RetrySession => "retry_session",
-            RvClass::Relogin => "relogin",
-            RvClass::TokenGone => "token_gone",
-            RvClass::Fatal => "fatal",
-        };
-        self.hsm_recoveries.with_label_values(&[name]).inc();
+        self.hsm_recoveries
+            .with_label_values(&[recovery_label(class)])
+            .inc();
+    }
+}
+
+fn recovery_label(class: RvClass) -> &'static str {
+    match class {
+        RvClass::CallerError => "caller_error",
+        RvClass::RetrySession => "retry_session",
+        RvClass::Relogin => "relogin",
+        RvClass::TokenGone => "token_gone",
+        RvClass::Fatal => "fatal",
     }
 }
 

@@ -93,8 +93,8 @@ impl SideSlots {
         }
     }
 
-    /// Waits for a free slot, then for the next connection. `listener`
-    /// names the listener in the log.
+    /// Waits for a free slot, then for the next connection. `name` names
+    /// the listener in the log.
     async fn accept(
         &self,
         listener: &TcpListener,

@@ -24,6 +24,17 @@ pub enum RvClass {
     Fatal,
 }
 
+impl RvClass {
+    /// Every class, for metrics that list them all from the start.
+    pub const ALL: [RvClass; 5] = [
+        RvClass::CallerError,
+        RvClass::RetrySession,
+        RvClass::Relogin,
+        RvClass::TokenGone,
+        RvClass::Fatal,
+    ];
+}
+
 /// A PKCS#11 return value with its standard name and recovery class.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RvInfo {

@@ -358,8 +358,9 @@ async fn metrics_listener_with_tls_and_client_certificates() {
 
 /// A metrics certificate renewed in place is served from the next reload
 /// on, like the API's (before, only from a restart, and no reload said
-/// so); renewed files that are wrong refuse the reload, and the listener
-/// keeps serving the certificate it has.
+/// so); renewed files that are wrong leave the listener serving the
+/// certificate it has, with an alarm, and do not hold up the rest of the
+/// reload.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_renewed_metrics_certificate_is_served_after_a_reload() {
     let install = Install::new();
@@ -389,11 +390,35 @@ async fn a_renewed_metrics_certificate_is_served_after_a_reload() {
     wait_for_log(&d, "configuration reloaded", 1).await;
     assert_eq!(served().await, renewed.cert_der);
 
+    // Half renewed: the rest of the reload (here, the entity suspended) is
+    // applied, the metrics listener keeps its certificate, and says why.
     std::fs::write(dir.join("metrics-key.pem"), "not a key").unwrap();
+    let entities = dir.join("entities.toml");
+    let text = std::fs::read_to_string(&entities).unwrap();
+    let suspended = text.replace(
+        "name = \"dev-client\"",
+        "name = \"dev-client\"\nstatus = \"suspended\"",
+    );
+    assert_ne!(suspended, text);
+    std::fs::write(&entities, suspended).unwrap();
     d.signal("HUP");
-    let log = wait_for_log(&d, "reload refused", 1).await;
-    assert!(log.contains("metrics"), "{log}");
+    let log = wait_for_log(&d, "configuration reloaded", 2).await;
+    // The error's list of files follows on the next lines.
+    let at = log
+        .find("ALARM the [metrics.tls] files cannot be used")
+        .unwrap_or_else(|| panic!("no alarm: {log}"));
+    let alarm: String = log[at..].lines().take(3).collect();
+    assert!(alarm.contains("metrics-key.pem"), "{alarm}");
+    assert!(!log.contains("reload refused"), "{log}");
     assert_eq!(served().await, renewed.cert_der);
+    let mut c = Client::connect(d.addr, &d.ca, &d.client, false)
+        .await
+        .unwrap();
+    let (st, _, v) = c
+        .post("/v1/sign", &json!({"key": "demo", "data": "aGk="}))
+        .await
+        .unwrap();
+    assert_eq!((st, &v["error"]["code"]), (403, &json!("entity_suspended")));
 }
 
 #[test]
