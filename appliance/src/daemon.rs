@@ -1118,6 +1118,7 @@ impl Running {
         // What svsd started with: settings that change only on restart are
         // compared with these at every reload.
         let running_config = config.clone();
+        read_tls_expiry(&app, &config, &running_config).await;
         let mut config = config;
         let mut duties = tokio::task::JoinSet::new();
         if tests.is_some() {
@@ -1131,6 +1132,7 @@ impl Running {
                         match reloaded {
                             Some(Ok((new, changes))) => {
                                 tracing::info!(entities = new.entities.len(), %changes, "configuration reloaded");
+                                read_tls_expiry(&app, &new, &running_config).await;
                                 config = new;
                                 status.set_reload_refused(false);
                                 app.metrics().reload(true);
@@ -1405,6 +1407,14 @@ async fn check_reload(
     }
     let plan = app.check_reload(&config).await?;
     Ok((config, api, metrics, plan))
+}
+
+/// The TLS certificates' expiry for the metrics: the API's files as
+/// `config` names them, the metrics listener's as svsd started with them
+/// (their names change only on restart).
+async fn read_tls_expiry(app: &Arc<App>, config: &Config, running: &Config) {
+    let (app, api, metrics) = (app.clone(), config.tls.clone(), running.metrics.clone());
+    let _ = tokio::task::spawn_blocking(move || app.metrics().tls_files(&api, &metrics)).await;
 }
 
 /// How often the token's user PIN state is read (one C_GetTokenInfo).

@@ -284,6 +284,7 @@ pub struct Metrics {
     not_ready_reason: IntGaugeVec,
     audit_writable: IntGauge,
     cert_expiry: GaugeVec,
+    tls_expiry: GaugeVec,
     entity_anomaly: IntGaugeVec,
     entity_rate: GaugeVec,
     entity_error_ratio: GaugeVec,
@@ -322,6 +323,17 @@ pub fn certificate_not_after(der: &[u8]) -> Option<f64> {
             .to_unix_duration()
             .as_secs_f64(),
     )
+}
+
+/// The earliest notAfter of the PEM certificates in `path`.
+fn earliest_not_after(path: &Path) -> Option<f64> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    CertificateDer::pem_file_iter(path)
+        .ok()?
+        .filter_map(Result::ok)
+        .filter_map(|c| certificate_not_after(&c))
+        .min_by(f64::total_cmp)
 }
 
 /// The prometheus crate's process metrics, with `process_cpu_seconds_total`
@@ -615,6 +627,12 @@ impl Metrics {
                 "notAfter of each exposed key's certificate (Unix time); absent for keys without one.",
                 &["key"],
             ),
+            tls_expiry: gauge_vec(
+                &r,
+                "svs_tls_certificate_expiry_timestamp_seconds",
+                "Earliest notAfter (Unix time) of the certificates in each TLS file svsd serves or trusts: api_server (the chain it sends), api_client_ca, metrics_server, metrics_client_ca; read at start and at each reload.",
+                &["certificate"],
+            ),
             entity_anomaly: int_gauge_vec(
                 &r,
                 "svs_entity_anomaly",
@@ -649,6 +667,29 @@ impl Metrics {
             mechanisms: Mutex::new(Vec::new()),
             render: Mutex::new(()),
             registry: r,
+        }
+    }
+
+    /// Reads the certificates of the TLS files in use into
+    /// `svs_tls_certificate_expiry_timestamp_seconds`: an expired server
+    /// certificate is an outage that no other metric shows (every
+    /// handshake fails on the client's side). Blocking (reads the files).
+    pub fn tls_files(&self, api: &crate::config::TlsFiles, metrics: &MetricsConfig) {
+        let mut files = vec![
+            ("api_server", api.certificate.as_path()),
+            ("api_client_ca", api.client_ca.as_path()),
+        ];
+        if let (Some(_), Some(t)) = (metrics.listen, &metrics.tls) {
+            files.push(("metrics_server", t.certificate.as_path()));
+            files.extend(t.client_ca.as_deref().map(|ca| ("metrics_client_ca", ca)));
+        }
+        let read: Vec<_> = files
+            .into_iter()
+            .filter_map(|(name, path)| Some((name, earliest_not_after(path)?)))
+            .collect();
+        self.tls_expiry.reset();
+        for (name, t) in read {
+            self.tls_expiry.with_label_values(&[name]).set(t);
         }
     }
 

@@ -174,9 +174,20 @@ fn build(
         }
         None => builder.with_no_client_auth(),
     };
-    let mut config = builder
-        .with_single_cert(chain, key)
-        .map_err(|e| cfg_err(format!("{what} certificate/private_key: {e}")))?;
+    let mut config = builder.with_single_cert(chain, key).map_err(|e| {
+        let why = match e {
+            rustls::Error::InconsistentKeys(_) => {
+                "the private key is not the key of the certificate (a renewal half done?)"
+                    .to_owned()
+            }
+            e => e.to_string(),
+        };
+        cfg_err(format!(
+            "{what} certificate {} and private_key {}: {why}",
+            certificate.display(),
+            private_key.display()
+        ))
+    })?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok((Arc::new(config), loaded))
 }

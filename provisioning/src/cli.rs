@@ -9,7 +9,7 @@ use svs_hsm::{ModuleSource, Pkcs11Uri};
 
 use crate::Report;
 use crate::audit::{AuditKey, Configured, ShowFilter};
-use crate::entities::{EntityChange, NewEntity, Reload};
+use crate::entities::{EntityChange, NewEntity, Recognise, Reload};
 use crate::error::{ProvisionError, Result};
 use crate::pin::{PinFiles, PinReader};
 use crate::token::{Opened, Target};
@@ -318,12 +318,18 @@ pub enum EntityCmd {
         #[arg(long)]
         name: String,
         /// Its new client certificate (PEM or DER, then intermediates),
-        /// checked as for `add`; replaces how the client was recognised.
+        /// checked as for `add`. The client stays recognised as it was
+        /// (by whole certificate, by public key, or by subject and issuer,
+        /// which a certificate renewed under the same name already meets)
+        /// unless --match-cert or --match-key says otherwise.
         #[arg(long)]
         cert: Option<PathBuf>,
-        /// With --cert: recognise the client by its public key only.
-        #[arg(long, requires = "cert")]
+        /// With --cert: recognise the client by its public key only from now on.
+        #[arg(long, requires = "cert", conflicts_with = "match_cert")]
         match_key: bool,
+        /// With --cert: recognise the client by the whole certificate from now on.
+        #[arg(long, requires = "cert")]
+        match_cert: bool,
         /// The keys it may use from now on (all of them), comma-separated.
         #[arg(long, value_delimiter = ',', value_name = "K1,K2")]
         keys: Option<Vec<String>>,
@@ -898,6 +904,7 @@ pub fn run(cli: Cli) -> Result<Outcome> {
                     name,
                     cert,
                     match_key,
+                    match_cert,
                     keys,
                     ops,
                     rate,
@@ -910,7 +917,14 @@ pub fn run(cli: Cli) -> Result<Outcome> {
                     &path,
                     name,
                     &EntityChange {
-                        cert: cert.clone().map(|c| (c, !match_key)),
+                        cert: cert.clone().map(|c| {
+                            let how = match (match_key, match_cert) {
+                                (true, _) => Recognise::PublicKey,
+                                (_, true) => Recognise::Certificate,
+                                _ => Recognise::AsNow,
+                            };
+                            (c, how)
+                        }),
                         keys: keys.clone(),
                         ops: ops.clone(),
                         rate: rate.clone().map(|r| (r, *burst)),

@@ -17,7 +17,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use svs_appliance::config::{Config, EntityConfig, EntityStatus, entities_from_toml, syntax_error};
+use svs_appliance::config::{
+    ClientMatch, Config, EntityConfig, EntityStatus, entities_from_toml, syntax_error,
+};
 use svs_appliance::error::SvsError;
 use svs_appliance::reload::entities_sha256_of;
 use svs_hsm::keys::hex;
@@ -311,6 +313,40 @@ impl Claim {
     }
 }
 
+/// Refuses `claim` for entity `name`, recognised by subject and issuer,
+/// unless that matching already takes it (a certificate renewed by the
+/// same CA under the same name): anything else needs the officer to choose
+/// how it is to be recognised from now on.
+fn recognised_by_subject(config: &Config, name: &str, claim: &Claim) -> Result<()> {
+    let this: Vec<_> = config
+        .entities
+        .iter()
+        .filter(|e| e.name == name)
+        .cloned()
+        .collect();
+    let client = svs_appliance::policy::VerifiedClient {
+        identity: &claim.identity,
+        issued_directly: claim.issued_directly,
+    };
+    if svs_appliance::policy::Policy::new(&this, None)
+        .identify(client)
+        .is_ok()
+    {
+        return Ok(());
+    }
+    Err(ProvisionError::Usage(format!(
+        "entity {name:?} is recognised by subject and issuer, and {} (subject {}, issuer {}) does not meet them{}: pass --match-cert or --match-key to recognise it by certificate or by key from now on, or edit its subject and issuer in the entities file. Nothing was changed",
+        claim.cert.display(),
+        claim.identity.subject,
+        claim.identity.issuer,
+        if claim.issued_directly {
+            ""
+        } else {
+            " (or came with intermediates: subject matching takes only a certificate a client CA issued directly)"
+        }
+    )))
+}
+
 /// How svsd is to recognise the client of `cert` (which must pass svsd's
 /// handshake check now) for entity `name`: the entity field and its
 /// fingerprint, and the claim that [`edit`] checks again under the lock
@@ -444,7 +480,7 @@ fn string_array(items: &[String]) -> toml_edit::Value {
 /// `entity add`.
 pub fn add(config_path: &Path, new: &NewEntity, reload: &Reload) -> Result<Report> {
     let config = load_for_edit(config_path)?.config;
-    let target = reload_target(reload, &config.path)?;
+    let target = reload_target_for(reload, &config)?;
     check_keys(&config, &new.keys)?;
     check_ops(&new.ops)?;
     if exists(&config, &new.name) {
@@ -494,12 +530,27 @@ pub fn add(config_path: &Path, new: &NewEntity, reload: &Reload) -> Result<Repor
     })
 }
 
+/// How `entity update --cert` is to recognise the client from then on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Recognise {
+    /// As the entity does now: by the whole certificate, by its public key,
+    /// or by subject and issuer (which a certificate renewed by the same CA
+    /// under the same name already meets). An entity set up to outlive
+    /// renewals stays so: before, a renewal pinned it to one certificate
+    /// and the next renewal cut it off.
+    #[default]
+    AsNow,
+    /// By the whole certificate (`--match-cert`).
+    Certificate,
+    /// By its public key (`--match-key`).
+    PublicKey,
+}
+
 /// What `entity update` changes; `None` leaves a setting as it is.
 #[derive(Debug, Clone, Default)]
 pub struct EntityChange {
-    /// A new client certificate (a renewed one), and whether to match the
-    /// whole certificate (false: its public key only).
-    pub cert: Option<(PathBuf, bool)>,
+    /// A new client certificate (a renewed one), and how to recognise it.
+    pub cert: Option<(PathBuf, Recognise)>,
     /// The keys it may use, all of them.
     pub keys: Option<Vec<String>>,
     /// The operations, all of them.
@@ -543,14 +594,33 @@ pub fn update(
         Some((r, burst)) => rate_value(Some(r), *burst)?,
         None => None,
     };
+    let mut said = Vec::new();
     let (client, claim) = match &change.cert {
-        Some((cert, whole)) => {
-            let (client, claim) = client_match(&config, name, cert, *whole)?;
-            (Some(client), Some(claim))
+        Some((cert, how)) => {
+            let current = config
+                .entities
+                .iter()
+                .find(|e| e.name == name)
+                .map(|e| &e.client);
+            let whole = match (how, current) {
+                (Recognise::Certificate, _) => Some(true),
+                (Recognise::PublicKey, _) => Some(false),
+                (Recognise::AsNow, Some(ClientMatch::SpkiSha256(_))) => Some(false),
+                (Recognise::AsNow, Some(ClientMatch::Subject { .. })) => None,
+                (Recognise::AsNow, _) => Some(true),
+            };
+            let (client, claim) = client_match(&config, name, cert, whole.unwrap_or(true))?;
+            match whole {
+                Some(_) => (Some(client), Some(claim)),
+                None => {
+                    recognised_by_subject(&config, name, &claim)?;
+                    said.push("a certificate it already recognises by subject and issuer".into());
+                    (None, None)
+                }
+            }
         }
         None => (None, None),
     };
-    let mut said = Vec::new();
     if let Some((field, fp)) = &client {
         said.push(format!("{field} {fp}"));
     }
@@ -576,7 +646,7 @@ pub fn update(
         ));
     }
     let path = entities_path(&config)?;
-    let target = reload_target(reload, &config.path)?;
+    let target = reload_target_for(reload, &config)?;
     let owned = name.to_owned();
     let change = change.clone();
     let written = edit(&config, &path, claim.as_ref(), move |list| {
@@ -634,7 +704,7 @@ pub fn set_status(
         });
     }
     let path = entities_path(&config)?;
-    let target = reload_target(reload, &config.path)?;
+    let target = reload_target_for(reload, &config)?;
     let owned = name.to_owned();
     let written = edit(&config, &path, None, move |list| {
         let t = find_entity(list, &owned)?;
@@ -698,7 +768,7 @@ pub fn suspend_all(config_path: &Path, reload: &Reload) -> Result<Report> {
             json: json!({"suspended": [], "changed": false, "inline": inline, "reload": null}),
         });
     }
-    let target = reload_target(reload, &config.path)?;
+    let target = reload_target_for(reload, &config)?;
     // Chosen again under the lock, from the file as it is then: an entity
     // another officer added or resumed while this run waited for the lock
     // would otherwise stay active (still signing, in the emergency this
@@ -743,7 +813,7 @@ pub fn remove(config_path: &Path, name: &str, yes: bool, reload: &Reload) -> Res
     if !exists(&config, name) {
         return Err(not_found(name, &config));
     }
-    let target = reload_target(reload, &config.path)?;
+    let target = reload_target_for(reload, &config)?;
     if !yes {
         crate::pin::confirm(
             &format!(
@@ -1189,6 +1259,24 @@ enum Target {
     Pid(i32),
     /// `systemctl reload svsd`.
     Systemd,
+}
+
+/// [`reload_target`], and a reload svsd would refuse for its TLS files
+/// (a server key that is not its certificate's, half through a renewal; a
+/// client CA bundle that does not parse) refused before the edit: the file
+/// would be changed and svsd would go on serving the old one, an entity
+/// shown suspended by `entity list` still signing.
+fn reload_target_for(how: &Reload, config: &Config) -> Result<Target> {
+    let target = reload_target(how, &config.path)?;
+    if target != Target::Nobody
+        && let Err(e) = svs_appliance::tls::api_tls(&config.tls, &config.entities)
+    {
+        return Err(ProvisionError::Config(format!(
+            "svsd would refuse the reload: [tls]: {e}. Nothing was changed. Put the TLS files right first (svsd --check-config -c {} checks them); in an emergency, `systemctl stop svsd` stops all signing at once",
+            config.path.display()
+        )));
+    }
+    Ok(target)
 }
 
 /// Resolves `how` to a running svsd, or refuses: a pid or pid file that
@@ -1722,7 +1810,7 @@ per_second = 50.0
         std::fs::write(f.entities(), entity_toml("a", '1', "")).unwrap();
         let config = f.config.clone();
         let change = EntityChange {
-            cert: Some((cert, true)),
+            cert: Some((cert, Recognise::Certificate)),
             ..EntityChange::default()
         };
         let e = racing(
@@ -1737,6 +1825,56 @@ per_second = 50.0
             "{e}"
         );
         assert_eq!(std::fs::read_to_string(f.entities()).unwrap(), theirs);
+    }
+
+    /// A renewal keeps how the entity is recognised: by key stays by key
+    /// (in place, with its comment), by subject and issuer needs no edit
+    /// for a certificate renewed under the same name and refuses another
+    /// one; only --match-cert / --match-key change the way.
+    #[test]
+    fn a_renewed_certificate_keeps_the_way_the_entity_is_recognised() {
+        let f = Fixture::new(&entity_toml("a", '1', "").replace(
+            &format!("\"{}\"\n", "1".repeat(64)),
+            &format!("\"{}\" # CHG-1234\n", "1".repeat(64)),
+        ));
+        let renew = |name: &str, cert: &Path, how: Recognise| {
+            let change = EntityChange {
+                cert: Some((cert.to_path_buf(), how)),
+                ..EntityChange::default()
+            };
+            update(&f.config, name, &change, &Reload::No)
+        };
+        let (cert, id) = f.client("app-a");
+        renew("a", &cert, Recognise::AsNow).unwrap();
+        let text = std::fs::read_to_string(f.entities()).unwrap();
+        let line = format!("spki_sha256 = \"{}\" # CHG-1234\n", hex(&id.spki_sha256));
+        assert!(text.contains(&line), "{text}");
+        assert!(!text.contains("certificate_sha256"), "{text}");
+        renew("a", &cert, Recognise::Certificate).unwrap();
+        let text = std::fs::read_to_string(f.entities()).unwrap();
+        assert!(text.contains(&hex(&id.certificate_sha256)), "{text}");
+        assert!(!text.contains("spki_sha256"), "{text}");
+
+        // By subject and issuer (written by hand: `entity add` pins).
+        let (_, old_id) = f.client("app-b");
+        let by_subject = format!(
+            "{text}\n[[entity]]\nname = \"b\"\nsubject = \"{}\"\nissuer = \"{}\"\nkeys = [\"demo\"]\noperations = [\"sign\"]\n",
+            old_id.subject, old_id.issuer
+        );
+        std::fs::write(f.entities(), &by_subject).unwrap();
+        let (renewed, renewed_id) = f.client("app-b");
+        assert_ne!(renewed_id.spki_sha256, old_id.spki_sha256);
+        let r = renew("b", &renewed, Recognise::AsNow).unwrap();
+        assert!(r.text.contains("nothing was changed"), "{}", r.text);
+        assert_eq!(std::fs::read_to_string(f.entities()).unwrap(), by_subject);
+        let (other, _) = f.client("app-c");
+        let e = renew("b", &other, Recognise::AsNow).unwrap_err();
+        assert_eq!(e.exit_code(), 2, "{e}");
+        assert!(e.to_string().contains("--match-cert or --match-key"), "{e}");
+        assert_eq!(std::fs::read_to_string(f.entities()).unwrap(), by_subject);
+        renew("b", &other, Recognise::PublicKey).unwrap();
+        let text = std::fs::read_to_string(f.entities()).unwrap();
+        assert!(!text.contains("subject ="), "{text}");
     }
 
     #[test]

@@ -490,6 +490,16 @@ async fn enrollment_flow_with_svsd_and_audit_verification() {
     // nothing changes, and the corrected command can simply be run again.
     let entities_before = std::fs::read_to_string(dir.join("entities.toml")).unwrap();
     run(&["entity", "suspend", "--name", "app1", "--pid", "1"]).fails(2, "not svsd");
+    // Half through a server certificate renewal (a new key, its certificate
+    // not issued yet), svsd would refuse the reload: so is the edit.
+    let key = dir.join("server-key.pem");
+    let live_key = std::fs::read(&key).unwrap();
+    let other_key = install.issue_client("renewal-in-progress").key;
+    std::fs::copy(&other_key, &key).unwrap();
+    run(&["entity", "suspend", "--name", "app1", "--pid", &pid])
+        .fails(8, "svsd would refuse the reload: [tls]")
+        .fails(8, "is not the key of the certificate");
+    std::fs::write(&key, live_key).unwrap();
     // An svsd started with another configuration would not read this one.
     let other = dir.join("svsd-copy.toml");
     std::fs::copy(dir.join("svsd.toml"), &other).unwrap();

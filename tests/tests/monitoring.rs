@@ -86,6 +86,16 @@ async fn metrics_count_what_happened_with_bounded_labels_and_pass_promtool() {
     let unauthenticated = r#"svs_requests_total{entity="_unknown",key="_none",operation="sign",outcome="unauthenticated"}"#;
     assert_eq!(sample(&text, unauthenticated), Some(1.0), "{text}");
     assert!(!text.contains("made-up-key-x9"));
+    // The server certificate's expiry, as the file says.
+    let server = std::fs::read(install.dir.join("server.pem")).unwrap();
+    let der =
+        <rustls_pki_types::CertificateDer as rustls_pki_types::pem::PemObject>::from_pem_slice(
+            &server,
+        )
+        .unwrap();
+    let not_after = svs_appliance::metrics::certificate_not_after(&der).unwrap();
+    let expiry = r#"svs_tls_certificate_expiry_timestamp_seconds{certificate="api_server"}"#;
+    assert_eq!(sample(&text, expiry), Some(not_after), "{text}");
     assert!(
         !text.contains("stranger"),
         "no certificate names in metrics"
