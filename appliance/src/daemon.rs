@@ -1339,6 +1339,7 @@ async fn reload(
         // client certificate against this configuration's client CA.
         let mut slot = tls.write().unwrap_or_else(|p| p.into_inner());
         let generation = slot.generation + 1;
+        changes.tls_changed = api.digests.changes_from(&slot.digests);
         *slot = Arc::new(server::TlsGeneration::new(generation, api));
     }
     if let Some(metrics) = metrics {

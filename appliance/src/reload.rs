@@ -62,6 +62,10 @@ pub struct ReloadChanges {
     /// Key names whose certificate chain on the token changed (imported,
     /// renewed or deleted), the key itself the same.
     pub certificates_changed: Vec<String>,
+    /// The API's TLS files that hold other certificates than before:
+    /// `server certificate`, `client CA` (the trust anchors of the
+    /// applications' certificates).
+    pub tls_changed: Vec<String>,
     /// Sections whose reloadable settings changed (`[limits]`,
     /// `[anomaly]`).
     pub settings_changed: Vec<String>,
@@ -168,6 +172,7 @@ impl fmt::Display for ReloadChanges {
             ("keys remapped", &self.keys_remapped),
             ("keys re-keyed", &self.keys_rekeyed),
             ("certificates changed", &self.certificates_changed),
+            ("tls changed", &self.tls_changed),
             ("settings changed", &self.settings_changed),
         ];
         let mut changed = false;

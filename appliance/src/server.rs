@@ -279,6 +279,8 @@ pub struct TlsGeneration {
     /// Re-checks client certificates of connections made under an older
     /// generation.
     pub client_verifier: Arc<dyn ClientCertVerifier>,
+    /// What its files held.
+    pub digests: crate::tls::TlsDigests,
 }
 
 impl TlsGeneration {
@@ -288,6 +290,7 @@ impl TlsGeneration {
             generation,
             acceptor: TlsAcceptor::from(tls.config),
             client_verifier: tls.client_verifier,
+            digests: tls.digests,
         }
     }
 }

@@ -55,6 +55,46 @@ pub struct ApiTls {
     pub config: Arc<ServerConfig>,
     /// Verifies client certificates against the configured client CA.
     pub client_verifier: Arc<dyn ClientCertVerifier>,
+    /// What the files held, to tell a reload's `reload` record what it
+    /// changed.
+    pub digests: TlsDigests,
+}
+
+/// SHA-256 over the DER certificates of the API's TLS files, in order:
+/// the same certificates in a re-formatted PEM file are no change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TlsDigests {
+    /// The server certificate chain.
+    pub server_chain: [u8; 32],
+    /// The client CA bundle.
+    pub client_ca: [u8; 32],
+}
+
+impl TlsDigests {
+    /// What changed from `before` to `self`, as the `reload` record says
+    /// it.
+    pub fn changes_from(&self, before: &TlsDigests) -> Vec<String> {
+        [
+            (
+                self.server_chain != before.server_chain,
+                "server certificate",
+            ),
+            (self.client_ca != before.client_ca, "client CA"),
+        ]
+        .into_iter()
+        .filter(|(changed, _)| *changed)
+        .map(|(_, what)| what.to_owned())
+        .collect()
+    }
+}
+
+fn certs_sha256(certs: &[CertificateDer<'_>]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for c in certs {
+        h.update((c.len() as u64).to_be_bytes());
+        h.update(c);
+    }
+    h.finalize().into()
 }
 
 impl std::fmt::Debug for ApiTls {
@@ -78,9 +118,15 @@ pub fn api_tls(files: &TlsFiles, entities: &[EntityConfig]) -> Result<ApiTls, Sv
     let client_ca =
         client_ca.ok_or_else(|| SvsError::Internal("no client certificate verifier".into()))?;
     check_issuers(entities, &client_ca.subjects, &files.client_ca)?;
+    // Read again: cheap, and the files were just read whole above.
+    let digests = TlsDigests {
+        server_chain: certs_sha256(&read_certs(&files.certificate, "tls certificate")?),
+        client_ca: certs_sha256(&read_certs(&files.client_ca, "tls client_ca")?),
+    };
     Ok(ApiTls {
         config,
         client_verifier: client_ca.verifier,
+        digests,
     })
 }
 
@@ -432,6 +478,32 @@ mod tests {
     use super::devpki::*;
     use super::*;
     use crate::policy::ClientIdentity;
+
+    #[test]
+    fn tls_digests_name_the_files_whose_certificates_changed() {
+        let a = TlsDigests {
+            server_chain: [1; 32],
+            client_ca: [2; 32],
+        };
+        assert!(a.changes_from(&a).is_empty());
+        let renewed = TlsDigests {
+            server_chain: [3; 32],
+            ..a
+        };
+        assert_eq!(renewed.changes_from(&a), ["server certificate"]);
+        let both = TlsDigests {
+            client_ca: [4; 32],
+            ..renewed
+        };
+        assert_eq!(both.changes_from(&a), ["server certificate", "client CA"]);
+        // Length-prefixed: two certificates are not their concatenation.
+        let (x, y) = (
+            CertificateDer::from(vec![1, 2]),
+            CertificateDer::from(vec![3]),
+        );
+        let joined = CertificateDer::from(vec![1, 2, 3]);
+        assert_ne!(certs_sha256(&[x, y]), certs_sha256(&[joined]));
+    }
 
     #[test]
     fn secrets_are_written_owner_only_and_never_through_a_link() {

@@ -1173,6 +1173,20 @@ async fn sighup_under_load_fails_no_request() {
         "{}",
         d.log_text()
     );
+    // Each reload's record names the new server certificate; the client
+    // CA stayed.
+    let reloads: Vec<String> = audit_records(&install)
+        .into_iter()
+        .filter(|r| r["type"] == "reload")
+        .map(|r| r["detail"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(reloads.len(), 5, "{reloads:?}");
+    for detail in &reloads {
+        assert!(
+            detail.contains("; tls changed: server certificate;"),
+            "{detail}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
