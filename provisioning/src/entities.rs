@@ -1268,8 +1268,15 @@ enum Target {
 /// shown suspended by `entity list` still signing.
 fn reload_target_for(how: &Reload, config: &Config) -> Result<Target> {
     let target = reload_target(how, &config.path)?;
+    // A file not there yet is an appliance still being provisioned: svsd
+    // waits for it rather than refusing (and says so to the probe).
+    let tls = &config.tls;
+    let all_there = [&tls.certificate, &tls.private_key, &tls.client_ca]
+        .iter()
+        .all(|f| f.exists());
     if target != Target::Nobody
-        && let Err(e) = svs_appliance::tls::api_tls(&config.tls, &config.entities)
+        && all_there
+        && let Err(e) = svs_appliance::tls::api_tls(tls, &config.entities)
     {
         return Err(ProvisionError::Config(format!(
             "svsd would refuse the reload: [tls]: {e}. Nothing was changed. Put the TLS files right first (svsd --check-config -c {} checks them); in an emergency, `systemctl stop svsd` stops all signing at once",
