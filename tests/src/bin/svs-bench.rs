@@ -470,6 +470,37 @@ async fn half_peak(install: &Install, d: &svs_e2e::Daemon, args: &Args, peak: f6
             "0.0025"
         ),
     );
+    // Where a slow request waited inside svsd: for an HSM session, in the
+    // HSM call itself, or for a commit (one slow fdatasync holds up every
+    // request in flight, and the requests due meanwhile queue behind them).
+    let over = |histogram: &str, le: &str| {
+        delta(&format!("{histogram}_count")) - delta(&format!("{histogram}_bucket{{le=\"{le}\"}}"))
+    };
+    println!(
+        "  audit commits over 25 ms: {:.0}, over 100 ms: {:.0}, over 1 s: {:.0}",
+        over("svs_audit_fsync_duration_seconds", "0.025"),
+        over("svs_audit_fsync_duration_seconds", "0.1"),
+        over("svs_audit_fsync_duration_seconds", "1"),
+    );
+    println!(
+        "  svsd's view: {:.2}% of sign requests over 100 ms; HSM queue waits over 1 ms {:.2}%, over 100 ms {:.2}%; HSM signs over 1 ms {:.2}%",
+        share_over(
+            &before,
+            &after,
+            "svs_request_duration_seconds",
+            "operation=\"sign\"",
+            "0.1"
+        ),
+        share_over(&before, &after, "svs_hsm_queue_wait_seconds", "", "0.001"),
+        share_over(&before, &after, "svs_hsm_queue_wait_seconds", "", "0.1"),
+        share_over(
+            &before,
+            &after,
+            "svs_hsm_operation_duration_seconds",
+            "mechanism=\"0x80008104\",operation=\"sign\"",
+            "0.001"
+        ),
+    );
 }
 
 /// Single signatures a second of the quiet entity in [`neighbours`].
