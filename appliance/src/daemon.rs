@@ -358,6 +358,20 @@ fn pem_text_problem(bytes: &[u8]) -> Option<FileProblem> {
     }
 }
 
+/// Why svsd would refuse the API's TLS files as they are now (a server key
+/// that is not its certificate's, a bundle that does not parse), checked
+/// as its reload does but without the entities (their issuers are the
+/// entities file's business, and an edit may be what repairs them). None
+/// while any file is absent, empty, half written or unreadable: that is
+/// an appliance still being provisioned, which svsd waits for. Blocking.
+pub fn api_tls_refusal(tls: &crate::config::TlsFiles) -> Option<String> {
+    let files = [&tls.certificate, &tls.private_key, &tls.client_ca];
+    if files.iter().any(|f| pem_file_problem(f).is_some()) {
+        return None;
+    }
+    crate::tls::api_tls(tls, &[]).err().map(|e| e.to_string())
+}
+
 /// The TLS files svsd needs: the API's, and the metrics listener's when
 /// it is enabled and uses TLS.
 fn tls_files(config: &Config) -> Vec<&Path> {
@@ -1118,7 +1132,7 @@ impl Running {
         // What svsd started with: settings that change only on restart are
         // compared with these at every reload.
         let running_config = config.clone();
-        read_tls_expiry(&app, &config, &running_config).await;
+        read_tls_expiry(&app, &config, Some(&config.metrics)).await;
         let mut config = config;
         let mut duties = tokio::task::JoinSet::new();
         if tests.is_some() {
@@ -1132,7 +1146,6 @@ impl Running {
                         match reloaded {
                             Some(Ok((new, changes))) => {
                                 tracing::info!(entities = new.entities.len(), %changes, "configuration reloaded");
-                                read_tls_expiry(&app, &new, &running_config).await;
                                 config = new;
                                 status.set_reload_refused(false);
                                 app.metrics().reload(true);
@@ -1342,9 +1355,11 @@ async fn reload(
         changes.tls_changed = api.digests.changes_from(&slot.digests);
         *slot = Arc::new(server::TlsGeneration::new(generation, api));
     }
+    let metrics_replaced = metrics.is_some();
     if let Some(metrics) = metrics {
         *metrics_tls.write().unwrap_or_else(|p| p.into_inner()) = Some(metrics);
     }
+    read_tls_expiry(app, &config, metrics_replaced.then_some(&running.metrics)).await;
     let stopped = tokio::select! {
         () = app.retest_after_reload(&mut changes) => false,
         () = stop.recv() => true,
@@ -1411,11 +1426,16 @@ async fn check_reload(
 }
 
 /// The TLS certificates' expiry for the metrics: the API's files as
-/// `config` names them, the metrics listener's as svsd started with them
-/// (their names change only on restart).
-async fn read_tls_expiry(app: &Arc<App>, config: &Config, running: &Config) {
-    let (app, api, metrics) = (app.clone(), config.tls.clone(), running.metrics.clone());
-    let _ = tokio::task::spawn_blocking(move || app.metrics().tls_files(&api, &metrics)).await;
+/// `config` names them; the metrics listener's from `metrics` when its TLS
+/// was just (re)loaded from them.
+async fn read_tls_expiry(
+    app: &Arc<App>,
+    config: &Config,
+    metrics: Option<&crate::metrics::MetricsConfig>,
+) {
+    let (app, api, metrics) = (app.clone(), config.tls.clone(), metrics.cloned());
+    let _ =
+        tokio::task::spawn_blocking(move || app.metrics().tls_files(&api, metrics.as_ref())).await;
 }
 
 /// How often the token's user PIN state is read (one C_GetTokenInfo).

@@ -673,23 +673,30 @@ impl Metrics {
     /// Reads the certificates of the TLS files in use into
     /// `svs_tls_certificate_expiry_timestamp_seconds`: an expired server
     /// certificate is an outage that no other metric shows (every
-    /// handshake fails on the client's side). Blocking (reads the files).
-    pub fn tls_files(&self, api: &crate::config::TlsFiles, metrics: &MetricsConfig) {
+    /// handshake fails on the client's side). The metrics listener's
+    /// series only when `metrics` is given: when its TLS was (re)loaded
+    /// from those files, so that they show what it serves. Blocking (reads
+    /// the files).
+    pub fn tls_files(&self, api: &crate::config::TlsFiles, metrics: Option<&MetricsConfig>) {
         let mut files = vec![
-            ("api_server", api.certificate.as_path()),
-            ("api_client_ca", api.client_ca.as_path()),
+            ("api_server", Some(api.certificate.as_path())),
+            ("api_client_ca", Some(api.client_ca.as_path())),
         ];
-        if let (Some(_), Some(t)) = (metrics.listen, &metrics.tls) {
-            files.push(("metrics_server", t.certificate.as_path()));
-            files.extend(t.client_ca.as_deref().map(|ca| ("metrics_client_ca", ca)));
+        if let Some(m) = metrics {
+            let tls = m.listen.and(m.tls.as_ref());
+            files.push(("metrics_server", tls.map(|t| t.certificate.as_path())));
+            files.push((
+                "metrics_client_ca",
+                tls.and_then(|t| t.client_ca.as_deref()),
+            ));
         }
-        let read: Vec<_> = files
-            .into_iter()
-            .filter_map(|(name, path)| Some((name, earliest_not_after(path)?)))
-            .collect();
-        self.tls_expiry.reset();
-        for (name, t) in read {
-            self.tls_expiry.with_label_values(&[name]).set(t);
+        for (name, path) in files {
+            match path.and_then(earliest_not_after) {
+                Some(t) => self.tls_expiry.with_label_values(&[name]).set(t),
+                None => {
+                    let _ = self.tls_expiry.remove_label_values(&[name]);
+                }
+            }
         }
     }
 

@@ -109,7 +109,7 @@ impl std::fmt::Debug for ApiTls {
 /// by one (see [`crate::policy::VerifiedClient`]). Errors name the file, or
 /// every such entity at once.
 pub fn api_tls(files: &TlsFiles, entities: &[EntityConfig]) -> Result<ApiTls, SvsError> {
-    let (config, client_ca) = build(
+    let (config, client_ca, server_chain) = build(
         &files.certificate,
         &files.private_key,
         Some(&files.client_ca),
@@ -118,15 +118,13 @@ pub fn api_tls(files: &TlsFiles, entities: &[EntityConfig]) -> Result<ApiTls, Sv
     let client_ca =
         client_ca.ok_or_else(|| SvsError::Internal("no client certificate verifier".into()))?;
     check_issuers(entities, &client_ca.subjects, &files.client_ca)?;
-    // Read again: cheap, and the files were just read whole above.
-    let digests = TlsDigests {
-        server_chain: certs_sha256(&read_certs(&files.certificate, "tls certificate")?),
-        client_ca: certs_sha256(&read_certs(&files.client_ca, "tls client_ca")?),
-    };
     Ok(ApiTls {
         config,
         client_verifier: client_ca.verifier,
-        digests,
+        digests: TlsDigests {
+            server_chain,
+            client_ca: client_ca.sha256,
+        },
     })
 }
 
@@ -173,7 +171,7 @@ pub fn metrics_server_config(files: &MetricsTls) -> Result<Arc<ServerConfig>, Sv
         files.client_ca.as_deref(),
         "metrics tls",
     )
-    .map(|(c, _)| c)
+    .map(|(c, _, _)| c)
 }
 
 /// A client CA bundle as loaded: its verifier, and the subject DNs of its
@@ -181,6 +179,8 @@ pub fn metrics_server_config(files: &MetricsTls) -> Result<Arc<ServerConfig>, Sv
 struct ClientCa {
     verifier: Arc<dyn ClientCertVerifier>,
     subjects: BTreeSet<DistinguishedName>,
+    /// [`certs_sha256`] of the bundle as read.
+    sha256: [u8; 32],
 }
 
 /// The subject DN of a DER certificate; none when x509-cert cannot read it
@@ -192,13 +192,19 @@ fn subject_dn(der: &[u8]) -> Option<DistinguishedName> {
     ))
 }
 
+/// What [`build`] made: the server configuration, the client CA it
+/// verifies with (when one is given), and [`certs_sha256`] of the server
+/// chain as read.
+type Built = (Arc<ServerConfig>, Option<ClientCa>, [u8; 32]);
+
 fn build(
     certificate: &Path,
     private_key: &Path,
     client_ca: Option<&Path>,
     what: &str,
-) -> Result<(Arc<ServerConfig>, Option<ClientCa>), SvsError> {
+) -> Result<Built, SvsError> {
     let chain = read_certs(certificate, &format!("{what} certificate"))?;
+    let chain_sha256 = certs_sha256(&chain);
     // The private key's bytes never reach an error message.
     let key = PrivateKeyDer::from_pem_file(private_key).map_err(|_| {
         cfg_err(format!(
@@ -235,7 +241,7 @@ fn build(
         ))
     })?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok((Arc::new(config), loaded))
+    Ok((Arc::new(config), loaded, chain_sha256))
 }
 
 /// The client certificate verifier for a CA bundle, and the bundle's
@@ -243,7 +249,9 @@ fn build(
 fn client_verifier(client_ca: &Path, what: &str) -> Result<ClientCa, SvsError> {
     let mut roots = RootCertStore::empty();
     let mut subjects = BTreeSet::new();
-    for ca in read_certs(client_ca, &format!("{what} client_ca"))? {
+    let certs = read_certs(client_ca, &format!("{what} client_ca"))?;
+    let sha256 = certs_sha256(&certs);
+    for ca in certs {
         subjects.extend(subject_dn(&ca));
         roots
             .add(ca)
@@ -252,7 +260,11 @@ fn client_verifier(client_ca: &Path, what: &str) -> Result<ClientCa, SvsError> {
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
         .build()
         .map_err(|e| cfg_err(format!("client certificate verifier: {e}")))?;
-    Ok(ClientCa { verifier, subjects })
+    Ok(ClientCa {
+        verifier,
+        subjects,
+        sha256,
+    })
 }
 
 /// Whether svsd's TLS handshake would accept a client presenting `chain`

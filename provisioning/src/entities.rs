@@ -373,8 +373,13 @@ fn client_match(
         cert: cert.to_path_buf(),
         identity,
         // Subject matching applies only to a leaf a client CA issued
-        // directly; a file without intermediates is taken to be one.
-        issued_directly: chain.len() == 1,
+        // directly, told as svsd tells it: by the leaf alone.
+        issued_directly: svs_appliance::tls::check_client_chain(
+            &config.tls.client_ca,
+            &chain[..1],
+            SystemTime::now(),
+        )
+        .is_ok(),
     };
     claim.check_against(&config.entities)?;
     let field = if match_certificate {
@@ -607,7 +612,15 @@ pub fn update(
                 (Recognise::PublicKey, _) => Some(false),
                 (Recognise::AsNow, Some(ClientMatch::SpkiSha256(_))) => Some(false),
                 (Recognise::AsNow, Some(ClientMatch::Subject { .. })) => None,
-                (Recognise::AsNow, _) => Some(true),
+                (Recognise::AsNow, Some(ClientMatch::CertificateSha256(_))) => Some(true),
+                // svsd refuses the entities file, so how the entity is
+                // recognised now is not known: guessing could pin an
+                // entity meant to outlive renewals.
+                (Recognise::AsNow, None) => {
+                    return Err(ProvisionError::Usage(format!(
+                        "svsd refuses the entities file as it is, so how entity {name:?} is recognised now cannot be read: pass --match-cert or --match-key with --cert. Nothing was changed"
+                    )));
+                }
             };
             let (client, claim) = client_match(&config, name, cert, whole.unwrap_or(true))?;
             match whole {
@@ -615,7 +628,9 @@ pub fn update(
                 None => {
                     recognised_by_subject(&config, name, &claim)?;
                     said.push("a certificate it already recognises by subject and issuer".into());
-                    (None, None)
+                    // Still claimed: checked again under the lock with
+                    // whatever else this command writes.
+                    (None, Some(claim))
                 }
             }
         }
@@ -644,6 +659,17 @@ pub fn update(
         return Err(ProvisionError::Usage(
             "nothing to change: give --cert, --keys, --ops, --rate/--no-rate or --max-concurrent/--no-max-concurrent".into(),
         ));
+    }
+    // Only a certificate its subject matching already takes: nothing to
+    // write, wherever the entity is defined.
+    if client.is_none() && said.len() == 1 && change.cert.is_some() {
+        return Ok(Report {
+            text: format!(
+                "entity {name:?} already has {}; nothing was changed\n",
+                said[0]
+            ),
+            json: json!({"name": name, "updated": [], "changed": false, "reload": null}),
+        });
     }
     let path = entities_path(&config)?;
     let target = reload_target_for(reload, &config)?;
@@ -1265,21 +1291,15 @@ enum Target {
 /// (a server key that is not its certificate's, half through a renewal; a
 /// client CA bundle that does not parse) refused before the edit: the file
 /// would be changed and svsd would go on serving the old one, an entity
-/// shown suspended by `entity list` still signing.
+/// shown suspended by `entity list` still signing. Files not complete yet
+/// are left to svsd, which waits for them at start.
 fn reload_target_for(how: &Reload, config: &Config) -> Result<Target> {
     let target = reload_target(how, &config.path)?;
-    // A file not there yet is an appliance still being provisioned: svsd
-    // waits for it rather than refusing (and says so to the probe).
-    let tls = &config.tls;
-    let all_there = [&tls.certificate, &tls.private_key, &tls.client_ca]
-        .iter()
-        .all(|f| f.exists());
     if target != Target::Nobody
-        && all_there
-        && let Err(e) = svs_appliance::tls::api_tls(tls, &config.entities)
+        && let Some(why) = svs_appliance::daemon::api_tls_refusal(&config.tls)
     {
         return Err(ProvisionError::Config(format!(
-            "svsd would refuse the reload: [tls]: {e}. Nothing was changed. Put the TLS files right first (svsd --check-config -c {} checks them); in an emergency, `systemctl stop svsd` stops all signing at once",
+            "svsd would refuse the reload: [tls]: {why}. Nothing was changed. Put the TLS files right first (svsd --check-config -c {} checks them); in an emergency, `systemctl stop svsd` stops all signing at once",
             config.path.display()
         )));
     }
@@ -1874,6 +1894,16 @@ per_second = 50.0
         let r = renew("b", &renewed, Recognise::AsNow).unwrap();
         assert!(r.text.contains("nothing was changed"), "{}", r.text);
         assert_eq!(std::fs::read_to_string(f.entities()).unwrap(), by_subject);
+        // The same as a full-chain file (the CA after the leaf): svsd
+        // judges "issued directly" by the leaf alone, and so does this.
+        let full_chain = f.dir.path().join("app-b-full.pem");
+        let pem = [
+            std::fs::read_to_string(&renewed).unwrap(),
+            std::fs::read_to_string(f.dir.path().join("ca.pem")).unwrap(),
+        ];
+        std::fs::write(&full_chain, pem.concat()).unwrap();
+        let r = renew("b", &full_chain, Recognise::AsNow).unwrap();
+        assert!(r.text.contains("nothing was changed"), "{}", r.text);
         let (other, _) = f.client("app-c");
         let e = renew("b", &other, Recognise::AsNow).unwrap_err();
         assert_eq!(e.exit_code(), 2, "{e}");
@@ -1882,6 +1912,15 @@ per_second = 50.0
         renew("b", &other, Recognise::PublicKey).unwrap();
         let text = std::fs::read_to_string(f.entities()).unwrap();
         assert!(!text.contains("subject ="), "{text}");
+
+        // A file svsd refuses (a key it does not expose): how "a" is
+        // recognised now cannot be read, so it is not guessed.
+        let refused = text.replacen("keys = [\"demo\"]", "keys = [\"ghost\"]", 1);
+        std::fs::write(f.entities(), &refused).unwrap();
+        let e = renew("a", &cert, Recognise::AsNow).unwrap_err();
+        assert_eq!(e.exit_code(), 2, "{e}");
+        assert!(e.to_string().contains("cannot be read"), "{e}");
+        assert_eq!(std::fs::read_to_string(f.entities()).unwrap(), refused);
     }
 
     #[test]
