@@ -794,7 +794,7 @@ impl App {
     pub async fn precheck(
         &self,
         route: &Route,
-        client: Option<VerifiedClient<'_>>,
+        client: Result<VerifiedClient<'_>, SvsError>,
         content_type: Option<&str>,
     ) -> Result<Admission, SvsError> {
         // One snapshot for identification and everything after it.
@@ -807,9 +807,7 @@ impl App {
             });
         }
         // Identified even when suspended, so the refusal counts for the entity.
-        let found = client
-            .ok_or(SvsError::Unauthenticated)
-            .and_then(|c| rt.policy.identify(c));
+        let found = client.and_then(|c| rt.policy.identify(c));
         let result = found.as_ref().map_err(Clone::clone).and_then(|e| {
             e.check_active()?;
             let json = content_type
@@ -976,7 +974,7 @@ impl App {
         self: &Arc<Self>,
         route: Route,
         adm: &Admission,
-        client: Option<VerifiedClient<'_>>,
+        client: Result<VerifiedClient<'_>, SvsError>,
         body: &Bytes,
     ) -> Reply {
         let probe = route == Route::Readyz;
@@ -999,7 +997,7 @@ impl App {
         self: &Arc<Self>,
         route: Route,
         adm: &Admission,
-        client: Option<VerifiedClient<'_>>,
+        client: Result<VerifiedClient<'_>, SvsError>,
         body: &Bytes,
     ) -> Result<Reply, SvsError> {
         let rt = &adm.rt;
@@ -1064,7 +1062,7 @@ impl App {
         self: &Arc<Self>,
         route: Route,
         adm: &Admission,
-        client: Option<VerifiedClient<'_>>,
+        client: Result<VerifiedClient<'_>, SvsError>,
         body: &Bytes,
     ) -> Result<Reply, SvsError> {
         let op = match route {
@@ -1145,16 +1143,14 @@ impl App {
         &self,
         entity: Arc<Entity>,
         admitted: Arc<Runtime>,
-        client: Option<VerifiedClient<'_>>,
+        client: Result<VerifiedClient<'_>, SvsError>,
         op: Operation,
     ) -> Result<(Arc<Entity>, Arc<Runtime>), SvsError> {
         let rt = self.runtime();
         if Arc::ptr_eq(&rt, &admitted) {
             return Ok((entity, rt));
         }
-        let current = client
-            .ok_or(SvsError::Unauthenticated)
-            .and_then(|c| rt.policy.identify(c))?;
+        let current = client.and_then(|c| rt.policy.identify(c))?;
         if current.name() != entity.name() {
             return Err(SvsError::Unauthenticated);
         }
@@ -1914,14 +1910,14 @@ operations = ["sign", "verify"]
     /// [`call`] with a body `json!` cannot write (a name twice).
     async fn call_raw(app: &Arc<App>, route: Route, body: &[u8]) -> Reply {
         match app
-            .precheck(&route, Some(verified(&client())), Some("application/json"))
+            .precheck(&route, Ok(verified(&client())), Some("application/json"))
             .await
         {
             Ok(adm) => {
                 app.handle(
                     route,
                     &adm,
-                    Some(verified(&client())),
+                    Ok(verified(&client())),
                     &Bytes::copy_from_slice(body),
                 )
                 .await
@@ -2223,7 +2219,11 @@ operations = ["sign", "verify"]
             // Unknown client.
             let adm = f
                 .app
-                .precheck(&Route::Sign, None, Some("application/json"))
+                .precheck(
+                    &Route::Sign,
+                    Err(SvsError::Unauthenticated),
+                    Some("application/json"),
+                )
                 .await;
             assert_eq!(adm.unwrap_err(), SvsError::Unauthenticated);
             // Malformed body.
@@ -2231,7 +2231,7 @@ operations = ["sign", "verify"]
                 .app
                 .precheck(
                     &Route::Sign,
-                    Some(verified(&client())),
+                    Ok(verified(&client())),
                     Some("application/json"),
                 )
                 .await
@@ -2241,7 +2241,7 @@ operations = ["sign", "verify"]
                 .handle(
                     Route::Sign,
                     &r,
-                    None,
+                    Err(SvsError::Unauthenticated),
                     &Bytes::from_static(b"{\"key\":\"secret-key\""),
                 )
                 .await;
@@ -2439,7 +2439,7 @@ operations = ["sign", "verify"]
                 let route = if i < 200 { Route::Sign } else { Route::Verify };
                 let r = f
                     .app
-                    .precheck(&route, Some(verified(&client())), Some("text/plain"))
+                    .precheck(&route, Ok(verified(&client())), Some("text/plain"))
                     .await;
                 assert_eq!(r.unwrap_err(), SvsError::UnsupportedMediaType);
                 refused.0 += 1;
@@ -2457,7 +2457,7 @@ operations = ["sign", "verify"]
                     .app
                     .precheck(
                         &Route::Sign,
-                        Some(verified(&client2)),
+                        Ok(verified(&client2)),
                         Some("application/json"),
                     )
                     .await;
@@ -2466,7 +2466,12 @@ operations = ["sign", "verify"]
                         assert_eq!(i, 0);
                         let r = f
                             .app
-                            .handle(Route::Sign, &adm, None, &Bytes::from(sign.clone()))
+                            .handle(
+                                Route::Sign,
+                                &adm,
+                                Err(SvsError::Unauthenticated),
+                                &Bytes::from(sign.clone()),
+                            )
                             .await;
                         assert_eq!(r.status, 200);
                         signatures.push(r.body["signature"].as_str().unwrap().to_owned());
@@ -2481,7 +2486,11 @@ operations = ["sign", "verify"]
             for _ in 0..2 {
                 let r = f
                     .app
-                    .precheck(&Route::Sign, None, Some("application/json"))
+                    .precheck(
+                        &Route::Sign,
+                        Err(SvsError::Unauthenticated),
+                        Some("application/json"),
+                    )
                     .await;
                 assert_eq!(r.unwrap_err(), SvsError::Unauthenticated);
             }
@@ -2569,7 +2578,7 @@ operations = ["sign", "verify"]
                 .app
                 .precheck(
                     &Route::Sign,
-                    Some(verified(&client())),
+                    Ok(verified(&client())),
                     Some("application/json"),
                 )
                 .await
@@ -2579,7 +2588,7 @@ operations = ["sign", "verify"]
                 .app
                 .precheck(
                     &Route::Verify,
-                    Some(verified(&client())),
+                    Ok(verified(&client())),
                     Some("application/json"),
                 )
                 .await;
@@ -2587,7 +2596,12 @@ operations = ["sign", "verify"]
             // The first ends in an error: its slot is back.
             let reply = f
                 .app
-                .handle(Route::Sign, &first, None, &Bytes::from_static(b"not json"))
+                .handle(
+                    Route::Sign,
+                    &first,
+                    Err(SvsError::Unauthenticated),
+                    &Bytes::from_static(b"not json"),
+                )
                 .await;
             assert_eq!(reply.status, 400);
             drop(first);
@@ -2595,7 +2609,7 @@ operations = ["sign", "verify"]
                 f.app
                     .precheck(
                         &Route::Sign,
-                        Some(verified(&client())),
+                        Ok(verified(&client())),
                         Some("application/json")
                     )
                     .await
@@ -2656,13 +2670,15 @@ operations = ["sign", "verify"]
                 f.app.reload(&base()).await.unwrap();
                 let adm = f
                     .app
-                    .precheck(&Route::Sign, Some(verified(&id)), Some("application/json"))
+                    .precheck(&Route::Sign, Ok(verified(&id)), Some("application/json"))
                     .await
                     .unwrap();
                 if let Some(next) = next {
                     f.app.reload(&next).await.unwrap();
                 }
-                let client = trusted.then(|| verified(&id));
+                let client = trusted
+                    .then(|| verified(&id))
+                    .ok_or(SvsError::Unauthenticated);
                 let reply = f
                     .app
                     .handle(Route::Sign, &adm, client, &Bytes::from(body.clone()))

@@ -85,6 +85,11 @@ pub enum SvsError {
     /// The client certificate was verified by TLS but matches no entity.
     #[error("client certificate matches no application entity")]
     Unauthenticated,
+    /// The connection's client certificate passed its handshake but no
+    /// longer passes: expired since, or no longer issued by a CA of the
+    /// client CA bundle a reload installed.
+    #[error("client certificate {0}")]
+    ClientCertificateRefused(&'static str),
     /// The entity is suspended.
     #[error("application entity {0:?} is suspended")]
     EntitySuspended(String),
@@ -334,6 +339,12 @@ fn secs_up(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0).max(u64::from(d.as_secs() == 0))
 }
 
+/// [`SvsError::ClientCertificateRefused`]: past its notAfter.
+pub const CERTIFICATE_EXPIRED: &str = "expired";
+/// [`SvsError::ClientCertificateRefused`]: its chain fails the current
+/// client CA bundle.
+pub const CERTIFICATE_NOT_TRUSTED: &str = "no longer issued by a CA of client_ca";
+
 impl SvsError {
     /// The one mapping to the wire. Exhaustive on purpose: a new variant must
     /// be given its status and code here.
@@ -353,7 +364,9 @@ impl SvsError {
             SvsError::UnsupportedMediaType => (415, "unsupported_media_type", None),
             SvsError::NotFound => (404, "not_found", None),
             SvsError::MethodNotAllowed { .. } => (405, "method_not_allowed", None),
-            SvsError::Unauthenticated => (401, "unauthenticated", None),
+            SvsError::Unauthenticated | SvsError::ClientCertificateRefused(_) => {
+                (401, "unauthenticated", None)
+            }
             SvsError::EntitySuspended(_) => (403, "entity_suspended", None),
             SvsError::UnknownKey(_) => (404, "unknown_key", None),
             SvsError::KeyNotAllowed(_) => (403, "key_not_allowed", None),
@@ -456,6 +469,7 @@ impl SvsError {
             | SvsError::NotFound
             | SvsError::MethodNotAllowed { .. }
             | SvsError::Unauthenticated
+            | SvsError::ClientCertificateRefused(_)
             | SvsError::EntitySuspended(_)
             | SvsError::UnknownKey(_)
             | SvsError::KeyNotAllowed(_)
@@ -548,6 +562,11 @@ mod tests {
                 "method_not_allowed",
             ),
             (SvsError::Unauthenticated, 401, "unauthenticated"),
+            (
+                SvsError::ClientCertificateRefused(CERTIFICATE_EXPIRED),
+                401,
+                "unauthenticated",
+            ),
             (
                 SvsError::EntitySuspended("e".into()),
                 403,

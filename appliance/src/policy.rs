@@ -59,7 +59,9 @@ impl ClientIdentity {
     /// handshake).
     pub fn check_valid_at(&self, now: std::time::SystemTime) -> Result<(), SvsError> {
         if now > self.not_after {
-            Err(SvsError::Unauthenticated)
+            Err(SvsError::ClientCertificateRefused(
+                crate::error::CERTIFICATE_EXPIRED,
+            ))
         } else {
             Ok(())
         }

@@ -418,22 +418,30 @@ impl Peer {
     /// accepts, and whether that CA issued it directly. Both are checked
     /// once per connection and reload (the connection may predate it), not
     /// per request. None answers 401 and closes the connection.
-    fn current(&self, tls: &TlsGeneration, now: SystemTime) -> Option<VerifiedClient<'_>> {
-        let identity = self.identity.as_ref()?;
-        identity.check_valid_at(now).ok()?;
+    fn current(
+        &self,
+        tls: &TlsGeneration,
+        now: SystemTime,
+    ) -> Result<VerifiedClient<'_>, SvsError> {
+        let identity = self.identity.as_ref().ok_or(SvsError::Unauthenticated)?;
+        identity.check_valid_at(now)?;
         let mut checked = Checked::unpack(self.checked.load(Ordering::Acquire));
         if checked.generation != tls.generation {
-            let (leaf, intermediates) = self.chain.split_first()?;
-            let at = unix_time(now)?;
+            let not_trusted =
+                || SvsError::ClientCertificateRefused(crate::error::CERTIFICATE_NOT_TRUSTED);
+            let (leaf, intermediates) = self.chain.split_first().ok_or_else(not_trusted)?;
+            let at = unix_time(now).ok_or_else(not_trusted)?;
             let verifier = tls.client_verifier.as_ref();
-            verifier.verify_client_cert(leaf, intermediates, at).ok()?;
+            verifier
+                .verify_client_cert(leaf, intermediates, at)
+                .map_err(|_| not_trusted())?;
             checked = Checked {
                 generation: tls.generation,
                 issued_directly: issued_directly(&self.chain, verifier, at),
             };
             self.checked.store(checked.pack(), Ordering::Release);
         }
-        Some(VerifiedClient {
+        Ok(VerifiedClient {
             identity,
             issued_directly: checked.issued_directly,
         })
@@ -845,7 +853,7 @@ async fn handle_inner(
             let current = tls.read().unwrap_or_else(|p| p.into_inner()).clone();
             peer.current(&current, SystemTime::now())
         }
-        _ => None,
+        _ => Err(SvsError::Unauthenticated),
     };
     // Identity, entity, operation, concurrency slot and rate: all before
     // a byte of the body is read.
@@ -1100,7 +1108,8 @@ pub async fn serve_tls(
             let rt = app.runtime();
             let entity = peer
                 .current(&current, now)
-                .and_then(|client| rt.policy.identify(client).ok());
+                .and_then(|client| rt.policy.identify(client))
+                .ok();
             let Some(_group_slot) = app.connection_slot(entity.as_deref(), &rt.limits) else {
                 connection_over_cap(&app, entity.as_deref(), peer_addr);
                 return;
@@ -1466,10 +1475,10 @@ mod tests {
         let der = CertificateDer::from(issued.cert_der.clone());
         let now = SystemTime::now();
         let peer = Peer::accepted(vec![der], &gen0, now);
-        assert!(peer.current(&gen0, now).is_some());
+        assert!(peer.current(&gen0, now).is_ok());
         // Reloaded with the same CA: still accepted (and checked once).
         let gen1 = generation(d1.path(), &ca1, 1);
-        assert!(peer.current(&gen1, now).is_some());
+        assert!(peer.current(&gen1, now).is_ok());
         assert_eq!(
             Checked::unpack(peer.checked.load(Ordering::Relaxed)),
             Checked {
@@ -1477,15 +1486,21 @@ mod tests {
                 issued_directly: true
             }
         );
-        // Reloaded with another client CA: the old connection loses its client.
+        // Reloaded with another client CA: the old connection loses its
+        // client, and is told why (not "matches no entity").
         let gen2 = generation(d2.path(), &ca2, 2);
-        assert!(peer.current(&gen2, now).is_none());
+        let refused = peer.current(&gen2, now).unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "client certificate no longer issued by a CA of client_ca"
+        );
         // Past the certificate's notAfter, even under the CA that issued it.
         let not_after = peer.identity.as_ref().unwrap().not_after;
-        assert!(
-            peer.current(&gen1, not_after + Duration::from_secs(1))
-                .is_none()
-        );
+        let expired = peer
+            .current(&gen1, not_after + Duration::from_secs(1))
+            .unwrap_err();
+        assert_eq!(expired.to_string(), "client certificate expired");
+        assert_eq!(Reply::from(expired).status, 401);
     }
 
     fn der(pem: &str) -> CertificateDer<'static> {
