@@ -1359,7 +1359,6 @@ async fn reload(
     if let Some(metrics) = metrics {
         *metrics_tls.write().unwrap_or_else(|p| p.into_inner()) = Some(metrics);
     }
-    read_tls_expiry(app, &config, metrics_replaced.then_some(&running.metrics)).await;
     let stopped = tokio::select! {
         () = app.retest_after_reload(&mut changes) => false,
         () = stop.recv() => true,
@@ -1368,6 +1367,8 @@ async fn reload(
     if let Err(e) = app.audit().note("reload", detail).await {
         tracing::error!(error = %e, "cannot record the reload in the audit trail");
     }
+    // After the record: reading files may wait, the record may not.
+    read_tls_expiry(app, &config, metrics_replaced.then_some(&running.metrics)).await;
     (Some(Ok((config, changes))), stopped)
 }
 
